@@ -1,0 +1,62 @@
+"""fabric: a Cython-accelerated resource fabric over NATS.
+
+The public face: the clients, the remote-buffer objects, the error tree and the
+message types.  Everything else (the service kit, the supervisor, the CLI) is
+internal and may change.
+
+>>> from fabric import FabricClient            # doctest: +SKIP
+>>> with FabricClient("nats://127.0.0.1:4222") as fc:
+...     buf = fc.rmalloc(1024)
+...     fc.rwrite(buf, b"hello")
+...     fc.rread(buf, 5)
+b'hello'
+"""
+
+from ._version import __version__
+from .client import AsyncFabricClient, AsyncRemoteBuffer, FabricClient, RemoteBuffer
+from .errors import (
+    BadRequest,
+    Conflict,
+    CorruptionDetected,
+    DoubleFree,
+    FabricError,
+    Infeasible,
+    InternalError,
+    InvalidFrame,
+    NotFound,
+    OutOfMemory,
+    OutOfRange,
+    PermissionDenied,
+    QuotaExceeded,
+    StaleHandle,
+    TooLarge,
+    Unavailable,
+    UnknownHandle,
+)
+from . import schema
+
+__all__ = [
+    "__version__",
+    "FabricClient",
+    "AsyncFabricClient",
+    "RemoteBuffer",
+    "AsyncRemoteBuffer",
+    "schema",
+    "FabricError",
+    "BadRequest",
+    "InvalidFrame",
+    "OutOfRange",
+    "PermissionDenied",
+    "NotFound",
+    "UnknownHandle",
+    "StaleHandle",
+    "Conflict",
+    "DoubleFree",
+    "TooLarge",
+    "Infeasible",
+    "QuotaExceeded",
+    "InternalError",
+    "CorruptionDetected",
+    "Unavailable",
+    "OutOfMemory",
+]

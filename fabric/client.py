@@ -1,0 +1,636 @@
+"""FabricClient (sync) and AsyncFabricClient: remote memory as simple as malloc.
+
+::
+
+    from fabric import FabricClient
+    with FabricClient("nats://127.0.0.1:4222") as fc:
+        buf = fc.rmalloc(1024)
+        fc.rwrite(buf, b"hello", offset=0)
+        assert fc.rread(buf, 5) == b"hello"
+        fc.rfree(buf)
+
+How requests travel:
+
+* control requests (alloc, free, realloc, stat, share, renew) are JSON on the
+  subjects of docs/protocol.md;
+* reads and writes use the binary frame of :mod:`fabric_ext.wire`; values larger
+  than the server's max payload are split into chunks transparently (and sent
+  concurrently);
+* the **local fast path**: when the allocator holding a block runs on this host
+  (same boot id), the client maps that block's segment -- which holds only its
+  owner's blocks -- and reads and writes it directly, with no NATS hop.  Turn it
+  off with ``local=False``.
+
+The sync client runs an event loop in a background thread; the local fast path
+is served in the calling thread, without a hop to that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import socket
+import threading
+from typing import Any, Awaitable, Iterable, Sequence, TypeVar, overload
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+
+from . import subjects
+from .errors import (
+    ERROR_CODE_HEADER,
+    ERROR_HEADER,
+    ERROR_KIND_HEADER,
+    BadRequest,
+    FabricError,
+    TooLarge,
+    Unavailable,
+    error_from_wire,
+)
+from .handles import HandleParts, parse
+from .schema import (
+    JSON,
+    AllocReply,
+    AllocRequest,
+    FreeReply,
+    HandleRequest,
+    MemInfoReply,
+    ReallocRequest,
+    RenewReply,
+    RenewRequest,
+    ShareReply,
+    StatReply,
+    AttachReply,
+    CONTENT_TYPE_HEADER,
+    FRAME_CONTENT_TYPE,
+)
+
+__all__ = ["AsyncFabricClient", "FabricClient", "RemoteBuffer", "AsyncRemoteBuffer"]
+
+T = TypeVar("T")
+TO_END = 2**64 - 1
+FRAME_HEADERS = {CONTENT_TYPE_HEADER: FRAME_CONTENT_TYPE}
+# room left in a message for the frame header, the item table and NATS headers
+FRAME_OVERHEAD = 4096
+
+
+def _default_owner() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # no passwd entry (containers): fall back to the uid
+        user = str(os.getuid())
+    host = subjects.sanitize_node_name(socket.gethostname())
+    return f"{user}@{host}"[:64]
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def _token(handle: "str | RemoteBuffer | AsyncRemoteBuffer") -> str:
+    return handle.handle if isinstance(handle, (RemoteBuffer, AsyncRemoteBuffer)) else handle
+
+
+class _LocalSegments:
+    """The segments this client has mapped for the local fast path, by (node, seg)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and bool(_boot_id())
+        self.boot_id = _boot_id()
+        self.hostname = socket.gethostname()
+        self.views: dict[tuple[str, int], Any] = {}  # None = known not to be local
+        self.lock = threading.Lock()
+
+    def view(self, h: HandleParts) -> Any:
+        return self.views.get((h.node, h.seg)) if self.enabled and h.writable else None
+
+    def known(self, h: HandleParts) -> bool:
+        return (h.node, h.seg) in self.views
+
+    def add(self, h: HandleParts, reply: AttachReply | None) -> None:
+        view = None
+        if reply is not None and reply.boot_id == self.boot_id and reply.hostname == self.hostname:
+            from fabric_ext.arena import SegmentView
+
+            try:
+                view = SegmentView(reply.path)
+                if view.seg_id != reply.seg:
+                    view.close()
+                    view = None
+            except (OSError, FabricError):  # another mount namespace or container: stay remote
+                view = None
+        with self.lock:
+            old = self.views.get((h.node, h.seg))
+            if old is None:
+                self.views[(h.node, h.seg)] = view
+            elif view is not None:
+                view.close()
+
+    def close(self) -> None:
+        with self.lock:
+            for view in self.views.values():
+                if view is not None:
+                    view.close()
+            self.views.clear()
+
+
+class AsyncFabricClient:
+    """The asyncio client.  ``async with AsyncFabricClient(url) as fc: buf = await fc.rmalloc(1024)``."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        owner: str | None = None,
+        timeout: float = 10.0,
+        local: bool = True,
+        name: str = "fabric-client",
+    ) -> None:
+        self.url = url or os.environ.get("FABRIC_NATS_URL", "nats://127.0.0.1:4222")
+        self.owner = owner if owner is not None else _default_owner()
+        self.timeout = timeout
+        self.name = name
+        self.nc: NATS | None = None
+        self._local = _LocalSegments(local)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def connect(self) -> "AsyncFabricClient":
+        if self.nc is None:
+            try:
+                self.nc = await nats.connect(self.url, name=self.name, connect_timeout=self.timeout,
+                                             max_reconnect_attempts=-1, allow_reconnect=True)
+            except Exception as exc:
+                raise Unavailable(f"cannot connect to NATS at {self.url}: {exc}") from None
+        return self
+
+    async def close(self) -> None:
+        self._local.close()
+        if self.nc is not None:
+            nc, self.nc = self.nc, None
+            try:
+                await nc.drain()
+            except Exception:
+                await nc.close()
+
+    async def __aenter__(self) -> "AsyncFabricClient":
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def max_payload(self) -> int:
+        assert self.nc is not None, "client is not connected"
+        return self.nc.max_payload
+
+    # -- transport -----------------------------------------------------------
+
+    async def request(self, subject: str, data: bytes = b"", headers: dict[str, str] | None = None,
+                      timeout: float | None = None) -> Any:
+        """Send one request; return the reply message or raise the typed error it carries."""
+        if self.nc is None:
+            raise Unavailable("client is not connected: use 'async with' or call connect()")
+        try:
+            msg = await self.nc.request(subject, data, timeout=timeout or self.timeout, headers=headers)
+        except NoRespondersError:
+            raise Unavailable(f"no service answers on {subject}") from None
+        except NatsTimeout:
+            raise Unavailable(f"request on {subject} timed out after {timeout or self.timeout}s") from None
+        hdrs = msg.headers
+        if hdrs and ERROR_CODE_HEADER in hdrs:
+            raise error_from_wire(hdrs[ERROR_CODE_HEADER], hdrs.get(ERROR_HEADER, ""), hdrs.get(ERROR_KIND_HEADER))
+        return msg
+
+    async def _call(self, subject: str, msg: Any, reply_type: type[T]) -> T:
+        reply = await self.request(subject, JSON.encode(msg))
+        return JSON.decode(reply.data, reply_type)
+
+    @staticmethod
+    def _mem(node: str, verb: str) -> str:
+        return subjects.node_scoped("mem", node, verb)
+
+    # -- memory ----------------------------------------------------------------
+
+    async def rmalloc(self, size: int, *, ttl: float | None = None, node: str | None = None,
+                      owner: str | None = None) -> "AsyncRemoteBuffer":
+        """Allocate *size* zeroed bytes on *node* (default: any allocator); returns a buffer."""
+        subject = self._mem(node, "alloc") if node else subjects.cluster("mem", "alloc")
+        req = AllocRequest(size=_check_size(size), owner=self.owner if owner is None else owner, ttl_s=ttl or 0.0)
+        r = await self._call(subject, req, AllocReply)
+        return AsyncRemoteBuffer(self, r.handle, r.size)
+
+    async def rfree(self, handle: "str | AsyncRemoteBuffer") -> int:
+        """Free the block; returns its size.  A second free raises DoubleFree."""
+        token = _token(handle)
+        h = parse(token)
+        r = await self._call(self._mem(h.node, "free"), HandleRequest(handle=token), FreeReply)
+        return r.freed
+
+    async def rrealloc(self, handle: "str | AsyncRemoteBuffer", size: int) -> "AsyncRemoteBuffer":
+        """Resize the block (in place when possible); returns the buffer, whose handle may change."""
+        token = _token(handle)
+        h = parse(token)
+        r = await self._call(self._mem(h.node, "realloc"), ReallocRequest(handle=token, size=_check_size(size)),
+                             AllocReply)
+        if isinstance(handle, AsyncRemoteBuffer):
+            handle.handle, handle.size = r.handle, r.size
+            return handle
+        return AsyncRemoteBuffer(self, r.handle, r.size)
+
+    async def rstat(self, handle: "str | AsyncRemoteBuffer") -> StatReply:
+        token = _token(handle)
+        return await self._call(self._mem(parse(token).node, "stat"), HandleRequest(handle=token), StatReply)
+
+    async def rshare(self, handle: "str | AsyncRemoteBuffer") -> str:
+        """A read-only handle to the same block, safe to give to another program."""
+        token = _token(handle)
+        r = await self._call(self._mem(parse(token).node, "share"), HandleRequest(handle=token), ShareReply)
+        return r.handle
+
+    async def renew(self, handle: "str | AsyncRemoteBuffer", ttl: float) -> int:
+        """Extend the block's lease by *ttl* seconds from now; returns the new deadline (ms)."""
+        token = _token(handle)
+        r = await self._call(self._mem(parse(token).node, "renew"), RenewRequest(handle=token, ttl_s=ttl), RenewReply)
+        return r.lease_deadline_ms
+
+    async def meminfo(self, node: str) -> MemInfoReply:
+        reply = await self.request(self._mem(node, "info"), b"{}")
+        return JSON.decode(reply.data, MemInfoReply)
+
+    async def rwrite(self, handle: "str | AsyncRemoteBuffer", data: Any, offset: int = 0) -> int:
+        """Write *data* (any bytes-like object) at *offset*; returns the bytes written."""
+        token = _token(handle)
+        h = parse(token)
+        view = await self._local_view(h, token)
+        if view is not None:
+            return view.write(h.off, h.gen, offset, data)
+        mv = memoryview(data).cast("B")
+        chunk = self.max_payload - FRAME_OVERHEAD
+        if len(mv) <= chunk:
+            return await self._write_frame(h.node, [(token, offset, mv)])
+        parts = [self._write_frame(h.node, [(token, offset + i, mv[i:i + chunk])]) for i in range(0, len(mv), chunk)]
+        return sum(await asyncio.gather(*parts))
+
+    async def rread(self, handle: "str | AsyncRemoteBuffer", length: int | None = None, offset: int = 0) -> bytes:
+        """Read *length* bytes at *offset* (``None``: to the end of the block)."""
+        token = _token(handle)
+        h = parse(token)
+        view = await self._local_view(h, token)
+        if view is not None:
+            return view.read(h.off, h.gen, offset, -1 if length is None else length)
+        if length is None and isinstance(handle, AsyncRemoteBuffer):
+            length = max(handle.size - offset, 0)
+        chunk = self.max_payload - FRAME_OVERHEAD
+        if length is not None and length > chunk:
+            return await self._read_chunked(h.node, token, offset, length, chunk)
+        try:
+            return (await self._read_frame(h.node, [(token, offset, TO_END if length is None else length)]))[0]
+        except TooLarge:
+            if length is not None:
+                raise
+            size = (await self.rstat(token)).size
+            return await self._read_chunked(h.node, token, offset, max(size - offset, 0), chunk)
+
+    async def rreadv(self, items: Iterable[tuple[Any, int, int | None]], *,
+                     return_exceptions: bool = False) -> list[bytes | FabricError]:
+        """Read many ``(handle, offset, length)`` items in one request per node, results in order."""
+        plan = [(_token(hd), off, TO_END if n is None else n) for hd, off, n in items]
+        by_node: dict[str, list[int]] = {}
+        for i, (token, _o, _n) in enumerate(plan):
+            by_node.setdefault(parse(token).node, []).append(i)
+        results: list[Any] = [None] * len(plan)
+
+        async def one_node(node: str, idx: list[int]) -> None:
+            got = await self._read_frame(node, [plan[i] for i in idx], batch=True)
+            for i, value in zip(idx, got):
+                results[i] = value
+
+        await asyncio.gather(*(one_node(n, idx) for n, idx in by_node.items()))
+        if not return_exceptions:
+            for value in results:
+                if isinstance(value, FabricError):
+                    raise value
+        return results
+
+    async def rwritev(self, items: Iterable[tuple[Any, int, Any]], *,
+                      return_exceptions: bool = False) -> list[int | FabricError]:
+        """Write many ``(handle, offset, data)`` items in one request per node; returns bytes written each."""
+        plan = [(_token(hd), off, memoryview(data).cast("B")) for hd, off, data in items]
+        by_node: dict[str, list[int]] = {}
+        for i, (token, _o, _d) in enumerate(plan):
+            by_node.setdefault(parse(token).node, []).append(i)
+        results: list[Any] = [None] * len(plan)
+
+        async def one_node(node: str, idx: list[int]) -> None:
+            got = await self._write_frame(node, [plan[i] for i in idx], batch=True)
+            for i, value in zip(idx, got):
+                results[i] = value
+
+        await asyncio.gather(*(one_node(n, idx) for n, idx in by_node.items()))
+        if not return_exceptions:
+            for value in results:
+                if isinstance(value, FabricError):
+                    raise value
+        return results
+
+    # -- frames ----------------------------------------------------------------
+
+    async def _read_frame(self, node: str, items: Sequence[tuple[str, int, int]], batch: bool = False) -> list[Any]:
+        from fabric_ext import wire
+
+        frame = wire.encode(wire.KIND_READ, [(t, o, n, 0) for t, o, n in items])
+        reply = await self.request(self._mem(node, "read"), frame, FRAME_HEADERS)
+        got = wire.decode(reply.data)
+        out: list[Any] = []
+        for i, (_h, _o, _n, status) in enumerate(got.items):
+            out.append(error_from_wire(status, f"batch item {i} failed") if status else bytes(got.data(i)))
+        if not batch and isinstance(out[0], FabricError):
+            raise out[0]
+        return out
+
+    async def _write_frame(self, node: str, items: Sequence[tuple[str, int, memoryview]], batch: bool = False) -> Any:
+        from fabric_ext import wire
+
+        frame = wire.encode(wire.KIND_WRITE, [(t, o, len(d), 0) for t, o, d in items], [d for _t, _o, d in items])
+        reply = await self.request(self._mem(node, "write"), frame, FRAME_HEADERS)
+        got = wire.decode(reply.data)
+        out = [error_from_wire(st, f"batch item {i} failed") if st else n for i, (_h, _o, n, st) in enumerate(got.items)]
+        if batch:
+            return out
+        if isinstance(out[0], FabricError):
+            raise out[0]
+        return out[0]
+
+    async def _read_chunked(self, node: str, token: str, offset: int, length: int, chunk: int) -> bytes:
+        spans = [(offset + i, min(chunk, length - i)) for i in range(0, length, chunk)]
+        parts = await asyncio.gather(*(self._read_frame(node, [(token, o, n)]) for o, n in spans))
+        return b"".join(p[0] for p in parts)
+
+    # -- local fast path --------------------------------------------------------
+
+    async def _local_view(self, h: HandleParts, token: str) -> Any:
+        local = self._local
+        if not local.enabled or not h.writable:
+            return None
+        if not local.known(h):
+            try:
+                reply = await self._call(self._mem(h.node, "attach"), HandleRequest(handle=token), AttachReply)
+            except FabricError:
+                reply = None  # e.g. a stale handle: let the real operation report it
+                if not local.known(h):
+                    return None
+            local.add(h, reply)
+        return local.view(h)
+
+
+def _check_size(size: int) -> int:
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise BadRequest(f"size must be an int, got {type(size).__name__}")
+    if size < 0:
+        raise BadRequest(f"size must not be negative, got {size}")
+    return size
+
+
+class AsyncRemoteBuffer:
+    """A remote block for the async client: ``async with`` frees it."""
+
+    def __init__(self, client: AsyncFabricClient, handle: str, size: int) -> None:
+        self.client = client
+        self.handle = handle
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __str__(self) -> str:
+        return self.handle
+
+    def __repr__(self) -> str:
+        return f"AsyncRemoteBuffer(size={self.size}, handle={self.handle!r})"
+
+    async def read(self, length: int | None = None, offset: int = 0) -> bytes:
+        return await self.client.rread(self, length, offset)
+
+    async def write(self, data: Any, offset: int = 0) -> int:
+        return await self.client.rwrite(self, data, offset)
+
+    async def free(self) -> int:
+        return await self.client.rfree(self)
+
+    async def __aenter__(self) -> "AsyncRemoteBuffer":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.free()
+
+
+class FabricClient:
+    """The synchronous client: the async client on a private event loop in a background thread.
+
+    ``with FabricClient(url) as fc: buf = fc.rmalloc(1024)``.  Local fast-path reads and
+    writes run in the calling thread.  Thread-safe.
+    """
+
+    def __init__(self, url: str | None = None, *, owner: str | None = None, timeout: float = 10.0,
+                 local: bool = True, name: str = "fabric-client") -> None:
+        self._aio = AsyncFabricClient(url, owner=owner, timeout=timeout, local=local, name=name)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return self._aio.url
+
+    @property
+    def aio(self) -> AsyncFabricClient:
+        """The underlying async client (runs on this client's loop)."""
+        return self._aio
+
+    def connect(self) -> "FabricClient":
+        if self._loop is None:
+            try:
+                import uvloop
+
+                loop = uvloop.new_event_loop()
+            except ImportError:  # pragma: no cover
+                loop = asyncio.new_event_loop()
+            self._loop = loop
+            self._thread = threading.Thread(target=loop.run_forever, name="fabric-client-loop", daemon=True)
+            self._thread.start()
+            try:
+                self._run(self._aio.connect())
+            except BaseException:
+                self._stop_loop()
+                raise
+        return self
+
+    def close(self) -> None:
+        if self._loop is not None:
+            try:
+                self._run(self._aio.close())
+            finally:
+                self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+            loop.close()
+
+    def __enter__(self) -> "FabricClient":
+        return self.connect()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self, coro: Awaitable[T]) -> T:
+        if self._loop is None:
+            raise Unavailable("client is not connected: use 'with FabricClient(...)' or call connect()")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
+
+    def _wrap(self, abuf: AsyncRemoteBuffer) -> "RemoteBuffer":
+        return RemoteBuffer(self, abuf.handle, abuf.size)
+
+    # -- memory ----------------------------------------------------------------
+
+    def rmalloc(self, size: int, *, ttl: float | None = None, node: str | None = None,
+                owner: str | None = None) -> "RemoteBuffer":
+        """Allocate *size* zeroed bytes; returns a :class:`RemoteBuffer` (usable wherever a handle is)."""
+        return self._wrap(self._run(self._aio.rmalloc(size, ttl=ttl, node=node, owner=owner)))
+
+    def rfree(self, handle: "str | RemoteBuffer") -> int:
+        return self._run(self._aio.rfree(_token(handle)))
+
+    def rrealloc(self, handle: "str | RemoteBuffer", size: int) -> "RemoteBuffer":
+        abuf = self._run(self._aio.rrealloc(_token(handle), size))
+        if isinstance(handle, RemoteBuffer):
+            handle.handle, handle.size = abuf.handle, abuf.size
+            return handle
+        return self._wrap(abuf)
+
+    def rstat(self, handle: "str | RemoteBuffer") -> StatReply:
+        return self._run(self._aio.rstat(_token(handle)))
+
+    def rshare(self, handle: "str | RemoteBuffer") -> str:
+        return self._run(self._aio.rshare(_token(handle)))
+
+    def renew(self, handle: "str | RemoteBuffer", ttl: float) -> int:
+        return self._run(self._aio.renew(_token(handle), ttl))
+
+    def meminfo(self, node: str) -> MemInfoReply:
+        return self._run(self._aio.meminfo(node))
+
+    def rwrite(self, handle: "str | RemoteBuffer", data: Any, offset: int = 0) -> int:
+        token = _token(handle)
+        h = parse(token)
+        view = self._aio._local.view(h)
+        if view is not None:  # local fast path, in this thread
+            return view.write(h.off, h.gen, offset, data)
+        return self._run(self._aio.rwrite(token, data, offset))
+
+    def rread(self, handle: "str | RemoteBuffer", length: int | None = None, offset: int = 0) -> bytes:
+        token = _token(handle)
+        h = parse(token)
+        view = self._aio._local.view(h)
+        if view is not None:  # local fast path, in this thread
+            return view.read(h.off, h.gen, offset, -1 if length is None else length)
+        if length is None and isinstance(handle, RemoteBuffer):
+            length = max(handle.size - offset, 0)
+        return self._run(self._aio.rread(token, length, offset))
+
+    def rreadv(self, items: Iterable[tuple[Any, int, int | None]], *,
+               return_exceptions: bool = False) -> list[bytes | FabricError]:
+        plan = [(_token(hd), o, n) for hd, o, n in items]
+        return self._run(self._aio.rreadv(plan, return_exceptions=return_exceptions))
+
+    def rwritev(self, items: Iterable[tuple[Any, int, Any]], *,
+                return_exceptions: bool = False) -> list[int | FabricError]:
+        plan = [(_token(hd), o, d) for hd, o, d in items]
+        return self._run(self._aio.rwritev(plan, return_exceptions=return_exceptions))
+
+    def request(self, subject: str, data: bytes = b"", headers: dict[str, str] | None = None,
+                timeout: float | None = None) -> Any:
+        return self._run(self._aio.request(subject, data, headers, timeout))
+
+
+class RemoteBuffer:
+    """A remote block: ``len()``, slicing reads and writes, and ``with`` frees it.
+
+    ::
+
+        with fc.rmalloc(16) as buf:
+            buf[0:5] = b"hello"
+            assert buf[0:5] == b"hello" and len(buf) == 16
+    """
+
+    def __init__(self, client: FabricClient, handle: str, size: int) -> None:
+        self.client = client
+        self.handle = handle
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __str__(self) -> str:
+        return self.handle
+
+    def __repr__(self) -> str:
+        return f"RemoteBuffer(size={self.size}, handle={self.handle!r})"
+
+    def _span(self, key: slice) -> tuple[int, int]:
+        start, stop, step = key.indices(self.size)
+        if step != 1:
+            raise BadRequest("RemoteBuffer slices must have step 1")
+        return start, max(stop - start, 0)
+
+    @overload
+    def __getitem__(self, key: int) -> int: ...
+    @overload
+    def __getitem__(self, key: slice) -> bytes: ...
+
+    def __getitem__(self, key: int | slice) -> int | bytes:
+        if isinstance(key, slice):
+            start, n = self._span(key)
+            return self.client.rread(self, n, start) if n else b""
+        index = key + self.size if key < 0 else key
+        if not 0 <= index < self.size:
+            raise IndexError("RemoteBuffer index out of range")
+        return self.client.rread(self, 1, index)[0]
+
+    def __setitem__(self, key: int | slice, value: Any) -> None:
+        if isinstance(key, slice):
+            start, n = self._span(key)
+            data = memoryview(value).cast("B")
+            if len(data) != n:
+                raise BadRequest(f"slice assignment needs exactly {n} bytes, got {len(data)}")
+            if n:
+                self.client.rwrite(self, data, start)
+            return
+        index = key + self.size if key < 0 else key
+        if not 0 <= index < self.size:
+            raise IndexError("RemoteBuffer index out of range")
+        self.client.rwrite(self, bytes([value]), index)
+
+    def read(self, length: int | None = None, offset: int = 0) -> bytes:
+        return self.client.rread(self, length, offset)
+
+    def write(self, data: Any, offset: int = 0) -> int:
+        return self.client.rwrite(self, data, offset)
+
+    def free(self) -> int:
+        return self.client.rfree(self)
+
+    def __enter__(self) -> "RemoteBuffer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.free()

@@ -1,0 +1,238 @@
+"""The one error tree of fabric, and its mapping to and from the wire.
+
+Every failure a caller can see is a :class:`FabricError`.  On the wire an error
+reply carries the ADR-32 headers ``Nats-Service-Error`` (readable text) and
+``Nats-Service-Error-Code`` (an HTTP-like number), plus ``Fabric-Error`` (the
+stable *kind* string below) so a client can raise the exact class::
+
+    FabricError                      500  internal      raised when nothing more precise fits
+    ├── BadRequest                   400  bad_request   the request is malformed or has wrong types
+    │   ├── InvalidFrame             400  invalid_frame a binary frame is truncated or hostile
+    │   └── OutOfRange               400  out_of_range  offset/length fall outside the block
+    ├── PermissionDenied             403  denied        the handle does not permit this (read-only)
+    ├── NotFound                     404  not_found     the id or subject is unknown
+    │   ├── UnknownHandle            404  unknown_handle  never issued here, forged, or unknown segment
+    │   └── StaleHandle              404  stale_handle  the block was freed (use after free)
+    ├── Conflict                     409  conflict      the state forbids it
+    │   └── DoubleFree               409  double_free   the block was already freed
+    ├── TooLarge                     413  too_large     a size or frame exceeds a hard limit
+    ├── Infeasible                   422  infeasible    well-formed but can never succeed here
+    ├── QuotaExceeded                429  quota         the owner's quota would be exceeded
+    ├── InternalError                500  internal      a bug or an unexpected failure
+    │   └── CorruptionDetected       500  corruption    a header, canary or segment is damaged
+    ├── Unavailable                  503  unavailable   no service answered in time
+    └── OutOfMemory                  507  out_of_memory the node's capacity is exhausted
+
+Classes are registered by kind in one registry that rejects duplicates, and each
+numeric code has one default class (the first registered for it), used when a
+reply carries a code but no kind (for example from a non-fabric service).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping
+
+__all__ = [
+    "FabricError",
+    "BadRequest",
+    "InvalidFrame",
+    "OutOfRange",
+    "PermissionDenied",
+    "NotFound",
+    "UnknownHandle",
+    "StaleHandle",
+    "Conflict",
+    "DoubleFree",
+    "TooLarge",
+    "Infeasible",
+    "QuotaExceeded",
+    "InternalError",
+    "CorruptionDetected",
+    "Unavailable",
+    "OutOfMemory",
+    "error_from_wire",
+    "error_headers",
+    "ERROR_HEADER",
+    "ERROR_CODE_HEADER",
+    "ERROR_KIND_HEADER",
+]
+
+ERROR_HEADER = "Nats-Service-Error"
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+ERROR_KIND_HEADER = "Fabric-Error"
+
+_BY_KIND: dict[str, type["FabricError"]] = {}
+_BY_CODE: dict[int, type["FabricError"]] = {}
+
+
+class FabricError(Exception):
+    """Base of every fabric error; raised when nothing more precise fits."""
+
+    code: ClassVar[int] = 500
+    kind: ClassVar[str] = "error"
+
+    def __init__(self, message: str = "", **fields: Any) -> None:
+        super().__init__(message or self.kind.replace("_", " "))
+        self.message = message or self.kind.replace("_", " ")
+        self.fields = fields
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+    def __init_subclass__(cls, register: bool = True, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if not register:
+            return
+        if "kind" not in cls.__dict__:
+            raise TypeError(f"{cls.__name__} must define its own kind")
+        if cls.kind in _BY_KIND:
+            raise TypeError(f"error kind {cls.kind!r} registered twice ({_BY_KIND[cls.kind].__name__}, {cls.__name__})")
+        _BY_KIND[cls.kind] = cls
+        _BY_CODE.setdefault(cls.code, cls)
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in self.fields.items())
+        return f"{type(self).__name__}({self.message!r}{extra})"
+
+    def __reduce__(self) -> Any:
+        return (_rebuild, (type(self).kind, self.message, self.fields))
+
+
+def _rebuild(kind: str, message: str, fields: dict[str, Any]) -> FabricError:
+    return _BY_KIND.get(kind, FabricError)(message, **fields)
+
+
+class BadRequest(FabricError):
+    """Raised when a request is malformed or has wrong types or values."""
+
+    code = 400
+    kind = "bad_request"
+
+
+class InvalidFrame(BadRequest):
+    """Raised when a binary frame is truncated, has a bad magic/version, or hostile lengths."""
+
+    kind = "invalid_frame"
+
+
+class OutOfRange(BadRequest):
+    """Raised when an offset/length pair falls outside the block's size."""
+
+    kind = "out_of_range"
+
+
+class PermissionDenied(FabricError):
+    """Raised when the handle does not permit the operation (a write with a read-only handle)."""
+
+    code = 403
+    kind = "denied"
+
+
+class NotFound(FabricError):
+    """Raised when an id, node or subject is unknown."""
+
+    code = 404
+    kind = "not_found"
+
+
+class UnknownHandle(NotFound):
+    """Raised when a handle was never issued here, is forged, or names an unknown segment."""
+
+    kind = "unknown_handle"
+
+
+class StaleHandle(NotFound):
+    """Raised when a handle's block has been freed (use after free)."""
+
+    kind = "stale_handle"
+
+
+class Conflict(FabricError):
+    """Raised when the current state forbids the operation."""
+
+    code = 409
+    kind = "conflict"
+
+
+class DoubleFree(Conflict):
+    """Raised when a block is freed a second time."""
+
+    kind = "double_free"
+
+
+class TooLarge(FabricError):
+    """Raised when a size, a count or a frame exceeds a hard limit."""
+
+    code = 413
+    kind = "too_large"
+
+
+class Infeasible(FabricError):
+    """Raised when a request is well-formed but can never succeed on this fabric."""
+
+    code = 422
+    kind = "infeasible"
+
+
+class QuotaExceeded(FabricError):
+    """Raised when an owner's quota would be exceeded; carries ``owner``, ``limit``, ``requested``."""
+
+    code = 429
+    kind = "quota"
+
+
+class InternalError(FabricError):
+    """Raised when the service hit a bug or an unexpected failure."""
+
+    code = 500
+    kind = "internal"
+
+
+class CorruptionDetected(InternalError):
+    """Raised when a block header, canary or segment header is damaged."""
+
+    kind = "corruption"
+
+
+class Unavailable(FabricError):
+    """Raised when no service answered in time (no responders, timeout, connection lost)."""
+
+    code = 503
+    kind = "unavailable"
+
+
+class OutOfMemory(FabricError):
+    """Raised when the node's memory capacity is exhausted; carries ``requested``, ``available``."""
+
+    code = 507
+    kind = "out_of_memory"
+
+
+# FabricError itself is the fallback for unknown kinds/codes.
+_BY_KIND.setdefault("error", FabricError)
+_BY_CODE[500] = InternalError
+
+
+def error_from_wire(code: int | str | None, text: str, kind: str | None = None) -> FabricError:
+    """Build the exception a reply's error headers describe."""
+    cls = _BY_KIND.get(kind or "")
+    if cls is None:
+        try:
+            num = int(code or 500)
+        except (TypeError, ValueError):
+            num = 500
+        cls = _BY_CODE.get(num, FabricError)
+    return cls(text)
+
+
+def error_headers(exc: FabricError) -> dict[str, str]:
+    """The reply headers that carry *exc* to any NATS client."""
+    return {
+        ERROR_HEADER: exc.message,
+        ERROR_CODE_HEADER: str(exc.code),
+        ERROR_KIND_HEADER: exc.kind,
+    }
+
+
+def registered_kinds() -> Mapping[str, type[FabricError]]:
+    """Every registered kind and its class (read-only view, for docs and tests)."""
+    return dict(_BY_KIND)

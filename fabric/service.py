@@ -1,0 +1,359 @@
+"""The service kit every fabric service is built on.
+
+A service subclasses :class:`FabricService`, names itself (``name``, SemVer
+``version``, ``description``), and lists its endpoints; the kit does the rest:
+
+* registers an ADR-32 service through ``nats.micro`` (so ``$SRV.PING|INFO|STATS``
+  discover it), with ``node`` in its metadata;
+* decodes each request in the encoding it asked for (JSON by default, MessagePack
+  with ``Content-Type: application/msgpack``, the binary frame for bulk endpoints)
+  and encodes the reply the same way;
+* runs every request as its own task under a concurrency bound -- nats-py would
+  otherwise run one handler at a time per endpoint -- and keeps per-endpoint
+  timings of the real work, which ``$SRV.STATS`` reports;
+* turns :class:`~fabric.errors.FabricError` into the ``Nats-Service-Error`` /
+  ``Nats-Service-Error-Code`` headers (plus ``Fabric-Error`` with the kind), and
+  anything else into a logged 500;
+* drains gracefully on SIGTERM: stop taking requests, finish those in flight,
+  then drain the connection.
+
+Run one with :func:`main`, which parses ``--nats-url --node --state-dir`` (or the
+``FABRIC_*`` environment variables) and uses uvloop when it is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable, ClassVar, Sequence
+
+import msgspec
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+from nats.micro.request import Request as MicroRequest
+from nats.micro.service import EndpointStats, Service, ServiceConfig, ServiceStats
+
+from ._version import __version__
+from .errors import FabricError, InternalError, error_headers
+from .logs import configure_logging
+from .schema import JSON, MSGPACK, CONTENT_TYPE_HEADER, FRAME_CONTENT_TYPE, MSGPACK_CONTENT_TYPE, Codec, ErrorReply, error_info
+from .subjects import QUEUE_GROUP, sanitize_node_name, valid_node_name
+
+__all__ = ["FabricService", "Request", "Reply", "Endpoint", "ServiceSettings", "main"]
+
+REQUEST_ID_HEADER = "Fabric-Request-Id"
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """What every service needs to start; validated at construction."""
+
+    nats_url: str
+    node: str
+    state_dir: Path
+    max_concurrency: int = 512
+    drain_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not valid_node_name(self.node):
+            raise ValueError(f"invalid node name {self.node!r}: use letters, digits, '_' and '-' (at most 64)")
+        if not self.nats_url.startswith(("nats://", "tls://", "ws://", "wss://")):
+            raise ValueError(f"invalid NATS URL {self.nats_url!r}")
+        if self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+
+
+class Request:
+    """One incoming request: its subject, headers, raw data and the codec it asked for."""
+
+    __slots__ = ("subject", "headers", "data", "codec", "is_frame", "request_id")
+
+    def __init__(self, subject: str, headers: dict[str, str] | None, data: bytes) -> None:
+        self.subject = subject
+        self.headers = headers
+        self.data = data
+        ctype = headers.get(CONTENT_TYPE_HEADER) if headers else None
+        self.is_frame = ctype == FRAME_CONTENT_TYPE
+        self.codec: Codec = MSGPACK if ctype == MSGPACK_CONTENT_TYPE else JSON
+        self.request_id = headers.get(REQUEST_ID_HEADER, "") if headers else ""
+
+    def decode(self, type_: type[Any]) -> Any:
+        """Decode the body as *type_* in the request's encoding (BadRequest if malformed)."""
+        return self.codec.decode(self.data, type_)
+
+
+@dataclass
+class Reply:
+    """A reply that is not a plain Struct: raw bytes (a frame) and optional headers."""
+
+    data: bytes | bytearray | memoryview
+    headers: dict[str, str] | None = None
+
+
+Handler = Callable[[Request], Awaitable[Any]]
+
+
+@dataclass
+class Endpoint:
+    """One endpoint: an ADR-32 name, its subject, and the coroutine that answers it."""
+
+    name: str
+    subject: str
+    handler: Handler
+    queue_group: str = QUEUE_GROUP
+    # per-endpoint statistics of the real work (not just the dispatch)
+    num_requests: int = 0
+    num_errors: int = 0
+    processing_ns: int = 0
+    last_error: str = ""
+    in_flight: int = field(default=0)
+
+    def stats(self) -> EndpointStats:
+        avg = self.processing_ns // self.num_requests if self.num_requests else 0
+        return EndpointStats(
+            name=self.name,
+            subject=self.subject,
+            queue_group=self.queue_group,
+            num_requests=self.num_requests,
+            num_errors=self.num_errors,
+            processing_time=self.processing_ns,
+            average_processing_time=avg,
+            last_error=self.last_error,
+            data={"in_flight": self.in_flight},
+        )
+
+
+class _MicroService(Service):
+    """nats.micro's Service, with STATS taken from the kit's own per-endpoint timings."""
+
+    kit_endpoints: list[Endpoint]
+
+    def stats(self) -> ServiceStats:
+        return ServiceStats(
+            id=self.id,
+            name=self._name,
+            version=self._version,
+            metadata=self._metadata,
+            endpoints=[ep.stats() for ep in self.kit_endpoints],
+            started=self._started,
+        )
+
+
+class FabricService:
+    """Base class of every fabric service (see the module docstring)."""
+
+    name: ClassVar[str]
+    version: ClassVar[str] = __version__
+    description: ClassVar[str]
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.node = settings.node
+        self.log = structlog.get_logger(service=self.name, node=self.node)
+        self.nc: NATS | None = None
+        self._micro: _MicroService | None = None
+        self._endpoints: list[Endpoint] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(settings.max_concurrency)
+        self._stopping = asyncio.Event()
+
+    # -- what subclasses provide ----------------------------------------------
+
+    def endpoints(self) -> Sequence[Endpoint]:
+        raise NotImplementedError
+
+    def metadata(self) -> dict[str, str]:
+        return {}
+
+    async def on_start(self) -> None:
+        """Called after connecting, before the endpoints subscribe."""
+
+    async def on_stop(self) -> None:
+        """Called after in-flight requests finished, before the connection drains."""
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.nc = await nats.connect(
+            self.settings.nats_url,
+            name=f"{self.name}@{self.node}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+            error_cb=self._on_nats_error,
+            disconnected_cb=self._on_disconnect,
+            reconnected_cb=self._on_reconnect,
+        )
+        await self.on_start()
+        meta = {"node": self.node, "fabric_version": __version__, "pid": str(os.getpid())}
+        meta.update(self.metadata())
+        micro = _MicroService(
+            self.nc,
+            ServiceConfig(name=self.name, version=self.version, description=self.description, metadata=meta),
+        )
+        micro.kit_endpoints = self._endpoints
+        await micro.start()
+        for ep in self.endpoints():
+            self._endpoints.append(ep)
+            await micro.add_endpoint(
+                name=ep.name, subject=ep.subject, queue_group=ep.queue_group, handler=self._dispatcher(ep)
+            )
+        await self.nc.flush()
+        self._micro = micro
+        self.log.info("service started", version=self.version, endpoints=len(self._endpoints), url=self.settings.nats_url)
+
+    async def stop(self) -> None:
+        """Graceful stop: unsubscribe, wait for in-flight requests, drain the connection."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        if self._micro is not None:
+            await self._micro.stop()
+        if self._tasks:
+            done, pending = await asyncio.wait(set(self._tasks), timeout=self.settings.drain_timeout_s)
+            for task in pending:
+                task.cancel()
+        await self.on_stop()
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except Exception:  # already closed or reconnecting: nothing left to flush
+                await self.nc.close()
+        self.log.info("service stopped")
+
+    async def __aenter__(self) -> "FabricService":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def serve_forever(self) -> None:
+        """Start, then run until SIGTERM/SIGINT, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+            self.log.info("signal received, draining")
+        finally:
+            await self.stop()
+
+    # -- request dispatch -------------------------------------------------------
+
+    def _dispatcher(self, ep: Endpoint) -> Callable[[MicroRequest], Awaitable[None]]:
+        async def dispatch(req: MicroRequest) -> None:
+            # nats-py calls this one message at a time per subscription: hand the
+            # request to its own task and return, so a slow request never blocks
+            # the next.  The semaphore bounds the work in flight (backpressure).
+            await self._slots.acquire()
+            msg = req._msg
+            task = asyncio.create_task(self._serve(ep, msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+
+        return dispatch
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def _serve(self, ep: Endpoint, msg: Any) -> None:
+        t0 = time.perf_counter_ns()
+        ep.in_flight += 1
+        request = Request(msg.subject, msg.headers, msg.data)
+        headers: dict[str, str] | None = None
+        try:
+            result = await ep.handler(request)
+            if isinstance(result, Reply):
+                body, headers = result.data, result.headers
+            elif result is None:
+                body = b""
+            else:
+                body = request.codec.encode(result)
+                if request.codec is MSGPACK:
+                    headers = {CONTENT_TYPE_HEADER: MSGPACK_CONTENT_TYPE}
+        except FabricError as exc:
+            body, headers = self._error_reply(request, exc)
+            ep.num_errors += 1
+            ep.last_error = f"{exc.code} {exc.kind}: {exc.message}"
+            self.log.info("request failed", subject=msg.subject, code=exc.code, kind=exc.kind,
+                          error=exc.message, request_id=request.request_id)
+        except Exception as exc:  # a bug: answer 500, keep serving, log the traceback
+            err = InternalError(f"internal error: {type(exc).__name__}: {exc}")
+            body, headers = self._error_reply(request, err)
+            ep.num_errors += 1
+            ep.last_error = err.message
+            self.log.exception("request crashed", subject=msg.subject, request_id=request.request_id)
+        finally:
+            ep.in_flight -= 1
+        ep.num_requests += 1
+        ep.processing_ns += time.perf_counter_ns() - t0
+        if msg.reply:
+            try:
+                await self.nc.publish(msg.reply, body, headers=headers)  # type: ignore[union-attr]
+            except Exception as exc:  # connection lost mid-reply: the client times out and retries
+                self.log.warning("reply not sent", subject=msg.subject, error=str(exc))
+
+    @staticmethod
+    def _error_reply(request: Request, exc: FabricError) -> tuple[bytes, dict[str, str]]:
+        headers = error_headers(exc)
+        if request.is_frame:
+            return b"", headers
+        if request.codec is MSGPACK:
+            headers[CONTENT_TYPE_HEADER] = MSGPACK_CONTENT_TYPE
+        return request.codec.encode(ErrorReply(error=error_info(exc))), headers
+
+    # -- connection events --------------------------------------------------------
+
+    async def _on_nats_error(self, exc: Exception) -> None:
+        self.log.warning("nats error", error=str(exc))
+
+    async def _on_disconnect(self) -> None:
+        self.log.warning("disconnected from NATS")
+
+    async def _on_reconnect(self) -> None:
+        self.log.info("reconnected to NATS")
+
+
+def default_state_dir() -> Path:
+    from platformdirs import user_state_dir
+
+    return Path(user_state_dir("fabric"))
+
+
+def parse_settings(argv: Sequence[str] | None, service_name: str) -> ServiceSettings:
+    parser = argparse.ArgumentParser(prog=f"python -m services.{service_name.replace('-', '_')}")
+    parser.add_argument("--nats-url", default=os.environ.get("FABRIC_NATS_URL", "nats://127.0.0.1:4222"))
+    parser.add_argument("--node", default=os.environ.get("FABRIC_NODE") or sanitize_node_name(socket.gethostname()))
+    parser.add_argument("--state-dir", default=os.environ.get("FABRIC_STATE_DIR") or str(default_state_dir()))
+    args = parser.parse_args(argv)
+    try:
+        return ServiceSettings(nats_url=args.nats_url, node=args.node, state_dir=Path(args.state_dir))
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits
+
+
+def main(service_cls: type[FabricService], argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m services.<name>``."""
+    settings = parse_settings(argv, service_cls.name)
+    configure_logging()
+
+    async def run() -> None:
+        await service_cls(settings).serve_forever()
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        asyncio.run(run())
+    else:
+        uvloop.run(run())

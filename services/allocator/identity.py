@@ -1,0 +1,39 @@
+"""The allocator's persistent identity: its shared-memory prefix and its handle key.
+
+Both live in ``<state-dir>/allocator/<node>.json`` (mode 0600).  A restarted
+allocator reads them back, so it reattaches the same shared-memory segments and
+every handle it issued before the crash still verifies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Identity:
+    prefix: str  # shared-memory name prefix of this node's arena
+    key: bytes  # secret key of the handle MACs; never leaves this node
+
+
+def load_or_create(state_dir: Path, node: str) -> Identity:
+    path = state_dir / "allocator" / f"{node}.json"
+    try:
+        raw = json.loads(path.read_text())
+        return Identity(prefix=raw["prefix"], key=bytes.fromhex(raw["key"]))
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ident = Identity(prefix=f"fabric-{secrets.token_hex(6)}", key=secrets.token_bytes(32))
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"prefix": ident.prefix, "key": ident.key.hex(), "node": node}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return ident

@@ -1,0 +1,311 @@
+"""The allocator's endpoints: alloc, free, realloc, write, read, batches, stat, share, renew, attach, info.
+
+Memory lives in this node's :class:`fabric_ext.arena.Arena` (shared-memory
+segments, so a restarted allocator reattaches every block).  Handles are
+capabilities minted by :class:`fabric.handles.HandleSigner`; every endpoint that
+takes a handle verifies its MAC first, so a forged or widened handle is 404
+``unknown_handle`` and never reaches the arena.
+
+Subjects (see docs/protocol.md): ``fabric.mem.alloc`` (any node, queue group) and
+``fabric.mem.<node>.<verb>`` for everything on this node.  ``read`` and ``write``
+also take the binary frame of :mod:`fabric_ext.wire` (single items and batches).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import psutil
+
+from fabric import subjects
+from fabric.errors import BadRequest, FabricError, OutOfRange, PermissionDenied, TooLarge
+from fabric.handles import PERM_R, HandleParts, HandleSigner
+from fabric.schema import (
+    AllocReply,
+    AllocRequest,
+    AttachReply,
+    FreeReply,
+    HandleRequest,
+    MemInfoReply,
+    ReadReply,
+    ReadRequest,
+    ReadResult,
+    ReadvReply,
+    ReadvRequest,
+    ReallocRequest,
+    RenewReply,
+    RenewRequest,
+    ShareReply,
+    StatReply,
+    WriteReply,
+    WriteRequest,
+    WriteResult,
+    WritevReply,
+    WritevRequest,
+    FRAME_CONTENT_TYPE,
+    CONTENT_TYPE_HEADER,
+    error_info,
+)
+from fabric.service import Endpoint, FabricService, Reply, Request, ServiceSettings
+from fabric_ext import wire
+from fabric_ext.arena import Arena
+
+from .identity import load_or_create
+
+#: frames use this length to mean "to the end of the block"
+TO_END = 2**64 - 1
+FRAME_HEADERS = {CONTENT_TYPE_HEADER: FRAME_CONTENT_TYPE}
+
+
+def boot_id() -> str:
+    """Identifies this boot of this host: a client must match it to use the local fast path."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read().strip()
+    except OSError:  # not Linux: the local fast path is then never offered
+        return ""
+
+
+def _env_bytes(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of bytes, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must not be negative")
+    return value
+
+
+class AllocatorService(FabricService):
+    name = "allocator"
+    description = "fabric remote memory: shared-memory arena behind rmalloc/rwrite/rread/rfree"
+
+    def __init__(self, settings: ServiceSettings, *, capacity: int | None = None) -> None:
+        super().__init__(settings)
+        ident = load_or_create(Path(settings.state_dir), settings.node)
+        total = psutil.virtual_memory().total
+        self.capacity = capacity if capacity is not None else _env_bytes("FABRIC_MEM_CAPACITY", total // 4)
+        self.arena = Arena(
+            ident.prefix,
+            self.capacity,
+            default_quota=_env_bytes("FABRIC_MEM_QUOTA", 0),
+        )
+        self.signer = HandleSigner(settings.node, ident.key)
+        self.prefix = ident.prefix
+        self.boot_id = boot_id()
+        self.hostname = socket.gethostname()
+        self._reaper: Any = None
+
+    def metadata(self) -> dict[str, str]:
+        return {"shm_prefix": self.prefix, "capacity": str(self.capacity)}
+
+    def endpoints(self) -> Sequence[Endpoint]:
+        node = self.node
+
+        def ep(verb: str, handler: Any) -> Endpoint:
+            return Endpoint(verb, subjects.node_scoped("mem", node, verb), handler)
+
+        return [
+            Endpoint("alloc-any", subjects.cluster("mem", "alloc"), self.alloc),
+            ep("alloc", self.alloc),
+            ep("free", self.free),
+            ep("realloc", self.realloc),
+            ep("write", self.write),
+            ep("read", self.read),
+            ep("readv", self.readv),
+            ep("writev", self.writev),
+            ep("stat", self.stat),
+            ep("share", self.share),
+            ep("renew", self.renew),
+            ep("attach", self.attach),
+            ep("info", self.info),
+        ]
+
+    async def on_start(self) -> None:
+        import asyncio
+
+        self._reaper = asyncio.create_task(self._reap_leases())
+        stats = self.arena.stats()
+        self.log.info("arena attached", prefix=self.prefix, capacity=self.capacity,
+                      segments=stats["segments"], blocks=stats["blocks"])
+
+    async def on_stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        # close, not destroy: the segments outlive this process so a restart reattaches them
+        self.arena.close()
+
+    async def _reap_leases(self) -> None:
+        import asyncio
+
+        while True:
+            await asyncio.sleep(1.0)
+            for seg, off, gen in self.arena.expired(int(time.time() * 1000)):
+                try:
+                    freed = self.arena.free(seg, off, gen)
+                    self.log.info("lease expired, block reclaimed", seg=seg, off=off, size=freed)
+                except FabricError as exc:  # freed concurrently: nothing to reclaim
+                    self.log.warning("lease reclaim failed", seg=seg, off=off, error=exc.message)
+
+    # -- helpers -----------------------------------------------------------
+
+    def _writable(self, token: str) -> HandleParts:
+        h = self.signer.verify(token)
+        if not h.writable:
+            raise PermissionDenied("read-only handle: this operation needs a read-write handle")
+        return h
+
+    @staticmethod
+    def _deadline(ttl_s: float) -> int:
+        return int(time.time() * 1000 + ttl_s * 1000) if ttl_s > 0 else 0
+
+    # -- endpoints -----------------------------------------------------------
+
+    async def alloc(self, req: Request) -> AllocReply:
+        r: AllocRequest = req.decode(AllocRequest)
+        deadline = self._deadline(r.ttl_s)
+        seg, off, gen = self.arena.alloc(r.size, r.owner, deadline)
+        return AllocReply(handle=self.signer.mint(seg, off, gen), size=r.size, node=self.node,
+                          lease_deadline_ms=deadline)
+
+    async def free(self, req: Request) -> FreeReply:
+        h = self._writable(req.decode(HandleRequest).handle)
+        return FreeReply(freed=self.arena.free(h.seg, h.off, h.gen))
+
+    async def realloc(self, req: Request) -> AllocReply:
+        r: ReallocRequest = req.decode(ReallocRequest)
+        h = self._writable(r.handle)
+        seg, off, gen = self.arena.realloc(h.seg, h.off, h.gen, r.size)
+        token = r.handle if (seg, off, gen) == (h.seg, h.off, h.gen) else self.signer.mint(seg, off, gen)
+        info = self.arena.info(seg, off, gen)
+        return AllocReply(handle=token, size=r.size, node=self.node, lease_deadline_ms=info["lease_deadline_ms"])
+
+    async def write(self, req: Request) -> WriteReply | Reply:
+        if req.is_frame:
+            return self._write_frame(req)
+        r: WriteRequest = req.decode(WriteRequest)
+        h = self._writable(r.handle)
+        return WriteReply(written=self.arena.write(h.seg, h.off, h.gen, r.offset, r.data))
+
+    async def read(self, req: Request) -> ReadReply | Reply:
+        if req.is_frame:
+            return self._read_frame(req)
+        r: ReadRequest = req.decode(ReadRequest)
+        h = self.signer.verify(r.handle)
+        length = -1 if r.length is None else r.length
+        data = self.arena.read(h.seg, h.off, h.gen, r.offset, length)
+        if len(data) * 4 // 3 + 1024 > self.nc.max_payload:  # type: ignore[union-attr]
+            raise TooLarge(f"a {len(data)}-byte read does not fit one reply: use frames or read in chunks")
+        return ReadReply(data=data)
+
+    async def readv(self, req: Request) -> ReadvReply:
+        r: ReadvRequest = req.decode(ReadvRequest)
+        out: list[ReadResult] = []
+        for item in r.items:
+            try:
+                h = self.signer.verify(item.handle)
+                length = -1 if item.length is None else item.length
+                out.append(ReadResult(data=self.arena.read(h.seg, h.off, h.gen, item.offset, length)))
+            except FabricError as exc:
+                out.append(ReadResult(error=error_info(exc)))
+        return ReadvReply(items=out)
+
+    async def writev(self, req: Request) -> WritevReply:
+        r: WritevRequest = req.decode(WritevRequest)
+        out: list[WriteResult] = []
+        for item in r.items:
+            try:
+                h = self._writable(item.handle)
+                out.append(WriteResult(written=self.arena.write(h.seg, h.off, h.gen, item.offset, item.data)))
+            except FabricError as exc:
+                out.append(WriteResult(error=error_info(exc)))
+        return WritevReply(items=out)
+
+    async def stat(self, req: Request) -> StatReply:
+        token = req.decode(HandleRequest).handle
+        h = self.signer.verify(token)
+        info = self.arena.info(h.seg, h.off, h.gen)
+        return StatReply(handle=token, node=self.node, size=info["size"], capacity=info["capacity"],
+                         owner=info["owner"], generation=info["generation"], writable=h.writable,
+                         lease_deadline_ms=info["lease_deadline_ms"])
+
+    async def share(self, req: Request) -> ShareReply:
+        h = self.signer.verify(req.decode(HandleRequest).handle)
+        self.arena.size(h.seg, h.off, h.gen)  # the block must be live to be shared
+        return ShareReply(handle=self.signer.mint(h.seg, h.off, h.gen, PERM_R))
+
+    async def renew(self, req: Request) -> RenewReply:
+        r: RenewRequest = req.decode(RenewRequest)
+        h = self._writable(r.handle)
+        deadline = self._deadline(r.ttl_s)
+        self.arena.set_lease(h.seg, h.off, h.gen, deadline)
+        return RenewReply(lease_deadline_ms=deadline)
+
+    async def attach(self, req: Request) -> AttachReply:
+        # Only a read-write handle maps its segment: a segment holds one owner's blocks
+        # only, so a client sees through the mapping exactly what its handles allow.
+        h = self._writable(req.decode(HandleRequest).handle)
+        owner = self.arena.info(h.seg, h.off, h.gen)["owner"]
+        for seg, path, size in self.arena.owner_segments(owner):
+            if seg == h.seg:
+                return AttachReply(node=self.node, seg=seg, path=path, size=size,
+                                   boot_id=self.boot_id, hostname=self.hostname)
+        raise BadRequest("segment not found for this handle's owner")  # pragma: no cover - arena invariant
+
+    async def info(self, req: Request) -> MemInfoReply:
+        return MemInfoReply(node=self.node, **self.arena.stats())
+
+    # -- frames (bulk bytes, single items and batches) ------------------------
+
+    def _read_frame(self, req: Request) -> Reply:
+        frame = wire.decode(req.data)
+        if frame.kind != wire.KIND_READ:
+            raise BadRequest("the read endpoint takes READ frames")
+        arena = self.arena
+        plan: list[tuple[HandleParts | None, int, int, int]] = []  # (handle, pos, length, status)
+        for token, pos, length, _status in frame.items:
+            try:
+                h = self.signer.verify(token)
+                size = arena.size(h.seg, h.off, h.gen)  # also proves the block is live
+                if length == TO_END:
+                    length = size - pos if pos <= size else 0
+                if pos > size or length > size - pos:
+                    raise OutOfRange(f"read of {length} bytes at offset {pos} is outside the block's {size} bytes")
+                plan.append((h, pos, length, 0))
+            except FabricError as exc:
+                if len(frame.items) == 1:
+                    raise
+                plan.append((None, pos, 0, exc.code))
+        total = sum(n for _h, _p, n, _s in plan)
+        if total + 64 * len(plan) + 1024 > self.nc.max_payload:  # type: ignore[union-attr]
+            raise TooLarge(f"reply of {total} bytes would exceed the max payload "
+                           f"({self.nc.max_payload}): read in chunks")  # type: ignore[union-attr]
+        out, slots = wire.encode_reserve(wire.KIND_DATA, [(b"", pos, n, st) for _h, pos, n, st in plan])
+        for i, (h, pos, n, st) in enumerate(plan):
+            if h is not None and n:
+                arena.read_into(h.seg, h.off, h.gen, pos, slots[i])
+        return Reply(out, FRAME_HEADERS)
+
+    def _write_frame(self, req: Request) -> Reply:
+        frame = wire.decode(req.data)
+        if frame.kind != wire.KIND_WRITE:
+            raise BadRequest("the write endpoint takes WRITE frames")
+        acks: list[tuple[bytes, int, int, int]] = []
+        single = len(frame.items) == 1
+        for i, (token, pos, length, _status) in enumerate(frame.items):
+            try:
+                h = self._writable(token)
+                written = self.arena.write(h.seg, h.off, h.gen, pos, frame.data(i))
+                acks.append((b"", pos, written, 0))
+            except FabricError as exc:
+                if single:
+                    raise
+                acks.append((b"", pos, 0, exc.code))
+        return Reply(wire.encode(wire.KIND_ACK, acks), FRAME_HEADERS)

