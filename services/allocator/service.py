@@ -287,7 +287,8 @@ class AllocatorService(FabricService):
         if total + 64 * len(plan) + 1024 > self.nc.max_payload:  # type: ignore[union-attr]
             raise TooLarge(f"reply of {total} bytes would exceed the max payload "
                            f"({self.nc.max_payload}): read in chunks")  # type: ignore[union-attr]
-        out, slots = wire.encode_reserve(wire.KIND_DATA, [(b"", pos, n, st) for _h, pos, n, st in plan])
+        # zero=False: every slot of a live item is filled right below, the others are empty
+        out, slots = wire.encode_reserve(wire.KIND_DATA, [(b"", pos, n, st) for _h, pos, n, st in plan], zero=False)
         for i, (h, pos, n, st) in enumerate(plan):
             if h is not None and n:
                 arena.read_into(h.seg, h.off, h.gen, pos, slots[i])
