@@ -61,7 +61,7 @@ MSGPACK_CONTENT_TYPE: Final = "application/msgpack"
 FRAME_CONTENT_TYPE: Final = "application/x-fabric-frame"
 
 #: sizes, offsets and lengths are unsigned 64-bit on the wire
-U64 = Annotated[int, Meta(ge=0, le=2**64 - 1)]
+U64 = Annotated[int, Meta(ge=0)]  # msgspec rejects values past 2**64-1 itself
 #: a handle token (see fabric.handles); at most 255 characters so it fits a frame item
 HandleStr = Annotated[str, Meta(min_length=1, max_length=255)]
 #: owner names are short labels used for quotas and per-owner segments

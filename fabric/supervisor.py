@@ -1,0 +1,618 @@
+"""The supervisor behind ``fabric up``: starts, watches and restarts the processes.
+
+One supervisor per state directory (it holds the directory's lock).  It runs:
+
+* the embedded nats-server (unless it joins an existing NATS), and
+* every service as its own OS process,
+  ``python -m <module> --nats-url URL --node NODE --state-dir DIR``,
+
+each with its stdout and stderr in ``<state-dir>/logs/<name>.log``.  A child that
+exits is restarted after an exponential backoff (0.1 s doubling to 5 s, back to
+0.1 s once an incarnation has stayed up 30 s), and every exit and restart is
+logged.  The fabric is *ready* when each service answers ``$SRV.PING.<name>``
+with ``metadata["node"]`` equal to this node (and, when it reports one, the pid
+the supervisor started), within ``ready_timeout``; otherwise the supervisor
+records which services failed, stops everything and exits 1.
+
+SIGTERM (``fabric down``) or SIGINT stops the fabric: services get SIGTERM and
+drain while NATS is still up, whatever is left after the grace period gets
+SIGKILL, then nats-server is stopped.  Children run in their own sessions, so a
+Ctrl-C at the terminal reaches only the supervisor, which stops them in order.
+
+Start-up is on the critical path of ``fabric up``: the children are spawned
+before the supervisor imports its logging or NATS client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .state import FabricState, ProcessRecord, StateDir
+
+__all__ = ["SERVICES", "SupervisorConfig", "Supervisor", "service_modules", "probe_services", "collect_replies"]
+
+#: every service ``fabric up`` knows: ADR-32 service name -> module run with ``python -m``
+SERVICES: dict[str, str] = {
+    "allocator": "services.allocator",
+}
+
+#: JSON object ``{"name": "module"}`` that replaces or adds service modules (tests, development)
+SERVICE_MODULES_ENV = "FABRIC_SERVICE_MODULES"
+
+BACKOFF_INITIAL_S = 0.1
+BACKOFF_MAX_S = 5.0
+BACKOFF_RESET_AFTER_S = 30.0  # an incarnation that lived this long resets the backoff
+NATS_STOP_TIMEOUT_S = 5.0
+PING_INTERVAL_S = 0.025
+
+
+def service_modules() -> dict[str, str]:
+    """:data:`SERVICES`, with the modules named in ``$FABRIC_SERVICE_MODULES`` applied."""
+    modules = dict(SERVICES)
+    raw = os.environ.get(SERVICE_MODULES_ENV)
+    if raw:
+        try:
+            extra = json.loads(raw)
+        except ValueError as exc:
+            raise ValueError(f"${SERVICE_MODULES_ENV} is not JSON: {exc}") from None
+        if not isinstance(extra, dict) or not all(isinstance(v, str) for v in extra.values()):
+            raise ValueError(f'${SERVICE_MODULES_ENV} must be a JSON object {{"service": "module"}}')
+        modules.update(extra)
+    return modules
+
+
+@dataclass
+class SupervisorConfig:
+    """What one ``fabric up`` runs (validated by the CLI)."""
+
+    state: StateDir
+    node: str
+    services: dict[str, str]  # name -> module
+    external_nats_url: str | None = None  # join this NATS instead of running one
+    host: str = "127.0.0.1"
+    port: int = 4222  # concrete: the CLI resolves --nats-port 0
+    nats_binary: str | None = None  # resolved path; None with an external NATS
+    ready_timeout: float = 30.0
+    grace: float = 10.0
+    python: str = field(default_factory=lambda: sys.executable)
+
+
+class Child:
+    """One supervised process and its restart bookkeeping."""
+
+    def __init__(self, name: str, command: list[str], log_path: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.command = command
+        self.log_path = log_path
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.record = ProcessRecord(name=name, command=command, log=str(log_path))
+        self.backoff = BACKOFF_INITIAL_S
+        self.started_mono = 0.0
+        self.restart_handle: asyncio.TimerHandle | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
+
+    def spawn(self) -> None:
+        with open(self.log_path, "ab", buffering=0) as log:
+            self.proc = subprocess.Popen(
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                # its own session: a terminal's Ctrl-C reaches only the supervisor,
+                # which stops the children in order (services first, then NATS)
+                start_new_session=True,
+            )
+        self.started_mono = time.monotonic()
+        self.record.pid = self.proc.pid
+        self.record.started_at = time.time()
+        self.record.create_time = _create_time(self.proc.pid)
+
+    def returncode_or_none(self) -> int | None:
+        """Its exit status (reaping it if it just exited), None while it runs."""
+        return self.proc.poll() if self.proc is not None else None
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                self.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+
+def _create_time(pid: int) -> float:
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return 0.0
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class Supervisor:
+    """Runs one fabric until SIGTERM/SIGINT; see the module docstring."""
+
+    def __init__(
+        self,
+        config: SupervisorConfig,
+        *,
+        on_ready: Callable[[FabricState], None] | None = None,
+        on_failed: Callable[[FabricState, list[str]], None] | None = None,
+        hangup_stops: bool = False,
+        logger: Any = None,
+    ) -> None:
+        """*logger* (anything with structlog's level methods) replaces the structlog setup."""
+        self.config = config
+        self.state_dir = config.state
+        self.on_ready = on_ready
+        self.on_failed = on_failed
+        self.hangup_stops = hangup_stops
+        self.nats: Child | None = None
+        self.services: dict[str, Child] = {}
+        self.stopping = False
+        self.exit_code = 0
+        self._stop = asyncio.Event()
+        self._log: Any = None
+        self._logger = logger
+        self._early_log: list[tuple[str, str, dict[str, Any]]] = []
+        cfg = config
+        if cfg.external_nats_url:
+            url = join = cfg.external_nats_url
+        else:
+            from .nats_server import client_url, join_url
+
+            url, join = client_url(cfg.host, cfg.port), join_url(cfg.host, cfg.port)
+        self.nats_url = url
+        self.state = FabricState(
+            state_dir=str(cfg.state.path),
+            node=cfg.node,
+            nats_url=url,
+            join_url=join,
+            embedded_nats=cfg.external_nats_url is None,
+            host=None if cfg.external_nats_url else cfg.host,
+            port=None if cfg.external_nats_url else cfg.port,
+            supervisor_pid=os.getpid(),
+            supervisor_create_time=_create_time(os.getpid()),
+            started_at=time.time(),
+            logs_dir=str(cfg.state.logs_dir),
+        )
+
+    # -- logging (deferred until the children are spawned) -------------------------
+
+    def log(self, level: str, event: str, **kw: Any) -> None:
+        if self._log is None:
+            self._early_log.append((level, event, kw))
+        else:
+            getattr(self._log, level)(event, **kw)
+
+    def _start_logging(self) -> None:
+        if self._logger is not None:
+            self._log = self._logger
+        else:
+            import structlog
+
+            from .logs import configure_logging
+
+            configure_logging()
+            self._log = structlog.get_logger(component="supervisor", node=self.config.node)
+        for level, event, kw in self._early_log:
+            getattr(self._log, level)(event, **kw)
+        self._early_log.clear()
+
+    # -- the run ---------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Start everything, wait until ready, supervise until stopped; the exit code."""
+        loop = asyncio.get_running_loop()
+        stop_signals = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if self.hangup_stops else [])
+        for sig in stop_signals:
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        try:
+            self._prepare()
+            self._write_state()
+            if await self._start_nats():
+                for child in self.services.values():
+                    self._spawn(child)
+                self._write_state()
+                self._start_logging()
+                self.log("info", "fabric starting", nats_url=self.nats_url, services=list(self.services),
+                         state_dir=str(self.state_dir.path))
+                ready = asyncio.create_task(self._wait_ready())
+                poll = asyncio.create_task(self._poll_children())
+                await self._stop.wait()
+                ready.cancel()
+                poll.cancel()
+                await asyncio.gather(ready, poll, return_exceptions=True)
+            else:
+                self._start_logging()
+        except Exception:
+            if self._log is None:
+                self._start_logging()
+            self.log("exception", "supervisor failed")
+            self.exit_code = 1
+        try:
+            # the stop signals stay handled (a second SIGTERM must not kill the
+            # supervisor half-way through stopping its children)
+            return await self._shutdown(self.exit_code)
+        finally:
+            for sig in stop_signals + [signal.SIGCHLD]:
+                loop.remove_signal_handler(sig)
+
+    def _prepare(self) -> None:
+        cfg = self.config
+        state = self.state_dir
+        state.ensure()
+        state.take_stop_request()  # a leftover from a previous run must not set our grace
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        # the children import fabric and services from where this fabric comes from
+        root = str(Path(__file__).resolve().parent.parent)
+        paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if root not in paths:
+            env["PYTHONPATH"] = os.pathsep.join([root] + paths)
+        env.pop("FABRIC_NATS_URL", None)  # the command line says which NATS
+        names: list[str] = []
+        if cfg.external_nats_url is None:
+            from .nats_server import server_command, write_config
+
+            assert cfg.nats_binary is not None
+            conf = write_config(state, host=cfg.host, port=cfg.port, node=cfg.node)
+            names.append("nats-server")
+            self.nats = Child("nats-server", server_command(cfg.nats_binary, conf), state.log_file("nats-server"), env)
+        for name, module in cfg.services.items():
+            cmd = [cfg.python, "-m", module, "--nats-url", self.nats_url, "--node", cfg.node,
+                   "--state-dir", str(state.path)]
+            self.services[name] = Child(name, cmd, state.log_file(name), env)
+            names.append(name)
+        for name in names:
+            _rotate(state.log_file(name))
+
+    async def _start_nats(self) -> bool:
+        """Start the embedded server and wait until it accepts connections."""
+        if self.nats is None:
+            return True
+        for stale in self.state_dir.nats_dir.glob("*.ports"):
+            stale.unlink(missing_ok=True)
+        try:
+            self.nats.spawn()
+        except OSError as exc:
+            self._fail(f"cannot start {self.nats.command[0]}: {exc.strerror or exc}", ["nats-server"])
+            return False
+        self.state.nats = self.nats.record
+        assert self.nats.proc is not None
+        # the server writes this file once it listens: proof that *our* server
+        # took the port (a TCP probe would also succeed against a squatter)
+        ports_file = self.state_dir.nats_dir / f"{Path(self.nats.command[0]).name}_{self.nats.proc.pid}.ports"
+        deadline = time.monotonic() + min(self.config.ready_timeout, 10.0)
+        while time.monotonic() < deadline and not self._stop.is_set():
+            proc = self.nats.proc
+            assert proc is not None
+            if proc.poll() is not None:
+                tail = self.state_dir.tail("nats-server", 40)
+                if "address already in use" in tail:
+                    error = (f"port {self.config.port} on {self.config.host} is already in use: "
+                             "pass --nats-port 0 to pick a free port, or --nats-url to join the NATS there")
+                else:
+                    error = f"nats-server exited ({_describe_exit(proc.returncode)}) before it accepted connections"
+                self._fail(error, ["nats-server"])
+                return False
+            if ports_file.exists():
+                self.log("info", "nats-server listening", pid=proc.pid, url=self.nats_url)
+                return True
+            await asyncio.sleep(0.005)
+        if not self._stop.is_set():
+            self._fail("nats-server did not accept connections in time", ["nats-server"])
+        return False
+
+    def _spawn(self, child: Child) -> None:
+        child.restart_handle = None
+        try:
+            child.spawn()
+        except OSError as exc:  # the executable vanished, fd exhaustion...: try again later
+            self.log("error", "spawn failed", child=child.name, error=str(exc))
+            self._schedule_restart(child)
+            return
+        if child is self.nats:
+            self.state.nats = child.record
+        else:
+            self.state.services[child.name] = child.record
+
+    # -- readiness -----------------------------------------------------------------
+
+    async def _wait_ready(self) -> None:
+        try:
+            await self._probe_until_ready()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must not leave the fabric "starting" forever
+            self.log("exception", "readiness check crashed")
+            self._fail(f"readiness check crashed: {type(exc).__name__}: {exc}", [])
+
+    async def _probe_until_ready(self) -> None:
+        import nats
+
+        t_end = self.state.started_at + self.config.ready_timeout
+        nc = None
+        try:
+            while nc is None:
+                try:
+                    nc = await nats.connect(
+                        self.nats_url, name=f"fabric-supervisor@{self.config.node}", connect_timeout=1,
+                        allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.1,
+                        error_cb=self._on_nats_error,
+                    )
+                except Exception as exc:
+                    if time.time() > t_end:
+                        self._fail(f"cannot connect to NATS at {self.nats_url}: {exc}",
+                                   ["nats-server"] if self.nats else [])
+                        return
+                    await asyncio.sleep(0.02)
+            missing = await probe_services(
+                nc, self.config.node, lambda: {n: c.pid for n, c in self.services.items()},
+                timeout=max(0.0, t_end - time.time()),
+            )
+        finally:
+            if nc is not None:
+                await nc.close()
+        if missing:
+            self._fail("not ready within %.1f s: %s" % (self.config.ready_timeout, ", ".join(missing)), missing)
+            return
+        self.state.phase = "ready"
+        self.state.ready_at = time.time()
+        self._write_state()
+        self.log("info", "fabric ready", seconds=round(self.state.ready_at - self.state.started_at, 3),
+                 nats_url=self.nats_url)
+        if self.on_ready is not None:
+            self.on_ready(self.state)
+
+    async def _on_nats_error(self, exc: Exception) -> None:
+        self.log("debug", "nats error", error=f"{type(exc).__name__}: {exc}")
+
+    def _fail(self, error: str, failing: list[str]) -> None:
+        self.state.phase = "failed"
+        self.state.error = error
+        self._write_state()
+        self.log("error", "fabric failed to start", error=error, failing=failing)
+        self.exit_code = 1
+        if self.on_failed is not None:
+            self.on_failed(self.state, failing)
+        self._stop.set()
+
+    # -- watching children -----------------------------------------------------------
+
+    def _reap(self) -> None:
+        """SIGCHLD: collect every child that exited and schedule its restart."""
+        changed = False
+        for child in self._children():
+            if child.proc is None or child.proc.returncode is not None:
+                continue
+            code = child.proc.poll()
+            if code is None:
+                continue
+            uptime = time.monotonic() - child.started_mono
+            child.record.pid = None
+            changed = True
+            if self.stopping:
+                continue  # _terminate reports it
+            if uptime >= BACKOFF_RESET_AFTER_S:
+                child.backoff = BACKOFF_INITIAL_S
+            self.log("warning", "child exited", child=child.name, pid=child.proc.pid, status=_describe_exit(code),
+                     uptime_s=round(uptime, 3), log=str(child.log_path))
+            self._schedule_restart(child)
+        if changed:
+            self._write_state()
+
+    def _schedule_restart(self, child: Child) -> None:
+        if self.stopping:
+            return
+        delay = child.backoff
+        child.backoff = min(child.backoff * 2, BACKOFF_MAX_S)
+        child.record.restarts += 1
+        self.log("warning", "restarting child", child=child.name, delay_s=delay, restarts=child.record.restarts)
+        child.restart_handle = asyncio.get_running_loop().call_later(delay, self._restart, child)
+
+    def _restart(self, child: Child) -> None:
+        if self.stopping:
+            return
+        self._spawn(child)
+        if child.proc is not None and child.pid is not None:
+            self.log("info", "child restarted", child=child.name, pid=child.pid, restarts=child.record.restarts)
+        self._write_state()
+
+    async def _poll_children(self) -> None:
+        # SIGCHLD does the work; this only covers a signal lost in a race
+        while True:
+            await asyncio.sleep(1.0)
+            self._reap()
+
+    def _children(self) -> list[Child]:
+        return list(self.services.values()) + ([self.nats] if self.nats is not None else [])
+
+    # -- stopping ---------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to stop the fabric (what SIGTERM does)."""
+        self._stop.set()
+
+    def _on_stop_signal(self, sig: int) -> None:
+        if not self._stop.is_set():
+            self.log("info", "stop requested", signal=signal.Signals(sig).name)
+        self._stop.set()
+
+    async def _shutdown(self, code: int) -> int:
+        self.stopping = True
+        if self.state.phase != "failed":
+            self.state.phase = "stopping"
+        self._write_state()
+        for child in self._children():
+            if child.restart_handle is not None:
+                child.restart_handle.cancel()
+        grace = self.state_dir.take_stop_request()
+        grace = self.config.grace if grace is None else grace
+        services = list(self.services.values())
+        await _terminate(services, grace, self.log)
+        if self.nats is not None:
+            await _terminate([self.nats], NATS_STOP_TIMEOUT_S, self.log)
+        for child in self._children():
+            child.record.pid = None
+        if self.state.phase != "failed":
+            self.state.phase = "stopped"
+        self.state.stopped_at = time.time()
+        self._write_state()
+        self.log("info", "fabric stopped", exit_code=code)
+        return code
+
+    def _write_state(self) -> None:
+        try:
+            self.state_dir.write(self.state)
+        except OSError as exc:  # a full disk must not take the fabric down
+            self.log("error", "cannot write the state file", error=str(exc))
+
+
+async def _terminate(children: list[Child], grace: float, log: Callable[..., None]) -> None:
+    """SIGTERM, wait up to *grace* seconds, SIGKILL whatever is left, reap all."""
+    procs = {c.name: c.proc for c in children if c.proc is not None and c.returncode_or_none() is None}
+    running = [c for c in children if c.name in procs]
+    for child in running:
+        child.signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while running and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+        running = [c for c in running if c.proc is not None and c.proc.poll() is None]
+    for child in running:
+        log("warning", "child did not stop in time, killing it", child=child.name, pid=child.pid, grace_s=grace)
+        child.signal(signal.SIGKILL)
+    for child in running:
+        assert child.proc is not None
+        try:
+            child.proc.wait(2.0)
+        except subprocess.TimeoutExpired:  # unkillable (D state): nothing more to do
+            log("error", "child survived SIGKILL", child=child.name, pid=child.proc.pid)
+    for name, proc in procs.items():
+        if proc.returncode is not None:
+            log("info", "child stopped", child=name, pid=proc.pid, status=_describe_exit(proc.returncode))
+
+
+def _rotate(log: Path) -> None:
+    """Keep the previous run's log as ``<name>.log.1``; each run starts a fresh log."""
+    try:
+        os.replace(log, log.with_name(log.name + ".1"))
+    except FileNotFoundError:
+        pass
+
+
+# -- ADR-32 discovery (used for readiness here and by ``fabric status``) -------------
+
+
+async def collect_replies(nc: Any, subjects: list[str], *, window: float,
+                          done: Callable[[list[Any]], bool] | None = None) -> list[Any]:
+    """Publish an empty request to each subject and gather every JSON reply for *window* s.
+
+    One reply inbox takes all the answers (any number of service instances may
+    answer); it returns early once *done* says so.
+    """
+    replies: list[Any] = []
+    finished = asyncio.Event()
+
+    async def on_reply(msg: Any) -> None:
+        try:
+            replies.append(json.loads(msg.data))
+        except ValueError:
+            return
+        if done is not None and done(replies):
+            finished.set()
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=on_reply)
+    try:
+        for subject in subjects:
+            await nc.publish(subject, b"", reply=inbox)
+        await nc.flush()
+        try:
+            await asyncio.wait_for(finished.wait(), window)
+        except asyncio.TimeoutError:
+            pass
+    finally:
+        await sub.unsubscribe()
+    return replies
+
+
+async def probe_services(nc: Any, node: str, expected: Callable[[], dict[str, int | None]], *,
+                         timeout: float) -> list[str]:
+    """Ping ``$SRV.PING.<name>`` until each expected service answers from *node*.
+
+    *expected* gives the current pid of each service (it changes when one is
+    restarted); a reply whose metadata names another pid is an older or foreign
+    instance and does not count.  Returns the names still missing at *timeout*.
+    """
+    found: set[str] = set()
+    deadline = time.monotonic() + timeout
+
+    def check(reply: Any) -> None:
+        if not isinstance(reply, dict):
+            return
+        name = reply.get("name")
+        meta = reply.get("metadata") or {}
+        pids = expected()
+        if name not in pids or meta.get("node") != node:
+            return
+        pid = meta.get("pid")
+        if pid is not None and str(pid) != str(pids[name]):
+            return
+        found.add(name)
+
+    inbox = nc.new_inbox()
+    arrived = asyncio.Event()
+
+    async def on_reply(msg: Any) -> None:
+        try:
+            check(json.loads(msg.data))
+        except ValueError:
+            return
+        arrived.set()
+
+    sub = await nc.subscribe(inbox, cb=on_reply)
+    try:
+        while True:
+            missing = [n for n in expected() if n not in found]
+            if not missing:
+                return []
+            now = time.monotonic()
+            if now >= deadline:
+                return missing
+            for name in missing:
+                await nc.publish(f"$SRV.PING.{name}", b"", reply=inbox)
+            arrived.clear()
+            try:
+                await asyncio.wait_for(arrived.wait(), min(PING_INTERVAL_S, deadline - now))
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        try:
+            await sub.unsubscribe()
+        except Exception:
+            pass

@@ -1,0 +1,324 @@
+"""``fabric up / status / req / down`` as a user runs them: real processes, no mocks.
+
+One fabric (embedded nats-server on a free port, the real allocator) is started
+with ``fabric up -d`` for the module; the tests query it, kill its allocator
+with SIGKILL and watch the supervisor bring it back, and finally stop it with
+``fabric down`` and check, by pid, that nothing it started is left.  Around it:
+a second fabric side by side, ``up`` on a running state directory, a port in
+use, a service that never gets ready, ``down`` with nothing running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import psutil
+import pytest
+
+from tests._nats import env_with_repo
+
+pytestmark = pytest.mark.slow
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = env_with_repo()
+    for name in ("FABRIC_NATS_URL", "FABRIC_STATE_DIR", "FABRIC_NODE"):
+        env.pop(name, None)
+    env["FABRIC_MEM_CAPACITY"] = str(16 << 20)  # keep each test arena small
+    env.update(extra)
+    return env
+
+
+def fabric(command: str, state_dir: Path, *args: str, env: dict[str, str] | None = None,
+           input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m fabric.cli COMMAND --state-dir DIR ARGS...`` and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "fabric.cli", command, "--state-dir", str(state_dir), *args],
+        env=env or _env(), input=input, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def read_state(state_dir: Path) -> dict[str, Any]:
+    return json.loads((state_dir / "state.json").read_text())
+
+
+def listed_pids(state: dict[str, Any]) -> dict[str, int]:
+    pids = {"supervisor": state["supervisor_pid"]}
+    if state.get("nats") and state["nats"]["pid"]:
+        pids["nats-server"] = state["nats"]["pid"]
+    pids.update({name: rec["pid"] for name, rec in state["services"].items() if rec["pid"]})
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def processes_using(state_dir: Path) -> list[psutil.Process]:
+    """Live processes whose command line names *state_dir* (what a fabric there started)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and str(state_dir) in " ".join(proc.info["cmdline"] or []):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def wait_until_gone(state_dir: Path, timeout: float = 5.0) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while (left := processes_using(state_dir)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def cleanup(state_dir: Path) -> None:
+    """Stop whatever a test left running there and drop its arena's shared memory."""
+    fabric("down", state_dir, "--grace", "2")
+    for proc in processes_using(state_dir):
+        proc.kill()
+    for ident in (state_dir / "allocator").glob("*.json"):
+        prefix = json.loads(ident.read_text()).get("prefix")
+        if prefix:
+            for seg in Path("/dev/shm").glob(prefix + "*"):
+                seg.unlink(missing_ok=True)
+
+
+def status_json(state_dir: Path, *args: str) -> tuple[int, dict[str, Any]]:
+    res = fabric("status", state_dir, "--json", *args)
+    return res.returncode, json.loads(res.stdout)
+
+
+@pytest.fixture(scope="module")
+def needs_allocator() -> None:
+    pytest.importorskip("services.allocator", reason="the allocator (and its Cython arena) is not built")
+
+
+@pytest.fixture(scope="module")
+def running(needs_allocator: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    state_dir = tmp_path_factory.mktemp("fabric-a")
+    res = fabric("up", state_dir, "-d", "--nats-port", "0", "--timeout", "30")
+    try:
+        assert res.returncode == 0, res.stdout + res.stderr
+        yield state_dir, res.stdout
+    finally:
+        cleanup(state_dir)
+
+
+# -- the main flow, in order -------------------------------------------------------------
+
+
+def test_up_detached_reports_ready(running: tuple[Path, str]) -> None:
+    state_dir, stdout = running
+    state = read_state(state_dir)
+    assert state["phase"] == "ready"
+    assert state["embedded_nats"] is True
+    assert state["port"] != 4222 and state["nats_url"] == f"nats://127.0.0.1:{state['port']}"
+    assert set(state["services"]) == {"allocator"}
+    assert all(alive(pid) for pid in listed_pids(state).values())
+    # what the user is told: where NATS is, how another machine joins, where the logs are
+    ready = re.search(r"fabric ready in ([0-9.]+) s", stdout)
+    assert ready, stdout
+    print(f"time to ready: {ready.group(1)} s")
+    assert float(ready.group(1)) < 10
+    assert state["nats_url"] in stdout
+    assert f"fabric up --nats-url nats://" in stdout and f":{state['port']}" in stdout
+    assert str(state_dir / "logs") in stdout
+    assert (state_dir / "logs" / "allocator.log").exists()
+    assert (state_dir / "logs" / "nats-server.log").exists()
+    conf = (state_dir / "nats" / "nats.conf").read_text()
+    assert f"max_payload: {8 * 1024 * 1024}" in conf and str(state_dir / "nats" / "jetstream") in conf
+
+
+def test_status_json_lists_the_allocator_on_this_node(running: tuple[Path, str]) -> None:
+    state_dir, _ = running
+    state = read_state(state_dir)
+    code, doc = status_json(state_dir)
+    assert code == 0, doc
+    assert doc["nats_url"] == state["nats_url"] and doc["ok"] is True and doc["missing"] == []
+    [svc] = [s for s in doc["services"] if s["name"] == "allocator"]
+    assert svc["node"] == state["node"]
+    assert svc["pid"] == state["services"]["allocator"]["pid"]
+    assert svc["version"] and svc["id"] and svc["uptime_s"] is not None
+    assert {"alloc", "free", "read", "write"} <= {ep["name"] for ep in svc["endpoints"]}
+
+
+def test_status_table(running: tuple[Path, str]) -> None:
+    state_dir, _ = running
+    res = fabric("status", state_dir)
+    assert res.returncode == 0, res.stderr
+    for word in ("service", "node", "uptime", "avg latency", "allocator", read_state(state_dir)["node"]):
+        assert word in res.stdout
+
+
+def test_status_missing_service_exits_nonzero(running: tuple[Path, str]) -> None:
+    state_dir, _ = running
+    code, doc = status_json(state_dir, "--node", "no-such-node")
+    assert code == 1 and doc["missing"] == ["allocator"]
+
+
+def test_req_ping(running: tuple[Path, str]) -> None:
+    state_dir, _ = running
+    res = fabric("req", state_dir, "$SRV.PING.allocator")
+    assert res.returncode == 0, res.stderr
+    reply = json.loads(res.stdout)
+    assert reply["name"] == "allocator" and reply["metadata"]["node"] == read_state(state_dir)["node"]
+
+
+def test_req_json_and_msgpack_from_stdin(running: tuple[Path, str]) -> None:
+    state_dir, _ = running
+    node = read_state(state_dir)["node"]
+    as_json = fabric("req", state_dir, f"fabric.mem.{node}.info", "-", input="{}")
+    assert as_json.returncode == 0, as_json.stderr
+    as_msgpack = fabric("req", state_dir, "--msgpack", "--show-headers", f"fabric.mem.{node}.info", "{}")
+    assert as_msgpack.returncode == 0, as_msgpack.stderr
+    assert "Content-Type: application/msgpack" in as_msgpack.stderr
+    assert json.loads(as_json.stdout).keys() == json.loads(as_msgpack.stdout).keys()
+
+
+def test_req_error_reply(running: tuple[Path, str]) -> None:
+    state_dir, _ = running
+    node = read_state(state_dir)["node"]
+    res = fabric("req", state_dir, f"fabric.mem.{node}.alloc", '{"size": "lots"}', "--header", "Fabric-Request-Id: t1")
+    assert res.returncode == 1
+    assert res.stderr.startswith("error 400: "), res.stderr
+    assert res.stdout == ""
+
+
+def test_req_no_responders(running: tuple[Path, str]) -> None:
+    state_dir, _ = running
+    res = fabric("req", state_dir, "fabric.nobody.listens.here", "{}")
+    assert res.returncode == 1
+    assert "no responders on fabric.nobody.listens.here" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_up_on_a_running_state_dir_is_refused(running: tuple[Path, str]) -> None:
+    state_dir, _ = running
+    before = read_state(state_dir)
+    res = fabric("up", state_dir, "-d", "--nats-port", "0")
+    assert res.returncode == 1
+    assert "already running" in res.stderr and str(before["supervisor_pid"]) in res.stderr
+    assert "Traceback" not in res.stderr
+    assert read_state(state_dir)["supervisor_pid"] == before["supervisor_pid"]
+
+
+def test_killed_service_is_restarted(running: tuple[Path, str]) -> None:
+    state_dir, _ = running
+    old = read_state(state_dir)["services"]["allocator"]["pid"]
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    new = None
+    while time.monotonic() < deadline:
+        pid = read_state(state_dir)["services"]["allocator"]["pid"]
+        if pid and pid != old:
+            code, doc = status_json(state_dir)
+            if code == 0 and any(s["name"] == "allocator" and s["pid"] == pid for s in doc["services"]):
+                new = pid
+                break
+        time.sleep(0.1)
+    assert new is not None, "the allocator did not come back"
+    assert read_state(state_dir)["services"]["allocator"]["restarts"] >= 1
+    events = [json.loads(line) for line in (state_dir / "logs" / "supervisor.log").read_text().splitlines()
+              if line.startswith("{")]
+    exited = [e for e in events if e["event"] == "child exited" and e.get("pid") == old]
+    assert exited and exited[0]["status"] == "killed by SIGKILL"
+    assert any(e["event"] == "restarting child" and e["child"] == "allocator" and e["delay_s"] == 0.1 for e in events)
+    assert any(e["event"] == "child restarted" and e.get("pid") == new for e in events)
+
+
+def test_down_stops_everything(running: tuple[Path, str]) -> None:
+    state_dir, _ = running
+    pids = listed_pids(read_state(state_dir))
+    assert set(pids) == {"supervisor", "nats-server", "allocator"}
+    res = fabric("down", state_dir)
+    assert res.returncode == 0, res.stderr
+    assert "fabric stopped" in res.stdout
+    assert [name for name, pid in pids.items() if alive(pid)] == []
+    assert wait_until_gone(state_dir, 1.0) == []
+    assert read_state(state_dir)["phase"] == "stopped"
+    # the services drained on SIGTERM rather than being killed
+    assert "signal received, draining" in (state_dir / "logs" / "allocator.log").read_text()
+
+
+# -- around it --------------------------------------------------------------------------
+
+
+def test_two_fabrics_side_by_side(needs_allocator: None, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    try:
+        ra = fabric("up", a, "-d", "--nats-port", "0", "--node", "node-a")
+        rb = fabric("up", b, "-d", "--nats-port", "0", "--node", "node-b")
+        assert ra.returncode == 0 and rb.returncode == 0, ra.stderr + rb.stderr
+        sa, sb = read_state(a), read_state(b)
+        assert sa["nats_url"] != sb["nats_url"]
+        for state_dir, node in ((a, "node-a"), (b, "node-b")):
+            code, doc = status_json(state_dir)
+            assert code == 0
+            assert [(s["name"], s["node"]) for s in doc["services"]] == [("allocator", node)]
+        pids = list(listed_pids(sa).values()) + list(listed_pids(sb).values())
+        assert fabric("down", a).returncode == 0
+        assert all(alive(pid) for pid in listed_pids(sb).values()), "stopping a touched b"
+        assert fabric("down", b).returncode == 0
+        assert [pid for pid in pids if alive(pid)] == []
+    finally:
+        cleanup(a)
+        cleanup(b)
+
+
+def test_down_when_nothing_runs(tmp_path: Path) -> None:
+    res = fabric("down", tmp_path)
+    assert res.returncode == 0
+    assert "no fabric is running" in res.stdout
+
+
+def test_status_when_nothing_runs(tmp_path: Path) -> None:
+    res = fabric("status", tmp_path)
+    assert res.returncode == 1
+    assert "no fabric is running" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        res = fabric("up", tmp_path, "-d", "--nats-port", str(port))
+    assert res.returncode == 1
+    assert f"port {port} on 127.0.0.1 is already in use" in res.stderr
+    assert "--nats-port 0" in res.stderr and "Traceback" not in res.stderr
+    assert processes_using(tmp_path) == []
+
+
+def test_service_that_never_gets_ready(tmp_path: Path) -> None:
+    # json.tool rejects the service arguments and exits: the supervisor restarts
+    # it with backoff until the timeout, then gives up and stops everything
+    env = _env(FABRIC_SERVICE_MODULES=json.dumps({"allocator": "json.tool"}))
+    t0 = time.monotonic()
+    res = fabric("up", tmp_path, "-d", "--nats-port", "0", "--timeout", "1", env=env)
+    assert res.returncode == 1
+    assert time.monotonic() - t0 < 10
+    assert "not ready within 1.0 s: allocator" in res.stderr
+    assert "allocator.log" in res.stderr and "json.tool: error" in res.stderr  # the log's tail
+    assert read_state(tmp_path)["phase"] == "failed"
+    assert wait_until_gone(tmp_path) == []
+
+
+def test_unknown_service_and_bad_node(tmp_path: Path) -> None:
+    res = fabric("up", tmp_path, "--services", "allocator,teleporter")
+    assert res.returncode == 1 and "unknown service(s): teleporter" in res.stderr
+    res = fabric("up", tmp_path, "--node", "a.b")
+    assert res.returncode == 1 and "invalid node name" in res.stderr
