@@ -1,0 +1,102 @@
+"""End to end under ``fabric up``: a Node.js client, and kill -9 of the allocator.
+
+One detached fabric (embedded nats-server + allocator, started exactly as a user
+does) serves the module; ``fabric down`` in teardown must leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+import pytest
+
+from fabric import FabricClient
+from tests._nats import env_with_repo
+
+REPO = Path(__file__).resolve().parent.parent
+NODE_DIR = REPO / "tests" / "node"
+
+
+def fabric(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fabric.cli", *args], capture_output=True, text=True,
+                          env=env_with_repo(), timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    state_dir = tmp_path_factory.mktemp("fabric-up")
+    out = fabric("up", "-d", "--nats-port", "0", "--state-dir", str(state_dir))
+    assert out.returncode == 0, out.stdout + out.stderr
+    state = json.loads((state_dir / "state.json").read_text())
+    state["state_dir"] = str(state_dir)
+    yield state
+    down = fabric("down", "--state-dir", str(state_dir))
+    assert down.returncode == 0, down.stdout + down.stderr
+    prefix = json.loads((state_dir / "allocator" / f"{state['node']}.json").read_text())["prefix"]
+    from fabric_ext.arena import Arena
+
+    Arena(prefix, 1 << 30).destroy()
+
+
+def test_node_js_client_speaks_the_json_protocol(up):
+    node = shutil.which("node")
+    if node is None or not (NODE_DIR / "node_modules" / "@nats-io" / "transport-node").exists():
+        pytest.fail("Node.js client not installed: scripts/test.sh runs `npm ci` in tests/node")
+    out = subprocess.run([node, str(NODE_DIR / "mem_client.mjs"), up["nats_url"]], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["ok"] is True and seen["node"] == up["node"]
+    assert seen["read"] == "hello from node.js"
+    assert seen["double_free"]["code"] == 409 and seen["double_free"]["kind"] == "double_free"
+    assert seen["bad_request"]["code"] == 400
+
+
+def allocator_pid(state_dir: str) -> int | None:
+    st = json.loads((Path(state_dir) / "state.json").read_text())
+    return st["services"]["allocator"]["pid"]
+
+
+def test_kill_9_allocator_under_fabric_up_keeps_every_handle(up):
+    url = up["nats_url"]
+    with FabricClient(url, local=False) as fc:
+        blocks = []
+        for size in (0, 1, 1000, 65536, 3 << 20):
+            buf = fc.rmalloc(size)
+            data = os.urandom(size)
+            if size:
+                fc.rwrite(buf, data)
+            blocks.append((buf, data))
+        ro = fc.rshare(blocks[2][0])
+
+        old = allocator_pid(up["state_dir"])
+        assert old and psutil.pid_exists(old)
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:
+            new = allocator_pid(up["state_dir"])
+            if new and new != old:
+                try:
+                    fc.meminfo(up["node"])
+                    break
+                except Exception:
+                    pass
+            assert time.monotonic() < deadline, "allocator was not restarted"
+            time.sleep(0.05)
+
+        for buf, data in blocks:
+            assert fc.rread(buf) == data
+        assert fc.rread(ro) == blocks[2][1]
+        for buf, _ in blocks:
+            fc.rfree(buf)
+    log = (Path(up["state_dir"]) / "logs" / "supervisor.log").read_text()
+    assert "restart" in log
