@@ -49,7 +49,7 @@ from .errors import (
     Unavailable,
     error_from_wire,
 )
-from .handles import HandleParts, parse
+from .handles import HandleParts, parse_cached as parse
 from .schema import (
     JSON,
     AllocReply,
@@ -71,7 +71,9 @@ __all__ = ["AsyncFabricClient", "FabricClient", "RemoteBuffer", "AsyncRemoteBuff
 
 T = TypeVar("T")
 TO_END = 2**64 - 1
-FRAME_HEADERS = {CONTENT_TYPE_HEADER: FRAME_CONTENT_TYPE}
+# Frames are recognised by their magic, so requests need no Content-Type header: a
+# header-less request is a plain PUB, cheaper for nats-py and the server alike.
+FRAME_HEADERS = None
 # room left in a message for the frame header, the item table and NATS headers
 FRAME_OVERHEAD = 4096
 

@@ -59,16 +59,34 @@ def parse(token: str) -> HandleParts:
         raise UnknownHandle(f"malformed handle {token[:80]!r}") from None
 
 
+_PARSED: dict[str, HandleParts] = {}
+_CACHE_MAX = 65536
+
+
+def parse_cached(token: str) -> HandleParts:
+    """:func:`parse` with a bounded memo: hot paths see the same few handles again and again."""
+    h = _PARSED.get(token)
+    if h is None:
+        h = parse(token)
+        if len(_PARSED) >= _CACHE_MAX:
+            _PARSED.clear()  # crude but bounded; refilling costs one parse per handle
+        _PARSED[token] = h
+    return h
+
+
 class HandleSigner:
     """Mints and verifies handles with one node's secret key (allocator side only)."""
 
-    __slots__ = ("_key", "node")
+    __slots__ = ("_key", "node", "_verified")
 
     def __init__(self, node: str, key: bytes) -> None:
         if len(key) < 16:
             raise ValueError("handle key must be at least 16 bytes")
         self.node = node
         self._key = key
+        # token -> parts of handles whose MAC already checked out: a token is immutable
+        # and the key never changes, so the answer cannot change either
+        self._verified: dict[str, HandleParts] = {}
 
     def _mac(self, seg: int, off: int, gen: int, perm: str) -> str:
         msg = f"{VERSION}:{self.node}:{seg}:{off}:{gen}:{perm}".encode()
@@ -79,9 +97,15 @@ class HandleSigner:
 
     def verify(self, token: str) -> HandleParts:
         """Parse *token* and check its MAC and node; raises :class:`UnknownHandle`."""
+        h = self._verified.get(token)
+        if h is not None:
+            return h
         h = parse(token)
         if h.node != self.node:
             raise UnknownHandle(f"handle belongs to node {h.node!r}, this is {self.node!r}")
         if not hmac.compare_digest(h.mac, self._mac(h.seg, h.off, h.gen, h.perm)):
             raise UnknownHandle("unknown or forged handle")
+        if len(self._verified) >= _CACHE_MAX:
+            self._verified.clear()
+        self._verified[token] = h
         return h

@@ -49,6 +49,7 @@ from .subjects import QUEUE_GROUP, sanitize_node_name, valid_node_name
 __all__ = ["FabricService", "Request", "Reply", "Endpoint", "ServiceSettings", "main"]
 
 REQUEST_ID_HEADER = "Fabric-Request-Id"
+FRAME_MAGIC = b"FBF1"  # fabric_ext.wire.MAGIC, spelled here so the kit needs no extension
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,8 @@ class Request:
         self.headers = headers
         self.data = data
         ctype = headers.get(CONTENT_TYPE_HEADER) if headers else None
-        self.is_frame = ctype == FRAME_CONTENT_TYPE
+        # a frame announces itself by its magic; the header is optional
+        self.is_frame = ctype == FRAME_CONTENT_TYPE or (ctype is None and data[:4] == FRAME_MAGIC)
         self.codec: Codec = MSGPACK if ctype == MSGPACK_CONTENT_TYPE else JSON
         self.request_id = headers.get(REQUEST_ID_HEADER, "") if headers else ""
 

@@ -58,7 +58,9 @@ from .identity import load_or_create
 
 #: frames use this length to mean "to the end of the block"
 TO_END = 2**64 - 1
-FRAME_HEADERS = {CONTENT_TYPE_HEADER: FRAME_CONTENT_TYPE}
+# Success frames carry no headers: the magic says what they are, and a header-less
+# reply is cheaper on both ends.  Error replies always carry the ADR-32 headers.
+FRAME_HEADERS = None
 
 
 def boot_id() -> str:
