@@ -5,7 +5,7 @@ Build switches (environment variables, read at build time):
 * ``FABRIC_DEBUG=1``    -- compile with ``-O0 -g``, define the ``FABRIC_DEBUG`` C macro
   (extra internal consistency checks) and turn on Cython's bounds/wraparound checks.
 * ``FABRIC_SANITIZE=1`` -- compile and link with AddressSanitizer and UBSan.  Run the
-  tests with ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)`` (see tests/run_sanitized.sh).
+  tests with ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)`` (see tests/sanitize.sh).
 """
 
 from __future__ import annotations

