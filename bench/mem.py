@@ -23,7 +23,6 @@ Like for like:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform

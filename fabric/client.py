@@ -38,6 +38,8 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
 
+from fabric_ext import wire
+
 from . import subjects
 from .errors import (
     ERROR_CODE_HEADER,
@@ -63,8 +65,6 @@ from .schema import (
     ShareReply,
     StatReply,
     AttachReply,
-    CONTENT_TYPE_HEADER,
-    FRAME_CONTENT_TYPE,
 )
 
 __all__ = ["AsyncFabricClient", "FabricClient", "RemoteBuffer", "AsyncRemoteBuffer"]
@@ -345,8 +345,6 @@ class AsyncFabricClient:
     # -- frames ----------------------------------------------------------------
 
     async def _read_frame(self, node: str, items: Sequence[tuple[str, int, int]], batch: bool = False) -> list[Any]:
-        from fabric_ext import wire
-
         frame = wire.encode(wire.KIND_READ, [(t, o, n, 0) for t, o, n in items])
         reply = await self.request(self._mem(node, "read"), frame, FRAME_HEADERS)
         got = wire.decode(reply.data)
@@ -358,8 +356,6 @@ class AsyncFabricClient:
         return out
 
     async def _write_frame(self, node: str, items: Sequence[tuple[str, int, memoryview]], batch: bool = False) -> Any:
-        from fabric_ext import wire
-
         frame = wire.encode(wire.KIND_WRITE, [(t, o, len(d), 0) for t, o, d in items], [d for _t, _o, d in items])
         reply = await self.request(self._mem(node, "write"), frame, FRAME_HEADERS)
         got = wire.decode(reply.data)

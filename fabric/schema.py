@@ -15,7 +15,7 @@ here, and docs/protocol.md documents exactly these fields.  Rules:
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final, Generic, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct

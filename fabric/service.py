@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, ClassVar, Sequence
 
-import msgspec
 import nats
 import structlog
 from nats.aio.client import Client as NATS

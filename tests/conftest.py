@@ -7,9 +7,7 @@ and passes a full consistency check.
 
 from __future__ import annotations
 
-import os
 import secrets
-from pathlib import Path
 from typing import AsyncIterator, Iterator
 
 import pytest

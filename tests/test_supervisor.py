@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import socket
-import sys
 import textwrap
 import time
 from pathlib import Path

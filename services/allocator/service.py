@@ -46,8 +46,6 @@ from fabric.schema import (
     WriteResult,
     WritevReply,
     WritevRequest,
-    FRAME_CONTENT_TYPE,
-    CONTENT_TYPE_HEADER,
     error_info,
 )
 from fabric.service import Endpoint, FabricService, Reply, Request, ServiceSettings
