@@ -16,7 +16,9 @@ Like for like:
 * ``batch_read_1k_vs_redis_pipeline``: 100 reads of 1 KiB in one ``rreadv`` vs a
   redis-py pipeline of 100 GETs (items per second).
 * ``local_read_1k_vs_redis``: the sync client's local fast path vs redis-py GET (p50).
-* ``rw_1m_vs_redis``: 1 MiB write+read through the bus (local path off) vs SET+GET.
+* ``rw_1m_vs_redis``: 1 MiB write+read through the bus (local path off) vs SET+GET;
+  ``rw_1m_local_vs_redis`` the same with the default client on the allocator's host
+  (local fast path), for information.
 * ``alloc_free_vs_bytearray``: Arena.alloc+free of 1 KiB vs ``bytearray(1024)``.
 """
 
@@ -230,6 +232,13 @@ def sync_part(url: str, redis_port: int, n: int, quick: bool) -> dict[str, Any]:
         t = timeit.repeat(lambda: fc.rwrite(buf, b"w" * KIB), number=number, repeat=5)
         res["fabric_local_write_1k_us"] = min(t) / number * 1e6
         fc.rfree(buf)
+        big = fc.rmalloc(MIB)
+        val = os.urandom(MIB)
+        fc.rwrite(big, val)
+        reps = max(20, n // 20)
+        res["fabric_local_write_1m_p50_us"] = p50(timed_loop(lambda: fc.rwrite(big, val), reps)) * 1e6
+        res["fabric_local_read_1m_p50_us"] = p50(timed_loop(lambda: fc.rread(big, MIB), reps)) * 1e6
+        fc.rfree(big)
     return res
 
 
@@ -325,6 +334,8 @@ def main() -> None:
         / results["redis_pipeline_get_1k_items_per_s"],
         "local_read_1k_vs_redis": results["redis_get_1k_p50_us"] / results["fabric_local_read_1k_us"],
         "rw_1m_vs_redis": rw_redis / rw_fabric,
+        "rw_1m_local_vs_redis": rw_redis / (results["fabric_local_write_1m_p50_us"]
+                                            + results["fabric_local_read_1m_p50_us"]),
         "alloc_free_vs_bytearray": results["bytearray_1k_ns"] / results["arena_alloc_free_1k_ns"],
         "read_1k_vs_redis_get": results["redis_get_1k_p50_us"] / results["fabric_read_1k_p50_us"],
         "write_1k_vs_redis_set": results["redis_set_1k_p50_us"] / results["fabric_write_1k_p50_us"],
