@@ -136,7 +136,7 @@ def fabric_up(state: Path) -> tuple[str, float, str]:
 
 def fabric_down(state: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    subprocess.run(fabric_cmd("down", "--state-dir", str(state)), capture_output=True, env=env, timeout=60)
+    subprocess.run(fabric_cmd("down", "--purge", "--state-dir", str(state)), capture_output=True, env=env, timeout=60)
 
 
 # -- measurements ------------------------------------------------------------------

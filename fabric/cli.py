@@ -370,8 +370,14 @@ def down(
     state_dir: StateDirOption = None,
     grace: Annotated[float, typer.Option("--grace", min=0.0,
                                          help="Seconds services get to drain before SIGKILL.")] = 10.0,
+    purge: Annotated[bool, typer.Option("--purge", help="Also release the allocator's shared memory: "
+                                        "every block and handle is gone for good.")] = False,
 ) -> None:
-    """Stop the fabric running in --state-dir: services drain, then NATS stops."""
+    """Stop the fabric running in --state-dir: services drain, then NATS stops.
+
+    Remote memory stays in shared memory, so the next `fabric up` with this state dir
+    finds every block again; --purge releases it.
+    """
     from .supervisor import NATS_STOP_TIMEOUT_S
 
     state = _state(state_dir)
@@ -383,6 +389,8 @@ def down(
             out.print(f"no supervisor was running in {state.path}; killed leftover processes: {', '.join(killed)}")
         else:
             out.print(f"no fabric is running in {state.path}")
+        if purge:
+            _purge(state.path)
         raise typer.Exit(0)
 
     pid = running.supervisor_pid
@@ -405,6 +413,16 @@ def down(
     names = ["nats-server"] if running.embedded_nats else []
     out.print(f"fabric stopped in {state.path} (node {running.node}; supervisor pid {pid}; "
               f"{', '.join(names + list(running.services)) or 'nothing else'})")
+    if purge:
+        _purge(state.path)
+
+
+def _purge(path: Path) -> None:
+    from services.allocator.identity import release_memory
+
+    released = release_memory(Path(path))
+    out.print(f"released the shared memory of {len(released)} allocator arena(s)"
+              + (f": {', '.join(released)}" if released else ""))
 
 
 def _kill_leftovers(st: FabricState) -> list[str]:

@@ -39,12 +39,12 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     state = json.loads((state_dir / "state.json").read_text())
     state["state_dir"] = str(state_dir)
     yield state
-    down = fabric("down", "--state-dir", str(state_dir))
-    assert down.returncode == 0, down.stdout + down.stderr
     prefix = json.loads((state_dir / "allocator" / f"{state['node']}.json").read_text())["prefix"]
-    from fabric_ext.arena import Arena
-
-    Arena(prefix, 1 << 30).destroy()
+    down = fabric("down", "--purge", "--state-dir", str(state_dir))
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert prefix in down.stdout
+    left = [p.name for p in Path("/dev/shm").glob(f"{prefix}.*")]
+    assert left == [], f"down --purge left shared memory behind: {left}"
 
 
 def test_node_js_client_speaks_the_json_protocol(up):

@@ -37,3 +37,24 @@ def load_or_create(state_dir: Path, node: str) -> Identity:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     return ident
+
+
+def release_memory(state_dir: Path) -> list[str]:
+    """Unlink the shared-memory segments of every allocator identity in *state_dir*.
+
+    For ``fabric down --purge``: the allocator must be stopped.  Segments otherwise
+    outlive the allocator on purpose, so a restart reattaches every block.  Returns
+    the prefixes released.
+    """
+    from fabric_ext.arena import Arena
+
+    released = []
+    for path in sorted((state_dir / "allocator").glob("*.json")):
+        try:
+            prefix = json.loads(path.read_text())["prefix"]
+        except (OSError, ValueError, KeyError):
+            continue
+        Arena(prefix, 1 << 44).destroy()
+        path.unlink()  # the next allocator starts afresh, with a new prefix and key
+        released.append(prefix)
+    return released
