@@ -19,7 +19,8 @@ from typing import Iterator
 import psutil
 import pytest
 
-from fabric import FabricClient
+from fabric import BadRequest, DoubleFree, FabricClient, StaleHandle
+from fabric.handles import parse
 from tests._nats import env_with_repo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,3 +101,55 @@ def test_kill_9_allocator_under_fabric_up_keeps_every_handle(up):
             fc.rfree(buf)
     log = (Path(up["state_dir"]) / "logs" / "supervisor.log").read_text()
     assert "restart" in log
+
+
+def test_sync_client_remote_buffer(up):
+    with FabricClient(up["nats_url"], local=False) as fc:
+        with fc.rmalloc(16) as buf:
+            assert len(buf) == 16 and str(buf) == buf.handle
+            buf[0:5] = b"hello"
+            buf[-1] = 0x21
+            assert buf[0:5] == b"hello" and buf[15] == 0x21 and buf[-1] == 0x21
+            assert buf[:] == b"hello" + bytes(10) + b"!"
+            assert buf[3:3] == b""
+            with pytest.raises(IndexError):
+                buf[16]
+            with pytest.raises(BadRequest):
+                buf[0:4] = b"too long"
+            with pytest.raises(BadRequest):
+                buf[0:4:2]
+            handle = buf.handle
+        # leaving the with-block freed it
+        with pytest.raises(DoubleFree):
+            fc.rfree(handle)
+        grown = fc.rrealloc(fc.rmalloc(4), 4096)
+        assert len(grown) == 4096 and fc.rread(grown) == bytes(4096)
+        grown.free()
+
+
+def test_sync_client_local_fast_path(up):
+    with FabricClient(up["nats_url"]) as fc:
+        buf = fc.rmalloc(1 << 16)
+        fc.rwrite(buf, b"first")  # attaches the segment
+        parts = parse(buf.handle)
+        assert fc.aio._local.view(parts) is not None, "local fast path not taken on the allocator's host"
+        fc.rwrite(buf, b"x" * 1000, offset=500)
+        assert fc.rread(buf, 1000, offset=500) == b"x" * 1000
+        with FabricClient(up["nats_url"], local=False) as remote:
+            assert remote.rread(buf.handle, 5) == b"first"
+        ro = fc.rshare(buf)
+        assert fc.rread(ro, 5) == b"first"  # read-only handles use the bus
+        fc.rfree(buf)
+        with pytest.raises(StaleHandle):
+            fc.rread(buf, 1)
+
+
+def test_example_script_runs(up):
+    env = env_with_repo()
+    env["FABRIC_NATS_URL"] = up["nats_url"]
+    out = subprocess.run([sys.executable, str(REPO / "examples" / "remote_memory.py")], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "through the read-only handle: b'hello world'" in out.stdout
+    assert "use after free -> 404 stale_handle" in out.stdout
+    assert "double free -> 409 double_free" in out.stdout
