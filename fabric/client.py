@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import logging
 import os
 import socket
 import threading
@@ -76,6 +77,23 @@ TO_END = 2**64 - 1
 FRAME_HEADERS = None
 # room left in a message for the frame header, the item table and NATS headers
 FRAME_OVERHEAD = 4096
+
+
+log = logging.getLogger("fabric.client")
+
+
+# nats-py prints a traceback for every connection error unless given callbacks: a
+# library must not write to the user's stderr, so these go to logging instead.
+async def _log_nats_error(exc: Exception) -> None:
+    log.debug("nats error: %r", exc)
+
+
+async def _log_disconnect() -> None:
+    log.info("disconnected from NATS; reconnecting")
+
+
+async def _log_reconnect() -> None:
+    log.info("reconnected to NATS")
 
 
 def _default_owner() -> str:
@@ -167,7 +185,9 @@ class AsyncFabricClient:
         if self.nc is None:
             try:
                 self.nc = await nats.connect(self.url, name=self.name, connect_timeout=self.timeout,
-                                             max_reconnect_attempts=-1, allow_reconnect=True)
+                                             max_reconnect_attempts=-1, allow_reconnect=True,
+                                             reconnect_time_wait=0.25, error_cb=_log_nats_error,
+                                             disconnected_cb=_log_disconnect, reconnected_cb=_log_reconnect)
             except Exception as exc:
                 raise Unavailable(f"cannot connect to NATS at {self.url}: {exc}") from None
         return self

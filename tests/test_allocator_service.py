@@ -332,3 +332,41 @@ async def test_unknown_node_is_unavailable(aclient, allocator):
 async def test_invalid_frame_error_class(aclient, allocator):
     with pytest.raises(InvalidFrame):
         await aclient.request(subj(allocator, "read"), b"FBF1", {"Content-Type": wire.CONTENT_TYPE})
+
+
+async def test_owner_quota_through_the_bus(nats_url, tmp_path):
+    from fabric.errors import QuotaExceeded
+    from fabric.service import ServiceSettings
+    from services.allocator import AllocatorService
+
+    svc = AllocatorService(ServiceSettings(nats_url=nats_url, node="quota-node", state_dir=tmp_path),
+                           capacity=16 << 20, quotas={"capped": 1000})
+    await svc.start()
+    try:
+        async with AsyncFabricClient(nats_url, local=False, owner="capped") as fc:
+            a = await fc.rmalloc(600, node="quota-node")
+            with pytest.raises(QuotaExceeded) as exc:
+                await fc.rmalloc(600, node="quota-node")
+            assert exc.value.code == 429 and "capped" in exc.value.message
+            free_owner = await fc.rmalloc(600, node="quota-node", owner="other")  # other owners unaffected
+            await fc.rfree(a)
+            b = await fc.rmalloc(600, node="quota-node")  # room again after the free
+            info = await fc.meminfo("quota-node")
+            assert info.owners["capped"]["quota"] == 1000 and info.owners["capped"]["in_use"] == 600
+            await fc.rfree(b)
+            await fc.rfree(free_owner)
+    finally:
+        await svc.stop()
+        from fabric_ext.arena import Arena
+
+        Arena(svc.prefix, 1 << 30).destroy()
+
+
+def test_quota_env_parsing(monkeypatch):
+    from services.allocator.service import _env_quotas
+
+    monkeypatch.setenv("FABRIC_MEM_QUOTAS", "alice=1024, bob=0")
+    assert _env_quotas("FABRIC_MEM_QUOTAS") == {"alice": 1024, "bob": 0}
+    monkeypatch.setenv("FABRIC_MEM_QUOTAS", "alice")
+    with pytest.raises(ValueError, match="owner=bytes"):
+        _env_quotas("FABRIC_MEM_QUOTAS")

@@ -83,11 +83,24 @@ def _env_bytes(name: str, default: int) -> int:
     return value
 
 
+def _env_quotas(name: str) -> dict[str, int]:
+    """``owner=bytes,owner=bytes`` (e.g. ``alice=1073741824,bob=0``; 0 = unlimited)."""
+    raw = os.environ.get(name, "").strip()
+    quotas: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        owner, sep, value = part.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise ValueError(f"{name}: expected owner=bytes, got {part!r}")
+        quotas[owner.strip()] = int(value)
+    return quotas
+
+
 class AllocatorService(FabricService):
     name = "allocator"
     description = "fabric remote memory: shared-memory arena behind rmalloc/rwrite/rread/rfree"
 
-    def __init__(self, settings: ServiceSettings, *, capacity: int | None = None) -> None:
+    def __init__(self, settings: ServiceSettings, *, capacity: int | None = None,
+                 quotas: dict[str, int] | None = None) -> None:
         super().__init__(settings)
         ident = load_or_create(Path(settings.state_dir), settings.node)
         total = psutil.virtual_memory().total
@@ -97,6 +110,9 @@ class AllocatorService(FabricService):
             self.capacity,
             default_quota=_env_bytes("FABRIC_MEM_QUOTA", 0),
         )
+        # quotas live in configuration, not in shared memory: set them on every start
+        for owner, limit in (quotas if quotas is not None else _env_quotas("FABRIC_MEM_QUOTAS")).items():
+            self.arena.set_quota(owner, limit)
         self.signer = HandleSigner(settings.node, ident.key)
         self.prefix = ident.prefix
         self.boot_id = boot_id()
