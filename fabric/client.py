@@ -313,7 +313,7 @@ class AsyncFabricClient:
         if length is not None and length > chunk:
             return await self._read_chunked(h.node, token, offset, length, chunk)
         try:
-            return (await self._read_frame(h.node, [(token, offset, TO_END if length is None else length)]))[0]
+            return (await self._read_frame(h.node, [(token, offset, TO_END if length is None else length, 0)]))[0]
         except TooLarge:
             if length is not None:
                 raise
@@ -323,18 +323,27 @@ class AsyncFabricClient:
     async def rreadv(self, items: Iterable[tuple[Any, int, int | None]], *,
                      return_exceptions: bool = False) -> list[bytes | FabricError]:
         """Read many ``(handle, offset, length)`` items in one request per node, results in order."""
-        plan = [(_token(hd), off, TO_END if n is None else n) for hd, off, n in items]
+        plan: list[tuple[str, int, int, int]] = []
         by_node: dict[str, list[int]] = {}
-        for i, (token, _o, _n) in enumerate(plan):
-            by_node.setdefault(parse(token).node, []).append(i)
-        results: list[Any] = [None] * len(plan)
+        for hd, off, n in items:
+            token = _token(hd)
+            node = parse(token).node
+            idx = by_node.get(node)
+            if idx is None:
+                idx = by_node[node] = []
+            idx.append(len(plan))
+            plan.append((token, off, TO_END if n is None else n, 0))
+        if len(by_node) == 1:  # the common case: no task per node, no reordering
+            results: list[Any] = await self._read_frame(next(iter(by_node)), plan, batch=True)
+        else:
+            results = [None] * len(plan)
 
-        async def one_node(node: str, idx: list[int]) -> None:
-            got = await self._read_frame(node, [plan[i] for i in idx], batch=True)
-            for i, value in zip(idx, got):
-                results[i] = value
+            async def one_node(node: str, idx: list[int]) -> None:
+                got = await self._read_frame(node, [plan[i] for i in idx], batch=True)
+                for i, value in zip(idx, got):
+                    results[i] = value
 
-        await asyncio.gather(*(one_node(n, idx) for n, idx in by_node.items()))
+            await asyncio.gather(*(one_node(n, idx) for n, idx in by_node.items()))
         if not return_exceptions:
             for value in results:
                 if isinstance(value, FabricError):
@@ -364,15 +373,15 @@ class AsyncFabricClient:
 
     # -- frames ----------------------------------------------------------------
 
-    async def _read_frame(self, node: str, items: Sequence[tuple[str, int, int]], batch: bool = False) -> list[Any]:
-        frame = wire.encode(wire.KIND_READ, [(t, o, n, 0) for t, o, n in items])
-        reply = await self.request(self._mem(node, "read"), frame, FRAME_HEADERS)
+    async def _read_frame(self, node: str, items: Sequence[tuple[str, int, int, int]],
+                          batch: bool = False) -> list[Any]:
+        """Items are ``(handle, offset, length, 0)``; returns bytes, or errors for failed batch items."""
+        reply = await self.request(self._mem(node, "read"), wire.encode(wire.KIND_READ, items), FRAME_HEADERS)
         got = wire.decode(reply.data)
-        out: list[Any] = []
+        out: list[Any] = got.payloads()
         for i, (_h, _o, _n, status) in enumerate(got.items):
-            out.append(error_from_wire(status, f"batch item {i} failed") if status else bytes(got.data(i)))
-        if not batch and isinstance(out[0], FabricError):
-            raise out[0]
+            if status:  # only batches get per-item statuses; a single item fails as an error reply
+                out[i] = error_from_wire(status, f"batch item {i} failed with {status}")
         return out
 
     async def _write_frame(self, node: str, items: Sequence[tuple[str, int, memoryview]], batch: bool = False) -> Any:
@@ -388,7 +397,7 @@ class AsyncFabricClient:
 
     async def _read_chunked(self, node: str, token: str, offset: int, length: int, chunk: int) -> bytes:
         spans = [(offset + i, min(chunk, length - i)) for i in range(0, length, chunk)]
-        parts = await asyncio.gather(*(self._read_frame(node, [(token, o, n)]) for o, n in spans))
+        parts = await asyncio.gather(*(self._read_frame(node, [(token, o, n, 0)]) for o, n in spans))
         return b"".join(p[0] for p in parts)
 
     # -- local fast path --------------------------------------------------------

@@ -220,6 +220,14 @@ def test_data_index_and_read_ack_views():
     assert "READ" in repr(f)
 
 
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_payloads_equals_every_data_view(name):
+    f = wire.decode(GOLDEN[name][0])
+    got = f.payloads()
+    assert got == [bytes(f.data(i)) for i in range(len(f))]
+    assert all(type(b) is bytes for b in got)
+
+
 # -- zero copy -----------------------------------------------------------------
 
 
