@@ -8,9 +8,11 @@ A service subclasses :class:`FabricService`, names itself (``name``, SemVer
 * decodes each request in the encoding it asked for (JSON by default, MessagePack
   with ``Content-Type: application/msgpack``, the binary frame for bulk endpoints)
   and encodes the reply the same way;
-* runs every request as its own task under a concurrency bound -- nats-py would
-  otherwise run one handler at a time per endpoint -- and keeps per-endpoint
-  timings of the real work, which ``$SRV.STATS`` reports;
+* runs every request of a coroutine handler as its own task under a concurrency
+  bound -- nats-py would otherwise run one handler at a time per endpoint -- and a
+  plain-function handler (CPU work that never awaits, like the allocator's) inline,
+  where a task could add no concurrency; keeps per-endpoint timings of the real
+  work, which ``$SRV.STATS`` reports;
 * turns :class:`~fabric.errors.FabricError` into the ``Nats-Service-Error`` /
   ``Nats-Service-Error-Code`` headers (plus ``Fabric-Error`` with the kind), and
   anything else into a logged 500;
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import os
 import signal
 import socket
@@ -98,7 +101,9 @@ class Reply:
     headers: dict[str, str] | None = None
 
 
-Handler = Callable[[Request], Awaitable[Any]]
+#: an endpoint handler: a coroutine function (runs as its own task), or a plain
+#: function for work that never awaits (runs inline, see FabricService._dispatcher)
+Handler = Callable[[Request], Any]
 
 
 @dataclass
@@ -115,6 +120,11 @@ class Endpoint:
     processing_ns: int = 0
     last_error: str = ""
     in_flight: int = field(default=0)
+    #: plain-function handlers run inline (see FabricService._dispatcher); coroutines get a task
+    inline: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.inline = not inspect.iscoroutinefunction(self.handler)
 
     def stats(self) -> EndpointStats:
         avg = self.processing_ns // self.num_requests if self.num_requests else 0
@@ -251,6 +261,26 @@ class FabricService:
     # -- request dispatch -------------------------------------------------------
 
     def _dispatcher(self, ep: Endpoint) -> Callable[[MicroRequest], Awaitable[None]]:
+        if ep.inline:
+            async def dispatch_inline(req: MicroRequest) -> None:
+                # A plain-function handler never awaits, so a task would buy no
+                # concurrency (one thread) and cost a loop iteration per request.
+                msg = req._msg
+                t0 = time.perf_counter_ns()
+                ep.in_flight += 1
+                request = Request(msg.subject, msg.headers, msg.data)
+                try:
+                    body, headers = self._encode_result(request, ep.handler(request))
+                except Exception as exc:
+                    body, headers = self._failure(ep, request, exc)
+                finally:
+                    ep.in_flight -= 1
+                ep.num_requests += 1
+                ep.processing_ns += time.perf_counter_ns() - t0
+                await self._reply(msg, body, headers)
+
+            return dispatch_inline
+
         async def dispatch(req: MicroRequest) -> None:
             # nats-py calls this one message at a time per subscription: hand the
             # request to its own task and return, so a slow request never blocks
@@ -271,33 +301,41 @@ class FabricService:
         t0 = time.perf_counter_ns()
         ep.in_flight += 1
         request = Request(msg.subject, msg.headers, msg.data)
-        headers: dict[str, str] | None = None
         try:
-            result = await ep.handler(request)
-            if isinstance(result, Reply):
-                body, headers = result.data, result.headers
-            elif result is None:
-                body = b""
-            else:
-                body = request.codec.encode(result)
-                if request.codec is MSGPACK:
-                    headers = {CONTENT_TYPE_HEADER: MSGPACK_CONTENT_TYPE}
-        except FabricError as exc:
-            body, headers = self._error_reply(request, exc)
-            ep.num_errors += 1
-            ep.last_error = f"{exc.code} {exc.kind}: {exc.message}"
-            self.log.info("request failed", subject=msg.subject, code=exc.code, kind=exc.kind,
-                          error=exc.message, request_id=request.request_id)
-        except Exception as exc:  # a bug: answer 500, keep serving, log the traceback
-            err = InternalError(f"internal error: {type(exc).__name__}: {exc}")
-            body, headers = self._error_reply(request, err)
-            ep.num_errors += 1
-            ep.last_error = err.message
-            self.log.exception("request crashed", subject=msg.subject, request_id=request.request_id)
+            body, headers = self._encode_result(request, await ep.handler(request))
+        except Exception as exc:
+            body, headers = self._failure(ep, request, exc)
         finally:
             ep.in_flight -= 1
         ep.num_requests += 1
         ep.processing_ns += time.perf_counter_ns() - t0
+        await self._reply(msg, body, headers)
+
+    @staticmethod
+    def _encode_result(request: Request, result: Any) -> tuple[Any, dict[str, str] | None]:
+        if isinstance(result, Reply):
+            return result.data, result.headers
+        if result is None:
+            return b"", None
+        if request.codec is MSGPACK:
+            return request.codec.encode(result), {CONTENT_TYPE_HEADER: MSGPACK_CONTENT_TYPE}
+        return request.codec.encode(result), None
+
+    def _failure(self, ep: Endpoint, request: Request, exc: Exception) -> tuple[bytes, dict[str, str]]:
+        ep.num_errors += 1
+        if isinstance(exc, FabricError):
+            ep.last_error = f"{exc.code} {exc.kind}: {exc.message}"
+            self.log.info("request failed", subject=request.subject, code=exc.code, kind=exc.kind,
+                          error=exc.message, request_id=request.request_id)
+            return self._error_reply(request, exc)
+        # a bug: answer 500, keep serving, log the traceback
+        err = InternalError(f"internal error: {type(exc).__name__}: {exc}")
+        ep.last_error = err.message
+        self.log.error("request crashed", subject=request.subject, request_id=request.request_id,
+                       exc_info=exc)
+        return self._error_reply(request, err)
+
+    async def _reply(self, msg: Any, body: Any, headers: dict[str, str] | None) -> None:
         if msg.reply:
             try:
                 await self.nc.publish(msg.reply, body, headers=headers)  # type: ignore[union-attr]

@@ -1,5 +1,8 @@
 """The allocator's endpoints: alloc, free, realloc, write, read, batches, stat, share, renew, attach, info.
 
+Every handler is a plain function: arena work is a few microseconds of CPU that
+never waits, so the service kit runs it inline rather than as a task.
+
 Memory lives in this node's :class:`fabric_ext.arena.Arena` (shared-memory
 segments, so a restarted allocator reattaches every block).  Handles are
 capabilities minted by :class:`fabric.handles.HandleSigner`; every endpoint that
@@ -184,18 +187,18 @@ class AllocatorService(FabricService):
 
     # -- endpoints -----------------------------------------------------------
 
-    async def alloc(self, req: Request) -> AllocReply:
+    def alloc(self, req: Request) -> AllocReply:
         r: AllocRequest = req.decode(AllocRequest)
         deadline = self._deadline(r.ttl_s)
         seg, off, gen = self.arena.alloc(r.size, r.owner, deadline)
         return AllocReply(handle=self.signer.mint(seg, off, gen), size=r.size, node=self.node,
                           lease_deadline_ms=deadline)
 
-    async def free(self, req: Request) -> FreeReply:
+    def free(self, req: Request) -> FreeReply:
         h = self._writable(req.decode(HandleRequest).handle)
         return FreeReply(freed=self.arena.free(h.seg, h.off, h.gen))
 
-    async def realloc(self, req: Request) -> AllocReply:
+    def realloc(self, req: Request) -> AllocReply:
         r: ReallocRequest = req.decode(ReallocRequest)
         h = self._writable(r.handle)
         seg, off, gen = self.arena.realloc(h.seg, h.off, h.gen, r.size)
@@ -203,14 +206,14 @@ class AllocatorService(FabricService):
         info = self.arena.info(seg, off, gen)
         return AllocReply(handle=token, size=r.size, node=self.node, lease_deadline_ms=info["lease_deadline_ms"])
 
-    async def write(self, req: Request) -> WriteReply | Reply:
+    def write(self, req: Request) -> WriteReply | Reply:
         if req.is_frame:
             return self._write_frame(req)
         r: WriteRequest = req.decode(WriteRequest)
         h = self._writable(r.handle)
         return WriteReply(written=self.arena.write(h.seg, h.off, h.gen, r.offset, r.data))
 
-    async def read(self, req: Request) -> ReadReply | Reply:
+    def read(self, req: Request) -> ReadReply | Reply:
         if req.is_frame:
             return self._read_frame(req)
         r: ReadRequest = req.decode(ReadRequest)
@@ -221,7 +224,7 @@ class AllocatorService(FabricService):
             raise TooLarge(f"a {len(data)}-byte read does not fit one reply: use frames or read in chunks")
         return ReadReply(data=data)
 
-    async def readv(self, req: Request) -> ReadvReply:
+    def readv(self, req: Request) -> ReadvReply:
         r: ReadvRequest = req.decode(ReadvRequest)
         out: list[ReadResult] = []
         for item in r.items:
@@ -233,7 +236,7 @@ class AllocatorService(FabricService):
                 out.append(ReadResult(error=error_info(exc)))
         return ReadvReply(items=out)
 
-    async def writev(self, req: Request) -> WritevReply:
+    def writev(self, req: Request) -> WritevReply:
         r: WritevRequest = req.decode(WritevRequest)
         out: list[WriteResult] = []
         for item in r.items:
@@ -244,7 +247,7 @@ class AllocatorService(FabricService):
                 out.append(WriteResult(error=error_info(exc)))
         return WritevReply(items=out)
 
-    async def stat(self, req: Request) -> StatReply:
+    def stat(self, req: Request) -> StatReply:
         token = req.decode(HandleRequest).handle
         h = self.signer.verify(token)
         info = self.arena.info(h.seg, h.off, h.gen)
@@ -252,19 +255,19 @@ class AllocatorService(FabricService):
                          owner=info["owner"], generation=info["generation"], writable=h.writable,
                          lease_deadline_ms=info["lease_deadline_ms"])
 
-    async def share(self, req: Request) -> ShareReply:
+    def share(self, req: Request) -> ShareReply:
         h = self.signer.verify(req.decode(HandleRequest).handle)
         self.arena.size(h.seg, h.off, h.gen)  # the block must be live to be shared
         return ShareReply(handle=self.signer.mint(h.seg, h.off, h.gen, PERM_R))
 
-    async def renew(self, req: Request) -> RenewReply:
+    def renew(self, req: Request) -> RenewReply:
         r: RenewRequest = req.decode(RenewRequest)
         h = self._writable(r.handle)
         deadline = self._deadline(r.ttl_s)
         self.arena.set_lease(h.seg, h.off, h.gen, deadline)
         return RenewReply(lease_deadline_ms=deadline)
 
-    async def attach(self, req: Request) -> AttachReply:
+    def attach(self, req: Request) -> AttachReply:
         # Only a read-write handle maps its segment: a segment holds one owner's blocks
         # only, so a client sees through the mapping exactly what its handles allow.
         h = self._writable(req.decode(HandleRequest).handle)
@@ -275,7 +278,7 @@ class AllocatorService(FabricService):
                                    boot_id=self.boot_id, hostname=self.hostname)
         raise BadRequest("segment not found for this handle's owner")  # pragma: no cover - arena invariant
 
-    async def info(self, req: Request) -> MemInfoReply:
+    def info(self, req: Request) -> MemInfoReply:
         return MemInfoReply(node=self.node, **self.arena.stats())
 
     # -- frames (bulk bytes, single items and batches) ------------------------

@@ -1,0 +1,137 @@
+"""The service kit on a real nats-server: dispatch, concurrency bound, errors, stats, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+
+import msgspec
+import nats
+import pytest
+
+from fabric.errors import Conflict
+from fabric.service import Endpoint, FabricService, Request, ServiceSettings
+
+
+class Echo(msgspec.Struct):
+    text: str
+    delay_s: float = 0.0
+
+
+class KitService(FabricService):
+    name = "kit-test"
+    description = "service kit test double: a real service on the real bus"
+
+    def endpoints(self):
+        p = f"kit.{self.node}"
+        return [
+            Endpoint("slow", f"{p}.slow", self.slow),
+            Endpoint("fast", f"{p}.fast", self.fast),
+            Endpoint("boom", f"{p}.boom", self.boom),
+        ]
+
+    async def slow(self, req: Request) -> Echo:
+        msg = req.decode(Echo)
+        await asyncio.sleep(msg.delay_s)
+        return msg
+
+    def fast(self, req: Request) -> Echo:
+        msg = req.decode(Echo)
+        if msg.text == "conflict":
+            raise Conflict("that conflicts")
+        return msg
+
+    def boom(self, req: Request) -> None:
+        raise ZeroDivisionError("a bug")
+
+
+@pytest.fixture
+async def kit(nats_url, tmp_path):
+    svc = KitService(ServiceSettings(nats_url=nats_url, node=f"k{secrets.token_hex(3)}", state_dir=tmp_path,
+                                     max_concurrency=4))
+    await svc.start()
+    yield svc
+    await svc.stop()
+
+
+@pytest.fixture
+async def nc(nats_url):
+    conn = await nats.connect(nats_url)
+    yield conn
+    await conn.close()
+
+
+def test_settings_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="node"):
+        ServiceSettings(nats_url="nats://x:1", node="bad node", state_dir=tmp_path)
+    with pytest.raises(ValueError, match="URL"):
+        ServiceSettings(nats_url="http://x", node="n", state_dir=tmp_path)
+    with pytest.raises(ValueError, match="max_concurrency"):
+        ServiceSettings(nats_url="nats://x:1", node="n", state_dir=tmp_path, max_concurrency=0)
+
+
+async def test_coroutine_handlers_run_concurrently(kit, nc):
+    body = json.dumps({"text": "zz", "delay_s": 0.4}).encode()
+    t0 = time.perf_counter()
+    replies = await asyncio.gather(*(nc.request(f"kit.{kit.node}.slow", body, timeout=5) for _ in range(4)))
+    elapsed = time.perf_counter() - t0
+    assert all(json.loads(r.data)["text"] == "zz" for r in replies)
+    # one at a time would take 1.6 s; four tasks under the bound of 4 overlap
+    assert elapsed < 1.2, elapsed
+
+
+async def test_concurrency_bound_applies_backpressure(kit, nc):
+    body = json.dumps({"text": "b", "delay_s": 0.3}).encode()
+    t0 = time.perf_counter()
+    await asyncio.gather(*(nc.request(f"kit.{kit.node}.slow", body, timeout=5) for _ in range(8)))
+    # bound 4: eight 0.3 s requests need two rounds
+    assert time.perf_counter() - t0 >= 0.55
+
+
+async def test_inline_handler_and_encodings(kit, nc):
+    r = await nc.request(f"kit.{kit.node}.fast", b'{"text": "hi"}', timeout=5)
+    assert json.loads(r.data) == {"text": "hi", "delay_s": 0.0} and not r.headers
+    r = await nc.request(f"kit.{kit.node}.fast", msgspec.msgpack.encode({"text": "mp"}),
+                         headers={"Content-Type": "application/msgpack"}, timeout=5)
+    assert r.headers["Content-Type"] == "application/msgpack"
+    assert msgspec.msgpack.decode(r.data)["text"] == "mp"
+
+
+async def test_errors_become_adr32_headers_and_service_keeps_serving(kit, nc):
+    r = await nc.request(f"kit.{kit.node}.fast", b'{"text": "conflict"}', timeout=5)
+    assert r.headers["Nats-Service-Error-Code"] == "409" and r.headers["Fabric-Error"] == "conflict"
+    r = await nc.request(f"kit.{kit.node}.fast", b'{"text": 5}', timeout=5)
+    assert r.headers["Nats-Service-Error-Code"] == "400"
+    assert "Expected `str`" in r.headers["Nats-Service-Error"]
+    r = await nc.request(f"kit.{kit.node}.boom", b"", timeout=5)
+    assert r.headers["Nats-Service-Error-Code"] == "500"
+    assert "ZeroDivisionError" in r.headers["Nats-Service-Error"]
+    r = await nc.request(f"kit.{kit.node}.fast", b'{"text": "still here"}', timeout=5)
+    assert json.loads(r.data)["text"] == "still here"
+
+
+async def test_stats_count_real_work(kit, nc):
+    await nc.request(f"kit.{kit.node}.slow", b'{"text": "s", "delay_s": 0.2}', timeout=5)
+    await nc.request(f"kit.{kit.node}.boom", b"", timeout=5)
+    ping = json.loads((await nc.request(f"$SRV.PING.kit-test", b"", timeout=2)).data)
+    stats = json.loads((await nc.request(f"$SRV.STATS.kit-test.{ping['id']}", b"", timeout=2)).data)
+    eps = {e["name"]: e for e in stats["endpoints"]}
+    assert eps["slow"]["num_requests"] == 1 and eps["slow"]["processing_time"] >= 0.2e9
+    assert eps["boom"]["num_errors"] == 1 and "ZeroDivisionError" in eps["boom"]["last_error"]
+    info = json.loads((await nc.request(f"$SRV.INFO.kit-test.{ping['id']}", b"", timeout=2)).data)
+    assert info["description"] and info["metadata"]["node"] == kit.node
+
+
+async def test_stop_drains_in_flight_requests(nats_url, tmp_path, nc):
+    svc = KitService(ServiceSettings(nats_url=nats_url, node=f"d{secrets.token_hex(3)}", state_dir=tmp_path))
+    await svc.start()
+    pending = asyncio.ensure_future(
+        nc.request(f"kit.{svc.node}.slow", b'{"text": "late", "delay_s": 0.5}', timeout=5))
+    await asyncio.sleep(0.1)
+    await svc.stop()  # must wait for the request in flight and still answer it
+    r = await pending
+    assert json.loads(r.data)["text"] == "late"
+    with pytest.raises(nats.errors.NoRespondersError):
+        await nc.request(f"kit.{svc.node}.fast", b'{"text": "x"}', timeout=1)
