@@ -1240,6 +1240,30 @@ cdef class Arena:
             PyBuffer_Release(&buf)
         return n
 
+    def read_into_at(self, seg, off, gen, pos, length, out, out_offset):
+        """Copy ``length`` bytes of the block from ``pos`` into *out* at ``out_offset``.
+
+        The allocator's batch path: it fills a reply frame's payload in place, with
+        no view object per item.  Both ranges are checked; returns the count.
+        """
+        cdef uint64_t o = _handle_part(off), g = _handle_part(gen), p, n
+        cdef int64_t ln = _i64(length), at = _i64(out_offset)
+        cdef _Segment s = self._segment(seg, g, M_ACCESS)
+        cdef BlockHeader* h = self._live(s, o, g, M_ACCESS)
+        cdef Py_buffer buf
+        try:
+            PyObject_GetBuffer(out, &buf, PyBUF_WRITABLE)
+        except (TypeError, BufferError) as exc:
+            raise BadRequest(f"out must be a writable contiguous buffer: {exc}") from None
+        try:
+            if ln < 0 or at < 0 or at > buf.len or ln > buf.len - at:
+                raise OutOfRange(f"[{at}, {at}+{ln}) outside the output buffer's {buf.len} bytes")
+            _range(h.size, _i64(pos), ln, &p, &n)
+            memcpy(<char*>buf.buf + at, s.m.base + o + p, n)
+        finally:
+            PyBuffer_Release(&buf)
+        return n
+
     def write(self, seg, off, gen, pos, data):
         """Copy the bytes of *data* into the block at ``pos``; returns the count."""
         cdef uint64_t o = _handle_part(off), g = _handle_part(gen), p, n

@@ -727,7 +727,7 @@ def encode(int kind, items, payloads=None):
     return out
 
 
-def encode_reserve(int kind, items, *, bint zero=True):
+def encode_reserve(int kind, items, *, bint zero=True, bint views=True):
     """Allocate a whole frame once; return it with one writable view per item's payload slot.
 
     The caller fills ``slots[i]`` (``items[i][2]`` bytes) in place, for example
@@ -735,6 +735,10 @@ def encode_reserve(int kind, items, *, bint zero=True):
     ``zero=True`` (the default) the payload section starts zeroed, so a slot left
     unfilled cannot leak stale heap bytes to the peer; pass ``zero=False`` only
     when every slot is certain to be filled.  For READ and ACK every slot is empty.
+
+    With ``views=False`` no views are made (``slots`` is empty): the payload
+    section is the frame's last ``sum(lengths)`` bytes, items back to back, and the
+    caller fills it by offset (``arena.read_into_at``), saving an object per item.
     """
     cdef _Plan plan
     cdef object titems = _as_seq(items)
@@ -750,9 +754,11 @@ def encode_reserve(int kind, items, *, bint zero=True):
         _write_frame(&plan, w)
         if zero and plan.payload_length:
             memset(w + FRAME_HEADER_SIZE + plan.items_length, 0, plan.payload_length)
+        slots = []
+        if not views:
+            return out, slots
         base = PyMemoryView_FromObject(out)
         start = <Py_ssize_t>(FRAME_HEADER_SIZE + plan.items_length)
-        slots = []
         for i in range(plan.count):
             if _has_payload(kind):
                 slots.append(base[start:start + <Py_ssize_t>plan.items[i].length])

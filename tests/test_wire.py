@@ -621,3 +621,14 @@ def test_allocator_read_path():
     slots[0][:] = bytes(range(256)) * 4  # what arena.read_into does
     reply = wire.decode(bytes(out))
     assert reply.items == [("", 10, 1024, 0)] and bytes(reply.data(0)) == bytes(range(256)) * 4
+
+
+def test_encode_reserve_without_views_puts_the_payload_last():
+    items = [(b"", 0, 3, 0), (b"", 0, 0, 404), (b"", 0, 2, 0)]
+    out, slots = wire.encode_reserve(wire.KIND_DATA, items, views=False)
+    assert slots == []
+    out[len(out) - 5:] = b"abcde"
+    f = wire.decode(bytes(out))
+    assert f.payloads() == [b"abc", b"", b"de"]
+    with_views, _ = wire.encode_reserve(wire.KIND_DATA, items)
+    assert len(with_views) == len(out)

@@ -287,30 +287,40 @@ class AllocatorService(FabricService):
         frame = wire.decode(req.data)
         if frame.kind != wire.KIND_READ:
             raise BadRequest("the read endpoint takes READ frames")
-        arena = self.arena
-        plan: list[tuple[HandleParts | None, int, int, int]] = []  # (handle, pos, length, status)
-        for token, pos, length, _status in frame.items:
+        items = frame.items
+        single = len(items) == 1
+        verify, size_of = self.signer.verify, self.arena.size  # hot loop: bind once
+        reply_items: list[tuple[bytes, int, int, int]] = []  # the DATA frame's items
+        sources: list[HandleParts | None] = []  # where each item's bytes come from
+        total = 0
+        for token, pos, length, _status in items:
             try:
-                h = self.signer.verify(token)
-                size = arena.size(h.seg, h.off, h.gen)  # also proves the block is live
+                h = verify(token)
+                size = size_of(h.seg, h.off, h.gen)  # also proves the block is live
                 if length == TO_END:
                     length = size - pos if pos <= size else 0
                 if pos > size or length > size - pos:
                     raise OutOfRange(f"read of {length} bytes at offset {pos} is outside the block's {size} bytes")
-                plan.append((h, pos, length, 0))
+                reply_items.append((b"", pos, length, 0))
+                sources.append(h)
+                total += length
             except FabricError as exc:
-                if len(frame.items) == 1:
+                if single:
                     raise
-                plan.append((None, pos, 0, exc.code))
-        total = sum(n for _h, _p, n, _s in plan)
-        if total + 64 * len(plan) + 1024 > self.nc.max_payload:  # type: ignore[union-attr]
-            raise TooLarge(f"reply of {total} bytes would exceed the max payload "
-                           f"({self.nc.max_payload}): read in chunks")  # type: ignore[union-attr]
-        # zero=False: every slot of a live item is filled right below, the others are empty
-        out, slots = wire.encode_reserve(wire.KIND_DATA, [(b"", pos, n, st) for _h, pos, n, st in plan], zero=False)
-        for i, (h, pos, n, st) in enumerate(plan):
+                reply_items.append((b"", pos, 0, exc.code))
+                sources.append(None)
+        max_payload = self.nc.max_payload  # type: ignore[union-attr]
+        if total + 64 * len(items) + 1024 > max_payload:
+            raise TooLarge(f"reply of {total} bytes would exceed the max payload ({max_payload}): read in chunks")
+        # zero=False: every live item's bytes are filled right below, the others are empty;
+        # views=False: the payload is the frame's last `total` bytes, filled by offset
+        out, _ = wire.encode_reserve(wire.KIND_DATA, reply_items, zero=False, views=False)
+        read_into_at = self.arena.read_into_at
+        at = len(out) - total
+        for h, (_, pos, n, _st) in zip(sources, reply_items):
             if h is not None and n:
-                arena.read_into(h.seg, h.off, h.gen, pos, slots[i])
+                read_into_at(h.seg, h.off, h.gen, pos, n, out, at)
+                at += n
         return Reply(out, FRAME_HEADERS)
 
     def _write_frame(self, req: Request) -> Reply:
