@@ -53,7 +53,7 @@ def test_kill_9_keeps_every_handle(nats_url, tmp_path):
             wait_ready(fc, node, proc, log)
             prefix = json.loads((tmp_path / "allocator" / f"{node}.json").read_text())["prefix"]
             blocks = {}
-            for i, size in enumerate([1, 100, 4096, 70000, 1 << 20]):
+            for size in [1, 100, 4096, 70000, 1 << 20]:
                 buf = fc.rmalloc(size, node=node)
                 data = os.urandom(size)
                 fc.rwrite(buf, data)
@@ -67,7 +67,7 @@ def test_kill_9_keeps_every_handle(nats_url, tmp_path):
             proc = start_allocator(nats_url, node, tmp_path, log)
             wait_ready(fc, node, proc, log)
 
-            for handle, (buf, data) in blocks.items():
+            for handle, (_buf, data) in blocks.items():
                 assert fc.rread(handle) == data, "bytes changed across the restart"
             assert fc.rread(ro) == next(iter(blocks.values()))[1], "read-only handle no longer valid"
             with pytest.raises(DoubleFree):

@@ -115,7 +115,7 @@ async def test_errors_become_adr32_headers_and_service_keeps_serving(kit, nc):
 async def test_stats_count_real_work(kit, nc):
     await nc.request(f"kit.{kit.node}.slow", b'{"text": "s", "delay_s": 0.2}', timeout=5)
     await nc.request(f"kit.{kit.node}.boom", b"", timeout=5)
-    ping = json.loads((await nc.request(f"$SRV.PING.kit-test", b"", timeout=2)).data)
+    ping = json.loads((await nc.request("$SRV.PING.kit-test", b"", timeout=2)).data)
     stats = json.loads((await nc.request(f"$SRV.STATS.kit-test.{ping['id']}", b"", timeout=2)).data)
     eps = {e["name"]: e for e in stats["endpoints"]}
     assert eps["slow"]["num_requests"] == 1 and eps["slow"]["processing_time"] >= 0.2e9

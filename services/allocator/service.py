@@ -329,7 +329,7 @@ class AllocatorService(FabricService):
             raise BadRequest("the write endpoint takes WRITE frames")
         acks: list[tuple[bytes, int, int, int]] = []
         single = len(frame.items) == 1
-        for i, (token, pos, length, _status) in enumerate(frame.items):
+        for i, (token, pos, _length, _status) in enumerate(frame.items):
             try:
                 h = self._writable(token)
                 written = self.arena.write(h.seg, h.off, h.gen, pos, frame.data(i))
