@@ -53,6 +53,7 @@ from .errors import (
     error_from_wire,
 )
 from .handles import HandleParts, parse_cached as parse
+from .leases import LeaseKeeper
 from .schema import (
     JSON,
     AllocReply,
@@ -178,6 +179,7 @@ class AsyncFabricClient:
         self.name = name
         self.nc: NATS | None = None
         self._local = _LocalSegments(local)
+        self._leases: LeaseKeeper | None = None  # made on first use, on the running loop
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -193,6 +195,8 @@ class AsyncFabricClient:
         return self
 
     async def close(self) -> None:
+        if self._leases is not None:
+            await self._leases.close()  # renewals stop: leased blocks lapse after their ttl
         self._local.close()
         if self.nc is not None:
             nc, self.nc = self.nc, None
@@ -241,18 +245,33 @@ class AsyncFabricClient:
     # -- memory ----------------------------------------------------------------
 
     async def rmalloc(self, size: int, *, ttl: float | None = None, node: str | None = None,
-                      owner: str | None = None) -> "AsyncRemoteBuffer":
-        """Allocate *size* zeroed bytes on *node* (default: any allocator); returns a buffer."""
+                      owner: str | None = None, keepalive: bool = True) -> "AsyncRemoteBuffer":
+        """Allocate *size* zeroed bytes on *node* (default: any allocator); returns a buffer.
+
+        With *ttl* (seconds) the block is leased: the allocator frees it *ttl* seconds
+        after the last renewal.  This client renews it every ``ttl / 3`` while it is
+        open (``keepalive=False`` leaves renewing to you, see :meth:`renew`), so the
+        memory comes back by itself when the client closes or its process dies.
+        """
         subject = self._mem(node, "alloc") if node else subjects.cluster("mem", "alloc")
         req = AllocRequest(size=_check_size(size), owner=self.owner if owner is None else owner, ttl_s=ttl or 0.0)
         r = await self._call(subject, req, AllocReply)
+        if ttl and keepalive:
+            self._lease_keeper().add(r.handle, ttl)
         return AsyncRemoteBuffer(self, r.handle, r.size)
+
+    def _lease_keeper(self) -> LeaseKeeper:
+        if self._leases is None:
+            self._leases = LeaseKeeper(self.renew)
+        return self._leases
 
     async def rfree(self, handle: "str | AsyncRemoteBuffer") -> int:
         """Free the block; returns its size.  A second free raises DoubleFree."""
         token = _token(handle)
         h = parse(token)
         r = await self._call(self._mem(h.node, "free"), HandleRequest(handle=token), FreeReply)
+        if self._leases is not None:
+            self._leases.discard(token)
         return r.freed
 
     async def rrealloc(self, handle: "str | AsyncRemoteBuffer", size: int) -> "AsyncRemoteBuffer":
@@ -261,6 +280,8 @@ class AsyncFabricClient:
         h = parse(token)
         r = await self._call(self._mem(h.node, "realloc"), ReallocRequest(handle=token, size=_check_size(size)),
                              AllocReply)
+        if self._leases is not None and r.handle != token:
+            self._leases.replace(token, r.handle)
         if isinstance(handle, AsyncRemoteBuffer):
             handle.handle, handle.size = r.handle, r.size
             return handle
@@ -530,9 +551,14 @@ class FabricClient:
     # -- memory ----------------------------------------------------------------
 
     def rmalloc(self, size: int, *, ttl: float | None = None, node: str | None = None,
-                owner: str | None = None) -> "RemoteBuffer":
-        """Allocate *size* zeroed bytes; returns a :class:`RemoteBuffer` (usable wherever a handle is)."""
-        return self._wrap(self._run(self._aio.rmalloc(size, ttl=ttl, node=node, owner=owner)))
+                owner: str | None = None, keepalive: bool = True) -> "RemoteBuffer":
+        """Allocate *size* zeroed bytes; returns a :class:`RemoteBuffer` (usable wherever a handle is).
+
+        *ttl* leases the block, renewed by this client while it is open (see
+        :meth:`AsyncFabricClient.rmalloc`).
+        """
+        return self._wrap(self._run(self._aio.rmalloc(size, ttl=ttl, node=node, owner=owner,
+                                                      keepalive=keepalive)))
 
     def rfree(self, handle: "str | RemoteBuffer") -> int:
         return self._run(self._aio.rfree(_token(handle)))

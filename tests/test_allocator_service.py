@@ -164,14 +164,37 @@ async def test_large_values_are_chunked(aclient, allocator):
 
 
 async def test_lease_expires_and_renew(aclient, allocator):
-    short = await aclient.rmalloc(16, ttl=0.3)
-    kept = await aclient.rmalloc(16, ttl=0.3)
+    short = await aclient.rmalloc(16, ttl=0.3, keepalive=False)
+    kept = await aclient.rmalloc(16, ttl=0.3, keepalive=False)
     await aclient.renew(kept, 60)
     await asyncio.sleep(2.5)  # the reaper runs every second
     with pytest.raises(StaleHandle):
         await aclient.rread(short, 1)
     assert await aclient.rread(kept, 1) == b"\x00"
     await aclient.rfree(kept)
+
+
+async def test_keepalive_renews_until_the_client_closes(nats_url, allocator, aclient):
+    async with AsyncFabricClient(nats_url, local=False) as holder:
+        buf = await holder.rmalloc(32, ttl=0.6)
+        moved = await holder.rmalloc(32, ttl=0.6)
+        await holder.rrealloc(moved, 1 << 20)  # a move: renewals follow the new handle
+        await asyncio.sleep(2.5)  # four ttls: alive only because the holder renews
+        assert await aclient.rread(buf.handle, 4) == bytes(4)
+        assert await aclient.rread(moved.handle, 4) == bytes(4)
+    # the holder is gone: nobody renews, the allocator reclaims both within ttl + ~1 s
+    await asyncio.sleep(2.2)
+    for handle in (buf.handle, moved.handle):
+        with pytest.raises(StaleHandle):
+            await aclient.rread(handle, 1)
+
+
+async def test_keepalive_stops_after_free(nats_url, allocator):
+    async with AsyncFabricClient(nats_url, local=False) as fc:
+        buf = await fc.rmalloc(8, ttl=5)
+        assert buf.handle in fc._leases
+        await fc.rfree(buf)
+        assert buf.handle not in fc._leases
 
 
 async def test_json_from_any_language(nats_url, allocator):
