@@ -176,14 +176,14 @@ async def test_lease_expires_and_renew(aclient, allocator):
 
 async def test_keepalive_renews_until_the_client_closes(nats_url, allocator, aclient):
     async with AsyncFabricClient(nats_url, local=False) as holder:
-        buf = await holder.rmalloc(32, ttl=0.6)
-        moved = await holder.rmalloc(32, ttl=0.6)
+        buf = await holder.rmalloc(32, ttl=1.5)
+        moved = await holder.rmalloc(32, ttl=1.5)
         await holder.rrealloc(moved, 1 << 20)  # a move: renewals follow the new handle
-        await asyncio.sleep(2.5)  # four ttls: alive only because the holder renews
+        await asyncio.sleep(4.0)  # well past the ttl: alive only because the holder renews
         assert await aclient.rread(buf.handle, 4) == bytes(4)
         assert await aclient.rread(moved.handle, 4) == bytes(4)
     # the holder is gone: nobody renews, the allocator reclaims both within ttl + ~1 s
-    await asyncio.sleep(2.2)
+    await asyncio.sleep(3.5)
     for handle in (buf.handle, moved.handle):
         with pytest.raises(StaleHandle):
             await aclient.rread(handle, 1)
