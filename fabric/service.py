@@ -265,19 +265,7 @@ class FabricService:
             async def dispatch_inline(req: MicroRequest) -> None:
                 # A plain-function handler never awaits, so a task would buy no
                 # concurrency (one thread) and cost a loop iteration per request.
-                msg = req._msg
-                t0 = time.perf_counter_ns()
-                ep.in_flight += 1
-                request = Request(msg.subject, msg.headers, msg.data)
-                try:
-                    body, headers = self._encode_result(request, ep.handler(request))
-                except Exception as exc:
-                    body, headers = self._failure(ep, request, exc)
-                finally:
-                    ep.in_flight -= 1
-                ep.num_requests += 1
-                ep.processing_ns += time.perf_counter_ns() - t0
-                await self._reply(msg, body, headers)
+                await self._serve(ep, req._msg)
 
             return dispatch_inline
 
@@ -286,8 +274,7 @@ class FabricService:
             # request to its own task and return, so a slow request never blocks
             # the next.  The semaphore bounds the work in flight (backpressure).
             await self._slots.acquire()
-            msg = req._msg
-            task = asyncio.create_task(self._serve(ep, msg))
+            task = asyncio.create_task(self._serve(ep, req._msg))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
 
@@ -302,7 +289,10 @@ class FabricService:
         ep.in_flight += 1
         request = Request(msg.subject, msg.headers, msg.data)
         try:
-            body, headers = self._encode_result(request, await ep.handler(request))
+            result = ep.handler(request)
+            if not ep.inline:
+                result = await result
+            body, headers = self._encode_result(request, result)
         except Exception as exc:
             body, headers = self._failure(ep, request, exc)
         finally:
