@@ -52,7 +52,7 @@ from .errors import (
     Unavailable,
     error_from_wire,
 )
-from .handles import HandleParts, parse_cached as parse
+from .handles import _PARSED, HandleParts, parse_cached as parse
 from .leases import LeaseKeeper
 from .schema import (
     JSON,
@@ -346,9 +346,10 @@ class AsyncFabricClient:
         """Read many ``(handle, offset, length)`` items in one request per node, results in order."""
         plan: list[tuple[str, int, int, int]] = []
         by_node: dict[str, list[int]] = {}
+        parsed = _PARSED.get  # hot loop: the memo of parse_cached, probed directly
         for hd, off, n in items:
-            token = _token(hd)
-            node = parse(token).node
+            token = hd if type(hd) is str else _token(hd)
+            node = (parsed(token) or parse(token)).node
             idx = by_node.get(node)
             if idx is None:
                 idx = by_node[node] = []

@@ -95,6 +95,10 @@ class HandleSigner:
     def mint(self, seg: int, off: int, gen: int, perm: str = PERM_RW) -> str:
         return f"{VERSION}:{self.node}:{seg}:{off}:{gen}:{perm}:{self._mac(seg, off, gen, perm)}"
 
+    def known(self, token: str) -> HandleParts | None:
+        """The parts of *token* if it already verified here, else None (no MAC work: a hot-path probe)."""
+        return self._verified.get(token)
+
     def verify(self, token: str) -> HandleParts:
         """Parse *token* and check its MAC and node; raises :class:`UnknownHandle`."""
         h = self._verified.get(token)
