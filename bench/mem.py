@@ -20,6 +20,9 @@ Like for like:
   ``rw_1m_local_vs_redis`` the same with the default client on the allocator's host
   (local fast path), for information.
 * ``alloc_free_vs_bytearray``: Arena.alloc+free of 1 KiB vs ``bytearray(1024)``.
+* ``write_1m_vs_nats_send`` (information): a 1 MiB remote write (AsyncFabricClient) vs a
+  bare nats-py request carrying the same megabyte to the responder: what fabric adds
+  to the bus for bulk bytes.
 """
 
 from __future__ import annotations
@@ -157,6 +160,9 @@ async def async_part(url: str, n: int, quick: bool) -> dict[str, Any]:
         for _ in range(200):
             await nc.request("bench.echo", req, timeout=5)
         echo_rtt = p50(await atimed_loop(lambda: nc.request("bench.echo", req, timeout=5), n))
+        big = os.urandom(MIB)
+        res["nats_send_1m_rtt_p50_us"] = p50(await atimed_loop(
+            lambda: nc.request("bench.echo", big, timeout=10), max(30, n // 10))) * 1e6
         await nc.close()
     finally:
         echo.terminate()
@@ -172,6 +178,11 @@ async def async_part(url: str, n: int, quick: bool) -> dict[str, Any]:
         res["fabric_read_1k_rtt_p50_us"] = read_rtt * 1e6
         write_rtt = p50(await atimed_loop(lambda: fc.rwrite(buf, b"z" * KIB), n))
         res["fabric_write_1k_rtt_p50_us"] = write_rtt * 1e6
+        big_buf = await fc.rmalloc(MIB)
+        big = os.urandom(MIB)
+        res["fabric_write_1m_rtt_p50_us"] = p50(await atimed_loop(
+            lambda: fc.rwrite(big_buf, big), max(30, n // 10))) * 1e6
+        await fc.rfree(big_buf)
 
         bufs = [await fc.rmalloc(KIB) for _ in range(100)]
         items = [(b, 0, KIB) for b in bufs]
@@ -337,6 +348,7 @@ def main() -> None:
         "rw_1m_local_vs_redis": rw_redis / (results["fabric_local_write_1m_p50_us"]
                                             + results["fabric_local_read_1m_p50_us"]),
         "alloc_free_vs_bytearray": results["bytearray_1k_ns"] / results["arena_alloc_free_1k_ns"],
+        "write_1m_vs_nats_send": results["nats_send_1m_rtt_p50_us"] / results["fabric_write_1m_rtt_p50_us"],
         "read_1k_vs_redis_get": results["redis_get_1k_p50_us"] / results["fabric_read_1k_p50_us"],
         "write_1k_vs_redis_set": results["redis_set_1k_p50_us"] / results["fabric_write_1k_p50_us"],
     }

@@ -133,9 +133,25 @@ async def test_stop_drains_in_flight_requests(nats_url, tmp_path, nc):
     await svc.start()
     pending = asyncio.ensure_future(
         nc.request(f"kit.{svc.node}.slow", b'{"text": "late", "delay_s": 0.5}', timeout=5))
-    await asyncio.sleep(0.1)
+    for _ in range(500):  # until the handler runs: the request is then in flight
+        if svc.running:
+            break
+        await asyncio.sleep(0.01)
+    assert svc.running == 1
     await svc.stop()  # must wait for the request in flight and still answer it
     r = await pending
     assert json.loads(r.data)["text"] == "late"
     with pytest.raises(nats.errors.NoRespondersError):
         await nc.request(f"kit.{svc.node}.fast", b'{"text": "x"}', timeout=1)
+
+
+def test_tune_malloc_applies_on_glibc_and_yields_to_the_environment(monkeypatch):
+    import platform
+
+    from fabric.service import tune_malloc
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    assert tune_malloc() is (platform.libc_ver()[0] == "glibc")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
+    assert tune_malloc() is False
