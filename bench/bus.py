@@ -18,7 +18,6 @@ figures the bus sets.  The last line is one JSON object
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
