@@ -131,13 +131,15 @@ async def test_stats_count_real_work(kit, nc):
 async def test_stop_drains_in_flight_requests(nats_url, tmp_path, nc):
     svc = KitService(ServiceSettings(nats_url=nats_url, node=f"d{secrets.token_hex(3)}", state_dir=tmp_path))
     await svc.start()
+    # precondition: this connection reaches the new service (one full round trip)
+    assert json.loads((await nc.request(f"kit.{svc.node}.fast", b'{"text": "up"}', timeout=5)).data)["text"] == "up"
     pending = asyncio.ensure_future(
         nc.request(f"kit.{svc.node}.slow", b'{"text": "late", "delay_s": 0.5}', timeout=5))
     for _ in range(500):  # until the handler runs: the request is then in flight
-        if svc.running:
+        if svc.running or pending.done():
             break
         await asyncio.sleep(0.01)
-    assert svc.running == 1
+    assert svc.running == 1, f"request not in flight: {pending.exception() if pending.done() else 'pending'}"
     await svc.stop()  # must wait for the request in flight and still answer it
     r = await pending
     assert json.loads(r.data)["text"] == "late"
