@@ -1077,3 +1077,36 @@ def test_read_into_at_fills_by_offset_and_checks_both_ranges(arena):
     arena.free(seg, off, gen)
     with pytest.raises(StaleHandle):
         arena.read_into_at(seg, off, gen, 0, 1, out, 0)
+
+
+def test_gather_into_copies_back_to_back_and_all_or_nothing(arena):
+    blocks = []
+    for text in (b"alpha", b"be", b"gamma!"):
+        seg, off, gen = arena.alloc(len(text))
+        arena.write(seg, off, gen, 0, text)
+        blocks.append((seg, off, gen, text))
+    specs = [(s, o, g, 0, len(t)) for s, o, g, t in blocks]
+    out = bytearray(b"#" * 16)
+    assert arena.gather_into(specs, out, 2) == 13
+    assert out == b"##alphabegamma!#"
+    assert arena.gather_into([(blocks[2][0], blocks[2][1], blocks[2][2], 1, 3)], out, 0) == 3
+    assert out[:3] == b"amm"
+    assert arena.gather_into([], out, 16) == 0
+    before = bytes(out)
+    s, o, g, _ = blocks[1]
+    arena.free(s, o, g)
+    with pytest.raises(StaleHandle):  # a bad item anywhere: nothing is copied
+        arena.gather_into([specs[0], specs[1]], out, 0)
+    with pytest.raises(OutOfRange):
+        arena.gather_into([specs[0], specs[2]], out, 6)  # 11 bytes from 6 do not fit 16
+    with pytest.raises(OutOfRange):
+        arena.gather_into([(blocks[0][0], blocks[0][1], blocks[0][2], 3, 3)], out, 0)  # past the block
+    with pytest.raises(OutOfRange):
+        arena.gather_into([specs[0]], out, -1)
+    with pytest.raises(BadRequest):
+        arena.gather_into([(1, 2, 3)], out, 0)
+    with pytest.raises(BadRequest):
+        arena.gather_into([specs[0]], b"read-only buffer", 0)
+    assert bytes(out) == before, "a failed gather copied something"
+    for s, o, g, _ in (blocks[0], blocks[2]):
+        arena.free(s, o, g)
