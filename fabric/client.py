@@ -52,6 +52,7 @@ from .errors import (
     Unavailable,
     error_from_wire,
 )
+from .hostid import boot_id
 from .handles import _PARSED, HandleParts, parse_cached as parse
 from .leases import LeaseKeeper
 from .schema import (
@@ -72,10 +73,7 @@ from .schema import (
 __all__ = ["AsyncFabricClient", "FabricClient", "RemoteBuffer", "AsyncRemoteBuffer"]
 
 T = TypeVar("T")
-TO_END = 2**64 - 1
-# Frames are recognised by their magic, so requests need no Content-Type header: a
-# header-less request is a plain PUB, cheaper for nats-py and the server alike.
-FRAME_HEADERS = None
+TO_END = wire.TO_END
 # room left in a message for the frame header, the item table and NATS headers
 FRAME_OVERHEAD = 4096
 
@@ -106,14 +104,6 @@ def _default_owner() -> str:
     return f"{user}@{host}"[:64]
 
 
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as fh:
-            return fh.read().strip()
-    except OSError:
-        return ""
-
-
 def _token(handle: "str | RemoteBuffer | AsyncRemoteBuffer") -> str:
     return handle.handle if isinstance(handle, (RemoteBuffer, AsyncRemoteBuffer)) else handle
 
@@ -122,8 +112,8 @@ class _LocalSegments:
     """The segments this client has mapped for the local fast path, by (node, seg)."""
 
     def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and bool(_boot_id())
-        self.boot_id = _boot_id()
+        self.boot_id = boot_id()
+        self.enabled = enabled and bool(self.boot_id)
         self.hostname = socket.gethostname()
         self.views: dict[tuple[str, int], Any] = {}  # None = known not to be local
         self.lock = threading.Lock()
@@ -398,7 +388,9 @@ class AsyncFabricClient:
     async def _read_frame(self, node: str, items: Sequence[tuple[str, int, int, int]],
                           batch: bool = False) -> list[Any]:
         """Items are ``(handle, offset, length, 0)``; returns bytes, or errors for failed batch items."""
-        reply = await self.request(self._mem(node, "read"), wire.encode(wire.KIND_READ, items), FRAME_HEADERS)
+        # no Content-Type header: the frame's magic says what it is, and a header-less
+        # request is a plain PUB, cheaper for nats-py and the server alike
+        reply = await self.request(self._mem(node, "read"), wire.encode(wire.KIND_READ, items))
         got = wire.decode(reply.data)
         out: list[Any] = got.payloads()
         for i, (_h, _o, _n, status) in enumerate(got.items):
@@ -411,7 +403,7 @@ class AsyncFabricClient:
         return await self._send_write_frame(node, frame, batch)
 
     async def _send_write_frame(self, node: str, frame: bytes, batch: bool = False) -> Any:
-        reply = await self.request(self._mem(node, "write"), frame, FRAME_HEADERS)
+        reply = await self.request(self._mem(node, "write"), frame)  # header-less, as for reads
         got = wire.decode(reply.data)
         out = [error_from_wire(st, f"batch item {i} failed") if st else n for i, (_h, _o, n, st) in enumerate(got.items)]
         if batch:

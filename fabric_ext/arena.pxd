@@ -5,7 +5,7 @@
 # are relative to the start of their segment, never pointers, so any process may map
 # the segment at any address.
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 
 cdef extern from "fabric_atomic.h" nogil:
@@ -173,3 +173,5 @@ cdef class SegmentView:
     cdef readonly str path        # the file this view maps
 
     cdef BlockHeader* _live(self, uint64_t off, uint64_t gen) except NULL
+    cdef uint64_t _copy(self, uint64_t o, uint64_t g, int64_t ps, char* buf, Py_ssize_t length,
+                        bint into_block) except? 0xFFFFFFFFFFFFFFFF

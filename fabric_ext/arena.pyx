@@ -1241,30 +1241,6 @@ cdef class Arena:
             PyBuffer_Release(&buf)
         return n
 
-    def read_into_at(self, seg, off, gen, pos, length, out, out_offset):
-        """Copy ``length`` bytes of the block from ``pos`` into *out* at ``out_offset``.
-
-        The allocator's batch path: it fills a reply frame's payload in place, with
-        no view object per item.  Both ranges are checked; returns the count.
-        """
-        cdef uint64_t o = _handle_part(off), g = _handle_part(gen), p, n
-        cdef int64_t ln = _i64(length), at = _i64(out_offset)
-        cdef _Segment s = self._segment(seg, g, M_ACCESS)
-        cdef BlockHeader* h = self._live(s, o, g, M_ACCESS)
-        cdef Py_buffer buf
-        try:
-            PyObject_GetBuffer(out, &buf, PyBUF_WRITABLE)
-        except (TypeError, BufferError) as exc:
-            raise BadRequest(f"out must be a writable contiguous buffer: {exc}") from None
-        try:
-            if ln < 0 or at < 0 or at > buf.len or ln > buf.len - at:
-                raise OutOfRange(f"[{at}, {at}+{ln}) outside the output buffer's {buf.len} bytes")
-            _range(h.size, _i64(pos), ln, &p, &n)
-            memcpy(<char*>buf.buf + at, s.m.base + o + p, n)
-        finally:
-            PyBuffer_Release(&buf)
-        return n
-
     def gather_into(self, list specs, out, at):
         """Copy several block ranges back to back into *out*, starting at ``at``.
 
@@ -1673,31 +1649,44 @@ cdef class SegmentView:
                 break
         _raise_probe(P_STALE, self.seg_id, o, g, M_ACCESS)
 
+    cdef uint64_t _copy(self, uint64_t o, uint64_t g, int64_t ps, char* buf, Py_ssize_t length,
+                        bint into_block) except? 0xFFFFFFFFFFFFFFFF:
+        """Copy *length* bytes between *buf* and the block at ``ps``, seqlock style.
+
+        The handle is validated before the copy and the header re-checked after it;
+        a block freed or reused meanwhile raises StaleHandle.  Returns the count.
+        """
+        cdef uint64_t p, n = 0, size
+        cdef BlockHeader* h
+        cdef int attempt, r = -1
+        for attempt in range(8):
+            h = self._live(o, g)
+            size = fab_load_acquire_u64(&h.size)
+            _range(size, ps, length, &p, &n)
+            if into_block:
+                memcpy(self.m.base + o + p, buf, n)
+            else:
+                memcpy(buf, self.m.base + o + p, n)
+            r = _unchanged(h, g, size)
+            if r != 0:
+                break
+        if r <= 0:
+            _raise_probe(P_STALE, self.seg_id, o, g, M_ACCESS)
+        return n
+
     def read_into(self, off, gen, pos, out):
         """Like ``Arena.read_into`` for a block of this segment."""
-        cdef uint64_t o = _handle_part(off), g = _handle_part(gen), p, n = 0, size
+        cdef uint64_t o = _handle_part(off), g = _handle_part(gen)
         cdef int64_t ps = _i64(pos)
-        cdef BlockHeader* h
         cdef Py_buffer buf
-        cdef int attempt, r = -1
         try:
             PyObject_GetBuffer(out, &buf, PyBUF_WRITABLE)
         except (TypeError, BufferError) as exc:
             raise BadRequest(f"out must be a writable contiguous buffer: {exc}") from None
         try:
-            for attempt in range(8):
-                h = self._live(o, g)
-                size = fab_load_acquire_u64(&h.size)
-                _range(size, ps, buf.len, &p, &n)
-                memcpy(buf.buf, self.m.base + o + p, n)
-                r = _unchanged(h, g, size)
-                if r != 0:
-                    break
+            return self._copy(o, g, ps, <char*>buf.buf, buf.len, False)
         finally:
             PyBuffer_Release(&buf)
-        if r <= 0:
-            _raise_probe(P_STALE, self.seg_id, o, g, M_ACCESS)
-        return n
 
     def write(self, off, gen, pos, data):
         """Like ``Arena.write`` for a block of this segment.
@@ -1705,29 +1694,17 @@ cdef class SegmentView:
         A write racing a free of the same block is the caller's bug; it is reported
         (StaleHandle) but the bytes may already have landed in the freed block.
         """
-        cdef uint64_t o = _handle_part(off), g = _handle_part(gen), p, n = 0, size
+        cdef uint64_t o = _handle_part(off), g = _handle_part(gen)
         cdef int64_t ps = _i64(pos)
-        cdef BlockHeader* h
         cdef Py_buffer buf
-        cdef int attempt, r = -1
         try:
             PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
         except (TypeError, BufferError) as exc:
             raise BadRequest(f"data must be a contiguous bytes-like object: {exc}") from None
         try:
-            for attempt in range(8):
-                h = self._live(o, g)
-                size = fab_load_acquire_u64(&h.size)
-                _range(size, ps, buf.len, &p, &n)
-                memcpy(self.m.base + o + p, buf.buf, n)
-                r = _unchanged(h, g, size)
-                if r != 0:
-                    break
+            return self._copy(o, g, ps, <char*>buf.buf, buf.len, True)
         finally:
             PyBuffer_Release(&buf)
-        if r <= 0:
-            _raise_probe(P_STALE, self.seg_id, o, g, M_ACCESS)
-        return n
 
     def size(self, off, gen):
         """The requested size of a live block of this segment."""

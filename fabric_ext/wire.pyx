@@ -738,7 +738,7 @@ def encode_reserve(int kind, items, *, bint zero=True, bint views=True):
 
     With ``views=False`` no views are made (``slots`` is empty): the payload
     section is the frame's last ``sum(lengths)`` bytes, items back to back, and the
-    caller fills it by offset (``arena.read_into_at``), saving an object per item.
+    caller fills it by offset (``arena.gather_into``), saving an object per item.
     """
     cdef _Plan plan
     cdef object titems = _as_seq(items)

@@ -1062,23 +1062,6 @@ def test_segment_view_never_returns_bytes_of_a_freed_or_reused_block(arena):
     assert ok >= rounds and stale > 0 and rounds > 10, (ok, stale, rounds)
 
 
-def test_read_into_at_fills_by_offset_and_checks_both_ranges(arena):
-    seg, off, gen = arena.alloc(8)
-    arena.write(seg, off, gen, 0, b"abcdefgh")
-    out = bytearray(b"." * 12)
-    assert arena.read_into_at(seg, off, gen, 2, 4, out, 5) == 4
-    assert out == b".....cdef..."
-    for pos, length, at in [(5, 4, 0), (0, 4, 9), (0, -1, 0), (0, 2, -1), (9, 0, 0), (0, 2, 2**63)]:
-        with pytest.raises(OutOfRange):
-            arena.read_into_at(seg, off, gen, pos, length, out, at)
-    assert out == b".....cdef...", "a rejected copy wrote something"
-    with pytest.raises(BadRequest):
-        arena.read_into_at(seg, off, gen, 0, 1, b"read-only", 0)
-    arena.free(seg, off, gen)
-    with pytest.raises(StaleHandle):
-        arena.read_into_at(seg, off, gen, 0, 1, out, 0)
-
-
 def test_gather_into_copies_back_to_back_and_all_or_nothing(arena):
     blocks = []
     for text in (b"alpha", b"be", b"gamma!"):

@@ -16,6 +16,7 @@ also take the binary frame of :mod:`fabric_ext.wire` (single items and batches).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -25,6 +26,7 @@ from typing import Any, Sequence
 import psutil
 
 from fabric import subjects
+from fabric.hostid import boot_id
 from fabric.errors import BadRequest, FabricError, OutOfRange, PermissionDenied, TooLarge
 from fabric.handles import PERM_R, HandleParts, HandleSigner
 from fabric.schema import (
@@ -57,20 +59,8 @@ from fabric_ext.arena import Arena
 
 from .identity import load_or_create
 
-#: frames use this length to mean "to the end of the block"
-TO_END = 2**64 - 1
 # Success frames carry no headers: the magic says what they are, and a header-less
 # reply is cheaper on both ends.  Error replies always carry the ADR-32 headers.
-FRAME_HEADERS = None
-
-
-def boot_id() -> str:
-    """Identifies this boot of this host: a client must match it to use the local fast path."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as fh:
-            return fh.read().strip()
-    except OSError:  # not Linux: the local fast path is then never offered
-        return ""
 
 
 def _env_bytes(name: str, default: int) -> int:
@@ -148,8 +138,6 @@ class AllocatorService(FabricService):
         ]
 
     async def on_start(self) -> None:
-        import asyncio
-
         self._reaper = asyncio.create_task(self._reap_leases())
         stats = self.arena.stats()
         self.log.info("arena attached", prefix=self.prefix, capacity=self.capacity,
@@ -162,8 +150,6 @@ class AllocatorService(FabricService):
         self.arena.close()
 
     async def _reap_leases(self) -> None:
-        import asyncio
-
         while True:
             await asyncio.sleep(1.0)
             for seg, off, gen in self.arena.expired(int(time.time() * 1000)):
@@ -302,7 +288,7 @@ class AllocatorService(FabricService):
         total = 0
         for token, pos, length, _status in frame.items:
             h = known(token)
-            if h is None or length == TO_END:
+            if h is None or length == wire.TO_END:
                 return None
             reply_items.append((b"", pos, length, 0))
             specs.append((h[1], h[2], h[3], pos, length))  # HandleParts is (node, seg, off, gen, ...)
@@ -315,7 +301,7 @@ class AllocatorService(FabricService):
             self.arena.gather_into(specs, out, len(out) - total)
         except FabricError:
             return None
-        return Reply(out, FRAME_HEADERS)
+        return Reply(out)
 
     def _read_frame_checked(self, frame: Any) -> Reply:
         items = frame.items
@@ -328,7 +314,7 @@ class AllocatorService(FabricService):
             try:
                 h = verify(token)
                 size = size_of(h.seg, h.off, h.gen)  # also proves the block is live
-                if length == TO_END:
+                if length == wire.TO_END:
                     length = size - pos if pos <= size else 0
                 if pos > size or length > size - pos:
                     raise OutOfRange(f"read of {length} bytes at offset {pos} is outside the block's {size} bytes")
@@ -343,16 +329,12 @@ class AllocatorService(FabricService):
         max_payload = self.nc.max_payload  # type: ignore[union-attr]
         if total + 64 * len(items) + 1024 > max_payload:
             raise TooLarge(f"reply of {total} bytes would exceed the max payload ({max_payload}): read in chunks")
-        # zero=False: every live item's bytes are filled right below, the others are empty;
-        # views=False: the payload is the frame's last `total` bytes, filled by offset
+        # zero=False: the live items' bytes are filled right below, the failed ones are empty;
+        # views=False: the payload is the frame's last `total` bytes, items back to back
         out, _ = wire.encode_reserve(wire.KIND_DATA, reply_items, zero=False, views=False)
-        read_into_at = self.arena.read_into_at
-        at = len(out) - total
-        for h, (_, pos, n, _st) in zip(sources, reply_items):
-            if h is not None and n:
-                read_into_at(h.seg, h.off, h.gen, pos, n, out, at)
-                at += n
-        return Reply(out, FRAME_HEADERS)
+        self.arena.gather_into([(h.seg, h.off, h.gen, pos, n) for h, (_, pos, n, _st) in zip(sources, reply_items)
+                                if h is not None], out, len(out) - total)
+        return Reply(out)
 
     def _write_frame(self, req: Request) -> Reply:
         frame = wire.decode(req.data)
@@ -369,4 +351,4 @@ class AllocatorService(FabricService):
                 if single:
                     raise
                 acks.append((b"", pos, 0, exc.code))
-        return Reply(wire.encode(wire.KIND_ACK, acks), FRAME_HEADERS)
+        return Reply(wire.encode(wire.KIND_ACK, acks))
