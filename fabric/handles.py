@@ -95,14 +95,11 @@ class HandleSigner:
     def mint(self, seg: int, off: int, gen: int, perm: str = PERM_RW) -> str:
         return f"{VERSION}:{self.node}:{seg}:{off}:{gen}:{perm}:{self._mac(seg, off, gen, perm)}"
 
-    def known(self, token: str) -> HandleParts | None:
-        """The parts of *token* if it already verified here, else None (no MAC work: a hot-path probe)."""
-        return self._verified.get(token)
-
     def known_lookup(self) -> "Callable[[str], HandleParts | None]":
-        """:meth:`known` as a bound ``dict.get``, for loops over many handles (no Python frame per call).
+        """A probe for handles that already verified here: token -> parts, or None (no MAC work).
 
-        The memo is cleared in place, never replaced, so the lookup stays valid.
+        A bound ``dict.get``, for loops over many handles (no Python frame per call);
+        the memo is cleared in place, never replaced, so the probe stays valid.
         """
         return self._verified.get
 
