@@ -73,7 +73,6 @@ from .schema import (
 __all__ = ["AsyncFabricClient", "FabricClient", "RemoteBuffer", "AsyncRemoteBuffer"]
 
 T = TypeVar("T")
-TO_END = wire.TO_END
 # room left in a message for the frame header, the item table and NATS headers
 FRAME_OVERHEAD = 4096
 
@@ -324,7 +323,7 @@ class AsyncFabricClient:
         if length is not None and length > chunk:
             return await self._read_chunked(h.node, token, offset, length, chunk)
         try:
-            return (await self._read_frame(h.node, [(token, offset, TO_END if length is None else length, 0)]))[0]
+            return await self._read_one(h.node, token, offset, wire.TO_END if length is None else length)
         except TooLarge:
             if length is not None:
                 raise
@@ -334,32 +333,38 @@ class AsyncFabricClient:
     async def rreadv(self, items: Iterable[tuple[Any, int, int | None]], *,
                      return_exceptions: bool = False) -> list[bytes | FabricError]:
         """Read many ``(handle, offset, length)`` items in one request per node, results in order."""
-        plan: list[tuple[str, int, int, int]] = []
-        by_node: dict[str, list[int]] = {}
-        parsed = _PARSED.get  # hot loop: the memo of parse_cached, probed directly
-        for hd, off, n in items:
-            token = hd if type(hd) is str else _token(hd)
-            node = (parsed(token) or parse(token)).node
-            idx = by_node.get(node)
-            if idx is None:
-                idx = by_node[node] = []
-            idx.append(len(plan))
-            plan.append((token, off, TO_END if n is None else n, 0))
-        if len(by_node) == 1:  # the common case: no task per node, no reordering
-            results: list[Any] = await self._read_frame(next(iter(by_node)), plan, batch=True)
+        if type(items) is not list and type(items) is not tuple:
+            items = list(items)
+        # the common case (handles seen before, all on one node) is planned and encoded in C
+        fast = wire.encode_reads(items, _PARSED, _BUFFER_TYPES)
+        if fast is not None:
+            node, frame = fast
+            results, failed = await self._read_reply(node, frame)
         else:
-            results = [None] * len(plan)
-
-            async def one_node(node: str, idx: list[int]) -> None:
-                got = await self._read_frame(node, [plan[i] for i in idx], batch=True)
-                for i, value in zip(idx, got):
-                    results[i] = value
-
-            await asyncio.gather(*(one_node(n, idx) for n, idx in by_node.items()))
-        if not return_exceptions:
+            results = await self._rreadv_general(items)  # type: ignore[arg-type]
+            failed = True
+        if failed and not return_exceptions:
             for value in results:
                 if isinstance(value, FabricError):
                     raise value
+        return results
+
+    async def _rreadv_general(self, items: Sequence[tuple[Any, int, int | None]]) -> list[Any]:
+        plan: list[tuple[str, int, int, int]] = []
+        by_node: dict[str, list[int]] = {}
+        for hd, off, n in items:
+            token = _token(hd)
+            node = parse(token).node
+            by_node.setdefault(node, []).append(len(plan))
+            plan.append((token, off, wire.TO_END if n is None else n, 0))
+        results: list[Any] = [None] * len(plan)
+
+        async def one_node(node: str, idx: list[int]) -> None:
+            got, _failed = await self._read_frame(node, [plan[i] for i in idx])
+            for i, value in zip(idx, got):
+                results[i] = value
+
+        await asyncio.gather(*(one_node(n, idx) for n, idx in by_node.items()))
         return results
 
     async def rwritev(self, items: Iterable[tuple[Any, int, Any]], *,
@@ -385,18 +390,30 @@ class AsyncFabricClient:
 
     # -- frames ----------------------------------------------------------------
 
-    async def _read_frame(self, node: str, items: Sequence[tuple[str, int, int, int]],
-                          batch: bool = False) -> list[Any]:
-        """Items are ``(handle, offset, length, 0)``; returns bytes, or errors for failed batch items."""
+    async def _read_frame(self, node: str, items: Sequence[tuple[str, int, int, int]]) -> tuple[list[Any], int]:
+        """Items are ``(handle, offset, length, 0)``; see :meth:`_read_reply`."""
+        return await self._read_reply(node, wire.encode(wire.KIND_READ, items))
+
+    async def _read_one(self, node: str, token: str, offset: int, length: int) -> bytes:
+        # a single item never gets a per-item status: it fails as an error reply
+        return (await self._read_frame(node, [(token, offset, length, 0)]))[0][0]
+
+    async def _read_reply(self, node: str, frame: bytes) -> tuple[list[Any], int]:
+        """Send a READ frame: the bytes of each item (an error for a failed batch item), and the failures."""
         # no Content-Type header: the frame's magic says what it is, and a header-less
         # request is a plain PUB, cheaper for nats-py and the server alike
-        reply = await self.request(self._mem(node, "read"), wire.encode(wire.KIND_READ, items))
-        got = wire.decode(reply.data)
-        out: list[Any] = got.payloads()
-        for i, (_h, _o, _n, status) in enumerate(got.items):
-            if status:  # only batches get per-item statuses; a single item fails as an error reply
+        reply = await self.request(self._mem(node, "read"), frame)
+        out: list[Any]
+        out, statuses = wire.decode_payloads(reply.data)
+        if statuses is None:
+            return out, 0
+        # only batches get per-item statuses; a single item fails as an error reply
+        failed = 0
+        for i, status in enumerate(statuses):
+            if status:
                 out[i] = error_from_wire(status, f"batch item {i} failed with {status}")
-        return out
+                failed += 1
+        return out, failed
 
     async def _write_frame(self, node: str, items: Sequence[tuple[str, int, memoryview]], batch: bool = False) -> Any:
         frame = wire.encode(wire.KIND_WRITE, [(t, o, len(d), 0) for t, o, d in items], [d for _t, _o, d in items])
@@ -414,8 +431,7 @@ class AsyncFabricClient:
 
     async def _read_chunked(self, node: str, token: str, offset: int, length: int, chunk: int) -> bytes:
         spans = [(offset + i, min(chunk, length - i)) for i in range(0, length, chunk)]
-        parts = await asyncio.gather(*(self._read_frame(node, [(token, o, n, 0)]) for o, n in spans))
-        return b"".join(p[0] for p in parts)
+        return b"".join(await asyncio.gather(*(self._read_one(node, token, o, n) for o, n in spans)))
 
     # -- local fast path --------------------------------------------------------
 
@@ -693,3 +709,7 @@ class RemoteBuffer:
 
     def __exit__(self, *exc: object) -> None:
         self.free()
+
+
+# what rreadv's C fast path accepts in place of a token (it reads their .handle)
+_BUFFER_TYPES = (RemoteBuffer, AsyncRemoteBuffer)

@@ -103,6 +103,10 @@ class HandleSigner:
         """
         return self._verified.get
 
+    def known_map(self) -> dict[str, HandleParts]:
+        """The memo behind :meth:`known_lookup` itself (read it, never write it): for C loops."""
+        return self._verified
+
     def verify(self, token: str) -> HandleParts:
         """Parse *token* and check its MAC and node; raises :class:`UnknownHandle`."""
         h = self._verified.get(token)

@@ -151,6 +151,7 @@ cdef class Arena:
     cdef _Owner _owner_slow(self, object owner)
     cdef _Segment _segment(self, object seg, uint64_t gen, int mode)
     cdef BlockHeader* _live(self, _Segment s, uint64_t off, uint64_t gen, int mode) except NULL
+    cdef object _gather(self, list rows, dict known, out, object at)
     cdef _Segment _alloc_block(self, _Owner ow, uint64_t size, uint64_t lease, uint64_t* hoff)
     cdef uint64_t _take(self, _Segment s, uint64_t cap) except? 0
     cdef int _free_block(self, _Segment s, BlockHeader* h) except -1

@@ -47,7 +47,10 @@ import re
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.dict cimport PyDict_GetItem
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.ref cimport PyObject
+from cpython.tuple cimport PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong, PyLong_Check
 from libc.errno cimport EINTR, errno
@@ -1250,13 +1253,28 @@ cdef class Arena:
         allocator's batch reads: one call instead of one per item.  Returns the bytes
         copied.
         """
-        cdef Py_ssize_t i, count = PyList_GET_SIZE(specs)
+        return self._gather(specs, None, out, at)
+
+    def gather_reads(self, list items, dict known, out, at):
+        """:meth:`gather_into` for a READ frame's items, resolved through *known*.
+
+        *items* are ``(token, pos, length, status)`` tuples (``wire.Frame.items``);
+        *known* maps tokens already verified to their parts ``(node, seg, off, gen,
+        ...)``.  Returns the bytes copied, or ``None`` having copied nothing when a
+        token is not in *known* (the caller verifies it the slow way).  A dead block
+        or a range outside its block raises that item's error, as gather_into does.
+        """
+        return self._gather(items, known, out, at)
+
+    cdef object _gather(self, list rows, dict known, out, object at):
+        cdef Py_ssize_t i, count = PyList_GET_SIZE(rows)
         cdef int64_t start = _i64(at)
         cdef uint64_t o, g, p, n, total = 0
         cdef _Segment s
         cdef BlockHeader* h
         cdef Py_buffer buf
-        cdef object spec
+        cdef object row, seg, pos, length
+        cdef PyObject* parts
         cdef char* dst
         try:
             PyObject_GetBuffer(out, &buf, PyBUF_WRITABLE)
@@ -1273,14 +1291,32 @@ cdef class Arena:
             if srcs == NULL or lens == NULL:
                 raise MemoryError()
             for i in range(count):
-                spec = <object>PyList_GET_ITEM(specs, i)
-                if type(spec) is not tuple or len(spec) != 5:
-                    raise BadRequest("gather_into specs are (seg, off, gen, pos, length) tuples")
-                o = _handle_part(spec[1])
-                g = _handle_part(spec[2])
-                s = self._segment(spec[0], g, M_ACCESS)
+                row = <object>PyList_GET_ITEM(rows, i)
+                if known is None:
+                    if type(row) is not tuple or len(row) != 5:
+                        raise BadRequest("gather_into specs are (seg, off, gen, pos, length) tuples")
+                    seg = <object>PyTuple_GET_ITEM(row, 0)
+                    o = _handle_part(<object>PyTuple_GET_ITEM(row, 1))
+                    g = _handle_part(<object>PyTuple_GET_ITEM(row, 2))
+                    pos = <object>PyTuple_GET_ITEM(row, 3)
+                    length = <object>PyTuple_GET_ITEM(row, 4)
+                else:
+                    if type(row) is not tuple or len(row) != 4:
+                        raise BadRequest("gather_reads items are (token, pos, length, status) tuples")
+                    parts = PyDict_GetItem(known, <object>PyTuple_GET_ITEM(row, 0))
+                    if parts == NULL:
+                        return None
+                    if not PyTuple_Check(<object>parts) or PyTuple_GET_SIZE(<object>parts) < 4:
+                        raise BadRequest("known maps tokens to (node, seg, off, gen, ...) tuples")
+                    # parts is a NamedTuple: the C accessors, not its Python-level __getitem__
+                    seg = <object>PyTuple_GET_ITEM(<object>parts, 1)
+                    o = _handle_part(<object>PyTuple_GET_ITEM(<object>parts, 2))
+                    g = _handle_part(<object>PyTuple_GET_ITEM(<object>parts, 3))
+                    pos = <object>PyTuple_GET_ITEM(row, 1)
+                    length = <object>PyTuple_GET_ITEM(row, 2)
+                s = self._segment(seg, g, M_ACCESS)
                 h = self._live(s, o, g, M_ACCESS)
-                _range(h.size, _i64(spec[3]), _i64(spec[4]), &p, &n)
+                _range(h.size, _i64(pos), _i64(length), &p, &n)
                 if n > <uint64_t>(buf.len - start) - total:
                     raise OutOfRange(f"item {i} does not fit the output buffer's {buf.len} bytes")
                 srcs[i] = s.m.base + o + p

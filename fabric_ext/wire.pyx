@@ -38,6 +38,7 @@ from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from cpython.dict cimport PyDict_GetItem
 from libc.stdint cimport UINT32_MAX, UINT64_MAX, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
@@ -67,12 +68,14 @@ cdef extern from *:
 
 cdef extern from "Python.h":
     bint PyUnicode_Check(object o)
+    bint PyUnicode_CheckExact(object o)
     bint PyUnicode_IS_COMPACT_ASCII(object o)
     void* PyUnicode_DATA(object o)
     Py_ssize_t PyUnicode_GET_LENGTH(object o)
     object PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
     bint PyBytes_Check(object o)
     bint PyTuple_CheckExact(object o)
+    bint PyTuple_Check(object o)
     bint PyList_CheckExact(object o)
     bint PyLong_Check(object o)
     object PyNumber_Index(object o)
@@ -82,12 +85,15 @@ cdef extern from "Python.h":
 MAGIC = b"FBF1"
 VERSION = 1
 HEADER_SIZE = FRAME_HEADER_SIZE
+ITEM_FIXED = FRAME_ITEM_FIXED           # bytes of an item before its (padded) handle
 KIND_WRITE = 1
 KIND_READ = 2
 KIND_DATA = 3
 KIND_ACK = 4
 CONTENT_TYPE = "application/x-fabric-frame"
 TO_END = 0xFFFFFFFFFFFFFFFF            # a READ item's length meaning "to the end of the block"
+cdef object _TO_END_OBJ = TO_END
+cdef object _ZERO = 0
 DEFAULT_MAX_ITEMS = 65536
 DEFAULT_MAX_PAYLOAD = 64 << 20
 
@@ -335,6 +341,18 @@ cdef int _build(Frame f, const FrameHeader* h, const char* table) except -1:
     return 0
 
 
+cdef int _check_whole(const char* p, Py_ssize_t length, uint64_t max_items, uint64_t max_payload,
+                      FrameHeader* h) except -1:
+    """Validate a buffer that must hold exactly one frame: header, length, item table."""
+    _check_header(p, length, max_items, max_payload, h)
+    if h.total != <uint64_t>length:
+        if h.total > <uint64_t>length:
+            raise InvalidFrame(f"truncated frame: {length} bytes, its header declares {h.total}")
+        raise InvalidFrame(f"{<uint64_t>length - h.total} trailing bytes after a frame of {h.total}")
+    _check_items(h, p + FRAME_HEADER_SIZE)
+    return 0
+
+
 cdef Frame _decode_obj(object obj, Py_ssize_t start, Py_ssize_t length, uint64_t max_items, uint64_t max_payload):
     """Decode the frame at obj[start:start+length] (length < 0: to the end), zero-copy."""
     cdef FrameHeader h
@@ -348,12 +366,7 @@ cdef Frame _decode_obj(object obj, Py_ssize_t start, Py_ssize_t length, uint64_t
         if length < 0:
             length = pb.len - start
         p = <const char*>pb.buf + start
-        _check_header(p, length, max_items, max_payload, &h)
-        if h.total != <uint64_t>length:
-            if h.total > <uint64_t>length:
-                raise InvalidFrame(f"truncated frame: {length} bytes, its header declares {h.total}")
-            raise InvalidFrame(f"{<uint64_t>length - h.total} trailing bytes after a frame of {h.total}")
-        _check_items(&h, p + FRAME_HEADER_SIZE)
+        _check_whole(p, length, max_items, max_payload, &h)
         f = Frame.__new__(Frame)
         f.kind = h.kind
         _build(f, &h, p + FRAME_HEADER_SIZE)
@@ -482,6 +495,61 @@ def decode(buf, *, uint64_t max_items=DEFAULT_MAX_ITEMS, uint64_t max_payload=DE
     return _decode_obj(buf, 0, -1, max_items, max_payload)
 
 
+def decode_payloads(buf, *, uint64_t max_items=DEFAULT_MAX_ITEMS, uint64_t max_payload=DEFAULT_MAX_PAYLOAD):
+    """Decode a DATA frame straight to its items' bytes: ``(payloads, statuses)``.
+
+    ``payloads[i]`` is item *i*'s bytes (one copy each); ``statuses`` is ``None``
+    when every item succeeded, else the list of every item's status (0 for the
+    ones that did).  The client's read replies: no :class:`Frame` and no tuple per
+    item.  Validates exactly as :func:`decode` does; any other kind of frame is
+    :class:`~fabric.errors.InvalidFrame`.
+    """
+    cdef FrameHeader h
+    cdef Py_buffer pb
+    cdef _Reader r
+    cdef const char* p
+    cdef const char* pay
+    cdef Py_ssize_t i, n = 0
+    cdef uint16_t hlen, status
+    cdef uint32_t reserved
+    cdef uint64_t offset, length
+    cdef list out
+    cdef object b, statuses = None
+    PyObject_GetBuffer(buf, &pb, PyBUF_SIMPLE)
+    try:
+        p = <const char*>pb.buf
+        _check_whole(p, pb.len, max_items, max_payload, &h)
+        if h.kind != _KIND_DATA:
+            raise InvalidFrame(f"expected a DATA frame, got {_kind_name(h.kind)}")
+        n = h.item_count
+        r.buf = p + FRAME_HEADER_SIZE
+        r.len = h.items_length
+        r.pos = 0
+        r.base = FRAME_HEADER_SIZE
+        r.what = b"the item table"
+        pay = p + FRAME_HEADER_SIZE + h.items_length
+        out = PyList_New(n)
+        for i in range(n):
+            _read_u16(&r, &hlen)
+            _read_u16(&r, &status)
+            _read_u32(&r, &reserved)
+            _read_u64(&r, &offset)
+            _read_u64(&r, &length)
+            _take(&r, <Py_ssize_t>_pad8(hlen))
+            # _check_items proved the lengths sum to the payload section's size
+            b = PyBytes_FromStringAndSize(pay, <Py_ssize_t>length)
+            pay += length
+            Py_INCREF(b)
+            PyList_SET_ITEM(out, i, b)
+            if status:
+                if statuses is None:
+                    statuses = [0] * n
+                statuses[i] = status
+    finally:
+        PyBuffer_Release(&pb)
+    return out, statuses
+
+
 def frame_length(header, *, uint64_t max_items=DEFAULT_MAX_ITEMS, uint64_t max_payload=DEFAULT_MAX_PAYLOAD):
     """The total length of the frame whose header starts *header* (at least 24 bytes).
 
@@ -544,23 +612,23 @@ cdef inline object _as_seq(object seq):
 
 
 cdef int _plan_item(_Plan* plan, Py_ssize_t i, object item) except -1:
-    cdef _Item* it = &plan.items[i]
     cdef object handle, offset, length, status
+    if PyTuple_CheckExact(item) and PyTuple_GET_SIZE(item) == 4:
+        return _plan_fields(plan, i, <object>PyTuple_GET_ITEM(item, 0), <object>PyTuple_GET_ITEM(item, 1),
+                            <object>PyTuple_GET_ITEM(item, 2), <object>PyTuple_GET_ITEM(item, 3))
+    try:
+        handle, offset, length, status = item
+    except (TypeError, ValueError):
+        raise ValueError(f"item {i}: expected (handle, offset, length, status), got {item!r}") from None
+    return _plan_fields(plan, i, handle, offset, length, status)
+
+
+cdef int _plan_fields(_Plan* plan, Py_ssize_t i, object handle, object offset, object length,
+                      object status) except -1:
+    cdef _Item* it = &plan.items[i]
     cdef uint64_t st
-    cdef bytes hb
     cdef Py_ssize_t k
     cdef unsigned char acc = 0
-    if PyTuple_CheckExact(item) and PyTuple_GET_SIZE(item) == 4:
-        handle = <object>PyTuple_GET_ITEM(item, 0)
-        offset = <object>PyTuple_GET_ITEM(item, 1)
-        length = <object>PyTuple_GET_ITEM(item, 2)
-        status = <object>PyTuple_GET_ITEM(item, 3)
-    else:
-        try:
-            handle, offset, length, status = item
-        except (TypeError, ValueError):
-            raise ValueError(f"item {i}: expected (handle, offset, length, status), got {item!r}") from None
-
     if PyUnicode_Check(handle):
         if not PyUnicode_IS_COMPACT_ASCII(handle):
             try:
@@ -768,6 +836,139 @@ def encode_reserve(int kind, items, *, bint zero=True, bint views=True):
     finally:
         _plan_release(&plan)
     return out, slots
+
+
+# -- the batch-read hot path ---------------------------------------------------
+#
+# A 100-item batch read spent more time in Python loops (one tuple, one dict probe
+# and one list append per item, on both ends) than in the codec.  These two calls
+# do the per-item work of the common case in C and leave everything unusual to the
+# callers' checked paths, which report each failure precisely.
+
+
+def encode_reads(items, dict parsed, tuple buffer_types):
+    """The client's batch read, encoded in one call: ``(node, READ frame)``, or ``None``.
+
+    *items* (a list or tuple) are ``(handle, offset, length)`` with ``length``
+    ``None`` for "to the end"; a handle is a token ``str`` or an instance of one of
+    *buffer_types* (whose ``.handle`` is the token).  *parsed* maps tokens already
+    parsed to their parts, whose first field is the node.  Returns ``None``, having
+    built nothing, when the batch is not the common case -- no items, an item of
+    another shape, a token not in *parsed*, or items on more than one node -- so
+    the caller's general path (which validates and reports) takes over.  Invalid
+    offsets or lengths raise ``ValueError`` as :func:`encode` does.
+    """
+    cdef Py_ssize_t i, n
+    cdef object seq, item, hd, token, length, node = None, part_node
+    cdef PyObject* parts
+    cdef _Plan plan
+    cdef bytes out
+    if not (PyList_CheckExact(items) or PyTuple_CheckExact(items)):
+        return None
+    seq = items
+    n = len(seq)
+    if n == 0 or <uint64_t>n > UINT32_MAX:
+        return None
+    plan.kind = _KIND_READ
+    plan.count = 0
+    plan.nref = 0
+    plan.items_length = 0
+    plan.payload_length = 0
+    plan.items = plan.small
+    try:
+        if n > _INLINE_ITEMS:
+            plan.items = <_Item*>PyMem_Malloc(n * sizeof(_Item))
+            if plan.items == NULL:
+                raise MemoryError()
+        plan.count = n
+        for i in range(n):
+            item = _seq_item(seq, i, n)
+            if not PyTuple_CheckExact(item) or PyTuple_GET_SIZE(item) != 3:
+                return None
+            hd = <object>PyTuple_GET_ITEM(item, 0)
+            if PyUnicode_CheckExact(hd):
+                token = hd
+            elif isinstance(hd, buffer_types):
+                token = hd.handle
+                if not PyUnicode_CheckExact(token):
+                    return None
+            else:
+                return None
+            parts = PyDict_GetItem(parsed, token)
+            if parts == NULL or not PyTuple_Check(<object>parts) or PyTuple_GET_SIZE(<object>parts) < 1:
+                return None
+            # parts is a NamedTuple: the C accessor, not its Python-level __getitem__
+            part_node = <object>PyTuple_GET_ITEM(<object>parts, 0)
+            if node is None:
+                node = part_node
+            elif part_node is not node and part_node != node:
+                return None
+            length = <object>PyTuple_GET_ITEM(item, 2)
+            # no (token, offset, length, status) tuple per item: each one is a GC allocation
+            _plan_fields(&plan, i, token, <object>PyTuple_GET_ITEM(item, 1),
+                         _TO_END_OBJ if length is None else length, _ZERO)
+        if plan.items_length > UINT32_MAX:
+            raise TooLarge(f"item table of {plan.items_length} bytes does not fit a frame")
+        plan.total = FRAME_HEADER_SIZE + plan.items_length
+        out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>plan.total)
+        _write_frame(&plan, PyBytes_AS_STRING(out))
+    finally:
+        _plan_release(&plan)
+    return node, out
+
+
+def read_reply_reserve(Frame request, uint64_t max_payload):
+    """The allocator's reply to a READ frame, allocated once: ``(frame, payload_start)``, or ``None``.
+
+    The reply is a DATA frame with one item per request item (empty handle, the
+    request's offset and length, status 0) and its payload section left for the
+    caller to fill with every item's bytes back to back (``arena.gather_into``).
+    Returns ``None`` when an item reads "to the end" (its length is not known
+    here) or when the reply would exceed *max_payload* bytes.
+    """
+    cdef Py_ssize_t i, n = request._nitems
+    cdef object item
+    cdef _Item* it
+    cdef _Plan plan
+    cdef bytearray out
+    cdef uint64_t budget       # payload bytes that fit beside the header and the item table
+    if request.kind != _KIND_READ or n == 0:
+        return None
+    if max_payload > <uint64_t>PY_SSIZE_T_MAX:
+        max_payload = <uint64_t>PY_SSIZE_T_MAX
+    if max_payload < FRAME_HEADER_SIZE or <uint64_t>n * FRAME_ITEM_FIXED > max_payload - FRAME_HEADER_SIZE:
+        return None
+    budget = max_payload - FRAME_HEADER_SIZE - <uint64_t>n * FRAME_ITEM_FIXED
+    plan.kind = _KIND_DATA
+    plan.count = 0
+    plan.nref = 0
+    plan.items_length = <uint64_t>n * FRAME_ITEM_FIXED
+    plan.payload_length = 0
+    plan.items = plan.small
+    try:
+        if n > _INLINE_ITEMS:
+            plan.items = <_Item*>PyMem_Malloc(n * sizeof(_Item))
+            if plan.items == NULL:
+                raise MemoryError()
+        plan.count = n
+        for i in range(n):
+            item = <object>PyList_GET_ITEM(request.items, i)
+            it = &plan.items[i]
+            it.ref = NULL
+            it.handle = _EMPTY
+            it.hlen = 0
+            it.status = 0
+            it.offset = <object>PyTuple_GET_ITEM(item, 1)
+            it.length = <object>PyTuple_GET_ITEM(item, 2)
+            if it.length == UINT64_MAX or it.length > budget - plan.payload_length:
+                return None  # "to the end", or too large (tested so that no sum can wrap)
+            plan.payload_length += it.length
+        plan.total = FRAME_HEADER_SIZE + plan.items_length + plan.payload_length
+        out = PyByteArray_FromStringAndSize(NULL, <Py_ssize_t>plan.total)
+        _write_frame(&plan, PyByteArray_AS_STRING(out))
+    finally:
+        _plan_release(&plan)
+    return out, <Py_ssize_t>(FRAME_HEADER_SIZE + plan.items_length)
 
 
 # -- streaming -----------------------------------------------------------------

@@ -153,6 +153,27 @@ async def test_batches_through_frames(aclient, allocator):
         await aclient.rfree(b)
 
 
+async def test_batch_reads_without_the_fast_path(aclient, allocator):
+    """Handles this process never parsed, a generator, several nodes: the general path."""
+    from fabric import handles
+
+    bufs = [await aclient.rmalloc(64) for _ in range(3)]
+    for i, b in enumerate(bufs):
+        await aclient.rwrite(b, bytes([i]) * 64)
+    handles._PARSED.clear()  # as in a process that got these handles from elsewhere
+    got = await aclient.rreadv((b.handle, 0, None) for b in bufs)
+    assert got == [bytes([i]) * 64 for i in range(3)]
+    again = [(b, 8, 8) for b in bufs]
+    assert wire.encode_reads(again, handles._PARSED, (type(bufs[0]),)) is not None  # the general path parsed them
+    assert await aclient.rreadv(again) == [bytes([i]) * 8 for i in range(3)]
+    node = handles.parse(bufs[0].handle).node
+    ghost = bufs[0].handle.replace(f":{node}:", ":ghost-node:", 1)
+    with pytest.raises(Unavailable):  # the batch splits by node; no allocator serves that one
+        await aclient.rreadv([(bufs[1], 0, 8), (ghost, 0, 8)])
+    for b in bufs:
+        await aclient.rfree(b)
+
+
 async def test_large_values_are_chunked(aclient, allocator):
     size = 20 << 20  # > 8 MiB max payload of the test server
     data = (bytes(range(256)) * (size // 256))

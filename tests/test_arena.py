@@ -1093,3 +1093,37 @@ def test_gather_into_copies_back_to_back_and_all_or_nothing(arena):
     assert bytes(out) == before, "a failed gather copied something"
     for s, o, g, _ in (blocks[0], blocks[2]):
         arena.free(s, o, g)
+
+
+def test_gather_reads_resolves_tokens_through_the_known_map(arena):
+    blocks = []
+    for text in (b"alpha", b"be", b"gamma!"):
+        seg, off, gen = arena.alloc(len(text))
+        arena.write(seg, off, gen, 0, text)
+        blocks.append((seg, off, gen, text))
+    # known maps a token to parts shaped like fabric.handles.HandleParts: (node, seg, off, gen, ...)
+    known = {f"t{i}": ("node", s, o, g, "rw", "mac") for i, (s, o, g, _t) in enumerate(blocks)}
+    items = [("t0", 0, 5, 0), ("t1", 1, 1, 0), ("t2", 2, 4, 0)]
+    out = bytearray(b"#" * 12)
+    assert arena.gather_reads(items, known, out, 2) == 10
+    assert out == b"##alphaemma!"
+    before = bytes(out)
+    # a token not in the map: None, nothing copied (the caller verifies it the slow way)
+    assert arena.gather_reads([items[0], ("t9", 0, 1, 0)], known, out, 0) is None
+    s, o, g, _ = blocks[1]
+    arena.free(s, o, g)
+    with pytest.raises(StaleHandle):
+        arena.gather_reads(items, known, out, 0)
+    with pytest.raises(OutOfRange):
+        arena.gather_reads([("t0", 3, 3, 0)], known, out, 0)  # past the block
+    with pytest.raises(OutOfRange):
+        arena.gather_reads([("t0", 0, 2**64 - 1, 0)], known, out, 0)  # "to the end" is the caller's to size
+    with pytest.raises(OutOfRange):
+        arena.gather_reads([("t0", 0, 5, 0), ("t2", 0, 6, 0)], known, out, 2)  # does not fit
+    with pytest.raises(BadRequest):
+        arena.gather_reads([("t0", 0, 5)], known, out, 0)
+    with pytest.raises(BadRequest):
+        arena.gather_reads([("t0", 0, 5, 0)], {"t0": "not parts"}, out, 0)
+    assert bytes(out) == before, "a failed gather copied something"
+    for s, o, g, _ in (blocks[0], blocks[2]):
+        arena.free(s, o, g)

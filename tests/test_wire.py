@@ -632,3 +632,125 @@ def test_encode_reserve_without_views_puts_the_payload_last():
     assert f.payloads() == [b"abc", b"", b"de"]
     with_views, _ = wire.encode_reserve(wire.KIND_DATA, items)
     assert len(with_views) == len(out)
+
+
+# -- the batch-read hot path: encode_reads, read_reply_reserve, decode_payloads --
+
+TOKENS = [f"v1:node-a:1:{64 * i}:{i}:rw:" + f"{i:032x}" for i in range(1, 8)]
+PARSED = {t: ("node-a", 1, 64 * i, i, "rw", f"{i:032x}") for i, t in enumerate(TOKENS, 1)}
+
+
+class _Buf:
+    def __init__(self, handle: str) -> None:
+        self.handle = handle
+
+
+def test_encode_reads_matches_encode():
+    items = [(TOKENS[0], 0, 16), (_Buf(TOKENS[1]), 8, None), (TOKENS[2], 2**40, 0)]
+    node, frame = wire.encode_reads(items, PARSED, (_Buf,))
+    assert node == "node-a"
+    assert frame == wire.encode(wire.KIND_READ, [(TOKENS[0], 0, 16, 0), (TOKENS[1], 8, U64, 0),
+                                                 (TOKENS[2], 2**40, 0, 0)])
+    many = [(t, i, i + 1) for i, t in enumerate(TOKENS)]  # more items than planned on the stack
+    assert wire.encode_reads(tuple(many), PARSED, ())[1] == wire.encode(
+        wire.KIND_READ, [(t, o, n, 0) for t, o, n in many])
+
+
+@pytest.mark.parametrize("items, parsed", [
+    ([], PARSED),                                                   # nothing to read
+    ([(TOKENS[0], 0, 1, 0)], PARSED),                               # not a 3-tuple
+    ([[TOKENS[0], 0, 1]], PARSED),                                  # a list, not a tuple
+    ([(TOKENS[0], 0, 1), ("v1:node-a:9:9:9:rw:" + "9" * 32, 0, 1)], PARSED),  # a token never parsed
+    ([(TOKENS[0], 0, 1), (TOKENS[1], 0, 1)], {**PARSED, TOKENS[1]: ("node-b", 1, 2, 3, "rw", "")}),  # two nodes
+    ([(object(), 0, 1)], PARSED),                                   # neither a token nor a buffer
+    ([(_Buf(b"bytes"), 0, 1)], PARSED),                             # a buffer whose handle is not a str
+    ([(TOKENS[0], 0, 1)], {TOKENS[0]: "not a tuple"}),
+], ids=["empty", "4-tuple", "list item", "unparsed", "two nodes", "object", "bytes handle", "bad parts"])
+def test_encode_reads_leaves_the_unusual_to_the_caller(items, parsed):
+    assert wire.encode_reads(items, parsed, (_Buf,)) is None
+    assert wire.encode_reads(iter([(TOKENS[0], 0, 1)]), PARSED, ()) is None  # not a list or tuple
+
+
+@pytest.mark.parametrize("item, exc", [
+    ((TOKENS[0], -1, 1), ValueError),
+    ((TOKENS[0], 0, 2**64), ValueError),
+    ((TOKENS[0], 0, 1.5), ValueError),
+    ((TOKENS[0], 2**63, 2**63), ValueError),  # offset + length overflow 64 bits
+])
+def test_encode_reads_rejects_bad_numbers(item, exc):
+    with pytest.raises(exc):
+        wire.encode_reads([item], PARSED, ())
+
+
+def test_encode_reads_rejects_a_handle_too_long():
+    long = "v1:node-a:" + "x" * 300
+    with pytest.raises(ValueError, match="limit is 255"):
+        wire.encode_reads([(long, 0, 1)], {long: ("node-a",)}, ())
+
+
+def test_read_reply_reserve_builds_the_data_frame():
+    req = wire.decode(wire.encode(wire.KIND_READ, [(TOKENS[0], 4, 3, 0), (TOKENS[1], 0, 0, 0), (TOKENS[2], 9, 2, 0)]))
+    out, at = wire.read_reply_reserve(req, 1 << 20)
+    assert isinstance(out, bytearray) and at == wire.HEADER_SIZE + 3 * wire.ITEM_FIXED and len(out) == at + 5
+    out[at:] = b"abcde"
+    reply = wire.decode(bytes(out))
+    assert reply.kind == wire.KIND_DATA
+    assert reply.items == [("", 4, 3, 0), ("", 0, 0, 0), ("", 9, 2, 0)]
+    assert reply.payloads() == [b"abc", b"", b"de"]
+    # exactly max_payload fits, one byte less does not
+    assert wire.read_reply_reserve(req, len(out)) is not None
+    assert wire.read_reply_reserve(req, len(out) - 1) is None
+
+
+def test_read_reply_reserve_declines_what_it_cannot_size():
+    to_end = wire.decode(wire.encode(wire.KIND_READ, [(TOKENS[0], 0, 1, 0), (TOKENS[1], 0, U64, 0)]))
+    assert wire.read_reply_reserve(to_end, 1 << 20) is None
+    huge = wire.decode(wire.encode(wire.KIND_READ, [(TOKENS[0], 0, 2**63, 0), (TOKENS[1], 0, 2**63, 0)]))
+    assert wire.read_reply_reserve(huge, 1 << 20) is None
+    assert wire.read_reply_reserve(huge, U64) is None  # the sum would wrap 64 bits: never allocated
+    assert wire.read_reply_reserve(wire.decode(wire.encode(wire.KIND_READ, [])), 1 << 20) is None
+    assert wire.read_reply_reserve(wire.decode(GOLDEN["data"][0]), 1 << 20) is None  # not a READ
+
+
+def test_decode_payloads_matches_decode():
+    for name in ("data", "data_batch"):
+        frame, _kind, items, payloads = GOLDEN[name]
+        got, statuses = wire.decode_payloads(frame)
+        assert got == payloads
+        expected = [st for _h, _o, _n, st in items]
+        assert statuses == (expected if any(expected) else None)
+    empty = wire.encode(wire.KIND_DATA, [])
+    assert wire.decode_payloads(empty) == ([], None)
+
+
+@pytest.mark.parametrize("name", ["read", "write", "ack"])
+def test_decode_payloads_takes_only_data(name):
+    with pytest.raises(InvalidFrame, match="expected a DATA frame"):
+        wire.decode_payloads(GOLDEN[name][0])
+
+
+@pytest.mark.parametrize("name, frame, exc, kw", HOSTILE, ids=[x[0] for x in HOSTILE])
+def test_decode_payloads_rejects_hostile_frames(name, frame, exc, kw):
+    with pytest.raises((exc, InvalidFrame)) as info:
+        wire.decode_payloads(frame, **kw)
+    # the same verdict as decode(), or "not a DATA frame" for a well-formed other kind
+    assert type(info.value) is exc or "expected a DATA frame" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["data", "data_batch"])
+def test_decode_payloads_truncated_at_every_byte(name):
+    frame = GOLDEN[name][0]
+    for cut in range(len(frame)):
+        with pytest.raises((InvalidFrame, TooLarge)):
+            wire.decode_payloads(frame[:cut])
+
+
+def test_wire_imports_first_in_a_fresh_interpreter():
+    """fabric_ext.wire imports fabric.errors, whose package imports the client, which uses wire."""
+    import subprocess
+    import sys
+
+    for mod in ("wire", "arena"):
+        out = subprocess.run([sys.executable, "-c", f"from fabric_ext import {mod}; print({mod}.__name__)"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and out.stdout.strip() == f"fabric_ext.{mod}", out.stderr

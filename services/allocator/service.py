@@ -107,6 +107,7 @@ class AllocatorService(FabricService):
         for owner, limit in (quotas if quotas is not None else _env_quotas("FABRIC_MEM_QUOTAS")).items():
             self.arena.set_quota(owner, limit)
         self.signer = HandleSigner(settings.node, ident.key)
+        self._known = self.signer.known_map()  # token -> parts of handles verified here
         self.prefix = ident.prefix
         self.boot_id = boot_id()
         self.hostname = socket.gethostname()
@@ -276,29 +277,21 @@ class AllocatorService(FabricService):
         return self._read_frame_fast(frame) or self._read_frame_checked(frame)
 
     def _read_frame_fast(self, frame: Any) -> Reply | None:
-        """The common case, in one pass: known handles, explicit lengths, no failures.
+        """The common case, in two C calls: known handles, explicit lengths, no failures.
 
         Returns None, having sent nothing, as soon as anything is unusual (a handle
-        not verified yet, a read to the end, any failing item); the checked path
-        then does the work item by item and reports each failure precisely.
+        not verified yet, a read to the end, a reply too large, any failing item);
+        the checked path then does the work item by item and reports each failure
+        precisely.
         """
-        known = self.signer.known_lookup()
-        reply_items: list[tuple[bytes, int, int, int]] = []
-        specs: list[tuple[int, int, int, int, int]] = []  # (seg, off, gen, pos, length) to copy
-        total = 0
-        for token, pos, length, _status in frame.items:
-            h = known(token)
-            if h is None or length == wire.TO_END:
-                return None
-            reply_items.append((b"", pos, length, 0))
-            specs.append((h[1], h[2], h[3], pos, length))  # HandleParts is (node, seg, off, gen, ...)
-            total += length
-        if total + 64 * len(reply_items) + 1024 > self.nc.max_payload:  # type: ignore[union-attr]
-            return None  # the checked path raises the precise TooLarge
-        out, _ = wire.encode_reserve(wire.KIND_DATA, reply_items, zero=False, views=False)
+        reserved = wire.read_reply_reserve(frame, self.nc.max_payload)  # type: ignore[union-attr]
+        if reserved is None:
+            return None
+        out, at = reserved
         try:
-            # one call copies every item back to back; it checks them all first
-            self.arena.gather_into(specs, out, len(out) - total)
+            # checks every item before copying any, then copies them back to back
+            if self.arena.gather_reads(frame.items, self._known, out, at) is None:
+                return None
         except FabricError:
             return None
         return Reply(out)
@@ -327,7 +320,7 @@ class AllocatorService(FabricService):
                 reply_items.append((b"", pos, 0, exc.code))
                 sources.append(None)
         max_payload = self.nc.max_payload  # type: ignore[union-attr]
-        if total + 64 * len(items) + 1024 > max_payload:
+        if wire.HEADER_SIZE + wire.ITEM_FIXED * len(items) + total > max_payload:  # the DATA frame's exact size
             raise TooLarge(f"reply of {total} bytes would exceed the max payload ({max_payload}): read in chunks")
         # zero=False: the live items' bytes are filled right below, the failed ones are empty;
         # views=False: the payload is the frame's last `total` bytes, items back to back
