@@ -14,8 +14,15 @@ How requests travel:
 * control requests (alloc, free, realloc, stat, share, renew) are JSON on the
   subjects of docs/protocol.md;
 * reads and writes use the binary frame of :mod:`fabric_ext.wire`; values larger
-  than the server's max payload are split into chunks transparently (and sent
-  concurrently);
+  than the server's max payload are split into chunks transparently, sent a few
+  at a time concurrently;
+* reads of more than ``read_chunk_size`` bytes (128 KiB by default) are split
+  the same way even when they would fit one message: the allocator answers chunk
+  after chunk, so nats-server and this client work on one chunk while it copies
+  the next, instead of each waiting for a whole megabyte (a 1 MiB read took about
+  two thirds of the time on the 2-core VM of docs/benchmarks.md).  Writes gain
+  nothing from this -- the client sends its bytes in one burst either way -- and
+  are split only past the max payload;
 * the **local fast path**: when the allocator holding a block runs on this host
   (same boot id), the client maps that block's segment -- which holds only its
   owner's blocks -- and reads and writes it directly, with no NATS hop.  Turn it
@@ -28,12 +35,13 @@ is served in the calling thread, without a hop to that loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import getpass
 import logging
 import os
 import socket
 import threading
-from typing import Any, Awaitable, Iterable, Sequence, TypeVar, overload
+from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar, overload
 
 import nats
 from nats.aio.client import Client as NATS
@@ -75,6 +83,11 @@ __all__ = ["AsyncFabricClient", "FabricClient", "RemoteBuffer", "AsyncRemoteBuff
 T = TypeVar("T")
 # room left in a message for the frame header, the item table and NATS headers
 FRAME_OVERHEAD = 4096
+# reads above this travel as concurrent chunks (see the module docstring)
+DEFAULT_READ_CHUNK_SIZE = 128 * 1024
+# chunk requests of one value in flight at a time: enough to keep every stage of the
+# path busy, few enough that a 1 GiB value does not queue 4096 requests at once
+CHUNKS_IN_FLIGHT = 8
 
 
 log = logging.getLogger("fabric.client")
@@ -101,6 +114,17 @@ def _default_owner() -> str:
         user = str(os.getuid())
     host = subjects.sanitize_node_name(socket.gethostname())
     return f"{user}@{host}"[:64]
+
+
+async def _in_flight(calls: Sequence[Callable[[], Awaitable[T]]], limit: int = CHUNKS_IN_FLIGHT) -> list[T]:
+    """Await every call, at most *limit* at a time; results in order (the first error propagates)."""
+    slots = asyncio.Semaphore(limit)
+
+    async def one(call: Callable[[], Awaitable[T]]) -> T:
+        async with slots:
+            return await call()
+
+    return await asyncio.gather(*(one(c) for c in calls))
 
 
 def _token(handle: "str | RemoteBuffer | AsyncRemoteBuffer") -> str:
@@ -151,7 +175,13 @@ class _LocalSegments:
 
 
 class AsyncFabricClient:
-    """The asyncio client.  ``async with AsyncFabricClient(url) as fc: buf = await fc.rmalloc(1024)``."""
+    """The asyncio client.  ``async with AsyncFabricClient(url) as fc: buf = await fc.rmalloc(1024)``.
+
+    *url* defaults to ``$FABRIC_NATS_URL``, then ``nats://127.0.0.1:4222``; *owner*
+    (the quota account of the blocks it allocates) to the user name; *timeout* is
+    per request, in seconds; ``local=False`` turns the local fast path off;
+    reads of more than *read_chunk_size* bytes travel as concurrent chunks.
+    """
 
     def __init__(
         self,
@@ -161,11 +191,15 @@ class AsyncFabricClient:
         timeout: float = 10.0,
         local: bool = True,
         name: str = "fabric-client",
+        read_chunk_size: int = DEFAULT_READ_CHUNK_SIZE,
     ) -> None:
+        if isinstance(read_chunk_size, bool) or not isinstance(read_chunk_size, int) or read_chunk_size < 4096:
+            raise BadRequest(f"read_chunk_size must be an int of at least 4096 bytes, got {read_chunk_size!r}")
         self.url = url or os.environ.get("FABRIC_NATS_URL", "nats://127.0.0.1:4222")
         self.owner = owner if owner is not None else _default_owner()
         self.timeout = timeout
         self.name = name
+        self.read_chunk_size = read_chunk_size
         self.nc: NATS | None = None
         self._local = _LocalSegments(local)
         self._leases: LeaseKeeper | None = None  # made on first use, on the running loop
@@ -204,6 +238,16 @@ class AsyncFabricClient:
     def max_payload(self) -> int:
         assert self.nc is not None, "client is not connected"
         return self.nc.max_payload
+
+    @property
+    def write_chunk(self) -> int:
+        """The most bytes one write request carries: what fits the max payload."""
+        return self.max_payload - FRAME_OVERHEAD
+
+    @property
+    def read_chunk(self) -> int:
+        """The most bytes one read request asks for: ``read_chunk_size``, within the max payload."""
+        return min(self.read_chunk_size, self.max_payload - FRAME_OVERHEAD)
 
     # -- transport -----------------------------------------------------------
 
@@ -304,11 +348,12 @@ class AsyncFabricClient:
         if view is not None:
             return view.write(h.off, h.gen, offset, data)
         mv = memoryview(data).cast("B")
-        chunk = self.max_payload - FRAME_OVERHEAD
+        chunk = self.write_chunk
         if len(mv) <= chunk:
             return await self._write_frame(h.node, [(token, offset, mv)])
-        parts = [self._write_frame(h.node, [(token, offset + i, mv[i:i + chunk])]) for i in range(0, len(mv), chunk)]
-        return sum(await asyncio.gather(*parts))
+        return sum(await _in_flight([
+            functools.partial(self._write_frame, h.node, [(token, offset + i, mv[i:i + chunk])])
+            for i in range(0, len(mv), chunk)]))
 
     async def rread(self, handle: "str | AsyncRemoteBuffer", length: int | None = None, offset: int = 0) -> bytes:
         """Read *length* bytes at *offset* (``None``: to the end of the block)."""
@@ -319,7 +364,7 @@ class AsyncFabricClient:
             return view.read(h.off, h.gen, offset, -1 if length is None else length)
         if length is None and isinstance(handle, AsyncRemoteBuffer):
             length = max(handle.size - offset, 0)
-        chunk = self.max_payload - FRAME_OVERHEAD
+        chunk = self.read_chunk
         if length is not None and length > chunk:
             return await self._read_chunked(h.node, token, offset, length, chunk)
         try:
@@ -419,6 +464,9 @@ class AsyncFabricClient:
         frame = wire.encode(wire.KIND_WRITE, [(t, o, len(d), 0) for t, o, d in items], [d for _t, _o, d in items])
         return await self._send_write_frame(node, frame, batch)
 
+    async def _send_write_frames(self, node: str, frames: Sequence[bytes]) -> list[int]:
+        return await asyncio.gather(*(self._send_write_frame(node, f) for f in frames))
+
     async def _send_write_frame(self, node: str, frame: bytes, batch: bool = False) -> Any:
         reply = await self.request(self._mem(node, "write"), frame)  # header-less, as for reads
         got = wire.decode(reply.data)
@@ -430,8 +478,8 @@ class AsyncFabricClient:
         return out[0]
 
     async def _read_chunked(self, node: str, token: str, offset: int, length: int, chunk: int) -> bytes:
-        spans = [(offset + i, min(chunk, length - i)) for i in range(0, length, chunk)]
-        return b"".join(await asyncio.gather(*(self._read_one(node, token, o, n) for o, n in spans)))
+        return b"".join(await _in_flight([functools.partial(self._read_one, node, token, offset + i, min(chunk, length - i))
+                                          for i in range(0, length, chunk)]))
 
     # -- local fast path --------------------------------------------------------
 
@@ -499,8 +547,10 @@ class FabricClient:
     """
 
     def __init__(self, url: str | None = None, *, owner: str | None = None, timeout: float = 10.0,
-                 local: bool = True, name: str = "fabric-client") -> None:
-        self._aio = AsyncFabricClient(url, owner=owner, timeout=timeout, local=local, name=name)
+                 local: bool = True, name: str = "fabric-client",
+                 read_chunk_size: int = DEFAULT_READ_CHUNK_SIZE) -> None:
+        self._aio = AsyncFabricClient(url, owner=owner, timeout=timeout, local=local, name=name,
+                                      read_chunk_size=read_chunk_size)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -602,15 +652,23 @@ class FabricClient:
         if view is not None:  # local fast path, in this thread
             return view.write(h.off, h.gen, offset, data)
         mv = memoryview(data).cast("B")
-        if (aio._local.enabled and h.writable and not aio._local.known(h)) or \
-                len(mv) > aio.max_payload - FRAME_OVERHEAD:
-            return self._run(aio.rwrite(token, mv, offset))  # first use (attach) or chunked
-        # Build the frame here, in the caller's thread: a big buffer allocated in the
+        if aio._local.enabled and h.writable and not aio._local.known(h):
+            return self._run(aio.rwrite(token, mv, offset))  # first use: attach (or learn it is remote)
+        # Build the frames here, in the caller's thread: a big buffer allocated in the
         # loop thread comes from that thread's malloc arena, which glibc shrinks with
         # madvise after each free, so every large write would fault its pages in anew
         # (about 2 ms per MiB on this VM, measured by bench/mem.py's 1 MiB write).
-        frame = wire.encode(wire.KIND_WRITE, [(token, offset, len(mv), 0)], [mv])
-        return self._run(aio._send_write_frame(h.node, frame))
+        chunk, size = aio.write_chunk, len(mv)
+        if size <= chunk:
+            frame = wire.encode(wire.KIND_WRITE, [(token, offset, size, 0)], [mv])
+            return self._run(aio._send_write_frame(h.node, frame))
+        written = 0
+        window = chunk * CHUNKS_IN_FLIGHT  # a window of chunks at a time bounds the memory held
+        for start in range(0, size, window):
+            frames = [wire.encode(wire.KIND_WRITE, [(token, offset + i, min(chunk, size - i), 0)], [mv[i:i + chunk]])
+                      for i in range(start, min(start + window, size), chunk)]
+            written += sum(self._run(aio._send_write_frames(h.node, frames)))
+        return written
 
     def rread(self, handle: "str | RemoteBuffer", length: int | None = None, offset: int = 0) -> bytes:
         token = _token(handle)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 
 import msgspec
 import nats
@@ -172,6 +173,43 @@ async def test_batch_reads_without_the_fast_path(aclient, allocator):
         await aclient.rreadv([(bufs[1], 0, 8), (ghost, 0, 8)])
     for b in bufs:
         await aclient.rfree(b)
+
+
+async def test_large_reads_travel_in_concurrent_chunks(nats_url, allocator):
+    data = os.urandom(300_000)
+    async with AsyncFabricClient(nats_url, local=False, read_chunk_size=4096) as fc:
+        assert fc.read_chunk == 4096
+        buf = await fc.rmalloc(len(data))
+        await fc.rwrite(buf, data)
+        assert await fc.rread(buf) == data  # 74 chunk requests, a few in flight at a time
+        assert await fc.rread(buf, 10_000, 5) == data[5:10_005]
+        assert await fc.rread(buf.handle, 10_000, 4091) == data[4091:14_091]
+        await fc.rfree(buf)
+        with pytest.raises(NotFound):  # every chunk fails; the error is the block's, not a partial read
+            await fc.rread(buf.handle, 10_000)
+    for bad in (0, 4095, True, 1.5, "1"):
+        with pytest.raises(BadRequest):
+            AsyncFabricClient(nats_url, read_chunk_size=bad)
+
+
+async def test_sync_client_writes_large_values_window_by_window(nats_url, allocator, monkeypatch):
+    from fabric import FabricClient
+    from fabric import client as client_module
+
+    monkeypatch.setattr(client_module, "CHUNKS_IN_FLIGHT", 2)  # 20 MiB = 3 chunks = 2 windows
+    size = 20 << 20
+    data = bytes(range(256)) * (size // 256)
+
+    def work() -> None:
+        with FabricClient(nats_url, local=False) as fc:
+            buf = fc.rmalloc(size)
+            assert fc.rwrite(buf, data) == size
+            assert fc.rread(buf) == data
+            assert fc.rwrite(buf, b"xyz", offset=size - 3) == 3
+            assert fc.rread(buf, 6, size - 6) == data[-6:-3] + b"xyz"
+            fc.rfree(buf)
+
+    await asyncio.to_thread(work)  # the sync client blocks: keep this loop (the allocator's) running
 
 
 async def test_large_values_are_chunked(aclient, allocator):
