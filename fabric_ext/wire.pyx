@@ -173,6 +173,32 @@ cdef inline int _read_u64(_Reader* r, uint64_t* out) except -1:
     return 0
 
 
+cdef struct _Entry:          # one item of the table, as read
+    uint16_t hlen
+    uint16_t status
+    uint32_t reserved
+    uint64_t offset
+    uint64_t length
+
+
+cdef inline int _read_entry(_Reader* r, _Entry* e) except -1:
+    """The fixed 24 bytes of an item; the (padded) handle that follows is the caller's."""
+    _read_u16(r, &e.hlen)
+    _read_u16(r, &e.status)
+    _read_u32(r, &e.reserved)
+    _read_u64(r, &e.offset)
+    _read_u64(r, &e.length)
+    return 0
+
+
+cdef inline void _table_reader(_Reader* r, const char* table, uint32_t items_length) noexcept:
+    r.buf = table
+    r.len = items_length
+    r.pos = 0
+    r.base = FRAME_HEADER_SIZE
+    r.what = b"the item table"
+
+
 # -- validation ----------------------------------------------------------------
 
 cdef inline uint64_t _clamp_items(uint64_t max_items) noexcept nogil:
@@ -248,17 +274,11 @@ cdef int _check_items(const FrameHeader* h, const char* table) except -1:
     cdef unsigned char acc
     cdef bint needs_handle = h.kind == _KIND_WRITE or h.kind == _KIND_READ
     cdef bint payload = _has_payload(h.kind)
-    r.buf = table
-    r.len = h.items_length
-    r.pos = 0
-    r.base = FRAME_HEADER_SIZE
-    r.what = b"the item table"
+    cdef _Entry e
+    _table_reader(&r, table, h.items_length)
     for i in range(h.item_count):
-        _read_u16(&r, &hlen)
-        _read_u16(&r, &status)
-        _read_u32(&r, &reserved)
-        _read_u64(&r, &offset)
-        _read_u64(&r, &length)
+        _read_entry(&r, &e)
+        hlen, status, reserved, offset, length = e.hlen, e.status, e.reserved, e.offset, e.length
         if hlen > FRAME_MAX_HANDLE:
             raise InvalidFrame(f"item {i}: handle_len {hlen} exceeds {FRAME_MAX_HANDLE}")
         if hlen == 0 and needs_handle:
@@ -301,17 +321,12 @@ cdef int _build(Frame f, const FrameHeader* h, const char* table) except -1:
     """Pass 2 over a validated table: the items list and the payload offsets."""
     cdef _Reader r
     cdef Py_ssize_t i, n = h.item_count
-    cdef uint16_t hlen, status
-    cdef uint32_t reserved
-    cdef uint64_t offset, length, start = 0
+    cdef uint64_t start = 0
     cdef const char* hp
     cdef list items = PyList_New(n)
     cdef object handle, item
-    r.buf = table
-    r.len = h.items_length
-    r.pos = 0
-    r.base = FRAME_HEADER_SIZE
-    r.what = b"the item table"
+    cdef _Entry e
+    _table_reader(&r, table, h.items_length)
     if _has_payload(h.kind):
         if n + 1 <= FRAME_INLINE_STARTS:
             f._starts = f._inline
@@ -321,20 +336,16 @@ cdef int _build(Frame f, const FrameHeader* h, const char* table) except -1:
                 raise MemoryError()
         f._starts[0] = 0
     for i in range(n):
-        _read_u16(&r, &hlen)
-        _read_u16(&r, &status)
-        _read_u32(&r, &reserved)
-        _read_u64(&r, &offset)
-        _read_u64(&r, &length)
-        hp = _take(&r, <Py_ssize_t>_pad8(hlen))
-        handle = PyUnicode_New(hlen, 127)
-        if hlen:
-            memcpy(PyUnicode_DATA(handle), hp, hlen)
-        item = (handle, offset, length, status)
+        _read_entry(&r, &e)
+        hp = _take(&r, <Py_ssize_t>_pad8(e.hlen))
+        handle = PyUnicode_New(e.hlen, 127)
+        if e.hlen:
+            memcpy(PyUnicode_DATA(handle), hp, e.hlen)
+        item = (handle, e.offset, e.length, e.status)
         Py_INCREF(item)
         PyList_SET_ITEM(items, i, item)
         if f._starts != NULL:
-            start += length
+            start += e.length
             f._starts[i + 1] = start
     f.items = items
     f._nitems = n
@@ -510,9 +521,7 @@ def decode_payloads(buf, *, uint64_t max_items=DEFAULT_MAX_ITEMS, uint64_t max_p
     cdef const char* p
     cdef const char* pay
     cdef Py_ssize_t i, n = 0
-    cdef uint16_t hlen, status
-    cdef uint32_t reserved
-    cdef uint64_t offset, length
+    cdef _Entry e
     cdef list out
     cdef object b, statuses = None
     PyObject_GetBuffer(buf, &pb, PyBUF_SIMPLE)
@@ -522,29 +531,21 @@ def decode_payloads(buf, *, uint64_t max_items=DEFAULT_MAX_ITEMS, uint64_t max_p
         if h.kind != _KIND_DATA:
             raise InvalidFrame(f"expected a DATA frame, got {_kind_name(h.kind)}")
         n = h.item_count
-        r.buf = p + FRAME_HEADER_SIZE
-        r.len = h.items_length
-        r.pos = 0
-        r.base = FRAME_HEADER_SIZE
-        r.what = b"the item table"
+        _table_reader(&r, p + FRAME_HEADER_SIZE, h.items_length)
         pay = p + FRAME_HEADER_SIZE + h.items_length
         out = PyList_New(n)
         for i in range(n):
-            _read_u16(&r, &hlen)
-            _read_u16(&r, &status)
-            _read_u32(&r, &reserved)
-            _read_u64(&r, &offset)
-            _read_u64(&r, &length)
-            _take(&r, <Py_ssize_t>_pad8(hlen))
+            _read_entry(&r, &e)
+            _take(&r, <Py_ssize_t>_pad8(e.hlen))
             # _check_items proved the lengths sum to the payload section's size
-            b = PyBytes_FromStringAndSize(pay, <Py_ssize_t>length)
-            pay += length
+            b = PyBytes_FromStringAndSize(pay, <Py_ssize_t>e.length)
+            pay += e.length
             Py_INCREF(b)
             PyList_SET_ITEM(out, i, b)
-            if status:
+            if e.status:
                 if statuses is None:
                     statuses = [0] * n
-                statuses[i] = status
+                statuses[i] = e.status
     finally:
         PyBuffer_Release(&pb)
     return out, statuses
@@ -674,25 +675,36 @@ cdef int _plan_fields(_Plan* plan, Py_ssize_t i, object handle, object offset, o
     return 0
 
 
-cdef int _plan_frame(_Plan* plan, int kind, object items) except -1:
-    """Validate the items (a list or tuple) and size the frame; the caller must _plan_release(plan)."""
-    cdef Py_ssize_t i, n = len(items)
-    cdef object item
+cdef inline void _plan_clear(_Plan* plan, int kind) noexcept:
+    """An empty plan: safe to _plan_release from here on."""
     plan.kind = kind
     plan.count = 0
     plan.nref = 0
     plan.items_length = 0
     plan.payload_length = 0
     plan.items = plan.small
-    if kind < _KIND_WRITE or kind > _KIND_ACK:
-        raise ValueError(f"unknown frame kind {kind}")
-    if <uint64_t>n > UINT32_MAX:
-        raise TooLarge(f"{n} items do not fit a frame (at most 2**32-1)")
+
+
+cdef int _plan_items(_Plan* plan, Py_ssize_t n) except -1:
+    """Room for n items: inline for a few, else on the heap (freed by _plan_release)."""
     if n > _INLINE_ITEMS:
         plan.items = <_Item*>PyMem_Malloc(n * sizeof(_Item))
         if plan.items == NULL:
             raise MemoryError()
     plan.count = n
+    return 0
+
+
+cdef int _plan_frame(_Plan* plan, int kind, object items) except -1:
+    """Validate the items (a list or tuple) and size the frame; the caller must _plan_release(plan)."""
+    cdef Py_ssize_t i, n = len(items)
+    cdef object item
+    _plan_clear(plan, kind)
+    if kind < _KIND_WRITE or kind > _KIND_ACK:
+        raise ValueError(f"unknown frame kind {kind}")
+    if <uint64_t>n > UINT32_MAX:
+        raise TooLarge(f"{n} items do not fit a frame (at most 2**32-1)")
+    _plan_items(plan, n)
     for i in range(n):
         # _plan_item may run Python code (__index__), which may change a list under us
         item = _seq_item(items, i, n)
@@ -869,18 +881,9 @@ def encode_reads(items, dict parsed, tuple buffer_types):
     n = len(seq)
     if n == 0 or <uint64_t>n > UINT32_MAX:
         return None
-    plan.kind = _KIND_READ
-    plan.count = 0
-    plan.nref = 0
-    plan.items_length = 0
-    plan.payload_length = 0
-    plan.items = plan.small
+    _plan_clear(&plan, _KIND_READ)
     try:
-        if n > _INLINE_ITEMS:
-            plan.items = <_Item*>PyMem_Malloc(n * sizeof(_Item))
-            if plan.items == NULL:
-                raise MemoryError()
-        plan.count = n
+        _plan_items(&plan, n)
         for i in range(n):
             item = _seq_item(seq, i, n)
             if not PyTuple_CheckExact(item) or PyTuple_GET_SIZE(item) != 3:
@@ -939,18 +942,10 @@ def read_reply_reserve(Frame request, uint64_t max_payload):
     if max_payload < FRAME_HEADER_SIZE or <uint64_t>n * FRAME_ITEM_FIXED > max_payload - FRAME_HEADER_SIZE:
         return None
     budget = max_payload - FRAME_HEADER_SIZE - <uint64_t>n * FRAME_ITEM_FIXED
-    plan.kind = _KIND_DATA
-    plan.count = 0
-    plan.nref = 0
+    _plan_clear(&plan, _KIND_DATA)
     plan.items_length = <uint64_t>n * FRAME_ITEM_FIXED
-    plan.payload_length = 0
-    plan.items = plan.small
     try:
-        if n > _INLINE_ITEMS:
-            plan.items = <_Item*>PyMem_Malloc(n * sizeof(_Item))
-            if plan.items == NULL:
-                raise MemoryError()
-        plan.count = n
+        _plan_items(&plan, n)
         for i in range(n):
             item = <object>PyList_GET_ITEM(request.items, i)
             it = &plan.items[i]
