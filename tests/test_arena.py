@@ -1062,12 +1062,18 @@ def test_segment_view_never_returns_bytes_of_a_freed_or_reused_block(arena):
     assert ok >= rounds and stale > 0 and rounds > 10, (ok, stale, rounds)
 
 
-def test_gather_into_copies_back_to_back_and_all_or_nothing(arena):
+def _three_blocks(arena) -> list[tuple[int, int, int, bytes]]:
+    """Blocks holding b"alpha", b"be" and b"gamma!": (seg, off, gen, text) each."""
     blocks = []
     for text in (b"alpha", b"be", b"gamma!"):
         seg, off, gen = arena.alloc(len(text))
         arena.write(seg, off, gen, 0, text)
         blocks.append((seg, off, gen, text))
+    return blocks
+
+
+def test_gather_into_copies_back_to_back_and_all_or_nothing(arena):
+    blocks = _three_blocks(arena)
     specs = [(s, o, g, 0, len(t)) for s, o, g, t in blocks]
     out = bytearray(b"#" * 16)
     assert arena.gather_into(specs, out, 2) == 13
@@ -1096,11 +1102,7 @@ def test_gather_into_copies_back_to_back_and_all_or_nothing(arena):
 
 
 def test_gather_reads_resolves_tokens_through_the_known_map(arena):
-    blocks = []
-    for text in (b"alpha", b"be", b"gamma!"):
-        seg, off, gen = arena.alloc(len(text))
-        arena.write(seg, off, gen, 0, text)
-        blocks.append((seg, off, gen, text))
+    blocks = _three_blocks(arena)
     # known maps a token to parts shaped like fabric.handles.HandleParts: (node, seg, off, gen, ...)
     known = {f"t{i}": ("node", s, o, g, "rw", "mac") for i, (s, o, g, _t) in enumerate(blocks)}
     items = [("t0", 0, 5, 0), ("t1", 1, 1, 0), ("t2", 2, 4, 0)]
