@@ -384,12 +384,10 @@ class AsyncFabricClient:
         fast = wire.encode_reads(items, _PARSED, _BUFFER_TYPES)
         if fast is not None:
             node, frame = fast
-            results, failed = await self._read_reply(node, frame)
-        else:
-            results = await self._rreadv_general(items)  # type: ignore[arg-type]
-            failed = True
-        if failed and not return_exceptions:
-            for value in results:
+            return await self._read_reply(node, frame, raise_failed=not return_exceptions)
+        results = await self._rreadv_general(items)  # type: ignore[arg-type]
+        if not return_exceptions:
+            for value in results:  # the first failed item in item order, whatever its node
                 if isinstance(value, FabricError):
                     raise value
         return results
@@ -405,7 +403,7 @@ class AsyncFabricClient:
         results: list[Any] = [None] * len(plan)
 
         async def one_node(node: str, idx: list[int]) -> None:
-            got, _failed = await self._read_frame(node, [plan[i] for i in idx])
+            got = await self._read_frame(node, [plan[i] for i in idx], raise_failed=False)
             for i, value in zip(idx, got):
                 results[i] = value
 
@@ -435,30 +433,34 @@ class AsyncFabricClient:
 
     # -- frames ----------------------------------------------------------------
 
-    async def _read_frame(self, node: str, items: Sequence[tuple[str, int, int, int]]) -> tuple[list[Any], int]:
+    async def _read_frame(self, node: str, items: Sequence[tuple[str, int, int, int]], *,
+                          raise_failed: bool = True) -> list[Any]:
         """Items are ``(handle, offset, length, 0)``; see :meth:`_read_reply`."""
-        return await self._read_reply(node, wire.encode(wire.KIND_READ, items))
+        return await self._read_reply(node, wire.encode(wire.KIND_READ, items), raise_failed=raise_failed)
 
     async def _read_one(self, node: str, token: str, offset: int, length: int) -> bytes:
-        # a single item never gets a per-item status: it fails as an error reply
-        return (await self._read_frame(node, [(token, offset, length, 0)]))[0][0]
+        return (await self._read_frame(node, [(token, offset, length, 0)]))[0]
 
-    async def _read_reply(self, node: str, frame: bytes) -> tuple[list[Any], int]:
-        """Send a READ frame: the bytes of each item (an error for a failed batch item), and the failures."""
+    async def _read_reply(self, node: str, frame: bytes, *, raise_failed: bool = True) -> list[Any]:
+        """Send a READ frame; the bytes of each item.
+
+        A failed batch item raises its error (the first in item order), or with
+        ``raise_failed=False`` stands in the list in place of its bytes.  A single
+        item never gets a per-item status: it fails as an error reply.
+        """
         # no Content-Type header: the frame's magic says what it is, and a header-less
         # request is a plain PUB, cheaper for nats-py and the server alike
         reply = await self.request(self._mem(node, "read"), frame)
         out: list[Any]
         out, statuses = wire.decode_payloads(reply.data)
-        if statuses is None:
-            return out, 0
-        # only batches get per-item statuses; a single item fails as an error reply
-        failed = 0
-        for i, status in enumerate(statuses):
-            if status:
-                out[i] = error_from_wire(status, f"batch item {i} failed with {status}")
-                failed += 1
-        return out, failed
+        if statuses is not None:
+            for i, status in enumerate(statuses):
+                if status:
+                    err = error_from_wire(status, f"batch item {i} failed with {status}")
+                    if raise_failed:
+                        raise err
+                    out[i] = err
+        return out
 
     async def _write_frame(self, node: str, items: Sequence[tuple[str, int, memoryview]], batch: bool = False) -> Any:
         frame = wire.encode(wire.KIND_WRITE, [(t, o, len(d), 0) for t, o, d in items], [d for _t, _o, d in items])
@@ -478,8 +480,9 @@ class AsyncFabricClient:
         return out[0]
 
     async def _read_chunked(self, node: str, token: str, offset: int, length: int, chunk: int) -> bytes:
-        return b"".join(await _in_flight([functools.partial(self._read_one, node, token, offset + i, min(chunk, length - i))
-                                          for i in range(0, length, chunk)]))
+        return b"".join(await _in_flight([
+            functools.partial(self._read_one, node, token, offset + i, min(chunk, length - i))
+            for i in range(0, length, chunk)]))
 
     # -- local fast path --------------------------------------------------------
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from .errors import UnknownHandle
 
@@ -95,16 +95,12 @@ class HandleSigner:
     def mint(self, seg: int, off: int, gen: int, perm: str = PERM_RW) -> str:
         return f"{VERSION}:{self.node}:{seg}:{off}:{gen}:{perm}:{self._mac(seg, off, gen, perm)}"
 
-    def known_lookup(self) -> "Callable[[str], HandleParts | None]":
-        """A probe for handles that already verified here: token -> parts, or None (no MAC work).
-
-        A bound ``dict.get``, for loops over many handles (no Python frame per call);
-        the memo is cleared in place, never replaced, so the probe stays valid.
-        """
-        return self._verified.get
-
     def known_map(self) -> dict[str, HandleParts]:
-        """The memo behind :meth:`known_lookup` itself (read it, never write it): for C loops."""
+        """Handles that already verified here, token -> parts (read it, never write it).
+
+        For C loops that skip the MAC work of handles seen before; the memo is cleared
+        in place, never replaced, so a reference taken once stays valid.
+        """
         return self._verified
 
     def verify(self, token: str) -> HandleParts:

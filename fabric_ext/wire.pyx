@@ -465,8 +465,9 @@ cdef class Frame:
     def payloads(self):
         """Every item's bytes as a list of ``bytes`` (one copy each), in item order.
 
-        The client's batch path: one call instead of a ``data(i)`` view and a
-        ``bytes()`` copy per item.  Empty ``bytes`` for READ/ACK items.
+        One call instead of a ``data(i)`` view and a ``bytes()`` copy per item.
+        Empty ``bytes`` for READ/ACK items.  (A client that only wants a DATA
+        reply's bytes can skip the Frame: :func:`decode_payloads`.)
         """
         cdef Py_ssize_t i
         cdef list out = PyList_New(self._nitems)
@@ -853,9 +854,11 @@ def encode_reserve(int kind, items, *, bint zero=True, bint views=True):
 # -- the batch-read hot path ---------------------------------------------------
 #
 # A 100-item batch read spent more time in Python loops (one tuple, one dict probe
-# and one list append per item, on both ends) than in the codec.  These two calls
-# do the per-item work of the common case in C and leave everything unusual to the
-# callers' checked paths, which report each failure precisely.
+# and one list append per item, on both ends) than in the codec.  encode_reads (the
+# client's request) and read_reply_reserve (the allocator's reply, filled by
+# Arena.gather_reads) do the per-item work of the common case in C and leave
+# everything unusual to the callers' checked paths, which report each failure
+# precisely; decode_payloads, above, reads the reply.
 
 
 def encode_reads(items, dict parsed, tuple buffer_types):
@@ -925,7 +928,7 @@ def read_reply_reserve(Frame request, uint64_t max_payload):
 
     The reply is a DATA frame with one item per request item (empty handle, the
     request's offset and length, status 0) and its payload section left for the
-    caller to fill with every item's bytes back to back (``arena.gather_into``).
+    caller to fill with every item's bytes back to back (``Arena.gather_reads``).
     Returns ``None`` when an item reads "to the end" (its length is not known
     here) or when the reply would exceed *max_payload* bytes.
     """
