@@ -14,6 +14,28 @@ from importlib.metadata import version
 from typing import Any, Callable
 
 
+# The bare peer of every NATS figure: a nats-py responder (uvloop) in its own process
+# that answers ``bench.bus.<n>`` with n bytes.  ``python -c NATS_RESPONDER <url>``; it
+# prints "ready" once subscribed.
+NATS_RESPONDER = r"""
+import asyncio, sys, uvloop, nats
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    replies = {}
+    async def cb(msg):
+        size = int(msg.subject.rsplit(".", 1)[1])
+        rep = replies.get(size)
+        if rep is None:
+            rep = replies[size] = b"x" * size
+        await msg.respond(rep)
+    await nc.subscribe("bench.bus.*", cb=cb)
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+uvloop.run(main())
+"""
+
+
 def progress(bench: str) -> Callable[[str], None]:
     """A ``log(msg)`` that prints ``[bench/<bench>] msg`` to stderr at once."""
 

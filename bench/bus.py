@@ -32,25 +32,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench._common import machine, parse_args, progress  # noqa: E402
-
-RESPONDER = r"""
-import asyncio, sys, uvloop, nats
-async def main():
-    nc = await nats.connect(sys.argv[1])
-    replies = {}
-    async def cb(msg):
-        size = int(msg.subject.rsplit(".", 1)[1])
-        rep = replies.get(size)
-        if rep is None:
-            rep = replies[size] = b"x" * size
-        await msg.respond(rep)
-    await nc.subscribe("bench.bus.*", cb=cb)
-    await nc.flush()
-    print("ready", flush=True)
-    await asyncio.Event().wait()
-uvloop.run(main())
-"""
+from bench._common import NATS_RESPONDER, machine, parse_args, progress  # noqa: E402
 
 NODE_CLIENT = r"""
 const { connect } = await import("@nats-io/transport-node");
@@ -170,7 +152,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="fabric-bus-") as tmp:
         proc, url = start_nats(Path(tmp))
-        responder = subprocess.Popen([sys.executable, "-c", RESPONDER, url], stdout=subprocess.PIPE)
+        responder = subprocess.Popen([sys.executable, "-c", NATS_RESPONDER, url], stdout=subprocess.PIPE)
         assert responder.stdout is not None
         responder.stdout.readline()
         try:

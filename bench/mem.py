@@ -45,7 +45,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench._common import machine, parse_args, progress  # noqa: E402
+from bench._common import NATS_RESPONDER, machine, parse_args, progress  # noqa: E402
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -83,20 +83,6 @@ async def atimed_loop(fn: Callable[[], Any], n: int) -> list[float]:
 
 
 # -- peers ---------------------------------------------------------------------
-
-ECHO_RESPONDER = r"""
-import asyncio, sys, uvloop, nats
-async def main():
-    nc = await nats.connect(sys.argv[1])
-    reply = b"x" * int(sys.argv[2])
-    async def cb(msg):
-        await msg.respond(reply)
-    await nc.subscribe("bench.echo", cb=cb)
-    await nc.flush()
-    print("ready", flush=True)
-    await asyncio.Event().wait()
-uvloop.run(main())
-"""
 
 
 def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -151,18 +137,19 @@ async def async_part(url: str, redis_port: int, n: int, quick: bool) -> dict[str
     from fabric import AsyncFabricClient
 
     res: dict[str, Any] = {}
-    echo = subprocess.Popen([sys.executable, "-c", ECHO_RESPONDER, url, str(KIB)], stdout=subprocess.PIPE)
+    echo = subprocess.Popen([sys.executable, "-c", NATS_RESPONDER, url], stdout=subprocess.PIPE)
+    echo_subject = f"bench.bus.{KIB}"  # answered with 1 KiB
     assert echo.stdout is not None
     echo.stdout.readline()
     try:
         nc = await nats.connect(url)
         req = b"r" * 160  # about the size of a one-item READ frame
         for _ in range(200):
-            await nc.request("bench.echo", req, timeout=5)
-        echo_rtt = p50(await atimed_loop(lambda: nc.request("bench.echo", req, timeout=5), n))
+            await nc.request(echo_subject, req, timeout=5)
+        echo_rtt = p50(await atimed_loop(lambda: nc.request(echo_subject, req, timeout=5), n))
         big = os.urandom(MIB)
         res["nats_send_1m_rtt_p50_us"] = p50(await atimed_loop(
-            lambda: nc.request("bench.echo", big, timeout=10), max(30, n // 10))) * 1e6
+            lambda: nc.request(echo_subject, big, timeout=10), max(30, n // 10))) * 1e6
         await nc.close()
     finally:
         echo.terminate()
