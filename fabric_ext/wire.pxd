@@ -56,3 +56,30 @@ cdef class FrameDecoder:
 
     cdef int _start_partial(self, const char* header, Py_ssize_t total) except -1
     cdef int _complete(self, list out) except -1
+
+
+# -- Worker socket protocol version 1 (the spawner's controller <-> worker frames) --
+
+cdef enum:
+    V1_FRAME_HEADER_SIZE = 17     # type u8 | id u64 | payload_length u64
+
+
+cdef class V1Frame:
+    cdef readonly int kind                # message/response type byte
+    cdef readonly object msg_id           # u64 id (a Python int)
+    cdef readonly object payload          # read-only memoryview of the payload
+
+
+cdef class V1Decoder:
+    cdef uint64_t _max_payload            # limit on payload_length
+    cdef unsigned char _hdr[V1_FRAME_HEADER_SIZE]  # a header still arriving
+    cdef Py_ssize_t _hdr_have             # bytes of _hdr received
+    cdef uint8_t _kind                    # type of the frame whose payload is being filled
+    cdef uint64_t _msg_id                 # its id
+    cdef object _partial                  # bytes object being filled with one payload, or None
+    cdef char* _partial_p                 # its data pointer
+    cdef Py_ssize_t _need                 # its length
+    cdef Py_ssize_t _have                 # bytes of it received
+    cdef bint _failed                     # the stream was rejected: framing is lost
+
+    cdef int _start(self, const char* header, list out) except -1

@@ -39,7 +39,7 @@ from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_S
 from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
-from libc.stdint cimport UINT32_MAX, UINT64_MAX, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport UINT32_MAX, UINT64_MAX, int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
 from fabric.errors import InvalidFrame, TooLarge
@@ -1089,3 +1089,492 @@ cdef class FrameDecoder:
         finally:
             PyBuffer_Release(&pb)
         return out
+
+
+# ==============================================================================
+# Worker socket protocol version 1
+# ==============================================================================
+#
+# The controller <-> warm worker protocol of the spawner (seed "Worker socket
+# protocol version 1"; docs/protocol.md, section "Worker protocol v1").  Every
+# integer is little-endian; a message and a response have the same 17-byte
+# header::
+#
+#     type u8 | id u64 | payload_length u64 | payload
+#
+# A payload's own fields (a version, a string and a blob, a job id and a blob, an
+# exit code and a blob) are parsed apart from the header by the v1_parse_*
+# functions, each through the same checked reads as the FBF1 codec: a length
+# prefix is compared with what is left before anything is sliced, and the
+# header's payload_length with the caller's maximum before anything is
+# allocated.  Strings and blobs are ``u64 length | bytes``.
+
+V1_VERSION = 1
+V1_HEADER_SIZE = 17
+V1_MSG_VERSION = 0x01
+V1_MSG_CORE = 0x02
+V1_MSG_JOB = 0x03
+V1_OK = 0x01
+V1_ERROR = 0xFF
+V1_DEFAULT_MAX_PAYLOAD = 1 << 30        # a compute core .so or a job's data, whichever is larger
+
+cdef enum:
+    _V1_HEADER = V1_FRAME_HEADER_SIZE
+    _V1_KIND_VERSION = 0x01             # also V1_OK: message and response types share the byte
+    _V1_KIND_CORE = 0x02
+    _V1_KIND_JOB = 0x03
+    _V1_KIND_ERROR = 0xFF
+    _V1_JOB_HEADER = 33                 # header + job id u64 + blob length u64
+    _V1_RESULT_HEADER = 29              # header + exit code i32 + blob length u64
+
+
+cdef inline bint _v1_known_kind(uint64_t kind) noexcept nogil:
+    return (kind >= _V1_KIND_VERSION and kind <= _V1_KIND_JOB) or kind == _V1_KIND_ERROR
+
+
+cdef str _v1_kind_name(uint64_t kind):
+    return {1: "VERSION/OK", 2: "CORE", 3: "JOB", 0xFF: "ERROR"}.get(kind, f"0x{kind:02x}")
+
+
+cdef int _v1_check_kind(object kind) except -1:
+    if not (0 <= kind <= 0xFF) or not _v1_known_kind(<uint64_t>kind):
+        raise InvalidFrame(f"unknown v1 message type {kind!r} (known: 0x01, 0x02, 0x03, 0xff)")
+    return 0
+
+
+cdef inline void _v1_store_header(char* p, uint8_t kind, uint64_t msg_id, uint64_t length) noexcept nogil:
+    fabric_store_u8(p, kind)
+    fabric_store_le64(p + 1, msg_id)
+    fabric_store_le64(p + 9, length)
+
+
+cdef int _v1_read_header(const char* p, Py_ssize_t avail, uint64_t max_payload,
+                         uint8_t* kind, uint64_t* msg_id, uint64_t* length) except -1:
+    """Validate the 17-byte header at p: a known type, payload_length within max_payload."""
+    cdef _Reader r
+    r.buf = p
+    r.len = avail if avail < _V1_HEADER else _V1_HEADER
+    r.pos = 0
+    r.base = 0
+    r.what = b"the v1 header"
+    _read_u8(&r, kind)
+    if not _v1_known_kind(kind[0]):
+        raise InvalidFrame(f"unknown v1 message type 0x{kind[0]:02x} (known: 0x01, 0x02, 0x03, 0xff)")
+    _read_u64(&r, msg_id)
+    _read_u64(&r, length)
+    if length[0] > max_payload:
+        raise TooLarge(f"v1 payload of {length[0]} bytes, the limit is {max_payload}")
+    if length[0] > <uint64_t>(PY_SSIZE_T_MAX - _V1_HEADER):
+        raise TooLarge(f"v1 payload of {length[0]} bytes cannot be buffered")
+    return 0
+
+
+cdef bytes _v1_alloc(uint8_t kind, uint64_t msg_id, Py_ssize_t payload_length, char** out):
+    """A new frame of header + payload_length bytes, header filled; *out = its first byte."""
+    cdef bytes b = PyBytes_FromStringAndSize(NULL, _V1_HEADER + payload_length)
+    out[0] = PyBytes_AS_STRING(b)
+    _v1_store_header(out[0], kind, msg_id, <uint64_t>payload_length)
+    return b
+
+
+@cython.final
+@cython.freelist(8)
+@cython.auto_pickle(False)
+cdef class V1Frame:
+    """One v1 message or response: its type, its id and a read-only view of its payload.
+
+    The payload view points into the buffer the frame was parsed from (no copy).
+    """
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("V1Frame objects are made by v1_parse() and V1Decoder.feed()")
+
+    def __repr__(self):
+        return f"<V1Frame {_v1_kind_name(self.kind)} id={self.msg_id} payload={len(self.payload)}>"
+
+
+cdef V1Frame _v1_make(int kind, uint64_t msg_id, object payload):
+    cdef V1Frame f = V1Frame.__new__(V1Frame)
+    f.kind = kind
+    f.msg_id = msg_id
+    f.payload = payload
+    return f
+
+
+cdef object _ro_view(object obj):
+    """A read-only, flat byte memoryview of obj."""
+    cdef object m = PyMemoryView_FromObject(obj)
+    if m.ndim != 1 or m.format != "B" or m.itemsize != 1:
+        m = m.cast("B")
+    if not m.readonly:
+        m = m.toreadonly()
+    return m
+
+
+def v1_frame(kind, msg_id, payload=b""):
+    """One v1 frame: ``type u8 | id u64 | payload_length u64 | payload`` (one copy of *payload*).
+
+    >>> v1_frame(V1_MSG_VERSION, 7, b"\\x01\\x00\\x00\\x00").hex()
+    '010700000000000000040000000000000001000000'
+    """
+    cdef Py_buffer pb
+    cdef char* p
+    cdef bytes out
+    cdef uint64_t mid = msg_id
+    _v1_check_kind(kind)
+    PyObject_GetBuffer(payload, &pb, PyBUF_SIMPLE)
+    try:
+        out = _v1_alloc(<uint8_t>kind, mid, pb.len, &p)
+        if pb.len:
+            memcpy(p + _V1_HEADER, pb.buf, pb.len)
+    finally:
+        PyBuffer_Release(&pb)
+    return out
+
+
+def v1_version(msg_id, uint32_t version=1):
+    """Message 0x01, version exchange: the controller's protocol version (u32)."""
+    cdef char* p
+    cdef bytes out = _v1_alloc(_V1_KIND_VERSION, <uint64_t>msg_id, 4, &p)
+    fabric_store_le32(p + _V1_HEADER, version)
+    return out
+
+
+def v1_core(msg_id, str name, library):
+    """Message 0x02, new compute core: ``name`` (string) then the ``.so`` file (blob)."""
+    cdef bytes n = name.encode("utf-8")
+    cdef Py_buffer pb
+    cdef char* p
+    cdef Py_ssize_t nl = PyBytes_GET_SIZE(n)
+    cdef bytes out
+    cdef uint64_t mid = msg_id
+    PyObject_GetBuffer(library, &pb, PyBUF_SIMPLE)
+    try:
+        out = _v1_alloc(_V1_KIND_CORE, mid, 16 + nl + pb.len, &p)
+        p += _V1_HEADER
+        fabric_store_le64(p, <uint64_t>nl)
+        memcpy(p + 8, PyBytes_AS_STRING(n), nl)
+        fabric_store_le64(p + 8 + nl, <uint64_t>pb.len)
+        if pb.len:
+            memcpy(p + 16 + nl, pb.buf, pb.len)
+    finally:
+        PyBuffer_Release(&pb)
+    return out
+
+
+def v1_job_header(msg_id, job_id, size):
+    """The 33 bytes of a job message before its data (for ``Producer.push_parts``)."""
+    cdef char* p
+    cdef uint64_t sz = size
+    cdef uint64_t mid = msg_id
+    cdef uint64_t jid = job_id
+    if sz > UINT64_MAX - 16:
+        raise TooLarge(f"job data of {sz} bytes overflows the payload length")
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, _V1_JOB_HEADER)
+    p = PyBytes_AS_STRING(out)
+    _v1_store_header(p, _V1_KIND_JOB, mid, 16 + sz)
+    fabric_store_le64(p + _V1_HEADER, jid)
+    fabric_store_le64(p + _V1_HEADER + 8, sz)
+    return out
+
+
+def v1_job(msg_id, job_id, data):
+    """Message 0x03, new job: the job id (u64) then its input data (blob)."""
+    cdef Py_buffer pb
+    cdef char* p
+    cdef bytes out
+    cdef uint64_t mid = msg_id
+    cdef uint64_t jid = job_id
+    PyObject_GetBuffer(data, &pb, PyBUF_SIMPLE)
+    try:
+        out = _v1_alloc(_V1_KIND_JOB, mid, 16 + pb.len, &p)
+        fabric_store_le64(p + _V1_HEADER, jid)
+        fabric_store_le64(p + _V1_HEADER + 8, <uint64_t>pb.len)
+        if pb.len:
+            memcpy(p + _V1_JOB_HEADER, pb.buf, pb.len)
+    finally:
+        PyBuffer_Release(&pb)
+    return out
+
+
+def v1_ok(msg_id, payload=b""):
+    """Response 0x01 with *payload* (empty for a loaded core; one byte for a version reply)."""
+    return v1_frame(_V1_KIND_VERSION, msg_id, payload)
+
+
+def v1_error(msg_id, str message):
+    """Response 0xFF: the whole payload is the UTF-8 error message."""
+    return v1_frame(_V1_KIND_ERROR, msg_id, message.encode("utf-8"))
+
+
+def v1_job_result_header(msg_id, int exit_code, size):
+    """The 29 bytes of a job's response before its output (for ``push_parts``/``sendmsg``)."""
+    cdef char* p
+    cdef uint64_t sz = size
+    cdef uint64_t mid = msg_id
+    if sz > UINT64_MAX - 12:
+        raise TooLarge(f"job output of {sz} bytes overflows the payload length")
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, _V1_RESULT_HEADER)
+    p = PyBytes_AS_STRING(out)
+    _v1_store_header(p, _V1_KIND_VERSION, mid, 12 + sz)
+    fabric_store_le32(p + _V1_HEADER, <uint32_t>exit_code)
+    fabric_store_le64(p + _V1_HEADER + 4, sz)
+    return out
+
+
+def v1_job_result(msg_id, int exit_code, out):
+    """Response 0x01 to a job: the core's exit code (i32) then its output data (blob)."""
+    cdef Py_buffer pb
+    cdef char* p
+    cdef bytes res
+    cdef uint64_t mid = msg_id
+    PyObject_GetBuffer(out, &pb, PyBUF_SIMPLE)
+    try:
+        res = _v1_alloc(_V1_KIND_VERSION, mid, 12 + pb.len, &p)
+        fabric_store_le32(p + _V1_HEADER, <uint32_t>exit_code)
+        fabric_store_le64(p + _V1_HEADER + 4, <uint64_t>pb.len)
+        if pb.len:
+            memcpy(p + _V1_RESULT_HEADER, pb.buf, pb.len)
+    finally:
+        PyBuffer_Release(&pb)
+    return res
+
+
+def v1_parse(frame, *, uint64_t max_payload=V1_DEFAULT_MAX_PAYLOAD):
+    """Parse exactly one whole v1 frame from *frame* (any contiguous buffer), zero-copy.
+
+    Raises :class:`~fabric.errors.InvalidFrame` for a truncated frame, an unknown
+    type or trailing bytes, and :class:`~fabric.errors.TooLarge` when the header
+    declares more than *max_payload* payload bytes.
+    """
+    cdef Py_buffer pb
+    cdef uint8_t kind
+    cdef uint64_t mid, length
+    PyObject_GetBuffer(frame, &pb, PyBUF_SIMPLE)
+    try:
+        if pb.len < _V1_HEADER:
+            raise InvalidFrame(f"truncated v1 frame: {pb.len} bytes, the header alone is {_V1_HEADER}")
+        _v1_read_header(<const char*>pb.buf, pb.len, max_payload, &kind, &mid, &length)
+        if length != <uint64_t>(pb.len - _V1_HEADER):
+            if length > <uint64_t>(pb.len - _V1_HEADER):
+                raise InvalidFrame(f"truncated v1 frame: {pb.len} bytes, its header declares {_V1_HEADER + length}")
+            raise InvalidFrame(f"{<uint64_t>pb.len - _V1_HEADER - length} trailing bytes after a v1 frame "
+                               f"of {_V1_HEADER + length}")
+    finally:
+        PyBuffer_Release(&pb)
+    return _v1_make(kind, mid, _ro_view(frame)[_V1_HEADER:])
+
+
+@cython.final
+@cython.auto_pickle(False)
+cdef class V1Decoder:
+    """Resumable v1 parser for a byte stream: feed chunks of any size, get whole frames.
+
+    A header is validated as soon as its 17 bytes have arrived, before any
+    buffer is allocated for the payload it announces.  After an error the
+    stream's framing is lost and every later ``feed`` raises.
+    """
+
+    def __init__(self, *, uint64_t max_payload=V1_DEFAULT_MAX_PAYLOAD):
+        self._max_payload = max_payload
+        self._hdr_have = 0
+        self._partial = None
+        self._partial_p = NULL
+        self._need = self._have = 0
+        self._failed = False
+
+    def pending(self):
+        """Bytes received of a frame not yet complete."""
+        return self._hdr_have if self._partial is None else _V1_HEADER + self._have
+
+    cdef int _start(self, const char* header, list out) except -1:
+        cdef uint64_t length
+        _v1_read_header(header, _V1_HEADER, self._max_payload, &self._kind, &self._msg_id, &length)
+        if length == 0:
+            out.append(_v1_make(self._kind, self._msg_id, _ro_view(b"")))
+            return 0
+        self._partial = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>length)
+        self._partial_p = PyBytes_AS_STRING(self._partial)
+        self._need = <Py_ssize_t>length
+        self._have = 0
+        return 0
+
+    def feed(self, data):
+        """Append *data* to the stream; return the frames it completed (maybe none)."""
+        cdef Py_buffer pb
+        cdef const char* p
+        cdef Py_ssize_t n, pos = 0, k
+        cdef uint8_t kind
+        cdef uint64_t mid, length
+        cdef list out = []
+        cdef bint in_place = PyBytes_CheckExact(data)
+        cdef object view = None
+        if self._failed:
+            raise InvalidFrame("this V1Decoder already rejected its stream; its framing is lost")
+        PyObject_GetBuffer(data, &pb, PyBUF_SIMPLE)
+        try:
+            p = <const char*>pb.buf
+            n = pb.len
+            while pos < n:
+                if self._partial is not None:
+                    k = min(self._need - self._have, n - pos)
+                    memcpy(self._partial_p + self._have, p + pos, k)
+                    self._have += k
+                    pos += k
+                    if self._have == self._need:
+                        out.append(_v1_make(self._kind, self._msg_id, _ro_view(self._partial)))
+                        self._partial = None
+                        self._partial_p = NULL
+                        self._need = self._have = 0
+                elif self._hdr_have > 0 or n - pos < _V1_HEADER:
+                    k = min(_V1_HEADER - self._hdr_have, n - pos)
+                    memcpy(self._hdr + self._hdr_have, p + pos, k)
+                    self._hdr_have += k
+                    pos += k
+                    if self._hdr_have == _V1_HEADER:
+                        self._hdr_have = 0
+                        self._start(<const char*>self._hdr, out)
+                else:
+                    _v1_read_header(p + pos, n - pos, self._max_payload, &kind, &mid, &length)
+                    if in_place and length <= <uint64_t>(n - pos - _V1_HEADER):
+                        # the whole frame is in this (immutable) chunk: view it in place
+                        if view is None:
+                            view = _ro_view(data)
+                        k = pos + _V1_HEADER
+                        out.append(_v1_make(kind, mid, view[k:k + <Py_ssize_t>length]))
+                        pos = k + <Py_ssize_t>length
+                    else:
+                        self._start(p + pos, out)
+                        pos += _V1_HEADER
+        except BaseException:
+            self._failed = True
+            self._partial = None
+            self._partial_p = NULL
+            self._hdr_have = self._need = self._have = 0
+            raise
+        finally:
+            PyBuffer_Release(&pb)
+        return out
+
+
+# -- payload readers -------------------------------------------------------------
+
+cdef int _v1_reader(_Reader* r, Py_buffer* pb, const char* what) except -1:
+    r.buf = <const char*>pb.buf
+    r.len = pb.len
+    r.pos = 0
+    r.base = _V1_HEADER
+    r.what = what
+    return 0
+
+
+cdef int _v1_end(_Reader* r) except -1:
+    if r.pos != r.len:
+        raise InvalidFrame(f"{r.len - r.pos} trailing bytes after {(<bytes>r.what).decode()}")
+    return 0
+
+
+cdef Py_ssize_t _v1_read_blob(_Reader* r, const char* field) except -1:
+    """Read a u64 length and skip that many bytes; return the blob's start offset."""
+    cdef uint64_t n
+    cdef Py_ssize_t start
+    _read_u64(r, &n)
+    if n > <uint64_t>(r.len - r.pos):
+        raise InvalidFrame(f"truncated v1 payload: {(<bytes>field).decode()} of {n} bytes at offset "
+                           f"{r.base + r.pos}, only {r.len - r.pos} left")
+    start = r.pos
+    _take(r, <Py_ssize_t>n)
+    return start
+
+
+def v1_parse_version(payload):
+    """The version (u32) of a version-exchange message's payload."""
+    cdef Py_buffer pb
+    cdef _Reader r
+    cdef uint32_t v
+    PyObject_GetBuffer(payload, &pb, PyBUF_SIMPLE)
+    try:
+        _v1_reader(&r, &pb, b"a version exchange")
+        _read_u32(&r, &v)
+        _v1_end(&r)
+    finally:
+        PyBuffer_Release(&pb)
+    return v
+
+
+def v1_parse_version_reply(payload):
+    """True when a version-exchange reply accepts the version (1 byte: 1 yes, 0 no)."""
+    cdef Py_buffer pb
+    cdef _Reader r
+    cdef uint8_t v
+    PyObject_GetBuffer(payload, &pb, PyBUF_SIMPLE)
+    try:
+        _v1_reader(&r, &pb, b"a version reply")
+        _read_u8(&r, &v)
+        _v1_end(&r)
+    finally:
+        PyBuffer_Release(&pb)
+    if v > 1:
+        raise InvalidFrame(f"version reply byte is {v}, must be 0 or 1")
+    return v == 1
+
+
+def v1_parse_core(payload):
+    """``(name, library)`` of a new-compute-core message; *library* views *payload*."""
+    cdef Py_buffer pb
+    cdef _Reader r
+    cdef Py_ssize_t ns, ls, ne
+    cdef str name
+    PyObject_GetBuffer(payload, &pb, PyBUF_SIMPLE)
+    try:
+        _v1_reader(&r, &pb, b"a core message")
+        ns = _v1_read_blob(&r, b"the core name")
+        ne = r.pos
+        ls = _v1_read_blob(&r, b"the library")
+        _v1_end(&r)
+        try:
+            name = (<const char*>pb.buf)[ns:ne].decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidFrame(f"core name is not valid UTF-8: {e}") from None
+    finally:
+        PyBuffer_Release(&pb)
+    return name, _ro_view(payload)[ls:]
+
+
+def v1_parse_job(payload):
+    """``(job_id, data)`` of a new-job message; *data* views *payload*."""
+    cdef Py_buffer pb
+    cdef _Reader r
+    cdef uint64_t jid
+    cdef Py_ssize_t ds
+    PyObject_GetBuffer(payload, &pb, PyBUF_SIMPLE)
+    try:
+        _v1_reader(&r, &pb, b"a job message")
+        _read_u64(&r, &jid)
+        ds = _v1_read_blob(&r, b"the job data")
+        _v1_end(&r)
+    finally:
+        PyBuffer_Release(&pb)
+    return jid, _ro_view(payload)[ds:]
+
+
+def v1_parse_job_result(payload):
+    """``(exit_code, output)`` of a job's 0x01 response; *output* views *payload*."""
+    cdef Py_buffer pb
+    cdef _Reader r
+    cdef uint32_t code
+    cdef Py_ssize_t os_
+    PyObject_GetBuffer(payload, &pb, PyBUF_SIMPLE)
+    try:
+        _v1_reader(&r, &pb, b"a job result")
+        _read_u32(&r, &code)
+        os_ = _v1_read_blob(&r, b"the job output")
+        _v1_end(&r)
+    finally:
+        PyBuffer_Release(&pb)
+    return <int32_t>code, _ro_view(payload)[os_:]
+
+
+def v1_parse_error(payload):
+    """The message of an 0xFF error response (UTF-8; invalid bytes are replaced)."""
+    return bytes(payload).decode("utf-8", "replace")
