@@ -1118,6 +1118,18 @@ V1_OK = 0x01
 V1_ERROR = 0xFF
 V1_DEFAULT_MAX_PAYLOAD = 1 << 30        # a compute core .so or a job's data, whichever is larger
 
+
+class V1InvalidFrame(InvalidFrame, ValueError, register=False):
+    """Raised when a v1 frame or payload is truncated, has an unknown type or trailing bytes.
+
+    An :class:`~fabric.errors.InvalidFrame` (code 400) that is also a ``ValueError``,
+    so a worker or controller loop can catch either.
+    """
+
+
+class V1TooLarge(TooLarge, ValueError, register=False):
+    """Raised when a v1 header declares a payload above the caller's maximum (code 413; a ValueError)."""
+
 cdef enum:
     _V1_HEADER = V1_FRAME_HEADER_SIZE
     _V1_KIND_VERSION = 0x01             # also V1_OK: message and response types share the byte
@@ -1138,7 +1150,7 @@ cdef str _v1_kind_name(uint64_t kind):
 
 cdef int _v1_check_kind(object kind) except -1:
     if not (0 <= kind <= 0xFF) or not _v1_known_kind(<uint64_t>kind):
-        raise InvalidFrame(f"unknown v1 message type {kind!r} (known: 0x01, 0x02, 0x03, 0xff)")
+        raise V1InvalidFrame(f"unknown v1 message type {kind!r} (known: 0x01, 0x02, 0x03, 0xff)")
     return 0
 
 
@@ -1159,13 +1171,13 @@ cdef int _v1_read_header(const char* p, Py_ssize_t avail, uint64_t max_payload,
     r.what = b"the v1 header"
     _read_u8(&r, kind)
     if not _v1_known_kind(kind[0]):
-        raise InvalidFrame(f"unknown v1 message type 0x{kind[0]:02x} (known: 0x01, 0x02, 0x03, 0xff)")
+        raise V1InvalidFrame(f"unknown v1 message type 0x{kind[0]:02x} (known: 0x01, 0x02, 0x03, 0xff)")
     _read_u64(&r, msg_id)
     _read_u64(&r, length)
     if length[0] > max_payload:
-        raise TooLarge(f"v1 payload of {length[0]} bytes, the limit is {max_payload}")
+        raise V1TooLarge(f"v1 payload of {length[0]} bytes, the limit is {max_payload}")
     if length[0] > <uint64_t>(PY_SSIZE_T_MAX - _V1_HEADER):
-        raise TooLarge(f"v1 payload of {length[0]} bytes cannot be buffered")
+        raise V1TooLarge(f"v1 payload of {length[0]} bytes cannot be buffered")
     return 0
 
 
@@ -1269,7 +1281,7 @@ def v1_job_header(msg_id, job_id, size):
     cdef uint64_t mid = msg_id
     cdef uint64_t jid = job_id
     if sz > UINT64_MAX - 16:
-        raise TooLarge(f"job data of {sz} bytes overflows the payload length")
+        raise V1TooLarge(f"job data of {sz} bytes overflows the payload length")
     cdef bytes out = PyBytes_FromStringAndSize(NULL, _V1_JOB_HEADER)
     p = PyBytes_AS_STRING(out)
     _v1_store_header(p, _V1_KIND_JOB, mid, 16 + sz)
@@ -1313,7 +1325,7 @@ def v1_job_result_header(msg_id, int exit_code, size):
     cdef uint64_t sz = size
     cdef uint64_t mid = msg_id
     if sz > UINT64_MAX - 12:
-        raise TooLarge(f"job output of {sz} bytes overflows the payload length")
+        raise V1TooLarge(f"job output of {sz} bytes overflows the payload length")
     cdef bytes out = PyBytes_FromStringAndSize(NULL, _V1_RESULT_HEADER)
     p = PyBytes_AS_STRING(out)
     _v1_store_header(p, _V1_KIND_VERSION, mid, 12 + sz)
@@ -1353,12 +1365,12 @@ def v1_parse(frame, *, uint64_t max_payload=V1_DEFAULT_MAX_PAYLOAD):
     PyObject_GetBuffer(frame, &pb, PyBUF_SIMPLE)
     try:
         if pb.len < _V1_HEADER:
-            raise InvalidFrame(f"truncated v1 frame: {pb.len} bytes, the header alone is {_V1_HEADER}")
+            raise V1InvalidFrame(f"truncated v1 frame: {pb.len} bytes, the header alone is {_V1_HEADER}")
         _v1_read_header(<const char*>pb.buf, pb.len, max_payload, &kind, &mid, &length)
         if length != <uint64_t>(pb.len - _V1_HEADER):
             if length > <uint64_t>(pb.len - _V1_HEADER):
-                raise InvalidFrame(f"truncated v1 frame: {pb.len} bytes, its header declares {_V1_HEADER + length}")
-            raise InvalidFrame(f"{<uint64_t>pb.len - _V1_HEADER - length} trailing bytes after a v1 frame "
+                raise V1InvalidFrame(f"truncated v1 frame: {pb.len} bytes, its header declares {_V1_HEADER + length}")
+            raise V1InvalidFrame(f"{<uint64_t>pb.len - _V1_HEADER - length} trailing bytes after a v1 frame "
                                f"of {_V1_HEADER + length}")
     finally:
         PyBuffer_Release(&pb)
@@ -1410,7 +1422,7 @@ cdef class V1Decoder:
         cdef bint in_place = PyBytes_CheckExact(data)
         cdef object view = None
         if self._failed:
-            raise InvalidFrame("this V1Decoder already rejected its stream; its framing is lost")
+            raise V1InvalidFrame("this V1Decoder already rejected its stream; its framing is lost")
         PyObject_GetBuffer(data, &pb, PyBUF_SIMPLE)
         try:
             p = <const char*>pb.buf
@@ -1470,7 +1482,7 @@ cdef int _v1_reader(_Reader* r, Py_buffer* pb, const char* what) except -1:
 
 cdef int _v1_end(_Reader* r) except -1:
     if r.pos != r.len:
-        raise InvalidFrame(f"{r.len - r.pos} trailing bytes after {(<bytes>r.what).decode()}")
+        raise V1InvalidFrame(f"{r.len - r.pos} trailing bytes after {(<bytes>r.what).decode()}")
     return 0
 
 
@@ -1480,7 +1492,7 @@ cdef Py_ssize_t _v1_read_blob(_Reader* r, const char* field) except -1:
     cdef Py_ssize_t start
     _read_u64(r, &n)
     if n > <uint64_t>(r.len - r.pos):
-        raise InvalidFrame(f"truncated v1 payload: {(<bytes>field).decode()} of {n} bytes at offset "
+        raise V1InvalidFrame(f"truncated v1 payload: {(<bytes>field).decode()} of {n} bytes at offset "
                            f"{r.base + r.pos}, only {r.len - r.pos} left")
     start = r.pos
     _take(r, <Py_ssize_t>n)
@@ -1515,7 +1527,7 @@ def v1_parse_version_reply(payload):
     finally:
         PyBuffer_Release(&pb)
     if v > 1:
-        raise InvalidFrame(f"version reply byte is {v}, must be 0 or 1")
+        raise V1InvalidFrame(f"version reply byte is {v}, must be 0 or 1")
     return v == 1
 
 
@@ -1535,7 +1547,7 @@ def v1_parse_core(payload):
         try:
             name = (<const char*>pb.buf)[ns:ne].decode("utf-8")
         except UnicodeDecodeError as e:
-            raise InvalidFrame(f"core name is not valid UTF-8: {e}") from None
+            raise V1InvalidFrame(f"core name is not valid UTF-8: {e}") from None
     finally:
         PyBuffer_Release(&pb)
     return name, _ro_view(payload)[ls:]

@@ -165,6 +165,18 @@ def test_exit_codes(code: int) -> None:
     assert got == code
 
 
+def test_errors_are_typed_and_value_errors() -> None:
+    # the agreed contract: the fabric error (code 400 / 413) and a ValueError at once
+    with pytest.raises(wire.V1InvalidFrame) as bad:
+        wire.v1_parse(b"\x01")
+    assert isinstance(bad.value, InvalidFrame) and isinstance(bad.value, ValueError)
+    assert bad.value.code == 400
+    with pytest.raises(wire.V1TooLarge) as big:
+        wire.v1_parse(wire.v1_ok(1, b"xx"), max_payload=1)
+    assert isinstance(big.value, TooLarge) and isinstance(big.value, ValueError)
+    assert big.value.code == 413
+
+
 def test_encoder_rejects_bad_arguments() -> None:
     with pytest.raises(InvalidFrame, match="unknown v1 message type"):
         wire.v1_frame(0x04, 1)
