@@ -13,16 +13,20 @@ b'hello'
 """
 
 from ._version import __version__
-from .client import AsyncFabricClient, AsyncRemoteBuffer, FabricClient, RemoteBuffer
+from .client import AsyncCore, AsyncFabricClient, AsyncRemoteBuffer, Core, FabricClient, RemoteBuffer
 from .errors import (
     BadRequest,
     Conflict,
+    CoreLoadFailed,
     CorruptionDetected,
     DoubleFree,
     FabricError,
     Infeasible,
     InternalError,
     InvalidFrame,
+    JobError,
+    JobFailed,
+    JobTimeout,
     NotFound,
     OutOfMemory,
     OutOfRange,
@@ -32,6 +36,7 @@ from .errors import (
     TooLarge,
     Unavailable,
     UnknownHandle,
+    WorkerCrashed,
 )
 from . import schema
 
@@ -59,4 +64,11 @@ __all__ = [
     "CorruptionDetected",
     "Unavailable",
     "OutOfMemory",
+    "Core",
+    "AsyncCore",
+    "CoreLoadFailed",
+    "JobError",
+    "JobFailed",
+    "WorkerCrashed",
+    "JobTimeout",
 ]

@@ -56,6 +56,8 @@ from .errors import (
     ERROR_KIND_HEADER,
     BadRequest,
     FabricError,
+    InternalError,
+    JobFailed,
     TooLarge,
     Unavailable,
     error_from_wire,
@@ -77,8 +79,19 @@ from .schema import (
     StatReply,
     AttachReply,
 )
+from .schema import (  # compute cores
+    MSGPACK,
+    MSGPACK_CONTENT_TYPE,
+    CONTENT_TYPE_HEADER,
+    CoreInfo,
+    CoreListReply,
+    CoreRequest,
+    LoadCoreRequest,
+    decode_job_results,
+    encode_job_batch,
+)
 
-__all__ = ["AsyncFabricClient", "FabricClient", "RemoteBuffer", "AsyncRemoteBuffer"]
+__all__ = ["AsyncFabricClient", "FabricClient", "RemoteBuffer", "AsyncRemoteBuffer", "AsyncCore", "Core"]
 
 T = TypeVar("T")
 # room left in a message for the frame header, the item table and NATS headers
@@ -500,6 +513,39 @@ class AsyncFabricClient:
             local.add(h, reply)
         return local.view(h)
 
+    # -- compute cores -------------------------------------------------------------
+
+    async def load_core(self, name: str, library: "str | os.PathLike[str] | bytes | memoryview", *,
+                        min_workers: int = 1, max_workers: int = 4, time_limit: float = 60.0, idle: float = 30.0,
+                        node: str | None = None, external: bool = False) -> "AsyncCore":
+        """Load a compute core (a ``.so`` path or its bytes) into a warm pool; returns an :class:`AsyncCore`.
+
+        *node* picks the spawner (default: any); *time_limit* (seconds, 0 = none) bounds one
+        job; workers above *min_workers* retire after *idle* seconds; ``external=True`` also
+        opens sockets where external v1 workers may join (``core.info.listen_unix`` / ``listen_tcp``).
+        A library without the API symbols, or whose ``worker_init`` fails, raises CoreLoadFailed.
+        """
+        if isinstance(library, (str, os.PathLike)):
+            with open(library, "rb") as fh:
+                library = fh.read()
+        req = LoadCoreRequest(name=name, library=bytes(library), min_workers=min_workers, max_workers=max_workers,
+                              time_limit_s=time_limit, idle_s=idle, external=external)
+        subject = subjects.node_scoped("core", node, "load") if node else subjects.cluster("core", "load")
+        reply = await self.request(subject, MSGPACK.encode(req), {CONTENT_TYPE_HEADER: MSGPACK_CONTENT_TYPE},
+                                   timeout=max(self.timeout, 60.0))
+        return AsyncCore(self, MSGPACK.decode(reply.data, CoreInfo))
+
+    async def load_python_core(self, *, min_workers: int = 1, max_workers: int = 4, time_limit: float = 60.0,
+                               idle: float = 30.0, node: str | None = None) -> "AsyncCore":
+        """A pool of the built-in Python worker: run functions with :meth:`AsyncCore.call`."""
+        return await self.load_core(PYTHON_CORE, b"", min_workers=min_workers, max_workers=max_workers,
+                                    time_limit=time_limit, idle=idle, node=node)
+
+    async def cores(self, node: str) -> CoreListReply:
+        """Every core loaded on *node*, with its pool's statistics."""
+        reply = await self.request(subjects.node_scoped("core", node, "list"), b"{}")
+        return JSON.decode(reply.data, CoreListReply)
+
 
 def _check_size(size: int) -> int:
     if isinstance(size, bool) or not isinstance(size, int):
@@ -697,6 +743,25 @@ class FabricClient:
                 timeout: float | None = None) -> Any:
         return self._run(self._aio.request(subject, data, headers, timeout))
 
+    # -- compute cores -------------------------------------------------------------
+
+    def load_core(self, name: str, library: "str | os.PathLike[str] | bytes | memoryview", *, min_workers: int = 1,
+                  max_workers: int = 4, time_limit: float = 60.0, idle: float = 30.0, node: str | None = None,
+                  external: bool = False) -> "Core":
+        """Load a compute core into a warm pool (see :meth:`AsyncFabricClient.load_core`)."""
+        return Core(self, self._run(self._aio.load_core(
+            name, library, min_workers=min_workers, max_workers=max_workers, time_limit=time_limit, idle=idle,
+            node=node, external=external)))
+
+    def load_python_core(self, *, min_workers: int = 1, max_workers: int = 4, time_limit: float = 60.0,
+                         idle: float = 30.0, node: str | None = None) -> "Core":
+        """A pool of the built-in Python worker: ``core.call(fn, *args)``."""
+        return self.load_core(PYTHON_CORE, b"", min_workers=min_workers, max_workers=max_workers,
+                              time_limit=time_limit, idle=idle, node=node)
+
+    def cores(self, node: str) -> CoreListReply:
+        return self._run(self._aio.cores(node))
+
 
 class RemoteBuffer:
     """A remote block: ``len()``, slicing reads and writes, and ``with`` frees it.
@@ -774,3 +839,194 @@ class RemoteBuffer:
 
 # what rreadv's C fast path accepts in place of a token (it reads their .handle)
 _BUFFER_TYPES = (RemoteBuffer, AsyncRemoteBuffer)
+
+
+# -- compute cores -------------------------------------------------------------------
+
+#: the built-in Python worker's core name
+PYTHON_CORE = "fabric.python"
+#: the header of a job_failed reply that carries the core's exit code
+EXIT_CODE_HEADER = "Fabric-Exit-Code"
+#: jobs per map request, and map requests in flight at a time
+MAP_BATCH = 128
+MAP_IN_FLIGHT = 6
+
+
+def _job_error(code: int, err: int, out: memoryview, core: "AsyncCore", index: int | None = None) -> FabricError:
+    if err:
+        kind, _, text = bytes(out).decode("utf-8", "replace").partition("\n")
+        return error_from_wire(err, text, kind)
+    return JobFailed(f"core {core.name!r} returned exit code {code}", exit_code=code, output=bytes(out),
+                     core=core.id, index=index)
+
+
+class AsyncCore:
+    """A compute core loaded in a warm pool on one node: ``await core.run(data)``.
+
+    ::
+
+        core = await fc.load_core("sha256", "build/sha256.so", max_workers=2)
+        digest = await core.run(b"hello")
+        digests = await core.map([b"a", b"b", b"c"])      # in input order
+        await core.unload()
+    """
+
+    def __init__(self, client: AsyncFabricClient, info: CoreInfo) -> None:
+        self.client = client
+        self.info = info
+        self.id = info.core
+        self.node = info.node
+        self.name = info.name
+        self._run_subject = subjects.node_scoped("core", info.node, "run") + "." + info.core
+        self._map_subject = subjects.node_scoped("core", info.node, "map") + "." + info.core
+
+    def __repr__(self) -> str:
+        return f"AsyncCore(name={self.name!r}, core={self.id!r}, node={self.node!r})"
+
+    def _job_timeout(self, jobs: int = 1) -> float:
+        limit = self.info.time_limit_s or 3600.0
+        waves = -(-jobs // max(self.info.max_workers, 1))
+        return max(self.client.timeout, (limit + 1.0) * waves + 5.0)
+
+    async def _send(self, subject: str, data: Any, timeout: float) -> Any:
+        nc = self.client.nc
+        if nc is None:
+            raise Unavailable("client is not connected: use 'async with' or call connect()")
+        try:
+            return await nc.request(subject, data, timeout=timeout)
+        except NoRespondersError:
+            raise Unavailable(f"no spawner answers on {subject} (node {self.node} down?)") from None
+        except NatsTimeout:
+            raise Unavailable(f"job request on {subject} timed out after {timeout:g}s") from None
+
+    async def run(self, data: Any, *, timeout: float | None = None) -> bytes:
+        """Run one job; its output bytes.  Nonzero exit raises JobFailed (``exit_code``, ``output``);
+        a crash WorkerCrashed; past the time limit JobTimeout."""
+        msg = await self._send(self._run_subject, data, timeout or self._job_timeout())
+        hdrs = msg.headers
+        if hdrs and ERROR_CODE_HEADER in hdrs:
+            exc = error_from_wire(hdrs[ERROR_CODE_HEADER], hdrs.get(ERROR_HEADER, ""), hdrs.get(ERROR_KIND_HEADER))
+            if isinstance(exc, JobFailed) and EXIT_CODE_HEADER in hdrs:
+                exc = JobFailed(exc.message, exit_code=int(hdrs[EXIT_CODE_HEADER]), output=msg.data, core=self.id)
+            raise exc
+        return msg.data
+
+    async def map(self, items: Iterable[Any], *, batch_size: int = MAP_BATCH, in_flight: int = MAP_IN_FLIGHT,
+                  return_exceptions: bool = False, timeout: float | None = None) -> list[Any]:
+        """Run one job per item; outputs in input order.  Batches of *batch_size* jobs travel
+        as one request each, *in_flight* requests at a time.  The first failed job (in input
+        order) raises, or with ``return_exceptions=True`` stands in the list in its place."""
+        jobs = items if isinstance(items, list) else list(items)
+        if batch_size < 1 or in_flight < 1:
+            raise BadRequest("batch_size and in_flight must be at least 1")
+        results: list[Any] = [None] * len(jobs)
+        per_batch = timeout or self._job_timeout(batch_size * in_flight)
+
+        async def one(start: int) -> None:
+            chunk = jobs[start:start + batch_size]
+            msg = await self._send(self._map_subject, encode_job_batch(chunk), per_batch)
+            hdrs = msg.headers
+            if hdrs and ERROR_CODE_HEADER in hdrs:
+                raise error_from_wire(hdrs[ERROR_CODE_HEADER], hdrs.get(ERROR_HEADER, ""), hdrs.get(ERROR_KIND_HEADER))
+            got = decode_job_results(msg.data)
+            if len(got) != len(chunk):
+                raise InternalError(f"map reply carries {len(got)} results for {len(chunk)} jobs")
+            data = msg.data
+            i = start
+            for code, err, out in got:
+                results[i] = bytes(out) if not (code or err) else _job_error(code, err, out, self, i)
+                i += 1
+            del data
+
+        await _in_flight([functools.partial(one, s) for s in range(0, len(jobs), batch_size)], in_flight)
+        if not return_exceptions:
+            for value in results:
+                if isinstance(value, FabricError):
+                    raise value
+        return results
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` on the built-in Python worker; its result.
+
+        An exception in *fn* raises JobFailed with ``remote_type``, ``remote_message`` and
+        ``remote_traceback``.
+        """
+        import pickle
+
+        import cloudpickle
+
+        try:
+            out = await self.run(cloudpickle.dumps((fn, args, kwargs)))
+        except JobFailed as exc:
+            if getattr(exc, "exit_code", None) != 1 or not getattr(exc, "output", b""):
+                raise
+            try:
+                type_name, message, tb = pickle.loads(exc.output)
+            except Exception:
+                raise exc from None
+            raise JobFailed(f"{type_name}: {message}", exit_code=1, core=self.id, remote_type=type_name,
+                            remote_message=message, remote_traceback=tb) from None
+        return pickle.loads(out)  # noqa: S301 - the result of our own function, from our own worker
+
+    async def stats(self) -> CoreInfo:
+        """The pool's statistics now (workers, queue, jobs done, crashes...)."""
+        reply = await self.client.request(subjects.node_scoped("core", self.node, "stats"),
+                                          JSON.encode(CoreRequest(core=self.id)))
+        self.info = JSON.decode(reply.data, CoreInfo)
+        return self.info
+
+    async def unload(self) -> CoreInfo:
+        """Stop the pool's workers; later jobs raise NotFound."""
+        reply = await self.client.request(subjects.node_scoped("core", self.node, "unload"),
+                                          JSON.encode(CoreRequest(core=self.id)))
+        return JSON.decode(reply.data, CoreInfo)
+
+
+class Core:
+    """The synchronous face of :class:`AsyncCore`: ``core.run(b"...")``, ``core.map(items)``, ``core.call(fn)``."""
+
+    def __init__(self, client: FabricClient, aio: AsyncCore) -> None:
+        self.client = client
+        self.aio = aio
+
+    @property
+    def id(self) -> str:
+        return self.aio.id
+
+    @property
+    def node(self) -> str:
+        return self.aio.node
+
+    @property
+    def name(self) -> str:
+        return self.aio.name
+
+    @property
+    def info(self) -> CoreInfo:
+        return self.aio.info
+
+    def __repr__(self) -> str:
+        return f"Core(name={self.name!r}, core={self.id!r}, node={self.node!r})"
+
+    def run(self, data: Any, *, timeout: float | None = None) -> bytes:
+        return self.client._run(self.aio.run(data, timeout=timeout))
+
+    def map(self, items: Iterable[Any], *, batch_size: int = MAP_BATCH, in_flight: int = MAP_IN_FLIGHT,
+            return_exceptions: bool = False, timeout: float | None = None) -> list[Any]:
+        return self.client._run(self.aio.map(list(items), batch_size=batch_size, in_flight=in_flight,
+                                             return_exceptions=return_exceptions, timeout=timeout))
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return self.client._run(self.aio.call(fn, *args, **kwargs))
+
+    def stats(self) -> CoreInfo:
+        return self.client._run(self.aio.stats())
+
+    def unload(self) -> CoreInfo:
+        return self.client._run(self.aio.unload())
+
+    def __enter__(self) -> "Core":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unload()

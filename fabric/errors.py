@@ -17,9 +17,14 @@ stable *kind* string below) so a client can raise the exact class::
     │   └── DoubleFree               409  double_free   the block was already freed
     ├── TooLarge                     413  too_large     a size or frame exceeds a hard limit
     ├── Infeasible                   422  infeasible    well-formed but can never succeed here
+    │   └── CoreLoadFailed           422  core_load_failed  a compute core's .so or worker_init is unusable
     ├── QuotaExceeded                429  quota         the owner's quota would be exceeded
     ├── InternalError                500  internal      a bug or an unexpected failure
     │   └── CorruptionDetected       500  corruption    a header, canary or segment is damaged
+    ├── JobError                     500  job_error     a compute job did not produce a result
+    │   ├── JobFailed                500  job_failed    the core returned a nonzero exit code
+    │   ├── WorkerCrashed            500  worker_crashed  the worker died (signal, abort) running the job
+    │   └── JobTimeout               500  job_timeout   the job ran past its core's time limit
     ├── Unavailable                  503  unavailable   no service answered in time
     └── OutOfMemory                  507  out_of_memory the node's capacity is exhausted
 
@@ -50,6 +55,11 @@ __all__ = [
     "CorruptionDetected",
     "Unavailable",
     "OutOfMemory",
+    "CoreLoadFailed",
+    "JobError",
+    "JobFailed",
+    "WorkerCrashed",
+    "JobTimeout",
     "error_from_wire",
     "error_headers",
     "ERROR_HEADER",
@@ -205,6 +215,40 @@ class OutOfMemory(FabricError):
 
     code = 507
     kind = "out_of_memory"
+
+
+# -- compute cores (services/spawner/pools.py) --------------------------------
+
+
+class CoreLoadFailed(Infeasible):
+    """Raised when a core cannot load: missing API symbols, worker_init nonzero, not a library."""
+
+    kind = "core_load_failed"
+
+
+class JobError(FabricError):
+    """Raised when a compute job produced no result; carries ``core`` (and ``job`` where known)."""
+
+    code = 500
+    kind = "job_error"
+
+
+class JobFailed(JobError):
+    """Raised when the core's worker_run_job returned nonzero; carries ``exit_code`` and ``output`` (bytes)."""
+
+    kind = "job_failed"
+
+
+class WorkerCrashed(JobError):
+    """Raised when the worker running the job died (segfault, abort, killed); the pool replaced it."""
+
+    kind = "worker_crashed"
+
+
+class JobTimeout(JobError):
+    """Raised when the job ran past its core's ``time_limit``; its worker was killed and replaced."""
+
+    kind = "job_timeout"
 
 
 # FabricError itself is the fallback for unknown kinds/codes.

@@ -15,6 +15,7 @@ here, and docs/protocol.md documents exactly these fields.  Rules:
 
 from __future__ import annotations
 
+import struct
 from typing import Annotated, Any, Final, TypeVar
 
 import msgspec
@@ -48,6 +49,14 @@ __all__ = [
     "MemInfoReply",
     "ErrorInfo",
     "ErrorReply",
+    "LoadCoreRequest",
+    "CoreInfo",
+    "CoreRequest",
+    "CoreListReply",
+    "encode_job_batch",
+    "decode_job_batch",
+    "encode_job_results",
+    "decode_job_results",
     "Codec",
     "JSON",
     "MSGPACK",
@@ -239,6 +248,151 @@ class ErrorReply(Message):
 
 def error_info(exc: FabricError) -> ErrorInfo:
     return ErrorInfo(code=exc.code, kind=exc.kind, message=exc.message)
+
+
+# -- compute cores (spawner: services/spawner/pools.py) ------------------------
+
+#: a core id: one subject token, minted by the spawner that loaded the core
+CoreId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+#: a core's name (also sent to its workers in the v1 "new compute core" message)
+CoreName = Annotated[str, Meta(min_length=1, max_length=255)]
+
+
+class LoadCoreRequest(Message):
+    """``fabric.core.load`` / ``fabric.core.<node>.load``: start a warm pool for a core.
+
+    ``library`` is the ``.so`` file's bytes (raw ``bin`` in MessagePack, base64 in
+    JSON); empty with ``name == "fabric.python"`` selects the built-in Python worker.
+    """
+
+    name: CoreName
+    library: bytes = b""
+    min_workers: Annotated[int, Meta(ge=0, le=256)] = 1
+    max_workers: Annotated[int, Meta(ge=1, le=256)] = 4
+    #: seconds one job may run before its worker is killed (JobTimeout); 0 = no limit
+    time_limit_s: Annotated[float, Meta(ge=0, le=7 * 24 * 3600)] = 60.0
+    #: an idle worker above min_workers retires after this many seconds
+    idle_s: Annotated[float, Meta(ge=0, le=24 * 3600)] = 30.0
+    #: also listen for external v1 workers (unix socket, and TCP on ``listen_host``)
+    external: bool = False
+    listen_host: str = "127.0.0.1"
+
+
+class CoreInfo(Message):
+    """One loaded core and its pool (reply of load and stats, items of list)."""
+
+    core: str
+    node: str
+    name: str
+    min_workers: int
+    max_workers: int
+    time_limit_s: float
+    workers: int = 0
+    idle: int = 0
+    external_workers: int = 0
+    queued: int = 0
+    running: int = 0
+    jobs_done: int = 0
+    jobs_failed: int = 0
+    crashes: int = 0
+    timeouts: int = 0
+    workers_started: int = 0
+    workers_refused: int = 0
+    #: where external v1 workers connect (``unix:/path`` and ``tcp:HOST:PORT``), when asked for
+    listen_unix: str = ""
+    listen_tcp: str = ""
+
+
+class CoreRequest(Message):
+    """``fabric.core.<node>.stats`` / ``unload``: one core by id."""
+
+    core: CoreId
+
+
+class CoreListReply(Message):
+    """``fabric.core.<node>.list``: every core loaded on the node."""
+
+    node: str
+    cores: list[CoreInfo] = []
+
+
+# -- the job batch frames (fabric.core.<node>.map.<core>) ---------------------
+#
+# Little-endian.  A batch request is ``"FJB1" | count u32 | count x length u64 |
+# the job inputs back to back``; its reply is ``"FJR1" | count u32 | count x
+# (exit_code i32, error u32, length u64) | the outputs back to back``.  ``error`` 0
+# means the job ran and ``exit_code`` is the core's; otherwise it is the fabric
+# error code and the item's bytes are ``kind`` UTF-8, a newline, then the message.
+
+JOB_BATCH_MAGIC: Final = b"FJB1"
+JOB_RESULTS_MAGIC: Final = b"FJR1"
+#: the most jobs one batch frame may carry
+MAX_JOB_BATCH: Final = 65536
+_STRUCT_HEAD = struct.Struct("<4sI")
+
+
+def encode_job_batch(items: "list[Any]") -> bytes:
+    """One batch request frame for *items* (bytes-like job inputs)."""
+    n = len(items)
+    if n > MAX_JOB_BATCH:
+        raise BadRequest(f"a job batch holds at most {MAX_JOB_BATCH} jobs, got {n}")
+    table = struct.pack(f"<4sI{n}Q", JOB_BATCH_MAGIC, n, *[len(memoryview(x).cast("B")) for x in items])
+    return b"".join([table, *items])
+
+
+def decode_job_batch(data: Any) -> list[memoryview]:
+    """The job inputs of a batch request, as views into *data* (no copy); BadRequest if malformed."""
+    mv = memoryview(data).cast("B")
+    if len(mv) < 8:
+        raise BadRequest("job batch frame: truncated header")
+    magic, n = _STRUCT_HEAD.unpack_from(mv)
+    if magic != JOB_BATCH_MAGIC:
+        raise BadRequest(f"job batch frame: bad magic {bytes(magic)!r}")
+    if n > MAX_JOB_BATCH:
+        raise BadRequest(f"job batch frame: {n} jobs exceeds {MAX_JOB_BATCH}")
+    pos = 8 + 8 * n
+    if len(mv) < pos:
+        raise BadRequest("job batch frame: truncated length table")
+    out: list[memoryview] = []
+    for length in struct.unpack_from(f"<{n}Q", mv, 8):
+        end = pos + length
+        if end > len(mv):
+            raise BadRequest("job batch frame: a job's length runs past the frame")
+        out.append(mv[pos:end])
+        pos = end
+    if pos != len(mv):
+        raise BadRequest(f"job batch frame: {len(mv) - pos} trailing bytes")
+    return out
+
+
+def encode_job_results(results: "list[tuple[int, int, Any]]") -> bytes:
+    """One batch reply frame from ``(exit_code, error, output)`` triples."""
+    n = len(results)
+    flat: list[int] = []
+    for code, err, out in results:
+        flat += (code, err, len(out))
+    return b"".join([struct.pack(f"<4sI{'iIQ' * n}", JOB_RESULTS_MAGIC, n, *flat), *[r[2] for r in results]])
+
+
+def decode_job_results(data: Any) -> list[tuple[int, int, memoryview]]:
+    """``(exit_code, error, output view)`` per job of a batch reply; BadRequest if malformed."""
+    mv = memoryview(data).cast("B")
+    if len(mv) < 8:
+        raise BadRequest("job results frame: truncated header")
+    magic, n = _STRUCT_HEAD.unpack_from(mv)
+    if magic != JOB_RESULTS_MAGIC or n > MAX_JOB_BATCH:
+        raise BadRequest("job results frame: bad magic or count")
+    pos = 8 + 16 * n
+    if len(mv) < pos:
+        raise BadRequest("job results frame: truncated table")
+    out: list[tuple[int, int, memoryview]] = []
+    for code, err, length in struct.iter_unpack("<iIQ", mv[8:pos]):
+        end = pos + length
+        if end > len(mv):
+            raise BadRequest("job results frame: an output runs past the frame")
+        out.append((code, err, mv[pos:end]))
+        pos = end
+    return out
 
 
 # -- codecs ----------------------------------------------------------------

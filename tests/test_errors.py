@@ -78,6 +78,7 @@ def test_public_surface():
         "FabricError", "BadRequest", "InvalidFrame", "OutOfRange", "PermissionDenied", "NotFound",
         "UnknownHandle", "StaleHandle", "Conflict", "DoubleFree", "TooLarge", "Infeasible", "QuotaExceeded",
         "InternalError", "CorruptionDetected", "Unavailable", "OutOfMemory",
+        "Core", "AsyncCore", "CoreLoadFailed", "JobError", "JobFailed", "WorkerCrashed", "JobTimeout",
     }
     assert set(fabric.__all__) == expected
     for name in expected:
