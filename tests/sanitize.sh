@@ -22,6 +22,9 @@ tests=(tests/test_arena.py)
 if [[ -f tests/test_wire.py ]]; then
     tests+=(tests/test_wire.py)
 fi
+if [[ -f tests/test_ring.py ]]; then
+    tests+=(tests/test_ring.py)
+fi
 
 LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)" \
 ASAN_OPTIONS="detect_leaks=0:abort_on_error=1" \
