@@ -1,0 +1,483 @@
+"""The workers of a warm pool: a ring-joined child process, or an external socket peer.
+
+Both speak protocol v1 (:mod:`fabric_ext.wire`, the spec in docs/protocol.md): the
+controller sends the version exchange, then "new compute core", then jobs; the
+worker answers each message with the same id.  Job messages use the job's id as
+their message id, so a result finds its job by id, whatever order it comes in.
+
+:class:`RingWorker` runs ``python -m services.spawner.worker --ring-in A --ring-out B``
+with two fresh :mod:`fabric_ext.ring` files in /dev/shm.  A reader thread blocks in
+``Consumer.pop()`` (the GIL released) and hands what it finds to the loop in one
+``call_soon_threadsafe``; the process's exit is watched through a pidfd on the
+loop, and only once the reader has drained the ring does the pool learn which jobs
+were lost -- so a result the worker pushed just before dying is never reported as
+a crash.
+
+:class:`SocketWorker` is a peer that connected to a pool's listening socket
+(``examples/cores/worker.c``); the stream is cut into frames by ``wire.V1Decoder``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fabric.errors import CoreLoadFailed, FabricError, JobError, JobTimeout, TooLarge, WorkerCrashed
+from fabric_ext import ring, wire
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pools import CoreManager, Job, Pool
+
+__all__ = ["Worker", "RingWorker", "SocketWorker", "WorkerSpec", "RING_CAPACITY"]
+
+#: bytes of each ring (a power of two); a job's frame must fit one record
+RING_CAPACITY = 16 << 20
+#: bytes of job data an external worker may have queued on its socket
+SOCKET_WINDOW = 64 << 20
+#: message ids of the version exchange and core messages (far from job ids)
+_CTRL_VERSION = 1 << 62
+_CTRL_CORE = (1 << 62) + 1
+_REPO = str(Path(__file__).resolve().parents[2])
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a new worker is told: the core's id (for logs), name and library bytes."""
+
+    core: str
+    name: str
+    library: bytes
+
+
+def _signal_name(rc: int) -> str:
+    if rc < 0:
+        try:
+            return signal.Signals(-rc).name
+        except ValueError:
+            return f"signal {-rc}"
+    return f"exit status {rc}"
+
+
+class Worker:
+    """What a pool needs from a worker, whatever joins it to the controller."""
+
+    external = False
+
+    def __init__(self, manager: "CoreManager", pool: "Pool", seq: int) -> None:
+        self.manager = manager
+        self.pool = pool
+        self.seq = seq
+        self.loop = asyncio.get_running_loop()
+        #: jobs sent and not answered, in the order the worker runs them
+        self.outstanding: dict[int, "Job"] = {}
+        self.inflight_bytes = 0
+        self.ready = False
+        self.was_ready = False
+        self.head_started = 0.0
+        self.idle_since = time.monotonic()
+        self._ctrl: dict[int, asyncio.Future[Any]] = {}
+        self._timed_out: JobTimeout | None = None
+        self._failure = ""
+        self._retiring = False
+        self._gone = asyncio.Event()
+        self._ended = False
+
+    # -- transport (subclasses) ------------------------------------------------------
+
+    def _push(self, head: bytes, data: Any) -> None:
+        raise NotImplementedError
+
+    def _push_frame(self, frame: bytes) -> None:
+        raise NotImplementedError
+
+    def _kill(self) -> None:
+        """End the worker now (SIGKILL, or cut the connection)."""
+        raise NotImplementedError
+
+    def _end_gracefully(self) -> None:
+        raise NotImplementedError
+
+    def _max_job(self) -> int:
+        raise NotImplementedError
+
+    def _death_text(self) -> str:
+        return "the worker died"
+
+    # -- protocol -----------------------------------------------------------------
+
+    async def handshake(self, spec: WorkerSpec, timeout: float) -> None:
+        """Version exchange, then "new compute core"; CoreLoadFailed when refused."""
+        kind, payload = await self._control(_CTRL_VERSION, wire.v1_version(_CTRL_VERSION, wire.V1_VERSION), timeout)
+        if kind != wire.V1_OK:
+            raise CoreLoadFailed(f"worker refused protocol version {wire.V1_VERSION}: "
+                                 f"{bytes(payload).decode('utf-8', 'replace')}", core=spec.core)
+        try:
+            accepted = wire.v1_parse_version_reply(payload)
+        except ValueError as exc:
+            raise CoreLoadFailed(f"worker sent a malformed version reply: {exc}", core=spec.core) from None
+        if not accepted:
+            raise CoreLoadFailed(f"worker does not speak protocol version {wire.V1_VERSION}", core=spec.core)
+        kind, payload = await self._control(_CTRL_CORE, wire.v1_core(_CTRL_CORE, spec.name, spec.library), timeout)
+        if kind != wire.V1_OK:
+            raise CoreLoadFailed(f"core {spec.name!r} did not load: {bytes(payload).decode('utf-8', 'replace')}",
+                                 core=spec.core, name=spec.name)
+        self.ready = self.was_ready = True
+        self.idle_since = time.monotonic()
+
+    async def _control(self, msg_id: int, frame: bytes, timeout: float) -> tuple[int, memoryview]:
+        fut: asyncio.Future[tuple[int, memoryview]] = self.loop.create_future()
+        self._ctrl[msg_id] = fut
+        self._push_frame(frame)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise CoreLoadFailed(f"worker did not answer within {timeout:g}s") from None
+        finally:
+            self._ctrl.pop(msg_id, None)
+
+    def accepts(self, size: int) -> bool:
+        return self.inflight_bytes + size <= self._max_job()
+
+    def send_job(self, job: "Job") -> None:
+        size = len(job.data)
+        if size > self._max_job():
+            raise TooLarge(f"job of {size} bytes exceeds the worker's limit of {self._max_job()}")
+        out = self.outstanding
+        if not out:
+            self.head_started = time.monotonic()
+        out[job.id] = job
+        self.inflight_bytes += size
+        self._push(wire.v1_job_header(job.id, job.id, size), job.data)
+
+    def on_frames(self, frames: list[Any]) -> None:
+        """Results (and control replies) from the worker, in the loop."""
+        out = self.outstanding
+        pool = self.pool
+        ok = wire.V1_OK
+        parse = wire.v1_parse_job_result
+        for f in frames:
+            mid = f.msg_id
+            job = out.pop(mid, None)
+            if job is None:
+                fut = self._ctrl.get(mid)
+                if fut is not None and not fut.done():
+                    fut.set_result((f.kind, f.payload))
+                else:
+                    self.fail(f"answer to unknown message id {mid}")
+                continue
+            self.inflight_bytes -= len(job.data)
+            if f.kind == ok:
+                try:
+                    code, data = parse(f.payload)
+                except ValueError as exc:
+                    pool.finished(self, job, 0, b"", JobError(f"malformed job result: {exc}", core=pool.id))
+                    continue
+                pool.finished(self, job, code, data, None)
+            else:
+                text = bytes(f.payload).decode("utf-8", "replace")
+                pool.finished(self, job, 0, b"", JobError(f"worker error: {text}", core=pool.id))
+        now = time.monotonic()
+        if out:
+            self.head_started = now  # the next queued job starts as this one ends
+        else:
+            self.idle_since = now
+        pool.pump()
+
+    def time_out(self, limit: float) -> None:
+        if self._timed_out is None:
+            self._timed_out = JobTimeout(f"job ran past the time limit of {limit:g}s of core {self.pool.name!r}; "
+                                         f"its worker was killed and replaced", core=self.pool.id, time_limit_s=limit)
+            self.ready = False
+            self._kill()
+
+    def fail(self, why: str) -> None:
+        if not self._failure:
+            self._failure = why
+            self.manager.log.warning("worker failed", core=self.pool.id, worker=self.seq, error=why)
+            self.ready = False
+            self._kill()
+
+    def retire(self) -> None:
+        if not self._retiring:
+            self._retiring = True
+            self.ready = False
+            self._end_gracefully()
+
+    def ended(self) -> None:
+        """The worker is gone and everything it sent was delivered: settle its jobs."""
+        if self._ended:
+            return
+        self._ended = True
+        self.ready = False
+        text = self._death_text()
+        for fut in self._ctrl.values():
+            if not fut.done():
+                fut.set_exception(CoreLoadFailed(f"worker ended during start: {text}", core=self.pool.id))
+        lost = list(self.outstanding.values())
+        self.outstanding.clear()
+        self.inflight_bytes = 0
+        reason: JobError | None = None
+        if self._timed_out is not None:
+            reason = self._timed_out
+        elif lost or (self.was_ready and not self._retiring):
+            reason = WorkerCrashed(f"worker of core {self.pool.name!r} died running the job ({text}); "
+                                   f"the pool replaced it", core=self.pool.id)
+        self._gone.set()
+        self.pool.worker_gone(self, reason, lost)
+
+    async def start(self, spec: WorkerSpec, timeout: float) -> None:
+        raise NotImplementedError
+
+    async def stop(self, kill_after: float) -> None:
+        """Ask the worker to end, kill it after *kill_after* seconds, wait until it is gone."""
+        self.retire()
+        try:
+            await asyncio.wait_for(self._gone.wait(), kill_after)
+        except asyncio.TimeoutError:
+            self._kill()
+            await asyncio.wait_for(self._gone.wait(), 10.0)
+
+
+class RingWorker(Worker):
+    """A ``services.spawner.worker`` child process joined by two SPSC rings."""
+
+    def __init__(self, manager: "CoreManager", pool: "Pool", seq: int) -> None:
+        super().__init__(manager, pool, seq)
+        base = f"{manager.ring_prefix}-{pool.id}-{seq}"
+        self.path_in = f"{base}-in"
+        self.path_out = f"{base}-out"
+        self.prod: Any = None
+        self.cons: Any = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pidfd = -1
+        self.returncode: int | None = None
+        self._thread: threading.Thread | None = None
+        self._reader_finished = False
+        self._max = 0
+
+    async def start(self, spec: WorkerSpec, timeout: float) -> None:
+        made: list[str] = []
+        try:
+            for path in (self.path_in, self.path_out):
+                ring.create(path, RING_CAPACITY)
+                made.append(path)
+            self.prod = ring.Producer(self.path_in)
+            self.cons = ring.Consumer(self.path_out)
+            # a job frame is its 33-byte header plus the data, in one record
+            self._max = self.prod.max_record - 64
+            env = dict(os.environ)
+            env["PYTHONPATH"] = _REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "services.spawner.worker", "--ring-in", self.path_in,
+                 "--ring-out", self.path_out],
+                stdin=subprocess.DEVNULL, env=env, close_fds=True)
+        except BaseException:
+            self._release()
+            raise
+        self.pidfd = os.pidfd_open(self.proc.pid)
+        self.loop.add_reader(self.pidfd, self._on_exit)
+        self._thread = threading.Thread(target=self._read, name=f"core-{self.pool.id}-{self.seq}", daemon=True)
+        self._thread.start()
+        await self.handshake(spec, timeout)
+
+    def _read(self) -> None:
+        """The reader thread: block in pop() (GIL released), hand results to the loop in batches."""
+        cons = self.cons
+        pop, try_pop = cons.pop, cons.try_pop
+        call = self.loop.call_soon_threadsafe
+        deliver = self._deliver
+        try:
+            while True:
+                try:
+                    rec = pop()
+                except ring.RingCorrupt:
+                    call(self.fail, "a corrupt record on the result ring")
+                    continue
+                batch = [rec]
+                try:
+                    while len(batch) < 1024:
+                        rec = try_pop()
+                        if rec is None:
+                            break
+                        batch.append(rec)
+                except ring.RingCorrupt:
+                    call(self.fail, "a corrupt record on the result ring")
+                call(deliver, batch)
+        except ring.RingClosed:
+            pass
+        except RuntimeError:  # the loop is closed: the service is gone
+            return
+        except Exception as exc:  # pragma: no cover - a ring bug: end this worker, keep the pool
+            try:
+                call(self.fail, f"result ring failed: {exc!r}")
+            except RuntimeError:
+                return
+        try:
+            call(self._reader_done)
+        except RuntimeError:
+            pass
+
+    def _deliver(self, batch: list[bytes]) -> None:
+        parse = wire.v1_parse
+        try:
+            frames = [parse(rec) for rec in batch]
+        except ValueError as exc:
+            self.fail(f"malformed frame on the result ring: {exc}")
+            frames = []
+            for rec in batch:
+                try:
+                    frames.append(parse(rec))
+                except ValueError:
+                    pass
+        self.on_frames(frames)
+
+    def _on_exit(self) -> None:
+        """The pidfd is readable: the process exited.  Reap it; let the reader drain the ring."""
+        self.loop.remove_reader(self.pidfd)
+        os.close(self.pidfd)
+        self.pidfd = -1
+        assert self.proc is not None
+        self.returncode = self.proc.wait()
+        self.ready = False
+        if self._reader_finished:  # the worker closed its result ring itself on the way out
+            self._settle()
+            return
+        try:
+            self.cons.shutdown()  # the reader drains what is left, then sees RingClosed
+        except Exception:
+            self._kill()
+
+    def _reader_done(self) -> None:
+        self._reader_finished = True
+        if self.pidfd >= 0:  # the reader ended first (the worker closed the ring): wait for the exit
+            return
+        self._settle()
+
+    def _settle(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        self._release()
+        self.ended()
+
+    def _release(self) -> None:
+        for end in (self.prod, self.cons):
+            if end is not None:
+                try:
+                    end.close()
+                except Exception:
+                    pass
+        self.prod = self.cons = None
+        for path in (self.path_in, self.path_out):
+            try:
+                ring.unlink(path)
+            except (FileNotFoundError, OSError):
+                pass
+
+    def _death_text(self) -> str:
+        if self._failure:
+            return self._failure
+        return _signal_name(self.returncode) if self.returncode is not None else "the worker died"
+
+    def _push(self, head: bytes, data: Any) -> None:
+        self.prod.push_parts(head, data, timeout=1.0)
+
+    def _push_frame(self, frame: bytes) -> None:
+        self.prod.push(frame, timeout=1.0)
+
+    def _max_job(self) -> int:
+        return self._max
+
+    def _kill(self) -> None:
+        if self.proc is not None and self.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+
+    def _end_gracefully(self) -> None:
+        # the worker exits when its job ring is shut down
+        if self.prod is not None:
+            try:
+                self.prod.shutdown()
+            except Exception:
+                self._kill()
+        else:
+            self._kill()
+
+    async def stop(self, kill_after: float) -> None:
+        if self.proc is None:  # never started
+            self._release()
+            return
+        await super().stop(kill_after)
+
+
+class SocketWorker(Worker):
+    """An external worker that connected to a pool's listening socket."""
+
+    external = True
+
+    def __init__(self, manager: "CoreManager", pool: "Pool", seq: int, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        super().__init__(manager, pool, seq)
+        self.reader = reader
+        self.writer = writer
+        self._task: asyncio.Task[None] | None = None
+        self._eof_text = "the connection closed"
+
+    async def start(self, spec: WorkerSpec, timeout: float) -> None:
+        self._task = self.loop.create_task(self._read())
+        await self.handshake(spec, timeout)
+
+    async def _read(self) -> None:
+        decoder = wire.V1Decoder()
+        try:
+            while True:
+                data = await self.reader.read(1 << 20)
+                if not data:
+                    break
+                try:
+                    frames = decoder.feed(data)
+                except ValueError as exc:
+                    self._eof_text = f"malformed v1 frame: {exc}"
+                    self._fail_ctrl(f"the worker sent a malformed v1 frame: {exc}")
+                    break
+                if frames:
+                    self.on_frames(frames)
+        except (ConnectionError, OSError) as exc:
+            self._eof_text = f"connection lost: {exc}"
+        finally:
+            self.writer.close()
+            self.ended()
+
+    def _fail_ctrl(self, text: str) -> None:
+        for fut in self._ctrl.values():
+            if not fut.done():
+                fut.set_exception(CoreLoadFailed(text, core=self.pool.id))
+
+    def _death_text(self) -> str:
+        return self._failure or self._eof_text
+
+    def _push(self, head: bytes, data: Any) -> None:
+        self.writer.writelines((head, data))
+
+    def _push_frame(self, frame: bytes) -> None:
+        self.writer.write(frame)
+
+    def _max_job(self) -> int:
+        return SOCKET_WINDOW
+
+    def _kill(self) -> None:
+        transport = self.writer.transport
+        if transport is not None:
+            transport.abort()
+
+    def _end_gracefully(self) -> None:
+        self.writer.close()

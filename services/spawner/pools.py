@@ -1,0 +1,501 @@
+"""Warm pools of compute-core workers: the spawner's ``fabric.core.*`` endpoints.
+
+A *core* is a ``.so`` that exports the compute core API v1 (``worker_init``,
+``worker_run_job``, ``worker_free_outdata``), or the built-in Python worker
+(name ``fabric.python``, empty library).  Loading one starts a :class:`Pool` of
+warm worker processes (``python -m services.spawner.worker``), each joined to
+this controller by two shared-memory rings of :mod:`fabric_ext.ring` that carry
+protocol v1 frames (:mod:`fabric_ext.wire`): jobs one way, results the other.
+External workers that speak protocol v1 over a socket (``examples/cores/worker.c``)
+may join a pool too, through a per-core listening socket.
+
+How a job travels::
+
+    NATS request ──> run handler ──> Pool.submit ──> idle worker: push_parts(header, data) on its ring
+                                                                            │  (worker process runs the job)
+    NATS reply  <── future  <── call_soon_threadsafe <── reader thread: Consumer.pop() (GIL released)
+
+* one reader thread per ring worker blocks in ``Consumer.pop()`` and hands every
+  result it finds (a blocking pop, then whatever ``try_pop`` drains) to the event
+  loop in one ``call_soon_threadsafe``;
+* a job goes to an idle worker first; when none is idle the pool starts another
+  (up to ``max_workers``), and once at the maximum it queues a few jobs per worker
+  on the ring (``PIPELINE``) so a busy worker never sleeps between small jobs;
+* a worker's death (segfault, abort, SIGKILL) is seen through a pidfd on the loop;
+  its results already in the ring are drained first, then its running job fails
+  with :class:`~fabric.errors.WorkerCrashed` (or :class:`~fabric.errors.JobTimeout`
+  when the watchdog killed it for running past the core's time limit), the jobs
+  queued behind it go back to the pool, and a replacement starts;
+* a core whose library cannot load (missing symbols, ``worker_init`` nonzero, a
+  worker speaking another protocol version) fails the load with
+  :class:`~fabric.errors.CoreLoadFailed`; a pool whose replacement workers keep
+  failing to start marks itself broken rather than spinning.
+
+Subjects (docs/protocol.md, "Compute cores"): ``fabric.core.load`` (any spawner),
+``fabric.core.<node>.{load,list,stats,unload}`` (JSON/MessagePack), and
+``fabric.core.<node>.run.<core>`` (raw job bytes in, raw output out) and
+``fabric.core.<node>.map.<core>`` (the job batch frames of :mod:`fabric.schema`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import secrets
+import struct
+import tempfile
+import time
+from collections import deque
+from typing import Any, Callable, Sequence
+
+from fabric import subjects
+from fabric.errors import (
+    BadRequest,
+    CoreLoadFailed,
+    FabricError,
+    InternalError,
+    JobError,
+    JobFailed,
+    JobTimeout,
+    NotFound,
+    TooLarge,
+    Unavailable,
+    WorkerCrashed,
+    error_headers,
+)
+from fabric.schema import (
+    CoreInfo,
+    CoreListReply,
+    CoreRequest,
+    LoadCoreRequest,
+    decode_job_batch,
+    encode_job_results,
+)
+from fabric.service import Endpoint, Reply, Request
+
+from .pool_workers import RingWorker, SocketWorker, Worker, WorkerSpec
+
+__all__ = ["CoreManager", "Pool", "Job", "PYTHON_CORE", "EXIT_CODE_HEADER"]
+
+#: the built-in Python worker's core name (with an empty library)
+PYTHON_CORE = "fabric.python"
+#: the reply header that carries a failed job's exit code (with the job_failed error headers)
+EXIT_CODE_HEADER = "Fabric-Exit-Code"
+#: jobs queued on one busy worker's ring once the pool is at max_workers
+PIPELINE = 4
+#: a worker must finish the version exchange and load its core within this many seconds
+START_TIMEOUT_S = 30.0
+#: consecutive failed worker starts after which a pool stops replacing workers
+MAX_START_FAILURES = 3
+#: how often the watchdog looks for jobs past their time limit and idle workers
+TICK_S = 0.05
+
+
+class Job:
+    """One job: its input bytes and what to call with ``(exit_code, output, error)``."""
+
+    __slots__ = ("id", "data", "done")
+
+    def __init__(self, job_id: int, data: Any, done: Callable[[int, Any, FabricError | None], None]) -> None:
+        self.id = job_id
+        self.data = data
+        self.done = done
+
+
+class Pool:
+    """The warm workers of one loaded core, its job queue and its statistics."""
+
+    def __init__(self, manager: "CoreManager", core_id: str, req: LoadCoreRequest) -> None:
+        self.manager = manager
+        self.id = core_id
+        self.name = req.name
+        self.library = bytes(req.library)
+        self.min_workers = req.min_workers
+        self.max_workers = max(req.max_workers, req.min_workers, 1)
+        self.time_limit_s = req.time_limit_s
+        self.idle_s = req.idle_s
+        self.workers: list[Worker] = []
+        self.loaded = False  # the first worker loaded the library: later start failures retry
+        self.last_error = ""
+        self.queue: deque[Job] = deque()
+        self.closed = False
+        self.broken: str = ""  # why replacements stopped, once they keep failing
+        self.start_failures = 0
+        self.listen_unix = ""
+        self.listen_tcp = ""
+        self._servers: list[asyncio.AbstractServer] = []
+        self._unix_path = ""
+        self._seq = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # statistics (CoreInfo)
+        self.jobs_done = 0
+        self.jobs_failed = 0
+        self.crashes = 0
+        self.timeouts = 0
+        self.workers_started = 0
+        self.workers_refused = 0
+
+    # -- jobs -------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        if self.closed:
+            job.done(0, b"", NotFound(f"core {self.id} was unloaded", core=self.id))
+            return
+        if self.broken:
+            job.done(0, b"", CoreLoadFailed(self.broken, core=self.id))
+            return
+        self.queue.append(job)
+        self.pump()
+
+    def pump(self) -> None:
+        """Hand queued jobs to workers: idle ones first, then start more, then pipeline."""
+        queue = self.queue
+        if not queue:
+            return
+        ready = [w for w in self.workers if w.ready]
+        for w in ready:
+            if not w.outstanding:
+                self._send(w, queue.popleft())
+                if not queue:
+                    return
+        if len(self.workers) < self.max_workers:
+            if not self.broken and not self.closed:
+                for _ in range(min(self.max_workers - len(self.workers), len(queue) - self.starting())):
+                    self.start_worker()
+            return  # fresh workers are on their way: keep the jobs for them rather than queue behind busy ones
+        # at max_workers: queue a few jobs on each busy worker's ring, so none sleeps between small jobs
+        depth = 1
+        while queue and depth < PIPELINE:
+            depth += 1
+            for w in ready:
+                if len(w.outstanding) < depth and w.accepts(len(queue[0].data)):
+                    self._send(w, queue.popleft())
+                    if not queue:
+                        return
+
+    def _send(self, w: Worker, job: Job) -> None:
+        try:
+            w.send_job(job)
+        except FabricError as exc:
+            job.done(0, b"", exc)
+        except Exception as exc:  # the ring or socket failed under us: the worker is done for
+            w.fail(f"sending a job failed: {exc}")
+            self.queue.appendleft(job)
+
+    def finished(self, w: Worker, job: Job, exit_code: int, out: Any, err: FabricError | None) -> None:
+        if err is not None or exit_code != 0:
+            self.jobs_failed += 1
+        else:
+            self.jobs_done += 1
+        job.done(exit_code, out, err)
+
+    # -- workers ----------------------------------------------------------------
+
+    def spec(self) -> WorkerSpec:
+        return WorkerSpec(core=self.id, name=self.name, library=self.library)
+
+    def start_worker(self) -> "asyncio.Task[Worker | None]":
+        w = RingWorker(self.manager, self, next(self._seq))
+        self.workers.append(w)
+        self.workers_started += 1
+        task = asyncio.get_running_loop().create_task(self._start_worker(w))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def starting(self) -> int:
+        return sum(1 for w in self.workers if not w.was_ready)
+
+    async def _start_worker(self, w: Worker) -> Worker | None:
+        try:
+            await w.start(self.spec(), START_TIMEOUT_S)
+        except FabricError as exc:
+            err = exc
+        except Exception as exc:  # e.g. /dev/shm full, fork failed
+            err = InternalError(f"worker start failed: {exc}")
+        else:
+            self.start_failures = 0
+            self.pump()
+            return w
+        self._start_failed(err)
+        await w.stop(kill_after=1.0)
+        if self.loaded and not self.broken and not self.closed and (
+                self.queue or len(self.workers) < self.min_workers):
+            self.start_worker()
+        return None
+
+    def _start_failed(self, exc: FabricError) -> None:
+        self.start_failures += 1
+        self.last_error = exc.message
+        self.manager.log.warning("worker failed to start", core=self.id, name=self.name, error=exc.message)
+        if self.start_failures >= MAX_START_FAILURES and not self.broken:
+            self.broken = f"core {self.name!r}: {MAX_START_FAILURES} workers in a row failed to start: {exc.message}"
+            while self.queue:
+                self.queue.popleft().done(0, b"", CoreLoadFailed(self.broken, core=self.id))
+
+    def worker_gone(self, w: Worker, reason: JobError | None, lost: list[Job]) -> None:
+        """A worker ended: fail its running job (if it crashed), requeue the rest, replace it."""
+        if w in self.workers:
+            self.workers.remove(w)
+        if lost:
+            head, rest = lost[0], lost[1:]
+            if reason is not None:
+                if isinstance(reason, JobTimeout):
+                    self.timeouts += 1
+                else:
+                    self.crashes += 1
+                self.finished(w, head, 0, b"", reason)
+            else:
+                rest = lost
+            for job in reversed(rest):
+                self.queue.appendleft(job)
+        elif reason is not None and w.was_ready:
+            self.crashes += 1
+        if not w.was_ready:  # a failed start: _start_worker decides about another
+            self.pump()
+            return
+        if self.closed:
+            while self.queue:
+                self.queue.popleft().done(0, b"", NotFound(f"core {self.id} was unloaded", core=self.id))
+            return
+        need = max(self.min_workers - len(self.workers), 0)
+        if self.queue and not need and len(self.workers) < self.max_workers:
+            need = 1
+        if not self.broken:
+            for _ in range(need):
+                self.start_worker()
+        self.pump()
+
+    def tick(self, now: float) -> None:
+        """Watchdog: kill workers whose job ran past the time limit; retire idle extras."""
+        limit = self.time_limit_s
+        for w in list(self.workers):
+            if limit and w.outstanding and now - w.head_started > limit:
+                w.time_out(limit)
+        extra = len(self.workers) - self.min_workers
+        if extra > 0 and not self.queue:
+            for w in list(self.workers):
+                if extra <= 0:
+                    break
+                if w.ready and not w.outstanding and not w.external and now - w.idle_since > self.idle_s:
+                    w.retire()
+                    extra -= 1
+
+    # -- external workers ---------------------------------------------------------
+
+    async def listen(self, host: str) -> None:
+        """Accept external v1 workers on a unix socket and on TCP *host*:ephemeral port."""
+        self._unix_path = os.path.join(tempfile.gettempdir(), f"fabric-core-{os.getpid()}-{self.id}.sock")
+        srv = await asyncio.start_unix_server(self._accept, self._unix_path)
+        self._servers.append(srv)
+        self.listen_unix = f"unix:{self._unix_path}"
+        tcp = await asyncio.start_server(self._accept, host, 0)
+        self._servers.append(tcp)
+        port = tcp.sockets[0].getsockname()[1]
+        self.listen_tcp = f"tcp:{host}:{port}"
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.closed:
+            writer.close()
+            return
+        w = SocketWorker(self.manager, self, next(self._seq), reader, writer)
+        self.workers.append(w)
+        self.workers_started += 1
+        try:
+            await w.start(self.spec(), START_TIMEOUT_S)
+        except FabricError as exc:
+            self.workers_refused += 1
+            self.manager.log.warning("external worker refused", core=self.id, error=exc.message,
+                                     peer=str(writer.get_extra_info("peername")))
+            await w.stop(kill_after=0)
+            return
+        self.pump()
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Unload: refuse new jobs, fail queued ones, stop every worker, remove sockets."""
+        self.closed = True
+        for srv in self._servers:
+            srv.close()
+        while self.queue:
+            self.queue.popleft().done(0, b"", NotFound(f"core {self.id} was unloaded", core=self.id))
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(w.stop(kill_after=2.0) for w in list(self.workers)), return_exceptions=True)
+        self.workers.clear()
+        if self._unix_path:
+            try:
+                os.unlink(self._unix_path)
+            except FileNotFoundError:
+                pass
+
+    def info(self, node: str) -> CoreInfo:
+        running = sum(len(w.outstanding) for w in self.workers)
+        return CoreInfo(
+            core=self.id, node=node, name=self.name, min_workers=self.min_workers,
+            max_workers=self.max_workers, time_limit_s=self.time_limit_s,
+            workers=sum(1 for w in self.workers if w.ready),
+            idle=sum(1 for w in self.workers if w.ready and not w.outstanding),
+            external_workers=sum(1 for w in self.workers if w.external and w.ready),
+            queued=len(self.queue), running=running, jobs_done=self.jobs_done, jobs_failed=self.jobs_failed,
+            crashes=self.crashes, timeouts=self.timeouts, workers_started=self.workers_started,
+            workers_refused=self.workers_refused, listen_unix=self.listen_unix, listen_tcp=self.listen_tcp,
+        )
+
+
+class CoreManager:
+    """Every pool of this spawner, and the ``fabric.core.*`` endpoints that reach them."""
+
+    def __init__(self, node: str, log: Any) -> None:
+        self.node = node
+        self.log = log
+        self.pools: dict[str, Pool] = {}
+        self._job_ids = itertools.count(1)
+        self._ticker: asyncio.Task[None] | None = None
+        self.ring_prefix = f"/dev/shm/fabric-ring-core-{os.getpid()}-{secrets.token_hex(3)}"
+
+    def endpoints(self) -> list[Endpoint]:
+        node = self.node
+
+        def ep(verb: str, handler: Any, suffix: str = "") -> Endpoint:
+            return Endpoint(f"core-{verb}", subjects.node_scoped("core", node, verb) + suffix, handler)
+
+        return [
+            Endpoint("core-load-any", subjects.cluster("core", "load"), self.load),
+            ep("load", self.load),
+            ep("list", self.list),
+            ep("stats", self.stats),
+            ep("unload", self.unload),
+            ep("run", self.run, ".*"),
+            ep("map", self.map, ".*"),
+        ]
+
+    async def start(self) -> None:
+        self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            try:
+                await self._ticker
+            except asyncio.CancelledError:
+                pass
+            self._ticker = None
+        pools, self.pools = list(self.pools.values()), {}
+        await asyncio.gather(*(p.close() for p in pools), return_exceptions=True)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            for pool in list(self.pools.values()):
+                try:
+                    pool.tick(now)
+                except Exception:
+                    self.log.exception("pool watchdog failed", core=pool.id)
+
+    def _pool(self, core_id: str) -> Pool:
+        pool = self.pools.get(core_id)
+        if pool is None:
+            raise NotFound(f"no core {core_id!r} on node {self.node}", core=core_id)
+        return pool
+
+    # -- control endpoints --------------------------------------------------------
+
+    async def load(self, req: Request) -> CoreInfo:
+        body: LoadCoreRequest = req.decode(LoadCoreRequest)
+        if not body.library and body.name != PYTHON_CORE:
+            raise BadRequest(f"core {body.name!r}: library is empty (only {PYTHON_CORE!r} needs none)")
+        if body.library and body.name == PYTHON_CORE:
+            raise BadRequest(f"core name {PYTHON_CORE!r} is reserved for the built-in Python worker")
+        if body.min_workers > body.max_workers:
+            raise BadRequest(f"min_workers ({body.min_workers}) exceeds max_workers ({body.max_workers})")
+        core_id = f"c{secrets.token_hex(6)}"
+        pool = Pool(self, core_id, body)
+        self.pools[core_id] = pool
+        try:
+            # the first worker proves the library loads; the others start beside it
+            first = pool.start_worker()
+            for _ in range(pool.min_workers - 1):
+                pool.start_worker()
+            w = await first
+            if w is None:
+                # the failure message of the one worker that tried
+                raise CoreLoadFailed(pool.last_error, core=core_id, name=body.name)
+            pool.loaded = True
+            if body.external:
+                await pool.listen(body.listen_host)
+        except BaseException:
+            self.pools.pop(core_id, None)
+            await pool.close()
+            raise
+        self.log.info("core loaded", core=core_id, name=body.name, min_workers=pool.min_workers,
+                      max_workers=pool.max_workers)
+        return pool.info(self.node)
+
+    def list(self, req: Request) -> CoreListReply:
+        return CoreListReply(node=self.node, cores=[p.info(self.node) for p in self.pools.values()])
+
+    def stats(self, req: Request) -> CoreInfo:
+        return self._pool(req.decode(CoreRequest).core).info(self.node)
+
+    async def unload(self, req: Request) -> CoreInfo:
+        core_id = req.decode(CoreRequest).core
+        pool = self._pool(core_id)
+        del self.pools[core_id]
+        info = pool.info(self.node)
+        await pool.close()
+        self.log.info("core unloaded", core=core_id, name=pool.name)
+        return info
+
+    # -- jobs ---------------------------------------------------------------------
+
+    async def run(self, req: Request) -> Reply:
+        pool = self._pool(req.subject.rpartition(".")[2])
+        fut: asyncio.Future[tuple[int, Any, FabricError | None]] = asyncio.get_running_loop().create_future()
+
+        def done(code: int, out: Any, err: FabricError | None) -> None:
+            if not fut.done():
+                fut.set_result((code, out, err))
+
+        pool.submit(Job(next(self._job_ids), req.data, done))
+        code, out, err = await fut
+        if err is not None:
+            raise err
+        if code != 0:
+            headers = error_headers(JobFailed(f"core {pool.name!r} returned exit code {code}", exit_code=code))
+            headers[EXIT_CODE_HEADER] = str(code)
+            return Reply(out, headers)
+        return Reply(out)
+
+    async def map(self, req: Request) -> Reply:
+        pool = self._pool(req.subject.rpartition(".")[2])
+        items = decode_job_batch(req.data)
+        n = len(items)
+        results: list[tuple[int, int, Any]] = [(0, 0, b"")] * n
+        if not n:
+            return Reply(encode_job_results(results))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        left = [n]
+
+        def collector(i: int) -> Callable[[int, Any, FabricError | None], None]:
+            def done(code: int, out: Any, err: FabricError | None) -> None:
+                if err is not None:
+                    results[i] = (0, err.code, f"{err.kind}\n{err.message}".encode())
+                else:
+                    results[i] = (code, 0, out)
+                left[0] -= 1
+                if not left[0] and not fut.done():
+                    fut.set_result(None)
+
+            return done
+
+        ids = self._job_ids
+        for i, data in enumerate(items):
+            pool.submit(Job(next(ids), data, collector(i)))
+        await fut
+        return Reply(encode_job_results(results))

@@ -1,0 +1,407 @@
+"""Warm pools of compute cores, end to end: client -> NATS -> CoreManager -> worker processes.
+
+Everything is real: a nats-server on a random port, the CoreManager inside a real
+FabricService, worker processes (``python -m services.spawner.worker``) joined by
+shared-memory rings, the example and test cores compiled with gcc, and the C worker
+of examples/cores for external workers.  Crashes are real segfaults, aborts and
+infinite loops.
+
+Resource accounting in teardown: after every test, no worker process the host
+started is left, and no ring file of its pools is left in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import hashlib
+import os
+import pickle
+import secrets
+import struct
+import subprocess
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import psutil
+import pytest
+
+from fabric import (
+    AsyncCore,
+    AsyncFabricClient,
+    BadRequest,
+    CoreLoadFailed,
+    FabricClient,
+    JobFailed,
+    JobTimeout,
+    NotFound,
+    WorkerCrashed,
+)
+from fabric.schema import decode_job_batch, decode_job_results, encode_job_batch, encode_job_results
+from fabric.service import Endpoint, FabricService, ServiceSettings
+from fabric_ext import wire
+from services.spawner.pools import CoreManager
+from tests._cores import build_core, build_worker
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_CORES = REPO / "tests" / "cores"
+EXAMPLE_CORES = REPO / "examples" / "cores"
+
+
+class CoreHost(FabricService):
+    """The CoreManager inside a real service, as SpawnerService hosts it."""
+
+    name = "pool-test"
+    description = "compute-core pools under test"
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        super().__init__(settings)
+        self.cores = CoreManager(self.node, self.log)
+
+    def endpoints(self) -> list[Endpoint]:
+        return self.cores.endpoints()
+
+    async def on_start(self) -> None:
+        await self.cores.start()
+
+    async def on_stop(self) -> None:
+        await self.cores.stop()
+
+
+@pytest.fixture(scope="module")
+def core_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cores")
+
+
+@pytest.fixture(scope="module")
+def lib(core_dir: Path) -> Any:
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            src = TEST_CORES / f"{name}.c"
+            if not src.exists():
+                src = EXAMPLE_CORES / f"{name}.c"
+            cache[name] = build_core(src, core_dir)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+async def host(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[CoreHost]:
+    node = f"pool-{secrets.token_hex(3)}"
+    svc = CoreHost(ServiceSettings(nats_url=nats_url, node=node, state_dir=tmp_path_factory.mktemp("state")))
+    await svc.start()
+    yield svc
+    await svc.stop()
+    assert not _ring_files(svc.cores), "rings left in /dev/shm after stop"
+
+
+def _ring_files(manager: CoreManager) -> list[str]:
+    return glob.glob(manager.ring_prefix + "*")
+
+
+def _workers() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True)
+            if _is_worker(p)]
+
+
+def _is_worker(p: psutil.Process) -> bool:
+    try:
+        return "services.spawner.worker" in " ".join(p.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return False
+
+
+@pytest.fixture
+async def fc(host: CoreHost, nats_url: str) -> AsyncIterator[AsyncFabricClient]:
+    """A client; in teardown every core it loaded is unloaded and no worker or ring is left."""
+    async with AsyncFabricClient(nats_url, local=False) as client:
+        yield client
+        for info in (await client.cores(host.node)).cores:
+            await client.request(f"fabric.core.{host.node}.unload", f'{{"core":"{info.core}"}}'.encode())
+    assert not host.cores.pools
+    deadline = asyncio.get_running_loop().time() + 5
+    while _workers() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    assert not _workers(), "worker processes left after unload"
+    assert not _ring_files(host.cores), "ring files left in /dev/shm after unload"
+
+
+async def load(fc: AsyncFabricClient, host: CoreHost, path: Path, **kw: Any) -> AsyncCore:
+    return await fc.load_core(path.stem.rsplit("-", 1)[0], path, node=host.node, **kw)
+
+
+# -- the frames -------------------------------------------------------------------
+
+BATCHES = [[], [b""], [b"a"], [b"x" * 1000, b"", b"yz"], [bytes([i]) * i for i in range(130)]]
+
+
+@pytest.mark.parametrize("items", BATCHES)
+def test_job_batch_round_trip(items: list[bytes]) -> None:
+    assert [bytes(v) for v in decode_job_batch(encode_job_batch(items))] == items
+    results = [(i - 3, 0 if i % 2 else 500, x) for i, x in enumerate(items)]
+    assert [(a, b, bytes(c)) for a, b, c in decode_job_results(encode_job_results(results))] == results
+
+
+@pytest.mark.parametrize("frame", [
+    b"", b"FJB1", b"FJB2\x00\x00\x00\x00", b"FJB1\x01\x00\x00\x00",
+    b"FJB1\x01\x00\x00\x00" + struct.pack("<Q", 5) + b"abc",          # length past the end
+    b"FJB1\x01\x00\x00\x00" + struct.pack("<Q", 2**64 - 1),           # hostile length
+    b"FJB1\x00\x00\x00\x00extra",                                     # trailing bytes
+    b"FJB1" + struct.pack("<I", 2**32 - 1),                           # count beyond the limit
+])
+def test_hostile_batch_frames_are_bad_requests(frame: bytes) -> None:
+    with pytest.raises(BadRequest):
+        decode_job_batch(frame)
+
+
+# -- cores through the client ---------------------------------------------------------
+
+
+async def test_echo_run_and_empty_job(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
+    core = await load(fc, host, lib("echo"), min_workers=1, max_workers=2)
+    assert await core.run(b"hello") == b"hello"
+    assert await core.run(b"") == b""
+    big = os.urandom(1 << 20)
+    assert await core.run(big) == big
+    info = await core.stats()
+    assert info.jobs_done == 3 and info.workers >= 1 and info.name == "echo"
+
+
+async def test_map_keeps_input_order(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
+    core = await load(fc, host, lib("echo"), min_workers=2, max_workers=2)
+    items = [str(i).encode() * (i % 7) for i in range(2000)]
+    assert await core.map(items, batch_size=64, in_flight=4) == items
+    assert await core.map([]) == []
+    assert (await core.stats()).jobs_done == 2000
+
+
+async def test_sha256_core(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
+    core = await load(fc, host, lib("sha256"))
+    inputs = [b"", b"abc", os.urandom(100_000)]
+    assert await core.map(inputs) == [hashlib.sha256(x).digest() for x in inputs]
+
+
+async def test_matmul_core(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
+    core = await load(fc, host, lib("matmul"))
+    n, k, m = 3, 4, 2
+    a = [float(i) + 0.5 for i in range(n * k)]
+    b = [float(i) - 1.25 for i in range(k * m)]
+    out = await core.run(struct.pack(f"<3I{n * k}d{k * m}d", n, k, m, *a, *b))
+    want = [sum(a[i * k + p] * b[p * m + j] for p in range(k)) for i in range(n) for j in range(m)]
+    assert list(struct.unpack(f"<{n * m}d", out)) == want
+    with pytest.raises(JobFailed) as ei:  # a truncated matrix: the core says 1
+        await core.run(struct.pack("<3I", 2, 2, 2))
+    assert ei.value.exit_code == 1
+
+
+async def test_mandelbrot_core(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
+    core = await load(fc, host, lib("mandelbrot"))
+    x0, y0, dx, dy, w, h, max_iter = -2.0, -1.0, 0.25, 0.5, 12, 5, 40
+    out = await core.run(struct.pack("<4d3I", x0, y0, dx, dy, w, h, max_iter))
+    want = []
+    for row in range(h):
+        ci = y0 + row * dy
+        for col in range(w):
+            cr, zr, zi, it = x0 + col * dx, 0.0, 0.0, 0
+            while it < max_iter:
+                zr2, zi2 = zr * zr, zi * zi
+                if zr2 + zi2 > 4.0:
+                    break
+                zi = 2.0 * zr * zi + ci
+                zr = zr2 - zi2 + cr
+                it += 1
+            want.append(it)
+    assert list(struct.unpack(f"<{w * h}I", out)) == want
+
+
+# -- failures --------------------------------------------------------------------------
+
+
+async def test_nonzero_exit_is_job_failed_with_code_and_output(fc: AsyncFabricClient, host: CoreHost,
+                                                                lib: Any) -> None:
+    core = await load(fc, host, lib("nonzero"))
+    with pytest.raises(JobFailed) as ei:
+        await core.run(b"input")
+    assert ei.value.exit_code == 7 and ei.value.output == b"failed:input"
+    got = await core.map([b"a", b"b"], return_exceptions=True)
+    assert [(type(e), e.exit_code, e.output) for e in got] == [(JobFailed, 7, b"failed:a"), (JobFailed, 7, b"failed:b")]
+    info = await core.stats()
+    assert info.jobs_failed == 3 and info.crashes == 0 and info.workers == 1  # no worker was harmed
+
+
+@pytest.mark.parametrize("name", ["segfault", "abort"])
+async def test_crash_fails_the_job_and_the_pool_recovers(fc: AsyncFabricClient, host: CoreHost, lib: Any,
+                                                         name: str) -> None:
+    crashing = await load(fc, host, lib(name), min_workers=1, max_workers=1)
+    echo = await load(fc, host, lib("echo"), min_workers=1, max_workers=1)
+    before = (await crashing.stats()).workers_started
+    # the crash and another core's jobs at the same time: the others are untouched
+    results = await asyncio.gather(crashing.run(b"boom"), *(echo.run(b"%d" % i) for i in range(20)),
+                                   return_exceptions=True)
+    assert isinstance(results[0], WorkerCrashed), results[0]
+    assert ("SIGSEGV" if name == "segfault" else "SIGABRT") in results[0].message
+    assert results[1:] == [b"%d" % i for i in range(20)]
+    # jobs queued behind the crashing one get their own (typed) answer, none hangs
+    again = await crashing.map([b"1", b"2", b"3"], return_exceptions=True)
+    assert all(isinstance(e, WorkerCrashed) for e in again)
+    await _until(lambda: crashing.stats(), lambda i: i.workers == 1)
+    info = await crashing.stats()
+    assert info.crashes == 4 and info.workers_started >= before + 4
+    assert await echo.run(b"still here") == b"still here"
+
+
+async def test_loop_past_time_limit_is_job_timeout(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
+    core = await load(fc, host, lib("loop"), min_workers=1, max_workers=1, time_limit=0.3)
+    echo = await load(fc, host, lib("echo"), min_workers=1, max_workers=1)
+    t0 = asyncio.get_running_loop().time()
+    stuck = asyncio.ensure_future(core.run(b"spin"))
+    assert await echo.run(b"meanwhile") == b"meanwhile"  # the spawner keeps serving
+    with pytest.raises(JobTimeout) as ei:
+        await stuck
+    assert asyncio.get_running_loop().time() - t0 < 5
+    assert "time limit" in ei.value.message
+    await _until(lambda: core.stats(), lambda i: i.workers == 1)
+    assert (await core.stats()).timeouts == 1
+
+
+async def test_library_without_symbols_fails_to_load(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
+    with pytest.raises(CoreLoadFailed) as ei:
+        await load(fc, host, lib("missing_symbols"))
+    assert "worker_run_job" in ei.value.message
+    assert not host.cores.pools
+
+
+async def test_failing_worker_init_fails_to_load(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
+    with pytest.raises(CoreLoadFailed) as ei:
+        await load(fc, host, lib("fail_init"), min_workers=2)
+    assert "42" in ei.value.message  # worker_init's return value, in the message
+
+
+async def test_not_a_library_fails_to_load(fc: AsyncFabricClient, host: CoreHost) -> None:
+    with pytest.raises(CoreLoadFailed):
+        await fc.load_core("junk", b"\x7fELF but not really", node=host.node)
+
+
+async def test_bad_load_requests(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
+    with pytest.raises(BadRequest):
+        await fc.load_core("empty", b"", node=host.node)
+    with pytest.raises(BadRequest):
+        await fc.load_core("x", lib("echo"), min_workers=3, max_workers=2, node=host.node)
+    with pytest.raises(BadRequest):
+        await fc.load_core("fabric.python", lib("echo"), node=host.node)
+
+
+async def test_unload_then_jobs_are_not_found(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
+    core = await load(fc, host, lib("echo"), min_workers=2, max_workers=2)
+    assert (await core.unload()).core == core.id
+    with pytest.raises(NotFound):
+        await core.run(b"x")
+    with pytest.raises(NotFound):
+        await core.stats()
+
+
+async def test_idle_workers_retire_down_to_min(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
+    core = await load(fc, host, lib("echo"), min_workers=1, max_workers=3, idle=0.2)
+    # enough concurrent jobs that the pool grows past one worker
+    await core.map([b"x"] * 300, batch_size=10, in_flight=10)
+    assert (await core.stats()).workers_started >= 2
+    await _until(lambda: core.stats(), lambda i: i.workers == 1)
+
+
+# -- the built-in Python worker ------------------------------------------------------------
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def _fails(x: int) -> int:
+    raise ValueError(f"bad value {x}")
+
+
+async def test_python_core_calls_functions(fc: AsyncFabricClient, host: CoreHost) -> None:
+    core = await fc.load_python_core(node=host.node, min_workers=1, max_workers=1)
+    assert await core.call(_square, 12) == 144
+    assert await core.call(lambda a, b=1: a + b, 2, b=40) == 42
+    with pytest.raises(JobFailed) as ei:
+        await core.call(_fails, 3)
+    assert ei.value.remote_type == "ValueError" and "bad value 3" in ei.value.message
+    assert "_fails" in ei.value.remote_traceback
+
+
+# -- external workers ------------------------------------------------------------------------
+
+
+async def test_external_c_worker_joins_the_pool(fc: AsyncFabricClient, host: CoreHost, lib: Any,
+                                                core_dir: Path) -> None:
+    worker = build_worker(core_dir)
+    core = await load(fc, host, lib("echo"), min_workers=0, max_workers=1, idle=0.1, external=True)
+    assert core.info.listen_unix.startswith("unix:") and core.info.listen_tcp.startswith("tcp:")
+    await _until(lambda: core.stats(), lambda i: i.workers == 0)  # the loading worker retired
+    procs = [subprocess.Popen([str(worker), core.info.listen_unix]),
+             subprocess.Popen([str(worker), core.info.listen_tcp.removeprefix("tcp:")])]
+    try:
+        await _until(lambda: core.stats(), lambda i: i.external_workers == 2)
+        items = [os.urandom(i) for i in range(200)]
+        assert await core.map(items, batch_size=20) == items
+        info = await core.stats()
+        assert info.workers == 2 and info.external_workers == 2 and info.workers_started == 3
+    finally:
+        await core.unload()
+        for p in procs:
+            try:
+                p.wait(timeout=5)  # the worker ends when the controller closes the connection
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+                pytest.fail("the external worker did not exit when its pool closed")
+
+
+@pytest.mark.parametrize("reply", [
+    wire.v1_ok(1 << 62, b"\x00"),            # "version not accepted"
+    wire.v1_error(1 << 62, "I speak v2"),     # an error answer
+    b"GARBAGE!" * 8,                         # not protocol v1 at all
+])
+async def test_external_worker_speaking_another_protocol_is_refused(fc: AsyncFabricClient, host: CoreHost,
+                                                                    lib: Any, reply: bytes) -> None:
+    core = await load(fc, host, lib("echo"), external=True)
+    path = core.info.listen_unix.removeprefix("unix:")
+    reader, writer = await asyncio.open_unix_connection(path)
+    first = wire.v1_parse(await reader.readexactly(wire.V1_HEADER_SIZE + 4))
+    assert first.kind == wire.V1_MSG_VERSION and wire.v1_parse_version(first.payload) == 1
+    writer.write(reply)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # the controller closed the connection
+    writer.close()
+    await _until(lambda: core.stats(), lambda i: i.workers_refused == 1)
+    assert await core.run(b"served") == b"served"
+
+
+# -- the sync client ---------------------------------------------------------------------
+
+
+async def test_sync_client_core(host: CoreHost, nats_url: str, lib: Any) -> None:
+    def use_sync_client() -> None:  # in a thread: the service runs on this test's loop
+        with FabricClient(nats_url, local=False) as client:
+            with client.load_core("echo", lib("echo"), node=host.node) as core:
+                assert core.run(b"sync") == b"sync"
+                assert core.map(iter([b"a", b"b", b"c"])) == [b"a", b"b", b"c"]
+            py = client.load_python_core(node=host.node)
+            try:
+                assert py.call(pickle.dumps, 1, protocol=2) == pickle.dumps(1, protocol=2)
+            finally:
+                py.unload()
+            assert not client.cores(host.node).cores
+
+    await asyncio.to_thread(use_sync_client)
+
+
+async def _until(get: Any, ok: Any, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    value = await get()
+    while not ok(value):
+        assert asyncio.get_running_loop().time() < deadline, f"condition never held; last {value}"
+        await asyncio.sleep(0.05)
+        value = await get()
