@@ -14,6 +14,8 @@ b'hello'
 
 from ._version import __version__
 from .client import AsyncCore, AsyncFabricClient, AsyncRemoteBuffer, Core, FabricClient, RemoteBuffer
+from .client import AsyncRemoteProcess, RemoteProcess
+from .schema import ExitInfo, Limits, Sandbox
 from .errors import (
     BadRequest,
     Conflict,
@@ -38,9 +40,19 @@ from .errors import (
     UnknownHandle,
     WorkerCrashed,
 )
+from .errors import ExecutableNotFound, NotEnforceable, UnknownProcess, WrongArchitecture
 from . import schema
 
 __all__ = [
+    "RemoteProcess",
+    "AsyncRemoteProcess",
+    "Limits",
+    "Sandbox",
+    "ExitInfo",
+    "UnknownProcess",
+    "ExecutableNotFound",
+    "NotEnforceable",
+    "WrongArchitecture",
     "__version__",
     "FabricClient",
     "AsyncFabricClient",

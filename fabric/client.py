@@ -37,11 +37,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import getpass
+import hashlib
 import logging
 import os
+import platform
 import socket
 import threading
-from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar, overload
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence, TypeVar, overload
 
 import nats
 from nats.aio.client import Client as NATS
@@ -55,6 +57,7 @@ from .errors import (
     ERROR_HEADER,
     ERROR_KIND_HEADER,
     BadRequest,
+    ExecutableNotFound,
     FabricError,
     InternalError,
     JobFailed,
@@ -78,6 +81,22 @@ from .schema import (
     ShareReply,
     StatReply,
     AttachReply,
+    ExitInfo,
+    KillReply,
+    KillRequest,
+    Limits,
+    NativeExec,
+    ProcListReply,
+    ProcListRequest,
+    ProcRequest,
+    ProcStatus,
+    Sandbox,
+    SpawnerInfoReply,
+    SpawnReply,
+    SpawnRequest,
+    StdinReply,
+    StdinRequest,
+    WaitRequest,
 )
 from .schema import (  # compute cores
     MSGPACK,
@@ -546,6 +565,121 @@ class AsyncFabricClient:
         reply = await self.request(subjects.node_scoped("core", node, "list"), b"{}")
         return JSON.decode(reply.data, CoreListReply)
 
+    # -- remote processes (spawner) -------------------------------------------------
+
+    async def rspawn(self, argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
+                     stdin: bytes | None = None, limits: Limits | None = None, sandbox: Sandbox | None = None,
+                     node: str | None = None, stdin_open: bool = False, strict: bool = True,
+                     clear_env: bool = False, tail_bytes: int = 64 << 10, executable: bytes | None = None,
+                     architecture: str | None = None, stream: bool = True) -> "AsyncRemoteProcess":
+        """Start *argv* on *node* (default: any spawner); returns at once with an :class:`AsyncRemoteProcess`.
+
+        Its ``stdout``/``stderr`` iterate lines from the first byte (the client subscribes
+        before the spawn, ``stream=False`` skips that), ``wait()`` returns the exit.
+        *executable* sends a native (ELF) binary run as argv[0]: stored once per node by
+        its sha256, later spawns send only the digest.  ``strict=False`` runs even when a
+        limit cannot be enforced (``proc.unenforced`` says which).
+
+        >>> proc = await fc.rspawn(["echo", "hi"])       # doctest: +SKIP
+        >>> (await proc.wait()).stdout
+        b'hi\\n'
+        """
+        req = _spawn_request(argv, env=env, cwd=cwd, stdin=stdin, limits=limits, sandbox=sandbox,
+                             stdin_open=stdin_open, strict=strict, clear_env=clear_env, tail_bytes=tail_bytes,
+                             owner=self.owner, executable=executable, architecture=architecture)
+        out = _ProcOutput()
+        sub = None
+        if stream:
+            if self.nc is None:
+                raise Unavailable("client is not connected: use 'async with' or call connect()")
+            req.stream_to = self.nc.new_inbox()
+            sub = await self.nc.subscribe(req.stream_to, cb=out.on_message)
+        try:
+            reply = await self._spawn_call(node, req)
+        except BaseException:
+            if sub is not None:
+                await sub.unsubscribe()
+            raise
+        out.sub = sub
+        return AsyncRemoteProcess(self, reply, out)
+
+    async def _spawn_call(self, node: str | None, req: SpawnRequest, timeout: float | None = None) -> SpawnReply:
+        subject = subjects.node_scoped("proc", node, "spawn") if node else subjects.cluster("proc", "spawn")
+        native = req.native
+        if native is not None and native.data is not None:
+            # by digest first: the node may have it already, then nothing is resent
+            data, native.data = native.data, None
+            try:
+                return await self._call_timeout(subject, req, SpawnReply, timeout)
+            except ExecutableNotFound:
+                native.data = data
+        return await self._call_timeout(subject, req, SpawnReply, timeout)
+
+    async def _call_timeout(self, subject: str, msg: Any, reply_type: type[T], timeout: float | None) -> T:
+        reply = await self.request(subject, JSON.encode(msg), timeout=timeout)
+        return JSON.decode(reply.data, reply_type)
+
+    async def rrun(self, argv: Sequence[str], *, timeout: float = 60.0, node: str | None = None,
+                   **options: Any) -> ExitInfo:
+        """Run *argv* to its end in ONE round trip (the spawn waits up to *timeout* s for the exit).
+
+        Returns the exit (with the output tails); raises ``TimeoutError`` -- after killing
+        the process -- when it is still running after *timeout*.  *options* are rspawn's.
+        """
+        req = _spawn_request(argv, owner=self.owner, **options)
+        req.wait_s = timeout
+        reply = await self._spawn_call(node, req, timeout + self.timeout)
+        if reply.exit is None:
+            await self.rkill(reply.id)
+            raise TimeoutError(f"process {reply.id} still running after {timeout}s: killed")
+        return reply.exit
+
+    async def rwait(self, proc: "str | AsyncRemoteProcess", timeout: float | None = None) -> ExitInfo:
+        """Wait for the process to end; ``TimeoutError`` if it still runs after *timeout* seconds."""
+        proc_id = _proc_id(proc)
+        subject = subjects.node_scoped("proc", _proc_node(proc_id), "wait")
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            left = 60.0 if deadline is None else max(0.0, deadline - loop.time())
+            step = min(left, 60.0)
+            st = await self._call_timeout(subject, WaitRequest(id=proc_id, timeout_s=step), ProcStatus,
+                                          step + self.timeout)
+            if st.exit is not None:
+                return st.exit
+            if deadline is not None and loop.time() >= deadline:
+                raise TimeoutError(f"process {proc_id} still running after {timeout}s")
+
+    async def rkill(self, proc: "str | AsyncRemoteProcess", signal: int | str = "SIGKILL") -> bool:
+        """Send *signal* to the process's whole group; False when it had already ended."""
+        proc_id = _proc_id(proc)
+        if isinstance(signal, bool) or not isinstance(signal, (int, str)):
+            raise BadRequest(f"signal must be a number or a name like 'SIGTERM', got {type(signal).__name__}")
+        r = await self._call(subjects.node_scoped("proc", _proc_node(proc_id), "kill"),
+                             KillRequest(id=proc_id, signal=signal), KillReply)
+        return r.delivered
+
+    async def rwrite_stdin(self, proc: "str | AsyncRemoteProcess", data: bytes, *, eof: bool = False) -> int:
+        """Write to the stdin of a process spawned with ``stdin_open=True``; ``eof`` closes it."""
+        proc_id = _proc_id(proc)
+        r = await self._call(subjects.node_scoped("proc", _proc_node(proc_id), "stdin"),
+                             StdinRequest(id=proc_id, data=bytes(data), eof=eof), StdinReply)
+        return r.written
+
+    async def rstatus(self, proc: "str | AsyncRemoteProcess") -> ProcStatus:
+        """State, live CPU %, RSS and member count of the process (its whole group)."""
+        proc_id = _proc_id(proc)
+        return await self._call(subjects.node_scoped("proc", _proc_node(proc_id), "status"),
+                                ProcRequest(id=proc_id), ProcStatus)
+
+    async def rlist(self, node: str, *, finished: bool = False) -> list[ProcStatus]:
+        r = await self._call(subjects.node_scoped("proc", node, "list"), ProcListRequest(finished=finished),
+                             ProcListReply)
+        return r.processes
+
+    async def spawner_info(self, node: str) -> SpawnerInfoReply:
+        return await self._call(subjects.node_scoped("proc", node, "info"), ProcListRequest(), SpawnerInfoReply)
+
 
 def _check_size(size: int) -> int:
     if isinstance(size, bool) or not isinstance(size, int):
@@ -762,6 +896,42 @@ class FabricClient:
     def cores(self, node: str) -> CoreListReply:
         return self._run(self._aio.cores(node))
 
+    # -- remote processes (spawner) -------------------------------------------------
+
+    def rspawn(self, argv: Sequence[str], **options: Any) -> "RemoteProcess":
+        """Start *argv* remotely; see :meth:`AsyncFabricClient.rspawn` for the options.
+
+        ::
+
+            proc = fc.rspawn(["sh", "-c", "echo hi; exit 3"], limits=Limits(wall_s=10))
+            for line in proc.stdout:
+                print(line)
+            assert proc.wait().exit_code == 3
+        """
+        return RemoteProcess(self, self._run(self._aio.rspawn(argv, **options)))
+
+    def rrun(self, argv: Sequence[str], *, timeout: float = 60.0, node: str | None = None,
+             **options: Any) -> ExitInfo:
+        return self._run(self._aio.rrun(argv, timeout=timeout, node=node, **options))
+
+    def rwait(self, proc: "str | RemoteProcess", timeout: float | None = None) -> ExitInfo:
+        return self._run(self._aio.rwait(_proc_id(proc), timeout))
+
+    def rkill(self, proc: "str | RemoteProcess", signal: int | str = "SIGKILL") -> bool:
+        return self._run(self._aio.rkill(_proc_id(proc), signal))
+
+    def rwrite_stdin(self, proc: "str | RemoteProcess", data: bytes, *, eof: bool = False) -> int:
+        return self._run(self._aio.rwrite_stdin(_proc_id(proc), data, eof=eof))
+
+    def rstatus(self, proc: "str | RemoteProcess") -> ProcStatus:
+        return self._run(self._aio.rstatus(_proc_id(proc)))
+
+    def rlist(self, node: str, *, finished: bool = False) -> list[ProcStatus]:
+        return self._run(self._aio.rlist(node, finished=finished))
+
+    def spawner_info(self, node: str) -> SpawnerInfoReply:
+        return self._run(self._aio.spawner_info(node))
+
 
 class RemoteBuffer:
     """A remote block: ``len()``, slicing reads and writes, and ``with`` frees it.
@@ -835,6 +1005,209 @@ class RemoteBuffer:
 
     def __exit__(self, *exc: object) -> None:
         self.free()
+
+
+# -- remote processes ------------------------------------------------------------------
+
+
+def _proc_id(proc: Any) -> str:
+    proc_id = proc.id if isinstance(proc, (AsyncRemoteProcess, RemoteProcess)) else proc
+    if not isinstance(proc_id, str) or proc_id.count(":") != 1:
+        raise BadRequest(f"not a process id (expected '<node>:<local>'): {proc_id!r}")
+    return proc_id
+
+
+def _proc_node(proc_id: str) -> str:
+    return proc_id.partition(":")[0]
+
+
+def _spawn_request(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
+                   stdin: bytes | None = None, limits: Limits | None = None, sandbox: Sandbox | None = None,
+                   stdin_open: bool = False, strict: bool = True, clear_env: bool = False,
+                   tail_bytes: int = 64 << 10, owner: str = "", executable: bytes | None = None,
+                   architecture: str | None = None) -> SpawnRequest:
+    """Check what a caller passed (typed errors before anything travels) and build the request."""
+    if isinstance(argv, (str, bytes)) or not isinstance(argv, (list, tuple)):
+        raise BadRequest(f"argv must be a list of strings, got {type(argv).__name__}")
+    if not argv:
+        raise BadRequest("argv must not be empty")
+    for i, arg in enumerate(argv):
+        if not isinstance(arg, str):
+            raise BadRequest(f"argv[{i}] must be a str, got {type(arg).__name__}")
+    if env is not None and not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                              for k, v in env.items())):
+        raise BadRequest("env must be a dict of str to str")
+    if limits is not None and not isinstance(limits, Limits):
+        raise BadRequest(f"limits must be a fabric.Limits, got {type(limits).__name__}")
+    if sandbox is not None and not isinstance(sandbox, Sandbox):
+        raise BadRequest(f"sandbox must be a fabric.Sandbox, got {type(sandbox).__name__}")
+    native = None
+    if executable is not None:
+        data = bytes(executable)
+        native = NativeExec(sha256=hashlib.sha256(data).hexdigest(),
+                            architecture=architecture or platform.machine(), data=data)
+    req = SpawnRequest(argv=list(argv), env=env, cwd=cwd, stdin=None if stdin is None else bytes(stdin),
+                       stdin_open=stdin_open, limits=limits, sandbox=sandbox, strict=strict, clear_env=clear_env,
+                       tail_bytes=tail_bytes, owner=owner, native=native)
+    # the same validation the spawner applies (negative limits, wrong types), raised here as BadRequest
+    JSON.decode(JSON.encode(req), SpawnRequest)
+    return req
+
+
+class _ProcOutput:
+    """What the spawner streamed to this client's inbox: the chunks of each stream, then the exit.
+
+    Filled on the client's loop; read from it (async iterators) or from any thread
+    (the sync client's iterators wait on the condition).
+    """
+
+    def __init__(self) -> None:
+        self.chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        self.exit: ExitInfo | None = None
+        self.cond = threading.Condition()
+        self.changed = asyncio.Event()
+        self.sub: Any = None
+
+    async def on_message(self, msg: Any) -> None:
+        stream = (msg.headers or {}).get("Fabric-Stream", "")
+        with self.cond:
+            if stream in self.chunks:
+                self.chunks[stream].append(msg.data)
+            elif stream == "exit":
+                self.exit = JSON.decode(msg.data, ExitInfo)
+            self.cond.notify_all()
+        old, self.changed = self.changed, asyncio.Event()
+        old.set()
+        if stream == "exit" and self.sub is not None:
+            sub, self.sub = self.sub, None
+            await sub.unsubscribe()
+
+    def take(self, stream: str, index: int) -> tuple[list[bytes], bool]:
+        """Chunks from *index* on, and whether the stream is complete (the exit arrived)."""
+        with self.cond:
+            return self.chunks[stream][index:], self.exit is not None
+
+
+def _split_lines(pending: bytes, chunks: list[bytes]) -> tuple[list[bytes], bytes]:
+    data = pending + b"".join(chunks)
+    lines = data.split(b"\n")
+    rest = lines.pop()
+    return [line + b"\n" for line in lines], rest
+
+
+class AsyncRemoteProcess:
+    """A process started by :meth:`AsyncFabricClient.rspawn`.
+
+    ``id`` (``<node>:<local>``) reaches it from anywhere; ``async for line in proc.stdout``
+    yields its output lines (bytes, with their ``\\n``) from the very first one;
+    ``await proc.wait()`` returns the :class:`~fabric.schema.ExitInfo`.
+    """
+
+    def __init__(self, client: AsyncFabricClient, reply: SpawnReply, out: _ProcOutput) -> None:
+        self.client = client
+        self.id = reply.id
+        self.node = reply.node
+        self.pid = reply.pid
+        self.subject = reply.subject
+        self.enforced = reply.enforced
+        self.unenforced = reply.unenforced
+        self._out = out
+
+    def __repr__(self) -> str:
+        return f"AsyncRemoteProcess(id={self.id!r}, pid={self.pid})"
+
+    @property
+    def stdout(self) -> AsyncIterator[bytes]:
+        return self._lines("stdout")
+
+    @property
+    def stderr(self) -> AsyncIterator[bytes]:
+        return self._lines("stderr")
+
+    async def _lines(self, stream: str) -> AsyncIterator[bytes]:
+        out, index, pending = self._out, 0, b""
+        while True:
+            changed = out.changed
+            chunks, complete = out.take(stream, index)
+            index += len(chunks)
+            lines, pending = _split_lines(pending, chunks)
+            for line in lines:
+                yield line
+            if complete and not chunks:
+                if pending:
+                    yield pending
+                return
+            if not chunks:
+                await changed.wait()
+
+    async def wait(self, timeout: float | None = None) -> ExitInfo:
+        """The exit (``exit_code``, ``signal``, ``cpu_s``, ``max_rss``, ``duration_s``, tails)."""
+        if self._out.exit is not None:
+            return self._out.exit
+        return await self.client.rwait(self.id, timeout)
+
+    async def kill(self, signal: int | str = "SIGKILL") -> bool:
+        return await self.client.rkill(self.id, signal)
+
+    async def write_stdin(self, data: bytes, *, eof: bool = False) -> int:
+        return await self.client.rwrite_stdin(self.id, data, eof=eof)
+
+    async def status(self) -> ProcStatus:
+        return await self.client.rstatus(self.id)
+
+
+class RemoteProcess:
+    """A process started by :meth:`FabricClient.rspawn` (see :class:`AsyncRemoteProcess`).
+
+    ``for line in proc.stdout`` blocks for each next line and ends at the process's end.
+    """
+
+    def __init__(self, client: FabricClient, aproc: AsyncRemoteProcess) -> None:
+        self.client = client
+        self.aio = aproc
+        self.id, self.node, self.pid, self.subject = aproc.id, aproc.node, aproc.pid, aproc.subject
+        self.enforced, self.unenforced = aproc.enforced, aproc.unenforced
+
+    def __repr__(self) -> str:
+        return f"RemoteProcess(id={self.id!r}, pid={self.pid})"
+
+    @property
+    def stdout(self) -> Iterator[bytes]:
+        return self._lines("stdout")
+
+    @property
+    def stderr(self) -> Iterator[bytes]:
+        return self._lines("stderr")
+
+    def _lines(self, stream: str) -> Iterator[bytes]:
+        out, index, pending = self.aio._out, 0, b""
+        while True:
+            with out.cond:
+                chunks, complete = out.chunks[stream][index:], out.exit is not None
+                if not chunks and not complete:
+                    out.cond.wait(1.0)
+                    continue
+            index += len(chunks)
+            lines, pending = _split_lines(pending, chunks)
+            yield from lines
+            if complete and not chunks:
+                if pending:
+                    yield pending
+                return
+
+    def wait(self, timeout: float | None = None) -> ExitInfo:
+        if self.aio._out.exit is not None:
+            return self.aio._out.exit
+        return self.client.rwait(self.id, timeout)
+
+    def kill(self, signal: int | str = "SIGKILL") -> bool:
+        return self.client.rkill(self.id, signal)
+
+    def write_stdin(self, data: bytes, *, eof: bool = False) -> int:
+        return self.client.rwrite_stdin(self.id, data, eof=eof)
+
+    def status(self) -> ProcStatus:
+        return self.client.rstatus(self.id)
 
 
 # what rreadv's C fast path accepts in place of a token (it reads their .handle)

@@ -12,11 +12,15 @@ stable *kind* string below) so a client can raise the exact class::
     ├── PermissionDenied             403  denied        the handle does not permit this (read-only)
     ├── NotFound                     404  not_found     the id or subject is unknown
     │   ├── UnknownHandle            404  unknown_handle  never issued here, forged, or unknown segment
-    │   └── StaleHandle              404  stale_handle  the block was freed (use after free)
+    │   ├── StaleHandle              404  stale_handle  the block was freed (use after free)
+    │   ├── UnknownProcess           404  unknown_process  no such process id on its spawner
+    │   └── ExecutableNotFound       404  executable_not_found  argv[0] or a native digest is not there
     ├── Conflict                     409  conflict      the state forbids it
     │   └── DoubleFree               409  double_free   the block was already freed
     ├── TooLarge                     413  too_large     a size or frame exceeds a hard limit
     ├── Infeasible                   422  infeasible    well-formed but can never succeed here
+    │   ├── NotEnforceable           422  not_enforceable  a requested limit/sandbox cannot be applied here
+    │   ├── WrongArchitecture        422  wrong_architecture  a native executable is for another arch/OS
     │   └── CoreLoadFailed           422  core_load_failed  a compute core's .so or worker_init is unusable
     ├── QuotaExceeded                429  quota         the owner's quota would be exceeded
     ├── InternalError                500  internal      a bug or an unexpected failure
@@ -55,6 +59,10 @@ __all__ = [
     "CorruptionDetected",
     "Unavailable",
     "OutOfMemory",
+    "UnknownProcess",
+    "ExecutableNotFound",
+    "NotEnforceable",
+    "WrongArchitecture",
     "CoreLoadFailed",
     "JobError",
     "JobFailed",
@@ -249,6 +257,33 @@ class JobTimeout(JobError):
     """Raised when the job ran past its core's ``time_limit``; its worker was killed and replaced."""
 
     kind = "job_timeout"
+
+
+# -- remote processes (services/spawner) ---------------------------------------
+
+
+class UnknownProcess(NotFound):
+    """Raised when a process id names no process its spawner knows (never spawned, or forgotten)."""
+
+    kind = "unknown_process"
+
+
+class ExecutableNotFound(NotFound):
+    """Raised when argv[0] is not an executable on the node, or a native digest is not stored there."""
+
+    kind = "executable_not_found"
+
+
+class NotEnforceable(Infeasible):
+    """Raised when a strict spawn asks for a limit or sandbox option this node cannot apply."""
+
+    kind = "not_enforceable"
+
+
+class WrongArchitecture(Infeasible):
+    """Raised when a native executable is built for another architecture or OS than the node's."""
+
+    kind = "wrong_architecture"
 
 
 # FabricError itself is the fallback for unknown kinds/codes.

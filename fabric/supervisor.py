@@ -43,6 +43,7 @@ __all__ = ["SERVICES", "SupervisorConfig", "Supervisor", "service_modules", "pro
 #: every service ``fabric up`` knows: ADR-32 service name -> module run with ``python -m``
 SERVICES: dict[str, str] = {
     "allocator": "services.allocator",
+    "spawner": "services.spawner",
 }
 
 #: JSON object ``{"name": "module"}`` that replaces or adds service modules (tests, development)

@@ -79,6 +79,8 @@ def test_public_surface():
         "UnknownHandle", "StaleHandle", "Conflict", "DoubleFree", "TooLarge", "Infeasible", "QuotaExceeded",
         "InternalError", "CorruptionDetected", "Unavailable", "OutOfMemory",
         "Core", "AsyncCore", "CoreLoadFailed", "JobError", "JobFailed", "WorkerCrashed", "JobTimeout",
+        "RemoteProcess", "AsyncRemoteProcess", "Limits", "Sandbox", "ExitInfo", "UnknownProcess",
+        "ExecutableNotFound", "NotEnforceable", "WrongArchitecture",
     }
     assert set(fabric.__all__) == expected
     for name in expected:

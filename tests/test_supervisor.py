@@ -187,7 +187,7 @@ def test_service_modules_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(sv.SERVICE_MODULES_ENV, raising=False)
     assert sv.service_modules() == sv.SERVICES
     monkeypatch.setenv(sv.SERVICE_MODULES_ENV, json.dumps({"allocator": "my.alloc", "extra": "my.extra"}))
-    assert sv.service_modules() == {"allocator": "my.alloc", "extra": "my.extra"}
+    assert sv.service_modules() == {**sv.SERVICES, "allocator": "my.alloc", "extra": "my.extra"}
     for bad in ("{not json", '["allocator"]', '{"allocator": 1}'):
         monkeypatch.setenv(sv.SERVICE_MODULES_ENV, bad)
         with pytest.raises(ValueError, match=sv.SERVICE_MODULES_ENV):

@@ -1,0 +1,8 @@
+"""``python -m services.spawner --nats-url URL --node NODE --state-dir DIR``."""
+
+from fabric.service import main
+
+from .service import SpawnerService
+
+if __name__ == "__main__":
+    main(SpawnerService)

@@ -1,0 +1,630 @@
+"""The processes one spawner runs: starting them fast, streaming their output, ending them whole.
+
+Starting.  A process whose limits all live in the spawner (none, or only
+``wall_s``) starts with ``os.posix_spawn`` -- glibc's vfork-style clone, no Python
+in the child -- in its own process group (``setpgroup=0``).  One that needs work
+in the child (rlimits, namespaces, a cgroup, another user) starts through
+``subprocess.Popen`` with a pre-exec hook (:meth:`limits.Plan.child_setup`): a real
+fork, slower, but every step raises on failure, so what the reply calls enforced
+was applied.
+
+Watching.  The exit arrives through a pidfd (``os.pidfd_open``) registered with
+the event loop, stdout and stderr through non-blocking pipes, all with
+``loop.add_reader``: no thread, no SIGCHLD handler, no child watcher, and nobody
+else's children are reaped (we only ``wait4`` our own pids).
+
+Ending whole.  When the leader exits, is killed, times out, or the spawner
+stops, the whole process group gets SIGKILL -- while the leader is still an
+unreaped zombie, so its pid (the group id) cannot have been reused -- plus every
+descendant psutil saw outside the group and every member of the process's
+cgroup when it has one.  Only then is the leader reaped and, once both pipes
+reach EOF (bounded by :data:`PIPE_DRAIN_S`), the exit published.
+
+Output.  Each chunk goes into a bounded tail and onto the process's subject
+``fabric.proc.<node>.out.<local>`` (and ``stream_to``, when the spawn named one),
+in order, by one publisher task for the whole table; when more than
+:data:`HIGH_WATER` bytes wait to be published the pipes stop being read, so a
+chatty process blocks on its pipe instead of filling the spawner's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import itertools
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import psutil
+
+from fabric import subjects
+from fabric.errors import (
+    BadRequest,
+    Conflict,
+    ExecutableNotFound,
+    FabricError,
+    InternalError,
+    NotEnforceable,
+    PermissionDenied,
+    UnknownProcess,
+)
+from fabric.schema import JSON, ExitInfo, ProcStatus, SpawnRequest
+
+from .cgroups import CgroupRoot, ProcCgroup
+from .limits import Plan
+from .orphans import MARKER_ENV
+
+__all__ = ["ManagedProcess", "ProcessTable", "parse_signal", "PROC_ENV"]
+
+#: the variable that tells a process its fabric id
+PROC_ENV = "FABRIC_PROC_ID"
+READ_SIZE = 65536
+#: after the leader's exit, how long the pipes may stay open (a descendant that left the group)
+PIPE_DRAIN_S = 1.0
+#: bytes waiting to be published above which the pipes are no longer read, and below which they are again
+HIGH_WATER = 8 << 20
+LOW_WATER = 1 << 20
+#: finished processes kept for wait/info
+KEEP_FINISHED = 4096
+#: SIGTERM grace before SIGKILL when the spawner stops
+STOP_GRACE_S = 1.0
+
+STREAM_HEADER = "Fabric-Stream"
+PROC_HEADER = "Fabric-Proc"
+SEQ_HEADER = "Fabric-Seq"
+
+Publish = Callable[[str, bytes, dict[str, str]], Awaitable[None]]
+
+
+def parse_signal(value: int | str) -> int:
+    """``9``, ``"9"``, ``"KILL"``, ``"SIGKILL"`` -> 9; BadRequest otherwise."""
+    if isinstance(value, bool):
+        raise BadRequest("signal must be a number or a name like 'SIGTERM'")
+    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+        num = int(value)
+        if num in {s.value for s in signal.Signals}:
+            return num
+        raise BadRequest(f"unknown signal number {num}")
+    name = value.upper()
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise BadRequest(f"unknown signal {value!r}") from None
+
+
+class OutputTail:
+    """The last *limit* bytes of one stream, and how many there were in all."""
+
+    __slots__ = ("buf", "limit", "total")
+
+    def __init__(self, limit: int) -> None:
+        self.buf = bytearray()
+        self.limit = limit
+        self.total = 0
+
+    def add(self, data: bytes) -> None:
+        self.total += len(data)
+        if self.limit == 0:
+            return
+        self.buf += data
+        extra = len(self.buf) - self.limit
+        if extra > 0:
+            del self.buf[:extra]
+
+
+@dataclass(eq=False)
+class ManagedProcess:
+    """One running (or recently finished) process and everything needed to end it whole."""
+
+    id: str
+    local: str
+    pid: int
+    argv: list[str]
+    owner: str
+    subject: str
+    stream_to: str | None
+    plan: Plan
+    started_at: float
+    t0: float
+    stdout: OutputTail
+    stderr: OutputTail
+    cgroup: ProcCgroup | None = None
+    popen: subprocess.Popen[bytes] | None = None
+    pidfd: int = -1
+    out_fd: int = -1
+    err_fd: int = -1
+    stdin_fd: int = -1
+    stdin_pending: bytearray = field(default_factory=bytearray)
+    stdin_eof: bool = False
+    kill_reason: str | None = None
+    exit: ExitInfo | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    seq: int = 0
+    reaped: bool = False
+    wall_timer: asyncio.TimerHandle | None = None
+    drain_timer: asyncio.TimerHandle | None = None
+    status_raw: int = 0
+    rusage: Any = None
+    #: psutil handles of the group's members, by pid, so cpu_percent measures between looks
+    members: dict[int, psutil.Process] = field(default_factory=dict)
+
+    @property
+    def running(self) -> bool:
+        return self.exit is None
+
+
+class ProcessTable:
+    """Every process of one spawner: spawn, signal, stdin, list, wait, stop all."""
+
+    def __init__(self, node: str, publish: Publish, *, marker: str, cgroups: CgroupRoot | None) -> None:
+        self.node = node
+        self.publish = publish
+        self.marker = marker
+        self.cgroups = cgroups
+        self.live: dict[str, ManagedProcess] = {}
+        self.finished: collections.OrderedDict[str, ManagedProcess] = collections.OrderedDict()
+        # a fresh prefix per spawner incarnation: ids stay unique across restarts
+        self._prefix = secrets.token_hex(3)
+        self._counter = itertools.count(1)
+        self.spawned = 0
+        self._queue: collections.deque[tuple[ManagedProcess, str, bytes]] = collections.deque()
+        self._queued_bytes = 0
+        self._paused = False
+        self._wakeup = asyncio.Event()
+        self._publisher: asyncio.Task[None] | None = None
+        self._base_env = dict(os.environ)
+        self._base_env.pop(MARKER_ENV, None)
+        self._base_env.pop(PROC_ENV, None)
+
+    # -- lookup ---------------------------------------------------------------------
+
+    def get(self, proc_id: str) -> ManagedProcess:
+        node, _, local = proc_id.partition(":")
+        if node != self.node:
+            raise UnknownProcess(f"process {proc_id} does not belong to node {self.node}", id=proc_id)
+        mp = self.live.get(local) or self.finished.get(local)
+        if mp is None:
+            raise UnknownProcess(f"no process {proc_id} on node {self.node} (never spawned here, or forgotten)",
+                                 id=proc_id)
+        return mp
+
+    # -- spawning --------------------------------------------------------------------
+
+    def _environment(self, req: SpawnRequest, proc_id: str) -> dict[str, str]:
+        env = {} if req.clear_env else dict(self._base_env)
+        if req.env:
+            for key, value in req.env.items():
+                if not key or "=" in key or "\0" in key or "\0" in value:
+                    raise BadRequest(f"invalid environment variable {key!r}: names are non-empty, without '=' "
+                                     "or NUL, and values have no NUL")
+                env[key] = value
+        env[PROC_ENV] = proc_id
+        env[MARKER_ENV] = self.marker
+        return env
+
+    @staticmethod
+    def _executable(argv0: str, env: dict[str, str], cwd: str | None) -> str:
+        if "/" in argv0:
+            path = argv0 if os.path.isabs(argv0) or cwd is None else os.path.join(cwd, argv0)
+            if not os.path.exists(path):
+                raise ExecutableNotFound(f"no such executable: {argv0}", argv0=argv0)
+            if os.path.isdir(path) or not os.access(path, os.X_OK):
+                raise PermissionDenied(f"not an executable file: {argv0}")
+            return path
+        found = shutil.which(argv0, path=env.get("PATH", os.defpath))
+        if found is None:
+            raise ExecutableNotFound(f"executable {argv0!r} not found on the node's PATH", argv0=argv0)
+        return found
+
+    def spawn(self, req: SpawnRequest, plan: Plan, executable: str | None = None) -> ManagedProcess:
+        """Start *req* under *plan*; *executable* overrides the lookup of argv[0] (native blobs)."""
+        for arg in req.argv:
+            if "\0" in arg:
+                raise BadRequest("argv strings must not contain NUL bytes")
+        if req.cwd is not None and not os.path.isdir(req.cwd):
+            raise BadRequest(f"cwd {req.cwd!r} is not a directory on node {self.node}")
+        local = f"{self._prefix}-{next(self._counter)}"
+        proc_id = f"{self.node}:{local}"
+        env = self._environment(req, proc_id)
+        exe = executable or self._executable(req.argv[0], env, req.cwd)
+        want_stdin = req.stdin is not None or req.stdin_open
+        in_r, in_w = os.pipe() if want_stdin else (-1, -1)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        cgroup: ProcCgroup | None = None
+        popen: subprocess.Popen[bytes] | None = None
+        try:
+            if plan.memory is not None:
+                assert self.cgroups is not None
+                try:
+                    cgroup = self.cgroups.create(local, plan.memory)
+                except OSError as exc:
+                    raise NotEnforceable(f"limits.memory: cannot create the cgroup: {exc}") from None
+            if plan.needs_child or req.cwd is not None:
+                popen = self._popen(req, plan, exe, env, in_r, out_w, err_w, cgroup)
+                pid = popen.pid
+            else:
+                actions: list[tuple[Any, ...]] = [
+                    (os.POSIX_SPAWN_DUP2, in_r, 0) if in_r >= 0 else (os.POSIX_SPAWN_OPEN, 0, os.devnull,
+                                                                       os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, out_w, 1),
+                    (os.POSIX_SPAWN_DUP2, err_w, 2),
+                ]
+                pid = os.posix_spawn(exe, req.argv, env, file_actions=actions, setpgroup=0)
+        except BaseException as exc:
+            self._close_fds(in_w, out_r, err_r)
+            if cgroup is not None:
+                cgroup.remove()
+            raise self._spawn_error(req, exc) from None
+        finally:
+            self._close_fds(in_r, out_w, err_w)
+        mp = ManagedProcess(
+            id=proc_id, local=local, pid=pid, argv=list(req.argv), owner=req.owner,
+            subject=subjects.node_scoped("proc", self.node, f"out.{local}"), stream_to=req.stream_to,
+            plan=plan, started_at=time.time(), t0=time.monotonic(),
+            stdout=OutputTail(req.tail_bytes), stderr=OutputTail(req.tail_bytes), cgroup=cgroup, popen=popen,
+        )
+        self.spawned += 1
+        self.live[local] = mp
+        self._watch(mp, out_r, err_r, in_w)
+        if req.stdin:
+            self.write_stdin(mp, req.stdin, eof=not req.stdin_open)
+        elif req.stdin is not None and not req.stdin_open:
+            self._close_stdin(mp)
+        return mp
+
+    @staticmethod
+    def _spawn_error(req: SpawnRequest, exc: BaseException) -> BaseException:
+        if isinstance(exc, (FabricError, KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
+            return exc
+        if isinstance(exc, FileNotFoundError):
+            return ExecutableNotFound(f"cannot execute {req.argv[0]!r}: {exc.strerror}", argv0=req.argv[0])
+        if isinstance(exc, PermissionError):
+            return PermissionDenied(f"cannot execute {req.argv[0]!r}: {exc.strerror}")
+        if isinstance(exc, OSError) and exc.errno == errno.ENOEXEC:
+            return BadRequest(f"cannot execute {req.argv[0]!r}: not an executable format")
+        return InternalError(f"spawn failed: {type(exc).__name__}: {exc}")
+
+    def _popen(self, req: SpawnRequest, plan: Plan, exe: str, env: dict[str, str], in_r: int, out_w: int,
+               err_w: int, cgroup: ProcCgroup | None) -> subprocess.Popen[bytes]:
+        errors_r, errors_w = os.pipe()  # the pre-exec hook's failure text (the fd closes on exec)
+        setup = plan.child_setup(cgroup.procs_file if cgroup is not None else None) if plan.needs_child else None
+
+        def hook() -> None:
+            try:
+                setup()  # type: ignore[misc]
+            except BaseException as exc:
+                os.write(errors_w, str(exc).encode()[:1000])
+                raise
+
+        try:
+            return subprocess.Popen(
+                req.argv, executable=exe, env=env, cwd=req.cwd,
+                stdin=in_r if in_r >= 0 else subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+                process_group=0, preexec_fn=hook if setup is not None else None,
+                user=plan.uid, group=plan.gid, extra_groups=[] if plan.uid is not None else None,
+            )
+        except subprocess.SubprocessError:
+            os.close(errors_w)
+            errors_w = -1
+            detail = os.read(errors_r, 4096).decode(errors="replace")
+            raise NotEnforceable(f"applying the limits and sandbox in the child failed: {detail or 'unknown'}") \
+                from None
+        finally:
+            if errors_w >= 0:
+                os.close(errors_w)
+            os.close(errors_r)
+
+    @staticmethod
+    def _close_fds(*fds: int) -> None:
+        for fd in fds:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def _watch(self, mp: ManagedProcess, out_r: int, err_r: int, in_w: int) -> None:
+        loop = asyncio.get_running_loop()
+        mp.pidfd = os.pidfd_open(mp.pid)
+        os.set_blocking(out_r, False)
+        os.set_blocking(err_r, False)
+        mp.out_fd, mp.err_fd = out_r, err_r
+        if in_w >= 0:
+            os.set_blocking(in_w, False)
+            mp.stdin_fd = in_w
+        loop.add_reader(mp.pidfd, self._on_exit, mp)
+        if not self._paused:
+            loop.add_reader(out_r, self._on_output, mp, out_r, "stdout")
+            loop.add_reader(err_r, self._on_output, mp, err_r, "stderr")
+        if mp.plan.wall_s is not None:
+            mp.wall_timer = loop.call_later(mp.plan.wall_s, self._on_wall_timeout, mp)
+
+    # -- output ---------------------------------------------------------------------
+
+    def _on_output(self, mp: ManagedProcess, fd: int, stream: str) -> None:
+        tail = mp.stdout if stream == "stdout" else mp.stderr
+        try:
+            data = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_stream(mp, stream)
+            return
+        tail.add(data)
+        self._enqueue(mp, stream, data)
+
+    def _close_stream(self, mp: ManagedProcess, stream: str) -> None:
+        fd = mp.out_fd if stream == "stdout" else mp.err_fd
+        if fd < 0:
+            return
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(fd)
+        os.close(fd)
+        if stream == "stdout":
+            mp.out_fd = -1
+        else:
+            mp.err_fd = -1
+        if mp.reaped and mp.out_fd < 0 and mp.err_fd < 0:
+            self._finish(mp)
+
+    def _enqueue(self, mp: ManagedProcess, stream: str, data: bytes) -> None:
+        self._queue.append((mp, stream, data))
+        self._queued_bytes += len(data)
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+        if self._queued_bytes > HIGH_WATER and not self._paused:
+            self._set_paused(True)
+
+    def _set_paused(self, paused: bool) -> None:
+        loop = asyncio.get_running_loop()
+        self._paused = paused
+        for mp in self.live.values():
+            for fd, stream in ((mp.out_fd, "stdout"), (mp.err_fd, "stderr")):
+                if fd >= 0:
+                    if paused:
+                        loop.remove_reader(fd)
+                    else:
+                        loop.add_reader(fd, self._on_output, mp, fd, stream)
+
+    def start(self) -> None:
+        self._publisher = asyncio.create_task(self._publish_loop())
+
+    async def _publish_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            await self._drain_queue()
+
+    async def _drain_queue(self) -> None:
+        queue = self._queue
+        while queue:
+            mp, stream, data = queue.popleft()
+            self._queued_bytes -= len(data) if stream != "exit" else 0
+            mp.seq += 1
+            headers = {PROC_HEADER: mp.id, STREAM_HEADER: stream, SEQ_HEADER: str(mp.seq)}
+            try:
+                await self.publish(mp.subject, data, headers)
+                if mp.stream_to:
+                    await self.publish(mp.stream_to, data, headers)
+            except Exception:  # connection trouble: the tails still hold the output
+                pass
+            if self._paused and self._queued_bytes < LOW_WATER:
+                self._set_paused(False)
+
+    # -- stdin ----------------------------------------------------------------------
+
+    def write_stdin(self, mp: ManagedProcess, data: bytes, *, eof: bool = False) -> int:
+        if mp.stdin_fd < 0 or mp.stdin_eof:
+            raise Conflict(f"process {mp.id} has no open stdin (spawn it with stdin_open=true)"
+                           if mp.running else f"process {mp.id} has ended")
+        mp.stdin_pending += data
+        mp.stdin_eof = eof
+        self._flush_stdin(mp)
+        return len(data)
+
+    def _flush_stdin(self, mp: ManagedProcess) -> None:
+        loop = asyncio.get_running_loop()
+        while mp.stdin_pending:
+            try:
+                n = os.write(mp.stdin_fd, mp.stdin_pending)
+            except BlockingIOError:
+                loop.add_writer(mp.stdin_fd, self._on_stdin_writable, mp)
+                return
+            except (BrokenPipeError, OSError):  # the process closed its stdin or ended
+                mp.stdin_pending.clear()
+                break
+            del mp.stdin_pending[:n]
+        loop.remove_writer(mp.stdin_fd)
+        if mp.stdin_eof:
+            self._close_stdin(mp)
+
+    def _on_stdin_writable(self, mp: ManagedProcess) -> None:
+        if mp.stdin_fd >= 0:
+            self._flush_stdin(mp)
+
+    def _close_stdin(self, mp: ManagedProcess) -> None:
+        if mp.stdin_fd >= 0:
+            asyncio.get_running_loop().remove_writer(mp.stdin_fd)
+            os.close(mp.stdin_fd)
+            mp.stdin_fd = -1
+        mp.stdin_eof = True
+
+    # -- ending ---------------------------------------------------------------------
+
+    def signal(self, mp: ManagedProcess, sig: int, reason: str | None = "killed") -> bool:
+        """Send *sig* to the process's whole group (and strays); False if it already ended."""
+        if not mp.running or mp.reaped:
+            return False
+        if reason is not None and mp.kill_reason is None:
+            mp.kill_reason = reason
+        strays: list[int] = []
+        try:
+            # descendants that moved to another group or session still belong to the process
+            strays = [c.pid for c in psutil.Process(mp.pid).children(recursive=True)]
+        except psutil.Error:
+            pass
+        try:
+            os.killpg(mp.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pid in strays:
+            try:
+                if os.getpgid(pid) != mp.pid:
+                    os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if sig == signal.SIGKILL and mp.cgroup is not None:
+            mp.cgroup.kill_all()
+        return True
+
+    def _on_wall_timeout(self, mp: ManagedProcess) -> None:
+        mp.wall_timer = None
+        self.signal(mp, signal.SIGKILL, "timeout")
+
+    def _on_exit(self, mp: ManagedProcess) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(mp.pidfd)
+        # The leader is a zombie now, not yet reaped: its pid -- the group id -- cannot
+        # be reused, so killing the group reaches exactly what is left of the process.
+        try:
+            os.killpg(mp.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if mp.cgroup is not None:
+            mp.cgroup.kill_all()
+        try:
+            _, status, rusage = os.wait4(mp.pid, 0)
+        except ChildProcessError:  # reaped by someone else: report what we can
+            status, rusage = 0, None
+        os.close(mp.pidfd)
+        mp.pidfd = -1
+        mp.reaped = True
+        mp.status_raw, mp.rusage = status, rusage
+        if mp.popen is not None:
+            mp.popen.returncode = os.waitstatus_to_exitcode(status)  # so Popen never waits for it
+        if mp.wall_timer is not None:
+            mp.wall_timer.cancel()
+            mp.wall_timer = None
+        if mp.stdin_fd >= 0:
+            self._close_stdin(mp)
+        if mp.out_fd < 0 and mp.err_fd < 0:
+            self._finish(mp)
+        else:
+            # a descendant outside the group may hold the pipes: read what is there, then stop
+            mp.drain_timer = loop.call_later(PIPE_DRAIN_S, self._give_up_pipes, mp)
+
+    def _give_up_pipes(self, mp: ManagedProcess) -> None:
+        mp.drain_timer = None
+        for stream in ("stdout", "stderr"):
+            self._close_stream(mp, stream)
+        if mp.exit is None:
+            self._finish(mp)
+
+    def _finish(self, mp: ManagedProcess) -> None:
+        if mp.exit is not None:
+            return
+        if mp.drain_timer is not None:
+            mp.drain_timer.cancel()
+            mp.drain_timer = None
+        code = os.waitstatus_to_exitcode(mp.status_raw)
+        exit_code, sig = (code, None) if code >= 0 else (None, -code)
+        ru = mp.rusage
+        cpu_s = (ru.ru_utime + ru.ru_stime) if ru is not None else 0.0
+        max_rss = ru.ru_maxrss * 1024 if ru is not None else 0
+        if sig is None:
+            reason = "exited"
+        elif mp.kill_reason is not None:
+            reason = mp.kill_reason
+        elif sig == signal.SIGXCPU or (sig == signal.SIGKILL and mp.plan.cpu_s is not None
+                                       and cpu_s >= mp.plan.cpu_s - 0.05):
+            reason = "cpu_limit"
+        elif mp.cgroup is not None and mp.cgroup.oom_killed():
+            reason = "memory_limit"
+        else:
+            reason = "signaled"
+        if mp.cgroup is not None:
+            max_rss = max(max_rss, mp.cgroup.peak())
+            mp.cgroup.remove()
+        mp.exit = ExitInfo(
+            id=mp.id, exit_code=exit_code, signal=sig, reason=reason, cpu_s=round(cpu_s, 6), max_rss=max_rss,
+            duration_s=round(time.monotonic() - mp.t0, 6), stdout=bytes(mp.stdout.buf), stderr=bytes(mp.stderr.buf),
+            stdout_total=mp.stdout.total, stderr_total=mp.stderr.total,
+        )
+        mp.members.clear()
+        mp.popen = None
+        self.live.pop(mp.local, None)
+        self.finished[mp.local] = mp
+        while len(self.finished) > KEEP_FINISHED:
+            self.finished.popitem(last=False)
+        self._queue.append((mp, "exit", JSON.encode(mp.exit)))
+        self._wakeup.set()
+        mp.done.set()
+
+    async def wait(self, mp: ManagedProcess, timeout: float) -> ExitInfo | None:
+        if mp.exit is None and timeout > 0:
+            try:
+                await asyncio.wait_for(mp.done.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return mp.exit
+
+    # -- looking --------------------------------------------------------------------
+
+    def status(self, mp: ManagedProcess) -> ProcStatus:
+        st = ProcStatus(id=mp.id, node=self.node, pid=mp.pid, argv=mp.argv, owner=mp.owner,
+                        state="running" if mp.running else "exited", started_at=mp.started_at,
+                        enforced=list(mp.plan.enforced), exit=mp.exit)
+        if not mp.running:
+            return st
+        try:
+            leader = mp.members.get(mp.pid) or psutil.Process(mp.pid)
+            procs = [leader] + leader.children(recursive=True)
+        except psutil.Error:
+            return st
+        cpu, rss, seen = 0.0, 0, {}
+        for p in procs:
+            p = mp.members.get(p.pid, p)
+            try:
+                with p.oneshot():
+                    cpu += p.cpu_percent(None)
+                    rss += p.memory_info().rss
+                    if p.pid == mp.pid:
+                        st.status = p.status()
+            except psutil.Error:
+                continue
+            seen[p.pid] = p
+        mp.members = seen
+        st.cpu_percent, st.rss, st.members = round(cpu, 1), rss, len(seen)
+        return st
+
+    # -- stopping -------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """The spawner stops: SIGTERM every group, SIGKILL what is left, publish every exit."""
+        live = list(self.live.values())
+        for mp in live:
+            self.signal(mp, signal.SIGTERM, "spawner_stopped")
+        if live:
+            await asyncio.wait([asyncio.ensure_future(mp.done.wait()) for mp in live], timeout=STOP_GRACE_S)
+        for mp in list(self.live.values()):
+            self.signal(mp, signal.SIGKILL, "spawner_stopped")
+        if self.live:
+            await asyncio.wait([asyncio.ensure_future(mp.done.wait()) for mp in self.live.values()],
+                               timeout=PIPE_DRAIN_S + 1.0)
+        await self._drain_queue()
+        if self._publisher is not None:
+            self._publisher.cancel()
+        if self.cgroups is not None:
+            self.cgroups.sweep()

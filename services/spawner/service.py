@@ -1,0 +1,188 @@
+"""The spawner's endpoints: spawn, wait, kill, stdin, status, list, info (one spawner per node).
+
+Subjects (see docs/protocol.md, "Remote processes"): ``fabric.proc.spawn`` (any
+node, queue group) and ``fabric.proc.<node>.<verb>`` for everything on this node.
+A process id is ``<node>:<local>``, so a client reaches the process's node from the
+id alone; its output and exit are published on ``fabric.proc.<node>.out.<local>``,
+and on the ``stream_to`` subject a spawn request may name (the client subscribes
+first, so it misses nothing).
+
+The work is split by concern: :mod:`.procs` runs and watches processes,
+:mod:`.limits` plans what a child applies (and what the reply may call enforced),
+:mod:`.sandbox` and :mod:`.cgroups` find out at start-up what this node can
+really do, :mod:`.blobs` stores native executables by digest, :mod:`.orphans`
+kills what a crashed predecessor left.  Compute cores and warm pools
+(``fabric.core.*``) live in :mod:`.pools`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from fabric import subjects
+from fabric.errors import BadRequest
+from fabric.schema import (
+    KillReply,
+    KillRequest,
+    ProcListReply,
+    ProcListRequest,
+    ProcRequest,
+    ProcStatus,
+    SpawnerInfoReply,
+    SpawnReply,
+    SpawnRequest,
+    StdinReply,
+    StdinRequest,
+    WaitRequest,
+)
+from fabric.service import Endpoint, FabricService, Request, ServiceSettings
+
+from . import cgroups as cgroups_mod
+from . import orphans
+from . import sandbox as sandbox_mod
+from .blobs import BlobStore, node_architecture
+from .limits import RLIMITS, plan
+from .procs import ProcessTable, parse_signal
+
+__all__ = ["SpawnerService"]
+
+#: a subject a client may ask output to be streamed to: plain tokens, no wildcards
+_STREAM_SUBJECT = re.compile(r"^[^\s*>.]+(\.[^\s*>.]+)*$")
+
+
+class SpawnerService(FabricService):
+    name = "spawner"
+    description = "fabric remote processes: rspawn/rwait/rkill with output streaming, limits and sandbox"
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        super().__init__(settings)
+        root = Path(settings.state_dir) / "spawner"
+        self.key = orphans.spawner_key(settings.node, Path(settings.state_dir))
+        # probes fork: do them now, before the event loop has threads or connections
+        self.caps = sandbox_mod.detect()
+        self.cgroups, self.cgroup_reason = cgroups_mod.detect(self.key)
+        self.blobs = BlobStore(root / "blobs")
+        self.table: ProcessTable | None = None
+
+    def metadata(self) -> dict[str, str]:
+        return {"cgroup": str(self.cgroups) if self.cgroups else "", "architecture": node_architecture()}
+
+    def endpoints(self) -> Sequence[Endpoint]:
+        node = self.node
+
+        def ep(verb: str, handler: Any) -> Endpoint:
+            return Endpoint(verb, subjects.node_scoped("proc", node, verb), handler)
+
+        return [
+            Endpoint("spawn-any", subjects.cluster("proc", "spawn"), self.spawn),
+            ep("spawn", self.spawn),
+            ep("wait", self.wait),
+            ep("kill", self.kill),
+            ep("stdin", self.stdin),
+            ep("status", self.status),
+            ep("list", self.list),
+            ep("info", self.info),
+        ]
+
+    async def on_start(self) -> None:
+        left = orphans.reap(self.key)
+        if left:
+            self.log.warning("killed processes a previous spawner left behind", pids=left)
+        if self.cgroups is not None:
+            self.cgroups.sweep()
+        self.table = ProcessTable(self.node, self._publish, marker=orphans.marker(self.key), cgroups=self.cgroups)
+        self.table.start()
+        self.log.info("spawner ready", cgroup=str(self.cgroups) if self.cgroups else self.cgroup_reason,
+                      enforceable=self._enforceable()[0])
+
+    async def on_stop(self) -> None:
+        if self.table is not None:
+            await self.table.stop()
+
+    async def _publish(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
+        assert self.nc is not None
+        await self.nc.publish(subject, data, headers=headers)
+
+    def _table(self) -> ProcessTable:
+        assert self.table is not None, "spawner not started"
+        return self.table
+
+    # -- endpoints ----------------------------------------------------------------------
+
+    async def spawn(self, req: Request) -> SpawnReply:
+        r: SpawnRequest = req.decode(SpawnRequest)
+        if r.stream_to is not None and (not _STREAM_SUBJECT.match(r.stream_to) or len(r.stream_to) > 256):
+            raise BadRequest(f"stream_to {r.stream_to!r} is not a valid subject (no wildcards, no spaces)")
+        p = plan(r.limits, r.sandbox, self.caps, self.cgroups, self.cgroup_reason, strict=r.strict)
+        executable = str(self.blobs.resolve(r.native)) if r.native is not None else None
+        table = self._table()
+        mp = table.spawn(r, p, executable)
+        reply = SpawnReply(id=mp.id, node=self.node, pid=mp.pid, subject=mp.subject, enforced=list(p.enforced),
+                           unenforced=dict(p.unenforced))
+        if r.wait_s > 0:
+            reply.exit = await table.wait(mp, r.wait_s)
+        return reply
+
+    async def wait(self, req: Request) -> ProcStatus:
+        r: WaitRequest = req.decode(WaitRequest)
+        table = self._table()
+        mp = table.get(r.id)
+        await table.wait(mp, r.timeout_s)
+        return table.status(mp)
+
+    def kill(self, req: Request) -> KillReply:
+        r: KillRequest = req.decode(KillRequest)
+        sig = parse_signal(r.signal)  # a bad signal is 400 whatever the id
+        table = self._table()
+        mp = table.get(r.id)
+        delivered = table.signal(mp, sig)
+        return KillReply(id=mp.id, delivered=delivered, state="running" if mp.running else "exited")
+
+    def stdin(self, req: Request) -> StdinReply:
+        r: StdinRequest = req.decode(StdinRequest)
+        table = self._table()
+        return StdinReply(written=table.write_stdin(table.get(r.id), r.data, eof=r.eof))
+
+    def status(self, req: Request) -> ProcStatus:
+        table = self._table()
+        return table.status(table.get(req.decode(ProcRequest).id))
+
+    def list(self, req: Request) -> ProcListReply:
+        r = req.decode(ProcListRequest) if req.data else ProcListRequest()
+        table = self._table()
+        procs = list(table.live.values()) + (list(table.finished.values()) if r.finished else [])
+        if r.owner is not None:
+            procs = [mp for mp in procs if mp.owner == r.owner]
+        return ProcListReply(node=self.node, processes=[table.status(mp) for mp in procs])
+
+    def _enforceable(self) -> tuple[list[str], dict[str, str]]:
+        ok: list[str] = []
+        not_ok: dict[str, str] = {}
+        for name in RLIMITS:
+            if name == "processes" and self.caps.nproc_bypass:
+                not_ok["limits.processes"] = "root is exempt from RLIMIT_NPROC: only with sandbox.user (non-root)"
+            else:
+                ok.append(f"limits.{name}")
+        if self.cgroups is not None:
+            ok.append("limits.memory")
+        else:
+            not_ok["limits.memory"] = self.cgroup_reason
+        ok.append("limits.wall_s")
+        for name, reason in (("no_new_privs", self.caps.no_new_privs), ("network", self.caps.network),
+                             ("user", self.caps.user)):
+            if reason is None:
+                ok.append(f"sandbox.{name}")
+            else:
+                not_ok[f"sandbox.{name}"] = reason
+        return ok, not_ok
+
+    def info(self, req: Request) -> SpawnerInfoReply:
+        table = self._table()
+        ok, not_ok = self._enforceable()
+        return SpawnerInfoReply(node=self.node, running=len(table.live), finished=len(table.finished),
+                                spawned=table.spawned, architecture=node_architecture(), os="linux",
+                                enforceable=ok, not_enforceable=not_ok,
+                                cgroup=str(self.cgroups) if self.cgroups else "", blobs=self.blobs.count())
+

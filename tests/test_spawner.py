@@ -1,0 +1,350 @@
+"""Remote processes through the real bus: a real nats-server, the real spawner, real clients.
+
+Covers spawn/wait/kill/stdin/status/list/info, output streaming (complete from the
+first byte), the one-round-trip run, process groups (a grandchild dies with its
+process on exit, kill, wall timeout and spawner stop), typed errors for hostile
+input after which the spawner still serves, and that the spawner leaves no
+process and no pipe behind (checked in teardown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import AsyncIterator
+
+import nats
+import psutil
+import pytest
+
+from fabric import (
+    AsyncFabricClient,
+    BadRequest,
+    Conflict,
+    ExecutableNotFound,
+    Limits,
+    PermissionDenied,
+    UnknownProcess,
+)
+from fabric.service import ServiceSettings
+from services.spawner import SpawnerService
+
+PY = sys.executable
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+async def gone(pid: int, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+@pytest.fixture(scope="module")
+async def spawner(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SpawnerService]:
+    state = tmp_path_factory.mktemp("spawner-state")
+    svc = SpawnerService(ServiceSettings(nats_url=nats_url, node=f"sp-{secrets.token_hex(3)}", state_dir=state))
+    await svc.start()
+    yield svc
+    await svc.stop()
+
+
+@pytest.fixture
+async def fc(nats_url: str, spawner: SpawnerService) -> AsyncIterator[AsyncFabricClient]:
+    fds_before = len(os.listdir("/proc/self/fd"))
+    async with AsyncFabricClient(nats_url, local=False) as client:
+        yield client
+    # teardown accounting: nothing of the test's processes still runs, no pipe or pidfd leaked
+    table = spawner.table
+    assert table is not None
+    deadline = time.monotonic() + 5
+    while table.live and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert not table.live, f"processes still running after the test: {list(table.live)}"
+    assert len(os.listdir("/proc/self/fd")) <= fds_before, "the spawner leaked file descriptors"
+
+
+async def raw(nats_url: str, subject: str, data: bytes):
+    nc = await nats.connect(nats_url)
+    try:
+        return await nc.request(subject, data, timeout=5)
+    finally:
+        await nc.close()
+
+
+async def test_spawn_wait_exit_code_and_output(fc, spawner):
+    proc = await fc.rspawn(["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert proc.id.startswith(f"{spawner.node}:") and proc.pid > 0
+    ex = await proc.wait(timeout=10)
+    assert ex.exit_code == 3 and ex.signal is None and ex.reason == "exited"
+    assert ex.stdout == b"out\n" and ex.stderr == b"err\n"
+    assert ex.duration_s > 0 and ex.cpu_s >= 0 and ex.max_rss > 0
+
+
+async def test_output_iterators_are_complete_even_when_read_late(fc):
+    proc = await fc.rspawn([PY, "-c", "import sys\nfor i in range(200): print(i)\nsys.stderr.write('e1\\ne2')"])
+    await proc.wait(timeout=10)  # everything was produced before we iterate
+    lines = [line async for line in proc.stdout]
+    assert lines == [f"{i}\n".encode() for i in range(200)]
+    assert [line async for line in proc.stderr] == [b"e1\n", b"e2"]
+
+
+async def test_output_streams_while_the_process_runs(fc):
+    proc = await fc.rspawn([PY, "-u", "-c", "import sys,time\nprint('first')\nsys.stdin.readline()\nprint('second')"],
+                           stdin_open=True)
+    it = proc.stdout.__aiter__()
+    assert await asyncio.wait_for(it.__anext__(), 10) == b"first\n", "output must arrive while it runs"
+    assert (await proc.status()).state == "running"
+    await proc.write_stdin(b"go\n", eof=True)
+    assert await asyncio.wait_for(it.__anext__(), 10) == b"second\n"
+    assert (await proc.wait(10)).exit_code == 0
+
+
+async def test_stdin_data_is_delivered_and_closed(fc):
+    data = os.urandom(300_000)  # bigger than a pipe buffer: written as the process reads
+    ex = await fc.rrun([PY, "-c", "import sys,hashlib\nprint(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())"],
+                       stdin=data, timeout=20)
+    import hashlib
+
+    assert ex.stdout.decode().strip() == hashlib.sha256(data).hexdigest()
+
+
+async def test_rrun_is_one_round_trip_and_returns_the_exit(fc):
+    ex = await fc.rrun(["/bin/true"], timeout=10)
+    assert ex.exit_code == 0 and ex.reason == "exited"
+    with pytest.raises(TimeoutError):
+        await fc.rrun(["sleep", "30"], timeout=0.2)
+
+
+async def test_env_cwd_and_proc_id(fc, tmp_path):
+    proc = await fc.rspawn(["sh", "-c", 'echo "$GREETING $FABRIC_PROC_ID"; pwd'], env={"GREETING": "hi"},
+                           cwd=str(tmp_path))
+    ex = await proc.wait(10)
+    first, second = ex.stdout.decode().splitlines()
+    assert first == f"hi {proc.id}" and Path(second).resolve() == tmp_path.resolve()
+
+
+async def test_tail_is_bounded_but_totals_count_everything(fc):
+    ex = await fc.rrun([PY, "-c", "import sys; sys.stdout.write('a'*100000 + 'END')"], tail_bytes=1000,
+                       timeout=20)
+    assert len(ex.stdout) == 1000 and ex.stdout.endswith(b"END") and ex.stdout_total == 100003
+
+
+GRANDCHILD = """
+import os, sys, time
+pid = os.fork()
+if pid == 0:
+    time.sleep(300)
+    os._exit(0)
+print(pid, flush=True)
+time.sleep(float(sys.argv[1]))
+"""
+
+
+async def _grandchild(proc) -> int:
+    it = proc.stdout.__aiter__()
+    return int(await asyncio.wait_for(it.__anext__(), 10))
+
+
+async def test_exit_takes_the_whole_group_with_it(fc):
+    proc = await fc.rspawn([PY, "-c", GRANDCHILD, "0.2"])
+    grandchild = await _grandchild(proc)
+    ex = await proc.wait(10)
+    assert ex.exit_code == 0
+    assert await gone(grandchild), "the grandchild outlived its process"
+
+
+async def test_kill_takes_the_whole_group(fc):
+    proc = await fc.rspawn([PY, "-c", GRANDCHILD, "300"])
+    grandchild = await _grandchild(proc)
+    assert await proc.kill() is True
+    ex = await proc.wait(10)
+    assert ex.signal == signal.SIGKILL and ex.reason == "killed"
+    assert await gone(grandchild) and not pid_alive(proc.pid)
+    assert await proc.kill() is False, "killing an ended process delivers nothing"
+
+
+async def test_kill_with_a_signal_name(fc):
+    proc = await fc.rspawn(["sleep", "30"])
+    assert await fc.rkill(proc.id, "TERM")
+    ex = await proc.wait(10)
+    assert ex.signal == signal.SIGTERM and ex.reason == "killed"
+
+
+async def test_wall_timeout_kills_the_group(fc):
+    proc = await fc.rspawn([PY, "-c", GRANDCHILD, "300"], limits=Limits(wall_s=0.5))
+    assert "limits.wall_s" in proc.enforced
+    grandchild = await _grandchild(proc)
+    ex = await proc.wait(10)
+    assert ex.reason == "timeout" and ex.signal == signal.SIGKILL and 0.4 < ex.duration_s < 5
+    assert await gone(grandchild)
+
+
+async def test_wait_timeout_raises_and_process_keeps_running(fc):
+    proc = await fc.rspawn(["sleep", "30"])
+    with pytest.raises(TimeoutError):
+        await proc.wait(timeout=0.1)
+    assert (await proc.status()).state == "running"
+    await proc.kill()
+    await proc.wait(10)
+
+
+async def test_status_and_list_report_live_cpu_and_rss(fc, spawner):
+    proc = await fc.rspawn([PY, "-c", "import time\nt=time.time()\nwhile time.time()-t<30: pass"])
+    await asyncio.sleep(0.3)
+    await proc.status()  # the first look starts the CPU measurement
+    await asyncio.sleep(0.5)
+    st = await proc.status()
+    assert st.state == "running" and st.rss > 1_000_000 and st.cpu_percent > 10 and st.members == 1
+    listed = await fc.rlist(spawner.node)
+    assert proc.id in [p.id for p in listed]
+    await proc.kill()
+    await proc.wait(10)
+    assert proc.id not in [p.id for p in await fc.rlist(spawner.node)]
+    assert proc.id in [p.id for p in await fc.rlist(spawner.node, finished=True)]
+
+
+async def test_info_says_what_is_enforceable(fc, spawner):
+    info = await fc.spawner_info(spawner.node)
+    assert info.node == spawner.node and info.spawned >= 1 and info.os == "linux"
+    assert "limits.cpu_s" in info.enforceable and "limits.wall_s" in info.enforceable
+    assert set(info.enforceable).isdisjoint(info.not_enforceable)
+
+
+# -- errors: typed, and the spawner keeps serving -----------------------------------------------
+
+
+async def test_missing_executable_is_404(fc):
+    with pytest.raises(ExecutableNotFound, match="no-such-program"):
+        await fc.rspawn(["no-such-program-xyz"])
+    with pytest.raises(ExecutableNotFound):
+        await fc.rspawn(["/nonexistent/prog"])
+
+
+async def test_not_executable_is_403(fc, tmp_path):
+    f = tmp_path / "data.txt"
+    f.write_text("hello")
+    with pytest.raises(PermissionDenied):
+        await fc.rspawn([str(f)])
+
+
+@pytest.mark.parametrize("argv", ["echo hi", [], [1, 2], ["echo", None], b"echo"])
+async def test_wrong_argv_types_are_400_in_the_client(fc, argv):
+    with pytest.raises(BadRequest):
+        await fc.rspawn(argv)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("limits", [Limits(cpu_s=-1), Limits(address_space=-5), Limits(wall_s=-1.0),
+                                    Limits(open_files="many")])  # type: ignore[arg-type]
+async def test_negative_or_mistyped_limits_are_400(fc, limits):
+    with pytest.raises(BadRequest, match="limits"):
+        await fc.rspawn(["true"], limits=limits)
+
+
+HOSTILE = [
+    (b"not json", 400),
+    (b'{"argv": "echo hi"}', 400),
+    (b'{"argv": []}', 400),
+    (b'{"argv": [1]}', 400),
+    (b'{"argv": ["true"], "limits": {"cpu_s": -1}}', 400),
+    (b'{"argv": ["true"], "limits": {"open_files": 1.5}}', 400),
+    (b'{"argv": ["true"], "limits": {"file_size": 18446744073709551616}}', 400),
+    (b'{"argv": ["true"], "wait_s": -1}', 400),
+    (b'{"argv": ["true"], "tail_bytes": 1099511627776}', 400),
+    (b'{"argv": ["tr\\u0000ue"]}', 400),
+    (b'{"argv": ["true"], "env": {"A=B": "x"}}', 400),
+    (b'{"argv": ["true"], "cwd": "/nonexistent-dir"}', 400),
+    (b'{"argv": ["true"], "stream_to": "fabric.>"}', 400),
+    (b'{"argv": ["no-such-program-xyz"]}', 404),
+]
+
+
+@pytest.mark.parametrize("body,code", HOSTILE)
+async def test_hostile_spawn_requests_get_typed_errors(nats_url, spawner, fc, body, code):
+    msg = await raw(nats_url, f"fabric.proc.{spawner.node}.spawn", body)
+    assert msg.headers["Nats-Service-Error-Code"] == str(code), msg.headers
+    assert json.loads(msg.data)["error"]["code"] == code
+    ex = await fc.rrun(["/bin/true"], timeout=10)  # still serving
+    assert ex.exit_code == 0
+
+
+async def test_unknown_and_malformed_ids(fc, spawner):
+    with pytest.raises(UnknownProcess):
+        await fc.rwait(f"{spawner.node}:nope-1", timeout=0)
+    with pytest.raises(UnknownProcess):
+        await fc.rkill(f"{spawner.node}:nope-1")
+    with pytest.raises(BadRequest):
+        await fc.rwait("no-colon-here")
+    with pytest.raises(BadRequest):
+        await fc.rkill(f"{spawner.node}:x", signal="SIGNOPE")
+
+
+async def test_stdin_write_without_open_stdin_is_409(fc):
+    proc = await fc.rspawn(["sleep", "30"])
+    with pytest.raises(Conflict):
+        await proc.write_stdin(b"x")
+    await proc.kill()
+    await proc.wait(10)
+
+
+async def test_cluster_subject_spawns_anywhere(nats_url, spawner, fc):
+    msg = await raw(nats_url, "fabric.proc.spawn", b'{"argv": ["echo", "any"], "wait_s": 10}')
+    reply = json.loads(msg.data)
+    assert reply["node"] == spawner.node and reply["exit"]["exit_code"] == 0
+    import base64
+
+    assert base64.b64decode(reply["exit"]["stdout"]) == b"any\n"
+
+
+async def test_per_process_subject_streams_to_others(nats_url, fc):
+    proc = await fc.rspawn(["sh", "-c", "read x; echo got $x"], stdin_open=True)
+    nc = await nats.connect(nats_url)
+    got: list[tuple[str, bytes]] = []
+    done = asyncio.Event()
+
+    async def cb(msg):
+        got.append((msg.headers["Fabric-Stream"], msg.data))
+        if msg.headers["Fabric-Stream"] == "exit":
+            done.set()
+
+    await nc.subscribe(proc.subject, cb=cb)
+    await nc.flush()
+    await proc.write_stdin(b"it\n", eof=True)
+    await asyncio.wait_for(done.wait(), 10)
+    await nc.close()
+    assert got[0] == ("stdout", b"got it\n") and got[-1][0] == "exit"
+    assert json.loads(got[-1][1])["exit_code"] == 0
+
+
+async def test_spawner_stop_kills_every_group(nats_url, tmp_path):
+    svc = SpawnerService(ServiceSettings(nats_url=nats_url, node=f"stop-{secrets.token_hex(3)}", state_dir=tmp_path))
+    await svc.start()
+    try:
+        async with AsyncFabricClient(nats_url, local=False) as client:
+            proc = await client.rspawn([PY, "-c", GRANDCHILD, "300"], node=svc.node)
+            grandchild = await _grandchild(proc)
+            ignoring = await client.rspawn([PY, "-c", "import signal,time\nsignal.signal(signal.SIGTERM, "
+                                                      "signal.SIG_IGN)\nprint('x', flush=True)\ntime.sleep(300)"],
+                                           node=svc.node)
+            await ignoring.stdout.__aiter__().__anext__()
+            await svc.stop()
+            for pid in (proc.pid, grandchild, ignoring.pid):
+                assert await gone(pid), f"pid {pid} outlived the spawner"
+            ex = await asyncio.wait_for(proc.wait(), 5)  # the exit was published before the drain
+            assert ex.reason == "spawner_stopped"
+    finally:
+        await svc.stop()
