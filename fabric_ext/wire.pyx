@@ -1154,6 +1154,36 @@ cdef int _v1_check_kind(object kind) except -1:
     return 0
 
 
+# v1's own checked reads: the same _Reader windows, a short read raises V1InvalidFrame
+
+cdef inline const char* _v1_take(_Reader* r, Py_ssize_t n) except NULL:
+    cdef const char* p
+    if n > r.len - r.pos:
+        raise V1InvalidFrame(
+            f"truncated v1 frame: {(<bytes>r.what).decode()} needs {n} more bytes at offset {r.base + r.pos}, "
+            f"only {r.len - r.pos} left"
+        )
+    p = r.buf + r.pos
+    r.pos += n
+    FABRIC_ASSERT(r.pos <= r.len)
+    return p
+
+
+cdef inline int _v1_u8(_Reader* r, uint8_t* out) except -1:
+    out[0] = fabric_load_u8(_v1_take(r, 1))
+    return 0
+
+
+cdef inline int _v1_u32(_Reader* r, uint32_t* out) except -1:
+    out[0] = fabric_load_le32(_v1_take(r, 4))
+    return 0
+
+
+cdef inline int _v1_u64(_Reader* r, uint64_t* out) except -1:
+    out[0] = fabric_load_le64(_v1_take(r, 8))
+    return 0
+
+
 cdef inline void _v1_store_header(char* p, uint8_t kind, uint64_t msg_id, uint64_t length) noexcept nogil:
     fabric_store_u8(p, kind)
     fabric_store_le64(p + 1, msg_id)
@@ -1169,11 +1199,11 @@ cdef int _v1_read_header(const char* p, Py_ssize_t avail, uint64_t max_payload,
     r.pos = 0
     r.base = 0
     r.what = b"the v1 header"
-    _read_u8(&r, kind)
+    _v1_u8(&r, kind)
     if not _v1_known_kind(kind[0]):
         raise V1InvalidFrame(f"unknown v1 message type 0x{kind[0]:02x} (known: 0x01, 0x02, 0x03, 0xff)")
-    _read_u64(&r, msg_id)
-    _read_u64(&r, length)
+    _v1_u64(&r, msg_id)
+    _v1_u64(&r, length)
     if length[0] > max_payload:
         raise V1TooLarge(f"v1 payload of {length[0]} bytes, the limit is {max_payload}")
     if length[0] > <uint64_t>(PY_SSIZE_T_MAX - _V1_HEADER):
@@ -1490,12 +1520,12 @@ cdef Py_ssize_t _v1_read_blob(_Reader* r, const char* field) except -1:
     """Read a u64 length and skip that many bytes; return the blob's start offset."""
     cdef uint64_t n
     cdef Py_ssize_t start
-    _read_u64(r, &n)
+    _v1_u64(r, &n)
     if n > <uint64_t>(r.len - r.pos):
         raise V1InvalidFrame(f"truncated v1 payload: {(<bytes>field).decode()} of {n} bytes at offset "
                            f"{r.base + r.pos}, only {r.len - r.pos} left")
     start = r.pos
-    _take(r, <Py_ssize_t>n)
+    _v1_take(r, <Py_ssize_t>n)
     return start
 
 
@@ -1507,7 +1537,7 @@ def v1_parse_version(payload):
     PyObject_GetBuffer(payload, &pb, PyBUF_SIMPLE)
     try:
         _v1_reader(&r, &pb, b"a version exchange")
-        _read_u32(&r, &v)
+        _v1_u32(&r, &v)
         _v1_end(&r)
     finally:
         PyBuffer_Release(&pb)
@@ -1522,7 +1552,7 @@ def v1_parse_version_reply(payload):
     PyObject_GetBuffer(payload, &pb, PyBUF_SIMPLE)
     try:
         _v1_reader(&r, &pb, b"a version reply")
-        _read_u8(&r, &v)
+        _v1_u8(&r, &v)
         _v1_end(&r)
     finally:
         PyBuffer_Release(&pb)
@@ -1562,7 +1592,7 @@ def v1_parse_job(payload):
     PyObject_GetBuffer(payload, &pb, PyBUF_SIMPLE)
     try:
         _v1_reader(&r, &pb, b"a job message")
-        _read_u64(&r, &jid)
+        _v1_u64(&r, &jid)
         ds = _v1_read_blob(&r, b"the job data")
         _v1_end(&r)
     finally:
@@ -1579,7 +1609,7 @@ def v1_parse_job_result(payload):
     PyObject_GetBuffer(payload, &pb, PyBUF_SIMPLE)
     try:
         _v1_reader(&r, &pb, b"a job result")
-        _read_u32(&r, &code)
+        _v1_u32(&r, &code)
         os_ = _v1_read_blob(&r, b"the job output")
         _v1_end(&r)
     finally:

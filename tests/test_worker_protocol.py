@@ -267,7 +267,7 @@ def test_length_beyond_maximum_is_rejected_before_allocating() -> None:
     ((2).to_bytes(8, "little") + b"\xff\xfe" + (0).to_bytes(8, "little"), wire.v1_parse_core),
 ])
 def test_bad_payloads_are_rejected(payload: bytes, parse) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(InvalidFrame):
+    with pytest.raises(wire.V1InvalidFrame):
         parse(payload)
 
 
@@ -283,7 +283,7 @@ def test_every_truncated_payload_is_rejected() -> None:
         payload = frame[17:]
         parse(payload)
         for cut in range(len(payload)):
-            with pytest.raises(InvalidFrame):
+            with pytest.raises(wire.V1InvalidFrame):
                 parse(payload[:cut])
 
 

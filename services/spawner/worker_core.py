@@ -1,0 +1,191 @@
+"""Compute cores as the worker process runs them: a loaded ``.so`` or the built-in Python core.
+
+A compute core (seed "Compute core API version 1") is a shared library with
+three unmangled functions: ``worker_init``, ``worker_run_job`` and
+``worker_free_outdata``.  :class:`CCore` loads one from the bytes of a "new
+compute core" message without touching the disk: the bytes go into a memfd and
+``dlopen`` opens ``/proc/self/fd/N``.  :class:`PythonCore` is the built-in core
+selected by the name ``fabric.python`` and an empty library: a job is
+``cloudpickle.dumps((fn, args, kwargs))``.
+
+Both answer :meth:`run` with ``(exit_code, output)``; the worker loop
+(``services/spawner/worker.py``) turns that into a v1 response.  A core that
+cannot be loaded raises :class:`CoreError` with a message for the 0xFF reply.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import traceback
+from typing import Any
+
+API_VERSION = 1
+PYTHON_CORE = "fabric.python"
+REQUIRED = ("worker_init", "worker_run_job", "worker_free_outdata")
+
+_RUN_JOB = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_uint64, ctypes.c_void_p,
+                            ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_void_p))
+_INIT = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_int32)
+_FREE = ctypes.CFUNCTYPE(None, ctypes.c_uint64, ctypes.c_void_p)
+
+try:
+    from _ctypes import dlclose as _dlclose
+except ImportError:  # pragma: no cover - every Linux CPython has it
+    _dlclose = None
+
+
+class CoreError(Exception):
+    """Raised when a core cannot be loaded or initialised (the text goes into an 0xFF reply)."""
+
+
+class CCore:
+    """A compute core ``.so`` loaded from bytes, with its three functions bound.
+
+    ``run_ptr`` is the hot path: it takes the address and size of the job data
+    (memory the core may scribble on, as the API allows), returns the exit code
+    and leaves the output in ``outsize``/``outdata`` until :meth:`free_output`.
+
+    >>> core = CCore("echo", open("echo.so", "rb").read())   # doctest: +SKIP
+    >>> core.run(b"hi")                                       # doctest: +SKIP
+    (0, b'hi')
+    """
+
+    def __init__(self, name: str, library: memoryview | bytes) -> None:
+        self.name = name
+        if not library:
+            raise CoreError(f"core {name!r}: the library is empty")
+        # the memfd stays open while the library is loaded: dlopen() recognises
+        # an already-loaded object by its path, so a reused "/proc/self/fd/N"
+        # of a still-loaded core would hand back the old library
+        self._fd = os.memfd_create(f"fabric-core-{name}"[:200], os.MFD_CLOEXEC)
+        try:
+            _write_all(self._fd, library)
+            path = f"/proc/self/fd/{self._fd}"
+            try:
+                self._lib = ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_LOCAL)
+            except OSError as exc:
+                raise CoreError(f"core {name!r}: cannot load the library: {exc}") from None
+            missing = [s for s in REQUIRED if not hasattr(self._lib, s)]
+            if missing:
+                self._unload()
+                raise CoreError(f"core {name!r}: the library does not export {', '.join(missing)} "
+                                f"(compute core API version {API_VERSION} needs {', '.join(REQUIRED)})")
+            self._init = _INIT(("worker_init", self._lib))
+            self._run = _RUN_JOB(("worker_run_job", self._lib))
+            self._free = _FREE(("worker_free_outdata", self._lib))
+            rc = self._init(API_VERSION)
+            if rc != 0:
+                self._unload()
+                raise CoreError(f"core {name!r}: worker_init({API_VERSION}) returned {rc}")
+        except BaseException:
+            self._close_fd()
+            raise
+        self.outsize = ctypes.c_uint64(0)
+        self.outdata = ctypes.c_void_p(None)
+        self._p_outsize = ctypes.pointer(self.outsize)
+        self._p_outdata = ctypes.pointer(self.outdata)
+        self._pending = False           # an output not yet freed
+
+    def run_ptr(self, address: int, size: int) -> int:
+        """Run one job on ``size`` bytes at ``address``; the output waits in outsize/outdata."""
+        if self._pending:
+            self.free_output()
+        self.outsize.value = 0
+        self.outdata.value = None
+        rc: int = self._run(size, address, self._p_outsize, self._p_outdata)
+        self._pending = True
+        return rc
+
+    def output_view(self) -> memoryview | bytes:
+        """The last job's output, viewed in place (valid until :meth:`free_output`)."""
+        n = self.outsize.value
+        if n == 0:
+            return b""
+        ptr = self.outdata.value
+        if not ptr:
+            raise CoreError(f"core {self.name!r}: worker_run_job reported {n} output bytes at a null pointer")
+        return memoryview((ctypes.c_char * n).from_address(ptr)).cast("B")
+
+    def free_output(self) -> None:
+        """Call ``worker_free_outdata`` for the last job's output (the API: before the next job)."""
+        if self._pending:
+            self._pending = False
+            self._free(self.outsize.value, self.outdata.value)
+
+    def run(self, data: bytes | bytearray | memoryview) -> tuple[int, bytes]:
+        """Run one job on a copy of *data*; ``(exit_code, output bytes)`` (for tests and cold paths)."""
+        buf = ctypes.create_string_buffer(bytes(data), len(data) or 1)
+        rc = self.run_ptr(ctypes.addressof(buf), len(data))
+        try:
+            out = bytes(self.output_view())
+        finally:
+            self.free_output()
+        return rc, out
+
+    def close(self) -> None:
+        """Free any pending output and unload the library (a later core replaces this one)."""
+        try:
+            self.free_output()
+        finally:
+            self._unload()
+            self._close_fd()
+
+    def _unload(self) -> None:
+        lib, self._lib = getattr(self, "_lib", None), None
+        if lib is not None and _dlclose is not None:
+            _dlclose(lib._handle)
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd < 0:
+            return
+        try:
+            # a library that stays mapped after dlclose (NODELETE, TLS destructors)
+            # keeps its fd so its path is never reused by another core
+            ctypes.CDLL(f"/proc/self/fd/{fd}", mode=os.RTLD_NOLOAD | os.RTLD_NOW)
+        except OSError:
+            os.close(fd)
+
+
+class PythonCore:
+    """The built-in core: runs ``fn(*args, **kwargs)`` from ``cloudpickle.dumps((fn, args, kwargs))``.
+
+    Output: ``pickle.dumps(result)`` with exit code 0; when anything raises
+    (unpickling the job, the function, pickling its result)
+    ``pickle.dumps((type_name, message, traceback_text))`` with exit code 1.
+    """
+
+    name = PYTHON_CORE
+
+    def __init__(self) -> None:
+        import cloudpickle  # noqa: F401  (the jobs were pickled by it; fail at load, not at the first job)
+
+    def run(self, data: bytes | bytearray | memoryview) -> tuple[int, bytes]:
+        try:
+            fn, args, kwargs = pickle.loads(data)
+            result: Any = fn(*args, **kwargs)
+            return 0, pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+        except BaseException as exc:  # a job's failure is its result; SystemExit too must not end the worker
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            tb = traceback.format_exc()
+            return 1, pickle.dumps((type(exc).__name__, str(exc), tb), protocol=pickle.HIGHEST_PROTOCOL)
+
+    def close(self) -> None:
+        pass
+
+
+def load_core(name: str, library: memoryview | bytes) -> CCore | PythonCore:
+    """The core a "new compute core" message asks for; :class:`CoreError` if it cannot load."""
+    if name == PYTHON_CORE and len(library) == 0:
+        return PythonCore()
+    return CCore(name, library)
+
+
+def _write_all(fd: int, data: memoryview | bytes) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]

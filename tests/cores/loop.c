@@ -1,0 +1,14 @@
+/* Test core: a job never returns (the pool's job timeout must kill the worker). */
+#include "../../examples/cores/fabric_core.h"
+
+int32_t worker_init(int32_t version) { return version == 1 ? 0 : 1; }
+
+int32_t worker_run_job(uint64_t size, void *data, uint64_t *outsize, void **outdata)
+{
+    (void)size; (void)data; (void)outsize; (void)outdata;
+    for (volatile unsigned long i = 0;; i++)
+        ;
+    return 0;
+}
+
+void worker_free_outdata(uint64_t size, void *outdata) { (void)size; (void)outdata; }

@@ -1,0 +1,199 @@
+"""The example compute cores (examples/cores/*.c) against Python references, loaded in-process.
+
+Each core is compiled with gcc (tests/_cores.py) and loaded the way the worker
+loads it (services.spawner.worker_core.CCore: memfd + dlopen).  The cores that
+crash on purpose (segfault, abort, loop) are exercised only in worker
+processes (tests/test_worker.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.spawner.worker_core import CCore, CoreError, PythonCore, load_core
+from tests._cores import EXAMPLES, TEST_CORES, build_core
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cores")
+
+
+def _load(build_dir: Path, src: Path) -> CCore:
+    return CCore(src.stem, build_core(src, build_dir).read_bytes())
+
+
+@pytest.fixture()
+def core(request: pytest.FixtureRequest, build_dir: Path) -> Iterator[CCore]:
+    c = _load(build_dir, EXAMPLES / f"{request.param}.c")
+    yield c
+    c.close()
+
+
+# -- references ------------------------------------------------------------------
+
+def matmul_input(n: int, k: int, m: int, a: list[float], b: list[float]) -> bytes:
+    return struct.pack(f"<3I{n * k}d{k * m}d", n, k, m, *a, *b)
+
+
+def matmul_ref(n: int, k: int, m: int, a: list[float], b: list[float]) -> list[float]:
+    out = []
+    for i in range(n):
+        for j in range(m):
+            acc = 0.0
+            for p in range(k):
+                acc += a[i * k + p] * b[p * m + j]
+            out.append(acc)
+    return out
+
+
+def mandel_input(x0: float, y0: float, dx: float, dy: float, w: int, h: int, it: int) -> bytes:
+    return struct.pack("<4d3I", x0, y0, dx, dy, w, h, it)
+
+
+def mandel_ref(x0: float, y0: float, dx: float, dy: float, w: int, h: int, max_iter: int) -> list[int]:
+    out = []
+    for row in range(h):
+        ci = y0 + row * dy
+        for col in range(w):
+            cr = x0 + col * dx
+            zr = zi = 0.0
+            it = 0
+            while it < max_iter:
+                zr2, zi2 = zr * zr, zi * zi
+                if zr2 + zi2 > 4.0:
+                    break
+                zi = 2.0 * zr * zi + ci
+                zr = zr2 - zi2 + cr
+                it += 1
+            out.append(it)
+    return out
+
+
+# -- matmul ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("core", ["matmul"], indirect=True)
+@pytest.mark.parametrize("n, k, m", [(1, 1, 1), (2, 3, 4), (7, 5, 3), (16, 16, 16), (1, 33, 1), (0, 3, 2), (3, 0, 2)])
+def test_matmul_matches_python(core: CCore, n: int, k: int, m: int) -> None:
+    rnd = random.Random(n * 1000 + k * 10 + m)
+    a = [rnd.uniform(-10, 10) for _ in range(n * k)]
+    b = [rnd.uniform(-10, 10) for _ in range(k * m)]
+    rc, out = core.run(matmul_input(n, k, m, a, b))
+    assert rc == 0
+    assert list(struct.unpack(f"<{n * m}d", out)) == matmul_ref(n, k, m, a, b)
+
+
+@pytest.mark.parametrize("core", ["matmul"], indirect=True)
+def test_matmul_worked_example(core: CCore) -> None:
+    rc, out = core.run(matmul_input(2, 1, 2, [1, 2], [3, 4]))
+    assert (rc, out) == (0, struct.pack("<4d", 3, 4, 6, 8))
+
+
+@pytest.mark.parametrize("core", ["matmul"], indirect=True)
+@pytest.mark.parametrize("data", [
+    b"", b"\x01\x00\x00\x00", struct.pack("<3I", 1, 1, 1), struct.pack("<3I", 1, 1, 1) + b"\x00" * 24,
+    struct.pack("<3I", 2**32 - 1, 2**32 - 1, 2**32 - 1) + b"\x00" * 16,
+])
+def test_matmul_rejects_wrong_lengths(core: CCore, data: bytes) -> None:
+    assert core.run(data) == (1, b"")
+
+
+@pytest.mark.parametrize("core", ["matmul"], indirect=True)
+def test_matmul_refuses_a_product_that_overflows(core: CCore) -> None:
+    # k = 0 makes A and B empty, so only the output size can be absurd
+    assert core.run(struct.pack("<3I", 2**32 - 1, 0, 2**32 - 1)) == (2, b"")
+
+
+# -- sha256 ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("core", ["sha256"], indirect=True)
+@pytest.mark.parametrize("size", [0, 1, 3, 55, 56, 57, 63, 64, 65, 119, 120, 127, 128, 129, 1000, 65536 + 7])
+def test_sha256_matches_hashlib(core: CCore, size: int) -> None:
+    data = random.Random(size).randbytes(size)
+    assert core.run(data) == (0, hashlib.sha256(data).digest())
+
+
+@pytest.mark.parametrize("core", ["sha256"], indirect=True)
+def test_sha256_known_vector(core: CCore) -> None:
+    assert core.run(b"abc")[1].hex() == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+# -- mandelbrot ------------------------------------------------------------------
+
+@pytest.mark.parametrize("core", ["mandelbrot"], indirect=True)
+@pytest.mark.parametrize("tile", [
+    (-2.0, -1.25, 2.5 / 40, 2.5 / 30, 40, 30, 100),
+    (-0.75, 0.1, 0.001, 0.001, 17, 9, 500),
+    (0.0, 0.0, 0.1, 0.1, 1, 1, 0),
+    (-2.0, -1.0, 0.5, 0.5, 0, 5, 10),
+])
+def test_mandelbrot_matches_python(core: CCore, tile: tuple[float, float, float, float, int, int, int]) -> None:
+    rc, out = core.run(mandel_input(*tile))
+    w, h = tile[4], tile[5]
+    assert rc == 0
+    assert list(struct.unpack(f"<{w * h}I", out)) == mandel_ref(*tile)
+
+
+@pytest.mark.parametrize("core", ["mandelbrot"], indirect=True)
+def test_mandelbrot_rejects_bad_input(core: CCore) -> None:
+    assert core.run(b"\x00" * 43) == (1, b"")
+    assert core.run(b"\x00" * 45) == (1, b"")
+    assert core.run(mandel_input(0, 0, 1, 1, 2**16, 2**13, 1)) == (3, b"")
+
+
+# -- loading ---------------------------------------------------------------------
+
+def test_echo_core_round_trips(build_dir: Path) -> None:
+    c = _load(build_dir, TEST_CORES / "echo.c")
+    try:
+        assert c.run(b"") == (0, b"")
+        assert c.run(b"x" * 100_000) == (0, b"x" * 100_000)
+    finally:
+        c.close()
+
+
+def test_nonzero_exit_keeps_its_output(build_dir: Path) -> None:
+    c = _load(build_dir, TEST_CORES / "nonzero.c")
+    try:
+        assert c.run(b"abc") == (7, b"failed:abc")
+    finally:
+        c.close()
+
+
+def test_missing_symbols_are_named(build_dir: Path) -> None:
+    with pytest.raises(CoreError, match="does not export worker_run_job, worker_free_outdata"):
+        _load(build_dir, TEST_CORES / "missing_symbols.c")
+
+
+def test_failing_init_is_reported(build_dir: Path) -> None:
+    with pytest.raises(CoreError, match=r"worker_init\(1\) returned 42"):
+        _load(build_dir, TEST_CORES / "fail_init.c")
+
+
+@pytest.mark.parametrize("blob", [b"not an elf file", b"\x7fELF" + b"\x00" * 60])
+def test_garbage_library_is_refused(blob: bytes) -> None:
+    with pytest.raises(CoreError, match="cannot load the library"):
+        CCore("junk", blob)
+
+
+def test_empty_library_selects_python_only_by_name() -> None:
+    assert isinstance(load_core("fabric.python", b""), PythonCore)
+    with pytest.raises(CoreError, match="the library is empty"):
+        load_core("other", b"")
+
+
+def test_two_cores_loaded_one_after_another_are_distinct(build_dir: Path) -> None:
+    # dlopen() knows objects by path: /proc/self/fd/N must never hand back an older core
+    for _ in range(3):
+        echo = _load(build_dir, TEST_CORES / "echo.c")
+        assert echo.run(b"q") == (0, b"q")
+        echo.close()
+        sha = _load(build_dir, EXAMPLES / "sha256.c")
+        assert sha.run(b"q") == (0, hashlib.sha256(b"q").digest())
+        sha.close()
