@@ -348,3 +348,9 @@ async def test_spawner_stop_kills_every_group(nats_url, tmp_path):
             assert ex.reason == "spawner_stopped"
     finally:
         await svc.stop()
+
+
+async def test_children_get_default_sigpipe(fc):
+    # Python ignores SIGPIPE and ignored signals survive exec: the spawner must restore it
+    ex = await fc.rrun(["sh", "-c", "yes | head -n 1"], timeout=10)
+    assert ex.exit_code == 0 and ex.stdout == b"y\n" and ex.stderr == b""

@@ -77,6 +77,9 @@ KEEP_FINISHED = 4096
 #: SIGTERM grace before SIGKILL when the spawner stops
 STOP_GRACE_S = 1.0
 
+#: signals Python ignores that a child must get back at their defaults
+_RESTORED_SIGNALS = tuple(getattr(signal, n) for n in ("SIGPIPE", "SIGXFSZ", "SIGXFZ") if hasattr(signal, n))
+
 STREAM_HEADER = "Fabric-Stream"
 PROC_HEADER = "Fabric-Proc"
 SEQ_HEADER = "Fabric-Seq"
@@ -259,7 +262,10 @@ class ProcessTable:
                     (os.POSIX_SPAWN_DUP2, out_w, 1),
                     (os.POSIX_SPAWN_DUP2, err_w, 2),
                 ]
-                pid = os.posix_spawn(exe, req.argv, env, file_actions=actions, setpgroup=0)
+                # setsigdef: the spawner is Python, which ignores SIGPIPE and SIGXFSZ, and an
+                # ignored signal stays ignored across exec (Popen's restore_signals does the same)
+                pid = os.posix_spawn(exe, req.argv, env, file_actions=actions, setpgroup=0,
+                                     setsigdef=_RESTORED_SIGNALS)
         except BaseException as exc:
             self._close_fds(in_w, out_r, err_r)
             if cgroup is not None:
@@ -548,7 +554,7 @@ class ProcessTable:
         elif mp.kill_reason is not None:
             reason = mp.kill_reason
         elif sig == signal.SIGXCPU or (sig == signal.SIGKILL and mp.plan.cpu_s is not None
-                                       and cpu_s >= mp.plan.cpu_s - 0.05):
+                                       and cpu_s >= mp.plan.cpu_s * 0.8):  # rusage lags the rlimit's clock
             reason = "cpu_limit"
         elif mp.cgroup is not None and mp.cgroup.oom_killed():
             reason = "memory_limit"
