@@ -90,12 +90,14 @@ cdef class _RingEnd:
 
 cdef class Producer(_RingEnd):
     cdef uint64_t _head          # our copy of the published head
+    cdef uint64_t _tail_seen     # the consumer's tail as last loaded (reloaded only when it looks full)
 
     cdef int _push(self, object head, object body, double timeout, bint block) except -1
 
 
 cdef class Consumer(_RingEnd):
     cdef uint64_t _tail          # our copy of the published tail
+    cdef uint64_t _head_seen     # the producer's head as last loaded (reloaded only when it looks empty)
 
     cdef object _pop(self, double timeout, bint block)
     cdef int _skip(self, uint64_t nbytes, uint64_t lost) except -1

@@ -344,6 +344,7 @@ cdef class Producer(_RingEnd):
     def __init__(self, path, *, spin_us=DEFAULT_SPIN_US):
         _RingEnd.__init__(self, path, spin_us=spin_us)
         self._head = fab_load_acquire_u64(&self._h.head)
+        self._tail_seen = fab_load_acquire_u64(&self._h.tail)
 
     @property
     def pushed(self) -> int:
@@ -373,7 +374,7 @@ cdef class Producer(_RingEnd):
         cdef bint have_b = False
         cdef fab_ring_header* h
         cdef fab_ring_record* rec
-        cdef uint64_t n, size, off, contig, need, tail
+        cdef uint64_t n, size, off, contig, need
         cdef uint32_t crc = 0
         cdef int r
         cdef int64_t deadline
@@ -392,18 +393,25 @@ cdef class Producer(_RingEnd):
             try:
                 h = self._h
                 size = fab_ring_record_size(n)
-                deadline = _deadline(timeout) if block else 0
+                deadline = -2  # computed when we first have to wait (no clock read on the fast path)
                 while True:
                     if fab_ring_closed(h):
                         raise RingClosed(f"{self.path}: the ring is shut down")
                     off = self._head & self._mask
                     contig = self._cap - off
                     need = size if size <= contig else contig + size
-                    tail = fab_load_acquire_u64(&h.tail)
-                    if self._head + need - tail <= self._cap:
+                    # The cached tail only lags the real one, so "fits" is never wrong;
+                    # reloading only when it looks full keeps the consumer's cache line
+                    # out of the common path.
+                    if self._head + need - self._tail_seen <= self._cap:
+                        break
+                    self._tail_seen = fab_load_acquire_u64(&h.tail)
+                    if self._head + need - self._tail_seen <= self._cap:
                         break
                     if not block:
                         return 0
+                    if deadline == -2:
+                        deadline = _deadline(timeout)
                     r = self._wait(&h.tail, self._head + need - self._cap, &h.space_word,
                                    &h.producer_waits, deadline)
                     if r == FAB_WAIT_TIMEOUT:
@@ -446,6 +454,7 @@ cdef class Consumer(_RingEnd):
     def __init__(self, path, *, spin_us=DEFAULT_SPIN_US):
         _RingEnd.__init__(self, path, spin_us=spin_us)
         self._tail = fab_load_acquire_u64(&self._h.tail)
+        self._head_seen = self._tail
 
     @property
     def popped(self) -> int:
@@ -487,12 +496,18 @@ cdef class Consumer(_RingEnd):
         self._enter()
         try:
             h = self._h
-            deadline = _deadline(timeout) if block else 0
+            deadline = -2  # computed when we first have to wait
             while True:
-                head = fab_load_acquire_u64(&h.head)
+                # As in the producer: the cached head lags, so records below it are
+                # published; reload only when we caught up with it.
                 pos = self._tail
+                head = self._head_seen
+                if head == pos:
+                    head = self._head_seen = fab_load_acquire_u64(&h.head)
                 if head == pos:
                     if block:
+                        if deadline == -2:
+                            deadline = _deadline(timeout)
                         r = self._wait(&h.head, pos + 1, &h.data_word, &h.consumer_waits, deadline)
                         if r == FAB_WAIT_TIMEOUT:
                             raise TimeoutError(f"{self.path}: ring empty for {timeout} s")
@@ -507,7 +522,8 @@ cdef class Consumer(_RingEnd):
                 avail = head - pos
                 if avail > self._cap:
                     # The published head itself is implausible: nothing to skip to.  The
-                    # producer's next publish overwrites it.
+                    # producer's next publish overwrites it; forget the cached value.
+                    self._head_seen = pos
                     raise RingCorrupt(f"{self.path}: head {head} is {avail} bytes past tail {pos} (capacity {self._cap})")
                 off = pos & self._mask
                 rec = <fab_ring_record*>(self._data + off)

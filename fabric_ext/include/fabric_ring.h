@@ -23,6 +23,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sched.h>
 
 #include "fabric_atomic.h"
 #include "fabric_futex.h"
@@ -37,6 +38,7 @@
 #define FAB_RING_FLAG_CRC 1u
 #define FAB_RING_KNOWN_FLAGS 1u
 #define FAB_RING_CLOSED 1u              /* bit of `state` */
+#define FAB_RING_PAUSE_NS 5000          /* of the spin, how long only `pause` (then sched_yield) */
 
 typedef struct {
     /* line 0 (0..127): written once by create(), except `state` */
@@ -118,14 +120,23 @@ static int fab_ring_wait(fab_ring_header *h, const uint64_t *watch, uint64_t thr
         int64_t spin_end = now + spin_ns;
         if (deadline_ns >= 0 && deadline_ns < spin_end)
             spin_end = deadline_ns;
+        int64_t pause_end = now + FAB_RING_PAUSE_NS < spin_end ? now + FAB_RING_PAUSE_NS : spin_end;
         for (unsigned i = 1;; i++) {
             if (fab_ring_reached(watch, threshold))
                 return FAB_WAIT_READY;
             if (fab_ring_closed(h))
                 return FAB_WAIT_CLOSED;
+            if ((i & 15) == 0) {
+                now = fab_now_ns();
+                if (now >= spin_end)
+                    break;
+                /* Past the first few microseconds, give the CPU away between checks:
+                 * when both ends share a core (2 cores, a busy neighbour) a pure spin
+                 * would hold off the very peer it waits for. */
+                if (now >= pause_end)
+                    sched_yield();
+            }
             fab_cpu_relax();
-            if ((i & 15) == 0 && fab_now_ns() >= spin_end)
-                break;
         }
     }
     for (;;) {
