@@ -398,6 +398,24 @@ async def test_sync_client_core(host: CoreHost, nats_url: str, lib: Any) -> None
     await asyncio.to_thread(use_sync_client)
 
 
+async def test_spawner_service_serves_cores(nats_url: str, tmp_path: Path, lib: Any) -> None:
+    """The real SpawnerService hosts the CoreManager: load any-node, run, map, stop cleans up."""
+    from services.spawner import SpawnerService
+
+    svc = SpawnerService(ServiceSettings(nats_url=nats_url, node=f"spc-{secrets.token_hex(3)}", state_dir=tmp_path))
+    await svc.start()
+    try:
+        async with AsyncFabricClient(nats_url, local=False) as client:
+            core = await client.load_core("echo", lib("echo"), node=svc.node)
+            assert core.node == svc.node
+            assert await core.run(b"via spawner") == b"via spawner"
+            assert await core.map([b"1", b"2"]) == [b"1", b"2"]
+    finally:
+        await svc.stop()  # unloads every pool
+    assert not svc.cores.pools and not _ring_files(svc.cores)
+    assert not _workers()
+
+
 async def _until(get: Any, ok: Any, timeout: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     value = await get()

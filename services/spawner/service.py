@@ -44,6 +44,7 @@ from . import orphans
 from . import sandbox as sandbox_mod
 from .blobs import BlobStore, node_architecture
 from .limits import RLIMITS, plan
+from .pools import CoreManager
 from .procs import ProcessTable, parse_signal
 
 __all__ = ["SpawnerService"]
@@ -65,6 +66,7 @@ class SpawnerService(FabricService):
         self.cgroups, self.cgroup_reason = cgroups_mod.detect(self.key)
         self.blobs = BlobStore(root / "blobs")
         self.table: ProcessTable | None = None
+        self.cores = CoreManager(self.node, self.log)  # fabric.core.*: warm pools of compute cores
 
     def metadata(self) -> dict[str, str]:
         return {"cgroup": str(self.cgroups) if self.cgroups else "", "architecture": node_architecture()}
@@ -84,6 +86,7 @@ class SpawnerService(FabricService):
             ep("status", self.status),
             ep("list", self.list),
             ep("info", self.info),
+            *self.cores.endpoints(),
         ]
 
     async def on_start(self) -> None:
@@ -94,10 +97,12 @@ class SpawnerService(FabricService):
             self.cgroups.sweep()
         self.table = ProcessTable(self.node, self._publish, marker=orphans.marker(self.key), cgroups=self.cgroups)
         self.table.start()
+        await self.cores.start()
         self.log.info("spawner ready", cgroup=str(self.cgroups) if self.cgroups else self.cgroup_reason,
                       enforceable=self._enforceable()[0])
 
     async def on_stop(self) -> None:
+        await self.cores.stop()
         if self.table is not None:
             await self.table.stop()
 
