@@ -549,3 +549,157 @@ def test_two_processes_echo(path: str) -> None:
         assert_drained(p, c)
     finally:
         ring.unlink(back)
+
+
+# -- a compatible peer in C, written from docs/ring.md alone -------------------------------
+
+C_PEER = r"""
+/* ring_peer produce|consume PATH N: a producer or consumer of records i = "rec<i>" * (i % 40),
+ * following docs/ring.md (not fabric's headers). Exit 0 when all N went through intact. */
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define U32(o) ((uint32_t *)(base + (o)))
+#define U64(o) ((uint64_t *)(base + (o)))
+static uint8_t *base;
+static uint64_t cap, maxrec;
+static int crc_on;
+
+static uint32_t crc32c(const uint8_t *p, size_t n) {
+    uint32_t c = ~0u;
+    while (n--) { c ^= *p++; for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0x82F63B78u & -(c & 1)); }
+    return ~c;
+}
+static void wake(uint32_t off) {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint32_t w = __atomic_load_n(U32(off), __ATOMIC_RELAXED);
+    while (w & 1)
+        if (__atomic_compare_exchange_n(U32(off), &w, w + 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+            syscall(SYS_futex, U32(off), FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+            return;
+        }
+}
+/* wait until the counter at `ctr` reaches `thr`, sleeping on futex `word` (no spin) */
+static int wait_for(uint32_t ctr, uint64_t thr, uint32_t word) {
+    for (;;) {
+        if ((int64_t)(__atomic_load_n(U64(ctr), __ATOMIC_ACQUIRE) - thr) >= 0) return 0;
+        uint32_t w = __atomic_fetch_or(U32(word), 1, __ATOMIC_SEQ_CST) | 1;
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if ((int64_t)(__atomic_load_n(U64(ctr), __ATOMIC_ACQUIRE) - thr) >= 0) return 0;
+        if (__atomic_load_n(U32(56), __ATOMIC_ACQUIRE) & 1) return -1;
+        syscall(SYS_futex, U32(word), FUTEX_WAIT, w, NULL, NULL, 0);
+    }
+}
+static size_t make(uint64_t i, uint8_t *buf) {
+    size_t n = 0;
+    for (uint64_t k = 0; k < i % 40; k++) n += (size_t)sprintf((char *)buf + n, "rec%llu", (unsigned long long)i);
+    return n;
+}
+int main(int argc, char **argv) {
+    int fd = open(argv[2], O_RDWR);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st)) return 2;
+    base = mmap(NULL, st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (memcmp(base, "FABRING1", 8) || *U32(8) != 1 || *U64(32) != 4096) return 3;
+    cap = *U64(16); maxrec = *U64(24); crc_on = *U32(12) & 1;
+    if ((uint64_t)st.st_size != 4096 + cap || *U64(40) != 4096 + cap) return 3;
+    uint8_t *data = base + 4096, buf[8192], got[8192];
+    uint64_t n = strtoull(argv[3], NULL, 10);
+    if (!strcmp(argv[1], "produce")) {
+        uint64_t head = *U64(128);
+        for (uint64_t i = 0; i < n; i++) {
+            uint32_t len = (uint32_t)make(i, buf);
+            uint64_t size = (16 + len + 15) & ~15ull, left = cap - (head & (cap - 1));
+            uint64_t need = size <= left ? size : left + size;
+            if (wait_for(256, head + need - cap, 264)) return 4;
+            if (size > left) {
+                uint32_t *m = (uint32_t *)(data + (head & (cap - 1)));
+                m[0] = 0xFFFFFFFFu; m[1] = 0xFFFFFFFFu ^ 0x52C9E1A7u; m[2] = 0; m[3] = (uint32_t)head;
+                head += left;
+            }
+            uint32_t *r = (uint32_t *)(data + (head & (cap - 1)));
+            memcpy(r + 4, buf, len);
+            r[0] = len; r[1] = len ^ 0x52C9E1A7u; r[2] = crc_on ? crc32c(buf, len) : 0; r[3] = (uint32_t)head;
+            head += size;
+            __atomic_store_n(U64(128), head, __ATOMIC_RELEASE);
+            wake(136);
+        }
+        return 0;
+    }
+    uint64_t tail = *U64(256);
+    for (uint64_t i = 0; i < n;) {
+        if (wait_for(128, tail + 1, 136)) return 5;
+        uint32_t *r = (uint32_t *)(data + (tail & (cap - 1)));
+        if (r[1] != (r[0] ^ 0x52C9E1A7u) || r[3] != (uint32_t)tail) return 6;
+        if (r[0] == 0xFFFFFFFFu) { tail += cap - (tail & (cap - 1)); goto publish; }
+        if (r[0] > maxrec) return 6;
+        memcpy(got, r + 4, r[0]);
+        if (crc_on && crc32c(got, r[0]) != r[2]) return 7;
+        if (r[0] != make(i, buf) || memcmp(got, buf, r[0])) return 8;
+        tail += (16 + r[0] + 15) & ~15ull;
+        i++;
+    publish:
+        __atomic_store_n(U64(256), tail, __ATOMIC_RELEASE);
+        wake(264);
+    }
+    return 0;
+}
+"""
+
+
+def c_record(i: int) -> bytes:
+    return f"rec{i}".encode() * (i % 40)
+
+
+@pytest.fixture(scope="module")
+def c_peer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("ring_peer")
+    (d / "ring_peer.c").write_text(C_PEER)
+    subprocess.run(["gcc", "-std=gnu11", "-O2", "-Wall", "-o", str(d / "ring_peer"), str(d / "ring_peer.c")],
+                   check=True, capture_output=True, timeout=60)
+    return d / "ring_peer"
+
+
+@pytest.mark.parametrize("crc", [False, True])
+def test_c_producer_from_the_docs(path: str, c_peer: Path, crc: bool) -> None:
+    n = 20_000
+    ring.create(path, 1 << 12, crc=crc, start_counter=2**32 - 2048)  # small ring: wraps, waits, crossing
+    c = Consumer(path, spin_us=0)
+    child = subprocess.Popen([str(c_peer), "produce", path, str(n)])
+    try:
+        for i in range(n):
+            assert c.pop(timeout=10) == c_record(i)
+        assert child.wait(10) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    st = c.stats()
+    assert st["records_popped"] == n and st["corrupt_skipped"] == 0 and st["used"] == 0
+
+
+@pytest.mark.parametrize("crc", [False, True])
+def test_c_consumer_from_the_docs(path: str, c_peer: Path, crc: bool) -> None:
+    n = 20_000
+    ring.create(path, 1 << 12, crc=crc, start_counter=2**64 - 2048)
+    p = Producer(path, spin_us=0)
+    child = subprocess.Popen([str(c_peer), "consume", path, str(n)])
+    try:
+        for i in range(n):
+            data = c_record(i)
+            p.push_parts(data[:3], data[3:], timeout=10)
+        assert child.wait(10) == 0, "the C consumer found a record it could not read (see its exit code)"
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert p.stats()["used"] == 0 and p.pushed == n
