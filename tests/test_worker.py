@@ -139,11 +139,11 @@ class SocketController(Controller):
 class RingController(Controller):
     """Creates two rings in /dev/shm and starts the Python worker on them."""
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = RING_CAPACITY) -> None:
         base = f"/dev/shm/fabric-ring-test-worker-{uuid.uuid4().hex[:12]}"
         self.paths = [f"{base}-in", f"{base}-out"]
         for p in self.paths:
-            ring.create(p, RING_CAPACITY)
+            ring.create(p, capacity)
         self.prod = ring.Producer(self.paths[0])
         self.cons = ring.Consumer(self.paths[1])
         self.proc = subprocess.Popen(
@@ -387,6 +387,22 @@ def test_unknown_type_on_a_ring_is_skipped() -> None:
         c.close()
 
 
+def test_a_reply_too_large_for_the_result_ring_is_an_error(build_dir: Path) -> None:
+    c = RingController(capacity=1 << 16)
+    try:
+        c.handshake()
+        assert c.load("nonzero", core_bytes(build_dir, "nonzero")).kind == wire.V1_OK
+        # the job fills a whole record; its output is 3 bytes longer ("failed:" is 7, the
+        # result header 4 shorter than the job's), so the reply cannot be pushed
+        size = c.prod.max_record - 33
+        f = c.request(wire.v1_job(91, 1, b"j" * size))
+        assert (f.kind, f.msg_id) == (wire.V1_ERROR, 91)
+        assert "cannot be sent on the result ring" in wire.v1_parse_error(f.payload)
+        assert c.job(b"small") == (7, b"failed:small")   # the worker goes on
+    finally:
+        c.close()
+
+
 # -- crashes --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, sig", [("segfault", signal.SIGSEGV), ("abort", signal.SIGABRT)])
@@ -500,3 +516,37 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+# -- TCP ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("worker", ["python", "c"])
+def test_tcp_connect(build_dir: Path, worker: str) -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))                  # a random free port
+    listener.listen(1)
+    listener.settimeout(TIMEOUT)
+    port = listener.getsockname()[1]
+    argv = ([sys.executable, "-m", "services.spawner.worker", "--connect", f"tcp:127.0.0.1:{port}"]
+            if worker == "python" else [str(build_worker(build_dir)), f"127.0.0.1:{port}"])
+    proc = subprocess.Popen(argv, env=_env(), stdin=subprocess.DEVNULL)
+    try:
+        sock, _ = listener.accept()
+        sock.settimeout(TIMEOUT)
+        sock.sendall(wire.v1_version(1) + wire.v1_core(2, "echo", core_bytes(build_dir, "echo"))
+                     + wire.v1_job(3, 4, b"over tcp"))
+        dec, frames = wire.V1Decoder(), []
+        while len(frames) < 3:
+            chunk = sock.recv(1 << 16)
+            assert chunk, "the worker closed the connection"
+            frames += dec.feed(chunk)
+        assert [(f.kind, f.msg_id) for f in frames] == [(wire.V1_OK, 1), (wire.V1_OK, 2), (wire.V1_OK, 3)]
+        code, out = wire.v1_parse_job_result(frames[2].payload)
+        assert (code, bytes(out)) == (0, b"over tcp")
+        sock.close()                                 # EOF at a frame boundary: a clean exit
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        listener.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
