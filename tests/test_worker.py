@@ -294,6 +294,20 @@ def test_ids_at_the_boundaries(echo: Controller) -> None:
         assert (code, bytes(out)) == (0, b"id")
 
 
+def test_a_core_may_write_into_its_job_data(ctl: Controller, build_dir: Path) -> None:
+    ctl.handshake()
+    assert ctl.load("scribble", core_bytes(build_dir, "scribble")).kind == wire.V1_OK
+    # pipelined, so a socket worker may receive several frames in one read: a core
+    # writing into one job's data must not touch the next job's
+    for i in range(5):
+        ctl.send(wire.v1_job(200 + i, i, f"job {i} data".encode()))
+    for i in range(5):
+        f = ctl.recv()
+        assert f is not None and f.msg_id == 200 + i
+        code, out = wire.v1_parse_job_result(f.payload)
+        assert (code, bytes(out)) == (0, f"JOB {i} DATA".encode())
+
+
 def test_nonzero_exit_is_a_result(ctl: Controller, build_dir: Path) -> None:
     ctl.handshake()
     assert ctl.load("nonzero", core_bytes(build_dir, "nonzero")).kind == wire.V1_OK
