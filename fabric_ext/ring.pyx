@@ -43,7 +43,7 @@ import operator
 import os
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
@@ -180,7 +180,9 @@ cdef class _RingEnd:
         cdef struct_stat st
         cdef void* p
         cdef fab_ring_header* h
-        if spin_us < 0:
+        if self._h != NULL:
+            raise RingError(f"{self.path}: already open")
+        if not spin_us >= 0:
             raise ValueError(f"spin_us must be >= 0, got {spin_us}")
         self._spin_ns = <int64_t>(spin_us * 1000.0)
         self.path = os.fspath(path)
@@ -490,7 +492,7 @@ cdef class Consumer(_RingEnd):
         cdef fab_ring_header* h
         cdef fab_ring_record* rec
         cdef uint64_t head, avail, off, size, pos
-        cdef uint32_t length
+        cdef uint32_t length, crc
         cdef int r
         cdef int64_t deadline
         self._enter()
@@ -520,11 +522,13 @@ cdef class Consumer(_RingEnd):
                         raise RingClosed(f"{self.path}: the ring is shut down and drained")
                     continue
                 avail = head - pos
-                if avail > self._cap:
-                    # The published head itself is implausible: nothing to skip to.  The
-                    # producer's next publish overwrites it; forget the cached value.
+                if avail > self._cap or head & (FAB_RING_ALIGN - 1):
+                    # The published head itself is implausible (too far, or not on a record
+                    # boundary): nothing safe to skip to.  The producer's next publish
+                    # overwrites it; forget the cached value.
                     self._head_seen = pos
-                    raise RingCorrupt(f"{self.path}: head {head} is {avail} bytes past tail {pos} (capacity {self._cap})")
+                    raise RingCorrupt(
+                        f"{self.path}: implausible head {head}: {avail} bytes past tail {pos} (capacity {self._cap})")
                 off = pos & self._mask
                 rec = <fab_ring_record*>(self._data + off)
                 length = rec.length
@@ -547,10 +551,12 @@ cdef class Consumer(_RingEnd):
                     raise RingCorrupt(
                         f"{self.path}: record length {length} at {pos} does not fit (max_record "
                         f"{self._max_record}, {avail} bytes published); skipped {avail} bytes to the producer's head")
-                if self._crc and fab_crc32c(0, <char*>(rec + 1), length) != rec.crc:
+                crc = rec.crc
+                out = PyBytes_FromStringAndSize(<char*>(rec + 1), length)
+                # Checked on our copy, so what we return is exactly what was checked.
+                if self._crc and fab_crc32c(0, PyBytes_AS_STRING(out), length) != crc:
                     self._skip(size, size)
                     raise RingCorrupt(f"{self.path}: CRC32C mismatch in the {length}-byte record at {pos}; skipped it")
-                out = PyBytes_FromStringAndSize(<char*>(rec + 1), length)
                 fab_bump_u64(&h.records_popped, 1)
                 fab_bump_u64(&h.bytes_popped, length)
                 self._skip(size, 0)

@@ -385,9 +385,10 @@ def test_corrupt_head_is_reported_and_repaired(path: str) -> None:
     m = Mapped(path)
     try:
         p.push(b"one")
-        m.u64(OFF_HEAD, m.u64(OFF_TAIL) + (1 << 40))
-        with pytest.raises(RingCorrupt, match="past tail"):
-            c.pop(timeout=1)
+        for bad in (1 << 40, 8, 2**64 - 16):  # too far, off a record boundary, behind tail
+            m.u64(OFF_HEAD, (m.u64(OFF_TAIL) + bad) % 2**64)
+            with pytest.raises(RingCorrupt, match="implausible head"):
+                c.pop(timeout=1)
         p.push(b"two")  # the producer republishes its own head
         assert c.pop() == b"one" and c.pop() == b"two"
     finally:
@@ -471,6 +472,8 @@ def test_push_wakes_sleeping_pop(path: str) -> None:
 
 def test_closed_end_refuses_use(path: str) -> None:
     p, c = open_pair(path, 1 << 12)
+    with pytest.raises(RingError, match="already open"):
+        p.__init__(path)  # type: ignore[misc]
     p.close()
     p.close()  # idempotent
     with pytest.raises(RingError, match="closed"):
