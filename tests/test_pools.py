@@ -56,7 +56,7 @@ class CoreHost(FabricService):
 
     def __init__(self, settings: ServiceSettings) -> None:
         super().__init__(settings)
-        self.cores = CoreManager(self.node, self.log)
+        self.cores = CoreManager(self.node, self.log, settings.nats_url)
 
     def endpoints(self) -> list[Endpoint]:
         return self.cores.endpoints()
@@ -162,12 +162,16 @@ def test_hostile_batch_frames_are_bad_requests(frame: bytes) -> None:
 
 async def test_echo_run_and_empty_job(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
     core = await load(fc, host, lib("echo"), min_workers=1, max_workers=2)
+    link = host.cores.link
+    assert link is not None and link.up, "the reply link should be up on a plain nats:// server"
+    before = link.published
     assert await core.run(b"hello") == b"hello"
     assert await core.run(b"") == b""
     big = os.urandom(1 << 20)
     assert await core.run(big) == big
     info = await core.stats()
     assert info.jobs_done == 3 and info.workers >= 1 and info.name == "echo"
+    assert link.published == before + 3  # answered from the reader thread, not the loop
 
 
 async def test_map_keeps_input_order(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:

@@ -40,6 +40,8 @@ __all__ = ["Worker", "RingWorker", "SocketWorker", "WorkerSpec", "RING_CAPACITY"
 
 #: bytes of each ring (a power of two); a job's frame must fit one record
 RING_CAPACITY = 16 << 20
+#: how long a reader thread spins for the next result before it sleeps (see docs/benchmarks.md)
+READER_SPIN_US = float(os.environ.get("FABRIC_POOL_READER_SPIN_US", "50"))
 #: bytes of job data an external worker may have queued on its socket
 SOCKET_WINDOW = 64 << 20
 #: message ids of the version exchange and core messages (far from job ids)
@@ -270,7 +272,7 @@ class RingWorker(Worker):
                 ring.create(path, RING_CAPACITY)
                 made.append(path)
             self.prod = ring.Producer(self.path_in)
-            self.cons = ring.Consumer(self.path_out)
+            self.cons = ring.Consumer(self.path_out, spin_us=READER_SPIN_US)
             # a job frame is its 33-byte header plus the data, in one record
             self._max = self.prod.max_record - 64
             env = dict(os.environ)
@@ -289,30 +291,50 @@ class RingWorker(Worker):
         await self.handshake(spec, timeout)
 
     def _read(self) -> None:
-        """The reader thread: block in pop() (GIL released), hand results to the loop in batches."""
+        """The reader thread: block in pop() (GIL released), parse, hand results to the loop in batches.
+
+        A successful job whose request waits on a reply subject is answered from here,
+        on the manager's :class:`~.pool_reply.ReplyLink`, before the loop hears of it.
+        """
         cons = self.cons
         pop, try_pop = cons.pop, cons.try_pop
         call = self.loop.call_soon_threadsafe
-        deliver = self._deliver
+        deliver = self.on_frames
+        parse, parse_result, ok = wire.v1_parse, wire.v1_parse_job_result, wire.V1_OK
+        out = self.outstanding
+        link = self.manager.link
+        closed = False
         try:
-            while True:
+            while not closed:
+                batch: list[Any] = []
+                rec: Any = None
                 try:
                     rec = pop()
-                except ring.RingCorrupt:
-                    call(self.fail, "a corrupt record on the result ring")
-                    continue
-                batch = [rec]
-                try:
-                    while len(batch) < 1024:
-                        rec = try_pop()
-                        if rec is None:
+                    while rec is not None:
+                        try:
+                            f = parse(rec)
+                        except ValueError as exc:
+                            call(self.fail, f"malformed frame on the result ring: {exc}")
+                        else:
+                            batch.append(f)
+                            if link is not None and f.kind == ok:
+                                job = out.get(f.msg_id)
+                                if job is not None and job.reply is not None:
+                                    try:
+                                        code, data = parse_result(f.payload)
+                                    except ValueError:
+                                        code = -1
+                                    if code == 0 and link.publish(job.reply, data):
+                                        job.replied = True
+                        if len(batch) >= 1024:
                             break
-                        batch.append(rec)
+                        rec = try_pop()
                 except ring.RingCorrupt:
                     call(self.fail, "a corrupt record on the result ring")
-                call(deliver, batch)
-        except ring.RingClosed:
-            pass
+                except ring.RingClosed:
+                    closed = True  # deliver what this batch holds, then end
+                if batch:
+                    call(deliver, batch)
         except RuntimeError:  # the loop is closed: the service is gone
             return
         except Exception as exc:  # pragma: no cover - a ring bug: end this worker, keep the pool
@@ -324,20 +346,6 @@ class RingWorker(Worker):
             call(self._reader_done)
         except RuntimeError:
             pass
-
-    def _deliver(self, batch: list[bytes]) -> None:
-        parse = wire.v1_parse
-        try:
-            frames = [parse(rec) for rec in batch]
-        except ValueError as exc:
-            self.fail(f"malformed frame on the result ring: {exc}")
-            frames = []
-            for rec in batch:
-                try:
-                    frames.append(parse(rec))
-                except ValueError:
-                    pass
-        self.on_frames(frames)
 
     def _on_exit(self) -> None:
         """The pidfd is readable: the process exited.  Reap it; let the reader drain the ring."""

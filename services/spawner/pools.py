@@ -40,6 +40,7 @@ Subjects (docs/protocol.md, "Compute cores"): ``fabric.core.load`` (any spawner)
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import secrets
@@ -48,6 +49,9 @@ import tempfile
 import time
 from collections import deque
 from typing import Any, Callable, Sequence
+
+import nats
+from nats.aio.client import Client as NATS
 
 from fabric import subjects
 from fabric.errors import (
@@ -72,8 +76,10 @@ from fabric.schema import (
     decode_job_batch,
     encode_job_results,
 )
-from fabric.service import Endpoint, Reply, Request
+from fabric.service import Endpoint, Request
+from fabric.subjects import QUEUE_GROUP
 
+from .pool_reply import ReplyLink
 from .pool_workers import RingWorker, SocketWorker, Worker, WorkerSpec
 
 __all__ = ["CoreManager", "Pool", "Job", "PYTHON_CORE", "EXIT_CODE_HEADER"]
@@ -93,14 +99,21 @@ TICK_S = 0.05
 
 
 class Job:
-    """One job: its input bytes and what to call with ``(exit_code, output, error)``."""
+    """One job: its input bytes and what to call with ``(exit_code, output, error)``.
 
-    __slots__ = ("id", "data", "done")
+    ``reply`` is the NATS reply subject of a single ``run`` job when the reader thread
+    may answer it directly (see :mod:`.pool_reply`); ``replied`` says it did.
+    """
 
-    def __init__(self, job_id: int, data: Any, done: Callable[[int, Any, FabricError | None], None]) -> None:
+    __slots__ = ("id", "data", "done", "reply", "replied")
+
+    def __init__(self, job_id: int, data: Any, done: Callable[[int, Any, FabricError | None], None],
+                 reply: bytes | None = None) -> None:
         self.id = job_id
         self.data = data
         self.done = done
+        self.reply = reply
+        self.replied = False
 
 
 class Pool:
@@ -348,21 +361,33 @@ class Pool:
 
 
 class CoreManager:
-    """Every pool of this spawner, and the ``fabric.core.*`` endpoints that reach them."""
+    """Every pool of this spawner, and the ``fabric.core.*`` endpoints that reach them.
 
-    def __init__(self, node: str, log: Any) -> None:
+    Control requests (load, list, stats, unload) are endpoints of the hosting service.
+    Jobs (``run``, ``map``) come on the *job lane*: the manager's own NATS connection,
+    subscribed in the same queue group, whose callbacks hand a job to its pool without
+    a task per request; a successful ``run`` is answered straight from the reader
+    thread (:class:`~.pool_reply.ReplyLink`), everything else from the loop.
+    """
+
+    def __init__(self, node: str, log: Any, nats_url: str) -> None:
         self.node = node
         self.log = log
+        self.nats_url = nats_url
         self.pools: dict[str, Pool] = {}
+        self.link: ReplyLink | None = None
+        self.nc: NATS | None = None
+        self._subs: list[Any] = []
         self._job_ids = itertools.count(1)
         self._ticker: asyncio.Task[None] | None = None
+        self._sends: set[asyncio.Task[Any]] = set()
         self.ring_prefix = f"/dev/shm/fabric-ring-core-{os.getpid()}-{secrets.token_hex(3)}"
 
     def endpoints(self) -> list[Endpoint]:
         node = self.node
 
-        def ep(verb: str, handler: Any, suffix: str = "") -> Endpoint:
-            return Endpoint(f"core-{verb}", subjects.node_scoped("core", node, verb) + suffix, handler)
+        def ep(verb: str, handler: Any) -> Endpoint:
+            return Endpoint(f"core-{verb}", subjects.node_scoped("core", node, verb), handler)
 
         return [
             Endpoint("core-load-any", subjects.cluster("core", "load"), self.load),
@@ -370,14 +395,29 @@ class CoreManager:
             ep("list", self.list),
             ep("stats", self.stats),
             ep("unload", self.unload),
-            ep("run", self.run, ".*"),
-            ep("map", self.map, ".*"),
         ]
 
     async def start(self) -> None:
+        """Open the job lane and the reply link (before any worker starts), start the watchdog."""
+        self.nc = await nats.connect(self.nats_url, name=f"spawner-jobs@{self.node}", max_reconnect_attempts=-1,
+                                     reconnect_time_wait=0.25, error_cb=self._on_nats_error)
+        link = ReplyLink(self.nats_url, f"spawner-replies@{self.node}", self.log)
+        if await asyncio.get_running_loop().run_in_executor(None, link.connect):
+            self.link = link
+        for verb, cb in (("run", self._on_run), ("map", self._on_map)):
+            self._subs.append(await self.nc.subscribe(subjects.node_scoped("core", self.node, verb) + ".*",
+                                                      queue=QUEUE_GROUP, cb=cb, pending_msgs_limit=1 << 20,
+                                                      pending_bytes_limit=1 << 30))
+        await self.nc.flush()
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
 
     async def stop(self) -> None:
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # the connection is already gone
+                pass
+        self._subs.clear()
         if self._ticker is not None:
             self._ticker.cancel()
             try:
@@ -387,6 +427,20 @@ class CoreManager:
             self._ticker = None
         pools, self.pools = list(self.pools.values()), {}
         await asyncio.gather(*(p.close() for p in pools), return_exceptions=True)
+        if self._sends:
+            await asyncio.wait(set(self._sends), timeout=5)
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+        if self.nc is not None:
+            nc, self.nc = self.nc, None
+            try:
+                await nc.drain()
+            except Exception:
+                await nc.close()
+
+    async def _on_nats_error(self, exc: Exception) -> None:
+        self.log.warning("job lane nats error", error=str(exc))
 
     async def _tick(self) -> None:
         while True:
@@ -452,35 +506,66 @@ class CoreManager:
         self.log.info("core unloaded", core=core_id, name=pool.name)
         return info
 
-    # -- jobs ---------------------------------------------------------------------
+    # -- jobs (the job lane) ---------------------------------------------------------
 
-    async def run(self, req: Request) -> Reply:
-        pool = self._pool(req.subject.rpartition(".")[2])
-        fut: asyncio.Future[tuple[int, Any, FabricError | None]] = asyncio.get_running_loop().create_future()
+    def _send(self, subject: str, data: Any, headers: dict[str, str] | None = None) -> None:
+        """Publish a reply from the loop (errors, batches, anything the reader thread did not send)."""
+        if self.nc is None or not subject:
+            return
+        task = asyncio.get_running_loop().create_task(self._publish(subject, data, headers))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
 
-        def done(code: int, out: Any, err: FabricError | None) -> None:
-            if not fut.done():
-                fut.set_result((code, out, err))
+    async def _publish(self, subject: str, data: Any, headers: dict[str, str] | None) -> None:
+        try:
+            await self.nc.publish(subject, data, headers=headers)  # type: ignore[union-attr]
+        except Exception as exc:  # connection lost: the client times out
+            self.log.warning("job reply not sent", error=str(exc))
 
-        pool.submit(Job(next(self._job_ids), req.data, done))
-        code, out, err = await fut
+    def _send_error(self, subject: str, exc: FabricError) -> None:
+        self._send(subject, b"", error_headers(exc))
+
+    async def _on_run(self, msg: Any) -> None:
+        """``fabric.core.<node>.run.<core>``: the body is the job's input; the reply its output."""
+        reply = msg.reply
+        try:
+            pool = self._pool(msg.subject.rpartition(".")[2])
+        except FabricError as exc:
+            self._send_error(reply, exc)
+            return
+        job = Job(next(self._job_ids), msg.data, _noop,
+                  reply.encode() if reply and self.link is not None else None)
+        job.done = functools.partial(self._run_done, job, reply, pool)
+        pool.submit(job)
+
+    def _run_done(self, job: Job, reply: str, pool: Pool, code: int, out: Any, err: FabricError | None) -> None:
+        if job.replied:
+            return
         if err is not None:
-            raise err
-        if code != 0:
+            self._send_error(reply, err)
+        elif code != 0:
             headers = error_headers(JobFailed(f"core {pool.name!r} returned exit code {code}", exit_code=code))
             headers[EXIT_CODE_HEADER] = str(code)
-            return Reply(out, headers)
-        return Reply(out)
+            self._send(reply, out, headers)
+        else:
+            self._send(reply, out)
 
-    async def map(self, req: Request) -> Reply:
-        pool = self._pool(req.subject.rpartition(".")[2])
-        items = decode_job_batch(req.data)
+    async def _on_map(self, msg: Any) -> None:
+        """``fabric.core.<node>.map.<core>``: a job batch frame in, a job results frame out."""
+        reply = msg.reply
+        try:
+            pool = self._pool(msg.subject.rpartition(".")[2])
+            items = decode_job_batch(msg.data)
+        except FabricError as exc:
+            self._send_error(reply, exc)
+            return
         n = len(items)
         results: list[tuple[int, int, Any]] = [(0, 0, b"")] * n
         if not n:
-            return Reply(encode_job_results(results))
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._send(reply, encode_job_results(results))
+            return
         left = [n]
+        send = self._send
 
         def collector(i: int) -> Callable[[int, Any, FabricError | None], None]:
             def done(code: int, out: Any, err: FabricError | None) -> None:
@@ -489,13 +574,15 @@ class CoreManager:
                 else:
                     results[i] = (code, 0, out)
                 left[0] -= 1
-                if not left[0] and not fut.done():
-                    fut.set_result(None)
+                if not left[0]:
+                    send(reply, encode_job_results(results))
 
             return done
 
         ids = self._job_ids
         for i, data in enumerate(items):
             pool.submit(Job(next(ids), data, collector(i)))
-        await fut
-        return Reply(encode_job_results(results))
+
+
+def _noop(code: int, out: Any, err: FabricError | None) -> None:
+    """A placeholder ``done`` until the real one is bound."""

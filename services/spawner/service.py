@@ -66,7 +66,7 @@ class SpawnerService(FabricService):
         self.cgroups, self.cgroup_reason = cgroups_mod.detect(self.key)
         self.blobs = BlobStore(root / "blobs")
         self.table: ProcessTable | None = None
-        self.cores = CoreManager(self.node, self.log)  # fabric.core.*: warm pools of compute cores
+        self.cores = CoreManager(self.node, self.log, settings.nats_url)  # fabric.core.*: warm pools of compute cores
 
     def metadata(self) -> dict[str, str]:
         return {"cgroup": str(self.cgroups) if self.cgroups else "", "architecture": node_architecture()}

@@ -1,0 +1,144 @@
+"""A publish-only NATS connection that the pools' reader threads answer jobs on directly.
+
+Why: a warm job's result arrives in a reader thread (``Consumer.pop()``, GIL
+released).  Handing it to the event loop first costs a loop wake-up, a future, a
+task switch and nats-py's flusher turn -- on the 2-core machine of
+docs/benchmarks.md that was a third of an empty job's round trip.  So the
+reader thread publishes a successful ``run`` job's output itself, on this second,
+minimal connection (``PUB <reply> <n>``, one ``sendmsg`` of header, the output
+viewed in the ring record, and CRLF), and the loop only does the bookkeeping
+afterwards, off the critical path.  Anything else -- errors, batches, a link
+that is down -- goes the ordinary way, through the service's nats-py client.
+
+The link speaks just enough of the NATS client protocol: read ``INFO``, send
+``CONNECT`` (user/password or token from the URL) and ``PING``, wait for ``PONG``;
+a small thread answers the server's ``PING`` s and notices ``-ERR`` and EOF.  TLS
+or credentials it cannot present: it stays down and the slow path serves.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+__all__ = ["ReplyLink"]
+
+_CRLF = b"\r\n"
+
+
+class ReplyLink:
+    """``publish(subject, data)`` from any thread; False when the link is down (use the slow path)."""
+
+    def __init__(self, url: str, name: str, log: Any) -> None:
+        self.url = url
+        self.name = name
+        self.log = log
+        self.up = False
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.published = 0
+
+    def connect(self, timeout: float = 5.0) -> bool:
+        """Blocking (run it in a thread): open, authenticate, confirm with PING/PONG."""
+        u = urlparse(self.url)
+        if u.scheme not in ("nats", "") or not u.hostname:
+            self.log.info("job reply link not used", reason=f"scheme {u.scheme!r}")
+            return False
+        try:
+            sock = socket.create_connection((u.hostname, u.port or 4222), timeout=timeout)
+            reader = sock.makefile("rb")
+            line = reader.readline(1 << 20)
+            if not line.startswith(b"INFO "):
+                raise ConnectionError(f"unexpected greeting {line[:40]!r}")
+            info = json.loads(line[5:])
+            if info.get("tls_required"):
+                sock.close()
+                self.log.info("job reply link not used", reason="the server requires TLS")
+                return False
+            opts: dict[str, Any] = {"verbose": False, "pedantic": False, "tls_required": False, "name": self.name,
+                                    "lang": "python-fabric-reply", "version": "1", "protocol": 1,
+                                    "headers": True, "no_responders": True}
+            if u.username and u.password is not None:
+                opts["user"], opts["pass"] = unquote(u.username), unquote(u.password)
+            elif u.username:
+                opts["auth_token"] = unquote(u.username)
+            sock.sendall(b"CONNECT " + json.dumps(opts).encode() + _CRLF + b"PING" + _CRLF)
+            while True:
+                line = reader.readline(1 << 20)
+                if line.startswith(b"PONG"):
+                    break
+                if not line or line.startswith(b"-ERR"):
+                    raise ConnectionError(line.decode("utf-8", "replace").strip() or "closed")
+            sock.settimeout(None)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, ValueError, ConnectionError) as exc:
+            self.log.warning("job reply link not used", error=str(exc))
+            return False
+        self._sock = sock
+        self.up = True
+        self._thread = threading.Thread(target=self._serve, args=(reader,), name="core-reply-link", daemon=True)
+        self._thread.start()
+        return True
+
+    def _serve(self, reader: Any) -> None:
+        """Answer the server's PINGs; notice -ERR and EOF."""
+        try:
+            while True:
+                line = reader.readline(1 << 20)
+                if not line:
+                    break
+                if line.startswith(b"PING"):
+                    with self._lock:
+                        if self._sock is not None:
+                            self._sock.sendall(b"PONG" + _CRLF)
+                elif line.startswith(b"-ERR"):
+                    self.log.warning("job reply link error", error=line.decode("utf-8", "replace").strip())
+                    break
+        except (OSError, ValueError):
+            pass
+        self.up = False
+
+    def publish(self, subject: bytes, data: Any) -> bool:
+        """Publish *data* (bytes-like) to *subject* (bytes); False when down (nothing was sent)."""
+        if not self.up:
+            return False
+        head = b"PUB %b %d\r\n" % (subject, len(data))
+        with self._lock:
+            sock = self._sock
+            if sock is None:
+                return False
+            try:
+                total = len(head) + len(data) + 2
+                sent = sock.sendmsg((head, data, _CRLF))
+                if sent < total:  # a big output on a full socket buffer: send the rest
+                    rest = memoryview(b"".join((head, bytes(data), _CRLF)))[sent:]
+                    sock.sendall(rest)
+            except OSError as exc:
+                self.up = False
+                self.log.warning("job reply link lost", error=str(exc))
+                # a partial PUB may have gone out: nothing more can go on this socket
+                # a PUB cut half-way leaves nothing usable on this socket: the link stays down
+                # (the job's client sees a lost reply, as with any broken connection)
+                sock.close()
+                self._sock = None
+                return False
+        self.published += 1
+        return True
+
+    def close(self) -> None:
+        self.up = False
+        with self._lock:
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+
