@@ -156,11 +156,28 @@ class Worker:
             self.core = None
 
 
-def _address(frame: bytes | bytearray) -> int:
-    """The address of the first byte of *frame*, a bytes or bytearray this worker owns."""
+def _slow_address(frame: bytes | bytearray) -> int:
     if type(frame) is bytes:
         return ctypes.cast(frame, ctypes.c_void_p).value or 0
     return ctypes.addressof(ctypes.c_char.from_buffer(frame))
+
+
+# Where a bytes object's data starts, relative to id(): CPython's PyBytesObject keeps
+# it inline after the header (basicsize counts its trailing NUL).  ctypes.cast says the
+# same in 0.7 us instead of 0.05 us per job; the layout is checked once, here, and the
+# slow path is used on an interpreter where it does not hold.
+_BYTES_DATA = bytes.__basicsize__ - 1
+_probe = b"fabric worker address probe"
+if _slow_address(_probe) != id(_probe) + _BYTES_DATA:  # pragma: no cover - not CPython
+    _BYTES_DATA = -1
+del _probe
+
+
+def _address(frame: bytes | bytearray) -> int:
+    """The address of the first byte of *frame*, a bytes or bytearray this worker owns."""
+    if _BYTES_DATA >= 0 and type(frame) is bytes:
+        return id(frame) + _BYTES_DATA
+    return _slow_address(frame)
 
 
 # -- the socket transport --------------------------------------------------------
