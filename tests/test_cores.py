@@ -182,6 +182,14 @@ def test_garbage_library_is_refused(blob: bytes) -> None:
         CCore("junk", blob)
 
 
+def test_core_names_are_any_utf8(build_dir: Path) -> None:
+    lib = build_core(TEST_CORES / "echo.c", build_dir).read_bytes()
+    for name in ("", "with\0nul", "ü/../x" * 100, "\U0001f600" * 300):
+        c = CCore(name, lib)
+        assert c.run(b"n") == (0, b"n")
+        c.close()
+
+
 def test_empty_library_selects_python_only_by_name() -> None:
     assert isinstance(load_core("fabric.python", b""), PythonCore)
     with pytest.raises(CoreError, match="the library is empty"):

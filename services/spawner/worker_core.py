@@ -59,7 +59,9 @@ class CCore:
         # the memfd stays open while the library is loaded: dlopen() recognises
         # an already-loaded object by its path, so a reused "/proc/self/fd/N"
         # of a still-loaded core would hand back the old library
-        self._fd = os.memfd_create(f"fabric-core-{name}"[:200], os.MFD_CLOEXEC)
+        # the memfd name is only for /proc/PID/maps readers: at most 249 bytes, no NUL
+        label = f"fabric-core-{name}".encode()[:200].decode(errors="ignore").replace("\0", "?")
+        self._fd = os.memfd_create(label, os.MFD_CLOEXEC)
         try:
             _write_all(self._fd, library)
             path = f"/proc/self/fd/{self._fd}"
