@@ -26,11 +26,9 @@ from fabric.schema import Limits, Sandbox
 
 from .cgroups import CgroupRoot
 from .sandbox import (
-    CAP_SYS_RESOURCE,
     PR_SET_NO_NEW_PRIVS,
     PR_SET_PDEATHSIG,
     SandboxCaps,
-    has_cap,
     prctl,
     resolve_user,
     unshare,
@@ -107,7 +105,9 @@ def _clamp(res: int, value: int, privileged: bool) -> tuple[int, int]:
 def plan(limits: Limits | None, sandbox: Sandbox | None, caps: SandboxCaps, cgroups: CgroupRoot | None,
          cgroup_reason: str, *, strict: bool) -> Plan:
     p = Plan()
-    privileged = has_cap(CAP_SYS_RESOURCE)
+    if limits is None and sandbox is None:  # the common case: nothing to decide
+        return p
+    privileged = caps.raise_rlimits
     if sandbox is not None:
         if sandbox.user is not None:
             if caps.user is not None and sandbox.user not in (str(os.getuid()),):

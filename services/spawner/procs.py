@@ -151,6 +151,8 @@ class ManagedProcess:
     kill_reason: str | None = None
     exit: ExitInfo | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    #: futures of wait requests, resolved by the exit before anything else runs
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
     seq: int = 0
     reaped: bool = False
     wall_timer: asyncio.TimerHandle | None = None
@@ -575,15 +577,29 @@ class ProcessTable:
         while len(self.finished) > KEEP_FINISHED:
             self.finished.popitem(last=False)
         self._queue.append((mp, "exit", JSON.encode(mp.exit)))
-        self._wakeup.set()
+        # waiters first (a one-round-trip spawn's reply is on the critical path), the
+        # stream's exit message right after: it joins the reply in the same socket write
+        for fut in mp.waiters:
+            if not fut.done():
+                fut.set_result(None)
+        mp.waiters.clear()
         mp.done.set()
+        asyncio.get_running_loop().call_soon(self._wakeup.set)
 
     async def wait(self, mp: ManagedProcess, timeout: float) -> ExitInfo | None:
+        """The exit, waiting up to *timeout* seconds for it (None if still running then)."""
         if mp.exit is None and timeout > 0:
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
+            mp.waiters.append(fut)
+            # a timer and a future, not wait_for(): no extra task on the spawn-and-wait path
+            timer = loop.call_later(timeout, lambda: fut.done() or fut.set_result(None))
             try:
-                await asyncio.wait_for(mp.done.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+                await fut
+            finally:
+                timer.cancel()
+                if fut in mp.waiters:
+                    mp.waiters.remove(fut)
         return mp.exit
 
     # -- looking --------------------------------------------------------------------

@@ -75,6 +75,8 @@ class SandboxCaps:
     user: str | None
     #: root with CAP_SYS_ADMIN/CAP_SYS_RESOURCE ignores RLIMIT_NPROC
     nproc_bypass: bool
+    #: CAP_SYS_RESOURCE: rlimits may be set above the spawner's own hard limits
+    raise_rlimits: bool = False
 
 
 def _probe_in_child(fn: "object") -> str | None:
@@ -117,7 +119,8 @@ def detect() -> SandboxCaps:
     user = None if (has_cap(CAP_SETUID) and has_cap(CAP_SETGID)) else \
         "the spawner lacks CAP_SETUID/CAP_SETGID: it can run processes only as its own user"
     bypass = has_cap(CAP_SYS_ADMIN) or has_cap(CAP_SYS_RESOURCE)
-    return SandboxCaps(no_new_privs=nnp, network=net_err, netns_flags=flags, user=user, nproc_bypass=bypass)
+    return SandboxCaps(no_new_privs=nnp, network=net_err, netns_flags=flags, user=user, nproc_bypass=bypass,
+                       raise_rlimits=has_cap(CAP_SYS_RESOURCE))
 
 
 def resolve_user(spec: str) -> tuple[int, int]:
