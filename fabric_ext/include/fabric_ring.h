@@ -38,7 +38,7 @@
 #define FAB_RING_FLAG_CRC 1u
 #define FAB_RING_KNOWN_FLAGS 1u
 #define FAB_RING_CLOSED 1u              /* bit of `state` */
-#define FAB_RING_PAUSE_NS 5000          /* of the spin, how long only `pause` (then sched_yield) */
+#define FAB_RING_PAUSE_NS 0             /* spin with only `pause` this long before yielding too (measured: 0 is best, see docs/ring.md) */
 
 typedef struct {
     /* line 0 (0..127): written once by create(), except `state` */
