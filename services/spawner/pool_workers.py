@@ -41,7 +41,7 @@ __all__ = ["Worker", "RingWorker", "SocketWorker", "WorkerSpec", "RING_CAPACITY"
 #: bytes of each ring (a power of two); a job's frame must fit one record
 RING_CAPACITY = 16 << 20
 #: how long a reader thread spins for the next result before it sleeps (see docs/benchmarks.md)
-READER_SPIN_US = float(os.environ.get("FABRIC_POOL_READER_SPIN_US", "50"))
+READER_SPIN_US = float(os.environ.get("FABRIC_POOL_READER_SPIN_US", "250"))
 #: bytes of job data an external worker may have queued on its socket
 SOCKET_WINDOW = 64 << 20
 #: message ids of the version exchange and core messages (far from job ids)
@@ -263,6 +263,13 @@ class RingWorker(Worker):
         self.returncode: int | None = None
         self._thread: threading.Thread | None = None
         self._reader_finished = False
+        # frames sent (loop) and answers read (reader thread): the reader pops only while
+        # answers are due, and otherwise waits to be kicked -- so a job's send wakes it
+        # alongside the worker, and it is spinning on the ring when the result lands
+        self._sent = 0
+        self._received = 0
+        self._kick = threading.Event()
+        self._exited = False
         self._max = 0
 
     async def start(self, spec: WorkerSpec, timeout: float) -> None:
@@ -298,6 +305,7 @@ class RingWorker(Worker):
         """
         cons = self.cons
         pop, try_pop = cons.pop, cons.try_pop
+        kick = self._kick
         call = self.loop.call_soon_threadsafe
         deliver = self.on_frames
         parse, parse_result, ok = wire.v1_parse, wire.v1_parse_job_result, wire.V1_OK
@@ -306,6 +314,10 @@ class RingWorker(Worker):
         closed = False
         try:
             while not closed:
+                kick.clear()
+                if self._received >= self._sent and not self._exited:
+                    kick.wait()
+                    continue
                 batch: list[Any] = []
                 rec: Any = None
                 try:
@@ -326,6 +338,7 @@ class RingWorker(Worker):
                                         code = -1
                                     if code == 0 and link.publish(job.reply, data):
                                         job.replied = True
+                        self._received += 1
                         if len(batch) >= 1024:
                             break
                         rec = try_pop()
@@ -355,6 +368,8 @@ class RingWorker(Worker):
         assert self.proc is not None
         self.returncode = self.proc.wait()
         self.ready = False
+        self._exited = True
+        self._kick.set()
         if self._reader_finished:  # the worker closed its result ring itself on the way out
             self._settle()
             return
@@ -396,9 +411,14 @@ class RingWorker(Worker):
 
     def _push(self, head: bytes, data: Any) -> None:
         self.prod.push_parts(head, data, timeout=1.0)
+        self._sent += 1
+        if self._sent - self._received == 1:  # the reader may be waiting: wake it with the worker
+            self._kick.set()
 
     def _push_frame(self, frame: bytes) -> None:
         self.prod.push(frame, timeout=1.0)
+        self._sent += 1
+        self._kick.set()
 
     def _max_job(self) -> int:
         return self._max
