@@ -29,7 +29,8 @@ How it works (byte layout in docs/ring.md, C layout in include/fabric_ring.h):
   next pop continues: a bad CRC skips that record; a bad header (check word, position,
   length, wrap marker) cannot be trusted for its length, so the consumer skips to the
   producer's published head, counting the bytes lost.
-* Waiting: spin with ``pause`` for ``spin_us`` (default :data:`DEFAULT_SPIN_US`), then
+* Waiting: spin with ``pause`` (and ``sched_yield`` every 16th check, so a peer sharing
+  the core can run) for ``spin_us`` (default :data:`DEFAULT_SPIN_US`), then
   sleep on a shared futex word whose bit 0 says "a waiter is present", so the other side
   makes the FUTEX_WAKE system call only when someone sleeps.  The GIL is released while
   waiting.  :meth:`shutdown` (either side, any process or thread) sets CLOSED in the

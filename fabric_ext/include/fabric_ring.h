@@ -108,7 +108,8 @@ static inline int fab_ring_closed(const fab_ring_header *h)
     return (fab_load_acquire_u32(&h->state) & FAB_RING_CLOSED) != 0;
 }
 
-/* Wait until *watch reaches threshold: spin with `pause` for spin_ns, then sleep on the
+/* Wait until *watch reaches threshold: spin with `pause` for spin_ns (yielding the CPU
+ * every 16th check once FAB_RING_PAUSE_NS have passed), then sleep on the
  * futex `word` (protocol above).  deadline_ns is CLOCK_MONOTONIC (< 0: none).  Called
  * without the GIL.  Readiness wins over CLOSED, so a consumer drains what was pushed
  * before shutdown. */
