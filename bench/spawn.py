@@ -191,7 +191,8 @@ async def map_jobs_per_s(ctx: Context, log: Callable[[str], None]) -> dict[str, 
     finally:
         await core.unload()
     rate, echo_rate = statistics.median(rates), statistics.median(echo_rates)
-    log(f"map: {rate:,.0f} jobs/s (2 workers); nats-py pipelined echo: {echo_rate:,.0f} req/s; Ray (DESIGN.md): 1,460 tasks/s")
+    log(f"map: {rate:,.0f} jobs/s (2 workers); nats-py pipelined echo: {echo_rate:,.0f} req/s; "
+        "Ray (DESIGN.md): 1,460 tasks/s")
     return {
         "results": {"map_10k_jobs_per_s": round(rate), "nats_py_pipelined_echo_per_s": round(echo_rate),
                     "map_rounds": rounds},

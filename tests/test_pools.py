@@ -298,6 +298,15 @@ async def test_bad_load_requests(fc: AsyncFabricClient, host: CoreHost, lib: Any
         await fc.load_core("fabric.python", lib("echo"), node=host.node)
 
 
+async def test_job_larger_than_a_ring_record_is_too_large(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
+    from fabric import TooLarge
+
+    core = await load(fc, host, lib("echo"))
+    with pytest.raises(TooLarge):
+        await core.run(b"x" * (5 << 20))
+    assert await core.run(b"small") == b"small"  # the pool is unharmed
+
+
 async def test_unload_then_jobs_are_not_found(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
     core = await load(fc, host, lib("echo"), min_workers=2, max_workers=2)
     assert (await core.unload()).core == core.id

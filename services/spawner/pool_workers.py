@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fabric.errors import CoreLoadFailed, FabricError, JobError, JobTimeout, TooLarge, WorkerCrashed
+from fabric.errors import CoreLoadFailed, JobError, JobTimeout, TooLarge, WorkerCrashed
 from fabric_ext import ring, wire
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -44,11 +44,10 @@ import functools
 import itertools
 import os
 import secrets
-import struct
 import tempfile
 import time
 from collections import deque
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import nats
 from nats.aio.client import Client as NATS
@@ -63,9 +62,7 @@ from fabric.errors import (
     JobFailed,
     JobTimeout,
     NotFound,
-    TooLarge,
     Unavailable,
-    WorkerCrashed,
     error_headers,
 )
 from fabric.schema import (
@@ -94,6 +91,8 @@ PIPELINE = 4
 START_TIMEOUT_S = 30.0
 #: consecutive failed worker starts after which a pool stops replacing workers
 MAX_START_FAILURES = 3
+#: jobs one pool may hold waiting for a worker; past it a job is refused (503 unavailable)
+MAX_QUEUED = 1 << 20
 #: how often the watchdog looks for jobs past their time limit and idle workers
 TICK_S = 0.05
 
@@ -157,6 +156,9 @@ class Pool:
             return
         if self.broken:
             job.done(0, b"", CoreLoadFailed(self.broken, core=self.id))
+            return
+        if len(self.queue) >= MAX_QUEUED:
+            job.done(0, b"", Unavailable(f"core {self.id}: {MAX_QUEUED} jobs already wait for a worker", core=self.id))
             return
         self.queue.append(job)
         self.pump()
