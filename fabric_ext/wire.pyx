@@ -1412,8 +1412,8 @@ def v1_parse(frame, *, uint64_t max_payload=V1_DEFAULT_MAX_PAYLOAD):
 cdef class V1Decoder:
     """Resumable v1 parser for a byte stream: feed chunks of any size, get whole frames.
 
-    A header is validated as soon as its 17 bytes have arrived, before any
-    buffer is allocated for the payload it announces.  After an error the
+    A header's type is judged on its first byte and its length as soon as its
+    17 bytes have arrived, before any buffer is allocated for the payload.  After an error the
     stream's framing is lost and every later ``feed`` raises.
     """
 
@@ -1473,6 +1473,10 @@ cdef class V1Decoder:
                     memcpy(self._hdr + self._hdr_have, p + pos, k)
                     self._hdr_have += k
                     pos += k
+                    if not _v1_known_kind(self._hdr[0]):
+                        # judged on its first byte: no need to wait for the rest of the header
+                        raise V1InvalidFrame(f"unknown v1 message type 0x{self._hdr[0]:02x} "
+                                             f"(known: 0x01, 0x02, 0x03, 0xff)")
                     if self._hdr_have == _V1_HEADER:
                         self._hdr_have = 0
                         self._start(<const char*>self._hdr, out)
