@@ -620,14 +620,17 @@ class AsyncFabricClient:
         return JSON.decode(reply.data, reply_type)
 
     async def rrun(self, argv: Sequence[str], *, timeout: float = 60.0, node: str | None = None,
-                   **options: Any) -> ExitInfo:
+                   announce: bool = False, **options: Any) -> ExitInfo:
         """Run *argv* to its end in ONE round trip (the spawn waits up to *timeout* s for the exit).
 
         Returns the exit (with the output tails); raises ``TimeoutError`` -- after killing
-        the process -- when it is still running after *timeout*.  *options* are rspawn's.
+        the process -- when it is still running after *timeout*.  The output is not
+        published on the process's subject unless ``announce=True`` (the reply carries
+        it).  *options* are rspawn's.
         """
         req = _spawn_request(argv, owner=self.owner, **options)
         req.wait_s = timeout
+        req.announce = announce
         reply = await self._spawn_call(node, req, timeout + self.timeout)
         if reply.exit is None:
             await self.rkill(reply.id)
@@ -911,8 +914,9 @@ class FabricClient:
         return RemoteProcess(self, self._run(self._aio.rspawn(argv, **options)))
 
     def rrun(self, argv: Sequence[str], *, timeout: float = 60.0, node: str | None = None,
-             **options: Any) -> ExitInfo:
-        return self._run(self._aio.rrun(argv, timeout=timeout, node=node, **options))
+             announce: bool = False, **options: Any) -> ExitInfo:
+        """Run *argv* to its end in one round trip; see :meth:`AsyncFabricClient.rrun`."""
+        return self._run(self._aio.rrun(argv, timeout=timeout, node=node, announce=announce, **options))
 
     def rwait(self, proc: "str | RemoteProcess", timeout: float | None = None) -> ExitInfo:
         return self._run(self._aio.rwait(_proc_id(proc), timeout))

@@ -347,6 +347,10 @@ class SpawnRequest(Message):
     tail_bytes: Annotated[int, Meta(ge=0, le=8 << 20)] = 64 << 10
     native: NativeExec | None = None
     owner: OwnerStr = ""
+    #: publish output and exit on the per-process subject ``fabric.proc.<node>.out.<local>``
+    #: (false: only ``stream_to`` and the replies get them -- a run-to-completion call
+    #: saves the spawner and nats-server the messages nobody reads)
+    announce: bool = True
 
 
 class ExitInfo(Message):

@@ -135,6 +135,7 @@ class ManagedProcess:
     owner: str
     subject: str
     stream_to: str | None
+    announce: bool
     plan: Plan
     started_at: float
     t0: float
@@ -278,6 +279,7 @@ class ProcessTable:
         mp = ManagedProcess(
             id=proc_id, local=local, pid=pid, argv=list(req.argv), owner=req.owner,
             subject=subjects.node_scoped("proc", self.node, f"out.{local}"), stream_to=req.stream_to,
+            announce=req.announce,
             plan=plan, started_at=time.time(), t0=time.monotonic(),
             stdout=OutputTail(req.tail_bytes), stderr=OutputTail(req.tail_bytes), cgroup=cgroup, popen=popen,
         )
@@ -388,6 +390,8 @@ class ProcessTable:
             self._finish(mp)
 
     def _enqueue(self, mp: ManagedProcess, stream: str, data: bytes) -> None:
+        if not mp.announce and not mp.stream_to:
+            return  # nobody is to get it: the tail has it
         self._queue.append((mp, stream, data))
         self._queued_bytes += len(data)
         if not self._wakeup.is_set():
@@ -423,7 +427,8 @@ class ProcessTable:
             mp.seq += 1
             headers = {PROC_HEADER: mp.id, STREAM_HEADER: stream, SEQ_HEADER: str(mp.seq)}
             try:
-                await self.publish(mp.subject, data, headers)
+                if mp.announce:
+                    await self.publish(mp.subject, data, headers)
                 if mp.stream_to:
                     await self.publish(mp.stream_to, data, headers)
             except Exception:  # connection trouble: the tails still hold the output
@@ -576,7 +581,8 @@ class ProcessTable:
         self.finished[mp.local] = mp
         while len(self.finished) > KEEP_FINISHED:
             self.finished.popitem(last=False)
-        self._queue.append((mp, "exit", JSON.encode(mp.exit)))
+        if mp.announce or mp.stream_to:
+            self._queue.append((mp, "exit", JSON.encode(mp.exit)))
         # waiters first (a one-round-trip spawn's reply is on the critical path), the
         # stream's exit message right after: it joins the reply in the same socket write
         for fut in mp.waiters:
