@@ -37,6 +37,8 @@ class ReplyLink:
         self.name = name
         self.log = log
         self.up = False
+        #: False once the link can never work here (TLS, another scheme): no more tries
+        self.usable = True
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -46,6 +48,7 @@ class ReplyLink:
         """Blocking (run it in a thread): open, authenticate, confirm with PING/PONG."""
         u = urlparse(self.url)
         if u.scheme not in ("nats", "") or not u.hostname:
+            self.usable = False
             self.log.info("job reply link not used", reason=f"scheme {u.scheme!r}")
             return False
         try:
@@ -56,6 +59,7 @@ class ReplyLink:
                 raise ConnectionError(f"unexpected greeting {line[:40]!r}")
             info = json.loads(line[5:])
             if info.get("tls_required"):
+                self.usable = False
                 sock.close()
                 self.log.info("job reply link not used", reason="the server requires TLS")
                 return False
@@ -130,6 +134,7 @@ class ReplyLink:
         return True
 
     def close(self) -> None:
+        self.usable = False
         self.up = False
         with self._lock:
             sock, self._sock = self._sock, None

@@ -403,9 +403,9 @@ class CoreManager:
         """Open the job lane and the reply link (before any worker starts), start the watchdog."""
         self.nc = await nats.connect(self.nats_url, name=f"spawner-jobs@{self.node}", max_reconnect_attempts=-1,
                                      reconnect_time_wait=0.25, error_cb=self._on_nats_error)
-        link = ReplyLink(self.nats_url, f"spawner-replies@{self.node}", self.log)
-        if await asyncio.get_running_loop().run_in_executor(None, link.connect):
-            self.link = link
+        # the reader threads hold on to this link for good; the watchdog reconnects it
+        self.link = ReplyLink(self.nats_url, f"spawner-replies@{self.node}", self.log)
+        await asyncio.get_running_loop().run_in_executor(None, self.link.connect)
         for verb, cb in (("run", self._on_run), ("map", self._on_map)):
             self._subs.append(await self.nc.subscribe(subjects.node_scoped("core", self.node, verb) + ".*",
                                                       queue=QUEUE_GROUP, cb=cb, pending_msgs_limit=1 << 20,
@@ -445,9 +445,15 @@ class CoreManager:
         self.log.warning("job lane nats error", error=str(exc))
 
     async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        retry_link_at = 0.0
         while True:
             await asyncio.sleep(TICK_S)
             now = time.monotonic()
+            link = self.link
+            if link is not None and link.usable and not link.up and now >= retry_link_at:
+                retry_link_at = now + 2.0  # the server restarted: replies go through the loop meanwhile
+                await loop.run_in_executor(None, link.connect)
             for pool in list(self.pools.values()):
                 try:
                     pool.tick(now)
@@ -535,8 +541,9 @@ class CoreManager:
         except FabricError as exc:
             self._send_error(reply, exc)
             return
-        job = Job(next(self._job_ids), msg.data, _noop,
-                  reply.encode() if reply and self.link is not None else None)
+        link = self.link
+        direct = reply.encode() if reply and link is not None and link.up else None
+        job = Job(next(self._job_ids), msg.data, _noop, direct)
         job.done = functools.partial(self._run_done, job, reply, pool)
         pool.submit(job)
 
