@@ -157,6 +157,25 @@ def test_hostile_batch_frames_are_bad_requests(frame: bytes) -> None:
         decode_job_batch(frame)
 
 
+def test_ring_files_of_a_dead_spawner_are_swept() -> None:
+    import structlog
+
+    from services.spawner.pools import sweep_rings
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"/dev/shm/fabric-ring-core-{dead.pid}-abcdef-c1-1-in"
+    mine = f"/dev/shm/fabric-ring-core-{os.getpid()}-abcdef-c1-1-in"
+    for path in (stale, mine):
+        Path(path).write_bytes(b"")
+    try:
+        assert stale in sweep_rings(structlog.get_logger())
+        assert not os.path.exists(stale) and os.path.exists(mine)
+    finally:
+        for path in (stale, mine):
+            Path(path).unlink(missing_ok=True)
+
+
 # -- cores through the client ---------------------------------------------------------
 
 

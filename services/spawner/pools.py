@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import glob
 import itertools
 import os
 import secrets
@@ -383,7 +384,7 @@ class CoreManager:
         self._job_ids = itertools.count(1)
         self._ticker: asyncio.Task[None] | None = None
         self._sends: set[asyncio.Task[Any]] = set()
-        self.ring_prefix = f"/dev/shm/fabric-ring-core-{os.getpid()}-{secrets.token_hex(3)}"
+        self.ring_prefix = RING_GLOB.replace("*", f"{os.getpid()}-{secrets.token_hex(3)}")
 
     def endpoints(self) -> list[Endpoint]:
         node = self.node
@@ -401,6 +402,7 @@ class CoreManager:
 
     async def start(self) -> None:
         """Open the job lane and the reply link (before any worker starts), start the watchdog."""
+        sweep_rings(self.log)
         self.nc = await nats.connect(self.nats_url, name=f"spawner-jobs@{self.node}", max_reconnect_attempts=-1,
                                      reconnect_time_wait=0.25, error_cb=self._on_nats_error)
         # the reader threads hold on to this link for good; the watchdog reconnects it
@@ -591,6 +593,38 @@ class CoreManager:
         ids = self._job_ids
         for i, data in enumerate(items):
             pool.submit(Job(next(ids), data, collector(i)))
+
+
+RING_GLOB = "/dev/shm/fabric-ring-core-*"
+
+
+def sweep_rings(log: Any) -> list[str]:
+    """Remove the ring files of spawners that died without cleaning up (SIGKILL, OOM).
+
+    A ring file is ``fabric-ring-core-<pid>-...``; its workers died with their parent
+    (PR_SET_PDEATHSIG), so a file whose pid is gone is garbage.
+    """
+    removed = []
+    for path in glob.glob(RING_GLOB):
+        try:
+            pid = int(os.path.basename(path).split("-")[3])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+        except PermissionError:  # alive, someone else's
+            pass
+    if removed:
+        log.info("removed ring files of a dead spawner", files=len(removed))
+    return removed
 
 
 def _noop(code: int, out: Any, err: FabricError | None) -> None:
