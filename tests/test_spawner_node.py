@@ -1,0 +1,48 @@
+"""Cross-language: a Node.js program written from docs/protocol.md spawns processes and reads their output.
+
+The program (tests/node/spawn_client.mjs) uses only ``@nats-io/transport-node`` and
+JSON: it streams a process's output to its own subject, waits, runs one in a
+single round trip, kills one, and checks the typed errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import shutil
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+
+from fabric.service import ServiceSettings
+from services.spawner import SpawnerService
+
+NODE_DIR = Path(__file__).resolve().parent / "node"
+
+
+@pytest.fixture(scope="module")
+async def spawner(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SpawnerService]:
+    svc = SpawnerService(ServiceSettings(nats_url=nats_url, node=f"js-{secrets.token_hex(3)}",
+                                         state_dir=tmp_path_factory.mktemp("spawner-node")))
+    await svc.start()
+    yield svc
+    await svc.stop()
+
+
+async def test_node_js_client_spawns_and_streams(nats_url, spawner):
+    node = shutil.which("node")
+    if node is None or not (NODE_DIR / "node_modules" / "@nats-io" / "transport-node").exists():
+        pytest.fail("Node.js client not installed: scripts/test.sh runs `npm ci` in tests/node")
+    # the spawner serves on this loop: run node without blocking it
+    proc = await asyncio.create_subprocess_exec(node, str(NODE_DIR / "spawn_client.mjs"), nats_url, spawner.node,
+                                                cwd=NODE_DIR, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    seen = json.loads(out.decode().strip().splitlines()[-1])
+    assert seen["ok"] is True and seen["node"] == spawner.node
+    assert seen["stdout"] == "hello from a remote process\n" and seen["run"] == "piped in"
+    assert seen["missing"]["kind"] == "executable_not_found" and seen["negative"]["code"] == 400
+    assert not spawner.table.live, "the Node.js client's processes all ended"
