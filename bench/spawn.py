@@ -106,14 +106,14 @@ async def spawn_vs_local_plus_echo(ctx: Context, log: Callable[[str], None]) -> 
         loc += await timed(local, per_window, is_async=False)
         ech += await timed(ctx.echo, per_window)
         nop += await timed(noop, per_window // 2)
-    r, l, e, n = p50_us(rem), p50_us(loc), p50_us(ech), p50_us(nop)
-    log(f"remote spawn+exit p50 {r:.0f} µs; local subprocess.run p50 {l:.0f} µs; nats echo p50 {e:.0f} µs; "
+    r, lo, e, n = p50_us(rem), p50_us(loc), p50_us(ech), p50_us(nop)
+    log(f"remote spawn+exit p50 {r:.0f} µs; local subprocess.run p50 {lo:.0f} µs; nats echo p50 {e:.0f} µs; "
         f"spawner no-op request p50 {n:.0f} µs")
     return {
-        "results": {"remote_spawn_true_p50_us": round(r, 1), "local_subprocess_run_true_p50_us": round(l, 1),
+        "results": {"remote_spawn_true_p50_us": round(r, 1), "local_subprocess_run_true_p50_us": round(lo, 1),
                     "nats_py_echo_p50_us": round(e, 1), "spawner_noop_request_p50_us": round(n, 1),
                     "samples": len(rem)},
-        "ratios": {"spawn_vs_local_plus_echo": round((l + e) / r, 3)},
+        "ratios": {"spawn_vs_local_plus_echo": round((lo + e) / r, 3)},
     }
 
 

@@ -165,6 +165,7 @@ async def test_user_switch(fc, spawner):
     import pwd
 
     proc, ex = await run(fc, spawner.node, ["/bin/sh", "-c", "id -u; id -G"], sandbox=Sandbox(user="nobody"))
+    assert "sandbox.user" in proc.enforced
     nobody = pwd.getpwnam("nobody")
     uid, groups = ex.stdout.decode().splitlines()
     assert int(uid) == nobody.pw_uid and groups.split() == [str(nobody.pw_gid)]
