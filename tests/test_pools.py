@@ -308,6 +308,19 @@ async def test_not_a_library_fails_to_load(fc: AsyncFabricClient, host: CoreHost
         await fc.load_core("junk", b"\x7fELF but not really", node=host.node)
 
 
+async def test_workers_that_cannot_start_fail_the_load(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
+    prefix = host.cores.ring_prefix
+    host.cores.ring_prefix = "/nonexistent-dir/fabric-ring-core"  # ring.create fails: no worker can start
+    try:
+        with pytest.raises(CoreLoadFailed) as ei:
+            await load(fc, host, lib("echo"), min_workers=2)
+        assert "worker start failed" in ei.value.message
+    finally:
+        host.cores.ring_prefix = prefix
+    assert not host.cores.pools
+    assert await (await load(fc, host, lib("echo"))).run(b"ok") == b"ok"
+
+
 async def test_bad_load_requests(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
     with pytest.raises(BadRequest):
         await fc.load_core("empty", b"", node=host.node)

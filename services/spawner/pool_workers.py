@@ -441,8 +441,9 @@ class RingWorker(Worker):
             self._kill()
 
     async def stop(self, kill_after: float) -> None:
-        if self.proc is None:  # never started
+        if self.proc is None:  # never started (no ring, no fork): just leave the pool
             self._release()
+            self.ended()
             return
         await super().stop(kill_after)
 
