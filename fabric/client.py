@@ -606,6 +606,10 @@ class AsyncFabricClient:
     async def _spawn_call(self, node: str | None, req: SpawnRequest, timeout: float | None = None) -> SpawnReply:
         subject = subjects.node_scoped("proc", node, "spawn") if node else subjects.cluster("proc", "spawn")
         native = req.native
+        if native is not None and native.data is not None and self.nc is not None \
+                and len(native.data) * 4 // 3 + FRAME_OVERHEAD > self.nc.max_payload:
+            raise TooLarge(f"a {len(native.data)}-byte executable does not fit one request (base64 in JSON) under "
+                           f"the server's max payload of {self.nc.max_payload} bytes")
         if native is not None and native.data is not None:
             # by digest first: the node may have it already, then nothing is resent
             data, native.data = native.data, None

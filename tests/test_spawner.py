@@ -354,3 +354,14 @@ async def test_children_get_default_sigpipe(fc):
     # Python ignores SIGPIPE and ignored signals survive exec: the spawner must restore it
     ex = await fc.rrun(["sh", "-c", "yes | head -n 1"], timeout=10)
     assert ex.exit_code == 0 and ex.stdout == b"y\n" and ex.stderr == b""
+
+
+async def test_tails_are_cut_to_fit_one_message(fc, spawner, monkeypatch):
+    # a small message budget stands in for a server with a small max payload
+    monkeypatch.setattr(spawner.table, "max_tail_in_message", 1000)
+    proc = await fc.rspawn([PY, "-c", "import sys; sys.stdout.write('x'*5000 + 'END')"], tail_bytes=1 << 20)
+    ex = await proc.wait(10)
+    assert len(ex.stdout) == 1000 and ex.stdout.endswith(b"END") and ex.stdout_total == 5003
+    assert b"".join([line async for line in proc.stdout]) == b"x" * 5000 + b"END", "the stream has every byte"
+    (listed,) = [p for p in await fc.rlist(spawner.node, finished=True) if p.id == proc.id]
+    assert listed.exit.stdout == b"" and listed.exit.stdout_total == 5003

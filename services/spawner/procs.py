@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
+import msgspec
 import psutil
 
 from fabric import subjects
@@ -53,6 +54,7 @@ from fabric.errors import (
     InternalError,
     NotEnforceable,
     PermissionDenied,
+    Unavailable,
     UnknownProcess,
 )
 from fabric.schema import JSON, ExitInfo, ProcStatus, SpawnRequest
@@ -186,6 +188,9 @@ class ProcessTable:
         self._paused = False
         self._wakeup = asyncio.Event()
         self._publisher: asyncio.Task[None] | None = None
+        #: the most tail bytes per stream one message may carry (base64 in JSON: 4/3, two
+        #: streams, room for the rest); the service sets it from the server's max payload
+        self.max_tail_in_message = (1 << 20) // 3
         self._base_env = dict(os.environ)
         self._base_env.pop(MARKER_ENV, None)
         self._base_env.pop(PROC_ENV, None)
@@ -299,6 +304,8 @@ class ProcessTable:
             return ExecutableNotFound(f"cannot execute {req.argv[0]!r}: {exc.strerror}", argv0=req.argv[0])
         if isinstance(exc, PermissionError):
             return PermissionDenied(f"cannot execute {req.argv[0]!r}: {exc.strerror}")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM):
+            return Unavailable(f"node out of resources to start a process ({exc.strerror}): retry later")
         if isinstance(exc, OSError) and exc.errno == errno.ENOEXEC:
             return BadRequest(f"cannot execute {req.argv[0]!r}: not an executable format")
         return InternalError(f"spawn failed: {type(exc).__name__}: {exc}")
@@ -581,7 +588,7 @@ class ProcessTable:
         while len(self.finished) > KEEP_FINISHED:
             self.finished.popitem(last=False)
         if mp.announce or mp.stream_to:
-            self._queue.append((mp, "exit", JSON.encode(mp.exit)))
+            self._queue.append((mp, "exit", JSON.encode(self.fit(mp.exit))))
         # waiters first (a one-round-trip spawn's reply is on the critical path), the
         # stream's exit message right after: it joins the reply in the same socket write
         for fut in mp.waiters:
@@ -590,6 +597,14 @@ class ProcessTable:
         mp.waiters.clear()
         mp.done.set()
         asyncio.get_running_loop().call_soon(self._wakeup.set)
+
+    def fit(self, ex: ExitInfo | None) -> ExitInfo | None:
+        """*ex* with its tails cut (keeping their ends) to what one message can carry."""
+        limit = self.max_tail_in_message
+        if ex is None or (len(ex.stdout) <= limit and len(ex.stderr) <= limit):
+            return ex
+        return msgspec.structs.replace(ex, stdout=ex.stdout[-limit:] if limit else b"",
+                                       stderr=ex.stderr[-limit:] if limit else b"")
 
     async def wait(self, mp: ManagedProcess, timeout: float) -> ExitInfo | None:
         """The exit, waiting up to *timeout* seconds for it (None if still running then)."""
@@ -609,10 +624,13 @@ class ProcessTable:
 
     # -- looking --------------------------------------------------------------------
 
-    def status(self, mp: ManagedProcess) -> ProcStatus:
+    def status(self, mp: ManagedProcess, *, tails: bool = True) -> ProcStatus:
+        """State, live CPU/RSS of the group; the exit with its tails (cut to fit), or without (lists)."""
+        ex = self.fit(mp.exit) if tails else (
+            msgspec.structs.replace(mp.exit, stdout=b"", stderr=b"") if mp.exit is not None else None)
         st = ProcStatus(id=mp.id, node=self.node, pid=mp.pid, argv=mp.argv, owner=mp.owner,
                         state="running" if mp.running else "exited", started_at=mp.started_at,
-                        enforced=list(mp.plan.enforced), exit=mp.exit)
+                        enforced=list(mp.plan.enforced), exit=ex)
         if not mp.running:
             return st
         try:

@@ -96,6 +96,8 @@ class SpawnerService(FabricService):
         if self.cgroups is not None:
             self.cgroups.sweep()
         self.table = ProcessTable(self.node, self._publish, marker=orphans.marker(self.key), cgroups=self.cgroups)
+        assert self.nc is not None
+        self.table.max_tail_in_message = max(0, self.nc.max_payload - 16384) * 3 // 8
         self.table.start()
         await self.cores.start()
         self.log.info("spawner ready", cgroup=str(self.cgroups) if self.cgroups else self.cgroup_reason,
@@ -127,7 +129,7 @@ class SpawnerService(FabricService):
         reply = SpawnReply(id=mp.id, node=self.node, pid=mp.pid, subject=mp.subject, enforced=list(p.enforced),
                            unenforced=dict(p.unenforced))
         if r.wait_s > 0:
-            reply.exit = await table.wait(mp, r.wait_s)
+            reply.exit = table.fit(await table.wait(mp, r.wait_s))
         return reply
 
     async def wait(self, req: Request) -> ProcStatus:
@@ -160,7 +162,8 @@ class SpawnerService(FabricService):
         procs = list(table.live.values()) + (list(table.finished.values()) if r.finished else [])
         if r.owner is not None:
             procs = [mp for mp in procs if mp.owner == r.owner]
-        return ProcListReply(node=self.node, processes=[table.status(mp) for mp in procs])
+        # no tails in a list: thousands of them would not fit one message (status has them)
+        return ProcListReply(node=self.node, processes=[table.status(mp, tails=False) for mp in procs])
 
     def _enforceable(self) -> tuple[list[str], dict[str, str]]:
         ok: list[str] = []
