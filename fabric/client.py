@@ -601,6 +601,7 @@ class AsyncFabricClient:
                 await sub.unsubscribe()
             raise
         out.sub = sub
+        out.streamed = stream
         return AsyncRemoteProcess(self, reply, out)
 
     async def _spawn_call(self, node: str | None, req: SpawnRequest, timeout: float | None = None) -> SpawnReply:
@@ -1075,6 +1076,12 @@ class _ProcOutput:
         self.cond = threading.Condition()
         self.changed = asyncio.Event()
         self.sub: Any = None
+        self.streamed = True
+
+    def check_streamed(self) -> None:
+        if not self.streamed:
+            raise BadRequest("this process was spawned with stream=False: it has no output stream here "
+                             "(wait() returns the tails)")
 
     async def on_message(self, msg: Any) -> None:
         stream = (msg.headers or {}).get("Fabric-Stream", "")
@@ -1134,6 +1141,7 @@ class AsyncRemoteProcess:
 
     async def _lines(self, stream: str) -> AsyncIterator[bytes]:
         out, index, pending = self._out, 0, b""
+        out.check_streamed()
         while True:
             changed = out.changed
             chunks, complete = out.take(stream, index)
@@ -1189,6 +1197,7 @@ class RemoteProcess:
 
     def _lines(self, stream: str) -> Iterator[bytes]:
         out, index, pending = self.aio._out, 0, b""
+        out.check_streamed()
         while True:
             with out.cond:
                 chunks, complete = out.chunks[stream][index:], out.exit is not None

@@ -365,3 +365,11 @@ async def test_tails_are_cut_to_fit_one_message(fc, spawner, monkeypatch):
     assert b"".join([line async for line in proc.stdout]) == b"x" * 5000 + b"END", "the stream has every byte"
     (listed,) = [p for p in await fc.rlist(spawner.node, finished=True) if p.id == proc.id]
     assert listed.exit.stdout == b"" and listed.exit.stdout_total == 5003
+
+
+async def test_no_stream_means_a_clear_error_not_a_hang(fc):
+    proc = await fc.rspawn(["echo", "quiet"], stream=False)
+    assert (await proc.wait(10)).stdout == b"quiet\n"
+    with pytest.raises(BadRequest, match="stream=False"):
+        async for _ in proc.stdout:
+            pass
