@@ -109,7 +109,8 @@ def _workers() -> list[psutil.Process]:
 
 def _is_worker(p: psutil.Process) -> bool:
     try:
-        return "services.spawner.worker" in " ".join(p.cmdline())
+        cmd = " ".join(p.cmdline())
+        return "services.spawner.worker" in cmd or "services.spawner.pool_launch" in cmd
     except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
         return False
 

@@ -5,7 +5,8 @@ controller sends the version exchange, then "new compute core", then jobs; the
 worker answers each message with the same id.  Job messages use the job's id as
 their message id, so a result finds its job by id, whatever order it comes in.
 
-:class:`RingWorker` runs ``python -m services.spawner.worker --ring-in A --ring-out B``
+:class:`RingWorker` runs ``python -m services.spawner.worker --ring-in A --ring-out B`` (through
+:mod:`.pool_launch`, which makes its job ring spin a little longer before it sleeps)
 with two fresh :mod:`fabric_ext.ring` files in /dev/shm.  A reader thread blocks in
 ``Consumer.pop()`` (the GIL released) and hands what it finds to the loop in one
 ``call_soon_threadsafe``; the process's exit is watched through a pidfd on the
@@ -48,6 +49,8 @@ SOCKET_WINDOW = 64 << 20
 _CTRL_VERSION = 1 << 62
 _CTRL_CORE = (1 << 62) + 1
 _REPO = str(Path(__file__).resolve().parents[2])
+#: the module a ring worker runs (``services.spawner.worker`` behind a launcher)
+LAUNCHER = os.environ.get("FABRIC_POOL_WORKER_MODULE", "services.spawner.pool_launch")
 
 
 @dataclass(frozen=True)
@@ -285,7 +288,7 @@ class RingWorker(Worker):
             env = dict(os.environ)
             env["PYTHONPATH"] = _REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.spawner.worker", "--ring-in", self.path_in,
+                [sys.executable, "-m", LAUNCHER, "--ring-in", self.path_in,
                  "--ring-out", self.path_out],
                 stdin=subprocess.DEVNULL, env=env, close_fds=True)
         except BaseException:
