@@ -194,6 +194,21 @@ async def test_echo_run_and_empty_job(fc: AsyncFabricClient, host: CoreHost, lib
     assert link.published == before + 3  # answered from the reader thread, not the loop
 
 
+async def test_replies_go_through_the_loop_when_the_link_is_down(fc: AsyncFabricClient, host: CoreHost,
+                                                                   lib: Any) -> None:
+    core = await load(fc, host, lib("echo"))
+    link = host.cores.link
+    assert link is not None
+    link.up = False  # as after a lost connection, before the watchdog reconnects it
+    try:
+        before = link.published
+        assert await core.run(b"via the loop") == b"via the loop"
+        assert await core.run(b"") == b""
+        assert link.published == before
+    finally:
+        link.up = True
+
+
 async def test_map_keeps_input_order(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
     core = await load(fc, host, lib("echo"), min_workers=2, max_workers=2)
     items = [str(i).encode() * (i % 7) for i in range(2000)]

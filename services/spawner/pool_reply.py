@@ -46,6 +46,7 @@ class ReplyLink:
 
     def connect(self, timeout: float = 5.0) -> bool:
         """Blocking (run it in a thread): open, authenticate, confirm with PING/PONG."""
+        self._drop()  # a reconnect: the old socket goes first
         u = urlparse(self.url)
         if u.scheme not in ("nats", "") or not u.hostname:
             self.usable = False
@@ -82,7 +83,8 @@ class ReplyLink:
         except (OSError, ValueError, ConnectionError) as exc:
             self.log.warning("job reply link not used", error=str(exc))
             return False
-        self._sock = sock
+        with self._lock:
+            self._sock = sock
         self.up = True
         self._thread = threading.Thread(target=self._serve, args=(reader,), name="core-reply-link", daemon=True)
         self._thread.start()
@@ -135,15 +137,19 @@ class ReplyLink:
 
     def close(self) -> None:
         self.usable = False
+        self._drop()
+
+    def _drop(self) -> None:
         self.up = False
         with self._lock:
             sock, self._sock = self._sock, None
         if sock is not None:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the PING thread
             except OSError:
                 pass
             sock.close()
         if self._thread is not None:
             self._thread.join(timeout=2)
+            self._thread = None
 
