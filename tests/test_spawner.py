@@ -373,3 +373,14 @@ async def test_no_stream_means_a_clear_error_not_a_hang(fc):
     with pytest.raises(BadRequest, match="stream=False"):
         async for _ in proc.stdout:
             pass
+
+
+async def test_a_descendant_that_escaped_with_setsid_does_not_outlive_its_process(fc):
+    # the grandchild leaves the group (a new session) before its parent exits
+    code = ("import os, sys, time\nr, w = os.pipe()\nif os.fork() == 0:\n    os.setsid()\n"
+            "    os.write(w, str(os.getpid()).encode())\n    time.sleep(300)\n    os._exit(0)\n"
+            "print(os.read(r, 32).decode())")
+    ex = await fc.rrun([PY, "-c", code], timeout=10)
+    escaped = int(ex.stdout)
+    assert ex.exit_code == 0 and os.getsid(escaped) == escaped, "the grandchild is in a session of its own"
+    assert await gone(escaped, within=10), "a setsid() descendant survived its process"

@@ -61,7 +61,7 @@ from fabric.schema import JSON, ExitInfo, ProcStatus, SpawnRequest
 
 from .cgroups import CgroupRoot, ProcCgroup
 from .limits import Plan
-from .orphans import MARKER_ENV
+from .orphans import MARKER_ENV, strays
 
 __all__ = ["ManagedProcess", "ProcessTable", "parse_signal", "PROC_ENV"]
 
@@ -75,6 +75,8 @@ HIGH_WATER = 8 << 20
 LOW_WATER = 1 << 20
 #: finished processes kept for wait/info
 KEEP_FINISHED = 4096
+#: seconds after processes finish before the scan for descendants that escaped their group
+SWEEP_S = 0.5
 #: SIGTERM grace before SIGKILL when the spawner stops
 STOP_GRACE_S = 1.0
 
@@ -188,9 +190,15 @@ class ProcessTable:
         self._paused = False
         self._wakeup = asyncio.Event()
         self._publisher: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        #: ids finished since the last stray sweep
+        self._to_sweep: set[str] = set()
+        self._sweep_due = asyncio.Event()
         #: the most tail bytes per stream one message may carry (base64 in JSON: 4/3, two
         #: streams, room for the rest); the service sets it from the server's max payload
         self.max_tail_in_message = (1 << 20) // 3
+        #: called with the pids a stray sweep killed (the service logs them)
+        self.on_strays: Callable[[list[int]], None] | None = None
         self._base_env = dict(os.environ)
         self._base_env.pop(MARKER_ENV, None)
         self._base_env.pop(PROC_ENV, None)
@@ -418,6 +426,22 @@ class ProcessTable:
 
     def start(self) -> None:
         self._publisher = asyncio.create_task(self._publish_loop())
+        self._sweeper = asyncio.create_task(self._sweep_loop())
+
+    async def _sweep_loop(self) -> None:
+        """Every :data:`SWEEP_S` while processes finish: kill descendants that escaped their group."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._sweep_due.wait()
+            await asyncio.sleep(SWEEP_S)  # batches the exits of a busy moment into one scan
+            self._sweep_due.clear()
+            ids, self._to_sweep = self._to_sweep, set()
+            try:
+                killed = await loop.run_in_executor(None, strays, self.marker, ids, PROC_ENV)
+            except Exception:  # /proc unreadable: nothing more this sweep can do
+                continue
+            if killed and self.on_strays is not None:
+                self.on_strays(killed)
 
     async def _publish_loop(self) -> None:
         while True:
@@ -597,6 +621,8 @@ class ProcessTable:
         mp.waiters.clear()
         mp.done.set()
         asyncio.get_running_loop().call_soon(self._wakeup.set)
+        self._to_sweep.add(mp.id)
+        self._sweep_due.set()
 
     def fit(self, ex: ExitInfo | None) -> ExitInfo | None:
         """*ex* with its tails cut (keeping their ends) to what one message can carry."""
@@ -671,5 +697,10 @@ class ProcessTable:
         await self._drain_queue()
         if self._publisher is not None:
             self._publisher.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        ids = self._to_sweep | {mp.id for mp in self.finished.values()}
+        if ids:  # the last chance: nothing may outlive the spawner
+            strays(self.marker, ids, PROC_ENV)
         if self.cgroups is not None:
             self.cgroups.sweep()

@@ -98,6 +98,8 @@ class SpawnerService(FabricService):
         self.table = ProcessTable(self.node, self._publish, marker=orphans.marker(self.key), cgroups=self.cgroups)
         assert self.nc is not None
         self.table.max_tail_in_message = max(0, self.nc.max_payload - 16384) * 3 // 8
+        self.table.on_strays = lambda pids: self.log.info("killed descendants that escaped their group",
+                                                          pids=pids)
         self.table.start()
         await self.cores.start()
         self.log.info("spawner ready", cgroup=str(self.cgroups) if self.cgroups else self.cgroup_reason,
