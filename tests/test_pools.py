@@ -209,6 +209,14 @@ async def test_replies_go_through_the_loop_when_the_link_is_down(fc: AsyncFabric
         link.up = True
 
 
+async def test_load_on_any_node(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
+    """``fabric.core.load`` (queue group): the reply names the node, and the core is reachable from it."""
+    core = await fc.load_core("echo", lib("echo"))
+    assert core.node == host.node  # the only spawner serving this module's NATS server now
+    assert await core.run(b"anywhere") == b"anywhere"
+    assert [c.core for c in (await fc.cores(host.node)).cores] == [core.id]
+
+
 async def test_map_keeps_input_order(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
     core = await load(fc, host, lib("echo"), min_workers=2, max_workers=2)
     items = [str(i).encode() * (i % 7) for i in range(2000)]
