@@ -309,3 +309,26 @@ def sync_client_body(nats_url: str, node: str) -> None:
         with pytest.raises(TimeoutError):
             p2.wait(0.1)
         assert p2.kill() and fc.rwait(p2.id, 10).reason == "killed"
+
+
+async def test_sandbox_combined_with_user_switch(fc, spawner):
+    """Everything that needs root happens before the switch to the unprivileged user."""
+    info = await fc.spawner_info(spawner.node)
+    wanted = {"sandbox.user", "sandbox.network", "sandbox.no_new_privs", "limits.memory", "limits.open_files"}
+    probe = ["/bin/sh", "-c", "id -u; readlink /proc/self/ns/net; grep NoNewPrivs /proc/self/status; ulimit -n; "
+             "cat /proc/self/cgroup | grep memory || true"]
+    kw = dict(limits=Limits(memory=256 << 20, open_files=64),
+              sandbox=Sandbox(user="nobody", network=False, no_new_privs=True))
+    if not wanted <= set(info.enforceable):
+        with pytest.raises(NotEnforceable):
+            await fc.rspawn(probe, node=spawner.node, **kw)
+        return
+    proc, ex = await run(fc, spawner.node, probe, **kw)
+    assert wanted <= set(proc.enforced), proc.enforced
+    lines = ex.stdout.decode().splitlines()
+    import pwd
+
+    assert int(lines[0]) == pwd.getpwnam("nobody").pw_uid
+    assert lines[1] != os.readlink("/proc/self/ns/net")
+    assert lines[2].split() == ["NoNewPrivs:", "1"] and lines[3] == "64"
+    assert proc.id.split(":")[1] in lines[4], "the process is in its own memory cgroup"

@@ -95,6 +95,7 @@ class CgroupRoot:
 
     def create(self, name: str, memory: int) -> ProcCgroup:
         path = self.base / name
+        self.base.mkdir(exist_ok=True)  # removed by an operator (or a stopped twin): make it again
         path.mkdir(exist_ok=True)
         group = ProcCgroup(path, self.version)
         if self.version == 2:
@@ -117,6 +118,14 @@ class CgroupRoot:
             return
         for path in children:
             ProcCgroup(path, self.version).remove()
+
+    def close(self) -> None:
+        """Remove every group and the spawner's own directory (the next start makes a new one)."""
+        self.sweep()
+        try:
+            self.base.rmdir()
+        except OSError:  # a member still exiting: the next start's sweep removes it
+            pass
 
     def __str__(self) -> str:
         return f"v{self.version}:{self.base}"

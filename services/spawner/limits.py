@@ -67,9 +67,15 @@ class Plan:
                     or self.uid is not None)
 
     def child_setup(self, cgroup_procs: str | None) -> Callable[[], None]:
-        """The pre-exec hook: only system calls, in the order that keeps each one possible."""
+        """The pre-exec hook: only system calls, in the order that keeps each one possible.
+
+        Everything privileged comes before the user switch (joining a cgroup, a network
+        namespace, raising an rlimit need root), and the parent-death signal after it
+        (the kernel clears it when the credentials change).
+        """
         rlimits = list(self.rlimits)
         nnp, netns = self.no_new_privs, self.netns_flags
+        uid, gid = self.uid, self.gid
         pdeathsig = signal.SIGKILL
 
         def setup() -> None:
@@ -80,13 +86,17 @@ class Plan:
                     os.write(fd, str(os.getpid()).encode())
                 finally:
                     os.close(fd)
-            # the spawner dying takes the process with it (its group is killed on a
-            # clean stop; this covers kill -9 of the spawner for the limits path)
-            prctl(PR_SET_PDEATHSIG, pdeathsig)
             if netns:
                 unshare(netns)
             for res, soft, hard in rlimits:
                 resource.setrlimit(res, (soft, hard))
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(gid if gid is not None else uid)
+                os.setuid(uid)
+            # the spawner dying takes the process with it (its group is killed on a
+            # clean stop; this covers kill -9 of the spawner for the limits path)
+            prctl(PR_SET_PDEATHSIG, pdeathsig)
             if nnp:
                 prctl(PR_SET_NO_NEW_PRIVS, 1)
 
@@ -110,13 +120,14 @@ def plan(limits: Limits | None, sandbox: Sandbox | None, caps: SandboxCaps, cgro
     privileged = caps.raise_rlimits
     if sandbox is not None:
         if sandbox.user is not None:
-            if caps.user is not None and sandbox.user not in (str(os.getuid()),):
+            try:
+                uid, gid = resolve_user(sandbox.user)
+            except KeyError:
+                raise BadRequest(f"sandbox.user: no user {sandbox.user!r} on this node") from None
+            if caps.user is not None and uid != os.getuid():
                 p.unenforced["sandbox.user"] = caps.user
             else:
-                try:
-                    p.uid, p.gid = resolve_user(sandbox.user)
-                except KeyError:
-                    raise BadRequest(f"sandbox.user: no user {sandbox.user!r} on this node") from None
+                p.uid, p.gid = uid, gid
                 p.enforced.append("sandbox.user")
         if sandbox.no_new_privs:
             if caps.no_new_privs is None:

@@ -334,8 +334,8 @@ class ProcessTable:
             return subprocess.Popen(
                 req.argv, executable=exe, env=env, cwd=req.cwd,
                 stdin=in_r if in_r >= 0 else subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+                # the user switch is in the hook, after what needs root (see Plan.child_setup)
                 process_group=0, preexec_fn=hook if setup is not None else None,
-                user=plan.uid, group=plan.gid, extra_groups=[] if plan.uid is not None else None,
             )
         except subprocess.SubprocessError:
             os.close(errors_w)
@@ -703,4 +703,4 @@ class ProcessTable:
         if ids:  # the last chance: nothing may outlive the spawner
             strays(self.marker, ids, PROC_ENV)
         if self.cgroups is not None:
-            self.cgroups.sweep()
+            self.cgroups.close()
