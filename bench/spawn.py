@@ -16,6 +16,10 @@ Scenarios (each one function in :data:`SCENARIOS`, returning figures and ratios)
   three are sampled in alternating windows so drift on a shared machine hits them
   alike.  ratio = (local + echo) / remote; >= 1 means fabric adds nothing beyond
   a bare request and a local spawn.
+* ``spawn_paths``: why the spawner uses ``posix_spawn``: every local way of starting
+  ``/bin/true`` (posix_spawn, subprocess with and without ``preexec_fn``, asyncio's
+  subprocess on the default loop and on uvloop) and the spawner's fast and rlimit
+  paths remotely.  Figures only, no ratio.
 
 A scenario is ``async def name(ctx: Context, log) -> dict`` with ``results`` and
 ``ratios``; add one to :data:`SCENARIOS` and it runs (``--only`` picks some).  The
@@ -117,6 +121,69 @@ async def spawn_vs_local_plus_echo(ctx: Context, log: Callable[[str], None]) -> 
     }
 
 
+async def spawn_paths(ctx: Context, log: Callable[[str], None]) -> dict[str, Any]:
+    """Why the spawner starts processes the way it does: each local way of starting
+    ``/bin/true`` (p50, start to exit reaped), and the spawner's two paths remotely.
+
+    Local: ``os.posix_spawn`` + ``os.waitpid`` (the spawner's fast path), ``subprocess``
+    without and with a Python ``preexec_fn`` (the limits path: a real fork, Python in
+    the child), and ``asyncio.create_subprocess_exec`` on the default loop and on
+    uvloop.  Remote: ``rrun`` with no limit vs with one rlimit (``open_files``).
+    """
+    import os
+    import signal as signals
+
+    import uvloop
+
+    from fabric import Limits
+
+    n = 60 if ctx.quick else 300
+    fc = ctx.client
+
+    def posix_spawn() -> None:
+        pid = os.posix_spawn("/bin/true", ["/bin/true"], os.environ, setpgroup=0,
+                             setsigdef=(signals.SIGPIPE, signals.SIGXFSZ))
+        os.waitpid(pid, 0)
+
+    def popen() -> None:
+        subprocess.run(["/bin/true"], process_group=0)
+
+    def popen_preexec() -> None:
+        subprocess.run(["/bin/true"], preexec_fn=lambda: os.setpgid(0, 0))
+
+    async def loop_subprocess() -> None:
+        proc = await asyncio.create_subprocess_exec("/bin/true")
+        await proc.wait()
+
+    def on_loop(new_loop: Callable[[], asyncio.AbstractEventLoop]) -> list[float]:
+        loop = new_loop()
+        try:
+            return loop.run_until_complete(timed(loop_subprocess, n))
+        finally:
+            loop.close()
+
+    import concurrent.futures
+
+    out: dict[str, float] = {}
+    for name, fn in (("posix_spawn", posix_spawn), ("subprocess", popen), ("subprocess_preexec", popen_preexec)):
+        out[f"local_{name}_true_p50_us"] = round(p50_us(await timed(fn, n, is_async=False)), 1)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a loop of its own, in a thread
+        loop = asyncio.get_running_loop()
+        default = await loop.run_in_executor(pool, on_loop, asyncio.new_event_loop)
+        uv = await loop.run_in_executor(pool, on_loop, uvloop.new_event_loop)
+    out["local_asyncio_subprocess_true_p50_us"] = round(p50_us(default), 1)
+    out["local_uvloop_subprocess_true_p50_us"] = round(p50_us(uv), 1)
+
+    async def remote(limits: Any) -> None:
+        await fc.rrun(["/bin/true"], node=ctx.node, timeout=10, limits=limits)
+
+    limited = Limits(open_files=1024)
+    out["remote_spawn_true_p50_us"] = round(p50_us(await timed(lambda: remote(None), n)), 1)
+    out["remote_spawn_true_rlimit_p50_us"] = round(p50_us(await timed(lambda: remote(limited), n)), 1)
+    log(", ".join(f"{k} {v:.0f}" for k, v in out.items()))
+    return {"results": out}
+
+
 # -- warm pools (compute cores) ------------------------------------------------------
 
 
@@ -210,6 +277,7 @@ async def map_jobs_per_s(ctx: Context, log: Callable[[str], None]) -> dict[str, 
 #: every scenario, in the order they run (the pool side adds its own here)
 SCENARIOS: dict[str, Callable[[Context, Callable[[str], None]], Awaitable[dict[str, Any]]]] = {
     "spawn_vs_local_plus_echo": spawn_vs_local_plus_echo,
+    "spawn_paths": spawn_paths,
     "warm_job_vs_nats_echo": warm_job_vs_nats_echo,
     "map_jobs_per_s": map_jobs_per_s,
 }
