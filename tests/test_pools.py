@@ -401,6 +401,25 @@ async def test_python_core_calls_functions(fc: AsyncFabricClient, host: CoreHost
     assert "_fails" in ei.value.remote_traceback
 
 
+def _square_or_abort(x: int) -> int:
+    if x == 7:
+        os.abort()  # takes its worker process down, mid-batch
+    return x * x
+
+
+async def test_a_crash_mid_batch_fails_only_its_job(fc: AsyncFabricClient, host: CoreHost) -> None:
+    """Jobs queued on the crashing worker's ring go to another worker; only the crashing job fails."""
+    import cloudpickle
+
+    core = await fc.load_python_core(node=host.node, min_workers=2, max_workers=2)
+    jobs = [cloudpickle.dumps((_square_or_abort, (i,), {})) for i in range(40)]
+    got = await core.map(jobs, batch_size=40, return_exceptions=True)
+    assert isinstance(got[7], WorkerCrashed) and "SIGABRT" in got[7].message
+    assert [pickle.loads(v) for i, v in enumerate(got) if i != 7] == [i * i for i in range(40) if i != 7]
+    await _until(lambda: core.stats(), lambda i: i.workers == 2)
+    assert (await core.stats()).crashes == 1
+
+
 # -- external workers ------------------------------------------------------------------------
 
 
