@@ -255,12 +255,14 @@ class ProcessTable:
         env = self._environment(req, proc_id)
         exe = executable or self._executable(req.argv[0], env, req.cwd)
         want_stdin = req.stdin is not None or req.stdin_open
-        in_r, in_w = os.pipe() if want_stdin else (-1, -1)
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
+        in_r = in_w = out_r = out_w = err_r = err_w = -1
         cgroup: ProcCgroup | None = None
         popen: subprocess.Popen[bytes] | None = None
         try:
+            if want_stdin:
+                in_r, in_w = os.pipe()
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
             if plan.memory is not None:
                 assert self.cgroups is not None
                 try:
@@ -295,14 +297,40 @@ class ProcessTable:
             plan=plan, started_at=time.time(), t0=time.monotonic(),
             stdout=OutputTail(req.tail_bytes), stderr=OutputTail(req.tail_bytes), cgroup=cgroup, popen=popen,
         )
+        try:
+            self._watch(mp, out_r, err_r, in_w)
+        except OSError as exc:  # no pidfd: it cannot be watched, so it must not run
+            self._abandon(mp, out_r, err_r, in_w)
+            raise self._spawn_error(req, exc) from None
         self.spawned += 1
         self.live[local] = mp
-        self._watch(mp, out_r, err_r, in_w)
         if req.stdin:
             self.write_stdin(mp, req.stdin, eof=not req.stdin_open)
         elif req.stdin is not None and not req.stdin_open:
             self._close_stdin(mp)
         return mp
+
+    def _abandon(self, mp: ManagedProcess, *fds: int) -> None:
+        """Kill and reap a process that was started but cannot be watched."""
+        loop = asyncio.get_running_loop()
+        for fd in (mp.pidfd, *fds):
+            if fd >= 0:
+                loop.remove_reader(fd)
+        try:
+            os.killpg(mp.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            _, status, _ = os.wait4(mp.pid, 0)
+            if mp.popen is not None:
+                mp.popen.returncode = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            pass
+        if mp.wall_timer is not None:
+            mp.wall_timer.cancel()
+        self._close_fds(mp.pidfd, *fds)
+        if mp.cgroup is not None:
+            mp.cgroup.remove()
 
     @staticmethod
     def _spawn_error(req: SpawnRequest, exc: BaseException) -> BaseException:
