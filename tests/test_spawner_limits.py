@@ -332,3 +332,32 @@ async def test_sandbox_combined_with_user_switch(fc, spawner):
     assert lines[1] != os.readlink("/proc/self/ns/net")
     assert lines[2].split() == ["NoNewPrivs:", "1"] and lines[3] == "64"
     assert proc.id.split(":")[1] in lines[4], "the process is in its own memory cgroup"
+
+
+async def test_out_of_descriptors_is_503_and_the_spawner_keeps_serving(nats_url, tmp_path):
+    import resource
+
+    from fabric import Unavailable
+
+    node = f"fds-{secrets.token_hex(3)}"
+    spawner = subprocess.Popen(
+        [PY, "-m", "services.spawner", "--nats-url", nats_url, "--node", node, "--state-dir", str(tmp_path)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96)))
+    try:
+        async with AsyncFabricClient(nats_url, local=False, timeout=10) as fc:
+            await wait_ready(fc, node)
+            procs = []
+            with pytest.raises(Unavailable, match="out of resources"):
+                for _ in range(100):  # 3 descriptors each: the spawner runs out long before
+                    procs.append(await fc.rspawn(["sleep", "60"], node=node, stream=False))
+            assert len(procs) >= 5
+            for p in procs:
+                await p.kill()
+            for p in procs:
+                assert (await p.wait(10)).reason == "killed"
+            ex = await fc.rrun(["echo", "still here"], node=node)  # descriptors back: it serves again
+            assert ex.stdout == b"still here\n"
+    finally:
+        spawner.terminate()
+        spawner.wait(15)
