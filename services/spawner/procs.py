@@ -199,6 +199,8 @@ class ProcessTable:
         self.max_tail_in_message = (1 << 20) // 3
         #: called with the pids a stray sweep killed (the service logs them)
         self.on_strays: Callable[[list[int]], None] | None = None
+        #: PATH lookups by (name, PATH); a stale entry fails at exec as ENOENT and is dropped
+        self._which: dict[tuple[str, str], str] = {}
         self._base_env = dict(os.environ)
         self._base_env.pop(MARKER_ENV, None)
         self._base_env.pop(PROC_ENV, None)
@@ -229,25 +231,26 @@ class ProcessTable:
         env[MARKER_ENV] = self.marker
         return env
 
-    @staticmethod
-    def _executable(argv0: str, env: dict[str, str], cwd: str | None) -> str:
+    def _executable(self, argv0: str, env: dict[str, str], cwd: str | None) -> str:
+        """argv[0] as a path: kept when it names one (exec reports ENOENT/EACCES), else looked up on PATH."""
+        if "\0" in argv0:
+            raise BadRequest("argv strings must not contain NUL bytes")
         if "/" in argv0:
-            path = argv0 if os.path.isabs(argv0) or cwd is None else os.path.join(cwd, argv0)
-            if not os.path.exists(path):
-                raise ExecutableNotFound(f"no such executable: {argv0}", argv0=argv0)
-            if os.path.isdir(path) or not os.access(path, os.X_OK):
-                raise PermissionDenied(f"not an executable file: {argv0}")
-            return path
-        found = shutil.which(argv0, path=env.get("PATH", os.defpath))
+            return argv0 if os.path.isabs(argv0) or cwd is None else os.path.join(cwd, argv0)
+        search = env.get("PATH", os.defpath)
+        key = (argv0, search)
+        found = self._which.get(key)
         if found is None:
-            raise ExecutableNotFound(f"executable {argv0!r} not found on the node's PATH", argv0=argv0)
+            found = shutil.which(argv0, path=search)
+            if found is None:
+                raise ExecutableNotFound(f"executable {argv0!r} not found on the node's PATH", argv0=argv0)
+            if len(self._which) > 4096:
+                self._which.clear()
+            self._which[key] = found
         return found
 
     def spawn(self, req: SpawnRequest, plan: Plan, executable: str | None = None) -> ManagedProcess:
         """Start *req* under *plan*; *executable* overrides the lookup of argv[0] (native blobs)."""
-        for arg in req.argv:
-            if "\0" in arg:
-                raise BadRequest("argv strings must not contain NUL bytes")
         if req.cwd is not None and not os.path.isdir(req.cwd):
             raise BadRequest(f"cwd {req.cwd!r} is not a directory on node {self.node}")
         local = f"{self._prefix}-{next(self._counter)}"
@@ -284,6 +287,8 @@ class ProcessTable:
                 pid = os.posix_spawn(exe, req.argv, env, file_actions=actions, setpgroup=0,
                                      setsigdef=_RESTORED_SIGNALS)
         except BaseException as exc:
+            if isinstance(exc, FileNotFoundError):
+                self._which.pop((req.argv[0], env.get("PATH", os.defpath)), None)
             self._close_fds(in_w, out_r, err_r)
             if cgroup is not None:
                 cgroup.remove()
@@ -336,6 +341,8 @@ class ProcessTable:
     def _spawn_error(req: SpawnRequest, exc: BaseException) -> BaseException:
         if isinstance(exc, (FabricError, KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
             return exc
+        if isinstance(exc, ValueError) and "null" in str(exc):
+            return BadRequest("argv and env strings must not contain NUL bytes")
         if isinstance(exc, FileNotFoundError):
             return ExecutableNotFound(f"cannot execute {req.argv[0]!r}: {exc.strerror}", argv0=req.argv[0])
         if isinstance(exc, PermissionError):
