@@ -101,6 +101,16 @@ async def spawn_vs_local_plus_echo(ctx: Context, log: Callable[[str], None]) -> 
     async def noop() -> None:  # the spawner's own request floor: a no-op answered inline
         await ctx.nc.request(f"fabric.proc.{ctx.node}.info", b"", timeout=10)
 
+    idle: list[float] = []
+
+    async def echo_after_idle() -> None:
+        # the remote spawn leaves nats-server and the responder idle for about a spawn's
+        # time; this echo shows what such a pause alone costs a round trip
+        time.sleep(0.0007)
+        t0 = time.perf_counter()
+        await ctx.echo()
+        idle.append(time.perf_counter() - t0)
+
     rem: list[float] = []
     loc: list[float] = []
     ech: list[float] = []
@@ -110,12 +120,15 @@ async def spawn_vs_local_plus_echo(ctx: Context, log: Callable[[str], None]) -> 
         loc += await timed(local, per_window, is_async=False)
         ech += await timed(ctx.echo, per_window)
         nop += await timed(noop, per_window // 2)
+        for _ in range(per_window // 2):
+            await echo_after_idle()
     r, lo, e, n = p50_us(rem), p50_us(loc), p50_us(ech), p50_us(nop)
     log(f"remote spawn+exit p50 {r:.0f} µs; local subprocess.run p50 {lo:.0f} µs; nats echo p50 {e:.0f} µs; "
         f"spawner no-op request p50 {n:.0f} µs")
     return {
         "results": {"remote_spawn_true_p50_us": round(r, 1), "local_subprocess_run_true_p50_us": round(lo, 1),
                     "nats_py_echo_p50_us": round(e, 1), "spawner_noop_request_p50_us": round(n, 1),
+                    "nats_py_echo_after_idle_p50_us": round(p50_us(idle), 1),
                     "samples": len(rem)},
         "ratios": {"spawn_vs_local_plus_echo": round((lo + e) / r, 3)},
     }
