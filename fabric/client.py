@@ -594,14 +594,14 @@ class AsyncFabricClient:
                 raise Unavailable("client is not connected: use 'async with' or call connect()")
             req.stream_to = self.nc.new_inbox()
             sub = await self.nc.subscribe(req.stream_to, cb=out.on_message)
+        out.sub = sub  # set before the spawn: the exit may arrive before its reply
+        out.streamed = stream
         try:
             reply = await self._spawn_call(node, req)
         except BaseException:
-            if sub is not None:
-                await sub.unsubscribe()
+            if out.sub is not None:
+                await out.sub.unsubscribe()
             raise
-        out.sub = sub
-        out.streamed = stream
         return AsyncRemoteProcess(self, reply, out)
 
     async def _spawn_call(self, node: str | None, req: SpawnRequest, timeout: float | None = None) -> SpawnReply:
