@@ -1,8 +1,8 @@
 """fabric: a Cython-accelerated resource fabric over NATS.
 
-The public face: the clients, the remote-buffer objects, the error tree and the
-message types.  Everything else (the service kit, the supervisor, the CLI) is
-internal and may change.
+The public face: the clients, the remote-buffer, remote-process and compute-core
+objects, the error tree and the message types.  Everything else (the service kit,
+the supervisor, the CLI) is internal and may change.
 
 >>> from fabric import FabricClient            # doctest: +SKIP
 >>> with FabricClient("nats://127.0.0.1:4222") as fc:
@@ -10,18 +10,24 @@ internal and may change.
 ...     fc.rwrite(buf, b"hello")
 ...     fc.rread(buf, 5)
 b'hello'
+
+The client classes are imported on first use (PEP 562): a warm worker process
+imports ``fabric.errors`` through the codec and must not pay for nats-py at start.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from . import schema
 from ._version import __version__
-from .client import AsyncCore, AsyncFabricClient, AsyncRemoteBuffer, Core, FabricClient, RemoteBuffer
-from .client import AsyncRemoteProcess, RemoteProcess
-from .schema import ExitInfo, Limits, Sandbox
 from .errors import (
     BadRequest,
     Conflict,
     CoreLoadFailed,
     CorruptionDetected,
     DoubleFree,
+    ExecutableNotFound,
     FabricError,
     Infeasible,
     InternalError,
@@ -29,6 +35,7 @@ from .errors import (
     JobError,
     JobFailed,
     JobTimeout,
+    NotEnforceable,
     NotFound,
     OutOfMemory,
     OutOfRange,
@@ -38,27 +45,57 @@ from .errors import (
     TooLarge,
     Unavailable,
     UnknownHandle,
+    UnknownProcess,
     WorkerCrashed,
+    WrongArchitecture,
 )
-from .errors import ExecutableNotFound, NotEnforceable, UnknownProcess, WrongArchitecture
-from . import schema
+from .schema import ExitInfo, Limits, Sandbox
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .client import (
+        AsyncCore,
+        AsyncFabricClient,
+        AsyncRemoteBuffer,
+        AsyncRemoteProcess,
+        Core,
+        FabricClient,
+        RemoteBuffer,
+        RemoteProcess,
+    )
+
+_CLIENT_NAMES = frozenset({
+    "FabricClient", "AsyncFabricClient", "RemoteBuffer", "AsyncRemoteBuffer",
+    "RemoteProcess", "AsyncRemoteProcess", "Core", "AsyncCore",
+})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLIENT_NAMES:
+        from . import client
+
+        value = getattr(client, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
-    "RemoteProcess",
-    "AsyncRemoteProcess",
-    "Limits",
-    "Sandbox",
-    "ExitInfo",
-    "UnknownProcess",
-    "ExecutableNotFound",
-    "NotEnforceable",
-    "WrongArchitecture",
     "__version__",
+    # clients and the objects they return
     "FabricClient",
     "AsyncFabricClient",
     "RemoteBuffer",
     "AsyncRemoteBuffer",
+    "RemoteProcess",
+    "AsyncRemoteProcess",
+    "Core",
+    "AsyncCore",
+    # messages
     "schema",
+    "Limits",
+    "Sandbox",
+    "ExitInfo",
+    # errors
     "FabricError",
     "BadRequest",
     "InvalidFrame",
@@ -67,20 +104,26 @@ __all__ = [
     "NotFound",
     "UnknownHandle",
     "StaleHandle",
+    "UnknownProcess",
+    "ExecutableNotFound",
     "Conflict",
     "DoubleFree",
     "TooLarge",
     "Infeasible",
+    "NotEnforceable",
+    "WrongArchitecture",
+    "CoreLoadFailed",
     "QuotaExceeded",
     "InternalError",
     "CorruptionDetected",
-    "Unavailable",
-    "OutOfMemory",
-    "Core",
-    "AsyncCore",
-    "CoreLoadFailed",
     "JobError",
     "JobFailed",
     "WorkerCrashed",
     "JobTimeout",
+    "Unavailable",
+    "OutOfMemory",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _CLIENT_NAMES)

@@ -110,7 +110,7 @@ def _workers() -> list[psutil.Process]:
 def _is_worker(p: psutil.Process) -> bool:
     try:
         cmd = " ".join(p.cmdline())
-        return "services.spawner.worker" in cmd or "services.spawner.pool_launch" in cmd
+        return "services.spawner.worker" in cmd
     except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
         return False
 

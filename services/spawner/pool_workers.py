@@ -5,9 +5,8 @@ controller sends the version exchange, then "new compute core", then jobs; the
 worker answers each message with the same id.  Job messages use the job's id as
 their message id, so a result finds its job by id, whatever order it comes in.
 
-:class:`RingWorker` runs ``python -m services.spawner.worker --ring-in A --ring-out B`` (through
-:mod:`.pool_launch`, which makes its job ring spin a little longer before it sleeps)
-with two fresh :mod:`fabric_ext.ring` files in /dev/shm.  A reader thread blocks in
+:class:`RingWorker` runs ``python -m services.spawner.worker --ring-in A --ring-out B
+--spin-us N`` (its job ring spins a little longer than the ring's default before it sleeps) with two fresh :mod:`fabric_ext.ring` files in /dev/shm.  A reader thread blocks in
 ``Consumer.pop()`` (the GIL released) and hands what it finds to the loop in one
 ``call_soon_threadsafe``; the process's exit is watched through a pidfd on the
 loop, and only once the reader has drained the ring does the pool learn which jobs
@@ -49,8 +48,10 @@ SOCKET_WINDOW = 64 << 20
 _CTRL_VERSION = 1 << 62
 _CTRL_CORE = (1 << 62) + 1
 _REPO = str(Path(__file__).resolve().parents[2])
-#: the module a ring worker runs (``services.spawner.worker`` behind a launcher)
-LAUNCHER = os.environ.get("FABRIC_POOL_WORKER_MODULE", "services.spawner.pool_launch")
+#: how long a ring worker spins on its job ring before it sleeps: a sleeping worker
+#: took about 50 µs to wake for the next job here, a spinning one about 10 µs; an idle
+#: worker spins once for this long, yielding the core, then sleeps on its futex
+WORKER_SPIN_US = float(os.environ.get("FABRIC_WORKER_SPIN_US", "1000"))
 
 
 @dataclass(frozen=True)
@@ -288,8 +289,8 @@ class RingWorker(Worker):
             env = dict(os.environ)
             env["PYTHONPATH"] = _REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", LAUNCHER, "--ring-in", self.path_in,
-                 "--ring-out", self.path_out],
+                [sys.executable, "-m", "services.spawner.worker", "--ring-in", self.path_in,
+                 "--ring-out", self.path_out, "--spin-us", str(WORKER_SPIN_US)],
                 stdin=subprocess.DEVNULL, env=env, close_fds=True)
         except BaseException:
             self._release()

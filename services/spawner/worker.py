@@ -256,11 +256,18 @@ def serve_socket(sock: socket.socket, *, max_payload: int = wire.V1_DEFAULT_MAX_
 
 # -- the ring transport ----------------------------------------------------------
 
-def serve_rings(path_in: str, path_out: str, *, max_payload: int = wire.V1_DEFAULT_MAX_PAYLOAD) -> int:
-    """Serve the controller on a pair of rings until ring-in is shut down; the exit status."""
+def serve_rings(path_in: str, path_out: str, *, max_payload: int = wire.V1_DEFAULT_MAX_PAYLOAD,
+                spin_us: float | None = None) -> int:
+    """Serve the controller on a pair of rings until ring-in is shut down; the exit status.
+
+    *spin_us* is how long the job ring spins for the next job before it sleeps on its
+    futex (None: the ring's default).  A warm pool passes a longer spin: waking a
+    sleeping worker costs tens of microseconds on a loaded 2-core machine, while one
+    still spinning picks the job up in a few (see docs/benchmarks.md).
+    """
     from fabric_ext import ring
 
-    cons = ring.Consumer(path_in)
+    cons = ring.Consumer(path_in) if spin_us is None else ring.Consumer(path_in, spin_us=spin_us)
     prod = ring.Producer(path_out)
     push_parts = prod.push_parts
 
@@ -316,12 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ring-out", help="ring of responses to the controller")
     parser.add_argument("--max-payload", type=int, default=wire.V1_DEFAULT_MAX_PAYLOAD,
                         help="largest message payload accepted, in bytes")
+    parser.add_argument("--spin-us", type=float, default=None,
+                        help="ring transport: microseconds to spin for the next job before sleeping")
     args = parser.parse_args(argv)
+    if args.spin_us is not None and not (0 <= args.spin_us <= 1_000_000):
+        parser.error("--spin-us must be between 0 and 1000000")
     if args.connect and not (args.ring_in or args.ring_out):
         return serve_socket(connect(args.connect), max_payload=args.max_payload)
     if args.ring_in and args.ring_out and not args.connect:
         _die_with_parent()
-        return serve_rings(args.ring_in, args.ring_out, max_payload=args.max_payload)
+        return serve_rings(args.ring_in, args.ring_out, max_payload=args.max_payload, spin_us=args.spin_us)
     parser.error("give either --connect, or both --ring-in and --ring-out")
     return 2
 
