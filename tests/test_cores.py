@@ -53,6 +53,32 @@ def matmul_ref(n: int, k: int, m: int, a: list[float], b: list[float]) -> list[f
     return out
 
 
+def sha_batch(msgs: list[bytes]) -> bytes:
+    """The sha256 core's input: count u32 | count x (len u32 | bytes)."""
+    return struct.pack("<I", len(msgs)) + b"".join(struct.pack("<I", len(m)) + m for m in msgs)
+
+
+def sha_ref(msgs: list[bytes]) -> bytes:
+    return b"".join(hashlib.sha256(m).digest() for m in msgs)
+
+
+# inputs the sha256 core must refuse with exit code 1 and no output
+SHA_MALFORMED = [
+    b"",                                                         # no count
+    b"\x01\x00\x00",                                              # a count cut short
+    struct.pack("<I", 1),                                        # one record promised, none there
+    struct.pack("<I", 1) + b"\x03\x00",                          # a length cut short
+    struct.pack("<II", 1, 4) + b"abc",                           # a length one past the end
+    struct.pack("<II", 1, 2**32 - 1) + b"abc",                   # a length far past the end
+    struct.pack("<I", 2) + struct.pack("<I", 1) + b"a",          # the second record missing
+    struct.pack("<II", 2, 2**32 - 1) + struct.pack("<I", 0),     # a huge length, then a record
+    struct.pack("<I", 2**32 - 1) + struct.pack("<I", 0) * 3,     # a huge count
+    struct.pack("<I", 1) + struct.pack("<I", 1) + b"ab",         # a trailing byte
+    struct.pack("<I", 0) + b"\x00",                              # trailing bytes after an empty batch
+    struct.pack("<I", 0) + struct.pack("<I", 0),                 # a record beyond count
+]
+
+
 def mandel_input(x0: float, y0: float, dx: float, dy: float, w: int, h: int, it: int) -> bytes:
     return struct.pack("<4d3I", x0, y0, dx, dy, w, h, it)
 
@@ -116,12 +142,35 @@ def test_matmul_refuses_a_product_that_overflows(core: CCore) -> None:
 @pytest.mark.parametrize("size", [0, 1, 3, 55, 56, 57, 63, 64, 65, 119, 120, 127, 128, 129, 1000, 65536 + 7])
 def test_sha256_matches_hashlib(core: CCore, size: int) -> None:
     data = random.Random(size).randbytes(size)
-    assert core.run(data) == (0, hashlib.sha256(data).digest())
+    assert core.run(sha_batch([data])) == (0, hashlib.sha256(data).digest())
+
+
+@pytest.mark.parametrize("core", ["sha256"], indirect=True)
+def test_sha256_batch_keeps_order(core: CCore) -> None:
+    rnd = random.Random(256)
+    msgs = [rnd.randbytes(rnd.choice([0, 1, 8, 55, 56, 63, 64, 65, 200, 3000])) for _ in range(300)]
+    out = core.run(sha_batch(msgs))
+    assert out == (0, sha_ref(msgs)) and len(out[1]) == 32 * len(msgs)
+    assert core.run(sha_batch([b""] * 5)) == (0, hashlib.sha256(b"").digest() * 5)
+    assert core.run(sha_batch([b"pw", b"pw"])) == (0, hashlib.sha256(b"pw").digest() * 2)
+
+
+@pytest.mark.parametrize("core", ["sha256"], indirect=True)
+def test_sha256_empty_batch(core: CCore) -> None:
+    assert sha_batch([]) == b"\x00\x00\x00\x00"
+    assert core.run(sha_batch([])) == (0, b"")
 
 
 @pytest.mark.parametrize("core", ["sha256"], indirect=True)
 def test_sha256_known_vector(core: CCore) -> None:
-    assert core.run(b"abc")[1].hex() == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert core.run(sha_batch([b"abc"]))[1].hex() == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+@pytest.mark.parametrize("core", ["sha256"], indirect=True)
+@pytest.mark.parametrize("data", SHA_MALFORMED)
+def test_sha256_rejects_malformed_batches(core: CCore, data: bytes) -> None:
+    assert core.run(data) == (1, b"")
+    assert core.run(sha_batch([b"after"])) == (0, hashlib.sha256(b"after").digest())   # no state left behind
 
 
 # -- mandelbrot ------------------------------------------------------------------
@@ -203,5 +252,5 @@ def test_two_cores_loaded_one_after_another_are_distinct(build_dir: Path) -> Non
         assert echo.run(b"q") == (0, b"q")
         echo.close()
         sha = _load(build_dir, EXAMPLES / "sha256.c")
-        assert sha.run(b"q") == (0, hashlib.sha256(b"q").digest())
+        assert sha.run(sha_batch([b"q"])) == (0, hashlib.sha256(b"q").digest())
         sha.close()

@@ -227,8 +227,14 @@ async def test_map_keeps_input_order(fc: AsyncFabricClient, host: CoreHost, lib:
 
 async def test_sha256_core(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
     core = await load(fc, host, lib("sha256"))
-    inputs = [b"", b"abc", os.urandom(100_000)]
-    assert await core.map(inputs) == [hashlib.sha256(x).digest() for x in inputs]
+    msgs = [b"", b"abc", os.urandom(100_000)]
+    batch = struct.pack("<I", len(msgs)) + b"".join(struct.pack("<I", len(x)) + x for x in msgs)
+    assert await core.run(batch) == b"".join(hashlib.sha256(x).digest() for x in msgs)
+    inputs = [struct.pack("<II", 1, len(x)) + x for x in msgs] + [struct.pack("<I", 0)]   # ... and the empty batch
+    assert await core.map(inputs) == [hashlib.sha256(x).digest() for x in msgs] + [b""]
+    with pytest.raises(JobFailed) as ei:  # a length past the end: the core says 1
+        await core.run(struct.pack("<II", 1, 4) + b"abc")
+    assert ei.value.exit_code == 1 and ei.value.output == b""
 
 
 async def test_matmul_core(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:

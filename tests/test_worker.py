@@ -30,7 +30,7 @@ import pytest
 
 from fabric_ext import ring, wire
 from tests._cores import EXAMPLES, ROOT, TEST_CORES, build_core, build_worker
-from tests.test_cores import mandel_input, mandel_ref, matmul_input, matmul_ref
+from tests.test_cores import SHA_MALFORMED, mandel_input, mandel_ref, matmul_input, matmul_ref, sha_batch, sha_ref
 
 TIMEOUT = 20.0
 RING_CAPACITY = 1 << 23           # max_record is a quarter: 2 MiB, room for the 1 MiB jobs
@@ -258,7 +258,12 @@ def test_sha256(ctl: Controller, build_dir: Path) -> None:
     assert ctl.load("sha256", core_bytes(build_dir, "sha256")).kind == wire.V1_OK
     for size in (0, 1, 64, 1000, 1 << 20):
         data = random.Random(size).randbytes(size)
-        assert ctl.job(data, msg_id=size) == (0, hashlib.sha256(data).digest())
+        assert ctl.job(sha_batch([data]), msg_id=size) == (0, hashlib.sha256(data).digest())
+    msgs = [random.Random(i).randbytes(i * 37) for i in range(50)]
+    assert ctl.job(sha_batch(msgs)) == (0, sha_ref(msgs))
+    assert ctl.job(sha_batch([])) == (0, b"")                          # the empty batch
+    for data in SHA_MALFORMED:
+        assert ctl.job(data) == (1, b"")
 
 
 def test_mandelbrot(ctl: Controller, build_dir: Path) -> None:
@@ -358,7 +363,7 @@ def test_replacing_a_core(ctl: Controller, build_dir: Path) -> None:
         assert ctl.load("echo", core_bytes(build_dir, "echo")).kind == wire.V1_OK
         assert ctl.job(b"q") == (0, b"q")
         assert ctl.load("sha256", core_bytes(build_dir, "sha256")).kind == wire.V1_OK
-        assert ctl.job(b"q") == (0, hashlib.sha256(b"q").digest())
+        assert ctl.job(sha_batch([b"q"])) == (0, hashlib.sha256(b"q").digest())
 
 
 def test_malformed_payload_is_an_error_and_the_worker_goes_on(echo: Controller) -> None:

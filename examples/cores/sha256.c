@@ -1,12 +1,13 @@
-/* Compute core: SHA-256 (FIPS 180-4) of the job's data.
+/* Compute core: SHA-256 (FIPS 180-4) of a batch of messages, e.g. passwords.
  *
- * Job input:  any bytes (0 or more).
- * Job output: the 32-byte digest.
- * Exit codes: 0 always.
- * The output lives in a static buffer (the API frees it through
- * worker_free_outdata, which here has nothing to do): a worker runs one job at
- * a time, and the buffer is not reused before the worker has copied it.
+ * Job input (little-endian):  count u32 | count x (len u32 | len bytes)
+ * Job output:                 count x 32-byte digest, in input order (0 bytes for count 0)
+ * Exit codes: 0 ok; 1 malformed input (a truncated record, a length that runs
+ *             past the end, bytes after the last record), no output;
+ *             2 out of memory.
+ * The whole input is validated before anything is hashed or allocated.
  */
+#include <stdlib.h>
 #include <string.h>
 
 #include "fabric_core.h"
@@ -44,19 +45,19 @@ static void compress(uint32_t h[8], const unsigned char *block)
     h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += hh;
 }
 
-static unsigned char digest[32];
-
-int32_t worker_init(int32_t version)
+static uint32_t load_u32(const unsigned char *p)
 {
-    return version == FABRIC_CORE_API_VERSION ? 0 : 1;
+    uint32_t v;
+    memcpy(&v, p, 4);   /* the x86-64/aarch64 hosts fabric runs on are little-endian */
+    return v;
 }
 
-int32_t worker_run_job(uint64_t size, void *data, uint64_t *outsize, void **outdata)
+/* SHA-256 of p[0..len) into out[32] */
+static void sha256(const unsigned char *p, uint64_t len, unsigned char *out)
 {
     uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
                      0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
-    const unsigned char *p = data;
-    uint64_t left = size;
+    uint64_t left = len;
     unsigned char tail[128];
     while (left >= 64) {
         compress(h, p);
@@ -69,25 +70,68 @@ int32_t worker_run_job(uint64_t size, void *data, uint64_t *outsize, void **outd
         memcpy(tail, p, left);
     tail[left] = 0x80;
     size_t tail_len = left < 56 ? 64 : 128;
-    uint64_t bits = size * 8;
+    uint64_t bits = len * 8;
     for (int i = 0; i < 8; i++)
         tail[tail_len - 1 - i] = (unsigned char)(bits >> (8 * i));
     compress(h, tail);
     if (tail_len == 128)
         compress(h, tail + 64);
     for (int i = 0; i < 8; i++) {
-        digest[4 * i] = (unsigned char)(h[i] >> 24);
-        digest[4 * i + 1] = (unsigned char)(h[i] >> 16);
-        digest[4 * i + 2] = (unsigned char)(h[i] >> 8);
-        digest[4 * i + 3] = (unsigned char)h[i];
+        out[4 * i] = (unsigned char)(h[i] >> 24);
+        out[4 * i + 1] = (unsigned char)(h[i] >> 16);
+        out[4 * i + 2] = (unsigned char)(h[i] >> 8);
+        out[4 * i + 3] = (unsigned char)h[i];
     }
-    *outsize = 32;
-    *outdata = digest;
+}
+
+int32_t worker_init(int32_t version)
+{
+    return version == FABRIC_CORE_API_VERSION ? 0 : 1;
+}
+
+int32_t worker_run_job(uint64_t size, void *data, uint64_t *outsize, void **outdata)
+{
+    const unsigned char *in = data;
+    *outsize = 0;
+    *outdata = NULL;
+    if (size < 4)
+        return 1;
+    uint64_t count = load_u32(in);
+    /* every record takes at least 4 bytes: this bounds the loop and the output
+     * (count * 32 <= 8 * size) before anything else is read */
+    if (count > (size - 4) / 4)
+        return 1;
+    /* validate: off <= size holds throughout, so size - off never wraps */
+    uint64_t off = 4;
+    for (uint64_t i = 0; i < count; i++) {
+        if (size - off < 4)
+            return 1;
+        uint64_t len = load_u32(in + off);
+        off += 4;
+        if (len > size - off)
+            return 1;
+        off += len;
+    }
+    if (off != size)
+        return 1;
+    if (count == 0)
+        return 0;   /* an empty batch: no digests, no output */
+    unsigned char *out = malloc(count * 32);
+    if (!out)
+        return 2;
+    off = 4;
+    for (uint64_t i = 0; i < count; i++) {
+        uint64_t len = load_u32(in + off);
+        sha256(in + off + 4, len, out + 32 * i);
+        off += 4 + len;
+    }
+    *outsize = count * 32;
+    *outdata = out;
     return 0;
 }
 
 void worker_free_outdata(uint64_t size, void *outdata)
 {
     (void)size;
-    (void)outdata;   /* static storage: nothing to free */
+    free(outdata);
 }
