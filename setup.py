@@ -55,7 +55,7 @@ def ext(name: str) -> Extension:
 
 setup(
     ext_modules=cythonize(
-        [ext("arena"), ext("wire"), ext("ring")],
+        [ext("arena"), ext("wire"), ext("ring"), ext("spawn")],
         compiler_directives=directives,
         compile_time_env={"FABRIC_DEBUG": DEBUG},
     ),

@@ -18,8 +18,8 @@ trap rebuild_normal EXIT
 
 FABRIC_SANITIZE=1 "$PY" setup.py -q build_ext --inplace --force
 
-# every test of the Cython modules: the arena, both codecs (FBF1 and worker protocol v1), the ring
-tests=(tests/test_arena.py tests/test_wire.py tests/test_worker_protocol.py tests/test_ring.py)
+# every test of the Cython modules: the arena, both codecs (FBF1 and worker protocol v1), the ring, the spawn
+tests=(tests/test_arena.py tests/test_wire.py tests/test_worker_protocol.py tests/test_ring.py tests/test_spawn_ext.py)
 
 LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)" \
 ASAN_OPTIONS="detect_leaks=0:abort_on_error=1" \

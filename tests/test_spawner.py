@@ -359,6 +359,34 @@ async def test_children_get_default_sigpipe(fc):
     assert ex.exit_code == 0 and ex.stdout == b"y\n" and ex.stderr == b""
 
 
+async def test_children_inherit_only_stdio(fc, spawner):
+    # the spawner holds its NATS socket, pipes and pidfds of running processes, and
+    # here even a descriptor someone made inheritable: none of it reaches a child
+    leaky = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(leaky, True)
+    running = await fc.rspawn(["sleep", "30"], stdin_open=True)
+    listing = """
+import os
+fds = []
+for fd in range(3, 4096):
+    try:
+        os.fstat(fd)
+    except OSError:
+        continue
+    fds.append(fd)
+print(fds)
+"""
+    try:
+        for limits in (None, Limits(open_files=4096)):  # with and without child-side setup
+            ex = await fc.rrun([PY, "-c", listing], timeout=20, limits=limits)
+            assert ex.exit_code == 0, ex.stderr
+            assert ex.stdout == b"[]\n"
+    finally:
+        os.close(leaky)
+        await running.kill()
+        await running.wait()
+
+
 async def test_tails_are_cut_to_fit_one_message(fc, spawner, monkeypatch):
     # a small message budget stands in for a server with a small max payload
     monkeypatch.setattr(spawner.table, "max_tail_in_message", 1000)

@@ -8,31 +8,24 @@ not applicable here, with the reason).  A name is in ``enforced`` only when the
 code that applies it runs and raises on failure, so a spawn either applies it or
 fails; nothing is claimed on a header's say-so.
 
-The names are ``limits.<field>`` and ``sandbox.<field>``.  A process with no
-limit that needs the child (everything except ``wall_s``, which the spawner
-enforces itself) takes the fast path: ``posix_spawn`` with no Python in the child.
+The names are ``limits.<field>`` and ``sandbox.<field>``.  Everything but
+``wall_s`` (which the spawner enforces itself) is applied in the child, between
+clone and exec, by :func:`fabric_ext.spawn.spawn` -- system calls in C, each one
+failing the spawn with its errno, in the order that keeps the next one possible:
+cgroup, network namespace, rlimits, user switch, parent-death signal, no_new_privs.
 """
 
 from __future__ import annotations
 
 import os
 import resource
-import signal
 from dataclasses import dataclass, field
-from typing import Callable
 
 from fabric.errors import BadRequest, NotEnforceable
 from fabric.schema import Limits, Sandbox
 
 from .cgroups import CgroupRoot
-from .sandbox import (
-    PR_SET_NO_NEW_PRIVS,
-    PR_SET_PDEATHSIG,
-    SandboxCaps,
-    prctl,
-    resolve_user,
-    unshare,
-)
+from .sandbox import SandboxCaps, resolve_user
 
 __all__ = ["Plan", "plan", "RLIMITS"]
 
@@ -48,7 +41,7 @@ RLIMITS: dict[str, int] = {
 
 @dataclass
 class Plan:
-    """What one spawn applies; ``needs_child`` selects the (slower) pre-exec path."""
+    """What one spawn applies in the child (and what the reply may call enforced)."""
 
     enforced: list[str] = field(default_factory=list)
     unenforced: dict[str, str] = field(default_factory=dict)
@@ -63,44 +56,9 @@ class Plan:
 
     @property
     def needs_child(self) -> bool:
+        """Whether the child applies anything (such a process also gets the parent-death signal)."""
         return bool(self.rlimits or self.no_new_privs or self.netns_flags or self.memory is not None
                     or self.uid is not None)
-
-    def child_setup(self, cgroup_procs: str | None) -> Callable[[], None]:
-        """The pre-exec hook: only system calls, in the order that keeps each one possible.
-
-        Everything privileged comes before the user switch (joining a cgroup, a network
-        namespace, raising an rlimit need root), and the parent-death signal after it
-        (the kernel clears it when the credentials change).
-        """
-        rlimits = list(self.rlimits)
-        nnp, netns = self.no_new_privs, self.netns_flags
-        uid, gid = self.uid, self.gid
-        pdeathsig = signal.SIGKILL
-
-        def setup() -> None:
-            # the cgroup first: a user namespace would take away the right to join it
-            if cgroup_procs is not None:
-                fd = os.open(cgroup_procs, os.O_WRONLY)
-                try:
-                    os.write(fd, str(os.getpid()).encode())
-                finally:
-                    os.close(fd)
-            if netns:
-                unshare(netns)
-            for res, soft, hard in rlimits:
-                resource.setrlimit(res, (soft, hard))
-            if uid is not None:
-                os.setgroups([])
-                os.setgid(gid if gid is not None else uid)
-                os.setuid(uid)
-            # the spawner dying takes the process with it (its group is killed on a
-            # clean stop; this covers kill -9 of the spawner for the limits path)
-            prctl(PR_SET_PDEATHSIG, pdeathsig)
-            if nnp:
-                prctl(PR_SET_NO_NEW_PRIVS, 1)
-
-        return setup
 
 
 def _clamp(res: int, value: int, privileged: bool) -> tuple[int, int]:

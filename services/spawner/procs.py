@@ -1,12 +1,14 @@
 """The processes one spawner runs: starting them fast, streaming their output, ending them whole.
 
-Starting.  A process whose limits all live in the spawner (none, or only
-``wall_s``) starts with ``os.posix_spawn`` -- glibc's vfork-style clone, no Python
-in the child -- in its own process group (``setpgroup=0``).  One that needs work
-in the child (rlimits, namespaces, a cgroup, another user) starts through
-``subprocess.Popen`` with a pre-exec hook (:meth:`limits.Plan.child_setup`): a real
-fork, slower, but every step raises on failure, so what the reply calls enforced
-was applied.
+Starting.  Every process starts through :func:`fabric_ext.spawn.spawn`: clone with
+``CLONE_VM|CLONE_VFORK`` and exec in C, no Python in the child.  Between the two the
+child makes system calls only: its own process group, default signal dispositions,
+stdio, close-on-exec for every other descriptor (the spawner's NATS socket, rings
+and pidfds never cross exec), and what the :class:`limits.Plan` asks for -- cgroup,
+network namespace, rlimits, user switch, parent-death signal, no_new_privs.  A step
+that fails comes back with its errno before the spawn returns, so what the reply
+calls enforced was applied, and a process with limits starts as fast as one
+without.  The clone hands back a pidfd (``CLONE_PIDFD``).
 
 Watching.  The exit arrives through a pidfd (``os.pidfd_open``) registered with
 the event loop, stdout and stderr through non-blocking pipes, all with
@@ -37,7 +39,6 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -58,6 +59,7 @@ from fabric.errors import (
     UnknownProcess,
 )
 from fabric.schema import JSON, ExitInfo, ProcStatus, SpawnRequest
+from fabric_ext import spawn as cspawn
 
 from .cgroups import CgroupRoot, ProcCgroup
 from .limits import Plan
@@ -79,9 +81,6 @@ KEEP_FINISHED = 4096
 SWEEP_S = 0.5
 #: SIGTERM grace before SIGKILL when the spawner stops
 STOP_GRACE_S = 1.0
-
-#: signals Python ignores that a child must get back at their defaults
-_RESTORED_SIGNALS = tuple(getattr(signal, n) for n in ("SIGPIPE", "SIGXFSZ", "SIGXFZ") if hasattr(signal, n))
 
 STREAM_HEADER = "Fabric-Stream"
 PROC_HEADER = "Fabric-Proc"
@@ -145,7 +144,6 @@ class ManagedProcess:
     stdout: OutputTail
     stderr: OutputTail
     cgroup: ProcCgroup | None = None
-    popen: subprocess.Popen[bytes] | None = None
     pidfd: int = -1
     out_fd: int = -1
     err_fd: int = -1
@@ -204,6 +202,8 @@ class ProcessTable:
         self._base_env = dict(os.environ)
         self._base_env.pop(MARKER_ENV, None)
         self._base_env.pop(PROC_ENV, None)
+        self._base_env_list = [os.fsencode(f"{k}={v}") for k, v in self._base_env.items()]
+        self._marker_entry = f"{MARKER_ENV}={marker}".encode()
 
     # -- lookup ---------------------------------------------------------------------
 
@@ -219,25 +219,33 @@ class ProcessTable:
 
     # -- spawning --------------------------------------------------------------------
 
-    def _environment(self, req: SpawnRequest, proc_id: str) -> dict[str, str]:
+    def _environment(self, req: SpawnRequest, proc_id: str) -> list[bytes]:
+        """The child's environment as ``KEY=VALUE`` strings (the spawner's own, encoded once, unless replaced)."""
+        extra = [f"{PROC_ENV}={proc_id}".encode(), self._marker_entry]
+        if not req.env:
+            return ([] if req.clear_env else self._base_env_list) + extra
         env = {} if req.clear_env else dict(self._base_env)
-        if req.env:
-            for key, value in req.env.items():
-                if not key or "=" in key or "\0" in key or "\0" in value:
-                    raise BadRequest(f"invalid environment variable {key!r}: names are non-empty, without '=' "
-                                     "or NUL, and values have no NUL")
-                env[key] = value
-        env[PROC_ENV] = proc_id
-        env[MARKER_ENV] = self.marker
-        return env
+        for key, value in req.env.items():
+            if not key or "=" in key or "\0" in key or "\0" in value:
+                raise BadRequest(f"invalid environment variable {key!r}: names are non-empty, without '=' "
+                                 "or NUL, and values have no NUL")
+            env[key] = value
+        env.pop(PROC_ENV, None)
+        env.pop(MARKER_ENV, None)
+        return [os.fsencode(f"{k}={v}") for k, v in env.items()] + extra
 
-    def _executable(self, argv0: str, env: dict[str, str], cwd: str | None) -> str:
+    def _path_of(self, req: SpawnRequest) -> str:
+        """The PATH argv[0] is looked up on: the request's, else the spawner's (none with clear_env)."""
+        if req.env and "PATH" in req.env:
+            return req.env["PATH"]
+        return os.defpath if req.clear_env else self._base_env.get("PATH", os.defpath)
+
+    def _executable(self, argv0: str, search: str, cwd: str | None) -> str:
         """argv[0] as a path: kept when it names one (exec reports ENOENT/EACCES), else looked up on PATH."""
         if "\0" in argv0:
             raise BadRequest("argv strings must not contain NUL bytes")
         if "/" in argv0:
             return argv0 if os.path.isabs(argv0) or cwd is None else os.path.join(cwd, argv0)
-        search = env.get("PATH", os.defpath)
         key = (argv0, search)
         found = self._which.get(key)
         if found is None:
@@ -256,11 +264,10 @@ class ProcessTable:
         local = f"{self._prefix}-{next(self._counter)}"
         proc_id = f"{self.node}:{local}"
         env = self._environment(req, proc_id)
-        exe = executable or self._executable(req.argv[0], env, req.cwd)
+        exe = executable or self._executable(req.argv[0], self._path_of(req), req.cwd)
         want_stdin = req.stdin is not None or req.stdin_open
-        in_r = in_w = out_r = out_w = err_r = err_w = -1
+        in_r = in_w = out_r = out_w = err_r = err_w = cgroup_fd = pidfd = -1
         cgroup: ProcCgroup | None = None
-        popen: subprocess.Popen[bytes] | None = None
         try:
             if want_stdin:
                 in_r, in_w = os.pipe()
@@ -270,37 +277,31 @@ class ProcessTable:
                 assert self.cgroups is not None
                 try:
                     cgroup = self.cgroups.create(local, plan.memory)
+                    cgroup_fd = os.open(cgroup.procs_file, os.O_WRONLY | os.O_CLOEXEC)
                 except OSError as exc:
                     raise NotEnforceable(f"limits.memory: cannot create the cgroup: {exc}") from None
-            if plan.needs_child or req.cwd is not None:
-                popen = self._popen(req, plan, exe, env, in_r, out_w, err_w, cgroup)
-                pid = popen.pid
-            else:
-                actions: list[tuple[Any, ...]] = [
-                    (os.POSIX_SPAWN_DUP2, in_r, 0) if in_r >= 0 else (os.POSIX_SPAWN_OPEN, 0, os.devnull,
-                                                                       os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_DUP2, out_w, 1),
-                    (os.POSIX_SPAWN_DUP2, err_w, 2),
-                ]
-                # setsigdef: the spawner is Python, which ignores SIGPIPE and SIGXFSZ, and an
-                # ignored signal stays ignored across exec (Popen's restore_signals does the same)
-                pid = os.posix_spawn(exe, req.argv, env, file_actions=actions, setpgroup=0,
-                                     setsigdef=_RESTORED_SIGNALS)
+            pid, pidfd = cspawn.spawn(
+                exe, req.argv, env, stdin=in_r, stdout=out_w, stderr=err_w, cwd=req.cwd, process_group=0,
+                cgroup_fd=cgroup_fd, unshare_flags=plan.netns_flags, rlimits=plan.rlimits, uid=plan.uid,
+                gid=plan.gid, no_new_privs=plan.no_new_privs,
+                # the spawner dying takes a limited process with it (its group is killed on a
+                # clean stop; this covers kill -9 of the spawner)
+                pdeathsig=signal.SIGKILL if plan.needs_child else 0)
         except BaseException as exc:
             if isinstance(exc, FileNotFoundError):
-                self._which.pop((req.argv[0], env.get("PATH", os.defpath)), None)
+                self._which.pop((req.argv[0], self._path_of(req)), None)
             self._close_fds(in_w, out_r, err_r)
             if cgroup is not None:
                 cgroup.remove()
             raise self._spawn_error(req, exc) from None
         finally:
-            self._close_fds(in_r, out_w, err_w)
+            self._close_fds(in_r, out_w, err_w, cgroup_fd)
         mp = ManagedProcess(
             id=proc_id, local=local, pid=pid, argv=list(req.argv), owner=req.owner,
             subject=subjects.node_scoped("proc", self.node, f"out.{local}"), stream_to=req.stream_to,
             announce=req.announce,
             plan=plan, started_at=time.time(), t0=time.monotonic(),
-            stdout=OutputTail(req.tail_bytes), stderr=OutputTail(req.tail_bytes), cgroup=cgroup, popen=popen,
+            stdout=OutputTail(req.tail_bytes), stderr=OutputTail(req.tail_bytes), cgroup=cgroup, pidfd=pidfd,
         )
         try:
             self._watch(mp, out_r, err_r, in_w)
@@ -326,9 +327,7 @@ class ProcessTable:
         except (ProcessLookupError, PermissionError):
             pass
         try:
-            _, status, _ = os.wait4(mp.pid, 0)
-            if mp.popen is not None:
-                mp.popen.returncode = os.waitstatus_to_exitcode(status)
+            os.wait4(mp.pid, 0)
         except ChildProcessError:
             pass
         if mp.wall_timer is not None:
@@ -343,6 +342,10 @@ class ProcessTable:
             return exc
         if isinstance(exc, ValueError) and "null" in str(exc):
             return BadRequest("argv and env strings must not contain NUL bytes")
+        if isinstance(exc, cspawn.ChildSetupError):
+            if exc.step == "chdir":
+                return BadRequest(f"cannot change to cwd {req.cwd!r}: {exc.strerror}")
+            return NotEnforceable(f"applying the limits and sandbox in the child failed: {exc}")
         if isinstance(exc, FileNotFoundError):
             return ExecutableNotFound(f"cannot execute {req.argv[0]!r}: {exc.strerror}", argv0=req.argv[0])
         if isinstance(exc, PermissionError):
@@ -352,36 +355,6 @@ class ProcessTable:
         if isinstance(exc, OSError) and exc.errno == errno.ENOEXEC:
             return BadRequest(f"cannot execute {req.argv[0]!r}: not an executable format")
         return InternalError(f"spawn failed: {type(exc).__name__}: {exc}")
-
-    def _popen(self, req: SpawnRequest, plan: Plan, exe: str, env: dict[str, str], in_r: int, out_w: int,
-               err_w: int, cgroup: ProcCgroup | None) -> subprocess.Popen[bytes]:
-        errors_r, errors_w = os.pipe()  # the pre-exec hook's failure text (the fd closes on exec)
-        setup = plan.child_setup(cgroup.procs_file if cgroup is not None else None) if plan.needs_child else None
-
-        def hook() -> None:
-            try:
-                setup()  # type: ignore[misc]
-            except BaseException as exc:
-                os.write(errors_w, str(exc).encode()[:1000])
-                raise
-
-        try:
-            return subprocess.Popen(
-                req.argv, executable=exe, env=env, cwd=req.cwd,
-                stdin=in_r if in_r >= 0 else subprocess.DEVNULL, stdout=out_w, stderr=err_w,
-                # the user switch is in the hook, after what needs root (see Plan.child_setup)
-                process_group=0, preexec_fn=hook if setup is not None else None,
-            )
-        except subprocess.SubprocessError:
-            os.close(errors_w)
-            errors_w = -1
-            detail = os.read(errors_r, 4096).decode(errors="replace")
-            raise NotEnforceable(f"applying the limits and sandbox in the child failed: {detail or 'unknown'}") \
-                from None
-        finally:
-            if errors_w >= 0:
-                os.close(errors_w)
-            os.close(errors_r)
 
     @staticmethod
     def _close_fds(*fds: int) -> None:
@@ -394,7 +367,6 @@ class ProcessTable:
 
     def _watch(self, mp: ManagedProcess, out_r: int, err_r: int, in_w: int) -> None:
         loop = asyncio.get_running_loop()
-        mp.pidfd = os.pidfd_open(mp.pid)
         os.set_blocking(out_r, False)
         os.set_blocking(err_r, False)
         mp.out_fd, mp.err_fd = out_r, err_r
@@ -590,8 +562,6 @@ class ProcessTable:
         mp.pidfd = -1
         mp.reaped = True
         mp.status_raw, mp.rusage = status, rusage
-        if mp.popen is not None:
-            mp.popen.returncode = os.waitstatus_to_exitcode(status)  # so Popen never waits for it
         if mp.wall_timer is not None:
             mp.wall_timer.cancel()
             mp.wall_timer = None
@@ -641,7 +611,6 @@ class ProcessTable:
             stdout_total=mp.stdout.total, stderr_total=mp.stderr.total,
         )
         mp.members.clear()
-        mp.popen = None
         self.live.pop(mp.local, None)
         self.finished[mp.local] = mp
         while len(self.finished) > KEEP_FINISHED:

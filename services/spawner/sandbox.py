@@ -7,8 +7,8 @@
   "available" means the kernel did it here, not that a header declares it;
 * ``user``: switching to another user needs CAP_SETUID/CAP_SETGID (or the same uid).
 
-Everything a child applies runs in its pre-exec hook (:func:`child_setup`), which
-may only make system calls: the libc handle is loaded here, in the parent.
+The probes use libc through ctypes; the children themselves apply the same calls
+in C between clone and exec (:mod:`fabric_ext.spawn`).
 """
 
 from __future__ import annotations
