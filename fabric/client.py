@@ -139,6 +139,29 @@ async def _log_reconnect() -> None:
     log.info("reconnected to NATS")
 
 
+#: the URL of last resort: a NATS on this machine's default port
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+def default_url() -> str:
+    """Where a client connects when given no URL.
+
+    ``$FABRIC_NATS_URL`` first; else the NATS of the fabric that ``fabric up`` runs
+    in the default state directory on this machine (whatever port it got); else
+    ``nats://127.0.0.1:4222``.
+    """
+    env = os.environ.get("FABRIC_NATS_URL")
+    if env:
+        return env
+    try:
+        from .state import StateDir, default_state_dir
+
+        state = StateDir(default_state_dir()).running()
+    except Exception:  # noqa: BLE001 - an unreadable state dir just means "not running here"
+        state = None
+    return state.nats_url if state is not None and state.nats_url else DEFAULT_NATS_URL
+
+
 def _default_owner() -> str:
     try:
         user = getpass.getuser()
@@ -209,7 +232,9 @@ class _LocalSegments:
 class AsyncFabricClient:
     """The asyncio client.  ``async with AsyncFabricClient(url) as fc: buf = await fc.rmalloc(1024)``.
 
-    *url* defaults to ``$FABRIC_NATS_URL``, then ``nats://127.0.0.1:4222``; *owner*
+    *url* defaults to ``$FABRIC_NATS_URL``, then the fabric ``fabric up`` runs here
+    (its default state directory), then ``nats://127.0.0.1:4222`` (:func:`default_url`);
+    connecting gives up after *timeout* seconds with :class:`Unavailable`; *owner*
     (the quota account of the blocks it allocates) to the user name; *timeout* is
     per request, in seconds; ``local=False`` turns the local fast path off;
     reads of more than *read_chunk_size* bytes travel as concurrent chunks.
@@ -227,7 +252,7 @@ class AsyncFabricClient:
     ) -> None:
         if isinstance(read_chunk_size, bool) or not isinstance(read_chunk_size, int) or read_chunk_size < 4096:
             raise BadRequest(f"read_chunk_size must be an int of at least 4096 bytes, got {read_chunk_size!r}")
-        self.url = url or os.environ.get("FABRIC_NATS_URL", "nats://127.0.0.1:4222")
+        self.url = url or default_url()
         self.owner = owner if owner is not None else _default_owner()
         self.timeout = timeout
         self.name = name
@@ -240,11 +265,22 @@ class AsyncFabricClient:
 
     async def connect(self) -> "AsyncFabricClient":
         if self.nc is None:
+            # Once connected the client reconnects forever (a restarted nats-server must
+            # not kill long-lived clients), but nats-py applies the same setting to the
+            # first connect, which would then wait forever for a server that is not
+            # there: bound the first connect by the client's timeout.
             try:
-                self.nc = await nats.connect(self.url, name=self.name, connect_timeout=self.timeout,
-                                             max_reconnect_attempts=-1, allow_reconnect=True,
-                                             reconnect_time_wait=0.25, error_cb=_log_nats_error,
-                                             disconnected_cb=_log_disconnect, reconnected_cb=_log_reconnect)
+                self.nc = await asyncio.wait_for(
+                    nats.connect(self.url, name=self.name, connect_timeout=min(self.timeout, 2.0),
+                                 max_reconnect_attempts=-1, allow_reconnect=True,
+                                 reconnect_time_wait=0.25, error_cb=_log_nats_error,
+                                 disconnected_cb=_log_disconnect, reconnected_cb=_log_reconnect),
+                    timeout=self.timeout)
+            except asyncio.TimeoutError:
+                raise Unavailable(
+                    f"cannot connect to NATS at {self.url} within {self.timeout:g}s: nothing answers there. "
+                    "Start fabric with `fabric up`, or pass the URL of a running one "
+                    "(FabricClient(url) or $FABRIC_NATS_URL)") from None
             except Exception as exc:
                 raise Unavailable(f"cannot connect to NATS at {self.url}: {exc}") from None
         return self

@@ -153,3 +153,18 @@ def test_example_script_runs(up):
     assert "through the read-only handle: b'hello world'" in out.stdout
     assert "use after free -> 404 stale_handle" in out.stdout
     assert "double free -> 409 double_free" in out.stdout
+
+
+def test_client_without_url_finds_the_fabric_running_here(up, monkeypatch):
+    """FabricClient() with no URL reaches the fabric that `fabric up` runs in the default state dir."""
+    import fabric.state
+    from fabric.client import default_url
+
+    monkeypatch.delenv("FABRIC_NATS_URL", raising=False)
+    monkeypatch.setattr(fabric.state, "default_state_dir", lambda: Path(up["state_dir"]))
+    assert default_url() == up["nats_url"]
+    with FabricClient() as fc:
+        buf = fc.rmalloc(16)
+        fc.rwrite(buf, b"found")
+        assert fc.rread(buf, 5) == b"found"
+        fc.rfree(buf)
