@@ -624,7 +624,8 @@ class ProcessTable:
                 fut.set_result(None)
         mp.waiters.clear()
         mp.done.set()
-        asyncio.get_running_loop().call_soon(self._wakeup.set)
+        if self._queue:  # nothing to publish (a one-round-trip run): no publisher step
+            asyncio.get_running_loop().call_soon(self._wakeup.set)
         self._to_sweep.add(mp.id)
         self._sweep_due.set()
 
