@@ -572,29 +572,47 @@ class AsyncFabricClient:
 
     async def load_core(self, name: str, library: "str | os.PathLike[str] | bytes | memoryview", *,
                         min_workers: int = 1, max_workers: int = 4, time_limit: float = 60.0, idle: float = 30.0,
-                        node: str | None = None, external: bool = False) -> "AsyncCore":
+                        node: str | None = None, external: bool = False, replace: bool = False,
+                        unload_after: float | None = None) -> "AsyncCore":
         """Load a compute core (a ``.so`` path or its bytes) into a warm pool; returns an :class:`AsyncCore`.
 
         *node* picks the spawner (default: any); *time_limit* (seconds, 0 = none) bounds one
         job; workers above *min_workers* retire after *idle* seconds; ``external=True`` also
         opens sockets where external v1 workers may join (``core.info.listen_unix`` / ``listen_tcp``).
         A library without the API symbols, or whose ``worker_init`` fails, raises CoreLoadFailed.
+
+        Pools are named and shared: a node keeps one live pool per *name*.  Loading a name
+        that is live there with the same library (sha256) and the same settings returns that
+        pool (``core.reused`` is true; nothing starts); another library, or other settings,
+        raises Conflict (409) naming the live pool, unless ``replace=True``: then a new pool
+        starts and the old one drains (it takes no new jobs, finishes its queued and running
+        ones, then its workers stop).  **A pool outlives this client**: it lives until
+        :meth:`AsyncCore.unload` (``async with core:`` / ``with core:`` unload on exit, for
+        everyone using that pool), until the spawner stops, or, with *unload_after* seconds,
+        until it has had no job for that long (default: never).
         """
         if isinstance(library, (str, os.PathLike)):
             with open(library, "rb") as fh:
                 library = fh.read()
         req = LoadCoreRequest(name=name, library=bytes(library), min_workers=min_workers, max_workers=max_workers,
-                              time_limit_s=time_limit, idle_s=idle, external=external)
+                              time_limit_s=time_limit, idle_s=idle, external=external, replace=replace,
+                              unload_after_s=unload_after or 0.0)
         subject = subjects.node_scoped("core", node, "load") if node else subjects.cluster("core", "load")
         reply = await self.request(subject, MSGPACK.encode(req), {CONTENT_TYPE_HEADER: MSGPACK_CONTENT_TYPE},
                                    timeout=max(self.timeout, 60.0))
         return AsyncCore(self, MSGPACK.decode(reply.data, CoreInfo))
 
     async def load_python_core(self, *, min_workers: int = 1, max_workers: int = 4, time_limit: float = 60.0,
-                               idle: float = 30.0, node: str | None = None) -> "AsyncCore":
-        """A pool of the built-in Python worker: run functions with :meth:`AsyncCore.call`."""
+                               idle: float = 30.0, node: str | None = None, replace: bool = False,
+                               unload_after: float | None = None) -> "AsyncCore":
+        """A pool of the built-in Python worker: run functions with :meth:`AsyncCore.call`.
+
+        The pool ``fabric.python`` of a node is shared and outlives this client, as in
+        :meth:`load_core`: a second load with the same settings reuses it.
+        """
         return await self.load_core(PYTHON_CORE, b"", min_workers=min_workers, max_workers=max_workers,
-                                    time_limit=time_limit, idle=idle, node=node)
+                                    time_limit=time_limit, idle=idle, node=node, replace=replace,
+                                    unload_after=unload_after)
 
     async def cores(self, node: str) -> CoreListReply:
         """Every core loaded on *node*, with its pool's statistics."""
@@ -925,17 +943,25 @@ class FabricClient:
 
     def load_core(self, name: str, library: "str | os.PathLike[str] | bytes | memoryview", *, min_workers: int = 1,
                   max_workers: int = 4, time_limit: float = 60.0, idle: float = 30.0, node: str | None = None,
-                  external: bool = False) -> "Core":
-        """Load a compute core into a warm pool (see :meth:`AsyncFabricClient.load_core`)."""
+                  external: bool = False, replace: bool = False, unload_after: float | None = None) -> "Core":
+        """Load a compute core into a warm pool (see :meth:`AsyncFabricClient.load_core`).
+
+        The pool is shared by name and outlives this client: it lives until ``core.unload()``
+        (``with client.load_core(...) as core:`` unloads on exit), the spawner stops, or
+        *unload_after* seconds without a job.  Loading it again with the same library and
+        settings reuses it (``core.reused``); otherwise Conflict, unless ``replace=True``.
+        """
         return Core(self, self._run(self._aio.load_core(
             name, library, min_workers=min_workers, max_workers=max_workers, time_limit=time_limit, idle=idle,
-            node=node, external=external)))
+            node=node, external=external, replace=replace, unload_after=unload_after)))
 
     def load_python_core(self, *, min_workers: int = 1, max_workers: int = 4, time_limit: float = 60.0,
-                         idle: float = 30.0, node: str | None = None) -> "Core":
-        """A pool of the built-in Python worker: ``core.call(fn, *args)``."""
+                         idle: float = 30.0, node: str | None = None, replace: bool = False,
+                         unload_after: float | None = None) -> "Core":
+        """A pool of the built-in Python worker: ``core.call(fn, *args)`` (shared, see :meth:`load_core`)."""
         return self.load_core(PYTHON_CORE, b"", min_workers=min_workers, max_workers=max_workers,
-                              time_limit=time_limit, idle=idle, node=node)
+                              time_limit=time_limit, idle=idle, node=node, replace=replace,
+                              unload_after=unload_after)
 
     def cores(self, node: str) -> CoreListReply:
         return self._run(self._aio.cores(node))
@@ -1295,6 +1321,12 @@ class AsyncCore:
         digest = await core.run(b"hello")
         digests = await core.map([b"a", b"b", b"c"])      # in input order
         await core.unload()
+
+    The pool is named and shared on its node, and it outlives the client: it lives until
+    :meth:`unload` (``async with core:`` unloads on exit, for every user of the pool), until
+    the spawner stops, or until it has had no job for the load's ``unload_after`` seconds.
+    ``reused`` says the load found the pool live and returned it; ``digest`` identifies its
+    library (sha256 hex, or ``fabric.python``).
     """
 
     def __init__(self, client: AsyncFabricClient, info: CoreInfo) -> None:
@@ -1308,6 +1340,21 @@ class AsyncCore:
 
     def __repr__(self) -> str:
         return f"AsyncCore(name={self.name!r}, core={self.id!r}, node={self.node!r})"
+
+    @property
+    def reused(self) -> bool:
+        """The load returned a pool that was already live (loaded before, by anyone)."""
+        return self.info.reused
+
+    @property
+    def digest(self) -> str:
+        return self.info.digest
+
+    async def __aenter__(self) -> "AsyncCore":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.unload()
 
     def _job_timeout(self, jobs: int = 1) -> float:
         limit = self.info.time_limit_s or 3600.0
@@ -1402,14 +1449,18 @@ class AsyncCore:
         return self.info
 
     async def unload(self) -> CoreInfo:
-        """Stop the pool's workers; later jobs raise NotFound."""
+        """Unload the pool now, for everyone using it: queued jobs fail, its workers stop, later
+        jobs raise NotFound.  Unloading a pool that a ``replace`` left draining stops it at once."""
         reply = await self.client.request(subjects.node_scoped("core", self.node, "unload"),
                                           JSON.encode(CoreRequest(core=self.id)))
         return JSON.decode(reply.data, CoreInfo)
 
 
 class Core:
-    """The synchronous face of :class:`AsyncCore`: ``core.run(b"...")``, ``core.map(items)``, ``core.call(fn)``."""
+    """The synchronous face of :class:`AsyncCore`: ``core.run(b"...")``, ``core.map(items)``, ``core.call(fn)``.
+
+    The pool outlives the client (see :meth:`FabricClient.load_core`); ``with`` unloads it on exit.
+    """
 
     def __init__(self, client: FabricClient, aio: AsyncCore) -> None:
         self.client = client
@@ -1430,6 +1481,14 @@ class Core:
     @property
     def info(self) -> CoreInfo:
         return self.aio.info
+
+    @property
+    def reused(self) -> bool:
+        return self.aio.reused
+
+    @property
+    def digest(self) -> str:
+        return self.aio.digest
 
     def __repr__(self) -> str:
         return f"Core(name={self.name!r}, core={self.id!r}, node={self.node!r})"

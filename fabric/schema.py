@@ -487,6 +487,11 @@ class LoadCoreRequest(Message):
 
     ``library`` is the ``.so`` file's bytes (raw ``bin`` in MessagePack, base64 in
     JSON); empty with ``name == "fabric.python"`` selects the built-in Python worker.
+
+    One live pool per name on a node: the same name, library (sha256) and settings
+    returns the live pool (``CoreInfo.reused``); another library or other settings is
+    409 unless ``replace`` (a new pool; the old one drains).  A pool lives until
+    unloaded, its spawner stops, or it has had no job for ``unload_after_s`` seconds.
     """
 
     name: CoreName
@@ -500,6 +505,10 @@ class LoadCoreRequest(Message):
     #: also listen for external v1 workers (unix socket, and TCP on ``listen_host``)
     external: bool = False
     listen_host: str = "127.0.0.1"
+    #: start a new pool even if one of this name is live; the old one drains (finishes its jobs, then stops)
+    replace: bool = False
+    #: the spawner unloads the pool after this many seconds without a job; 0 = never
+    unload_after_s: Annotated[float, Meta(ge=0, le=365 * 24 * 3600)] = 0.0
 
 
 class CoreInfo(Message):
@@ -525,6 +534,15 @@ class CoreInfo(Message):
     #: where external v1 workers connect (``unix:/path`` and ``tcp:HOST:PORT``), when asked for
     listen_unix: str = ""
     listen_tcp: str = ""
+    #: sha256 (hex) of the library, or ``fabric.python`` for the built-in worker
+    digest: str = ""
+    idle_s: float = 30.0
+    unload_after_s: float = 0.0
+    #: (load reply) the load found this pool live and returned it; nothing was started or changed
+    reused: bool = False
+    #: replaced by core ``replaced_by``: takes no new jobs, stops once its queued and running jobs are done
+    draining: bool = False
+    replaced_by: str = ""
 
 
 class CoreRequest(Message):

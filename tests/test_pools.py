@@ -386,6 +386,140 @@ async def test_idle_workers_retire_down_to_min(fc: AsyncFabricClient, host: Core
     await _until(lambda: core.stats(), lambda i: i.workers == 1)
 
 
+# -- pool lifetime: named, shared, reused ------------------------------------------------------
+
+
+async def _workers_settle(n: int, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while len(_workers()) != n:
+        assert asyncio.get_running_loop().time() < deadline, f"{len(_workers())} worker processes, expected {n}"
+        await asyncio.sleep(0.05)
+
+
+async def test_loading_twice_reuses_one_pool(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
+    first = await load(fc, host, lib("echo"), min_workers=2, max_workers=2)
+    assert not first.reused and first.digest == hashlib.sha256(lib("echo").read_bytes()).hexdigest()
+    await _until(lambda: first.stats(), lambda i: i.workers == 2)
+    await _workers_settle(2)
+    again = await load(fc, host, lib("echo"), min_workers=2, max_workers=2)
+    anywhere = await fc.load_core("echo", lib("echo"), min_workers=2, max_workers=2)  # the any-node subject too
+    assert again.reused and anywhere.reused and again.id == anywhere.id == first.id
+    assert await again.run(b"shared") == b"shared"
+    assert [c.core for c in (await fc.cores(host.node)).cores] == [first.id]
+    assert (await first.stats()).workers_started == 2  # nothing was started for the second load
+    await _workers_settle(2)
+    py = await fc.load_python_core(node=host.node, max_workers=1)
+    py2 = await fc.load_python_core(node=host.node, max_workers=1)
+    assert py2.reused and py2.id == py.id and py.digest == "fabric.python"
+    assert len((await fc.cores(host.node)).cores) == 2
+
+
+async def test_concurrent_loads_of_one_name_start_one_pool(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
+    cores = await asyncio.gather(*(load(fc, host, lib("echo")) for _ in range(4)))
+    assert len({c.id for c in cores}) == 1 and sorted(c.reused for c in cores) == [False, True, True, True]
+    assert (await cores[0].stats()).workers_started == 1
+    await _workers_settle(1)
+
+
+async def test_same_name_other_library_or_settings_is_a_conflict(fc: AsyncFabricClient, host: CoreHost,
+                                                                 lib: Any) -> None:
+    from fabric import Conflict
+
+    echo = await load(fc, host, lib("echo"), max_workers=2)
+    digest = hashlib.sha256(lib("echo").read_bytes()).hexdigest()
+    with pytest.raises(Conflict) as ei:
+        await fc.load_core("echo", lib("nonzero"), max_workers=2, node=host.node)
+    assert ei.value.code == 409
+    assert digest in ei.value.message and echo.id in ei.value.message and "replace=True" in ei.value.message
+    with pytest.raises(Conflict) as ei:
+        await load(fc, host, lib("echo"), max_workers=3, time_limit=5)
+    assert "max_workers 2 (asked 3)" in ei.value.message and "time_limit_s 60.0 (asked 5" in ei.value.message
+    await fc.load_python_core(node=host.node, max_workers=1)
+    with pytest.raises(Conflict) as ei:
+        await fc.load_python_core(node=host.node)
+    assert "max_workers 1 (asked 4)" in ei.value.message
+    # nothing changed: one echo pool, as loaded, still serving
+    infos = {c.name: c for c in (await fc.cores(host.node)).cores}
+    assert infos["echo"].core == echo.id and infos["echo"].max_workers == 2 and infos["echo"].digest == digest
+    assert await echo.run(b"untouched") == b"untouched"
+
+
+async def test_replace_with_another_library(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
+    old = await load(fc, host, lib("echo"))
+    new = await fc.load_core("echo", lib("nonzero"), node=host.node, replace=True)
+    assert new.id != old.id and not new.reused
+    assert new.digest == hashlib.sha256(lib("nonzero").read_bytes()).hexdigest()
+    with pytest.raises(JobFailed):
+        await new.run(b"x")  # the nonzero core answers now
+    await _until(lambda: fc.cores(host.node), lambda r: [c.core for c in r.cores] == [new.id])  # idle: drained
+    with pytest.raises(NotFound):
+        await old.run(b"x")
+    await _workers_settle(1)
+
+
+async def test_a_failed_replace_keeps_the_old_pool(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
+    old = await load(fc, host, lib("echo"))
+    with pytest.raises(CoreLoadFailed):
+        await fc.load_core("echo", lib("missing_symbols"), node=host.node, replace=True)
+    assert await old.run(b"still") == b"still"
+    again = await load(fc, host, lib("echo"))
+    assert again.reused and again.id == old.id
+
+
+def _slow(value: str, seconds: float) -> str:
+    import time
+
+    time.sleep(seconds)
+    return value
+
+
+async def test_replace_drains_the_old_pool(fc: AsyncFabricClient, host: CoreHost) -> None:
+    """The old pool finishes its running and queued jobs, takes no new ones, then its workers stop."""
+    old = await fc.load_python_core(node=host.node, min_workers=1, max_workers=1)
+    running = asyncio.ensure_future(old.call(_slow, "first", 1.0))
+    queued = asyncio.ensure_future(old.call(_slow, "second", 0.1))
+    await _until(lambda: old.stats(), lambda i: i.running + i.queued == 2)
+    new = await fc.load_python_core(node=host.node, min_workers=1, max_workers=2, replace=True)
+    assert new.id != old.id and not new.reused
+    info = await old.stats()
+    assert info.draining and info.replaced_by == new.id
+    with pytest.raises(NotFound) as ei:
+        await old.call(_square, 2)
+    assert "replaced by " + new.id in ei.value.message
+    assert await new.call(_square, 3) == 9  # the new pool serves meanwhile
+    assert not running.done()
+    assert await running == "first" and await queued == "second"
+    await _until(lambda: fc.cores(host.node), lambda r: [c.core for c in r.cores] == [new.id])
+    await _workers_settle(1)  # the old pool's worker stopped; the new pool's stays
+    assert (await fc.load_python_core(node=host.node, min_workers=1, max_workers=2)).id == new.id
+
+
+async def test_unload_then_load_makes_a_fresh_pool(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
+    first = await load(fc, host, lib("echo"))
+    await first.unload()
+    await _workers_settle(0)
+    second = await load(fc, host, lib("echo"))
+    assert second.id != first.id and not second.reused
+    assert (await second.stats()).workers_started == 1
+    async with second:
+        assert await second.run(b"fresh") == b"fresh"
+    assert not (await fc.cores(host.node)).cores  # the context manager unloaded it
+
+
+async def test_pool_idle_past_unload_after_is_unloaded(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
+    kept = await load(fc, host, lib("segfault"))  # no unload_after: stays
+    core = await load(fc, host, lib("echo"), unload_after=1.0)
+    assert core.info.unload_after_s == 1.0
+    for _ in range(4):  # jobs keep it alive
+        assert await core.run(b"busy") == b"busy"
+        await asyncio.sleep(0.2)
+    assert core.id in [c.core for c in (await fc.cores(host.node)).cores]
+    await _until(lambda: fc.cores(host.node), lambda r: [c.core for c in r.cores] == [kept.id])
+    with pytest.raises(NotFound):
+        await core.run(b"late")
+    await _workers_settle(1)
+
+
 # -- the built-in Python worker ------------------------------------------------------------
 
 

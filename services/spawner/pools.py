@@ -35,6 +35,14 @@ Subjects (docs/protocol.md, "Compute cores"): ``fabric.core.load`` (any spawner)
 ``fabric.core.<node>.{load,list,stats,unload}`` (JSON/MessagePack), and
 ``fabric.core.<node>.run.<core>`` (raw job bytes in, raw output out) and
 ``fabric.core.<node>.map.<core>`` (the job batch frames of :mod:`fabric.schema`).
+
+Lifetime: one live pool per core name on a node.  Loading a name again with the same
+library (its sha256, or ``fabric.python`` for the built-in worker) and the same settings
+returns that pool (``reused``); other settings or another library are 409 Conflict
+unless the load asks to ``replace``: the new pool starts, then the old one *drains*
+(takes no new jobs, finishes the queued and running ones, then its workers stop).  A
+pool lives until it is unloaded, the spawner stops, or, with ``unload_after_s``, it
+has had no job for that long.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import glob
+import hashlib
 import itertools
 import os
 import secrets
@@ -56,6 +65,7 @@ from nats.aio.client import Client as NATS
 from fabric import subjects
 from fabric.errors import (
     BadRequest,
+    Conflict,
     CoreLoadFailed,
     FabricError,
     InternalError,
@@ -80,7 +90,7 @@ from fabric.subjects import QUEUE_GROUP
 from .pool_reply import ReplyLink
 from .pool_workers import RingWorker, SocketWorker, Worker, WorkerSpec
 
-__all__ = ["CoreManager", "Pool", "Job", "PYTHON_CORE", "EXIT_CODE_HEADER"]
+__all__ = ["CoreManager", "Pool", "Job", "PYTHON_CORE", "EXIT_CODE_HEADER", "library_digest"]
 
 #: the built-in Python worker's core name (with an empty library)
 PYTHON_CORE = "fabric.python"
@@ -96,6 +106,11 @@ MAX_START_FAILURES = 3
 MAX_QUEUED = 1 << 20
 #: how often the watchdog looks for jobs past their time limit and idle workers
 TICK_S = 0.05
+
+
+def library_digest(library: bytes) -> str:
+    """What identifies a core's code: the sha256 (hex) of the library, ``fabric.python`` for none."""
+    return hashlib.sha256(library).hexdigest() if library else PYTHON_CORE
 
 
 class Job:
@@ -124,10 +139,18 @@ class Pool:
         self.id = core_id
         self.name = req.name
         self.library = bytes(req.library)
+        self.digest = library_digest(self.library)
         self.min_workers = req.min_workers
         self.max_workers = max(req.max_workers, req.min_workers, 1)
         self.time_limit_s = req.time_limit_s
         self.idle_s = req.idle_s
+        self.unload_after_s = req.unload_after_s
+        self.external = req.external
+        self.listen_host = req.listen_host
+        self.ready = asyncio.Event()  # set when the load finished, whether it worked or not
+        self.draining = False  # replaced: no new jobs; closes once the queued and running ones are done
+        self.replaced_by = ""
+        self.last_active = time.monotonic()  # the load, or the end of the latest job
         self.workers: list[Worker] = []
         self.loaded = False  # the first worker loaded the library: later start failures retry
         self.last_error = ""
@@ -154,6 +177,10 @@ class Pool:
     def submit(self, job: Job) -> None:
         if self.closed:
             job.done(0, b"", NotFound(f"core {self.id} was unloaded", core=self.id))
+            return
+        if self.draining:
+            job.done(0, b"", NotFound(f"core {self.id} was replaced by {self.replaced_by} and takes no new jobs",
+                                      core=self.id, replaced_by=self.replaced_by))
             return
         if self.broken:
             job.done(0, b"", CoreLoadFailed(self.broken, core=self.id))
@@ -204,6 +231,7 @@ class Pool:
             self.jobs_failed += 1
         else:
             self.jobs_done += 1
+        self.last_active = time.monotonic()
         job.done(exit_code, out, err)
 
     # -- workers ----------------------------------------------------------------
@@ -275,7 +303,7 @@ class Pool:
             while self.queue:
                 self.queue.popleft().done(0, b"", NotFound(f"core {self.id} was unloaded", core=self.id))
             return
-        need = max(self.min_workers - len(self.workers), 0)
+        need = max(self.min_workers - len(self.workers), 0) if not self.draining else 0
         if self.queue and not need and len(self.workers) < self.max_workers:
             need = 1
         if not self.broken:
@@ -297,6 +325,24 @@ class Pool:
                 if w.ready and not w.outstanding and not w.external and now - w.idle_since > self.idle_s:
                     w.retire()
                     extra -= 1
+
+    def busy(self) -> bool:
+        """Jobs wait or run here."""
+        return bool(self.queue) or any(w.outstanding for w in self.workers)
+
+    def differences(self, req: LoadCoreRequest) -> list[str]:
+        """The settings of *req* that differ from this pool's, as ``field live (asked X)``."""
+        asked = {
+            "min_workers": req.min_workers,
+            "max_workers": max(req.max_workers, req.min_workers, 1),
+            "time_limit_s": req.time_limit_s,
+            "idle_s": req.idle_s,
+            "unload_after_s": req.unload_after_s,
+            "external": req.external,
+        }
+        if req.external:
+            asked["listen_host"] = req.listen_host
+        return [f"{k} {getattr(self, k)!r} (asked {v!r})" for k, v in asked.items() if getattr(self, k) != v]
 
     # -- external workers ---------------------------------------------------------
 
@@ -360,6 +406,8 @@ class Pool:
             queued=len(self.queue), running=running, jobs_done=self.jobs_done, jobs_failed=self.jobs_failed,
             crashes=self.crashes, timeouts=self.timeouts, workers_started=self.workers_started,
             workers_refused=self.workers_refused, listen_unix=self.listen_unix, listen_tcp=self.listen_tcp,
+            digest=self.digest, idle_s=self.idle_s, unload_after_s=self.unload_after_s, draining=self.draining,
+            replaced_by=self.replaced_by,
         )
 
 
@@ -378,6 +426,9 @@ class CoreManager:
         self.log = log
         self.nats_url = nats_url
         self.pools: dict[str, Pool] = {}
+        #: the live pool of each core name (not the draining ones): what a load reuses
+        self.by_name: dict[str, Pool] = {}
+        self._closing: set[asyncio.Task[Any]] = set()
         self.link: ReplyLink | None = None
         self.nc: NATS | None = None
         self._subs: list[Any] = []
@@ -430,7 +481,10 @@ class CoreManager:
                 pass
             self._ticker = None
         pools, self.pools = list(self.pools.values()), {}
+        self.by_name.clear()
         await asyncio.gather(*(p.close() for p in pools), return_exceptions=True)
+        if self._closing:
+            await asyncio.gather(*set(self._closing), return_exceptions=True)
         if self._sends:
             await asyncio.wait(set(self._sends), timeout=5)
         if self.link is not None:
@@ -459,8 +513,28 @@ class CoreManager:
             for pool in list(self.pools.values()):
                 try:
                     pool.tick(now)
+                    if pool.draining:
+                        if not pool.busy():
+                            self._retire(pool, "drained")
+                    elif (pool.unload_after_s and pool.loaded and not pool.busy()
+                          and now - pool.last_active > pool.unload_after_s):
+                        self._retire(pool, "idle")
                 except Exception:
                     self.log.exception("pool watchdog failed", core=pool.id)
+
+    def _forget(self, pool: Pool) -> None:
+        if self.pools.get(pool.id) is pool:
+            del self.pools[pool.id]
+        if self.by_name.get(pool.name) is pool:
+            del self.by_name[pool.name]
+
+    def _retire(self, pool: Pool, why: str) -> None:
+        """Unload *pool* in the background (drained, or idle past ``unload_after_s``)."""
+        self._forget(pool)
+        self.log.info("core unloaded", core=pool.id, name=pool.name, why=why)
+        task = asyncio.get_running_loop().create_task(pool.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _pool(self, core_id: str) -> Pool:
         pool = self.pools.get(core_id)
@@ -478,9 +552,37 @@ class CoreManager:
             raise BadRequest(f"core name {PYTHON_CORE!r} is reserved for the built-in Python worker")
         if body.min_workers > body.max_workers:
             raise BadRequest(f"min_workers ({body.min_workers}) exceeds max_workers ({body.max_workers})")
+        digest = library_digest(body.library)
+        while True:
+            live = self.by_name.get(body.name)
+            if live is None:
+                break
+            if not live.ready.is_set():  # another load of this name is starting it: wait for its outcome
+                await live.ready.wait()
+                continue
+            if live.broken:  # its workers keep failing to start: a load starts afresh
+                self._retire(live, "broken")
+                continue
+            if body.replace:
+                break
+            if live.digest != digest:
+                raise Conflict(f"core {body.name!r} is loaded on node {self.node} as {live.id} with another "
+                               f"library (sha256 {live.digest}; this one is {digest}): unload it first, "
+                               f"or load with replace=True", core=live.id, digest=live.digest)
+            diff = live.differences(body)
+            if diff:
+                raise Conflict(f"core {body.name!r} is loaded on node {self.node} as {live.id} with other "
+                               f"settings: {', '.join(diff)}; load it with its settings, unload it first, "
+                               f"or load with replace=True", core=live.id, digest=live.digest)
+            live.last_active = time.monotonic()
+            info = live.info(self.node)
+            info.reused = True
+            return info
+        old = self.by_name.get(body.name)  # replace=True: drained once the new pool is up
         core_id = f"c{secrets.token_hex(6)}"
         pool = Pool(self, core_id, body)
         self.pools[core_id] = pool
+        self.by_name[body.name] = pool
         try:
             # the first worker proves the library loads; the others start beside it
             first = pool.start_worker()
@@ -494,11 +596,20 @@ class CoreManager:
             if body.external:
                 await pool.listen(body.listen_host)
         except BaseException:
-            self.pools.pop(core_id, None)
+            self._forget(pool)
+            if old is not None and self.pools.get(old.id) is old and body.name not in self.by_name:
+                self.by_name[body.name] = old  # the replacement failed: the old pool stays
+            pool.ready.set()
             await pool.close()
             raise
-        self.log.info("core loaded", core=core_id, name=body.name, min_workers=pool.min_workers,
-                      max_workers=pool.max_workers)
+        pool.last_active = time.monotonic()
+        pool.ready.set()
+        if old is not None and self.pools.get(old.id) is old:
+            old.draining = True
+            old.replaced_by = core_id
+            self.log.info("core draining", core=old.id, name=old.name, replaced_by=core_id)
+        self.log.info("core loaded", core=core_id, name=body.name, digest=pool.digest,
+                      min_workers=pool.min_workers, max_workers=pool.max_workers)
         return pool.info(self.node)
 
     def list(self, req: Request) -> CoreListReply:
@@ -510,7 +621,7 @@ class CoreManager:
     async def unload(self, req: Request) -> CoreInfo:
         core_id = req.decode(CoreRequest).core
         pool = self._pool(core_id)
-        del self.pools[core_id]
+        self._forget(pool)
         info = pool.info(self.node)
         await pool.close()
         self.log.info("core unloaded", core=core_id, name=pool.name)
