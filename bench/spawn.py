@@ -15,11 +15,14 @@ Scenarios (each one function in :data:`SCENARIOS`, returning figures and ratios)
   ``subprocess.run(["/bin/true"])`` p50 plus the bare nats-py echo RTT p50.  The
   three are sampled in alternating windows so drift on a shared machine hits them
   alike.  ratio = (local + echo) / remote; >= 1 means fabric adds nothing beyond
-  a bare request and a local spawn.
-* ``spawn_paths``: why the spawner uses ``posix_spawn``: every local way of starting
-  ``/bin/true`` (posix_spawn, subprocess with and without ``preexec_fn``, asyncio's
-  subprocess on the default loop and on uvloop) and the spawner's fast and rlimit
-  paths remotely.  Figures only, no ratio.
+  a bare request and a local spawn.  Beside it, in the same windows, the floor of
+  any spawner behind nats-py: a bare nats-py responder (its own process, uvloop)
+  that starts ``/bin/true`` with :func:`fabric_ext.spawn.spawn`, no pipes, and
+  answers when its pidfd says it ended (``bare_nats_spawn_floor_p50_us``).
+* ``spawn_paths``: why the spawner spawns the way it does: every local way of
+  starting ``/bin/true`` (``fabric_ext.spawn``, posix_spawn, subprocess with and
+  without ``preexec_fn``, asyncio's subprocess on the default loop and on uvloop)
+  and the spawner without and with an rlimit remotely.  Figures only, no ratio.
 
 A scenario is ``async def name(ctx: Context, log) -> dict`` with ``results`` and
 ``ratios``; add one to :data:`SCENARIOS` and it runs (``--only`` picks some).  The
@@ -82,9 +85,42 @@ async def timed(fn: Callable[[], Awaitable[Any]] | Callable[[], Any], n: int, *,
     return out
 
 
+#: the floor of a spawner behind nats-py: spawn /bin/true on request, answer at its exit
+SPAWN_FLOOR_RESPONDER = r"""
+import asyncio, os, sys, uvloop, nats
+from fabric_ext.spawn import spawn
+ENV = [f"{k}={v}".encode() for k, v in os.environ.items()]
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    loop = asyncio.get_running_loop()
+    async def cb(msg):
+        pid, pidfd = spawn("/bin/true", ["/bin/true"], ENV)
+        def done():
+            loop.remove_reader(pidfd)
+            status = os.wait4(pid, 0)[1]
+            os.close(pidfd)
+            loop.create_task(msg.respond(b"%d" % status))
+        loop.add_reader(pidfd, done)
+    await nc.subscribe("bench.spawnfloor", cb=cb)
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+uvloop.run(main())
+"""
+
+
 async def spawn_vs_local_plus_echo(ctx: Context, log: Callable[[str], None]) -> dict[str, Any]:
     fc = ctx.client
     windows, per_window = (6, 30) if ctx.quick else (20, 50)
+    floor_proc = subprocess.Popen([sys.executable, "-c", SPAWN_FLOOR_RESPONDER, ctx.url], cwd=REPO,
+                                  stdout=subprocess.PIPE)
+    assert floor_proc.stdout is not None
+    floor_proc.stdout.readline()
+
+    async def floor() -> None:
+        reply = await ctx.nc.request("bench.spawnfloor", b"", timeout=10)
+        if reply.data != b"0":
+            raise RuntimeError(f"the floor responder's /bin/true ended with status {reply.data!r}")
 
     async def remote() -> None:
         ex = await fc.rrun(["/bin/true"], node=ctx.node, timeout=10)
@@ -97,6 +133,7 @@ async def spawn_vs_local_plus_echo(ctx: Context, log: Callable[[str], None]) -> 
     for _ in range(20):  # warm up every path once
         await remote()
         await ctx.echo()
+        await floor()
         local()
     async def noop() -> None:  # the spawner's own request floor: a no-op answered inline
         await ctx.nc.request(f"fabric.proc.{ctx.node}.info", b"", timeout=10)
@@ -115,20 +152,29 @@ async def spawn_vs_local_plus_echo(ctx: Context, log: Callable[[str], None]) -> 
     loc: list[float] = []
     ech: list[float] = []
     nop: list[float] = []
-    for w in range(windows):
-        rem += await timed(remote, per_window)
-        loc += await timed(local, per_window, is_async=False)
-        ech += await timed(ctx.echo, per_window)
-        nop += await timed(noop, per_window // 2)
-        for _ in range(per_window // 2):
-            await echo_after_idle()
-    r, lo, e, n = p50_us(rem), p50_us(loc), p50_us(ech), p50_us(nop)
+    flo: list[float] = []
+    try:
+        for w in range(windows):
+            rem += await timed(remote, per_window)
+            loc += await timed(local, per_window, is_async=False)
+            ech += await timed(ctx.echo, per_window)
+            flo += await timed(floor, per_window // 2)
+            nop += await timed(noop, per_window // 2)
+            for _ in range(per_window // 2):
+                await echo_after_idle()
+    finally:
+        floor_proc.terminate()
+        floor_proc.wait(10)
+    r, lo, e, n, f = p50_us(rem), p50_us(loc), p50_us(ech), p50_us(nop), p50_us(flo)
     log(f"remote spawn+exit p50 {r:.0f} µs; local subprocess.run p50 {lo:.0f} µs; nats echo p50 {e:.0f} µs; "
-        f"spawner no-op request p50 {n:.0f} µs")
+        f"spawner no-op request p50 {n:.0f} µs; bare nats-py spawn floor p50 {f:.0f} µs "
+        f"(its ratio {(lo + e) / f:.2f})")
     return {
         "results": {"remote_spawn_true_p50_us": round(r, 1), "local_subprocess_run_true_p50_us": round(lo, 1),
                     "nats_py_echo_p50_us": round(e, 1), "spawner_noop_request_p50_us": round(n, 1),
                     "nats_py_echo_after_idle_p50_us": round(p50_us(idle), 1),
+                    "bare_nats_spawn_floor_p50_us": round(f, 1),
+                    "bare_nats_spawn_floor_vs_local_plus_echo": round((lo + e) / f, 3),
                     "samples": len(rem)},
         "ratios": {"spawn_vs_local_plus_echo": round((lo + e) / r, 3)},
     }
@@ -136,12 +182,14 @@ async def spawn_vs_local_plus_echo(ctx: Context, log: Callable[[str], None]) -> 
 
 async def spawn_paths(ctx: Context, log: Callable[[str], None]) -> dict[str, Any]:
     """Why the spawner starts processes the way it does: each local way of starting
-    ``/bin/true`` (p50, start to exit reaped), and the spawner's two paths remotely.
+    ``/bin/true`` (p50, start to exit reaped), and the spawner remotely.
 
-    Local: ``os.posix_spawn`` + ``os.waitpid`` (the spawner's fast path), ``subprocess``
-    without and with a Python ``preexec_fn`` (the limits path: a real fork, Python in
-    the child), and ``asyncio.create_subprocess_exec`` on the default loop and on
-    uvloop.  Remote: ``rrun`` with no limit vs with one rlimit (``open_files``).
+    Local: ``fabric_ext.spawn.spawn`` + ``os.waitpid`` (what the spawner uses, with or
+    without limits: clone+exec in C), ``os.posix_spawn``, ``subprocess`` without and
+    with a Python ``preexec_fn`` (a real fork, Python in the child: how limits were
+    once applied), and ``asyncio.create_subprocess_exec`` on the default loop and on
+    uvloop.  Remote: ``rrun`` with no limit vs with one rlimit (``open_files``): the
+    same path now, so the same figure.
     """
     import os
     import signal as signals
@@ -149,6 +197,7 @@ async def spawn_paths(ctx: Context, log: Callable[[str], None]) -> dict[str, Any
     import uvloop
 
     from fabric import Limits
+    from fabric_ext.spawn import spawn
 
     n = 60 if ctx.quick else 300
     fc = ctx.client
@@ -157,6 +206,13 @@ async def spawn_paths(ctx: Context, log: Callable[[str], None]) -> dict[str, Any
         pid = os.posix_spawn("/bin/true", ["/bin/true"], os.environ, setpgroup=0,
                              setsigdef=(signals.SIGPIPE, signals.SIGXFSZ))
         os.waitpid(pid, 0)
+
+    env = [f"{k}={v}".encode() for k, v in os.environ.items()]
+
+    def fabric_spawn() -> None:
+        pid, pidfd = spawn("/bin/true", ["/bin/true"], env)
+        os.waitpid(pid, 0)
+        os.close(pidfd)
 
     def popen() -> None:
         subprocess.run(["/bin/true"], process_group=0)
@@ -178,7 +234,8 @@ async def spawn_paths(ctx: Context, log: Callable[[str], None]) -> dict[str, Any
     import concurrent.futures
 
     out: dict[str, float] = {}
-    for name, fn in (("posix_spawn", posix_spawn), ("subprocess", popen), ("subprocess_preexec", popen_preexec)):
+    for name, fn in (("fabric_ext_spawn", fabric_spawn), ("posix_spawn", posix_spawn), ("subprocess", popen),
+                     ("subprocess_preexec", popen_preexec)):
         out[f"local_{name}_true_p50_us"] = round(p50_us(await timed(fn, n, is_async=False)), 1)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a loop of its own, in a thread
         loop = asyncio.get_running_loop()
@@ -191,7 +248,8 @@ async def spawn_paths(ctx: Context, log: Callable[[str], None]) -> dict[str, Any
         await fc.rrun(["/bin/true"], node=ctx.node, timeout=10, limits=limits)
 
     limited = Limits(open_files=1024)
-    # names of their own: the first scenario reports remote_spawn_true_p50_us
+    # names of their own: the first scenario reports remote_spawn_true_p50_us; the two
+    # run the same path since fabric_ext.spawn (the rlimit costs one setrlimit in the child)
     out["remote_fast_path_true_p50_us"] = round(p50_us(await timed(lambda: remote(None), n)), 1)
     out["remote_rlimit_path_true_p50_us"] = round(p50_us(await timed(lambda: remote(limited), n)), 1)
     log(", ".join(f"{k} {v:.0f}" for k, v in out.items()))
