@@ -119,8 +119,9 @@ def spawn(path, list argv, list env, *, int stdin=-1, int stdout=-1, int stderr=
     a.n_rlimits = len(limits)
     for i, (res, soft, hard) in enumerate(limits):
         a.rlimits[i].resource = res
-        a.rlimits[i].soft = soft
-        a.rlimits[i].hard = hard
+        # resource.RLIM_INFINITY may read -1: the all-ones rlim_t it stands for
+        a.rlimits[i].soft = soft & 0xFFFFFFFFFFFFFFFF
+        a.rlimits[i].hard = hard & 0xFFFFFFFFFFFFFFFF
     a.uid = -1 if uid is None else uid
     a.gid = -1 if gid is None else gid
     a.pdeathsig = pdeathsig

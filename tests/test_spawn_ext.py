@@ -130,6 +130,13 @@ def test_rlimits_no_new_privs_and_parent_death_signal() -> None:
     assert out.split("\n")[:2] == ["(77, 77)", "1"]
 
 
+def test_infinity_is_accepted_as_python_spells_it() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    _, out = py("import resource; print(resource.getrlimit(resource.RLIMIT_CORE))",
+                rlimits=[(resource.RLIMIT_CORE, 0, hard)])
+    assert out.strip() == str((0, hard))
+
+
 def test_cwd() -> None:
     _, out = py("import os; print(os.getcwd())", cwd="/tmp")
     assert out.strip() == os.path.realpath("/tmp")

@@ -343,6 +343,8 @@ class ProcessTable:
         if isinstance(exc, ValueError) and "null" in str(exc):
             return BadRequest("argv and env strings must not contain NUL bytes")
         if isinstance(exc, cspawn.ChildSetupError):
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                return Unavailable(f"node out of resources to start a process ({exc}): retry later")
             if exc.step == "chdir":
                 return BadRequest(f"cannot change to cwd {req.cwd!r}: {exc.strerror}")
             return NotEnforceable(f"applying the limits and sandbox in the child failed: {exc}")
