@@ -1,2 +1,3 @@
 """Cython extensions of fabric: the shared-memory arena allocator (``arena``), the
-binary wire codec (``wire``) and the SPSC shared-memory ring (``ring``)."""
+binary wire codec (``wire``), the SPSC shared-memory ring (``ring``) and the
+spawner's clone+exec with the child's setup in C (``spawn``)."""
