@@ -82,10 +82,10 @@ def test_fabric_up_runs_the_spawner_and_down_leaves_no_process(tmp_path: Path) -
             assert int(first) == proc.pid
             pids = family(proc.pid)
             assert len(pids) == 2, f"expected the process and its grandchild, got {pids}"
-        down = fabric("down", "--state-dir", str(tmp_path))
+        down = fabric("down", "--purge", "--state-dir", str(tmp_path))
         stopped = True
         assert down.returncode == 0, down.stdout + down.stderr
         assert wait_gone(pids) == [], "fabric down left spawned processes running"
     finally:
         if not stopped:
-            fabric("down", "--state-dir", str(tmp_path))
+            fabric("down", "--purge", "--state-dir", str(tmp_path))
