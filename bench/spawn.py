@@ -26,8 +26,8 @@ Scenarios (each one function in :data:`SCENARIOS`, returning figures and ratios)
 
 A scenario is ``async def name(ctx: Context, log) -> dict`` with ``results`` and
 ``ratios``; add one to :data:`SCENARIOS` and it runs (``--only`` picks some).  The
-last line is one JSON object ``{"bench": "spawn", "results", "ratios", "machine"}``
-(times are p50 in µs).
+last line is one JSON object ``{"bench": "spawn", "results", "ratios", "targets", "machine"}``
+(times are p50 in µs; ``targets``: the issue's minimum for each ratio, above 1 = fabric better).
 """
 
 from __future__ import annotations
@@ -361,6 +361,10 @@ def start_spawner(url: str, node: str, state_dir: Path) -> subprocess.Popen[byte
                             stderr=open(state_dir / "spawner.log", "wb"))
 
 
+#: the issue's minimum for each ratio (the JSON's ``targets``, like bench/ring.py's)
+TARGETS = {"spawn_vs_local_plus_echo": 1, "warm_job_vs_nats_echo": 0.67, "map_jobs_per_s": 5000}
+
+
 async def run(url: str, node: str, state_dir: Path, names: list[str], quick: bool) -> dict[str, Any]:
     import nats
 
@@ -422,7 +426,11 @@ def main() -> None:
                     proc.kill()
                     proc.wait()
             server.stop()
-    print(json.dumps({"bench": "spawn", **out, "machine": machine(spawner="python -m services.spawner (uvloop)")}))
+    for name, target in TARGETS.items():
+        if name in out["ratios"]:
+            log(f"{name}: {out['ratios'][name]} (target >= {target})")
+    print(json.dumps({"bench": "spawn", **out, "targets": TARGETS,
+                      "machine": machine(spawner="python -m services.spawner (uvloop)")}))
 
 
 if __name__ == "__main__":

@@ -1219,7 +1219,7 @@ class AsyncRemoteProcess:
                 await changed.wait()
 
     async def wait(self, timeout: float | None = None) -> ExitInfo:
-        """The exit (``exit_code``, ``signal``, ``cpu_s``, ``max_rss``, ``duration_s``, tails)."""
+        """The exit (``exit_code``, ``signal``, ``cpu_s``, ``max_rss`` and ``max_rss_exact``, ``duration_s``, tails)."""
         if self._out.exit is not None:
             return self._out.exit
         return await self.client.rwait(self.id, timeout)

@@ -294,7 +294,7 @@ class Limits(Message):
     #: RLIMIT_FSIZE: bytes one file may grow to (SIGXFSZ)
     file_size: U64 | None = None
     #: a cgroup memory limit in bytes, for the whole process tree (needs a writable cgroup controller)
-    memory: U64 | None = None
+    mem_bytes: U64 | None = None
     #: wall-clock timeout in seconds: the whole process group is killed when it runs out
     wall_s: Seconds | None = None
 
@@ -354,7 +354,14 @@ class SpawnRequest(Message):
 
 
 class ExitInfo(Message):
-    """How a process ended, with the tails of its output."""
+    """How a process ended, with the tails of its output.
+
+    ``max_rss`` never counts the spawner's own memory: Linux folds the high-water RSS
+    of the address space a process leaves at ``execve`` (the spawner's) into the
+    child's rusage, so the spawner reports rusage's peak only when it is above its own
+    peak (then, or with a memory cgroup, ``max_rss_exact`` is True); otherwise the
+    largest peak sampled while the process ran, a lower bound (``max_rss_exact`` False).
+    """
 
     id: str
     #: the exit status when it exited; None when a signal ended it
@@ -365,13 +372,19 @@ class ExitInfo(Message):
     #: (limits.wall_s), ``cpu_limit``, ``memory_limit`` (cgroup OOM), ``spawner_stopped``
     reason: str
     cpu_s: float
-    #: peak resident set size in bytes (of the process, or its largest descendant)
+    #: peak resident set size in bytes, of the process or its largest descendant (or the
+    #: peak charge of its memory cgroup, when it had one); see ``max_rss_exact``
     max_rss: int
     duration_s: float
     stdout: bytes
     stderr: bytes
     stdout_total: int = 0
     stderr_total: int = 0
+    #: True: ``max_rss`` is the measured peak (the kernel's rusage, or the cgroup's peak).
+    #: False: rusage could not tell the child's peak apart from the spawner's memory it
+    #: inherits at exec (a peak below the spawner's own), so ``max_rss`` is the largest
+    #: sample taken while it ran -- a lower bound (0 when never sampled)
+    max_rss_exact: bool = False
 
 
 class SpawnReply(Message):

@@ -415,3 +415,35 @@ async def test_a_descendant_that_escaped_with_setsid_does_not_outlive_its_proces
     escaped = int(ex.stdout)
     assert ex.exit_code == 0 and os.getsid(escaped) == escaped, "the grandchild is in a session of its own"
     assert await gone(escaped, within=10), "a setsid() descendant survived its process"
+
+
+# -- max_rss: the child's own peak, never the spawner's ------------------------------
+
+
+async def test_max_rss_of_a_small_program_is_not_the_spawners(fc, spawner):
+    # the spawner runs in this process: its peak is what exec folds into the child's rusage
+    from services.spawner.procs import vm_hwm
+
+    for argv in (["true"], ["sh", "-c", "exit 0"]):
+        ex = await (await fc.rspawn(argv)).wait(timeout=10)
+        floor = vm_hwm("self")
+        assert ex.exit_code == 0
+        assert not ex.max_rss_exact, "rusage's peak of a small child is the spawner's: it cannot be exact"
+        assert 0 < ex.max_rss < 16 << 20 and ex.max_rss < floor, (ex.max_rss, floor)
+
+
+async def test_max_rss_of_a_large_allocation_is_exact(fc, spawner):
+    from services.spawner.procs import vm_hwm
+
+    size = max(120 << 20, vm_hwm("self") + (32 << 20))  # above the spawner's peak, whatever it is
+    ex = await (await fc.rspawn([PY, "-c", f"b = b'x' * {size}; print(len(b))"])).wait(timeout=30)
+    assert ex.exit_code == 0 and ex.stdout == f"{size}\n".encode()
+    assert ex.max_rss_exact and size <= ex.max_rss < size + (64 << 20), (ex.max_rss, size)
+
+
+async def test_max_rss_below_the_floor_is_sampled_while_it_runs(fc, spawner):
+    # 24 MiB held for 1.5 s: the periodic sample sees it even when rusage cannot tell it apart
+    code = "import time; b = b'x' * (24 << 20); time.sleep(1.5); print(len(b))"
+    ex = await (await fc.rspawn([PY, "-c", code])).wait(timeout=30)
+    assert ex.exit_code == 0 and ex.max_rss >= 24 << 20, ex
+    assert ex.max_rss < (24 << 20) + (64 << 20) or ex.max_rss_exact, ex

@@ -120,14 +120,25 @@ async def test_processes_limit_is_never_claimed_when_root_ignores_it(fc, spawner
 async def test_cgroup_memory_limit_or_an_honest_refusal(fc, spawner):
     info = await fc.spawner_info(spawner.node)
     hog = "b = bytearray(400 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nprint('survived')"
-    if "limits.memory" not in info.enforceable:
-        with pytest.raises(NotEnforceable, match="limits.memory"):
-            await fc.rspawn([PY, "-c", hog], node=spawner.node, limits=Limits(memory=64 << 20))
+    if "limits.mem_bytes" not in info.enforceable:
+        with pytest.raises(NotEnforceable, match="limits.mem_bytes"):
+            await fc.rspawn([PY, "-c", hog], node=spawner.node, limits=Limits(mem_bytes=64 << 20))
         return
-    proc, ex = await run(fc, spawner.node, [PY, "-c", hog], limits=Limits(memory=64 << 20))
-    assert "limits.memory" in proc.enforced
+    proc, ex = await run(fc, spawner.node, [PY, "-c", hog], limits=Limits(mem_bytes=64 << 20))
+    assert "limits.mem_bytes" in proc.enforced
     assert ex.signal == signal.SIGKILL and ex.reason == "memory_limit" and b"survived" not in ex.stdout
     assert not [p for p in spawner.cgroups.base.iterdir() if p.is_dir()], "the process's cgroup was not removed"
+
+
+async def test_a_memory_cgroup_makes_max_rss_exact_below_the_spawners_peak(fc, spawner):
+    info = await fc.spawner_info(spawner.node)
+    if "limits.mem_bytes" not in info.enforceable:
+        pytest.skip(f"no writable memory cgroup here: {info.not_enforceable.get('limits.mem_bytes')}")
+    # 24 MiB, far below the spawner's own peak (this process): rusage alone could not tell it
+    code = "b = b'x' * (24 << 20); print(len(b))"
+    proc, ex = await run(fc, spawner.node, [PY, "-c", code], limits=Limits(mem_bytes=512 << 20))
+    assert ex.exit_code == 0 and "limits.mem_bytes" in proc.enforced
+    assert ex.max_rss_exact and 24 << 20 <= ex.max_rss < 128 << 20, ex
 
 
 async def test_network_namespace_is_real(fc, spawner, nats_server):
@@ -314,10 +325,10 @@ def sync_client_body(nats_url: str, node: str) -> None:
 async def test_sandbox_combined_with_user_switch(fc, spawner):
     """Everything that needs root happens before the switch to the unprivileged user."""
     info = await fc.spawner_info(spawner.node)
-    wanted = {"sandbox.user", "sandbox.network", "sandbox.no_new_privs", "limits.memory", "limits.open_files"}
+    wanted = {"sandbox.user", "sandbox.network", "sandbox.no_new_privs", "limits.mem_bytes", "limits.open_files"}
     probe = ["/bin/sh", "-c", "id -u; readlink /proc/self/ns/net; grep NoNewPrivs /proc/self/status; ulimit -n; "
              "cat /proc/self/cgroup | grep memory || true"]
-    kw = dict(limits=Limits(memory=256 << 20, open_files=64),
+    kw = dict(limits=Limits(mem_bytes=256 << 20, open_files=64),
               sandbox=Sandbox(user="nobody", network=False, no_new_privs=True))
     if not wanted <= set(info.enforceable):
         with pytest.raises(NotEnforceable):

@@ -1,6 +1,6 @@
 """Per-process memory cgroups, where this node has a writable memory controller.
 
-The spawner gives a process with ``limits.memory`` its own cgroup under
+The spawner gives a process with ``limits.mem_bytes`` its own cgroup under
 ``<own cgroup>/fabric-spawner-<key>/<local id>``.  Both hierarchies are detected for
 real at start-up, by creating a probe group and finding its memory limit file:
 
@@ -93,21 +93,21 @@ class CgroupRoot:
         self.base = base
         self.version = version
 
-    def create(self, name: str, memory: int) -> ProcCgroup:
+    def create(self, name: str, mem_bytes: int) -> ProcCgroup:
         path = self.base / name
         self.base.mkdir(exist_ok=True)  # removed by an operator (or a stopped twin): make it again
         path.mkdir(exist_ok=True)
         group = ProcCgroup(path, self.version)
         if self.version == 2:
-            (path / "memory.max").write_text(str(memory))
+            (path / "memory.max").write_text(str(mem_bytes))
             swap = path / "memory.swap.max"
             if swap.exists():
                 swap.write_text("0")
         else:
-            (path / "memory.limit_in_bytes").write_text(str(memory))
+            (path / "memory.limit_in_bytes").write_text(str(mem_bytes))
             memsw = path / "memory.memsw.limit_in_bytes"
             if memsw.exists():
-                memsw.write_text(str(memory))
+                memsw.write_text(str(mem_bytes))
         return group
 
     def sweep(self) -> None:

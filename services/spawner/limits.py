@@ -50,14 +50,14 @@ class Plan:
     netns_flags: int = 0
     uid: int | None = None
     gid: int | None = None
-    memory: int | None = None  # cgroup memory limit, bytes
+    mem_bytes: int | None = None  # cgroup memory limit, bytes
     wall_s: float | None = None
     cpu_s: int | None = None
 
     @property
     def needs_child(self) -> bool:
         """Whether the child applies anything (such a process also gets the parent-death signal)."""
-        return bool(self.rlimits or self.no_new_privs or self.netns_flags or self.memory is not None
+        return bool(self.rlimits or self.no_new_privs or self.netns_flags or self.mem_bytes is not None
                     or self.uid is not None)
 
 
@@ -121,12 +121,12 @@ def plan(limits: Limits | None, sandbox: Sandbox | None, caps: SandboxCaps, cgro
             else:
                 p.rlimits.append((res, *_clamp(res, value, privileged)))
             p.enforced.append(f"limits.{name}")
-        if limits.memory is not None:
+        if limits.mem_bytes is not None:
             if cgroups is None:
-                p.unenforced["limits.memory"] = cgroup_reason
+                p.unenforced["limits.mem_bytes"] = cgroup_reason
             else:
-                p.memory = limits.memory
-                p.enforced.append("limits.memory")
+                p.mem_bytes = limits.mem_bytes
+                p.enforced.append("limits.mem_bytes")
         if limits.wall_s is not None:
             if limits.wall_s <= 0:
                 raise BadRequest("limits.wall_s must be positive")

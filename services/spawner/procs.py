@@ -27,6 +27,21 @@ Output.  Each chunk goes into a bounded tail and onto the process's subject
 in order, by one publisher task for the whole table; when more than
 :data:`HIGH_WATER` bytes wait to be published the pipes stop being read, so a
 chatty process blocks on its pipe instead of filling the spawner's memory.
+
+Peak memory.  ``wait4``'s ``ru_maxrss`` is not the child's alone: at ``execve``
+Linux folds the high-water RSS of the mm being left -- the spawner's, shared through
+``CLONE_VM`` (a fork's copy would be as large) -- into the child's ``maxrss``.  So
+``ru_maxrss`` is the child's own peak only when it is above the spawner's ``VmHWM``
+at the exec (the "inherited floor"; a ``VmHWM`` read after the exec is an upper
+bound of it, since a high-water mark only grows).  Then, or when the process had a
+memory cgroup (its peak counts the tree alone), ``max_rss`` is exact.  Otherwise
+the child's peak is below the floor and rusage cannot tell it: ``max_rss`` is the
+largest sample taken while it ran (the child's ``VmHWM`` just after exec -- at least
+the stack its argv and environment were copied to -- then every :data:`RSS_SAMPLE_S`
+and at each status/list look), a lower bound, and ``max_rss_exact`` is false.
+Never the spawner's own memory.  (Both reads of the spawner's peak are the kernel's
+per-CPU RSS counters, which may drift apart by :data:`FLOOR_SLACK`: a peak counts as
+above the floor only beyond that margin.)
 """
 
 from __future__ import annotations
@@ -81,12 +96,56 @@ KEEP_FINISHED = 4096
 SWEEP_S = 0.5
 #: SIGTERM grace before SIGKILL when the spawner stops
 STOP_GRACE_S = 1.0
+#: seconds between samples of the live processes' peak RSS (``VmHWM``)
+RSS_SAMPLE_S = 1.0
+#: how far two reads of one mm's RSS may drift apart by the kernel's per-CPU counters
+#: alone (file, anon, shmem; each CPU holds back up to a batch of max(32, 2*CPUs) pages,
+#: at the exec's read and at ours): rusage counts as the child's own only above this margin
+FLOOR_SLACK = 2 * 3 * (os.cpu_count() or 1) * max(32, 2 * (os.cpu_count() or 1)) * os.sysconf("SC_PAGE_SIZE")
 
 STREAM_HEADER = "Fabric-Stream"
 PROC_HEADER = "Fabric-Proc"
 SEQ_HEADER = "Fabric-Seq"
 
 Publish = Callable[[str, bytes, dict[str, str]], Awaitable[None]]
+
+
+def _proc_kb(path: str, key: bytes) -> int:
+    """The ``key: N kB`` line of a /proc file, in bytes; 0 when absent or unreadable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        data = os.read(fd, 8192)
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+    i = data.find(key)
+    if i < 0:
+        return 0
+    try:
+        return int(data[i + len(key):data.index(b"kB", i)]) * 1024
+    except ValueError:
+        return 0
+
+
+def vm_hwm(pid: int | str) -> int:
+    """``VmHWM`` of *pid* (or ``"self"``) in bytes: the peak RSS of its current mm; 0 when gone (or a zombie).
+
+    The kernel's RSS counters are per-CPU and read approximately: a tiny process may read 0.
+    """
+    return _proc_kb(f"/proc/{pid}/status", b"VmHWM:")
+
+
+def exec_stack_bytes(argv: list[str], env_bytes: int, env_count: int) -> int:
+    """Bytes of resident stack every exec'd process has had: argv and envp copied there, page-rounded.
+
+    A lower bound of any process's peak RSS that needs no sample (it may end before one).
+    """
+    n = sum(len(a) + 1 for a in argv) + env_bytes + 8 * (len(argv) + env_count + 2)
+    return (n + 4095) // 4096 * 4096
 
 
 def parse_signal(value: int | str) -> int:
@@ -161,6 +220,8 @@ class ManagedProcess:
     drain_timer: asyncio.TimerHandle | None = None
     status_raw: int = 0
     rusage: Any = None
+    #: the largest peak RSS sampled while it ran (bytes; a lower bound of the true peak)
+    rss_sample: int = 0
     #: psutil handles of the group's members, by pid, so cpu_percent measures between looks
     members: dict[int, psutil.Process] = field(default_factory=dict)
 
@@ -204,6 +265,10 @@ class ProcessTable:
         self._base_env.pop(PROC_ENV, None)
         self._base_env_list = [os.fsencode(f"{k}={v}") for k, v in self._base_env.items()]
         self._marker_entry = f"{MARKER_ENV}={marker}".encode()
+        #: the spawner's own VmHWM (bytes) and when it was read (monotonic): the inherited floor
+        self._floor = 0
+        self._floor_at = 0.0
+        self._sampler: asyncio.Task[None] | None = None
 
     # -- lookup ---------------------------------------------------------------------
 
@@ -273,13 +338,13 @@ class ProcessTable:
                 in_r, in_w = os.pipe()
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
-            if plan.memory is not None:
+            if plan.mem_bytes is not None:
                 assert self.cgroups is not None
                 try:
-                    cgroup = self.cgroups.create(local, plan.memory)
+                    cgroup = self.cgroups.create(local, plan.mem_bytes)
                     cgroup_fd = os.open(cgroup.procs_file, os.O_WRONLY | os.O_CLOEXEC)
                 except OSError as exc:
-                    raise NotEnforceable(f"limits.memory: cannot create the cgroup: {exc}") from None
+                    raise NotEnforceable(f"limits.mem_bytes: cannot create the cgroup: {exc}") from None
             pid, pidfd = cspawn.spawn(
                 exe, req.argv, env, stdin=in_r, stdout=out_w, stderr=err_w, cwd=req.cwd, process_group=0,
                 cgroup_fd=cgroup_fd, unshare_flags=plan.netns_flags, rlimits=plan.rlimits, uid=plan.uid,
@@ -287,6 +352,7 @@ class ProcessTable:
                 # the spawner dying takes a limited process with it (its group is killed on a
                 # clean stop; this covers kill -9 of the spawner)
                 pdeathsig=signal.SIGKILL if plan.needs_child else 0)
+            exec_hwm = vm_hwm(pid)
         except BaseException as exc:
             if isinstance(exc, FileNotFoundError):
                 self._which.pop((req.argv[0], self._path_of(req)), None)
@@ -308,6 +374,10 @@ class ProcessTable:
         except OSError as exc:  # no pidfd: it cannot be watched, so it must not run
             self._abandon(mp, out_r, err_r, in_w)
             raise self._spawn_error(req, exc) from None
+        # a first lower bound of its peak, for a process that ends before any other sample:
+        # its VmHWM now (its own mm: the spawn returns after the exec closed the error pipe;
+        # 0 if it ended already, or read approximately), at least its exec's argv+envp stack
+        mp.rss_sample = max(exec_hwm, exec_stack_bytes(req.argv, sum(map(len, env)) + len(env), len(env)))
         self.spawned += 1
         self.live[local] = mp
         if req.stdin:
@@ -436,6 +506,15 @@ class ProcessTable:
     def start(self) -> None:
         self._publisher = asyncio.create_task(self._publish_loop())
         self._sweeper = asyncio.create_task(self._sweep_loop())
+        self._sampler = asyncio.create_task(self._sample_loop())
+
+    async def _sample_loop(self) -> None:
+        """Every :data:`RSS_SAMPLE_S`: each live leader's VmHWM (its pid is ours until we reap it)."""
+        while True:
+            await asyncio.sleep(RSS_SAMPLE_S)
+            for mp in list(self.live.values()):
+                if not mp.reaped:
+                    mp.rss_sample = max(mp.rss_sample, vm_hwm(mp.pid))
 
     async def _sweep_loop(self) -> None:
         """Every :data:`SWEEP_S` while processes finish: kill descendants that escaped their group."""
@@ -592,7 +671,7 @@ class ProcessTable:
         exit_code, sig = (code, None) if code >= 0 else (None, -code)
         ru = mp.rusage
         cpu_s = (ru.ru_utime + ru.ru_stime) if ru is not None else 0.0
-        max_rss = ru.ru_maxrss * 1024 if ru is not None else 0
+        max_rss, max_rss_exact = self._peak_rss(mp)
         if sig is None:
             reason = "exited"
         elif mp.kill_reason is not None:
@@ -605,10 +684,10 @@ class ProcessTable:
         else:
             reason = "signaled"
         if mp.cgroup is not None:
-            max_rss = max(max_rss, mp.cgroup.peak())
             mp.cgroup.remove()
         mp.exit = ExitInfo(
             id=mp.id, exit_code=exit_code, signal=sig, reason=reason, cpu_s=round(cpu_s, 6), max_rss=max_rss,
+            max_rss_exact=max_rss_exact,
             duration_s=round(time.monotonic() - mp.t0, 6), stdout=bytes(mp.stdout.buf), stderr=bytes(mp.stderr.buf),
             stdout_total=mp.stdout.total, stderr_total=mp.stderr.total,
         )
@@ -630,6 +709,22 @@ class ProcessTable:
             asyncio.get_running_loop().call_soon(self._wakeup.set)
         self._to_sweep.add(mp.id)
         self._sweep_due.set()
+
+    def _peak_rss(self, mp: ManagedProcess) -> tuple[int, bool]:
+        """(max_rss, exact) of a reaped process: never the spawner's memory (see the module docstring)."""
+        exact = 0
+        ru = mp.rusage
+        ru_rss = ru.ru_maxrss * 1024 if ru is not None else 0
+        if ru_rss > self._floor + FLOOR_SLACK and self._floor_at < mp.t0:
+            # the cached floor may predate the exec (the spawner grew since): read it again
+            self._floor, self._floor_at = vm_hwm("self"), time.monotonic()
+        if ru_rss > self._floor + FLOOR_SLACK:  # above the inherited floor: the child's own (or its largest reaped child's)
+            exact = ru_rss
+        if mp.cgroup is not None:  # the tree's own charge, exact whatever the floor
+            exact = max(exact, mp.cgroup.peak())
+        if exact >= mp.rss_sample and exact > 0:
+            return exact, True
+        return mp.rss_sample, False
 
     def fit(self, ex: ExitInfo | None) -> ExitInfo | None:
         """*ex* with its tails cut (keeping their ends) to what one message can carry."""
@@ -672,18 +767,22 @@ class ProcessTable:
         except psutil.Error:
             return st
         cpu, rss, seen = 0.0, 0, {}
+        peak = vm_hwm(mp.pid) if not mp.reaped else 0  # the leader's pid is ours until reaped
         for p in procs:
             p = mp.members.get(p.pid, p)
             try:
                 with p.oneshot():
                     cpu += p.cpu_percent(None)
-                    rss += p.memory_info().rss
+                    member_rss = p.memory_info().rss
+                    rss += member_rss
+                    peak = max(peak, member_rss)  # a descendant's current RSS: a lower bound of its peak
                     if p.pid == mp.pid:
                         st.status = p.status()
             except psutil.Error:
                 continue
             seen[p.pid] = p
         mp.members = seen
+        mp.rss_sample = max(mp.rss_sample, peak)
         st.cpu_percent, st.rss, st.members = round(cpu, 1), rss, len(seen)
         return st
 
@@ -706,6 +805,8 @@ class ProcessTable:
             self._publisher.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._sampler is not None:
+            self._sampler.cancel()
         ids = self._to_sweep | {mp.id for mp in self.finished.values()}
         if ids:  # the last chance: nothing may outlive the spawner
             strays(self.marker, ids, PROC_ENV)

@@ -176,9 +176,9 @@ class SpawnerService(FabricService):
             else:
                 ok.append(f"limits.{name}")
         if self.cgroups is not None:
-            ok.append("limits.memory")
+            ok.append("limits.mem_bytes")
         else:
-            not_ok["limits.memory"] = self.cgroup_reason
+            not_ok["limits.mem_bytes"] = self.cgroup_reason
         ok.append("limits.wall_s")
         for name, reason in (("no_new_privs", self.caps.no_new_privs), ("network", self.caps.network),
                              ("user", self.caps.user)):
