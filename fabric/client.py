@@ -35,9 +35,11 @@ is served in the calling thread, without a hop to that loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import getpass
 import hashlib
+import inspect
 import logging
 import os
 import platform
@@ -139,6 +141,36 @@ async def _log_reconnect() -> None:
     log.info("reconnected to NATS")
 
 
+def _arguments_checked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad numbers in a memory call raise :class:`BadRequest` (400), like a bad request anywhere.
+
+    The codec and the local fast path check offsets, lengths and item shapes and raise
+    ``ValueError`` / ``OverflowError`` with a precise message; the caller gets that
+    message as a typed fabric error.  :class:`BadRequest` is itself a ``ValueError``,
+    so ``except ValueError`` keeps working.
+    """
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def checked_async(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await fn(*args, **kwargs)
+            except FabricError:
+                raise
+            except (ValueError, OverflowError) as exc:
+                raise BadRequest(str(exc)) from None
+        return checked_async
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FabricError:
+            raise
+        except (ValueError, OverflowError) as exc:
+            raise BadRequest(str(exc)) from None
+    return checked
+
+
 #: the URL of last resort: a NATS on this machine's default port
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
@@ -171,15 +203,34 @@ def _default_owner() -> str:
     return f"{user}@{host}"[:64]
 
 
-async def _in_flight(calls: Sequence[Callable[[], Awaitable[T]]], limit: int = CHUNKS_IN_FLIGHT) -> list[T]:
-    """Await every call, at most *limit* at a time; results in order (the first error propagates)."""
-    slots = asyncio.Semaphore(limit)
+async def _in_flight(calls: Iterable[Callable[[], Awaitable[T]]], limit: int = CHUNKS_IN_FLIGHT) -> list[T]:
+    """Await every call, at most *limit* in flight; results in order.
 
-    async def one(call: Callable[[], Awaitable[T]]) -> T:
-        async with slots:
-            return await call()
+    *calls* is consumed lazily and the first error stops it: a read whose length is
+    absurd for its block fails on its first chunks instead of planning them all.
+    """
+    results: list[T] = []
+    pending: collections.deque[asyncio.Future[T]] = collections.deque()
+    try:
+        for call in calls:
+            pending.append(asyncio.ensure_future(call()))
+            if len(pending) >= limit:
+                results.append(await pending.popleft())
+        while pending:
+            results.append(await pending.popleft())
+    finally:
+        for fut in pending:  # an error (or a cancel): the rest are not wanted
+            fut.cancel()
+    return results
 
-    return await asyncio.gather(*(one(c) for c in calls))
+
+def _local_length(length: int | None) -> int:
+    """The local fast path's length: -1 means "to the end", so a caller's -1 must not pass as that."""
+    if length is None:
+        return -1
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise BadRequest(f"length must be None or an int >= 0, got {length!r}")
+    return length
 
 
 def _token(handle: "str | RemoteBuffer | AsyncRemoteBuffer") -> str:
@@ -408,6 +459,7 @@ class AsyncFabricClient:
         reply = await self.request(self._mem(node, "info"), b"{}")
         return JSON.decode(reply.data, MemInfoReply)
 
+    @_arguments_checked
     async def rwrite(self, handle: "str | AsyncRemoteBuffer", data: Any, offset: int = 0) -> int:
         """Write *data* (any bytes-like object) at *offset*; returns the bytes written."""
         token = _token(handle)
@@ -423,13 +475,14 @@ class AsyncFabricClient:
             functools.partial(self._write_frame, h.node, [(token, offset + i, mv[i:i + chunk])])
             for i in range(0, len(mv), chunk)]))
 
+    @_arguments_checked
     async def rread(self, handle: "str | AsyncRemoteBuffer", length: int | None = None, offset: int = 0) -> bytes:
         """Read *length* bytes at *offset* (``None``: to the end of the block)."""
         token = _token(handle)
         h = parse(token)
         view = await self._local_view(h, token)
         if view is not None:
-            return view.read(h.off, h.gen, offset, -1 if length is None else length)
+            return view.read(h.off, h.gen, offset, _local_length(length))
         if length is None and isinstance(handle, AsyncRemoteBuffer):
             length = max(handle.size - offset, 0)
         chunk = self.read_chunk
@@ -443,6 +496,7 @@ class AsyncFabricClient:
             size = (await self.rstat(token)).size
             return await self._read_chunked(h.node, token, offset, max(size - offset, 0), chunk)
 
+    @_arguments_checked
     async def rreadv(self, items: Iterable[tuple[Any, int, int | None]], *,
                      return_exceptions: bool = False) -> list[bytes | FabricError]:
         """Read many ``(handle, offset, length)`` items in one request per node, results in order."""
@@ -478,6 +532,7 @@ class AsyncFabricClient:
         await asyncio.gather(*(one_node(n, idx) for n, idx in by_node.items()))
         return results
 
+    @_arguments_checked
     async def rwritev(self, items: Iterable[tuple[Any, int, Any]], *,
                       return_exceptions: bool = False) -> list[int | FabricError]:
         """Write many ``(handle, offset, data)`` items in one request per node; returns bytes written each."""
@@ -548,9 +603,9 @@ class AsyncFabricClient:
         return out[0]
 
     async def _read_chunked(self, node: str, token: str, offset: int, length: int, chunk: int) -> bytes:
-        return b"".join(await _in_flight([
+        return b"".join(await _in_flight(
             functools.partial(self._read_one, node, token, offset + i, min(chunk, length - i))
-            for i in range(0, length, chunk)]))
+            for i in range(0, length, chunk)))
 
     # -- local fast path --------------------------------------------------------
 
@@ -889,6 +944,7 @@ class FabricClient:
     def meminfo(self, node: str) -> MemInfoReply:
         return self._run(self._aio.meminfo(node))
 
+    @_arguments_checked
     def rwrite(self, handle: "str | RemoteBuffer", data: Any, offset: int = 0) -> int:
         token = _token(handle)
         h = parse(token)
@@ -915,21 +971,24 @@ class FabricClient:
             written += sum(self._run(aio._send_write_frames(h.node, frames)))
         return written
 
+    @_arguments_checked
     def rread(self, handle: "str | RemoteBuffer", length: int | None = None, offset: int = 0) -> bytes:
         token = _token(handle)
         h = parse(token)
         view = self._aio._local.view(h)
         if view is not None:  # local fast path, in this thread
-            return view.read(h.off, h.gen, offset, -1 if length is None else length)
+            return view.read(h.off, h.gen, offset, _local_length(length))
         if length is None and isinstance(handle, RemoteBuffer):
             length = max(handle.size - offset, 0)
         return self._run(self._aio.rread(token, length, offset))
 
+    @_arguments_checked
     def rreadv(self, items: Iterable[tuple[Any, int, int | None]], *,
                return_exceptions: bool = False) -> list[bytes | FabricError]:
         plan = [(_token(hd), o, n) for hd, o, n in items]
         return self._run(self._aio.rreadv(plan, return_exceptions=return_exceptions))
 
+    @_arguments_checked
     def rwritev(self, items: Iterable[tuple[Any, int, Any]], *,
                 return_exceptions: bool = False) -> list[int | FabricError]:
         plan = [(_token(hd), o, d) for hd, o, d in items]

@@ -6,7 +6,7 @@ reply carries the ADR-32 headers ``Nats-Service-Error`` (readable text) and
 stable *kind* string below) so a client can raise the exact class::
 
     FabricError                      500  internal      raised when nothing more precise fits
-    ├── BadRequest                   400  bad_request   the request is malformed or has wrong types
+    ├── BadRequest (a ValueError)    400  bad_request   the request is malformed or has wrong types
     │   ├── InvalidFrame             400  invalid_frame a binary frame is truncated or hostile
     │   └── OutOfRange               400  out_of_range  offset/length fall outside the block
     ├── PermissionDenied             403  denied        the handle does not permit this (read-only)
@@ -119,8 +119,12 @@ def _rebuild(kind: str, message: str, fields: dict[str, Any]) -> FabricError:
     return _BY_KIND.get(kind, FabricError)(message, **fields)
 
 
-class BadRequest(FabricError):
-    """Raised when a request is malformed or has wrong types or values."""
+class BadRequest(FabricError, ValueError):
+    """Raised when a request is malformed or has wrong types or values.
+
+    Also a :class:`ValueError`, so code that validates arguments the Python way
+    (``except ValueError``) catches fabric's bad-argument errors too.
+    """
 
     code = 400
     kind = "bad_request"
