@@ -40,7 +40,7 @@ import nats
 import structlog
 from nats.aio.client import Client as NATS
 from nats.micro.request import Request as MicroRequest
-from nats.micro.service import EndpointStats, Service, ServiceConfig, ServiceStats
+from nats.micro.service import EndpointInfo, EndpointStats, Service, ServiceConfig, ServiceInfo, ServiceStats
 
 from ._version import __version__
 from .errors import FabricError, InternalError, error_headers
@@ -126,6 +126,14 @@ class Endpoint:
     def __post_init__(self) -> None:
         self.inline = not inspect.iscoroutinefunction(self.handler)
 
+    def record(self, started_ns: int, error: str | None = None) -> None:
+        """Count one request that began at *started_ns* (``time.perf_counter_ns``)."""
+        self.num_requests += 1
+        self.processing_ns += time.perf_counter_ns() - started_ns
+        if error is not None:
+            self.num_errors += 1
+            self.last_error = error
+
     def stats(self) -> EndpointStats:
         avg = self.processing_ns // self.num_requests if self.num_requests else 0
         return EndpointStats(
@@ -142,9 +150,22 @@ class Endpoint:
 
 
 class _MicroService(Service):
-    """nats.micro's Service, with STATS taken from the kit's own per-endpoint timings."""
+    """nats.micro's Service, with STATS taken from the kit's own per-endpoint timings.
+
+    *side_endpoints* are served on the service's own subscriptions (a hot path that
+    must not go through nats.micro's dispatch); they are listed in INFO and STATS
+    like the others, so ``$SRV`` shows every subject the service answers.
+    """
 
     kit_endpoints: list[Endpoint]
+    side_endpoints: Sequence[Endpoint] = ()
+
+    def info(self) -> ServiceInfo:
+        info = super().info()
+        info.endpoints.extend(
+            EndpointInfo(name=ep.name, subject=ep.subject, queue_group=ep.queue_group)
+            for ep in self.side_endpoints)
+        return info
 
     def stats(self) -> ServiceStats:
         return ServiceStats(
@@ -152,7 +173,7 @@ class _MicroService(Service):
             name=self._name,
             version=self._version,
             metadata=self._metadata,
-            endpoints=[ep.stats() for ep in self.kit_endpoints],
+            endpoints=[ep.stats() for ep in (*self.kit_endpoints, *self.side_endpoints)],
             started=self._started,
         )
 
@@ -179,6 +200,14 @@ class FabricService:
 
     def endpoints(self) -> Sequence[Endpoint]:
         raise NotImplementedError
+
+    def side_endpoints(self) -> Sequence[Endpoint]:
+        """Endpoints the service serves on its own subscriptions, for ``$SRV.INFO/STATS`` only.
+
+        The service keeps their counters itself (:meth:`Endpoint.record`); their
+        handlers are never called by the kit.
+        """
+        return ()
 
     def metadata(self) -> dict[str, str]:
         return {}
@@ -209,6 +238,7 @@ class FabricService:
             ServiceConfig(name=self.name, version=self.version, description=self.description, metadata=meta),
         )
         micro.kit_endpoints = self._endpoints
+        micro.side_endpoints = tuple(self.side_endpoints())
         await micro.start()
         for ep in self.endpoints():
             self._endpoints.append(ep)

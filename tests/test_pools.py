@@ -13,6 +13,7 @@ started is left, and no ring file of its pools is left in /dev/shm.
 from __future__ import annotations
 
 import asyncio
+import json
 import glob
 import hashlib
 import os
@@ -638,6 +639,21 @@ async def test_spawner_service_serves_cores(nats_url: str, tmp_path: Path, lib: 
             assert core.node == svc.node
             assert await core.run(b"via spawner") == b"via spawner"
             assert await core.map([b"1", b"2"]) == [b"1", b"2"]
+            # run and map ride the pools' own subscriptions, yet $SRV lists and counts them
+            assert client.nc is not None
+            missing = await client.nc.request(f"fabric.core.{svc.node}.run.no-such-core", b"x", timeout=5)
+            assert missing.headers and missing.headers.get("Nats-Service-Error-Code") == "404"
+            srv_id = svc._micro.id  # type: ignore[union-attr]
+            info = json.loads((await client.nc.request(f"$SRV.INFO.spawner.{srv_id}", b"", timeout=5)).data)
+            subjects_by_name = {ep["name"]: ep["subject"] for ep in info["endpoints"]}
+            assert subjects_by_name["core-run"] == f"fabric.core.{svc.node}.run.*"
+            assert subjects_by_name["core-map"] == f"fabric.core.{svc.node}.map.*"
+            stats = json.loads((await client.nc.request(f"$SRV.STATS.spawner.{srv_id}", b"", timeout=5)).data)
+            by_name = {ep["name"]: ep for ep in stats["endpoints"]}
+            assert by_name["core-run"]["num_requests"] == 2 and by_name["core-run"]["num_errors"] == 1
+            assert "no-such-core" in by_name["core-run"]["last_error"]
+            assert by_name["core-map"]["num_requests"] == 1 and by_name["core-map"]["num_errors"] == 0
+            assert by_name["core-map"]["processing_time"] > 0
     finally:
         await svc.stop()  # unloads every pool
     assert not svc.cores.pools and not _ring_files(svc.cores)

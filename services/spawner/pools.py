@@ -436,6 +436,9 @@ class CoreManager:
         self._ticker: asyncio.Task[None] | None = None
         self._sends: set[asyncio.Task[Any]] = set()
         self.ring_prefix = RING_GLOB.replace("*", f"{os.getpid()}-{secrets.token_hex(3)}")
+        # served on the job lane (start()), counted here, listed in $SRV (side_endpoints)
+        self._run_ep = Endpoint("core-run", subjects.node_scoped("core", node, "run") + ".*", self._on_run)
+        self._map_ep = Endpoint("core-map", subjects.node_scoped("core", node, "map") + ".*", self._on_map)
 
     def endpoints(self) -> list[Endpoint]:
         node = self.node
@@ -450,6 +453,10 @@ class CoreManager:
             ep("stats", self.stats),
             ep("unload", self.unload),
         ]
+
+    def side_endpoints(self) -> list[Endpoint]:
+        """``run`` and ``map``: served on the job lane below, listed and counted in ``$SRV``."""
+        return [self._run_ep, self._map_ep]
 
     async def start(self) -> None:
         """Open the job lane and the reply link (before any worker starts), start the watchdog."""
@@ -648,19 +655,24 @@ class CoreManager:
 
     async def _on_run(self, msg: Any) -> None:
         """``fabric.core.<node>.run.<core>``: the body is the job's input; the reply its output."""
+        t0 = time.perf_counter_ns()
         reply = msg.reply
         try:
             pool = self._pool(msg.subject.rpartition(".")[2])
         except FabricError as exc:
+            self._run_ep.record(t0, exc.message)
             self._send_error(reply, exc)
             return
         link = self.link
         direct = reply.encode() if reply and link is not None and link.up else None
         job = Job(next(self._job_ids), msg.data, _noop, direct)
-        job.done = functools.partial(self._run_done, job, reply, pool)
+        job.done = functools.partial(self._run_done, job, reply, pool, t0)
         pool.submit(job)
 
-    def _run_done(self, job: Job, reply: str, pool: Pool, code: int, out: Any, err: FabricError | None) -> None:
+    def _run_done(self, job: Job, reply: str, pool: Pool, t0: int, code: int, out: Any,
+                  err: FabricError | None) -> None:
+        self._run_ep.record(t0, err.message if err is not None else
+                            f"exit code {code}" if code != 0 else None)
         if job.replied:
             return
         if err is not None:
@@ -674,20 +686,27 @@ class CoreManager:
 
     async def _on_map(self, msg: Any) -> None:
         """``fabric.core.<node>.map.<core>``: a job batch frame in, a job results frame out."""
+        t0 = time.perf_counter_ns()
         reply = msg.reply
         try:
             pool = self._pool(msg.subject.rpartition(".")[2])
             items = decode_job_batch(msg.data)
         except FabricError as exc:
+            self._map_ep.record(t0, exc.message)
             self._send_error(reply, exc)
             return
         n = len(items)
         results: list[tuple[int, int, Any]] = [(0, 0, b"")] * n
         if not n:
+            self._map_ep.record(t0)
             self._send(reply, encode_job_results(results))
             return
         left = [n]
-        send = self._send
+        map_ep = self._map_ep
+
+        def send(subject: str, data: bytes) -> None:
+            map_ep.record(t0)  # a batch is one request; its jobs' failures travel in the frame
+            self._send(subject, data)
 
         def collector(i: int) -> Callable[[int, Any, FabricError | None], None]:
             def done(code: int, out: Any, err: FabricError | None) -> None:

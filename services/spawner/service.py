@@ -89,6 +89,9 @@ class SpawnerService(FabricService):
             *self.cores.endpoints(),
         ]
 
+    def side_endpoints(self) -> Sequence[Endpoint]:
+        return self.cores.side_endpoints()  # core run/map: the pools' own job lane
+
     async def on_start(self) -> None:
         left = orphans.reap(self.key)
         if left:
