@@ -5,4 +5,5 @@ from fabric.service import main
 from .service import SpawnerService
 
 if __name__ == "__main__":
+    SpawnerService.own_process = True
     main(SpawnerService)

@@ -10,18 +10,31 @@ state directory, or one still alive) is never touched.
 
 The same marker finds, while the spawner runs, descendants that escaped their
 process group with ``setsid()`` before their process ended (:func:`strays`): the
-spawner sweeps for them a moment after processes finish.  (A descendant that also
-clears its environment is out of reach, unless the process had a cgroup.)
+spawner sweeps for them a moment after processes finish.
+
+A descendant that also clears its environment carries no marker, but it cannot
+reach init either: the spawner is a child subreaper (``PR_SET_CHILD_SUBREAPER``,
+:func:`become_subreaper`), so every orphaned descendant of its processes -- double
+fork, ``setsid()``, ``env -i`` or not -- is reparented to the spawner itself.
+:func:`adopted` looks at the spawner's direct children that it did not start (not
+a process of its table, not a warm-pool worker): a marked one whose process still
+runs is left alone until that process ends; any other is killed and reaped
+(``waitpid`` on its own pid, never ``-1``: the spawner's own children are reaped
+through their pidfds).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 
-__all__ = ["MARKER_ENV", "spawner_key", "marker", "reap", "strays"]
+__all__ = ["MARKER_ENV", "spawner_key", "marker", "reap", "strays", "become_subreaper", "release_subreaper",
+           "children", "adopted"]
 
 MARKER_ENV = "FABRIC_SPAWNER"
 
@@ -130,3 +143,148 @@ def strays(marker_value: str, finished_ids: set[str], proc_env: str) -> list[int
         except (ProcessLookupError, PermissionError):
             pass
     return killed
+
+
+# -- adopted orphans (PR_SET_CHILD_SUBREAPER) ----------------------------------------------
+
+PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
+_sub_lock = threading.Lock()
+_sub_users = 0
+_sub_before = 0
+
+
+def _prctl(option: int, arg: int) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    if option == PR_GET_CHILD_SUBREAPER:
+        out = ctypes.c_int(0)
+        if libc.prctl(option, ctypes.addressof(out), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        return out.value
+    if libc.prctl(option, arg, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    return 0
+
+
+def become_subreaper() -> bool:
+    """Make this process a child subreaper (counted: several spawners may share a process)."""
+    global _sub_users, _sub_before
+    with _sub_lock:
+        try:
+            if _sub_users == 0:
+                _sub_before = _prctl(PR_GET_CHILD_SUBREAPER, 0)
+                _prctl(PR_SET_CHILD_SUBREAPER, 1)
+        except (OSError, AttributeError):
+            return False
+        _sub_users += 1
+        return True
+
+
+def release_subreaper() -> None:
+    """The last user gone: the flag goes back to what it was before the first."""
+    global _sub_users
+    with _sub_lock:
+        if _sub_users == 0:
+            return
+        _sub_users -= 1
+        if _sub_users == 0 and not _sub_before:
+            try:
+                _prctl(PR_SET_CHILD_SUBREAPER, 0)
+            except OSError:
+                pass
+
+
+def children() -> set[int]:
+    """This process's direct children (every thread's: a child belongs to the thread that forked it)."""
+    out: set[int] = set()
+    me = os.getpid()
+    if os.path.exists(f"/proc/self/task/{me}/children"):
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/children", "rb") as f:
+                    out.update(int(p) for p in f.read().split())
+            except OSError:  # the thread ended meanwhile: its children went to another thread
+                pass
+        return out
+    # no CONFIG_PROC_CHILDREN: every process's parent, from /proc
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _stat(int(entry))
+            if st is not None and st[1] == me:
+                out.add(int(entry))
+    return out
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, pgrp) from /proc/<pid>/stat."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    fields = raw.rsplit(b")", 1)[1].split()
+    return fields[0].decode(), int(fields[1]), int(fields[2])
+
+
+def _reap(pid: int, patience: float) -> bool:
+    """waitpid on exactly *pid* (never -1), polling up to *patience* seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return True  # not (or no longer) ours to reap
+        if done:
+            return True
+        if time.monotonic() >= deadline:
+            return False  # still dying: a zombie the next look reaps
+        time.sleep(0.005)
+
+
+def adopted(candidates: list[int], owners_alive: set[tuple[bytes, bytes]], markers: set[bytes], proc_env: str,
+            any_group: bool, patience: float = 0.1) -> tuple[list[int], list[int]]:
+    """Kill and reap the adopted orphans among *candidates*; returns (killed, reaped zombies).
+
+    *candidates* are direct children of this process that, when the caller looked on
+    its event loop, were neither processes it started nor warm-pool workers: they
+    came to it as a subreaper.  Each is our child until we reap it, so its pid cannot
+    be reused meanwhile.  One whose environment names a live process (the marker and
+    ``FABRIC_PROC_ID`` of *owners_alive*) is left alone.  Unless *any_group* (the
+    spawner is its own process, so every child it did not start descends from its
+    processes), the spawner is embedded in a bigger program (the tests) whose own
+    children it must not take for orphans: a child in this process's own process
+    group (where no spawned process starts) is not touched, nor one marked by a
+    spawner that is not one of this process's (*markers*): an orphan of another
+    spawner the host started, which that spawner's successor deals with.
+    """
+    me = os.getpid()
+    own_group = os.getpgrp()
+    killed: list[int] = []
+    reaped: list[int] = []
+    for pid in candidates:
+        st = _stat(pid)
+        if st is None or st[1] != me:
+            continue
+        state, _, pgrp = st
+        if not any_group and pgrp == own_group:
+            continue
+        if state in ("Z", "X"):
+            if _reap(pid, 0):
+                reaped.append(pid)
+            continue
+        env = _env_vars(pid)
+        owner = (env.get(MARKER_ENV.encode(), b""), env.get(proc_env.encode(), b""))
+        if owner in owners_alive:
+            continue  # its process still runs: it goes when that process ends
+        if not any_group and owner[0] and owner[0] not in markers:
+            continue  # another spawner's, not one of ours: not ours to touch
+        try:
+            if pgrp == pid and pgrp != own_group:
+                os.killpg(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        killed.append(pid)
+        _reap(pid, patience)
+    return killed, reaped

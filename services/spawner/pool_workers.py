@@ -48,6 +48,9 @@ SOCKET_WINDOW = 64 << 20
 _CTRL_VERSION = 1 << 62
 _CTRL_CORE = (1 << 62) + 1
 _REPO = str(Path(__file__).resolve().parents[2])
+#: pids of the ring workers this process started and has not reaped yet (the spawner's
+#: sweep for adopted orphans must never touch them)
+CHILD_PIDS: set[int] = set()
 #: how long a ring worker spins on its job ring before it sleeps: a sleeping worker
 #: took about 50 µs to wake for the next job here, a spinning one about 10 µs; an idle
 #: worker spins once for this long, yielding the core, then sleeps on its futex
@@ -295,6 +298,7 @@ class RingWorker(Worker):
         except BaseException:
             self._release()
             raise
+        CHILD_PIDS.add(self.proc.pid)
         self.pidfd = os.pidfd_open(self.proc.pid)
         self.loop.add_reader(self.pidfd, self._on_exit)
         self._thread = threading.Thread(target=self._read, name=f"core-{self.pool.id}-{self.seq}", daemon=True)
@@ -371,6 +375,7 @@ class RingWorker(Worker):
         self.pidfd = -1
         assert self.proc is not None
         self.returncode = self.proc.wait()
+        CHILD_PIDS.discard(self.proc.pid)
         self.ready = False
         self._exited = True
         self._kick.set()

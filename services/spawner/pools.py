@@ -88,7 +88,7 @@ from fabric.service import Endpoint, Request
 from fabric.subjects import QUEUE_GROUP
 
 from .pool_reply import ReplyLink
-from .pool_workers import RingWorker, SocketWorker, Worker, WorkerSpec
+from .pool_workers import CHILD_PIDS, RingWorker, SocketWorker, Worker, WorkerSpec
 
 __all__ = ["CoreManager", "Pool", "Job", "PYTHON_CORE", "EXIT_CODE_HEADER", "library_digest"]
 
@@ -528,6 +528,11 @@ class CoreManager:
                         self._retire(pool, "idle")
                 except Exception:
                     self.log.exception("pool watchdog failed", core=pool.id)
+
+    @staticmethod
+    def worker_pids() -> set[int]:
+        """The pids of the warm workers this process started and has not reaped yet."""
+        return set(CHILD_PIDS)
 
     def _forget(self, pool: Pool) -> None:
         if self.pools.get(pool.id) is pool:

@@ -22,6 +22,25 @@ descendant psutil saw outside the group and every member of the process's
 cgroup when it has one.  Only then is the leader reaped and, once both pipes
 reach EOF (bounded by :data:`PIPE_DRAIN_S`), the exit published.
 
+No orphans.  A descendant that left the group (``setsid()``) is found a moment
+after its process ends by the marker in its environment (:func:`orphans.strays`).
+One that also cleared its environment is found as a child: the spawner is a child
+subreaper (``PR_SET_CHILD_SUBREAPER``, set when the table starts), so every
+orphaned descendant of its processes is reparented to the spawner, not to init.
+Off the spawn path -- when processes finish, and every :data:`ADOPT_S` -- the
+sweep lists the spawner's direct children (``/proc/self/task/*/children``) that
+are neither processes of a table nor warm-pool workers: adopted orphans.  One whose
+environment names a process that still runs (``FABRIC_SPAWNER`` and
+``FABRIC_PROC_ID`` of a live entry) is left alone until that process ends; every
+other one gets SIGKILL (with its group, when it leads one) and is reaped with
+``waitpid`` on its own pid -- never ``waitpid(-1)``, which would steal the exits the
+pidfds report -- as are adopted zombies.  A spawner embedded in another program
+(the tests run it inside pytest) leaves the children in its host's own process
+group alone (it cannot tell them from the host's own, and no spawned process
+starts in that group), and those marked by a spawner not of this process
+(:attr:`ProcessTable.any_group` is set by ``python -m services.spawner``, where
+every other child descends from the spawner's processes).
+
 Output.  Each chunk goes into a bounded tail and onto the process's subject
 ``fabric.proc.<node>.out.<local>`` (and ``stream_to``, when the spawn named one),
 in order, by one publisher task for the whole table; when more than
@@ -55,6 +74,7 @@ import secrets
 import shutil
 import signal
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -78,7 +98,14 @@ from fabric_ext import spawn as cspawn
 
 from .cgroups import CgroupRoot, ProcCgroup
 from .limits import Plan
-from .orphans import MARKER_ENV, strays
+from .orphans import (
+    MARKER_ENV,
+    adopted,
+    become_subreaper,
+    children,
+    release_subreaper,
+    strays,
+)
 
 __all__ = ["ManagedProcess", "ProcessTable", "parse_signal", "PROC_ENV"]
 
@@ -94,6 +121,8 @@ LOW_WATER = 1 << 20
 KEEP_FINISHED = 4096
 #: seconds after processes finish before the scan for descendants that escaped their group
 SWEEP_S = 0.5
+#: seconds between looks for adopted orphans (the spawner is a child subreaper) when nothing finishes
+ADOPT_S = 1.0
 #: SIGTERM grace before SIGKILL when the spawner stops
 STOP_GRACE_S = 1.0
 #: seconds between samples of the live processes' peak RSS (``VmHWM``)
@@ -185,6 +214,10 @@ class OutputTail:
             del self.buf[:extra]
 
 
+#: every started table of this process: none of their processes is ever an adopted orphan
+_TABLES: weakref.WeakSet[ProcessTable] = weakref.WeakSet()
+
+
 @dataclass(eq=False)
 class ManagedProcess:
     """One running (or recently finished) process and everything needed to end it whole."""
@@ -258,6 +291,13 @@ class ProcessTable:
         self.max_tail_in_message = (1 << 20) // 3
         #: called with the pids a stray sweep killed (the service logs them)
         self.on_strays: Callable[[list[int]], None] | None = None
+        #: the pids of the other children this process started and still has to reap
+        #: itself (the warm-pool workers): never adopted orphans
+        self.own_children: Callable[[], set[int]] | None = None
+        #: every child that is not ours is an adopted orphan, even in our own process
+        #: group (the spawner is its own process); false when embedded in another program
+        self.any_group = False
+        self._subreaper = False
         #: PATH lookups by (name, PATH); a stale entry fails at exec as ENOENT and is dropped
         self._which: dict[tuple[str, str], str] = {}
         self._base_env = dict(os.environ)
@@ -504,6 +544,9 @@ class ProcessTable:
                         loop.add_reader(fd, self._on_output, mp, fd, stream)
 
     def start(self) -> None:
+        # orphaned descendants of our processes come to us, not to init (see the module docstring)
+        self._subreaper = become_subreaper()
+        _TABLES.add(self)
         self._publisher = asyncio.create_task(self._publish_loop())
         self._sweeper = asyncio.create_task(self._sweep_loop())
         self._sampler = asyncio.create_task(self._sample_loop())
@@ -517,19 +560,55 @@ class ProcessTable:
                     mp.rss_sample = max(mp.rss_sample, vm_hwm(mp.pid))
 
     async def _sweep_loop(self) -> None:
-        """Every :data:`SWEEP_S` while processes finish: kill descendants that escaped their group."""
+        """:data:`SWEEP_S` after processes finish, else every :data:`ADOPT_S`: kill what escaped."""
         loop = asyncio.get_running_loop()
         while True:
-            await self._sweep_due.wait()
-            await asyncio.sleep(SWEEP_S)  # batches the exits of a busy moment into one scan
+            try:
+                await asyncio.wait_for(self._sweep_due.wait(), ADOPT_S)
+            except asyncio.TimeoutError:
+                pass
+            else:
+                await asyncio.sleep(SWEEP_S)  # batches the exits of a busy moment into one scan
             self._sweep_due.clear()
             ids, self._to_sweep = self._to_sweep, set()
-            try:
-                killed = await loop.run_in_executor(None, strays, self.marker, ids, PROC_ENV)
-            except Exception:  # /proc unreadable: nothing more this sweep can do
-                continue
+            killed: list[int] = []
+            if ids:
+                try:
+                    killed = await loop.run_in_executor(None, strays, self.marker, ids, PROC_ENV)
+                except Exception:  # /proc unreadable: nothing more this sweep can do
+                    pass
+            if self._subreaper:
+                # who is ours is decided here, on the loop, where spawns happen: a process
+                # started a moment later is never taken for an orphan
+                candidates, owners, markers = self._adoption_snapshot()
+                if candidates:
+                    try:
+                        gone, _ = await loop.run_in_executor(None, adopted, candidates, owners, markers,
+                                                             PROC_ENV, self.any_group)
+                        killed += [pid for pid in gone if pid not in killed]
+                    except Exception:
+                        pass
             if killed and self.on_strays is not None:
                 self.on_strays(killed)
+
+    def _adoption_snapshot(self) -> tuple[list[int], set[tuple[bytes, bytes]], set[bytes]]:
+        """(our children no table nor pool started, (marker, id) of every live process, our markers)."""
+        kids = children()
+        if not kids:
+            return [], set(), set()
+        owners: set[tuple[bytes, bytes]] = set()
+        markers = {self.marker.encode()}
+        for table in list(_TABLES):
+            marker = table.marker.encode()
+            markers.add(marker)
+            for mp in table.live.values():
+                if not mp.reaped:
+                    kids.discard(mp.pid)
+                owners.add((marker, mp.id.encode()))
+        for table in list(_TABLES):
+            if kids and table.own_children is not None:
+                kids -= table.own_children()
+        return sorted(kids), owners, markers
 
     async def _publish_loop(self) -> None:
         while True:
@@ -810,5 +889,12 @@ class ProcessTable:
         ids = self._to_sweep | {mp.id for mp in self.finished.values()}
         if ids:  # the last chance: nothing may outlive the spawner
             strays(self.marker, ids, PROC_ENV)
+        _TABLES.discard(self)
+        if self._subreaper:
+            candidates, owners, markers = self._adoption_snapshot()
+            if candidates:
+                adopted(candidates, owners, markers, PROC_ENV, self.any_group, patience=1.0)
+            release_subreaper()
+            self._subreaper = False
         if self.cgroups is not None:
             self.cgroups.close()

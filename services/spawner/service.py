@@ -57,6 +57,10 @@ class SpawnerService(FabricService):
     name = "spawner"
     description = "fabric remote processes: rspawn/rwait/rkill with output streaming, limits and sandbox"
 
+    #: true when the spawner is its own process (``python -m services.spawner``): then every
+    #: child it did not start is an adopted orphan, even one in its own process group
+    own_process = False
+
     def __init__(self, settings: ServiceSettings) -> None:
         super().__init__(settings)
         root = Path(settings.state_dir) / "spawner"
@@ -103,6 +107,8 @@ class SpawnerService(FabricService):
         self.table.max_tail_in_message = max(0, self.nc.max_payload - 16384) * 3 // 8
         self.table.on_strays = lambda pids: self.log.info("killed descendants that escaped their group",
                                                           pids=pids)
+        self.table.own_children = self.cores.worker_pids
+        self.table.any_group = self.own_process
         self.table.start()
         await self.cores.start()
         self.log.info("spawner ready", cgroup=str(self.cgroups) if self.cgroups else self.cgroup_reason,
