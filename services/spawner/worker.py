@@ -269,12 +269,7 @@ def serve_rings(path_in: str, path_out: str, *, max_payload: int = wire.V1_DEFAU
 
     cons = ring.Consumer(path_in) if spin_us is None else ring.Consumer(path_in, spin_us=spin_us)
     prod = ring.Producer(path_out)
-    push_parts = prod.push_parts
-
-    def send(head: bytes, body: Any) -> None:
-        push_parts(head, body)
-
-    worker = Worker(send, max_payload=max_payload)
+    worker = Worker(prod.push_parts, max_payload=max_payload)
     pop = cons.pop
     handle = worker.handle
     try:
