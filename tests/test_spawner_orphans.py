@@ -70,6 +70,15 @@ async def _reaped(pid: int, within: float) -> bool:
     return False
 
 
+async def _first_line(proc) -> int:
+    line = b""
+    async for chunk in proc.stdout:
+        line += chunk
+        if b"\n" in line:
+            break
+    return int(line)
+
+
 async def test_a_double_forked_setsid_grandchild_with_an_empty_environment_is_killed(fc):
     ex = await fc.rrun([PY, "-c", _code(linger=False)], timeout=10)
     assert ex.exit_code == 0, ex.stderr
@@ -81,12 +90,7 @@ async def test_a_double_forked_setsid_grandchild_with_an_empty_environment_is_ki
 
 async def test_an_orphan_whose_process_still_runs_is_left_alone_until_it_ends(fc):
     proc = await fc.rspawn([PY, "-c", _keep_env_code(linger=True)])
-    line = b""
-    async for chunk in proc.stdout:
-        line += chunk
-        if b"\n" in line:
-            break
-    orphan = int(line)
+    orphan = await _first_line(proc)
     # reparented to the spawner (the test process), marked with its still-running process
     deadline = time.monotonic() + 5
     while psutil.Process(orphan).ppid() != os.getpid() and time.monotonic() < deadline:
@@ -104,12 +108,7 @@ async def test_an_orphan_whose_process_still_runs_is_left_alone_until_it_ends(fc
 
 async def test_an_unmarked_orphan_is_killed_even_while_its_process_runs(fc):
     proc = await fc.rspawn([PY, "-c", _code(linger=True)])
-    line = b""
-    async for chunk in proc.stdout:
-        line += chunk
-        if b"\n" in line:
-            break
-    orphan = int(line)
+    orphan = await _first_line(proc)
     assert await gone(orphan, within=5), "an unmarked adopted orphan survived"
     assert await _reaped(orphan, within=5)
     await proc.kill()
@@ -133,15 +132,6 @@ async def test_the_sweep_never_touches_the_test_process_own_children(fc):
 
 
 # -- the spawner as its own process (python -m services.spawner): every other child is an orphan ---
-
-
-async def _first_line(proc) -> int:
-    line = b""
-    async for chunk in proc.stdout:
-        line += chunk
-        if b"\n" in line:
-            break
-    return int(line)
 
 
 async def test_a_spawner_process_adopts_and_kills_orphans_but_keeps_its_workers(nats_url, tmp_path):
