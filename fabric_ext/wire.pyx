@@ -125,7 +125,8 @@ cdef str _kind_name(int kind):
 # -- checked reads (py-pgproto frb_read style) ---------------------------------
 #
 # A _Reader is a window [buf, buf+len) with a cursor.  Every field is read through
-# _take(), which raises InvalidFrame instead of reading past the window.
+# _take(), which raises InvalidFrame (V1InvalidFrame for a worker-protocol v1
+# window) instead of reading past the window.
 
 cdef struct _Reader:
     const char* buf          # first byte of the window
@@ -133,13 +134,15 @@ cdef struct _Reader:
     Py_ssize_t pos           # next byte to read
     Py_ssize_t base          # offset of buf within the frame, for messages
     const char* what         # what the window holds, for messages
+    bint v1                  # a worker-protocol v1 window: a short read is V1InvalidFrame
 
 
 cdef int _short_read(_Reader* r, Py_ssize_t n) except -1:
-    raise InvalidFrame(
-        f"truncated frame: {(<bytes>r.what).decode()} needs {n} more bytes at offset {r.base + r.pos}, "
-        f"only {r.len - r.pos} left"
-    )
+    msg = (f"{(<bytes>r.what).decode()} needs {n} more bytes at offset {r.base + r.pos}, "
+           f"only {r.len - r.pos} left")
+    if r.v1:
+        raise V1InvalidFrame(f"truncated v1 frame: {msg}")
+    raise InvalidFrame(f"truncated frame: {msg}")
 
 
 cdef inline const char* _take(_Reader* r, Py_ssize_t n) except NULL:
@@ -197,6 +200,7 @@ cdef inline void _table_reader(_Reader* r, const char* table, uint32_t items_len
     r.pos = 0
     r.base = FRAME_HEADER_SIZE
     r.what = b"the item table"
+    r.v1 = False
 
 
 # -- validation ----------------------------------------------------------------
@@ -223,6 +227,7 @@ cdef int _check_header(const char* p, Py_ssize_t avail, uint64_t max_items, uint
     r.pos = 0
     r.base = 0
     r.what = b"the header"
+    r.v1 = False
     if memcmp(_take(&r, 4), _MAGIC, 4) != 0:
         raise InvalidFrame(f"bad frame magic {(<bytes>p[:4])!r}, expected {MAGIC!r}")
     _read_u8(&r, &version)
@@ -1154,36 +1159,6 @@ cdef int _v1_check_kind(object kind) except -1:
     return 0
 
 
-# v1's own checked reads: the same _Reader windows, a short read raises V1InvalidFrame
-
-cdef inline const char* _v1_take(_Reader* r, Py_ssize_t n) except NULL:
-    cdef const char* p
-    if n > r.len - r.pos:
-        raise V1InvalidFrame(
-            f"truncated v1 frame: {(<bytes>r.what).decode()} needs {n} more bytes at offset {r.base + r.pos}, "
-            f"only {r.len - r.pos} left"
-        )
-    p = r.buf + r.pos
-    r.pos += n
-    FABRIC_ASSERT(r.pos <= r.len)
-    return p
-
-
-cdef inline int _v1_u8(_Reader* r, uint8_t* out) except -1:
-    out[0] = fabric_load_u8(_v1_take(r, 1))
-    return 0
-
-
-cdef inline int _v1_u32(_Reader* r, uint32_t* out) except -1:
-    out[0] = fabric_load_le32(_v1_take(r, 4))
-    return 0
-
-
-cdef inline int _v1_u64(_Reader* r, uint64_t* out) except -1:
-    out[0] = fabric_load_le64(_v1_take(r, 8))
-    return 0
-
-
 cdef inline void _v1_store_header(char* p, uint8_t kind, uint64_t msg_id, uint64_t length) noexcept nogil:
     fabric_store_u8(p, kind)
     fabric_store_le64(p + 1, msg_id)
@@ -1199,11 +1174,12 @@ cdef int _v1_read_header(const char* p, Py_ssize_t avail, uint64_t max_payload,
     r.pos = 0
     r.base = 0
     r.what = b"the v1 header"
-    _v1_u8(&r, kind)
+    r.v1 = True
+    _read_u8(&r, kind)
     if not _v1_known_kind(kind[0]):
         raise V1InvalidFrame(f"unknown v1 message type 0x{kind[0]:02x} (known: 0x01, 0x02, 0x03, 0xff)")
-    _v1_u64(&r, msg_id)
-    _v1_u64(&r, length)
+    _read_u64(&r, msg_id)
+    _read_u64(&r, length)
     if length[0] > max_payload:
         raise V1TooLarge(f"v1 payload of {length[0]} bytes, the limit is {max_payload}")
     if length[0] > <uint64_t>(PY_SSIZE_T_MAX - _V1_HEADER):
@@ -1511,6 +1487,7 @@ cdef int _v1_reader(_Reader* r, Py_buffer* pb, const char* what) except -1:
     r.pos = 0
     r.base = _V1_HEADER
     r.what = what
+    r.v1 = True
     return 0
 
 
@@ -1524,12 +1501,12 @@ cdef Py_ssize_t _v1_read_blob(_Reader* r, const char* field) except -1:
     """Read a u64 length and skip that many bytes; return the blob's start offset."""
     cdef uint64_t n
     cdef Py_ssize_t start
-    _v1_u64(r, &n)
+    _read_u64(r, &n)
     if n > <uint64_t>(r.len - r.pos):
         raise V1InvalidFrame(f"truncated v1 payload: {(<bytes>field).decode()} of {n} bytes at offset "
                            f"{r.base + r.pos}, only {r.len - r.pos} left")
     start = r.pos
-    _v1_take(r, <Py_ssize_t>n)
+    _take(r, <Py_ssize_t>n)
     return start
 
 
@@ -1541,7 +1518,7 @@ def v1_parse_version(payload):
     PyObject_GetBuffer(payload, &pb, PyBUF_SIMPLE)
     try:
         _v1_reader(&r, &pb, b"a version exchange")
-        _v1_u32(&r, &v)
+        _read_u32(&r, &v)
         _v1_end(&r)
     finally:
         PyBuffer_Release(&pb)
@@ -1556,7 +1533,7 @@ def v1_parse_version_reply(payload):
     PyObject_GetBuffer(payload, &pb, PyBUF_SIMPLE)
     try:
         _v1_reader(&r, &pb, b"a version reply")
-        _v1_u8(&r, &v)
+        _read_u8(&r, &v)
         _v1_end(&r)
     finally:
         PyBuffer_Release(&pb)
@@ -1596,7 +1573,7 @@ def v1_parse_job(payload):
     PyObject_GetBuffer(payload, &pb, PyBUF_SIMPLE)
     try:
         _v1_reader(&r, &pb, b"a job message")
-        _v1_u64(&r, &jid)
+        _read_u64(&r, &jid)
         ds = _v1_read_blob(&r, b"the job data")
         _v1_end(&r)
     finally:
@@ -1613,7 +1590,7 @@ def v1_parse_job_result(payload):
     PyObject_GetBuffer(payload, &pb, PyBUF_SIMPLE)
     try:
         _v1_reader(&r, &pb, b"a job result")
-        _v1_u32(&r, &code)
+        _read_u32(&r, &code)
         os_ = _v1_read_blob(&r, b"the job output")
         _v1_end(&r)
     finally:
