@@ -33,6 +33,8 @@ import threading
 import time
 from pathlib import Path
 
+from .sandbox import prctl
+
 __all__ = ["MARKER_ENV", "spawner_key", "marker", "reap", "strays", "become_subreaper", "release_subreaper",
            "children", "adopted"]
 
@@ -64,37 +66,30 @@ def _alive(pid: int, ticks: str) -> bool:
 
 def reap(key: str) -> list[int]:
     """Kill the process groups a dead spawner with *key* left behind; returns the pids found."""
-    prefix = f"{MARKER_ENV}={key}:".encode()
+    prefix = f"{key}:".encode()
     mine = marker(key).encode()
     found: list[int] = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            env = (entry / "environ").read_bytes()
-        except OSError:
+        owner = _env_vars(int(entry.name)).get(MARKER_ENV.encode(), b"")
+        if not owner.startswith(prefix) or owner == mine:
             continue
-        for var in env.split(b"\0"):
-            if var.startswith(prefix):
-                owner = var[len(MARKER_ENV) + 1:].decode(errors="replace")
-                if owner == mine.decode():
-                    break
-                _, spid, ticks = (owner.split(":") + ["", ""])[:3]
-                if spid.isdigit() and _alive(int(spid), ticks):
-                    break  # its spawner still runs (another instance): not ours to touch
-                pid = int(entry.name)
-                found.append(pid)
-                try:
-                    pgid = os.getpgid(pid)
-                    if pgid != os.getpgrp():  # never our own group
-                        os.killpg(pgid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                break
+        _, spid, ticks = (owner.decode(errors="replace").split(":") + ["", ""])[:3]
+        if spid.isdigit() and _alive(int(spid), ticks):
+            continue  # its spawner still runs (another instance): not ours to touch
+        pid = int(entry.name)
+        found.append(pid)
+        try:
+            pgid = os.getpgid(pid)
+            if pgid != os.getpgrp():  # never our own group
+                os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     return found
 
 
@@ -154,17 +149,10 @@ _sub_users = 0
 _sub_before = 0
 
 
-def _prctl(option: int, arg: int) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    if option == PR_GET_CHILD_SUBREAPER:
-        out = ctypes.c_int(0)
-        if libc.prctl(option, ctypes.addressof(out), 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-        return out.value
-    if libc.prctl(option, arg, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-    return 0
+def _get_subreaper() -> int:
+    out = ctypes.c_int(0)
+    prctl(PR_GET_CHILD_SUBREAPER, ctypes.addressof(out))
+    return out.value
 
 
 def become_subreaper() -> bool:
@@ -173,8 +161,8 @@ def become_subreaper() -> bool:
     with _sub_lock:
         try:
             if _sub_users == 0:
-                _sub_before = _prctl(PR_GET_CHILD_SUBREAPER, 0)
-                _prctl(PR_SET_CHILD_SUBREAPER, 1)
+                _sub_before = _get_subreaper()
+                prctl(PR_SET_CHILD_SUBREAPER, 1)
         except (OSError, AttributeError):
             return False
         _sub_users += 1
@@ -190,7 +178,7 @@ def release_subreaper() -> None:
         _sub_users -= 1
         if _sub_users == 0 and not _sub_before:
             try:
-                _prctl(PR_SET_CHILD_SUBREAPER, 0)
+                prctl(PR_SET_CHILD_SUBREAPER, 0)
             except OSError:
                 pass
 
