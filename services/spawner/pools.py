@@ -89,11 +89,10 @@ from fabric.subjects import QUEUE_GROUP
 
 from .pool_reply import ReplyLink
 from .pool_workers import CHILD_PIDS, RingWorker, SocketWorker, Worker, WorkerSpec
+from .worker_core import PYTHON_CORE
 
 __all__ = ["CoreManager", "Pool", "Job", "PYTHON_CORE", "EXIT_CODE_HEADER", "library_digest"]
 
-#: the built-in Python worker's core name (with an empty library)
-PYTHON_CORE = "fabric.python"
 #: the reply header that carries a failed job's exit code (with the job_failed error headers)
 EXIT_CODE_HEADER = "Fabric-Exit-Code"
 #: jobs queued on one busy worker's ring once the pool is at max_workers
