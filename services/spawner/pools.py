@@ -175,7 +175,7 @@ class Pool:
 
     def submit(self, job: Job) -> None:
         if self.closed:
-            job.done(0, b"", NotFound(f"core {self.id} was unloaded", core=self.id))
+            job.done(0, b"", self._unloaded())
             return
         if self.draining:
             job.done(0, b"", NotFound(f"core {self.id} was replaced by {self.replaced_by} and takes no new jobs",
@@ -224,6 +224,15 @@ class Pool:
         except Exception as exc:  # the ring or socket failed under us: the worker is done for
             w.fail(f"sending a job failed: {exc}")
             self.queue.appendleft(job)
+
+    def _unloaded(self) -> NotFound:
+        return NotFound(f"core {self.id} was unloaded", core=self.id)
+
+    def _fail_queued(self, exc: FabricError) -> None:
+        """Fail every job still waiting for a worker with *exc*."""
+        queue = self.queue
+        while queue:
+            queue.popleft().done(0, b"", exc)
 
     def finished(self, w: Worker, job: Job, exit_code: int, out: Any, err: FabricError | None) -> None:
         if err is not None or exit_code != 0:
@@ -274,8 +283,7 @@ class Pool:
         self.manager.log.warning("worker failed to start", core=self.id, name=self.name, error=exc.message)
         if self.start_failures >= MAX_START_FAILURES and not self.broken:
             self.broken = f"core {self.name!r}: {MAX_START_FAILURES} workers in a row failed to start: {exc.message}"
-            while self.queue:
-                self.queue.popleft().done(0, b"", CoreLoadFailed(self.broken, core=self.id))
+            self._fail_queued(CoreLoadFailed(self.broken, core=self.id))
 
     def worker_gone(self, w: Worker, reason: JobError | None, lost: list[Job]) -> None:
         """A worker ended: fail its running job (if it crashed), requeue the rest, replace it."""
@@ -299,8 +307,7 @@ class Pool:
             self.pump()
             return
         if self.closed:
-            while self.queue:
-                self.queue.popleft().done(0, b"", NotFound(f"core {self.id} was unloaded", core=self.id))
+            self._fail_queued(self._unloaded())
             return
         need = max(self.min_workers - len(self.workers), 0) if not self.draining else 0
         if self.queue and not need and len(self.workers) < self.max_workers:
@@ -380,8 +387,7 @@ class Pool:
         self.closed = True
         for srv in self._servers:
             srv.close()
-        while self.queue:
-            self.queue.popleft().done(0, b"", NotFound(f"core {self.id} was unloaded", core=self.id))
+        self._fail_queued(self._unloaded())
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
