@@ -8,7 +8,6 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 cdef extern from "fabric_crc32c.h" nogil:
     uint32_t fab_crc32c(uint32_t crc, const void* buf, size_t n)
-    int fab_crc32c_hardware()
 
 
 cdef extern from "fabric_ring.h" nogil:

@@ -81,10 +81,8 @@ static inline uint32_t fab_crc32c(uint32_t crc, const void *buf, size_t n)
 {
     return fab_crc32c_has_hw() ? fab_crc32c_hw(crc, buf, n) : fab_crc32c_sw(crc, buf, n);
 }
-static inline int fab_crc32c_hardware(void) { return fab_crc32c_has_hw(); }
 #else
 static inline uint32_t fab_crc32c(uint32_t crc, const void *buf, size_t n) { return fab_crc32c_sw(crc, buf, n); }
-static inline int fab_crc32c_hardware(void) { return 0; }
 #endif
 
 #endif /* FABRIC_CRC32C_H */
