@@ -386,8 +386,8 @@ class AsyncFabricClient:
             raise error_from_wire(hdrs[ERROR_CODE_HEADER], hdrs.get(ERROR_HEADER, ""), hdrs.get(ERROR_KIND_HEADER))
         return msg
 
-    async def _call(self, subject: str, msg: Any, reply_type: type[T]) -> T:
-        reply = await self.request(subject, JSON.encode(msg))
+    async def _call(self, subject: str, msg: Any, reply_type: type[T], timeout: float | None = None) -> T:
+        reply = await self.request(subject, JSON.encode(msg), timeout=timeout)
         return JSON.decode(reply.data, reply_type)
 
     @staticmethod
@@ -724,14 +724,10 @@ class AsyncFabricClient:
             # by digest first: the node may have it already, then nothing is resent
             data, native.data = native.data, None
             try:
-                return await self._call_timeout(subject, req, SpawnReply, timeout)
+                return await self._call(subject, req, SpawnReply, timeout)
             except ExecutableNotFound:
                 native.data = data
-        return await self._call_timeout(subject, req, SpawnReply, timeout)
-
-    async def _call_timeout(self, subject: str, msg: Any, reply_type: type[T], timeout: float | None) -> T:
-        reply = await self.request(subject, JSON.encode(msg), timeout=timeout)
-        return JSON.decode(reply.data, reply_type)
+        return await self._call(subject, req, SpawnReply, timeout)
 
     async def rrun(self, argv: Sequence[str], *, timeout: float = 60.0, node: str | None = None,
                    announce: bool = False, **options: Any) -> ExitInfo:
@@ -760,8 +756,7 @@ class AsyncFabricClient:
         while True:
             left = 60.0 if deadline is None else max(0.0, deadline - loop.time())
             step = min(left, 60.0)
-            st = await self._call_timeout(subject, WaitRequest(id=proc_id, timeout_s=step), ProcStatus,
-                                          step + self.timeout)
+            st = await self._call(subject, WaitRequest(id=proc_id, timeout_s=step), ProcStatus, step + self.timeout)
             if st.exit is not None:
                 return st.exit
             if deadline is not None and loop.time() >= deadline:
