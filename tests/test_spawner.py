@@ -69,13 +69,18 @@ async def fc(nats_url: str, spawner: SpawnerService) -> AsyncIterator[AsyncFabri
     async with AsyncFabricClient(nats_url, local=False) as client:
         yield client
     # teardown accounting: nothing of the test's processes still runs, no pipe or pidfd leaked
+    await all_ended(spawner)
+    assert len(os.listdir("/proc/self/fd")) <= fds_before, "the spawner leaked file descriptors"
+
+
+async def all_ended(spawner: SpawnerService) -> None:
+    """Asserts that every process of *spawner* ends within 5 s."""
     table = spawner.table
     assert table is not None
     deadline = time.monotonic() + 5
     while table.live and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     assert not table.live, f"processes still running after the test: {list(table.live)}"
-    assert len(os.listdir("/proc/self/fd")) <= fds_before, "the spawner leaked file descriptors"
 
 
 async def raw(nats_url: str, subject: str, data: bytes):

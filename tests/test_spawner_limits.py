@@ -36,32 +36,18 @@ from fabric import (
     Sandbox,
     WrongArchitecture,
 )
-from fabric.service import ServiceSettings
 from services.spawner import SpawnerService
+from tests.test_spawner import all_ended, spawner  # noqa: F401  (fixture)
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-async def spawner(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SpawnerService]:
-    state = tmp_path_factory.mktemp("spawner-limits")
-    svc = SpawnerService(ServiceSettings(nats_url=nats_url, node=f"lim-{secrets.token_hex(3)}", state_dir=state))
-    await svc.start()
-    yield svc
-    await svc.stop()
 
 
 @pytest.fixture
 async def fc(nats_url: str, spawner: SpawnerService) -> AsyncIterator[AsyncFabricClient]:
     async with AsyncFabricClient(nats_url, local=False) as client:
         yield client
-    table = spawner.table
-    assert table is not None
-    deadline = time.monotonic() + 5
-    while table.live and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
-    assert not table.live, f"processes still running after the test: {list(table.live)}"
+    await all_ended(spawner)
 
 
 async def run(fc: AsyncFabricClient, node: str, argv: list[str], **kw):
