@@ -42,11 +42,8 @@ from fabric.schema import decode_job_batch, decode_job_results, encode_job_batch
 from fabric.service import Endpoint, FabricService, ServiceSettings
 from fabric_ext import wire
 from services.spawner.pools import CoreManager
-from tests._cores import build_core, build_worker
-
-REPO = Path(__file__).resolve().parents[1]
-TEST_CORES = REPO / "tests" / "cores"
-EXAMPLE_CORES = REPO / "examples" / "cores"
+from tests._cores import EXAMPLES, TEST_CORES, build_core, build_worker
+from tests.test_cores import mandel_ref
 
 
 class CoreHost(FabricService):
@@ -82,7 +79,7 @@ def lib(core_dir: Path) -> Any:
         if name not in cache:
             src = TEST_CORES / f"{name}.c"
             if not src.exists():
-                src = EXAMPLE_CORES / f"{name}.c"
+                src = EXAMPLES / f"{name}.c"
             cache[name] = build_core(src, core_dir)
         return cache[name]
 
@@ -255,20 +252,7 @@ async def test_mandelbrot_core(fc: AsyncFabricClient, host: CoreHost, lib: Any) 
     core = await load(fc, host, lib("mandelbrot"))
     x0, y0, dx, dy, w, h, max_iter = -2.0, -1.0, 0.25, 0.5, 12, 5, 40
     out = await core.run(struct.pack("<4d3I", x0, y0, dx, dy, w, h, max_iter))
-    want = []
-    for row in range(h):
-        ci = y0 + row * dy
-        for col in range(w):
-            cr, zr, zi, it = x0 + col * dx, 0.0, 0.0, 0
-            while it < max_iter:
-                zr2, zi2 = zr * zr, zi * zi
-                if zr2 + zi2 > 4.0:
-                    break
-                zi = 2.0 * zr * zi + ci
-                zr = zr2 - zi2 + cr
-                it += 1
-            want.append(it)
-    assert list(struct.unpack(f"<{w * h}I", out)) == want
+    assert list(struct.unpack(f"<{w * h}I", out)) == mandel_ref(x0, y0, dx, dy, w, h, max_iter)
 
 
 # -- failures --------------------------------------------------------------------------
