@@ -184,6 +184,9 @@ class Worker:
                 continue
             self.inflight_bytes -= len(job.data)
             if f.kind == ok:
+                if job.replied:  # the reader thread parsed it, found exit code 0 and answered
+                    pool.finished(self, job, 0, b"", None)
+                    continue
                 try:
                     code, data = parse(f.payload)
                 except ValueError as exc:
