@@ -18,6 +18,7 @@ import psutil
 
 from fabric import FabricClient, Limits
 from tests._nats import env_with_repo
+from tests.test_spawner import pid_alive
 
 PY = sys.executable
 GRANDCHILD = "import os, time\nif os.fork() == 0:\n    time.sleep(300)\n    os._exit(0)\nprint(os.getpid(), flush=True)\ntime.sleep(300)"
@@ -28,21 +29,14 @@ def fabric(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
                           env=env_with_repo(), timeout=timeout)
 
 
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def wait_gone(pids: list[int], within: float = 10.0) -> list[int]:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        left = [p for p in pids if alive(p)]
+        left = [p for p in pids if pid_alive(p)]
         if not left:
             return []
         time.sleep(0.05)
-    return [p for p in pids if alive(p)]
+    return [p for p in pids if pid_alive(p)]
 
 
 def family(pid: int) -> list[int]:
