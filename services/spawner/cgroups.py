@@ -56,18 +56,14 @@ class ProcCgroup:
 
     def oom_killed(self) -> bool:
         """Whether the kernel's OOM killer acted inside this group."""
+        events = "memory.events" if self.version == 2 else "memory.oom_control"
         try:
-            if self.version == 2:
-                for line in (self.path / "memory.events").read_text().splitlines():
-                    key, _, value = line.partition(" ")
-                    if key == "oom_kill" and int(value) > 0:
-                        return True
-                return False
-            for line in (self.path / "memory.oom_control").read_text().splitlines():
+            for line in (self.path / events).read_text().splitlines():
                 key, _, value = line.partition(" ")
                 if key == "oom_kill" and int(value) > 0:
                     return True
-            return int((self.path / "memory.failcnt").read_text()) > 0
+            # v1: the limit was hit (older kernels count no oom_kill)
+            return self.version == 1 and int((self.path / "memory.failcnt").read_text()) > 0
         except (OSError, ValueError):
             return False
 
