@@ -126,7 +126,6 @@ class ReplyLink:
             except OSError as exc:
                 self.up = False
                 self.log.warning("job reply link lost", error=str(exc))
-                # a partial PUB may have gone out: nothing more can go on this socket
                 # a PUB cut half-way leaves nothing usable on this socket: the link stays down
                 # (the job's client sees a lost reply, as with any broken connection)
                 sock.close()
