@@ -1153,6 +1153,12 @@ cdef str _v1_kind_name(uint64_t kind):
     return {1: "VERSION/OK", 2: "CORE", 3: "JOB", 0xFF: "ERROR"}.get(kind, f"0x{kind:02x}")
 
 
+cdef int _v1_check_kind_byte(uint8_t kind) except -1:
+    if not _v1_known_kind(kind):
+        raise V1InvalidFrame(f"unknown v1 message type 0x{kind:02x} (known: 0x01, 0x02, 0x03, 0xff)")
+    return 0
+
+
 cdef int _v1_check_kind(object kind) except -1:
     if not (0 <= kind <= 0xFF) or not _v1_known_kind(<uint64_t>kind):
         raise V1InvalidFrame(f"unknown v1 message type {kind!r} (known: 0x01, 0x02, 0x03, 0xff)")
@@ -1176,8 +1182,7 @@ cdef int _v1_read_header(const char* p, Py_ssize_t avail, uint64_t max_payload,
     r.what = b"the v1 header"
     r.v1 = True
     _read_u8(&r, kind)
-    if not _v1_known_kind(kind[0]):
-        raise V1InvalidFrame(f"unknown v1 message type 0x{kind[0]:02x} (known: 0x01, 0x02, 0x03, 0xff)")
+    _v1_check_kind_byte(kind[0])
     _read_u64(&r, msg_id)
     _read_u64(&r, length)
     if length[0] > max_payload:
@@ -1449,10 +1454,8 @@ cdef class V1Decoder:
                     memcpy(self._hdr + self._hdr_have, p + pos, k)
                     self._hdr_have += k
                     pos += k
-                    if not _v1_known_kind(self._hdr[0]):
-                        # judged on its first byte: no need to wait for the rest of the header
-                        raise V1InvalidFrame(f"unknown v1 message type 0x{self._hdr[0]:02x} "
-                                             f"(known: 0x01, 0x02, 0x03, 0xff)")
+                    # judged on its first byte: no need to wait for the rest of the header
+                    _v1_check_kind_byte(self._hdr[0])
                     if self._hdr_have == _V1_HEADER:
                         self._hdr_have = 0
                         self._start(<const char*>self._hdr, out)
