@@ -1458,12 +1458,8 @@ class AsyncCore:
             got = decode_job_results(msg.data)
             if len(got) != len(chunk):
                 raise InternalError(f"map reply carries {len(got)} results for {len(chunk)} jobs")
-            data = msg.data
-            i = start
-            for code, err, out in got:
+            for i, (code, err, out) in enumerate(got, start):
                 results[i] = bytes(out) if not (code or err) else _job_error(code, err, out, self, i)
-                i += 1
-            del data
 
         await _in_flight([functools.partial(one, s) for s in range(0, len(jobs), batch_size)], in_flight)
         if not return_exceptions:
