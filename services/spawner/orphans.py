@@ -33,6 +33,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 from .sandbox import prctl
 
 __all__ = ["MARKER_ENV", "spawner_key", "marker", "reap", "strays", "become_subreaper", "release_subreaper",
@@ -195,13 +197,8 @@ def children() -> set[int]:
             except OSError:  # the thread ended meanwhile: its children went to another thread
                 pass
         return out
-    # no CONFIG_PROC_CHILDREN: every process's parent, from /proc
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            st = _stat(int(entry))
-            if st is not None and st[1] == me:
-                out.add(int(entry))
-    return out
+    # no CONFIG_PROC_CHILDREN: psutil finds them by every process's parent
+    return {p.pid for p in psutil.Process(me).children()}
 
 
 def _stat(pid: int) -> tuple[str, int, int] | None:
