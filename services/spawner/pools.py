@@ -103,6 +103,8 @@ START_TIMEOUT_S = 30.0
 MAX_START_FAILURES = 3
 #: jobs one pool may hold waiting for a worker; past it a job is refused (503 unavailable)
 MAX_QUEUED = 1 << 20
+#: the load settings a live pool must match to be reused (Pool attributes named as in LoadCoreRequest)
+_SETTINGS = ("min_workers", "max_workers", "time_limit_s", "idle_s", "unload_after_s", "external")
 #: how often the watchdog looks for jobs past their time limit and idle workers
 TICK_S = 0.05
 
@@ -140,7 +142,7 @@ class Pool:
         self.library = bytes(req.library)
         self.digest = library_digest(self.library)
         self.min_workers = req.min_workers
-        self.max_workers = max(req.max_workers, req.min_workers, 1)
+        self.max_workers = req.max_workers  # >= min_workers and >= 1: load() and the schema checked
         self.time_limit_s = req.time_limit_s
         self.idle_s = req.idle_s
         self.unload_after_s = req.unload_after_s
@@ -338,17 +340,9 @@ class Pool:
 
     def differences(self, req: LoadCoreRequest) -> list[str]:
         """The settings of *req* that differ from this pool's, as ``field live (asked X)``."""
-        asked = {
-            "min_workers": req.min_workers,
-            "max_workers": max(req.max_workers, req.min_workers, 1),
-            "time_limit_s": req.time_limit_s,
-            "idle_s": req.idle_s,
-            "unload_after_s": req.unload_after_s,
-            "external": req.external,
-        }
-        if req.external:
-            asked["listen_host"] = req.listen_host
-        return [f"{k} {getattr(self, k)!r} (asked {v!r})" for k, v in asked.items() if getattr(self, k) != v]
+        fields = _SETTINGS + ("listen_host",) if req.external else _SETTINGS
+        return [f"{k} {getattr(self, k)!r} (asked {getattr(req, k)!r})"
+                for k in fields if getattr(self, k) != getattr(req, k)]
 
     # -- external workers ---------------------------------------------------------
 
