@@ -79,6 +79,8 @@ class Worker:
     """What a pool needs from a worker, whatever joins it to the controller."""
 
     external = False
+    #: the most job data this worker may hold at once (set by the transport)
+    max_job = 0
 
     def __init__(self, manager: "CoreManager", pool: "Pool", seq: int) -> None:
         self.manager = manager
@@ -112,9 +114,6 @@ class Worker:
         raise NotImplementedError
 
     def _end_gracefully(self) -> None:
-        raise NotImplementedError
-
-    def _max_job(self) -> int:
         raise NotImplementedError
 
     def _death_text(self) -> str:
@@ -153,12 +152,12 @@ class Worker:
             self._ctrl.pop(msg_id, None)
 
     def accepts(self, size: int) -> bool:
-        return self.inflight_bytes + size <= self._max_job()
+        return self.inflight_bytes + size <= self.max_job
 
     def send_job(self, job: "Job") -> None:
         size = len(job.data)
-        if size > self._max_job():
-            raise TooLarge(f"job of {size} bytes exceeds the worker's limit of {self._max_job()}")
+        if size > self.max_job:
+            raise TooLarge(f"job of {size} bytes exceeds the worker's limit of {self.max_job}")
         out = self.outstanding
         if not out:
             self.head_started = time.monotonic()
@@ -280,7 +279,6 @@ class RingWorker(Worker):
         self._received = 0
         self._kick = threading.Event()
         self._exited = False
-        self._max = 0
 
     async def start(self, spec: WorkerSpec, timeout: float) -> None:
         made: list[str] = []
@@ -291,7 +289,7 @@ class RingWorker(Worker):
             self.prod = ring.Producer(self.path_in)
             self.cons = ring.Consumer(self.path_out, spin_us=READER_SPIN_US)
             # a job frame is its 33-byte header plus the data, in one record
-            self._max = self.prod.max_record - 64
+            self.max_job = self.prod.max_record - 64
             env = dict(os.environ)
             env["PYTHONPATH"] = _REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             self.proc = subprocess.Popen(
@@ -432,9 +430,6 @@ class RingWorker(Worker):
         self._sent += 1
         self._kick.set()
 
-    def _max_job(self) -> int:
-        return self._max
-
     def _kill(self) -> None:
         if self.proc is not None and self.returncode is None:
             try:
@@ -464,6 +459,7 @@ class SocketWorker(Worker):
     """An external worker that connected to a pool's listening socket."""
 
     external = True
+    max_job = SOCKET_WINDOW
 
     def __init__(self, manager: "CoreManager", pool: "Pool", seq: int, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
@@ -511,9 +507,6 @@ class SocketWorker(Worker):
 
     def _push_frame(self, frame: bytes) -> None:
         self.writer.write(frame)
-
-    def _max_job(self) -> int:
-        return SOCKET_WINDOW
 
     def _kill(self) -> None:
         transport = self.writer.transport
