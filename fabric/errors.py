@@ -7,6 +7,7 @@ stable *kind* string below) so a client can raise the exact class::
 
     FabricError                      500  internal      raised when nothing more precise fits
     ├── BadRequest (a ValueError)    400  bad_request   the request is malformed or has wrong types
+    │   ├── KernelBuildFailed        400  kernel_build_failed  an OpenCL kernel does not compile (carries the build log)
     │   ├── InvalidFrame             400  invalid_frame a binary frame is truncated or hostile
     │   └── OutOfRange               400  out_of_range  offset/length fall outside the block
     ├── PermissionDenied             403  denied        the handle does not permit this (read-only)
@@ -14,7 +15,9 @@ stable *kind* string below) so a client can raise the exact class::
     │   ├── UnknownHandle            404  unknown_handle  never issued here, forged, or unknown segment
     │   ├── StaleHandle              404  stale_handle  the block was freed (use after free)
     │   ├── UnknownProcess           404  unknown_process  no such process id on its spawner
-    │   └── ExecutableNotFound       404  executable_not_found  argv[0] or a native digest is not there
+    │   ├── ExecutableNotFound       404  executable_not_found  argv[0] or a native digest is not there
+    │   ├── UnknownNode              404  unknown_node  no live node of that name in the registry
+    │   └── UnknownDevice            404  unknown_device  no GPU or OpenCL device of that id
     ├── Conflict                     409  conflict      the state forbids it
     │   └── DoubleFree               409  double_free   the block was already freed
     ├── TooLarge                     413  too_large     a size or frame exceeds a hard limit
@@ -30,6 +33,7 @@ stable *kind* string below) so a client can raise the exact class::
     │   ├── WorkerCrashed            500  worker_crashed  the worker died (signal, abort) running the job
     │   └── JobTimeout               500  job_timeout   the job ran past its core's time limit
     ├── Unavailable                  503  unavailable   no service answered in time
+    │   └── DeviceUnavailable        503  device_unavailable  the device failed or vanished during the job
     └── OutOfMemory                  507  out_of_memory the node's capacity is exhausted
 
 Classes are registered by kind in one registry that rejects duplicates, and each
@@ -63,6 +67,10 @@ __all__ = [
     "ExecutableNotFound",
     "NotEnforceable",
     "WrongArchitecture",
+    "UnknownNode",
+    "UnknownDevice",
+    "KernelBuildFailed",
+    "DeviceUnavailable",
     "CoreLoadFailed",
     "JobError",
     "JobFailed",
@@ -288,6 +296,33 @@ class WrongArchitecture(Infeasible):
     """Raised when a native executable is built for another architecture or OS than the node's."""
 
     kind = "wrong_architecture"
+
+
+# -- telemetry and OpenCL (services/gpu_monitor, the fabric.opencl core) -----------
+
+
+class UnknownNode(NotFound):
+    """Raised when a node name is not in the node registry (never seen, or its heartbeats stopped)."""
+
+    kind = "unknown_node"
+
+
+class UnknownDevice(NotFound):
+    """Raised when a GPU or OpenCL device id names no device the fabric knows."""
+
+    kind = "unknown_device"
+
+
+class KernelBuildFailed(BadRequest):
+    """Raised when an OpenCL kernel does not compile; ``build_log`` holds the compiler's output."""
+
+    kind = "kernel_build_failed"
+
+
+class DeviceUnavailable(Unavailable):
+    """Raised when the device failed, or disappeared, while it ran the job."""
+
+    kind = "device_unavailable"
 
 
 # FabricError itself is the fallback for unknown kinds/codes.

@@ -36,10 +36,12 @@ from fabric_ext import ring, wire
 if TYPE_CHECKING:  # pragma: no cover
     from .pools import CoreManager, Job, Pool
 
-__all__ = ["Worker", "RingWorker", "SocketWorker", "WorkerSpec", "RING_CAPACITY"]
+__all__ = ["Worker", "RingWorker", "SocketWorker", "WorkerSpec", "RING_CAPACITY", "CORE_ID_ENV"]
 
 #: bytes of each ring (a power of two); a job's frame must fit one record
 RING_CAPACITY = 16 << 20
+#: set in each ring worker's environment to its core id (read back by services.gpu_monitor)
+CORE_ID_ENV = "FABRIC_CORE_ID"
 #: how long a reader thread spins for the next result before it sleeps (see docs/benchmarks.md)
 READER_SPIN_US = float(os.environ.get("FABRIC_POOL_READER_SPIN_US", "250"))
 #: bytes of job data an external worker may have queued on its socket
@@ -292,6 +294,8 @@ class RingWorker(Worker):
             self.max_job = self.prod.max_record - 64
             env = dict(os.environ)
             env["PYTHONPATH"] = _REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            # lets the gpu-monitor name the core a GPU-holding worker process belongs to
+            env[CORE_ID_ENV] = spec.core
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "services.spawner.worker", "--ring-in", self.path_in,
                  "--ring-out", self.path_out, "--spin-us", str(WORKER_SPIN_US)],
