@@ -100,6 +100,14 @@ from .schema import (
     StdinRequest,
     WaitRequest,
 )
+from .schema import (  # nodes and devices (gpu-monitor)
+    DeviceRecord,
+    DevicesReply,
+    GpuListReply,
+    NodeListReply,
+    NodeRecord,
+    NodeRequest,
+)
 from .schema import (  # compute cores
     MSGPACK,
     MSGPACK_CONTENT_TYPE,
@@ -792,6 +800,53 @@ class AsyncFabricClient:
     async def spawner_info(self, node: str) -> SpawnerInfoReply:
         return await self._call(subjects.node_scoped("proc", node, "info"), ProcListRequest(), SpawnerInfoReply)
 
+    # -- nodes and devices (gpu-monitor) ------------------------------------------
+
+    async def nodes(self) -> list[NodeRecord]:
+        """Every node in the registry, live: what it is, its CPUs, memory, disks, network, GPUs.
+
+        A node whose heartbeats stopped has ``status == "stale"`` until its registry entry
+        expires.  Raises :class:`Unavailable` when no gpu-monitor runs.
+        """
+        reply = await self.request(subjects.cluster("nodes", "list"), b"{}")
+        return JSON.decode(reply.data, NodeListReply).nodes
+
+    async def node(self, node: str) -> NodeRecord:
+        """One node's registry record; :class:`UnknownNode` (404) when it is not there."""
+        return await self._call(subjects.cluster("nodes", "get"), NodeRequest(node=node), NodeRecord)
+
+    async def devices(self) -> list[DeviceRecord]:
+        """Every node in the shape of UDCS's ``GET /api/devices`` (id, hostname, gpus, cpu_cores, ...)."""
+        reply = await self.request(subjects.cluster("nodes", "devices"), b"{}")
+        return JSON.decode(reply.data, DevicesReply).devices
+
+    async def gpus(self, node: str) -> GpuListReply:
+        """*node*'s GPUs sampled now: free memory, utilisation, and the fabric jobs holding each."""
+        reply = await self.request(subjects.node_scoped("nodes", node, "gpus"), b"{}")
+        return JSON.decode(reply.data, GpuListReply)
+
+    # -- OpenCL kernels as jobs ------------------------------------------------------
+
+    async def opencl(self, source: str, kernel: str, global_size: "int | Sequence[int]", args: Sequence[Any], *,
+                     local_size: "int | Sequence[int] | None" = None, device: str | None = None,
+                     check_sizes: bool = True, timeout: float | None = None) -> list[Any]:
+        """Run an OpenCL *kernel* from *source* on the best device the fabric has; the outputs, in order.
+
+        Each of *args*, in the kernel's parameter order, is a numpy array (an input buffer),
+        :class:`fabric.Out` ``(shape, dtype)`` (an output buffer) or a numpy scalar.
+        *device*: an OpenCL device id from :meth:`nodes` (``"<node>:cl:<p>:<d>"``), a node
+        name, ``"gpu"`` or ``"cpu"``; by default a GPU where there is one, else a CPU.
+        ``check_sizes`` refuses a buffer smaller than the number of work items (turn it off
+        for kernels whose buffers are not one element per work item, such as a matmul).
+        A kernel that does not compile raises :class:`KernelBuildFailed` (400) with its ``build_log``.
+
+        >>> out, = await fc.opencl(VADD, "vadd", n, [a, b, Out(n, "float32")])   # doctest: +SKIP
+        """
+        from .opencl import run_opencl  # numpy and the frame codec load on first use
+
+        return await run_opencl(self, source, kernel, global_size, args, local_size=local_size, device=device,
+                                check_sizes=check_sizes, timeout=timeout)
+
 
 def _check_size(size: int) -> int:
     if isinstance(size, bool) or not isinstance(size, int):
@@ -1056,6 +1111,27 @@ class FabricClient:
 
     def spawner_info(self, node: str) -> SpawnerInfoReply:
         return self._run(self._aio.spawner_info(node))
+
+    # -- nodes and devices (gpu-monitor) ------------------------------------------
+
+    def nodes(self) -> list[NodeRecord]:
+        """Every node in the registry, live; see :meth:`AsyncFabricClient.nodes`."""
+        return self._run(self._aio.nodes())
+
+    def node(self, node: str) -> NodeRecord:
+        return self._run(self._aio.node(node))
+
+    def devices(self) -> list[DeviceRecord]:
+        """Every node in the UDCS ``GET /api/devices`` shape."""
+        return self._run(self._aio.devices())
+
+    def gpus(self, node: str) -> GpuListReply:
+        return self._run(self._aio.gpus(node))
+
+    def opencl(self, source: str, kernel: str, global_size: "int | Sequence[int]", args: Sequence[Any],
+               **options: Any) -> list[Any]:
+        """Run an OpenCL kernel as a fabric job; see :meth:`AsyncFabricClient.opencl`."""
+        return self._run(self._aio.opencl(source, kernel, global_size, args, **options))
 
 
 class RemoteBuffer:
