@@ -1,9 +1,10 @@
-"""The ``fabric`` command: ``up``, ``down``, ``status`` and ``req``.
+"""The ``fabric`` command: ``up``, ``down``, ``status``, ``nodes`` and ``req``.
 
 ``fabric up`` runs the supervisor (:mod:`fabric.supervisor`) in the foreground,
 or with ``-d`` forks it into its own session and returns once every service
 answers its ADR-32 ping.  ``fabric status`` asks ``$SRV.PING|INFO|STATS`` who is
-there; ``fabric req`` is a small stand-in for ``nats req`` that understands
+there, and shows the nodes when a gpu-monitor runs; ``fabric nodes [--watch]``
+shows the nodes' live telemetry (:mod:`fabric.cli_nodes`); ``fabric req`` is a small stand-in for ``nats req`` that understands
 fabric's encodings and error headers.  Every command takes ``--state-dir``, so
 several fabrics run side by side.
 
@@ -30,6 +31,10 @@ from rich.console import Console
 from rich.table import Table
 
 
+import msgspec
+
+from .cli_nodes import NoMonitor, fetch_nodes, nodes_table
+from .schema import NodeRecord
 from .state import FabricState, StateDir, default_state_dir, pid_alive
 
 __all__ = ["app", "main"]
@@ -468,6 +473,8 @@ def status(
         name for name in expected
         if not any(s["name"] == name and (expected_node is None or s["node"] == expected_node) for s in rows)
     ]
+    # the nodes, live, when a gpu-monitor runs (its registry holds every node's record)
+    nodes = asyncio.run(_nodes_or_none(url)) if any(s["name"] == "gpu-monitor" for s in rows) else None
     if as_json:
         doc = {
             "nats_url": url,
@@ -479,14 +486,97 @@ def status(
             "missing": missing,
             "ok": not missing,
             "services": rows,
+            "nodes": [msgspec.to_builtins(r) for r in nodes] if nodes is not None else None,
         }
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
         _print_status_table(url, rows, running)
+        if nodes is not None:
+            _console().print(nodes_table(nodes, f"nodes ({len(nodes)})"))
         for name in missing:
             where = f" on node {expected_node}" if expected_node else ""
             err.print(f"[bold red]missing:[/] {name}{where} did not answer $SRV.PING")
     raise typer.Exit(1 if missing else 0)
+
+
+async def _nodes_or_none(url: str) -> "list[NodeRecord] | None":
+    nc = await _connect(url)
+    try:
+        return await fetch_nodes(nc)
+    except NoMonitor:
+        return None
+    finally:
+        await nc.close()
+
+
+# -- fabric nodes ---------------------------------------------------------------------------
+
+
+@app.command()
+def nodes(
+    state_dir: StateDirOption = None,
+    nats_url: NatsUrlOption = None,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh live until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option("--interval", min=0.1, help="Seconds between refreshes.")] = 1.0,
+    count: Annotated[int, typer.Option("--count", min=0,
+                                       help="With --watch: stop after this many refreshes (0: never).")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the records as JSON (one line per refresh).")] = False,
+) -> None:
+    """Show every node: CPUs, load, memory, disk, network, GPUs and OpenCL devices (from the gpu-monitors)."""
+    state = _state(state_dir)
+    url, _ = _nats_url(nats_url, state)
+    try:
+        asyncio.run(_nodes_loop(url, watch, interval, count, as_json))
+    except KeyboardInterrupt:
+        pass
+
+
+async def _nodes_loop(url: str, watch: bool, interval: float, count: int, as_json: bool) -> None:
+    from rich.live import Live
+
+    nc = await _connect(url)
+    try:
+        async def one() -> list[NodeRecord]:
+            try:
+                return await fetch_nodes(nc)
+            except NoMonitor:
+                fail(f"no gpu-monitor answers on {url}", "is the fabric up with its gpu-monitor? (`fabric status`)")
+
+        def title(records: list[NodeRecord]) -> str:
+            return f"nodes on {url} ({len(records)}) at {datetime.now().strftime('%H:%M:%S')}"
+
+        records = await one()
+        if as_json:
+            sys.stdout.write(json.dumps([msgspec.to_builtins(r) for r in records]) + "\n")
+        elif not watch:
+            _console().print(nodes_table(records, title(records)))
+        if not watch:
+            return
+        shown = 1
+        live = None if as_json else Live(nodes_table(records, title(records)), console=_console(),
+                                         auto_refresh=False)
+        if live is not None:
+            live.start(refresh=True)
+        try:
+            while count == 0 or shown < count:
+                await asyncio.sleep(interval)
+                records = await one()
+                shown += 1
+                if live is not None:
+                    live.update(nodes_table(records, title(records)), refresh=True)
+                else:
+                    sys.stdout.write(json.dumps([msgspec.to_builtins(r) for r in records]) + "\n")
+                    sys.stdout.flush()
+        finally:
+            if live is not None:
+                live.stop()
+    finally:
+        await nc.close()
+
+
+def _console() -> Console:
+    # piped output has no terminal width to fit: show every column in full
+    return out if out.is_terminal else Console(highlight=False, width=250)
 
 
 async def _connect(url: str) -> Any:

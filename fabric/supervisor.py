@@ -44,6 +44,7 @@ __all__ = ["SERVICES", "SupervisorConfig", "Supervisor", "service_modules", "pro
 SERVICES: dict[str, str] = {
     "allocator": "services.allocator",
     "spawner": "services.spawner",
+    "gpu-monitor": "services.gpu_monitor",
 }
 
 #: JSON object ``{"name": "module"}`` that replaces or adds service modules (tests, development)

@@ -127,7 +127,7 @@ def test_up_detached_reports_ready(running: tuple[Path, str]) -> None:
     assert state["phase"] == "ready"
     assert state["embedded_nats"] is True
     assert state["port"] != 4222 and state["nats_url"] == f"nats://127.0.0.1:{state['port']}"
-    assert set(state["services"]) == {"allocator", "spawner"}
+    assert set(state["services"]) == {"allocator", "spawner", "gpu-monitor"}
     assert all(alive(pid) for pid in listed_pids(state).values())
     # what the user is told: where NATS is, how another machine joins, where the logs are
     ready = re.search(r"fabric ready in ([0-9.]+) s", stdout)
@@ -167,7 +167,7 @@ def test_status_table(running: tuple[Path, str]) -> None:
 def test_status_missing_service_exits_nonzero(running: tuple[Path, str]) -> None:
     state_dir, _ = running
     code, doc = status_json(state_dir, "--node", "no-such-node")
-    assert code == 1 and doc["missing"] == ["allocator", "spawner"]
+    assert code == 1 and doc["missing"] == ["allocator", "spawner", "gpu-monitor"]
 
 
 def test_req_ping(running: tuple[Path, str]) -> None:
@@ -243,7 +243,7 @@ def test_killed_service_is_restarted(running: tuple[Path, str]) -> None:
 def test_down_stops_everything(running: tuple[Path, str]) -> None:
     state_dir, _ = running
     pids = listed_pids(read_state(state_dir))
-    assert set(pids) == {"supervisor", "nats-server", "allocator", "spawner"}
+    assert set(pids) == {"supervisor", "nats-server", "allocator", "spawner", "gpu-monitor"}
     res = fabric("down", state_dir)
     assert res.returncode == 0, res.stderr
     assert "fabric stopped" in res.stdout
@@ -268,7 +268,7 @@ def test_two_fabrics_side_by_side(needs_allocator: None, tmp_path: Path) -> None
         for state_dir, node in ((a, "node-a"), (b, "node-b")):
             code, doc = status_json(state_dir)
             assert code == 0
-            assert [(s["name"], s["node"]) for s in doc["services"]] == [("allocator", node), ("spawner", node)]
+            assert [(s["name"], s["node"]) for s in doc["services"]] == [("allocator", node), ("gpu-monitor", node), ("spawner", node)]
         pids = list(listed_pids(sa).values()) + list(listed_pids(sb).values())
         assert fabric("down", a).returncode == 0
         assert all(alive(pid) for pid in listed_pids(sb).values()), "stopping a touched b"

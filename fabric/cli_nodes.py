@@ -1,0 +1,96 @@
+"""The node table of ``fabric status`` and ``fabric nodes [--watch]``.
+
+The records come from the gpu-monitors' registry (``fabric.nodes.list``, see
+docs/protocol.md "Nodes and telemetry"); this module only fetches and renders
+them, so the CLI stays a thin layer over the public subjects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from .schema import JSON, NodeListReply, NodeRecord
+
+__all__ = ["fetch_nodes", "nodes_table", "NoMonitor"]
+
+
+class NoMonitor(Exception):
+    """No gpu-monitor answered ``fabric.nodes.list``."""
+
+
+async def fetch_nodes(nc: Any, timeout: float = 2.0) -> list[NodeRecord]:
+    """Every node in the registry, through one request on *nc*; :class:`NoMonitor` if none answers."""
+    from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+
+    try:
+        msg = await nc.request("fabric.nodes.list", b"{}", timeout=timeout)
+    except (NoRespondersError, NatsTimeout):
+        raise NoMonitor("no gpu-monitor answered fabric.nodes.list") from None
+    return JSON.decode(msg.data, NodeListReply).nodes
+
+
+def _size(n: int) -> str:
+    if n < 0:
+        return "?"
+    for unit, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n}B"
+
+
+def _rate(per_s: float) -> str:
+    return f"{_size(int(per_s))}/s"
+
+
+def _gpus(record: NodeRecord) -> str:
+    if not record.gpus:
+        return "none" if record.nvml.available else f"- ({_short(record.nvml.reason)})"
+    parts = []
+    for g in record.gpus:
+        util = f"{g.utilization_gpu:.0f}%" if g.utilization_gpu >= 0 else "?"
+        used = f"{_size(g.memory_used)}/{_size(g.memory_total)}"
+        jobs = f" {len(g.processes)} proc" if g.processes else ""
+        temp = f" {g.temperature_c:.0f}C" if g.temperature_c >= 0 else ""
+        parts.append(f"{g.index}: {g.name} {util} {used}{temp}{jobs}")
+    return "\n".join(parts)
+
+
+def _opencl(record: NodeRecord) -> str:
+    if not record.opencl.available:
+        return f"- ({_short(record.opencl.reason)})"
+    return "\n".join(f"{d.type} {d.name[:28]} ({d.compute_units} CU)" for d in record.opencl.devices)
+
+
+def _short(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def nodes_table(records: list[NodeRecord], title: str) -> Table:
+    """One row per node: status, CPUs, load, memory, disk, network, GPUs, OpenCL devices."""
+    table = Table(title=title, title_justify="left")
+    for col, justify in [("node", "left"), ("status", "left"), ("host", "left"), ("cpu", "right"),
+                         ("load", "right"), ("memory", "right"), ("disk /", "right"), ("net rx/tx", "right"),
+                         ("gpus", "left"), ("opencl", "left")]:
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in records:
+        h = r.host
+        status = r.status if r.status == "up" else f"[bold red]{r.status}[/] ({r.age_s:.0f}s)"
+        root = next((d for d in r.disks if d.path == "/"), r.disks[0] if r.disks else None)
+        table.add_row(
+            r.node,
+            status,
+            f"{h.hostname} {h.architecture}\n{h.cpu_cores} cpu, {_size(h.ram_bytes)}",
+            f"{r.cpu.percent:.0f}%",
+            f"{r.cpu.load_1:.2f}",
+            f"{_size(r.memory.used)}/{_size(r.memory.total)}",
+            f"{root.percent:.0f}%" if root else "?",
+            f"{_rate(r.net.recv_per_s)}\n{_rate(r.net.sent_per_s)}",
+            _gpus(r),
+            _opencl(r),
+            end_section=True,
+        )
+    if not records:
+        table.caption = "no node in the registry"
+    return table

@@ -1,0 +1,203 @@
+"""The gpu-monitor's endpoints and heartbeat (one gpu-monitor per node).
+
+Every ``interval_s`` (``$FABRIC_TELEMETRY_INTERVAL_S``, default 1 s) the monitor
+samples its node (:mod:`.host`, :mod:`.nvml`; OpenCL devices are probed once at
+start, :mod:`.opencl_probe`), publishes the :class:`NodeRecord` as JSON on
+``fabric.telemetry.<node>`` and stores it in the registry (:mod:`.registry`).
+
+Subjects (docs/protocol.md, "Nodes and telemetry"):
+
+* ``fabric.nodes.list`` / ``get`` / ``devices`` -- any monitor answers (queue
+  group), from its view of the registry;
+* ``fabric.nodes.<node>.info`` -- that node's latest record, from its own monitor;
+* ``fabric.nodes.<node>.gpus`` -- that node's GPUs sampled at the request, with
+  the fabric processes and pool workers holding each (what a scheduler places by).
+
+Sampling runs on one worker thread: NVML calls block for milliseconds on a real
+driver, and the event loop must keep answering meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import time
+from typing import Any, Sequence
+
+from fabric import subjects
+from fabric.errors import BadRequest
+from fabric.schema import (
+    JSON,
+    DevicesReply,
+    GpuListReply,
+    NodeListReply,
+    NodeRecord,
+    NodeRequest,
+)
+from fabric.service import Endpoint, FabricService, Request, ServiceSettings
+
+from . import opencl_probe
+from .devices import device_record
+from .host import LiveSampler, host_info
+from .nvml import NvmlProbe
+from .registry import DEFAULT_TTL_S, NodeRegistry, telemetry_subject
+
+__all__ = ["GpuMonitorService", "DEFAULT_INTERVAL_S", "INTERVAL_ENV", "TTL_ENV"]
+
+DEFAULT_INTERVAL_S = 1.0
+INTERVAL_ENV = "FABRIC_TELEMETRY_INTERVAL_S"
+TTL_ENV = "FABRIC_NODE_TTL_S"
+MIN_INTERVAL_S = 0.05
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"${name} must be a number of seconds, got {raw!r}") from None
+
+
+class GpuMonitorService(FabricService):
+    name = "gpu-monitor"
+    description = "fabric node telemetry: CPUs, memory, disks, network, NVIDIA GPUs (NVML), OpenCL devices"
+
+    def __init__(self, settings: ServiceSettings, *, interval_s: float | None = None,
+                 ttl_s: float | None = None) -> None:
+        super().__init__(settings)
+        self.interval_s = interval_s if interval_s is not None else _env_seconds(INTERVAL_ENV, DEFAULT_INTERVAL_S)
+        self.ttl_s = ttl_s if ttl_s is not None else _env_seconds(TTL_ENV, DEFAULT_TTL_S)
+        if not MIN_INTERVAL_S <= self.interval_s <= 3600:
+            raise ValueError(f"telemetry interval must be {MIN_INTERVAL_S}..3600 s, got {self.interval_s}")
+        if self.ttl_s < 2 * self.interval_s:
+            # one late heartbeat must not drop a live node from the registry
+            raise ValueError(f"node TTL ({self.ttl_s}s) must be at least twice the heartbeat interval "
+                             f"({self.interval_s}s)")
+        self.host = host_info(self.node)
+        self.live = LiveSampler(_disk_paths(settings))
+        self.nvml = NvmlProbe()
+        self.opencl = opencl_probe.probe(self.node)
+        self.registry: NodeRegistry | None = None
+        self.seq = 0
+        self.latest: NodeRecord | None = None
+        self.heartbeats_failed = 0
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gpu-monitor-sample")
+        self._beat: asyncio.Task[None] | None = None
+
+    def metadata(self) -> dict[str, str]:
+        return {"interval_s": f"{self.interval_s:g}", "nvml": "yes" if self.nvml_available() else "no",
+                "opencl_devices": str(len(self.opencl.devices))}
+
+    def nvml_available(self) -> bool:
+        return self.latest is not None and self.latest.nvml.available
+
+    def endpoints(self) -> Sequence[Endpoint]:
+        node = self.node
+        return [
+            Endpoint("list", subjects.cluster("nodes", "list"), self.list),
+            Endpoint("get", subjects.cluster("nodes", "get"), self.get),
+            Endpoint("devices", subjects.cluster("nodes", "devices"), self.devices),
+            Endpoint("info", subjects.node_scoped("nodes", node, "info"), self.info),
+            Endpoint("gpus", subjects.node_scoped("nodes", node, "gpus"), self.gpus),
+        ]
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        assert self.nc is not None
+        self.registry = NodeRegistry(self.nc, self.node, self.ttl_s, self.log)
+        await self.registry.start()
+        if self.registry.ttl_s < 2 * self.interval_s:  # the bucket existed with a shorter TTL
+            self.interval_s = self.registry.ttl_s / 2
+            self.log.warning("heartbeat interval shortened to fit the registry's TTL", interval_s=self.interval_s)
+        self.ttl_s = self.registry.ttl_s
+        await self._heartbeat()  # the node is listed before the service says it is up
+        self._beat = asyncio.get_running_loop().create_task(self._heartbeats())
+        self.log.info("gpu-monitor ready", interval_s=self.interval_s, ttl_s=self.ttl_s,
+                      registry=self.registry.backend, gpus=len(self.latest.gpus) if self.latest else 0,
+                      nvml=self.latest.nvml.reason or "available" if self.latest else "",
+                      opencl=self.opencl.reason or f"{len(self.opencl.devices)} device(s)")
+
+    async def on_stop(self) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
+            try:
+                await self._beat
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.registry is not None:
+            await self.registry.stop()
+        self._pool.shutdown(wait=True)
+        self.nvml.close()
+
+    # -- heartbeats --------------------------------------------------------------------
+
+    def sample(self) -> NodeRecord:
+        """Sample the node now (runs on the sampling thread)."""
+        cpu, memory, disks, net = self.live.sample()
+        nvml_state, gpus = self.nvml.sample(self.node)
+        self.seq += 1
+        return NodeRecord(node=self.node, host=self.host, seq=self.seq, time_ms=int(time.time() * 1000),
+                          interval_s=self.interval_s, cpu=cpu, memory=memory, disks=disks, net=net, gpus=gpus,
+                          nvml=nvml_state, opencl=self.opencl)
+
+    async def _heartbeat(self) -> None:
+        assert self.nc is not None and self.registry is not None
+        record = await asyncio.get_running_loop().run_in_executor(self._pool, self.sample)
+        self.latest = record
+        data = JSON.encode(record)
+        await self.nc.publish(telemetry_subject(self.node), data)
+        await self.registry.put(data)
+
+    async def _heartbeats(self) -> None:
+        # a fixed schedule: a slow sample delays one beat, not every later one
+        next_at = time.monotonic() + self.interval_s
+        while True:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            next_at = max(next_at + self.interval_s, time.monotonic())
+            try:
+                await self._heartbeat()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS reconnecting, a probe bug: log, keep beating
+                self.heartbeats_failed += 1
+                self.log.warning("heartbeat failed", error=str(exc) or type(exc).__name__,
+                                 failed=self.heartbeats_failed)
+
+    # -- endpoints ---------------------------------------------------------------------
+
+    def _registry(self) -> NodeRegistry:
+        assert self.registry is not None, "gpu-monitor not started"
+        return self.registry
+
+    def list(self, req: Request) -> NodeListReply:
+        return NodeListReply(nodes=self._registry().records())
+
+    def get(self, req: Request) -> NodeRecord:
+        body: NodeRequest = req.decode(NodeRequest)
+        if not subjects.valid_node_name(body.node):
+            raise BadRequest(f"invalid node name {body.node!r}: 1 to 64 letters, digits, '_' and '-'")
+        return self._registry().get(body.node)
+
+    def devices(self, req: Request) -> DevicesReply:
+        return DevicesReply(devices=[device_record(r) for r in self._registry().records()])
+
+    def info(self, req: Request) -> NodeRecord:
+        assert self.latest is not None
+        return self.latest
+
+    async def gpus(self, req: Request) -> GpuListReply:
+        state, gpus = await asyncio.get_running_loop().run_in_executor(self._pool, self.nvml.sample, self.node)
+        return GpuListReply(node=self.node, gpus=gpus, nvml=state)
+
+
+def _disk_paths(settings: ServiceSettings) -> list[str]:
+    """The filesystems worth watching: the root and the one holding fabric's state."""
+    paths = ["/"]
+    state = str(settings.state_dir)
+    if os.path.isdir(state):
+        paths.append(state)
+    return paths
