@@ -50,8 +50,6 @@ from .errors import (
     WrongArchitecture,
     UnknownNode,
     UnknownDevice,
-    KernelBuildFailed,
-    DeviceUnavailable,
 )
 from .schema import ExitInfo, Limits, Sandbox
 
@@ -74,11 +72,6 @@ _CLIENT_NAMES = frozenset({
 
 
 def __getattr__(name: str) -> Any:
-    if name == "Out":  # fabric.opencl imports numpy: only when asked for
-        from .opencl import Out
-
-        globals()["Out"] = Out
-        return Out
     if name in _CLIENT_NAMES:
         from . import client
 
@@ -99,7 +92,6 @@ __all__ = [
     "AsyncRemoteProcess",
     "Core",
     "AsyncCore",
-    "Out",
     # messages
     "schema",
     "Limits",
@@ -134,10 +126,8 @@ __all__ = [
     "OutOfMemory",
     "UnknownNode",
     "UnknownDevice",
-    "KernelBuildFailed",
-    "DeviceUnavailable",
 ]
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _CLIENT_NAMES | {"Out"})
+    return sorted(set(globals()) | _CLIENT_NAMES)
