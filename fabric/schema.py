@@ -637,7 +637,7 @@ class MemoryLive(Message):
 
 
 class DiskLive(Message):
-    """One mounted filesystem (the root, the state dir's) and the machine's disk I/O counters."""
+    """One mounted filesystem: the root, and the one holding fabric's state dir."""
 
     path: str
     total: int = 0
