@@ -164,6 +164,37 @@ def test_status_table(running: tuple[Path, str]) -> None:
         assert word in res.stdout
 
 
+def test_status_and_nodes_show_the_node_live(running: tuple[Path, str]) -> None:
+    state_dir, _ = running
+    node = read_state(state_dir)["node"]
+    code, doc = status_json(state_dir)
+    assert code == 0
+    assert [n["node"] for n in doc["nodes"]] == [node]
+    assert doc["nodes"][0]["host"]["cpu_cores"] == os.cpu_count()
+    res = fabric("status", state_dir)
+    assert res.returncode == 0 and "nodes (1)" in res.stdout and "opencl" in res.stdout
+    # --watch --count 3 --json: three refreshes, one JSON line each, heartbeats advancing
+    res = fabric("nodes", state_dir, "--watch", "--count", "3", "--interval", "1.1", "--json")
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(lines) == 3 and all([n["node"] for n in line] == [node] for line in lines)
+    seqs = [line[0]["seq"] for line in lines]
+    assert seqs[0] < seqs[1] < seqs[2], seqs
+    res = fabric("nodes", state_dir)
+    assert res.returncode == 0 and node in res.stdout and "status" in res.stdout
+
+
+def test_nodes_without_a_gpu_monitor_fails_clearly(running: tuple[Path, str], tmp_path: Path) -> None:
+    from tests._nats import start_nats
+
+    server = start_nats(tmp_path / "nats", jetstream=False)
+    try:
+        res = fabric("nodes", tmp_path, "--nats-url", server.url)
+        assert res.returncode == 1 and "no gpu-monitor answers" in res.stderr
+    finally:
+        server.stop()
+
+
 def test_status_missing_service_exits_nonzero(running: tuple[Path, str]) -> None:
     state_dir, _ = running
     code, doc = status_json(state_dir, "--node", "no-such-node")
