@@ -1,9 +1,10 @@
 """Warm pools of compute-core workers: the spawner's ``fabric.core.*`` endpoints.
 
 A *core* is a ``.so`` that exports the compute core API v1 (``worker_init``,
-``worker_run_job``, ``worker_free_outdata``), or the built-in Python worker
-(name ``fabric.python``, empty library).  Loading one starts a :class:`Pool` of
-warm worker processes (``python -m services.spawner.worker``), each joined to
+``worker_run_job``, ``worker_free_outdata``), or a built-in core with an empty
+library: the Python worker (``fabric.python``) or OpenCL kernels
+(``fabric.opencl``).  Loading one starts a :class:`Pool` of warm worker processes
+(``python -m services.spawner.worker``), each joined to
 this controller by two shared-memory rings of :mod:`fabric_ext.ring` that carry
 protocol v1 frames (:mod:`fabric_ext.wire`): jobs one way, results the other.
 External workers that speak protocol v1 over a socket (``examples/cores/worker.c``)
@@ -89,9 +90,9 @@ from fabric.subjects import QUEUE_GROUP
 
 from .pool_reply import ReplyLink
 from .pool_workers import CHILD_PIDS, RingWorker, SocketWorker, Worker, WorkerSpec
-from .worker_core import PYTHON_CORE
+from .worker_core import BUILTIN_CORES, OPENCL_CORE, PYTHON_CORE
 
-__all__ = ["CoreManager", "Pool", "Job", "PYTHON_CORE", "EXIT_CODE_HEADER", "library_digest"]
+__all__ = ["CoreManager", "Pool", "Job", "PYTHON_CORE", "OPENCL_CORE", "EXIT_CODE_HEADER", "library_digest"]
 
 #: the reply header that carries a failed job's exit code (with the job_failed error headers)
 EXIT_CODE_HEADER = "Fabric-Exit-Code"
@@ -109,9 +110,9 @@ _SETTINGS = ("min_workers", "max_workers", "time_limit_s", "idle_s", "unload_aft
 TICK_S = 0.05
 
 
-def library_digest(library: bytes) -> str:
-    """What identifies a core's code: the sha256 (hex) of the library, ``fabric.python`` for none."""
-    return hashlib.sha256(library).hexdigest() if library else PYTHON_CORE
+def library_digest(library: bytes, name: str = PYTHON_CORE) -> str:
+    """What identifies a core's code: the sha256 (hex) of the library, the built-in core's name for none."""
+    return hashlib.sha256(library).hexdigest() if library else name
 
 
 class Job:
@@ -140,7 +141,7 @@ class Pool:
         self.id = core_id
         self.name = req.name
         self.library = bytes(req.library)
-        self.digest = library_digest(self.library)
+        self.digest = library_digest(self.library, req.name)
         self.min_workers = req.min_workers
         self.max_workers = req.max_workers  # >= min_workers and >= 1: load() and the schema checked
         self.time_limit_s = req.time_limit_s
@@ -557,13 +558,14 @@ class CoreManager:
 
     async def load(self, req: Request) -> CoreInfo:
         body: LoadCoreRequest = req.decode(LoadCoreRequest)
-        if not body.library and body.name != PYTHON_CORE:
-            raise BadRequest(f"core {body.name!r}: library is empty (only {PYTHON_CORE!r} needs none)")
-        if body.library and body.name == PYTHON_CORE:
-            raise BadRequest(f"core name {PYTHON_CORE!r} is reserved for the built-in Python worker")
+        if not body.library and body.name not in BUILTIN_CORES:
+            raise BadRequest(f"core {body.name!r}: library is empty (only the built-in cores "
+                             f"{', '.join(map(repr, BUILTIN_CORES))} need none)")
+        if body.library and body.name in BUILTIN_CORES:
+            raise BadRequest(f"core name {body.name!r} is reserved for a built-in core")
         if body.min_workers > body.max_workers:
             raise BadRequest(f"min_workers ({body.min_workers}) exceeds max_workers ({body.max_workers})")
-        digest = library_digest(body.library)
+        digest = library_digest(body.library, body.name)
         while True:
             live = self.by_name.get(body.name)
             if live is None:

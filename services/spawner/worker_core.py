@@ -6,7 +6,9 @@ three unmangled functions: ``worker_init``, ``worker_run_job`` and
 compute core" message without touching the disk: the bytes go into a memfd and
 ``dlopen`` opens ``/proc/self/fd/N``.  :class:`PythonCore` is the built-in core
 selected by the name ``fabric.python`` and an empty library: a job is
-``cloudpickle.dumps((fn, args, kwargs))``.
+``cloudpickle.dumps((fn, args, kwargs))``.  The name ``fabric.opencl`` with an
+empty library is the built-in OpenCL core (``worker_opencl.OpenCLCore``): a job
+is an OpenCL kernel frame of :mod:`fabric.opencl`; pyopencl is imported only then.
 
 Both answer :meth:`run` with ``(exit_code, output)``; the worker loop
 (``services/spawner/worker.py``) turns that into a v1 response.  A core that
@@ -19,10 +21,16 @@ import ctypes
 import os
 import pickle
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .worker_opencl import OpenCLCore
 
 API_VERSION = 1
 PYTHON_CORE = "fabric.python"
+OPENCL_CORE = "fabric.opencl"
+#: the core names that need no library (and whose names no library may take)
+BUILTIN_CORES = (PYTHON_CORE, OPENCL_CORE)
 REQUIRED = ("worker_init", "worker_run_job", "worker_free_outdata")
 
 _RUN_JOB = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_uint64, ctypes.c_void_p,
@@ -179,10 +187,14 @@ class PythonCore:
         pass
 
 
-def load_core(name: str, library: memoryview | bytes) -> CCore | PythonCore:
+def load_core(name: str, library: memoryview | bytes) -> "CCore | PythonCore | OpenCLCore":
     """The core a "new compute core" message asks for; :class:`CoreError` if it cannot load."""
     if name == PYTHON_CORE and len(library) == 0:
         return PythonCore()
+    if name == OPENCL_CORE and len(library) == 0:
+        from .worker_opencl import OpenCLCore  # pyopencl loads here, never at a worker's start
+
+        return OpenCLCore()
     return CCore(name, library)
 
 
