@@ -37,6 +37,7 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Union
 
 import msgspec
@@ -118,6 +119,9 @@ LOAD_SETTINGS: dict[str, Any] = {"min_workers": 1, "max_workers": 1, "time_limit
 NODES_TTL_S = 2.0
 #: the environment switch that turns same-host staging off (``0``)
 STAGING_ENV = "FABRIC_OPENCL_STAGING"
+#: copies into and out of a staging file larger than this run on two threads (numpy
+#: releases the GIL while it copies; one thread does not reach the memory bandwidth)
+PARALLEL_COPY_MIN = 1 << 20
 
 
 # -- what the user passes ---------------------------------------------------------
@@ -620,6 +624,7 @@ def _build(source: str, kernel: str, gsize: list[int], lsize: list[int] | None, 
     """The job frame (inputs staged into *stage* or inline) and the output specs in order."""
     specs: list[Arg] = []
     inline: list[tuple[int, Any]] = []
+    copies: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = []
     outs: list[Any] = []
     pos = STAGE_HEADER if stage is not None else 0
     align = STAGE_ALIGN if stage is not None else INLINE_ALIGN
@@ -628,7 +633,7 @@ def _build(source: str, kernel: str, gsize: list[int], lsize: list[int] | None, 
             off = pos
             pos = _align(pos + max(a.nbytes, 1), align)
             if stage is not None:
-                stage.view(off, a.shape, a.dtype)[...] = a
+                copies.append((stage.view(off, a.shape, a.dtype), a))
             else:
                 inline.append((off, np.ascontiguousarray(a).reshape(-1).view(np.uint8)))
             specs.append(InArg(dtype=a.dtype.str, shape=list(a.shape), offset=off, nbytes=a.nbytes))
@@ -643,6 +648,7 @@ def _build(source: str, kernel: str, gsize: list[int], lsize: list[int] | None, 
             specs.append(ScalarArg(dtype=a.dtype.str, value=a.tobytes()))
         else:
             specs.append(NumberArg(value=a))
+    _copy(copies)
     staging = Staging(name=stage.name, nonce=stage.nonce, size=stage.capacity) if stage is not None else None
     header = JobHeader(source=source, kernel=kernel, global_size=gsize, local_size=lsize, args=specs,
                        check_sizes=check_sizes, staging=staging, **sel)
@@ -797,16 +803,54 @@ def _outputs(data: Any, outs: list[Out], stage: StagingFile | None) -> list[np.n
     if len(header.outputs) != len(outs):
         raise InvalidFrame(f"OpenCL result: {len(header.outputs)} outputs for {len(outs)} Out arguments")
     result = []
+    copies = []
     for o, spec in zip(header.outputs, outs):
         dt = spec.dtype
         if o.staged:
             if stage is None:
                 raise InvalidFrame("OpenCL result: a staged output for an inline job")
+            if o.offset < STAGE_HEADER or o.offset + spec.nbytes > stage.capacity:
+                raise InvalidFrame("OpenCL result: a staged output lies outside the staging file")
             arr = np.empty(spec.shape, dt)
-            arr[...] = stage.view(o.offset, spec.shape, dt)
+            copies.append((arr, stage.view(o.offset, spec.shape, dt)))
         else:
             if o.offset < 0 or o.offset + spec.nbytes > len(inline):
                 raise InvalidFrame("OpenCL result: an inline output lies outside the frame")
             arr = np.frombuffer(inline, dtype=dt, count=math.prod(spec.shape), offset=o.offset).reshape(spec.shape).copy()
         result.append(arr)
+    _copy(copies)
     return result
+
+
+_copier: ThreadPoolExecutor | None = None
+
+
+def _copy(pairs: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]) -> None:
+    """``dst[...] = src`` for each pair; big ones split in halves, one half on a helper thread."""
+    global _copier
+    total = sum(dst.nbytes for dst, _ in pairs)
+    if total < PARALLEL_COPY_MIN:
+        for dst, src in pairs:
+            np.copyto(dst, src)
+        return
+    mine: list[tuple[Any, Any]] = []
+    theirs: list[tuple[Any, Any]] = []
+    for dst, src in pairs:
+        if dst.ndim and dst.shape[0] >= 2:
+            h = dst.shape[0] // 2
+            mine.append((dst[:h], src[:h]))
+            theirs.append((dst[h:], src[h:]))
+        else:
+            mine.append((dst, src))
+    if _copier is None:
+        _copier = ThreadPoolExecutor(1, thread_name_prefix="fabric-opencl-copy")
+    done = _copier.submit(_copy_all, theirs)
+    try:
+        _copy_all(mine)
+    finally:
+        done.result()
+
+
+def _copy_all(pairs: list[tuple[Any, Any]]) -> None:
+    for dst, src in pairs:
+        np.copyto(dst, src)
