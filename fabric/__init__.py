@@ -50,6 +50,8 @@ from .errors import (
     WrongArchitecture,
     UnknownNode,
     UnknownDevice,
+    KernelBuildFailed,
+    DeviceUnavailable,
 )
 from .schema import ExitInfo, Limits, Sandbox
 
@@ -72,6 +74,11 @@ _CLIENT_NAMES = frozenset({
 
 
 def __getattr__(name: str) -> Any:
+    if name == "Out":  # fabric.opencl imports numpy: only when asked for
+        from .opencl import Out
+
+        globals()["Out"] = Out
+        return Out
     if name in _CLIENT_NAMES:
         from . import client
 
@@ -92,6 +99,7 @@ __all__ = [
     "AsyncRemoteProcess",
     "Core",
     "AsyncCore",
+    "Out",
     # messages
     "schema",
     "Limits",
@@ -126,8 +134,10 @@ __all__ = [
     "OutOfMemory",
     "UnknownNode",
     "UnknownDevice",
+    "KernelBuildFailed",
+    "DeviceUnavailable",
 ]
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _CLIENT_NAMES)
+    return sorted(set(globals()) | _CLIENT_NAMES | {"Out"})

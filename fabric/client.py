@@ -44,6 +44,7 @@ import logging
 import os
 import platform
 import socket
+import sys
 import threading
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence, TypeVar, overload
 
@@ -348,6 +349,9 @@ class AsyncFabricClient:
         if self._leases is not None:
             await self._leases.close()  # renewals stop: leased blocks lapse after their ttl
         self._local.close()
+        opencl = sys.modules.get("fabric.opencl")  # only if this process ran OpenCL jobs (it imports numpy)
+        if opencl is not None:
+            opencl.close_staging(self)  # this client's staging files in /dev/shm go now, not at exit
         if self.nc is not None:
             nc, self.nc = self.nc, None
             try:
@@ -825,6 +829,28 @@ class AsyncFabricClient:
         reply = await self.request(subjects.node_scoped("nodes", node, "gpus"), b"{}")
         return JSON.decode(reply.data, GpuListReply)
 
+    # -- OpenCL kernels as jobs ------------------------------------------------------
+
+    async def opencl(self, source: str, kernel: str, global_size: "int | Sequence[int]", args: Sequence[Any], *,
+                     local_size: "int | Sequence[int] | None" = None, device: str | None = None,
+                     check_sizes: bool = True, timeout: float | None = None) -> list[Any]:
+        """Run an OpenCL *kernel* from *source* on the best device the fabric has; the outputs, in order.
+
+        Each of *args*, in the kernel's parameter order, is a numpy array (an input buffer),
+        :class:`fabric.Out` ``(shape, dtype)`` (an output buffer) or a numpy scalar.
+        *device*: an OpenCL device id from :meth:`nodes` (``"<node>:cl:<p>:<d>"``), a node
+        name, ``"gpu"`` or ``"cpu"``; by default a GPU where there is one, else a CPU.
+        ``check_sizes`` refuses a buffer smaller than the number of work items (turn it off
+        for kernels whose buffers are not one element per work item, such as a matmul).
+        A kernel that does not compile raises :class:`KernelBuildFailed` (400) with its ``build_log``.
+
+        >>> out, = await fc.opencl(VADD, "vadd", n, [a, b, Out(n, "float32")])   # doctest: +SKIP
+        """
+        from .opencl import run_opencl  # numpy and the frame codec load on first use
+
+        return await run_opencl(self, source, kernel, global_size, args, local_size=local_size, device=device,
+                                check_sizes=check_sizes, timeout=timeout)
+
 
 def _check_size(size: int) -> int:
     if isinstance(size, bool) or not isinstance(size, int):
@@ -1105,6 +1131,11 @@ class FabricClient:
 
     def gpus(self, node: str) -> GpuListReply:
         return self._run(self._aio.gpus(node))
+
+    def opencl(self, source: str, kernel: str, global_size: "int | Sequence[int]", args: Sequence[Any],
+               **options: Any) -> list[Any]:
+        """Run an OpenCL kernel as a fabric job; see :meth:`AsyncFabricClient.opencl`."""
+        return self._run(self._aio.opencl(source, kernel, global_size, args, **options))
 
 
 class RemoteBuffer:

@@ -7,6 +7,7 @@ stable *kind* string below) so a client can raise the exact class::
 
     FabricError                      500  internal      raised when nothing more precise fits
     ├── BadRequest (a ValueError)    400  bad_request   the request is malformed or has wrong types
+    │   ├── KernelBuildFailed        400  kernel_build_failed  an OpenCL kernel does not compile (carries the build log)
     │   ├── InvalidFrame             400  invalid_frame a binary frame is truncated or hostile
     │   └── OutOfRange               400  out_of_range  offset/length fall outside the block
     ├── PermissionDenied             403  denied        the handle does not permit this (read-only)
@@ -32,6 +33,7 @@ stable *kind* string below) so a client can raise the exact class::
     │   ├── WorkerCrashed            500  worker_crashed  the worker died (signal, abort) running the job
     │   └── JobTimeout               500  job_timeout   the job ran past its core's time limit
     ├── Unavailable                  503  unavailable   no service answered in time
+    │   └── DeviceUnavailable        503  device_unavailable  the device failed or vanished during the job
     └── OutOfMemory                  507  out_of_memory the node's capacity is exhausted
 
 Classes are registered by kind in one registry that rejects duplicates, and each
@@ -67,6 +69,8 @@ __all__ = [
     "WrongArchitecture",
     "UnknownNode",
     "UnknownDevice",
+    "KernelBuildFailed",
+    "DeviceUnavailable",
     "CoreLoadFailed",
     "JobError",
     "JobFailed",
@@ -294,7 +298,7 @@ class WrongArchitecture(Infeasible):
     kind = "wrong_architecture"
 
 
-# -- nodes and devices (services/gpu_monitor) -----------------------------------------
+# -- telemetry and OpenCL (services/gpu_monitor, the fabric.opencl core) -----------
 
 
 class UnknownNode(NotFound):
@@ -307,6 +311,18 @@ class UnknownDevice(NotFound):
     """Raised when a GPU or OpenCL device id names no device the fabric knows."""
 
     kind = "unknown_device"
+
+
+class KernelBuildFailed(BadRequest):
+    """Raised when an OpenCL kernel does not compile; ``build_log`` holds the compiler's output."""
+
+    kind = "kernel_build_failed"
+
+
+class DeviceUnavailable(Unavailable):
+    """Raised when the device failed, or disappeared, while it ran the job."""
+
+    kind = "device_unavailable"
 
 
 # FabricError itself is the fallback for unknown kinds/codes.

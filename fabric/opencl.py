@@ -54,22 +54,10 @@ from .errors import (
     UnknownDevice,
     UnknownNode,
     registered_kinds,
+    DeviceUnavailable,
+    KernelBuildFailed,
 )
 from .hostid import boot_id
-
-try:
-    from .errors import DeviceUnavailable, KernelBuildFailed
-except ImportError:  # pragma: no cover - until fabric/errors.py carries them (commit 623e711 took them out)
-    # registered in the one registry all the same, so error_from_wire knows the kinds
-    class KernelBuildFailed(BadRequest):  # type: ignore[no-redef]
-        """Raised when an OpenCL kernel does not compile; ``build_log`` holds the compiler's output."""
-
-        kind = "kernel_build_failed"
-
-    class DeviceUnavailable(Unavailable):  # type: ignore[no-redef]
-        """Raised when the device failed, or disappeared, while it ran the job."""
-
-        kind = "device_unavailable"
 
 __all__ = [
     "Out",

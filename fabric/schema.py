@@ -700,7 +700,7 @@ class NvmlState(Message):
 
 
 class OpenCLDevice(Message):
-    """One OpenCL device, as the node's OpenCL platforms list it."""
+    """One OpenCL device; ``id`` is what ``fc.opencl(device=...)`` takes."""
 
     id: str                              # "<node>:cl:<platform index>:<device index>"
     platform_index: int

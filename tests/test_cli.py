@@ -10,6 +10,7 @@ use, a service that never gets ready, ``down`` with nothing running.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -182,6 +183,42 @@ def test_status_and_nodes_show_the_node_live(running: tuple[Path, str]) -> None:
     assert seqs[0] < seqs[1] < seqs[2], seqs
     res = fabric("nodes", state_dir)
     assert res.returncode == 0 and node in res.stdout and "status" in res.stdout
+
+
+def test_opencl_job_through_the_public_client(running: tuple[Path, str]) -> None:
+    """fc.opencl against `fabric up`: the fabric.opencl core on PoCL, checked against numpy."""
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("pyopencl")
+    import fabric
+    from fabric import FabricClient
+
+    state_dir, _ = running
+    state = read_state(state_dir)
+    vadd = """__kernel void vadd(__global const float *a, __global const float *b, __global float *c) {
+        int i = get_global_id(0); c[i] = a[i] + b[i]; }"""
+    a = np.random.default_rng(7).random(100_000, dtype=np.float32)
+    b = np.arange(a.size, dtype=np.float32)
+    mine = f"/dev/shm/fabric-stage-{os.getpid()}-*"
+    with FabricClient(state["nats_url"]) as fc:
+        c, = fc.opencl(vadd, "vadd", a.size, [a, b, fabric.Out(a.size, np.float32)])
+        np.testing.assert_array_equal(c, a + b)
+        # the device it ran on is the one the node record lists (PoCL's CPU device here)
+        [rec] = fc.nodes()
+        assert rec.node == state["node"] and rec.opencl.devices
+        c, = fc.opencl(vadd, "vadd", a.size, [b, b, fabric.Out(a.size, "float32")],
+                       device=rec.opencl.devices[0].id)
+        np.testing.assert_array_equal(c, 2 * b)
+        with pytest.raises(fabric.KernelBuildFailed) as info:
+            fc.opencl(vadd.replace("c[i] =", "c[i] = nope +"), "vadd", a.size, [a, b, fabric.Out(a.size)])
+        assert info.value.code == 400 and "nope" in info.value.build_log
+        with pytest.raises(fabric.BadRequest, match="elements"):  # a buffer smaller than the work items
+            fc.opencl(vadd, "vadd", a.size, [a[:10], b, fabric.Out(a.size)])
+        with pytest.raises(fabric.UnknownDevice):
+            fc.opencl(vadd, "vadd", a.size, [a, b, fabric.Out(a.size)], device=f"{state['node']}:cl:0:9")
+        c, = fc.opencl(vadd, "vadd", a.size, [a, a, fabric.Out(a.size)])  # still serving
+        np.testing.assert_array_equal(c, 2 * a)
+        assert glob.glob(mine), "a same-host client stages its buffers in /dev/shm"
+    assert not glob.glob(mine), "close() leaves no staging file behind"
 
 
 def test_nodes_without_a_gpu_monitor_fails_clearly(running: tuple[Path, str], tmp_path: Path) -> None:

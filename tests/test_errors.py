@@ -81,7 +81,7 @@ def test_public_surface():
         "Core", "AsyncCore", "CoreLoadFailed", "JobError", "JobFailed", "WorkerCrashed", "JobTimeout",
         "RemoteProcess", "AsyncRemoteProcess", "Limits", "Sandbox", "ExitInfo", "UnknownProcess",
         "ExecutableNotFound", "NotEnforceable", "WrongArchitecture",
-        "UnknownNode", "UnknownDevice",
+        "UnknownNode", "UnknownDevice", "KernelBuildFailed", "DeviceUnavailable", "Out",
     }
     assert set(fabric.__all__) == expected
     for name in expected:

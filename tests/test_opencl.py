@@ -26,6 +26,7 @@ import numpy as np
 import psutil
 import pytest
 
+import fabric
 from fabric import AsyncFabricClient, BadRequest, TooLarge, UnknownDevice, UnknownNode, WorkerCrashed
 from fabric.opencl import (
     OPENCL_CORE,
@@ -168,7 +169,7 @@ async def test_vadd_matches_numpy_and_runs_staged(fc: AsyncFabricClient, spawner
     n = 100_003  # not a multiple of anything friendly
     rng = np.random.default_rng(1)
     a, b = rng.random(n, dtype=np.float32), rng.random(n, dtype=np.float32)
-    c, = await run_opencl(fc, VADD, "vadd", n, [a, b, Out(n, np.float32)])
+    c, = await fc.opencl(VADD, "vadd", n, [a, b, fabric.Out(n, np.float32)])  # the public method
     np.testing.assert_array_equal(c, a + b)
     assert c.dtype == np.float32 and c.shape == (n,) and c.flags.writeable
     st = fc._opencl_state  # type: ignore[attr-defined]

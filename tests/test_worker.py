@@ -488,7 +488,7 @@ def test_c_worker_has_no_python_core(build_dir: Path) -> None:
         c.handshake()
         f = c.load("fabric.python", b"", msg_id=81)
         assert (f.kind, f.msg_id) == (wire.V1_ERROR, 81)
-        assert "no built-in Python core" in wire.v1_parse_error(f.payload)
+        assert "no built-in cores" in wire.v1_parse_error(f.payload)
     finally:
         c.close()
 

@@ -12,7 +12,7 @@
  *        and waits for another core).
  *   0x03 new job: worker_run_job, reply 0x01 (i32 exit code, blob output)
  *        whatever the exit code, then worker_free_outdata.  No core: 0xFF.
- * The built-in Python core ("fabric.python") exists only in the Python worker.
+ * The built-in cores ("fabric.python", "fabric.opencl") exist only in the Python worker.
  * All integers are little-endian; this file assumes a little-endian host.
  * Build: gcc -O2 -std=gnu11 worker.c -o fabric-worker -ldl
  */
@@ -154,7 +154,7 @@ static void on_core(uint64_t id, unsigned char *p, uint64_t n)
     name[k] = 0;
     unload_core();   /* a failed load leaves no core: jobs for the new one must not run on the old */
     if (ll == 0) {
-        reply_error(id, "core '%s': the library is empty (the C worker has no built-in Python core)", name);
+        reply_error(id, "core '%s': the library is empty (the C worker has no built-in cores)", name);
         return;
     }
     int fd = memfd_create("fabric-core", MFD_CLOEXEC);

@@ -35,11 +35,14 @@ import socket
 import struct
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fabric_ext import wire
 
 from .worker_core import CCore, CoreError, PythonCore, load_core
+
+if TYPE_CHECKING:  # pragma: no cover - pyopencl loads only when the OpenCL core does
+    from .worker_opencl import OpenCLCore
 
 _JOB_DATA = 33                    # a job frame's data starts after header 17 + job id 8 + length 8
 _V1_KNOWN = frozenset((wire.V1_MSG_VERSION, wire.V1_MSG_CORE, wire.V1_MSG_JOB, wire.V1_ERROR))
@@ -61,7 +64,7 @@ class Worker:
     def __init__(self, send: Send, *, max_payload: int = wire.V1_DEFAULT_MAX_PAYLOAD) -> None:
         self.send = send
         self.max_payload = max_payload
-        self.core: CCore | PythonCore | None = None
+        self.core: CCore | PythonCore | OpenCLCore | None = None
         self.versioned = False
 
     def error(self, msg_id: int, message: str) -> None:
