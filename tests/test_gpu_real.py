@@ -1,7 +1,8 @@
 """The gpu-monitor's probes on a real NVIDIA GPU; skipped (with the reason) where there is none.
 
 tests/test_gpu_probes.py drives the same code through a fake NVML library; this file
-is what proves the real driver says what the fake says.
+is what proves the real driver says what the fake says, and that an OpenCL job placed
+with ``device="gpu"`` runs on the GPU with its worker in NVML's process list.
 """
 
 from __future__ import annotations
@@ -60,3 +61,55 @@ def test_opencl_lists_the_nvidia_gpu() -> None:
     gpus = [d for d in state.devices if d.type == "GPU" and "NVIDIA" in (d.vendor + d.platform).upper()]
     assert gpus, state.devices
     assert all(d.global_memory > 0 and d.compute_units > 0 for d in gpus)
+
+
+async def test_an_opencl_job_runs_on_the_gpu_and_nvml_sees_its_worker(tmp_path: Path) -> None:
+    """The whole path on real hardware: gpu-monitor records, fc.opencl(device="gpu"), NVML's process list."""
+    if not _nvidia_icd():
+        pytest.skip("no NVIDIA OpenCL ICD in /etc/OpenCL/vendors")
+    import asyncio
+    import secrets
+    import time
+
+    import numpy as np
+
+    from fabric import AsyncFabricClient, Out
+    from fabric.service import ServiceSettings
+    from services.gpu_monitor.service import GpuMonitorService
+    from services.spawner import SpawnerService
+    from tests._nats import start_nats
+
+    server = start_nats(tmp_path / "nats")
+    node = f"gpu-{secrets.token_hex(3)}"
+    spawner = SpawnerService(ServiceSettings(nats_url=server.url, node=node, state_dir=tmp_path / "sp"))
+    monitor = GpuMonitorService(ServiceSettings(nats_url=server.url, node=node, state_dir=tmp_path / "mon"),
+                                interval_s=0.5, ttl_s=5.0)
+    await spawner.start()
+    await monitor.start()
+    try:
+        async with AsyncFabricClient(server.url) as fc:
+            deadline = time.monotonic() + 15
+            while not any(r.gpus for r in await fc.nodes()):
+                assert time.monotonic() < deadline, "the gpu-monitor never listed a GPU"
+                await asyncio.sleep(0.2)
+            vadd = """__kernel void vadd(__global const float *a, __global const float *b, __global float *c) {
+                int i = get_global_id(0); c[i] = a[i] + b[i]; }"""
+            a = np.random.default_rng(3).random(1 << 20, dtype=np.float32)
+            c, = await fc.opencl(vadd, "vadd", a.size, [a, a, Out(a.size, np.float32)], device="gpu")
+            np.testing.assert_array_equal(c, a + a)
+            # the worker that ran it holds a context on the GPU: NVML lists it, tied to its pool
+            core_ids = {f"core:{c.id}" for c in fc._opencl_state.cores.values() if c is not None}  # type: ignore[attr-defined]
+            deadline = time.monotonic() + 10
+            while True:
+                procs = [p for g in (await fc.gpus(node)).gpus for p in g.processes]
+                if {p.fabric_id for p in procs} & core_ids:
+                    break
+                if procs and not any(Path(f"/proc/{p.pid}").exists() for p in procs):
+                    pytest.skip(f"NVML lists pids of another PID namespace (a container): {[p.pid for p in procs]}")
+                held = {p.fabric_id for p in procs}
+                assert time.monotonic() < deadline, f"NVML never listed the OpenCL worker: {held} vs {core_ids}"
+                await asyncio.sleep(0.5)
+    finally:
+        await monitor.stop()
+        await spawner.stop()
+        server.stop()
