@@ -152,19 +152,6 @@ def test_net_counters_match_proc_net_dev_without_loopback() -> None:
     assert second.recv_per_s <= (second.bytes_recv - first.bytes_recv) / 0.05 + 1e-6
 
 
-def test_a_sample_is_cheap() -> None:
-    sampler = LiveSampler(["/", "/dev/shm"])
-    times = []
-    for _ in range(200):
-        t = time.perf_counter()
-        sampler.sample()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    # once a second, the whole telemetry must stay under 1 % of a core (10 ms); the host
-    # part is measured at ~0.2 ms here, and the median keeps a noisy neighbour out
-    assert times[len(times) // 2] < 2e-3, f"median sample {times[len(times) // 2] * 1e3:.2f} ms"
-
-
 # -- NVML through the fake driver ---------------------------------------------
 
 _PROBE_SCRIPT = """
