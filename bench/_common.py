@@ -7,9 +7,12 @@ Each script prints progress to stderr and, as its last line, one JSON object who
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import platform
+import subprocess
 import sys
+import time
 from importlib.metadata import version
 from typing import Any, Callable
 
@@ -34,6 +37,32 @@ async def main():
     await asyncio.Event().wait()
 uvloop.run(main())
 """
+
+
+def stop_process(proc: subprocess.Popen[Any], grace_s: float = 15.0) -> None:
+    """SIGTERM *proc* (one the bench started), wait *grace_s*, then SIGKILL: a service gets
+    its clean shutdown, and a stuck one cannot hang the bench."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def wait_for_spawner(fc: Any, node: str, timeout_s: float = 30.0) -> None:
+    """Wait until the spawner of *node* answers ``info`` through the client *fc*
+    (a started ``python -m services.spawner`` takes a moment to subscribe)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await fc.spawner_info(node)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
 
 
 def progress(bench: str) -> Callable[[str], None]:

@@ -48,7 +48,7 @@ from typing import Any, Awaitable, Callable
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench._common import NATS_RESPONDER, machine, progress  # noqa: E402
+from bench._common import NATS_RESPONDER, machine, progress, stop_process, wait_for_spawner  # noqa: E402
 
 log = progress("spawn")
 
@@ -373,15 +373,7 @@ async def run(url: str, node: str, state_dir: Path, names: list[str], quick: boo
     results: dict[str, Any] = {}
     ratios: dict[str, Any] = {}
     async with AsyncFabricClient(url, local=False) as fc:
-        deadline = time.monotonic() + 30
-        while True:  # the spawner is up when it answers info
-            try:
-                await fc.spawner_info(node)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
+        await wait_for_spawner(fc, node)
         nc = await nats.connect(url)
         try:
             ctx = Context(url=url, node=node, state_dir=state_dir, client=fc, nc=nc, quick=quick)
@@ -419,12 +411,7 @@ def main() -> None:
             out = uvloop.run(run(server.url, node, state, names, args.quick))
         finally:
             for proc in (spawner, responder):
-                proc.terminate()
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop_process(proc)
             server.stop()
     for name, target in TARGETS.items():
         if name in out["ratios"]:

@@ -44,7 +44,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench._common import machine, progress  # noqa: E402
+from bench._common import machine, progress, stop_process, wait_for_spawner  # noqa: E402
 
 log = progress("telemetry")
 BUDGET = 0.01  # of one core, at the default interval
@@ -88,12 +88,7 @@ async def measure_monitor_cpu(url: str, workdir: Path, window_s: float, warmup_s
         cpu1, t1, n1 = _cpu_seconds(proc.pid), time.monotonic(), len(beats)
     finally:
         await nc.close()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
     wall = t1 - t0
     fraction = (cpu1 - cpu0) / wall
     return {"cpu_s": round(cpu1 - cpu0, 4), "wall_s": round(wall, 3), "fraction_of_one_core": round(fraction, 5),
@@ -165,15 +160,7 @@ async def measure_opencl_vadd(workdir: Path, quick: bool, n: int = 1_000_000) ->
     inline_s: list[float] = []
     try:
         async with AsyncFabricClient(server.url) as fc:
-            deadline = time.monotonic() + 30
-            while True:  # the spawner is up when it answers info
-                try:
-                    await fc.spawner_info(node)
-                    break
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.1)
+            await wait_for_spawner(fc, node)
 
             async def via_fabric() -> Any:
                 c, = await run_opencl(fc, VADD, "vadd", n, [a, b, Out(n, np.float32)], device=device)
@@ -212,12 +199,7 @@ async def measure_opencl_vadd(workdir: Path, quick: bool, n: int = 1_000_000) ->
             assert np.array_equal(c, want[:half])
             close_staging(fc)
     finally:
-        spawner.terminate()
-        try:
-            spawner.wait(15)
-        except subprocess.TimeoutExpired:
-            spawner.kill()
-            spawner.wait()
+        stop_process(spawner)
         server.stop()
     return {"n": n, "device": dev.name.strip(), "fabric_staged_p50_ms": _p50_ms(fabric_s),
             "pyopencl_direct_p50_ms": _p50_ms(direct_s), "fabric_inline_half_p50_ms": _p50_ms(inline_s),
