@@ -13,9 +13,9 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from importlib.metadata import version
-from typing import Any, Callable
-
+from typing import Any
 
 # The bare peer of every NATS figure: a nats-py responder (uvloop) in its own process
 # that answers ``bench.bus.<n>`` with n bytes.  ``python -c NATS_RESPONDER <url>``; it

@@ -26,6 +26,7 @@ from .errors import (
     Conflict,
     CoreLoadFailed,
     CorruptionDetected,
+    DeviceUnavailable,
     DoubleFree,
     ExecutableNotFound,
     FabricError,
@@ -35,6 +36,7 @@ from .errors import (
     JobError,
     JobFailed,
     JobTimeout,
+    KernelBuildFailed,
     NotEnforceable,
     NotFound,
     OutOfMemory,
@@ -44,14 +46,12 @@ from .errors import (
     StaleHandle,
     TooLarge,
     Unavailable,
+    UnknownDevice,
     UnknownHandle,
+    UnknownNode,
     UnknownProcess,
     WorkerCrashed,
     WrongArchitecture,
-    UnknownNode,
-    UnknownDevice,
-    KernelBuildFailed,
-    DeviceUnavailable,
 )
 from .schema import ExitInfo, Limits, Sandbox
 

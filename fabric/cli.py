@@ -24,14 +24,12 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import Annotated, Any, NoReturn
 
+import msgspec
 import typer
 from rich.console import Console
 from rich.table import Table
-
-
-import msgspec
 
 from .cli_nodes import NoMonitor, fetch_nodes, nodes_table
 from .schema import NodeRecord
@@ -53,17 +51,17 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 StateDirOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--state-dir", envvar="FABRIC_STATE_DIR", show_default=False,
                  help="State directory of this fabric (pids, logs, NATS store). Default: the per-user state dir."),
 ]
 NatsUrlOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--nats-url", envvar="FABRIC_NATS_URL", show_default=False,
                  help="NATS to use. Default: the one of the fabric running in --state-dir."),
 ]
 ServicesOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--services", show_default=False, help="Comma-separated service names. Default: all known."),
 ]
 
@@ -144,7 +142,7 @@ def _process_start_time() -> float:
 @app.command()
 def up(
     detach: Annotated[bool, typer.Option("--detach", "-d", help="Return once ready; the supervisor keeps running.")] = False,
-    nats_url: Annotated[Optional[str], typer.Option(
+    nats_url: Annotated[str | None, typer.Option(
         "--nats-url", envvar="FABRIC_NATS_URL", show_default=False,
         help="Join this NATS instead of starting an embedded nats-server.")] = None,
     nats_port: Annotated[int, typer.Option("--nats-port", min=0, max=65535,
@@ -152,9 +150,9 @@ def up(
     host: Annotated[str, typer.Option("--host", help="Address the embedded nats-server binds to.")] = "127.0.0.1",
     state_dir: StateDirOption = None,
     services: ServicesOption = None,
-    node: Annotated[Optional[str], typer.Option("--node", show_default=False,
+    node: Annotated[str | None, typer.Option("--node", show_default=False,
                                                 help="Node name. Default: the host name, sanitized.")] = None,
-    nats_server: Annotated[Optional[str], typer.Option("--nats-server", show_default=False,
+    nats_server: Annotated[str | None, typer.Option("--nats-server", show_default=False,
                                                        help="The nats-server binary to run.")] = None,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait until every service answers.")] = 30.0,
     grace: Annotated[float, typer.Option("--grace", min=0.0,
@@ -451,7 +449,7 @@ def status(
     state_dir: StateDirOption = None,
     nats_url: NatsUrlOption = None,
     services: ServicesOption = None,
-    node: Annotated[Optional[str], typer.Option("--node", show_default=False,
+    node: Annotated[str | None, typer.Option("--node", show_default=False,
                                                 help="Node the expected services must run on.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     wait: Annotated[float, typer.Option("--wait", min=0.05, help="Seconds to collect replies.")] = 0.5,
@@ -499,7 +497,7 @@ def status(
     raise typer.Exit(1 if missing else 0)
 
 
-async def _nodes_or_none(url: str) -> "list[NodeRecord] | None":
+async def _nodes_or_none(url: str) -> list[NodeRecord] | None:
     nc = await _connect(url)
     try:
         return await fetch_nodes(nc)
@@ -738,7 +736,7 @@ def _latency(ns: Any) -> str:
 def req(
     subject: Annotated[str, typer.Argument(help="Subject to send the request to.")],
     data: Annotated[str, typer.Argument(help="Request body ('-' reads stdin).")] = "",
-    header: Annotated[Optional[list[str]], typer.Option("--header", "-H", show_default=False,
+    header: Annotated[list[str] | None, typer.Option("--header", "-H", show_default=False,
                                                         help="Header K:V (repeatable).")] = None,
     msgpack: Annotated[bool, typer.Option("--msgpack", help="Send JSON DATA as MessagePack; decode the reply.")] = False,
     timeout: Annotated[float, typer.Option("--timeout", min=0.001, help="Seconds to wait for the reply.")] = 5.0,

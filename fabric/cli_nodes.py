@@ -22,7 +22,8 @@ class NoMonitor(Exception):
 
 async def fetch_nodes(nc: Any, timeout: float = 2.0) -> list[NodeRecord]:
     """Every node in the registry, through one request on *nc*; :class:`NoMonitor` if none answers."""
-    from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+    from nats.errors import NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeout
 
     try:
         msg = await nc.request("fabric.nodes.list", b"{}", timeout=timeout)

@@ -46,11 +46,13 @@ import platform
 import socket
 import sys
 import threading
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence, TypeVar, overload
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar, overload
 
 import nats
 from nats.aio.client import Client as NATS
-from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 
 from fabric_ext import wire
 
@@ -68,55 +70,52 @@ from .errors import (
     Unavailable,
     error_from_wire,
 )
+from .handles import _PARSED, HandleParts
+from .handles import parse_cached as parse
 from .hostid import boot_id
-from .handles import _PARSED, HandleParts, parse_cached as parse
 from .leases import LeaseKeeper
 from .schema import (
+    CONTENT_TYPE_HEADER,
     JSON,
+    MSGPACK,
+    MSGPACK_CONTENT_TYPE,
     AllocReply,
     AllocRequest,
-    FreeReply,
-    HandleRequest,
-    MemInfoReply,
-    ReallocRequest,
-    RenewReply,
-    RenewRequest,
-    ShareReply,
-    StatReply,
     AttachReply,
+    CoreInfo,
+    CoreListReply,
+    CoreRequest,
+    DeviceRecord,
+    DevicesReply,
     ExitInfo,
+    FreeReply,
+    GpuListReply,
+    HandleRequest,
     KillReply,
     KillRequest,
     Limits,
+    LoadCoreRequest,
+    MemInfoReply,
     NativeExec,
+    NodeListReply,
+    NodeRecord,
+    NodeRequest,
     ProcListReply,
     ProcListRequest,
     ProcRequest,
     ProcStatus,
+    ReallocRequest,
+    RenewReply,
+    RenewRequest,
     Sandbox,
+    ShareReply,
     SpawnerInfoReply,
     SpawnReply,
     SpawnRequest,
+    StatReply,
     StdinReply,
     StdinRequest,
     WaitRequest,
-)
-from .schema import (  # nodes and devices (gpu-monitor)
-    DeviceRecord,
-    DevicesReply,
-    GpuListReply,
-    NodeListReply,
-    NodeRecord,
-    NodeRequest,
-)
-from .schema import (  # compute cores
-    MSGPACK,
-    MSGPACK_CONTENT_TYPE,
-    CONTENT_TYPE_HEADER,
-    CoreInfo,
-    CoreListReply,
-    CoreRequest,
-    LoadCoreRequest,
     decode_job_results,
     encode_job_batch,
 )
@@ -242,7 +241,7 @@ def _local_length(length: int | None) -> int:
     return length
 
 
-def _token(handle: "str | RemoteBuffer | AsyncRemoteBuffer") -> str:
+def _token(handle: str | RemoteBuffer | AsyncRemoteBuffer) -> str:
     return handle.handle if isinstance(handle, (RemoteBuffer, AsyncRemoteBuffer)) else handle
 
 
@@ -323,7 +322,7 @@ class AsyncFabricClient:
 
     # -- lifecycle -----------------------------------------------------------
 
-    async def connect(self) -> "AsyncFabricClient":
+    async def connect(self) -> AsyncFabricClient:
         if self.nc is None:
             # Once connected the client reconnects forever (a restarted nats-server must
             # not kill long-lived clients), but nats-py applies the same setting to the
@@ -359,7 +358,7 @@ class AsyncFabricClient:
             except Exception:
                 await nc.close()
 
-    async def __aenter__(self) -> "AsyncFabricClient":
+    async def __aenter__(self) -> AsyncFabricClient:
         return await self.connect()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -409,7 +408,7 @@ class AsyncFabricClient:
     # -- memory ----------------------------------------------------------------
 
     async def rmalloc(self, size: int, *, ttl: float | None = None, node: str | None = None,
-                      owner: str | None = None, keepalive: bool = True) -> "AsyncRemoteBuffer":
+                      owner: str | None = None, keepalive: bool = True) -> AsyncRemoteBuffer:
         """Allocate *size* zeroed bytes on *node* (default: any allocator); returns a buffer.
 
         With *ttl* (seconds) the block is leased: the allocator frees it *ttl* seconds
@@ -429,7 +428,7 @@ class AsyncFabricClient:
             self._leases = LeaseKeeper(self.renew)
         return self._leases
 
-    async def rfree(self, handle: "str | AsyncRemoteBuffer") -> int:
+    async def rfree(self, handle: str | AsyncRemoteBuffer) -> int:
         """Free the block; returns its size.  A second free raises DoubleFree."""
         token = _token(handle)
         h = parse(token)
@@ -438,7 +437,7 @@ class AsyncFabricClient:
             self._leases.discard(token)
         return r.freed
 
-    async def rrealloc(self, handle: "str | AsyncRemoteBuffer", size: int) -> "AsyncRemoteBuffer":
+    async def rrealloc(self, handle: str | AsyncRemoteBuffer, size: int) -> AsyncRemoteBuffer:
         """Resize the block (in place when possible); returns the buffer, whose handle may change."""
         token = _token(handle)
         h = parse(token)
@@ -451,17 +450,17 @@ class AsyncFabricClient:
             return handle
         return AsyncRemoteBuffer(self, r.handle, r.size)
 
-    async def rstat(self, handle: "str | AsyncRemoteBuffer") -> StatReply:
+    async def rstat(self, handle: str | AsyncRemoteBuffer) -> StatReply:
         token = _token(handle)
         return await self._call(self._mem(parse(token).node, "stat"), HandleRequest(handle=token), StatReply)
 
-    async def rshare(self, handle: "str | AsyncRemoteBuffer") -> str:
+    async def rshare(self, handle: str | AsyncRemoteBuffer) -> str:
         """A read-only handle to the same block, safe to give to another program."""
         token = _token(handle)
         r = await self._call(self._mem(parse(token).node, "share"), HandleRequest(handle=token), ShareReply)
         return r.handle
 
-    async def renew(self, handle: "str | AsyncRemoteBuffer", ttl: float) -> int:
+    async def renew(self, handle: str | AsyncRemoteBuffer, ttl: float) -> int:
         """Extend the block's lease by *ttl* seconds from now; returns the new deadline (ms)."""
         token = _token(handle)
         r = await self._call(self._mem(parse(token).node, "renew"), RenewRequest(handle=token, ttl_s=ttl), RenewReply)
@@ -472,7 +471,7 @@ class AsyncFabricClient:
         return JSON.decode(reply.data, MemInfoReply)
 
     @_arguments_checked
-    async def rwrite(self, handle: "str | AsyncRemoteBuffer", data: Any, offset: int = 0) -> int:
+    async def rwrite(self, handle: str | AsyncRemoteBuffer, data: Any, offset: int = 0) -> int:
         """Write *data* (any bytes-like object) at *offset*; returns the bytes written."""
         token = _token(handle)
         h = parse(token)
@@ -488,7 +487,7 @@ class AsyncFabricClient:
             for i in range(0, len(mv), chunk)]))
 
     @_arguments_checked
-    async def rread(self, handle: "str | AsyncRemoteBuffer", length: int | None = None, offset: int = 0) -> bytes:
+    async def rread(self, handle: str | AsyncRemoteBuffer, length: int | None = None, offset: int = 0) -> bytes:
         """Read *length* bytes at *offset* (``None``: to the end of the block)."""
         token = _token(handle)
         h = parse(token)
@@ -637,10 +636,10 @@ class AsyncFabricClient:
 
     # -- compute cores -------------------------------------------------------------
 
-    async def load_core(self, name: str, library: "str | os.PathLike[str] | bytes | memoryview", *,
+    async def load_core(self, name: str, library: str | os.PathLike[str] | bytes | memoryview, *,
                         min_workers: int = 1, max_workers: int = 4, time_limit: float = 60.0, idle: float = 30.0,
                         node: str | None = None, external: bool = False, replace: bool = False,
-                        unload_after: float | None = None) -> "AsyncCore":
+                        unload_after: float | None = None) -> AsyncCore:
         """Load a compute core (a ``.so`` path or its bytes) into a warm pool; returns an :class:`AsyncCore`.
 
         *node* picks the spawner (default: any); *time_limit* (seconds, 0 = none) bounds one
@@ -671,7 +670,7 @@ class AsyncFabricClient:
 
     async def load_python_core(self, *, min_workers: int = 1, max_workers: int = 4, time_limit: float = 60.0,
                                idle: float = 30.0, node: str | None = None, replace: bool = False,
-                               unload_after: float | None = None) -> "AsyncCore":
+                               unload_after: float | None = None) -> AsyncCore:
         """A pool of the built-in Python worker: run functions with :meth:`AsyncCore.call`.
 
         The pool ``fabric.python`` of a node is shared and outlives this client, as in
@@ -692,7 +691,7 @@ class AsyncFabricClient:
                      stdin: bytes | None = None, limits: Limits | None = None, sandbox: Sandbox | None = None,
                      node: str | None = None, stdin_open: bool = False, strict: bool = True,
                      clear_env: bool = False, tail_bytes: int = 64 << 10, executable: bytes | None = None,
-                     architecture: str | None = None, stream: bool = True) -> "AsyncRemoteProcess":
+                     architecture: str | None = None, stream: bool = True) -> AsyncRemoteProcess:
         """Start *argv* on *node* (default: any spawner); returns at once with an :class:`AsyncRemoteProcess`.
 
         Its ``stdout``/``stderr`` iterate lines from the first byte (the client subscribes
@@ -759,7 +758,7 @@ class AsyncFabricClient:
             raise TimeoutError(f"process {reply.id} still running after {timeout}s: killed")
         return reply.exit
 
-    async def rwait(self, proc: "str | AsyncRemoteProcess", timeout: float | None = None) -> ExitInfo:
+    async def rwait(self, proc: str | AsyncRemoteProcess, timeout: float | None = None) -> ExitInfo:
         """Wait for the process to end; ``TimeoutError`` if it still runs after *timeout* seconds."""
         proc_id = _proc_id(proc)
         subject = subjects.node_scoped("proc", _proc_node(proc_id), "wait")
@@ -774,7 +773,7 @@ class AsyncFabricClient:
             if deadline is not None and loop.time() >= deadline:
                 raise TimeoutError(f"process {proc_id} still running after {timeout}s")
 
-    async def rkill(self, proc: "str | AsyncRemoteProcess", signal: int | str = "SIGKILL") -> bool:
+    async def rkill(self, proc: str | AsyncRemoteProcess, signal: int | str = "SIGKILL") -> bool:
         """Send *signal* to the process's whole group; False when it had already ended."""
         proc_id = _proc_id(proc)
         if isinstance(signal, bool) or not isinstance(signal, (int, str)):
@@ -783,14 +782,14 @@ class AsyncFabricClient:
                              KillRequest(id=proc_id, signal=signal), KillReply)
         return r.delivered
 
-    async def rwrite_stdin(self, proc: "str | AsyncRemoteProcess", data: bytes, *, eof: bool = False) -> int:
+    async def rwrite_stdin(self, proc: str | AsyncRemoteProcess, data: bytes, *, eof: bool = False) -> int:
         """Write to the stdin of a process spawned with ``stdin_open=True``; ``eof`` closes it."""
         proc_id = _proc_id(proc)
         r = await self._call(subjects.node_scoped("proc", _proc_node(proc_id), "stdin"),
                              StdinRequest(id=proc_id, data=bytes(data), eof=eof), StdinReply)
         return r.written
 
-    async def rstatus(self, proc: "str | AsyncRemoteProcess") -> ProcStatus:
+    async def rstatus(self, proc: str | AsyncRemoteProcess) -> ProcStatus:
         """State, live CPU %, RSS and member count of the process (its whole group)."""
         proc_id = _proc_id(proc)
         return await self._call(subjects.node_scoped("proc", _proc_node(proc_id), "status"),
@@ -831,8 +830,8 @@ class AsyncFabricClient:
 
     # -- OpenCL kernels as jobs ------------------------------------------------------
 
-    async def opencl(self, source: str, kernel: str, global_size: "int | Sequence[int]", args: Sequence[Any], *,
-                     local_size: "int | Sequence[int] | None" = None, device: str | None = None,
+    async def opencl(self, source: str, kernel: str, global_size: int | Sequence[int], args: Sequence[Any], *,
+                     local_size: int | Sequence[int] | None = None, device: str | None = None,
                      check_sizes: bool = True, timeout: float | None = None) -> list[Any]:
         """Run an OpenCL *kernel* from *source* on the best device the fabric has; the outputs, in order.
 
@@ -886,7 +885,7 @@ class AsyncRemoteBuffer:
     async def free(self) -> int:
         return await self.client.rfree(self)
 
-    async def __aenter__(self) -> "AsyncRemoteBuffer":
+    async def __aenter__(self) -> AsyncRemoteBuffer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -917,7 +916,7 @@ class FabricClient:
         """The underlying async client (runs on this client's loop)."""
         return self._aio
 
-    def connect(self) -> "FabricClient":
+    def connect(self) -> FabricClient:
         if self._loop is None:
             try:
                 import uvloop
@@ -950,7 +949,7 @@ class FabricClient:
                 self._thread.join(timeout=5)
             loop.close()
 
-    def __enter__(self) -> "FabricClient":
+    def __enter__(self) -> FabricClient:
         return self.connect()
 
     def __exit__(self, *exc: object) -> None:
@@ -961,13 +960,13 @@ class FabricClient:
             raise Unavailable("client is not connected: use 'with FabricClient(...)' or call connect()")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
 
-    def _wrap(self, abuf: AsyncRemoteBuffer) -> "RemoteBuffer":
+    def _wrap(self, abuf: AsyncRemoteBuffer) -> RemoteBuffer:
         return RemoteBuffer(self, abuf.handle, abuf.size)
 
     # -- memory ----------------------------------------------------------------
 
     def rmalloc(self, size: int, *, ttl: float | None = None, node: str | None = None,
-                owner: str | None = None, keepalive: bool = True) -> "RemoteBuffer":
+                owner: str | None = None, keepalive: bool = True) -> RemoteBuffer:
         """Allocate *size* zeroed bytes; returns a :class:`RemoteBuffer` (usable wherever a handle is).
 
         *ttl* leases the block, renewed by this client while it is open (see
@@ -976,30 +975,30 @@ class FabricClient:
         return self._wrap(self._run(self._aio.rmalloc(size, ttl=ttl, node=node, owner=owner,
                                                       keepalive=keepalive)))
 
-    def rfree(self, handle: "str | RemoteBuffer") -> int:
+    def rfree(self, handle: str | RemoteBuffer) -> int:
         return self._run(self._aio.rfree(_token(handle)))
 
-    def rrealloc(self, handle: "str | RemoteBuffer", size: int) -> "RemoteBuffer":
+    def rrealloc(self, handle: str | RemoteBuffer, size: int) -> RemoteBuffer:
         abuf = self._run(self._aio.rrealloc(_token(handle), size))
         if isinstance(handle, RemoteBuffer):
             handle.handle, handle.size = abuf.handle, abuf.size
             return handle
         return self._wrap(abuf)
 
-    def rstat(self, handle: "str | RemoteBuffer") -> StatReply:
+    def rstat(self, handle: str | RemoteBuffer) -> StatReply:
         return self._run(self._aio.rstat(_token(handle)))
 
-    def rshare(self, handle: "str | RemoteBuffer") -> str:
+    def rshare(self, handle: str | RemoteBuffer) -> str:
         return self._run(self._aio.rshare(_token(handle)))
 
-    def renew(self, handle: "str | RemoteBuffer", ttl: float) -> int:
+    def renew(self, handle: str | RemoteBuffer, ttl: float) -> int:
         return self._run(self._aio.renew(_token(handle), ttl))
 
     def meminfo(self, node: str) -> MemInfoReply:
         return self._run(self._aio.meminfo(node))
 
     @_arguments_checked
-    def rwrite(self, handle: "str | RemoteBuffer", data: Any, offset: int = 0) -> int:
+    def rwrite(self, handle: str | RemoteBuffer, data: Any, offset: int = 0) -> int:
         token = _token(handle)
         h = parse(token)
         aio = self._aio
@@ -1026,7 +1025,7 @@ class FabricClient:
         return written
 
     @_arguments_checked
-    def rread(self, handle: "str | RemoteBuffer", length: int | None = None, offset: int = 0) -> bytes:
+    def rread(self, handle: str | RemoteBuffer, length: int | None = None, offset: int = 0) -> bytes:
         token = _token(handle)
         h = parse(token)
         view = self._aio._local.view(h)
@@ -1054,9 +1053,9 @@ class FabricClient:
 
     # -- compute cores -------------------------------------------------------------
 
-    def load_core(self, name: str, library: "str | os.PathLike[str] | bytes | memoryview", *, min_workers: int = 1,
+    def load_core(self, name: str, library: str | os.PathLike[str] | bytes | memoryview, *, min_workers: int = 1,
                   max_workers: int = 4, time_limit: float = 60.0, idle: float = 30.0, node: str | None = None,
-                  external: bool = False, replace: bool = False, unload_after: float | None = None) -> "Core":
+                  external: bool = False, replace: bool = False, unload_after: float | None = None) -> Core:
         """Load a compute core into a warm pool (see :meth:`AsyncFabricClient.load_core`).
 
         The pool is shared by name and outlives this client: it lives until ``core.unload()``
@@ -1070,7 +1069,7 @@ class FabricClient:
 
     def load_python_core(self, *, min_workers: int = 1, max_workers: int = 4, time_limit: float = 60.0,
                          idle: float = 30.0, node: str | None = None, replace: bool = False,
-                         unload_after: float | None = None) -> "Core":
+                         unload_after: float | None = None) -> Core:
         """A pool of the built-in Python worker: ``core.call(fn, *args)`` (shared, see :meth:`load_core`)."""
         return self.load_core(PYTHON_CORE, b"", min_workers=min_workers, max_workers=max_workers,
                               time_limit=time_limit, idle=idle, node=node, replace=replace,
@@ -1081,7 +1080,7 @@ class FabricClient:
 
     # -- remote processes (spawner) -------------------------------------------------
 
-    def rspawn(self, argv: Sequence[str], **options: Any) -> "RemoteProcess":
+    def rspawn(self, argv: Sequence[str], **options: Any) -> RemoteProcess:
         """Start *argv* remotely; see :meth:`AsyncFabricClient.rspawn` for the options.
 
         ::
@@ -1098,16 +1097,16 @@ class FabricClient:
         """Run *argv* to its end in one round trip; see :meth:`AsyncFabricClient.rrun`."""
         return self._run(self._aio.rrun(argv, timeout=timeout, node=node, announce=announce, **options))
 
-    def rwait(self, proc: "str | RemoteProcess", timeout: float | None = None) -> ExitInfo:
+    def rwait(self, proc: str | RemoteProcess, timeout: float | None = None) -> ExitInfo:
         return self._run(self._aio.rwait(_proc_id(proc), timeout))
 
-    def rkill(self, proc: "str | RemoteProcess", signal: int | str = "SIGKILL") -> bool:
+    def rkill(self, proc: str | RemoteProcess, signal: int | str = "SIGKILL") -> bool:
         return self._run(self._aio.rkill(_proc_id(proc), signal))
 
-    def rwrite_stdin(self, proc: "str | RemoteProcess", data: bytes, *, eof: bool = False) -> int:
+    def rwrite_stdin(self, proc: str | RemoteProcess, data: bytes, *, eof: bool = False) -> int:
         return self._run(self._aio.rwrite_stdin(_proc_id(proc), data, eof=eof))
 
-    def rstatus(self, proc: "str | RemoteProcess") -> ProcStatus:
+    def rstatus(self, proc: str | RemoteProcess) -> ProcStatus:
         return self._run(self._aio.rstatus(_proc_id(proc)))
 
     def rlist(self, node: str, *, finished: bool = False) -> list[ProcStatus]:
@@ -1132,7 +1131,7 @@ class FabricClient:
     def gpus(self, node: str) -> GpuListReply:
         return self._run(self._aio.gpus(node))
 
-    def opencl(self, source: str, kernel: str, global_size: "int | Sequence[int]", args: Sequence[Any],
+    def opencl(self, source: str, kernel: str, global_size: int | Sequence[int], args: Sequence[Any],
                **options: Any) -> list[Any]:
         """Run an OpenCL kernel as a fabric job; see :meth:`AsyncFabricClient.opencl`."""
         return self._run(self._aio.opencl(source, kernel, global_size, args, **options))
@@ -1205,7 +1204,7 @@ class RemoteBuffer:
     def free(self) -> int:
         return self.client.rfree(self)
 
-    def __enter__(self) -> "RemoteBuffer":
+    def __enter__(self) -> RemoteBuffer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -1438,7 +1437,7 @@ MAP_BATCH = 128
 MAP_IN_FLIGHT = 6
 
 
-def _job_error(code: int, err: int, out: memoryview, core: "AsyncCore", index: int | None = None) -> FabricError:
+def _job_error(code: int, err: int, out: memoryview, core: AsyncCore, index: int | None = None) -> FabricError:
     if err:
         kind, _, text = bytes(out).decode("utf-8", "replace").partition("\n")
         return error_from_wire(err, text, kind)
@@ -1484,7 +1483,7 @@ class AsyncCore:
     def digest(self) -> str:
         return self.info.digest
 
-    async def __aenter__(self) -> "AsyncCore":
+    async def __aenter__(self) -> AsyncCore:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -1640,7 +1639,7 @@ class Core:
     def unload(self) -> CoreInfo:
         return self.client._run(self.aio.unload())
 
-    def __enter__(self) -> "Core":
+    def __enter__(self) -> Core:
         return self
 
     def __exit__(self, *exc: object) -> None:

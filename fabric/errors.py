@@ -43,7 +43,8 @@ reply carries a code but no kind (for example from a non-fabric service).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 __all__ = [
     "FabricError",
@@ -87,8 +88,8 @@ ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 ERROR_KIND_HEADER = "Fabric-Error"
 
-_BY_KIND: dict[str, type["FabricError"]] = {}
-_BY_CODE: dict[int, type["FabricError"]] = {}
+_BY_KIND: dict[str, type[FabricError]] = {}
+_BY_CODE: dict[int, type[FabricError]] = {}
 
 
 class FabricError(Exception):

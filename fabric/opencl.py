@@ -45,17 +45,17 @@ import numpy as np
 
 from .errors import (
     BadRequest,
+    DeviceUnavailable,
     FabricError,
     InvalidFrame,
     JobFailed,
+    KernelBuildFailed,
     NotFound,
     TooLarge,
     Unavailable,
     UnknownDevice,
     UnknownNode,
     registered_kinds,
-    DeviceUnavailable,
-    KernelBuildFailed,
 )
 from .hostid import boot_id
 
@@ -175,7 +175,7 @@ class ScalarArg(msgspec.Struct, tag="scalar", tag_field="kind"):
 class NumberArg(msgspec.Struct, tag="number", tag_field="kind"):
     """A plain number: the worker casts it to the type the kernel declares."""
 
-    value: Union[int, float]
+    value: int | float
 
 
 Arg = Union[InArg, OutArg, ScalarArg, NumberArg]
@@ -196,7 +196,7 @@ class JobHeader(msgspec.Struct, omit_defaults=True):
     kernel: str
     global_size: list[int]
     args: list[Arg]
-    local_size: Union[list[int], None] = None
+    local_size: list[int] | None = None
     #: an explicit device (both >= 0), else the preference below
     platform: int = -1
     device: int = -1
@@ -204,7 +204,7 @@ class JobHeader(msgspec.Struct, omit_defaults=True):
     prefer: str = ""
     check_sizes: bool = True
     options: str = ""
-    staging: Union[Staging, None] = None
+    staging: Staging | None = None
 
 
 class DeviceInfo(msgspec.Struct):
@@ -428,7 +428,7 @@ def choose_device(records: Sequence[Any], device: str | None, local_host_id: str
 
 # -- same-host staging ---------------------------------------------------------------
 
-_ALL_STAGERS: "weakref.WeakSet[_Stager]" = weakref.WeakSet()
+_ALL_STAGERS: weakref.WeakSet[_Stager] = weakref.WeakSet()
 _ALL_LOCK = threading.Lock()
 
 

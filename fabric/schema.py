@@ -808,7 +808,7 @@ MAX_JOB_BATCH: Final = 65536
 _STRUCT_HEAD = struct.Struct("<4sI")
 
 
-def encode_job_batch(items: "list[Any]") -> bytes:
+def encode_job_batch(items: list[Any]) -> bytes:
     """One batch request frame for *items* (bytes-like job inputs)."""
     n = len(items)
     if n > MAX_JOB_BATCH:
@@ -842,7 +842,7 @@ def decode_job_batch(data: Any) -> list[memoryview]:
     return out
 
 
-def encode_job_results(results: "list[tuple[int, int, Any]]") -> bytes:
+def encode_job_results(results: list[tuple[int, int, Any]]) -> bytes:
     """One batch reply frame from ``(exit_code, error, output)`` triples."""
     n = len(results)
     flat: list[int] = []

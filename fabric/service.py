@@ -32,9 +32,10 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import nats
 import structlog
@@ -45,7 +46,16 @@ from nats.micro.service import EndpointInfo, EndpointStats, Service, ServiceConf
 from ._version import __version__
 from .errors import FabricError, InternalError, error_headers
 from .logs import configure_logging
-from .schema import JSON, MSGPACK, CONTENT_TYPE_HEADER, FRAME_CONTENT_TYPE, MSGPACK_CONTENT_TYPE, Codec, ErrorReply, error_info
+from .schema import (
+    CONTENT_TYPE_HEADER,
+    FRAME_CONTENT_TYPE,
+    JSON,
+    MSGPACK,
+    MSGPACK_CONTENT_TYPE,
+    Codec,
+    ErrorReply,
+    error_info,
+)
 from .subjects import QUEUE_GROUP, sanitize_node_name, valid_node_name
 
 __all__ = ["FabricService", "Request", "Reply", "Endpoint", "ServiceSettings", "main"]
@@ -268,7 +278,7 @@ class FabricService:
                 await self.nc.close()
         self.log.info("service stopped")
 
-    async def __aenter__(self) -> "FabricService":
+    async def __aenter__(self) -> FabricService:
         await self.start()
         return self
 

@@ -22,7 +22,6 @@ import fcntl
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 import msgspec
 
@@ -35,7 +34,7 @@ class ProcessRecord(msgspec.Struct, kw_only=True):
     """One child of the supervisor (nats-server or a service)."""
 
     name: str
-    pid: Optional[int] = None  # None while it waits for a restart
+    pid: int | None = None  # None while it waits for a restart
     create_time: float = 0.0  # psutil's create_time, so a reused pid is not taken for it
     command: list[str] = []
     log: str = ""
@@ -53,15 +52,15 @@ class FabricState(msgspec.Struct, kw_only=True):
     nats_url: str  # what local clients and services connect to
     join_url: str  # what another machine passes to ``fabric up --nats-url``
     embedded_nats: bool = True
-    host: Optional[str] = None
-    port: Optional[int] = None
+    host: str | None = None
+    port: int | None = None
     supervisor_pid: int
     supervisor_create_time: float = 0.0
-    nats: Optional[ProcessRecord] = None
+    nats: ProcessRecord | None = None
     services: dict[str, ProcessRecord] = {}
     started_at: float = 0.0
-    ready_at: Optional[float] = None
-    stopped_at: Optional[float] = None
+    ready_at: float | None = None
+    stopped_at: float | None = None
     error: str = ""
     logs_dir: str = ""
 

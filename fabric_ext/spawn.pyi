@@ -1,7 +1,7 @@
 """Type stub of fabric_ext.spawn: clone+exec in C with the child's setup (see spawn.pyx)."""
 
+from collections.abc import Iterable
 from os import PathLike
-from typing import Iterable
 
 __all__ = ["spawn", "ChildSetupError", "STEPS", "MAX_RLIMITS"]
 

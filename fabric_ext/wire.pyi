@@ -1,6 +1,7 @@
 """Type stubs for fabric_ext.wire, the binary frame codec (see wire.pyx and docs/protocol.md)."""
 
-from typing import Final, Iterable, final
+from collections.abc import Iterable
+from typing import Final, final
 
 from typing_extensions import Buffer
 

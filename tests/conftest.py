@@ -8,7 +8,7 @@ and passes a full consistency check.
 from __future__ import annotations
 
 import secrets
-from typing import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 

@@ -7,7 +7,8 @@ turns their ValueError/OverflowError into BadRequest, which is still a ValueErro
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 

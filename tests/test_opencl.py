@@ -19,8 +19,9 @@ import os
 import secrets
 import signal
 import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 
 import numpy as np
 import psutil
@@ -35,8 +36,8 @@ from fabric.opencl import (
     InArg,
     JobHeader,
     KernelBuildFailed,
-    Out,
     NumberArg,
+    Out,
     OutArg,
     Staging,
     choose_device,

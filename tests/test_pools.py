@@ -13,16 +13,17 @@ started is left, and no ring file of its pools is left in /dev/shm.
 from __future__ import annotations
 
 import asyncio
-import json
 import glob
 import hashlib
+import json
 import os
 import pickle
 import secrets
 import struct
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import psutil
 import pytest

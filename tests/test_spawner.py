@@ -16,8 +16,8 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import nats
 import psutil

@@ -11,8 +11,8 @@ import asyncio
 import json
 import secrets
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 

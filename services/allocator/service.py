@@ -20,15 +20,16 @@ import asyncio
 import os
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import psutil
 
 from fabric import subjects
-from fabric.hostid import boot_id
 from fabric.errors import BadRequest, FabricError, OutOfRange, PermissionDenied, TooLarge
 from fabric.handles import PERM_R, HandleParts, HandleSigner
+from fabric.hostid import boot_id
 from fabric.schema import (
     AllocReply,
     AllocRequest,

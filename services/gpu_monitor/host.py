@@ -19,7 +19,7 @@ import socket
 import sys
 import sysconfig
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import psutil
 

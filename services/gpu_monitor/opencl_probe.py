@@ -13,7 +13,8 @@ finds PoCL's CPU device, so every node has at least that one.
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fabric.schema import OpenCLDevice, OpenCLState
 

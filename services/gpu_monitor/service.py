@@ -23,7 +23,7 @@ import asyncio
 import concurrent.futures
 import os
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from fabric import subjects
 from fabric.errors import BadRequest

@@ -84,13 +84,13 @@ class Worker:
     #: the most job data this worker may hold at once (set by the transport)
     max_job = 0
 
-    def __init__(self, manager: "CoreManager", pool: "Pool", seq: int) -> None:
+    def __init__(self, manager: CoreManager, pool: Pool, seq: int) -> None:
         self.manager = manager
         self.pool = pool
         self.seq = seq
         self.loop = asyncio.get_running_loop()
         #: jobs sent and not answered, in the order the worker runs them
-        self.outstanding: dict[int, "Job"] = {}
+        self.outstanding: dict[int, Job] = {}
         self.inflight_bytes = 0
         self.ready = False
         self.was_ready = False
@@ -156,7 +156,7 @@ class Worker:
     def accepts(self, size: int) -> bool:
         return self.inflight_bytes + size <= self.max_job
 
-    def send_job(self, job: "Job") -> None:
+    def send_job(self, job: Job) -> None:
         size = len(job.data)
         if size > self.max_job:
             raise TooLarge(f"job of {size} bytes exceeds the worker's limit of {self.max_job}")
@@ -262,7 +262,7 @@ class Worker:
 class RingWorker(Worker):
     """A ``services.spawner.worker`` child process joined by two SPSC rings."""
 
-    def __init__(self, manager: "CoreManager", pool: "Pool", seq: int) -> None:
+    def __init__(self, manager: CoreManager, pool: Pool, seq: int) -> None:
         super().__init__(manager, pool, seq)
         base = f"{manager.ring_prefix}-{pool.id}-{seq}"
         self.path_in = f"{base}-in"
@@ -465,7 +465,7 @@ class SocketWorker(Worker):
     external = True
     max_job = SOCKET_WINDOW
 
-    def __init__(self, manager: "CoreManager", pool: "Pool", seq: int, reader: asyncio.StreamReader,
+    def __init__(self, manager: CoreManager, pool: Pool, seq: int, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
         super().__init__(manager, pool, seq)
         self.reader = reader

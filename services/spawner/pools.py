@@ -58,7 +58,8 @@ import secrets
 import tempfile
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import nats
 from nats.aio.client import Client as NATS
@@ -136,7 +137,7 @@ class Job:
 class Pool:
     """The warm workers of one loaded core, its job queue and its statistics."""
 
-    def __init__(self, manager: "CoreManager", core_id: str, req: LoadCoreRequest) -> None:
+    def __init__(self, manager: CoreManager, core_id: str, req: LoadCoreRequest) -> None:
         self.manager = manager
         self.id = core_id
         self.name = req.name
@@ -250,7 +251,7 @@ class Pool:
     def spec(self) -> WorkerSpec:
         return WorkerSpec(core=self.id, name=self.name, library=self.library)
 
-    def start_worker(self) -> "asyncio.Task[Worker | None]":
+    def start_worker(self) -> asyncio.Task[Worker | None]:
         w = RingWorker(self.manager, self, next(self._seq))
         self.workers.append(w)
         self.workers_started += 1

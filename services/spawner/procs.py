@@ -75,8 +75,9 @@ import shutil
 import signal
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import msgspec
 import psutil

@@ -79,7 +79,7 @@ class SandboxCaps:
     raise_rlimits: bool = False
 
 
-def _probe_in_child(fn: "object") -> str | None:
+def _probe_in_child(fn: object) -> str | None:
     """Run *fn* in a forked child; None if it returned, else the error it raised."""
     r, w = os.pipe()
     pid = os.fork()

@@ -18,8 +18,9 @@ kills what a crashed predecessor left.  Compute cores and warm pools
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from fabric import subjects
 from fabric.errors import BadRequest

@@ -187,7 +187,7 @@ class PythonCore:
         pass
 
 
-def load_core(name: str, library: memoryview | bytes) -> "CCore | PythonCore | OpenCLCore":
+def load_core(name: str, library: memoryview | bytes) -> CCore | PythonCore | OpenCLCore:
     """The core a "new compute core" message asks for; :class:`CoreError` if it cannot load."""
     if name == PYTHON_CORE and len(library) == 0:
         return PythonCore()
