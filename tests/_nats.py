@@ -44,11 +44,17 @@ class NatsServer:
                 self.proc.wait()
 
 
-def start_nats(workdir: Path, *, max_payload: str = "8MB", jetstream: bool = True) -> NatsServer:
+def start_nats(workdir: Path, *, max_payload: str = "8MB", jetstream: bool = True, port: int = -1) -> NatsServer:
+    """Start a nats-server in *workdir* (its JetStream store is ``workdir/js``); *port* -1 picks a free one.
+
+    Starting again with the same *workdir* and *port* is a restart: clients reconnect,
+    file-backed streams are back, memory-backed ones are gone.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "nats.conf"
     conf.write_text(f"max_payload: {max_payload}\n")
-    cmd = [nats_server_binary(), "-c", str(conf), "-a", "127.0.0.1", "-p", "-1", "--ports_file_dir", str(workdir)]
+    cmd = [nats_server_binary(), "-c", str(conf), "-a", "127.0.0.1", "-p", str(port),
+           "--ports_file_dir", str(workdir)]
     if jetstream:
         cmd += ["-js", "-sd", str(workdir / "js")]
     log = open(workdir / "nats.log", "wb")

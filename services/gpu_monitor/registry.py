@@ -13,25 +13,46 @@ cluster-wide ``fabric.nodes.list``/``get``/``devices`` endpoints answer from
 memory.  Where the NATS has no JetStream (``fabric up --nats-url`` to a plain
 server), the view is fed by the heartbeats on ``fabric.telemetry.*`` instead,
 with the same age rules; :attr:`NodeRegistry.backend` says which.
+
+The bucket is declared to the service kit (:func:`bucket`), which recreates it
+whenever the connection comes back -- a restarted nats-server has lost it, since
+it is memory-backed -- and then the service calls :meth:`NodeRegistry.attach`
+to follow the new one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import time
 from typing import Any
 
+from nats.js.api import KeyValueConfig, StorageType
+
 from fabric.errors import UnknownNode
+from fabric.jetstream import KeyValueBucket
 from fabric.schema import JSON, NodeRecord
 
-__all__ = ["NodeRegistry", "BUCKET", "DEFAULT_TTL_S", "STALE_INTERVALS", "telemetry_subject"]
+__all__ = ["NodeRegistry", "bucket", "BUCKET", "DEFAULT_TTL_S", "STALE_INTERVALS", "telemetry_subject"]
 
 BUCKET = "fabric_nodes"
 #: how long a node's last heartbeat stays in the registry (the bucket's max_age)
 DEFAULT_TTL_S = 5.0
 #: a record older than this many of its node's intervals is "stale"
 STALE_INTERVALS = 3.0
+
+
+def bucket(ttl_s: float) -> KeyValueBucket:
+    """The registry's bucket, as the gpu-monitor declares it to the service kit.
+
+    Memory storage on purpose: the registry is live state that the next round of
+    heartbeats rebuilds within one interval, so a restarted nats-server needs
+    nothing from disk -- only the bucket itself, which the kit recreates.
+    """
+    return KeyValueBucket(KeyValueConfig(
+        bucket=BUCKET, history=1, ttl=ttl_s, storage=StorageType.MEMORY,
+        description="fabric node registry: each node's latest telemetry (gpu-monitor)"))
 
 
 def telemetry_subject(node: str) -> str:
@@ -64,45 +85,33 @@ class NodeRegistry:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Open (or create) the bucket and start following it; fall back to heartbeats without JetStream."""
-        try:
-            self.kv = await self._bucket()
-        except Exception as exc:  # no JetStream on this NATS: keep the registry in memory
+    async def attach(self, js: Any) -> None:
+        """Follow the bucket through *js* (a JetStream context), or the heartbeats when *js* is None.
+
+        Called by the service each time the kit has (re)ensured the bucket: after
+        a nats-server restart the old KV handle and watcher point at a bucket that
+        was recreated empty, so both are opened anew.  The view is kept: entries
+        that no heartbeat renews age out by the TTL as usual.
+        """
+        await self._detach()
+        if js is None:
             self.kv = None
+            if self.backend != "heartbeats" and self.log is not None:
+                self.log.warning("no JetStream KV: the node registry follows heartbeats only")
             self.backend = "heartbeats"
-            if self.log is not None:
-                self.log.warning("no JetStream KV: the node registry follows heartbeats only",
-                                 error=str(exc) or type(exc).__name__)
             self._sub = await self.nc.subscribe("fabric.telemetry.*", cb=self._on_heartbeat)
             return
-        self.backend = "kv"
-        self._watcher = await self.kv.watchall()
-        self._task = asyncio.get_running_loop().create_task(self._follow())
-
-    async def _bucket(self) -> Any:
-        from nats.js.api import KeyValueConfig, StorageType
-        from nats.js.errors import BucketNotFoundError
-
-        js = self.nc.jetstream(timeout=5.0)
-        try:
-            kv = await js.key_value(BUCKET)
-        except BucketNotFoundError:
-            try:
-                # memory storage: the registry is live state, rebuilt by the next heartbeats
-                kv = await js.create_key_value(KeyValueConfig(
-                    bucket=BUCKET, history=1, ttl=self.ttl_s, storage=StorageType.MEMORY,
-                    description="fabric node registry: each node's latest telemetry (gpu-monitor)"))
-            except Exception:
-                kv = await js.key_value(BUCKET)  # another node created it first
-        status = await kv.status()
+        self.kv = await js.key_value(BUCKET)
+        status = await self.kv.status()
         ttl = status.ttl or 0.0
         if ttl and abs(ttl - self.ttl_s) > 1e-3:
             if self.log is not None:
                 self.log.warning("the node registry bucket has another TTL; using it", bucket_ttl_s=ttl,
                                  asked_ttl_s=self.ttl_s)
             self.ttl_s = float(ttl)
-        return kv
+        self.backend = "kv"
+        self._watcher = await self.kv.watchall()
+        self._task = asyncio.get_running_loop().create_task(self._follow(self._watcher))
 
     async def stop(self) -> None:
         """Leave the registry (this node's entry is deleted) and stop following it."""
@@ -111,22 +120,21 @@ class NodeRegistry:
                 await self.kv.delete(self.node)
             except Exception:
                 pass  # NATS gone: the TTL removes the entry instead
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-        if self._watcher is not None:
-            try:
-                await self._watcher.stop()
-            except Exception:
-                pass
-        if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception:
-                pass
+        await self._detach()
+
+    async def _detach(self) -> None:
+        task, watcher, sub = self._task, self._watcher, self._sub
+        self._task = self._watcher = self._sub = None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if watcher is not None:
+            with contextlib.suppress(Exception):  # its consumer may be gone with the old server
+                await watcher.stop()
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     # -- writing ---------------------------------------------------------------------
 
@@ -137,12 +145,12 @@ class NodeRegistry:
 
     # -- the view ----------------------------------------------------------------------
 
-    async def _follow(self) -> None:
+    async def _follow(self, watcher: Any) -> None:
         from nats.js.kv import KV_DEL, KV_PURGE
 
         while True:
             try:
-                async for entry in self._watcher:
+                async for entry in watcher:
                     if entry is None:  # end of the initial values
                         continue
                     if entry.operation in (KV_DEL, KV_PURGE):

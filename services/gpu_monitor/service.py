@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import time
 from collections.abc import Sequence
 
+from nats.js import JetStreamContext
+from nats.js.errors import NoStreamResponseError, NotFoundError
+
 from fabric import subjects
 from fabric.errors import BadRequest
+from fabric.jetstream import JetStreamResource
 from fabric.schema import (
     JSON,
     DevicesReply,
@@ -42,6 +47,7 @@ from .devices import device_record
 from .host import LiveSampler, host_info
 from .nvml import NvmlProbe
 from .registry import DEFAULT_TTL_S, NodeRegistry, telemetry_subject
+from .registry import bucket as registry_bucket
 
 __all__ = ["GpuMonitorService", "DEFAULT_INTERVAL_S", "INTERVAL_ENV", "TTL_ENV"]
 
@@ -106,15 +112,37 @@ class GpuMonitorService(FabricService):
 
     # -- lifecycle -------------------------------------------------------------------
 
+    def jetstream_resources(self) -> Sequence[JetStreamResource]:
+        return [registry_bucket(self.ttl_s)]
+
+    async def on_jetstream(self, js: JetStreamContext | None) -> None:
+        # the kit (re)created the bucket: at start, and after every reconnect
+        assert self.nc is not None
+        if self.registry is None:
+            self.registry = NodeRegistry(self.nc, self.node, self.ttl_s, self.log)
+        await self.registry.attach(js)
+        if self.registry.ttl_s != self.ttl_s:  # the bucket existed with another TTL
+            self.ttl_s = self.registry.ttl_s
+            if self.ttl_s < 2 * self.interval_s:
+                self.interval_s = self.ttl_s / 2
+                self.log.warning("heartbeat interval shortened to fit the registry's TTL", interval_s=self.interval_s)
+        if self.latest is not None:
+            # put this node back at once rather than at the next beat (the bucket may be new and empty)
+            with contextlib.suppress(Exception):
+                await self.registry.put(JSON.encode(self.latest))
+
     async def on_start(self) -> None:
         assert self.nc is not None
-        self.registry = NodeRegistry(self.nc, self.node, self.ttl_s, self.log)
-        await self.registry.start()
-        if self.registry.ttl_s < 2 * self.interval_s:  # the bucket existed with a shorter TTL
-            self.interval_s = self.registry.ttl_s / 2
-            self.log.warning("heartbeat interval shortened to fit the registry's TTL", interval_s=self.interval_s)
-        self.ttl_s = self.registry.ttl_s
-        await self._heartbeat()  # the node is listed before the service says it is up
+        if self.registry is None:  # no JetStream resources were kept (cannot happen today; be safe)
+            await self.on_jetstream(None)
+        assert self.registry is not None
+        # the first sample now, so metadata() and the info endpoint have it from the start
+        self.latest = await asyncio.get_running_loop().run_in_executor(self._pool, self.sample)
+
+    async def on_serving(self) -> None:
+        assert self.registry is not None
+        # listed once its endpoints answer, and before the service says it is up
+        await self._heartbeat()
         self._beat = asyncio.get_running_loop().create_task(self._heartbeats())
         self.log.info("gpu-monitor ready", interval_s=self.interval_s, ttl_s=self.ttl_s,
                       registry=self.registry.backend, gpus=len(self.latest.gpus) if self.latest else 0,
@@ -166,6 +194,9 @@ class GpuMonitorService(FabricService):
                 self.heartbeats_failed += 1
                 self.log.warning("heartbeat failed", error=str(exc) or type(exc).__name__,
                                  failed=self.heartbeats_failed)
+                if isinstance(exc, NoStreamResponseError | NotFoundError):
+                    # the bucket is gone (deleted, or a server that came back without it)
+                    self.jetstream_lost()
 
     # -- endpoints ---------------------------------------------------------------------
 

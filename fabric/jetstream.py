@@ -1,0 +1,293 @@
+"""The JetStream resources a service uses, kept in existence by the service kit.
+
+A service declares what it needs -- streams, KV buckets, durable consumers -- as
+:class:`Stream`, :class:`KeyValueBucket` and :class:`Consumer` values from
+:meth:`FabricService.jetstream_resources <fabric.service.FabricService.jetstream_resources>`.
+The kit's :class:`JetStreamKeeper` creates whichever are missing when the service
+connects, again after every reconnect, and whenever the service reports that one
+went missing (:meth:`FabricService.jetstream_lost`), then hands the service a ready
+JetStream context through ``on_jetstream``.
+
+Why every reconnect: a restarted nats-server keeps file-backed streams but loses
+memory-backed ones (the node registry), and a failed-over cluster may come back
+without a resource a client saw a moment ago.  A service that created its
+resources once at start would be left half-working for good -- every put answered
+"no response from stream".  Creation is idempotent: a resource that exists is left
+as it is (another node may have created it first, perhaps with other limits; the
+service reads what it got), and a race between two creators is not an error.
+
+A NATS without JetStream is a legitimate deployment (``fabric up --nats-url`` to a
+plain server): the keeper then reports ``None`` and the service runs its fallback,
+and it looks again after the next reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, KeyValueConfig, StreamConfig
+
+__all__ = [
+    "JetStreamResource",
+    "Stream",
+    "KeyValueBucket",
+    "Consumer",
+    "JetStreamKeeper",
+    "JetStreamAbsent",
+    "ALREADY_IN_USE",
+]
+
+#: JetStream's API error for "stream name already in use with a different configuration"
+ALREADY_IN_USE = 10058
+#: ... and for "consumer already exists" with another configuration
+CONSUMER_EXISTS = 10148
+#: ... and for "jetstream not enabled for account" (the server has it, this account does not)
+NOT_ENABLED_FOR_ACCOUNT = 10039
+
+API_TIMEOUT_S = 5.0
+RETRY_INITIAL_S = 0.1
+RETRY_MAX_S = 2.0
+#: how long JetStream that was there must stay unanswered before the service is told it is gone
+ABSENT_CONFIRM_S = 10.0
+
+
+class JetStreamAbsent(Exception):
+    """Raised when the server answers no JetStream API request: JetStream is not enabled for this account."""
+
+
+class JetStreamResource(Protocol):
+    """Something in JetStream a service needs; :meth:`ensure` makes it exist."""
+
+    @property
+    def label(self) -> str:
+        """What it is, for logs: ``"kv fabric_nodes"``."""
+        ...
+
+    async def ensure(self, js: JetStreamContext) -> bool:
+        """Create it if it is missing; True when this call created it."""
+        ...
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A stream, created with *config* when missing."""
+
+    config: StreamConfig
+
+    @property
+    def label(self) -> str:
+        return f"stream {self.config.name}"
+
+    async def ensure(self, js: JetStreamContext) -> bool:
+        assert self.config.name is not None
+        try:
+            await js.stream_info(self.config.name)
+            return False
+        except nats.js.errors.NotFoundError:
+            pass
+        try:
+            await js.add_stream(self.config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != ALREADY_IN_USE:
+                raise
+            return False  # created by someone else between our two requests
+        return True
+
+
+@dataclass(frozen=True)
+class KeyValueBucket:
+    """A KV bucket, created with *config* when missing."""
+
+    config: KeyValueConfig
+
+    @property
+    def label(self) -> str:
+        return f"kv {self.config.bucket}"
+
+    async def ensure(self, js: JetStreamContext) -> bool:
+        try:
+            await js.key_value(self.config.bucket)
+            return False
+        except nats.js.errors.BucketNotFoundError:
+            pass
+        try:
+            await js.create_key_value(self.config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != ALREADY_IN_USE:
+                raise
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A durable consumer of *stream*, created with *config* when missing (list its stream first)."""
+
+    stream: str
+    config: ConsumerConfig
+
+    @property
+    def label(self) -> str:
+        return f"consumer {self.stream}/{self.config.durable_name}"
+
+    async def ensure(self, js: JetStreamContext) -> bool:
+        name = self.config.durable_name or self.config.name
+        if not name:
+            raise ValueError("a kept consumer must be durable (durable_name)")
+        try:
+            await js.consumer_info(self.stream, name)
+            return False
+        except nats.js.errors.NotFoundError:
+            pass
+        try:
+            await js.add_consumer(self.stream, self.config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != CONSUMER_EXISTS:
+                raise
+            return False
+        return True
+
+
+#: what the keeper calls with a ready context, or None where there is no JetStream
+ReadyCallback = Callable[[JetStreamContext | None], Awaitable[None]]
+
+
+class JetStreamKeeper:
+    """Makes a service's JetStream resources exist, at start and after every reconnect.
+
+    :meth:`establish` runs one round now (the service's start awaits it);
+    :meth:`trigger` asks for another round in the background (a reconnect, a
+    resource reported lost).  Rounds never overlap: a trigger during a round runs
+    one more round after it.  Transient failures (JetStream still electing a
+    leader after a restart, a timeout, the connection dropping again) are retried
+    with a backoff of 0.1 s doubling to 2 s until a round succeeds.
+    """
+
+    def __init__(self, nc: NATS, resources: Sequence[JetStreamResource], on_ready: ReadyCallback,
+                 log: Any) -> None:
+        self.nc = nc
+        self.resources = tuple(resources)
+        self.on_ready = on_ready
+        self.log = log
+        #: True once a round succeeded, False when JetStream was found absent, None before
+        self.available: bool | None = None
+        #: completed rounds (tests and logs read it)
+        self.rounds = 0
+        self._wanted = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def establish(self, budget_s: float = 5.0) -> bool | None:
+        """One round now, retrying transient failures for up to *budget_s*; then the background loop starts.
+
+        Returns :attr:`available`.  A round still failing after *budget_s*
+        reports ``None`` to the service (it runs without JetStream meanwhile)
+        and goes on retrying in the background.
+        """
+        done = await self._round(deadline=asyncio.get_running_loop().time() + budget_s)
+        if not done:
+            await self._report(None)
+            self._wanted.set()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="jetstream-keeper")
+        return self.available
+
+    def trigger(self) -> None:
+        """Ask for another round soon (a reconnect, a resource reported missing)."""
+        self._wanted.set()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    # -- rounds -------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            try:
+                await self._round(deadline=None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug in a callback must not end the keeping
+                self.log.error("jetstream resources: round failed", exc_info=exc)
+
+    async def _round(self, deadline: float | None) -> bool:
+        """Ensure every resource, retrying transient failures; False when *deadline* passed first."""
+        loop = asyncio.get_running_loop()
+        delay = RETRY_INITIAL_S
+        absent_since = loop.time()
+        async with self._lock:
+            while True:
+                try:
+                    js = self.nc.jetstream(timeout=API_TIMEOUT_S)
+                    created = await self._ensure_all(js)
+                except JetStreamAbsent:
+                    if self.available and loop.time() < absent_since + ABSENT_CONFIRM_S:
+                        # it was here a moment ago: a server still starting, not a plain NATS
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, RETRY_MAX_S)
+                        continue
+                    if self.available is not False:
+                        self.log.warning("no JetStream on this NATS: running without it",
+                                         resources=[r.label for r in self.resources])
+                    await self._report(None, available=False)
+                    return True
+                except (asyncio.TimeoutError, nats.errors.Error, OSError) as exc:
+                    if isinstance(exc, nats.js.errors.APIError) and not _transient(exc):
+                        # a config the server refuses: retrying cannot help; say so loudly
+                        self.log.error("jetstream resources refused", error=str(exc))
+                        await self._report(None, available=False)
+                        return True
+                    if deadline is not None and loop.time() + delay > deadline:
+                        self.log.warning("jetstream resources not ready yet; retrying in the background",
+                                         error=str(exc) or type(exc).__name__)
+                        return False
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX_S)
+                    continue
+                if created:
+                    self.log.info("jetstream resources created", created=created)
+                await self._report(js, available=True)
+                return True
+
+    async def _ensure_all(self, js: JetStreamContext) -> list[str]:
+        if self.nc.is_closed:
+            raise nats.errors.ConnectionClosedError
+        try:
+            await js.account_info()
+        except nats.errors.NoRespondersError:
+            raise JetStreamAbsent from None
+        except nats.js.errors.ServiceUnavailableError as exc:
+            # nats-py turns "no responders" on $JS.API into a 503 without a code;
+            # JetStream itself answers 503 with one (e.g. no meta leader yet: transient)
+            if exc.code is None or exc.err_code == NOT_ENABLED_FOR_ACCOUNT:
+                raise JetStreamAbsent from None
+            raise
+        created = []
+        for resource in self.resources:
+            if await resource.ensure(js):
+                created.append(resource.label)
+        return created
+
+    async def _report(self, js: JetStreamContext | None, available: bool | None = None) -> None:
+        if available is not None:
+            self.available = available
+        self.rounds += 1
+        await self.on_ready(js)
+
+
+def _transient(exc: nats.js.errors.APIError) -> bool:
+    """503 (no meta leader yet, JetStream starting), 5xx, or a timeout-ish answer: worth retrying."""
+    return isinstance(exc, nats.js.errors.ServiceUnavailableError) or (exc.code or 0) >= 500
