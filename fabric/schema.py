@@ -15,6 +15,7 @@ here, and docs/protocol.md documents exactly these fields.  Rules:
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Annotated, Any, Final, TypeVar
 
@@ -102,8 +103,14 @@ CONTENT_TYPE_HEADER: Final = "Content-Type"
 MSGPACK_CONTENT_TYPE: Final = "application/msgpack"
 FRAME_CONTENT_TYPE: Final = "application/x-fabric-frame"
 
-#: sizes, offsets and lengths are unsigned 64-bit on the wire
-U64 = Annotated[int, Meta(ge=0)]  # msgspec rejects values past 2**64-1 itself
+#: The largest integer any request field takes: int64's maximum.  msgspec decodes
+#: arbitrarily large integers, so every integer field of every request carries explicit
+#: bounds (msgspec's bounds must themselves fit an int64); a value past them is 400
+#: ``bad_request`` at decode, and whatever passes fits the C ``int64_t``/``long`` it may
+#: land in (the arena's positions, setrlimit), where it would otherwise clamp or wrap.
+INT_MAX: Final = 2**63 - 1
+#: sizes, offsets, lengths and counts of bytes or things: 0 .. 2**63-1
+UInt = Annotated[int, Meta(ge=0, le=INT_MAX)]
 #: a handle token (see fabric.handles); at most 255 characters so it fits a frame item
 HandleStr = Annotated[str, Meta(min_length=1, max_length=255)]
 #: owner names are short labels used for quotas and per-owner segments
@@ -122,7 +129,7 @@ class Message(Struct, kw_only=True, omit_defaults=False):
 class AllocRequest(Message):
     """``fabric.mem.alloc`` / ``fabric.mem.<node>.alloc``: allocate *size* bytes (zeroed)."""
 
-    size: U64
+    size: UInt
     owner: OwnerStr = ""
     ttl_s: TTL = 0.0
 
@@ -148,13 +155,13 @@ class FreeReply(Message):
 
 class ReallocRequest(Message):
     handle: HandleStr
-    size: U64
+    size: UInt
 
 
 class WriteRequest(Message):
     handle: HandleStr
     data: bytes
-    offset: U64 = 0
+    offset: UInt = 0
 
 
 class WriteReply(Message):
@@ -163,9 +170,9 @@ class WriteReply(Message):
 
 class ReadRequest(Message):
     handle: HandleStr
-    offset: U64 = 0
+    offset: UInt = 0
     #: bytes to read; ``None`` reads to the end of the block
-    length: U64 | None = None
+    length: UInt | None = None
 
 
 class ReadReply(Message):
@@ -174,8 +181,8 @@ class ReadReply(Message):
 
 class ReadItem(Message):
     handle: HandleStr
-    offset: U64 = 0
-    length: U64 | None = None
+    offset: UInt = 0
+    length: UInt | None = None
 
 
 class ReadvRequest(Message):
@@ -202,7 +209,7 @@ class ReadvReply(Message):
 class WriteItem(Message):
     handle: HandleStr
     data: bytes
-    offset: U64 = 0
+    offset: UInt = 0
 
 
 class WritevRequest(Message):
@@ -271,6 +278,8 @@ class MemInfoReply(Message):
     alloc_count: int
     free_count: int
     owners: dict[str, dict[str, int]] = {}
+    #: the largest block one alloc/realloc may ask for (32 TiB); a larger size is 413 ``too_large``
+    largest_block: int = 0
 
 
 class ErrorReply(Message):
@@ -301,17 +310,17 @@ class Limits(Message):
     """
 
     #: RLIMIT_CPU: CPU seconds (SIGXCPU, then SIGKILL)
-    cpu_s: U64 | None = None
+    cpu_s: UInt | None = None
     #: RLIMIT_AS: bytes of address space
-    address_space: U64 | None = None
+    address_space: UInt | None = None
     #: RLIMIT_NOFILE: open file descriptors
-    open_files: U64 | None = None
+    open_files: UInt | None = None
     #: RLIMIT_NPROC: processes of the user (root ignores it unless another user runs the process)
-    processes: U64 | None = None
+    processes: UInt | None = None
     #: RLIMIT_FSIZE: bytes one file may grow to (SIGXFSZ)
-    file_size: U64 | None = None
+    file_size: UInt | None = None
     #: a cgroup memory limit in bytes, for the whole process tree (needs a writable cgroup controller)
-    mem_bytes: U64 | None = None
+    mem_bytes: UInt | None = None
     #: wall-clock timeout in seconds: the whole process group is killed when it runs out
     wall_s: Seconds | None = None
 
@@ -432,8 +441,9 @@ class WaitRequest(Message):
 
 class KillRequest(Message):
     id: ProcIdStr
-    #: a signal number or name (``SIGTERM``, ``TERM``, 15)
-    signal: int | str = "SIGKILL"
+    #: a signal number (1..255; the spawner answers 400 for one its node does not know) or name
+    #: (``SIGTERM``, ``TERM``, 15)
+    signal: Annotated[int, Meta(ge=1, le=255)] | str = "SIGKILL"
 
 
 class StdinRequest(Message):
@@ -900,9 +910,67 @@ class Codec:
         try:
             return dec.decode(data)
         except msgspec.ValidationError as exc:
-            raise BadRequest(f"invalid {type_.__name__}: {exc}") from None
+            raise BadRequest(f"invalid {type_.__name__}: {self._explain(data, str(exc))}") from None
         except msgspec.DecodeError as exc:
             raise BadRequest(f"malformed {self.name}: {exc}") from None
+
+    def _explain(self, data: bytes, text: str) -> str:
+        """msgspec's ``Expected `int` <= 9223372036854775807 - at `$.size``` as ``size = 18446744073709551616: ...``.
+
+        The offending value is shown as the client sent it (looked up in a schema-less
+        decode of the body: this runs only for a rejected request), so a client sees
+        which of its numbers was refused rather than only the bound.
+        """
+        m = _AT_PATH.match(text)
+        if m is None:
+            return text
+        path = m["path"]
+        field = path[1:] if path.startswith(".") else path or "the body"
+        try:
+            value = self._value_at(self.decode_any(data), path)
+        except (LookupError, msgspec.MsgspecError):  # not found, or a number even a schema-less decode refuses
+            return f"{field}: {m['what']}"
+        return f"{field} = {_show(value)}: {m['what']}"
+
+    def decode_any(self, data: bytes) -> Any:
+        """The body as plain objects (no schema); DecodeError/ValidationError if malformed."""
+        dec = self._decoders.get(Any)
+        if dec is None:
+            dec = self._decoders[Any] = self._decoder_factory(Any)
+        return dec.decode(data)
+
+    def _value_at(self, obj: Any, path: str) -> Any:
+        """The value at a msgspec error path (``.items[3].offset``); LookupError if it cannot be found."""
+        pos = 0
+        while pos < len(path):
+            step = _PATH_STEP.match(path, pos)
+            if step is None:  # a dict key (msgspec writes ``[...]``) or anything unexpected
+                raise LookupError(path)
+            key, index = step.groups()
+            try:
+                obj = obj[key] if key is not None else obj[int(index)]
+            except (KeyError, IndexError, TypeError) as exc:
+                raise LookupError(path) from exc
+            pos = step.end()
+        return obj
+
+
+#: msgspec's validation messages end with where the value was: `` - at `$.items[3].offset` ``
+_AT_PATH: Final = re.compile(r"(?P<what>.*) - at `\$(?P<path>[^`]*)`", re.S)
+_PATH_STEP: Final = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[([0-9]+)\]")
+
+
+def _show(value: Any) -> str:
+    """A rejected value for an error message: scalars in full (a huge number by its size), others by type."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value) if value.bit_length() <= 256 else f"a {value.bit_length()}-bit integer"
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 80 else f"{value[:60]!r}... ({len(value)} characters)"
+    if isinstance(value, float):
+        return repr(value)
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else str(value).lower()
+    return f"a {type(value).__name__}"
 
 
 JSON: Final = Codec("JSON", "application/json", msgspec.json.Encoder(), msgspec.json.Decoder)

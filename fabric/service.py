@@ -44,7 +44,7 @@ from nats.micro.request import Request as MicroRequest
 from nats.micro.service import EndpointInfo, EndpointStats, Service, ServiceConfig, ServiceInfo, ServiceStats
 
 from ._version import __version__
-from .errors import FabricError, InternalError, error_headers
+from .errors import BadRequest, FabricError, InternalError, error_headers
 from .logs import configure_logging
 from .schema import (
     CONTENT_TYPE_HEADER,
@@ -83,20 +83,35 @@ class ServiceSettings:
             raise ValueError("max_concurrency must be at least 1")
 
 
-class Request:
-    """One incoming request: its subject, headers, raw data and the codec it asked for."""
+#: the request encodings every endpoint takes, by ``Content-Type`` (frames only where an endpoint says so)
+ACCEPTED_CONTENT_TYPES = (JSON.content_type, MSGPACK_CONTENT_TYPE, FRAME_CONTENT_TYPE)
 
-    __slots__ = ("subject", "headers", "data", "codec", "is_frame", "request_id")
+
+class Request:
+    """One incoming request: its subject, headers, raw data and the codec it asked for.
+
+    ``refusal`` is why the kit answers 400 without calling the handler (a
+    ``Content-Type`` it does not know), or None.
+    """
+
+    __slots__ = ("subject", "headers", "data", "codec", "is_frame", "request_id", "refusal")
 
     def __init__(self, subject: str, headers: dict[str, str] | None, data: bytes) -> None:
         self.subject = subject
         self.headers = headers
         self.data = data
         ctype = headers.get(CONTENT_TYPE_HEADER) if headers else None
+        # the media type alone: "application/json; charset=utf-8" is JSON
+        media = ctype.partition(";")[0].strip().lower() if ctype else None
         # a frame announces itself by its magic; the header is optional
-        self.is_frame = ctype == FRAME_CONTENT_TYPE or (ctype is None and data[:4] == FRAME_MAGIC)
-        self.codec: Codec = MSGPACK if ctype == MSGPACK_CONTENT_TYPE else JSON
+        self.is_frame = media == FRAME_CONTENT_TYPE or (not media and data[:4] == FRAME_MAGIC)
+        self.codec: Codec = MSGPACK if media == MSGPACK_CONTENT_TYPE else JSON
         self.request_id = headers.get(REQUEST_ID_HEADER, "") if headers else ""
+        self.refusal: str | None = None
+        if media and media not in ACCEPTED_CONTENT_TYPES:
+            # decoding it as JSON anyway would answer a misleading "malformed JSON", or worse succeed
+            self.refusal = (f"unsupported Content-Type {ctype!r}: send {', '.join(ACCEPTED_CONTENT_TYPES[:2])}, "
+                            f"or {FRAME_CONTENT_TYPE} where the endpoint takes frames")
 
     def decode(self, type_: type[Any]) -> Any:
         """Decode the body as *type_* in the request's encoding (BadRequest if malformed)."""
@@ -124,6 +139,8 @@ class Endpoint:
     subject: str
     handler: Handler
     queue_group: str = QUEUE_GROUP
+    #: whether the handler takes binary frames; the kit answers 400 to a frame sent to one that does not
+    frames: bool = False
     # per-endpoint statistics of the real work (not just the dispatch)
     num_requests: int = 0
     num_errors: int = 0
@@ -329,6 +346,7 @@ class FabricService:
         ep.in_flight += 1
         request = Request(msg.subject, msg.headers, msg.data)
         try:
+            self._admit(ep, request)
             result = ep.handler(request)
             if not ep.inline:
                 result = await result
@@ -340,6 +358,16 @@ class FabricService:
         ep.num_requests += 1
         ep.processing_ns += time.perf_counter_ns() - t0
         await self._reply(msg, body, headers)
+
+    @staticmethod
+    def _admit(ep: Endpoint, request: Request) -> None:
+        """BadRequest for what no handler of *ep* can take: an unknown Content-Type, or a frame it takes not."""
+        if request.refusal is not None:
+            raise BadRequest(request.refusal)
+        if request.is_frame and not ep.frames:
+            raise BadRequest(f"{ep.subject} takes no binary frames: send JSON or MessagePack "
+                             f"(a body starting with {FRAME_MAGIC.decode()} or Content-Type {FRAME_CONTENT_TYPE} "
+                             f"is a frame)")
 
     @staticmethod
     def _encode_result(request: Request, result: Any) -> tuple[Any, dict[str, str] | None]:

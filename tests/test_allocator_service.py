@@ -138,7 +138,7 @@ async def test_realloc_preserves_content(aclient, allocator):
 async def test_batches_through_frames(aclient, allocator):
     bufs = [await aclient.rmalloc(1024) for _ in range(50)]
     payloads = [bytes([i]) * 1024 for i in range(50)]
-    written = await aclient.rwritev([(b, 0, p) for b, p in zip(bufs, payloads)])
+    written = await aclient.rwritev([(b, 0, p) for b, p in zip(bufs, payloads, strict=True)])
     assert written == [1024] * 50
     got = await aclient.rreadv([(b, 0, 1024) for b in bufs])
     assert got == payloads
@@ -280,7 +280,8 @@ async def test_msgpack_in_msgpack_out(nats_url, allocator):
     r = await raw(nats_url, "fabric.mem.alloc", msgspec.msgpack.encode({"size": 4}), hdr)
     assert r.headers["Content-Type"] == "application/msgpack"
     handle = msgspec.msgpack.decode(r.data)["handle"]
-    await raw(nats_url, subj(allocator, "write"), msgspec.msgpack.encode({"handle": handle, "data": b"\x00\xffab"}), hdr)
+    await raw(nats_url, subj(allocator, "write"), msgspec.msgpack.encode({"handle": handle, "data": b"\x00\xffab"}),
+              hdr)
     rd = msgspec.msgpack.decode((await raw(nats_url, subj(allocator, "read"),
                                            msgspec.msgpack.encode({"handle": handle}), hdr)).data)
     assert rd["data"] == b"\x00\xffab"  # raw bin, no base64
@@ -296,8 +297,11 @@ HOSTILE_JSON = [
     ("alloc", b'{"size": "big"}', 400, "bad_request"),
     ("alloc", b'{"size": -1}', 400, "bad_request"),
     ("alloc", b'{"size": 1.5}', 400, "bad_request"),
-    ("alloc", b'{"size": 18446744073709551616}', 413, "too_large"),
-    ("alloc", b'{"size": 18446744073709551615}', None, None),  # 413 or 507: never allocates
+    ("alloc", b'{"size": 18446744073709551616}', 400, "bad_request"),  # past every integer bound
+    ("alloc", b'{"size": 18446744073709551615}', 400, "bad_request"),
+    ("alloc", b'{"size": 9223372036854775807}', 413, "too_large"),  # an integer, but past the largest block
+    ("alloc", b'{"size": 35184372088833}', 413, "too_large"),  # 32 TiB + 1
+    ("alloc", b'{"size": 35184372088832}', None, None),  # 32 TiB exactly: 413 or 507, never allocates
     ("alloc", b'{"size": 8, "owner": "bad owner!"}', 400, "bad_request"),
     ("alloc", b'{"size": 8, "ttl_s": -3}', 400, "bad_request"),
     ("alloc", b"[1, 2, 3]", 400, "bad_request"),
@@ -414,6 +418,44 @@ async def test_meminfo(aclient, allocator):
 async def test_unknown_node_is_unavailable(aclient, allocator):
     with pytest.raises(Unavailable):
         await aclient.rread("v1:nosuchnode:1:64:1:rw:" + "0" * 32, 1)
+
+
+async def test_frames_only_where_the_endpoint_takes_them(nats_url, allocator, aclient):
+    buf = await aclient.rmalloc(4)
+    frame = wire.encode(wire.KIND_READ, [(buf.handle, 0, 4, 0)])
+    try:
+        for verb in ("stat", "free", "alloc", "readv", "info"):
+            msg = await raw(nats_url, subj(allocator, verb), frame)
+            assert msg.headers["Nats-Service-Error-Code"] == "400", (verb, msg.headers)
+            assert "takes no binary frames" in msg.headers["Nats-Service-Error"], (verb, msg.headers)
+        assert wire.decode((await raw(nats_url, subj(allocator, "read"), frame)).data).data(0) == bytes(4)
+    finally:
+        await aclient.rfree(buf)
+
+
+async def test_a_reply_past_the_max_payload_reports_its_real_size(nats_url, allocator, aclient):
+    max_payload = aclient.max_payload
+    length = max_payload - wire.HEADER_SIZE - wire.ITEM_FIXED + 1  # the DATA frame: one byte too many
+    buf = await aclient.rmalloc(length)
+    try:
+        msg = await raw(nats_url, subj(allocator, "read"), wire.encode(wire.KIND_READ, [(buf.handle, 0, length, 0)]))
+        assert msg.headers["Nats-Service-Error-Code"] == "413", msg.headers
+        text = msg.headers["Nats-Service-Error"]
+        assert f"a reply of {max_payload + 1} bytes" in text and f"({max_payload})" in text, text
+        one_less = wire.encode(wire.KIND_READ, [(buf.handle, 0, length - 1, 0)])
+        assert len((await raw(nats_url, subj(allocator, "read"), one_less)).data) == max_payload
+    finally:
+        await aclient.rfree(buf)
+
+
+async def test_info_reports_the_largest_block(aclient, allocator):
+    from fabric_ext.arena import MAX_BLOCK_SIZE
+
+    info = await aclient.meminfo(allocator.node)
+    assert info.largest_block == MAX_BLOCK_SIZE == 32 << 40
+    with pytest.raises(TooLarge) as exc:
+        await aclient.rmalloc(info.largest_block + 1)
+    assert str(info.largest_block) in exc.value.message
 
 
 async def test_invalid_frame_error_class(aclient, allocator):

@@ -157,3 +157,33 @@ def test_tune_malloc_applies_on_glibc_and_yields_to_the_environment(monkeypatch)
     assert tune_malloc() is (platform.libc_ver()[0] == "glibc")
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
     assert tune_malloc() is False
+
+
+async def test_unknown_content_type_is_refused_naming_the_accepted_ones(kit, nc):
+    """Decoding an unknown type as JSON would answer a misleading error -- or succeed on a lucky body."""
+    for ctype in ("text/plain", "application/cbor", "application/x-www-form-urlencoded"):
+        r = await nc.request(f"kit.{kit.node}.fast", b'{"text": "hi"}', headers={"Content-Type": ctype}, timeout=5)
+        assert r.headers["Nats-Service-Error-Code"] == "400" and r.headers["Fabric-Error"] == "bad_request"
+        text = r.headers["Nats-Service-Error"]
+        assert ctype in text and "application/json" in text and "application/msgpack" in text, text
+        assert "application/x-fabric-frame" in text, text
+        assert json.loads(r.data)["error"]["message"] == text
+    # the known ones, with parameters and in any case, still work
+    r = await nc.request(f"kit.{kit.node}.fast", b'{"text": "cs"}',
+                         headers={"Content-Type": "Application/JSON; charset=utf-8"}, timeout=5)
+    assert json.loads(r.data)["text"] == "cs" and not r.headers
+    r = await nc.request(f"kit.{kit.node}.fast", msgspec.msgpack.encode({"text": "mp"}),
+                         headers={"Content-Type": "application/msgpack; v=1"}, timeout=5)
+    assert msgspec.msgpack.decode(r.data)["text"] == "mp"
+
+
+async def test_a_frame_to_an_endpoint_without_frames_says_so(kit, nc):
+    for headers in (None, {"Content-Type": "application/x-fabric-frame"}):
+        r = await nc.request(f"kit.{kit.node}.fast", b"FBF1\x01\x00\x00\x00" + bytes(16), headers=headers, timeout=5)
+        assert r.headers["Nats-Service-Error-Code"] == "400" and r.headers["Fabric-Error"] == "bad_request"
+        text = r.headers["Nats-Service-Error"]
+        assert "takes no binary frames" in text and f"kit.{kit.node}.fast" in text, text
+        assert "malformed JSON" not in text
+    # an endpoint that declares frames gets them
+    ep = Endpoint("framed", "x.framed", lambda req: req.is_frame, frames=True)
+    assert ep.frames and not Endpoint("plain", "x.plain", lambda req: None).frames

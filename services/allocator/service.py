@@ -31,6 +31,8 @@ from fabric.errors import BadRequest, FabricError, OutOfRange, PermissionDenied,
 from fabric.handles import PERM_R, HandleParts, HandleSigner
 from fabric.hostid import boot_id
 from fabric.schema import (
+    INT_MAX,
+    JSON,
     AllocReply,
     AllocRequest,
     AttachReply,
@@ -56,7 +58,7 @@ from fabric.schema import (
 )
 from fabric.service import Endpoint, FabricService, Reply, Request, ServiceSettings
 from fabric_ext import wire
-from fabric_ext.arena import Arena
+from fabric_ext.arena import MAX_BLOCK_SIZE, Arena
 
 from .identity import load_or_create
 
@@ -120,16 +122,16 @@ class AllocatorService(FabricService):
     def endpoints(self) -> Sequence[Endpoint]:
         node = self.node
 
-        def ep(verb: str, handler: Any) -> Endpoint:
-            return Endpoint(verb, subjects.node_scoped("mem", node, verb), handler)
+        def ep(verb: str, handler: Any, frames: bool = False) -> Endpoint:
+            return Endpoint(verb, subjects.node_scoped("mem", node, verb), handler, frames=frames)
 
         return [
             Endpoint("alloc-any", subjects.cluster("mem", "alloc"), self.alloc),
             ep("alloc", self.alloc),
             ep("free", self.free),
             ep("realloc", self.realloc),
-            ep("write", self.write),
-            ep("read", self.read),
+            ep("write", self.write, frames=True),
+            ep("read", self.read, frames=True),
             ep("readv", self.readv),
             ep("writev", self.writev),
             ep("stat", self.stat),
@@ -208,8 +210,12 @@ class AllocatorService(FabricService):
         h = self.signer.verify(r.handle)
         length = -1 if r.length is None else r.length
         data = self.arena.read(h.seg, h.off, h.gen, r.offset, length)
-        if len(data) * 4 // 3 + 1024 > self.nc.max_payload:  # type: ignore[union-attr]
-            raise TooLarge(f"a {len(data)}-byte read does not fit one reply: use frames or read in chunks")
+        max_payload = self.nc.max_payload  # type: ignore[union-attr]
+        # JSON carries the bytes in base64 (4 characters per 3 bytes); 1 KiB covers the rest of the reply
+        reply_size = (4 * -(-len(data) // 3) if req.codec is JSON else len(data)) + 1024
+        if reply_size > max_payload:
+            raise TooLarge(f"a {len(data)}-byte read makes a reply of about {reply_size} bytes, over the max "
+                           f"payload ({max_payload}): use frames or read in chunks")
         return ReadReply(data=data)
 
     def readv(self, req: Request) -> ReadvReply:
@@ -267,7 +273,7 @@ class AllocatorService(FabricService):
         raise BadRequest("segment not found for this handle's owner")  # pragma: no cover - arena invariant
 
     def info(self, req: Request) -> MemInfoReply:
-        return MemInfoReply(node=self.node, **self.arena.stats())
+        return MemInfoReply(node=self.node, **self.arena.stats(), largest_block=MAX_BLOCK_SIZE)
 
     # -- frames (bulk bytes, single items and batches) ------------------------
 
@@ -306,6 +312,8 @@ class AllocatorService(FabricService):
         total = 0
         for token, pos, length, _status in items:
             try:
+                if pos > INT_MAX or INT_MAX < length != wire.TO_END:  # as in JSON, where the schema bounds them
+                    raise BadRequest(f"offset {pos} or length {length} is larger than {INT_MAX}")
                 h = verify(token)
                 size = size_of(h.seg, h.off, h.gen)  # also proves the block is live
                 if length == wire.TO_END:
@@ -321,12 +329,15 @@ class AllocatorService(FabricService):
                 reply_items.append((b"", pos, 0, exc.code))
                 sources.append(None)
         max_payload = self.nc.max_payload  # type: ignore[union-attr]
-        if wire.HEADER_SIZE + wire.ITEM_FIXED * len(items) + total > max_payload:  # the DATA frame's exact size
-            raise TooLarge(f"reply of {total} bytes would exceed the max payload ({max_payload}): read in chunks")
+        reply_size = wire.HEADER_SIZE + wire.ITEM_FIXED * len(items) + total  # the DATA frame's exact size
+        if reply_size > max_payload:
+            raise TooLarge(f"a reply of {reply_size} bytes ({total} read) would exceed the max payload "
+                           f"({max_payload}): read in chunks")
         # zero=False: the live items' bytes are filled right below, the failed ones are empty;
         # views=False: the payload is the frame's last `total` bytes, items back to back
         out, _ = wire.encode_reserve(wire.KIND_DATA, reply_items, zero=False, views=False)
-        self.arena.gather_into([(h.seg, h.off, h.gen, pos, n) for h, (_, pos, n, _st) in zip(sources, reply_items)
+        self.arena.gather_into([(h.seg, h.off, h.gen, pos, n)
+                                for h, (_, pos, n, _st) in zip(sources, reply_items, strict=True)
                                 if h is not None], out, len(out) - total)
         return Reply(out)
 
@@ -338,6 +349,8 @@ class AllocatorService(FabricService):
         single = len(frame.items) == 1
         for i, (token, pos, _length, _status) in enumerate(frame.items):
             try:
+                if pos > INT_MAX:  # the arena's positions are int64: past that it would report a clamped value
+                    raise BadRequest(f"offset {pos} is larger than {INT_MAX}")
                 h = self._writable(token)
                 written = self.arena.write(h.seg, h.off, h.gen, pos, frame.data(i))
                 acks.append((b"", pos, written, 0))
