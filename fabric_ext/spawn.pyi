@@ -16,8 +16,8 @@ _Path = str | bytes | PathLike[str] | PathLike[bytes]
 
 def spawn(
     path: _Path,
-    argv: list[str | bytes],
-    env: list[str | bytes],
+    argv: list[str] | list[bytes] | list[str | bytes],
+    env: list[str] | list[bytes] | list[str | bytes],
     *,
     stdin: int = -1,
     stdout: int = -1,

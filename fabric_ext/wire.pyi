@@ -1,7 +1,7 @@
 """Type stubs for fabric_ext.wire, the binary frame codec (see wire.pyx and docs/protocol.md)."""
 
 from collections.abc import Iterable
-from typing import Final, final
+from typing import Any, Final, final
 
 from typing_extensions import Buffer
 
@@ -41,7 +41,7 @@ def encode(kind: int, items: Iterable[Item], payloads: Iterable[Buffer] | None =
 def encode_reserve(kind: int, items: Iterable[Item], *, zero: bool = True,
                    views: bool = True) -> tuple[bytearray, list[memoryview]]: ...
 def encode_reads(items: list[tuple[object, int, int | None]] | tuple[tuple[object, int, int | None], ...],
-                 parsed: dict[str, tuple[object, ...]],
+                 parsed: dict[str, Any],
                  buffer_types: tuple[type, ...]) -> tuple[str, bytes] | None: ...
 def read_reply_reserve(request: Frame, max_payload: int) -> tuple[bytearray, int] | None: ...
 def frame_length(header: Buffer, *, max_items: int = 65536, max_payload: int = 67108864) -> int: ...

@@ -17,6 +17,10 @@ if command -v npm >/dev/null 2>&1; then
   (cd tests/node && npm ci --silent --no-audit --no-fund)
 fi
 
+# lint and types first: seconds, and a finding fails the run before the long part
+.venv/bin/ruff check .
+.venv/bin/mypy
+
 # the whole suite against real nats-server processes
 "$VPY" -m pytest -q "$@"
 

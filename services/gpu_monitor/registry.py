@@ -215,5 +215,5 @@ def _unix(created: Any) -> float | None:
     if isinstance(created, dt.datetime):
         if created.tzinfo is None:
             created = created.replace(tzinfo=dt.timezone.utc)
-        return created.timestamp()
+        return float(created.timestamp())
     return None

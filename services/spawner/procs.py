@@ -798,7 +798,8 @@ class ProcessTable:
         if ru_rss > self._floor + FLOOR_SLACK and self._floor_at < mp.t0:
             # the cached floor may predate the exec (the spawner grew since): read it again
             self._floor, self._floor_at = vm_hwm("self"), time.monotonic()
-        if ru_rss > self._floor + FLOOR_SLACK:  # above the inherited floor: the child's own (or its largest reaped child's)
+        # above the inherited floor: the child's own (or its largest reaped child's)
+        if ru_rss > self._floor + FLOOR_SLACK:
             exact = ru_rss
         if mp.cgroup is not None:  # the tree's own charge, exact whatever the floor
             exact = max(exact, mp.cgroup.peak())
@@ -821,7 +822,7 @@ class ProcessTable:
             fut: asyncio.Future[None] = loop.create_future()
             mp.waiters.append(fut)
             # a timer and a future, not wait_for(): no extra task on the spawn-and-wait path
-            timer = loop.call_later(timeout, lambda: fut.done() or fut.set_result(None))
+            timer = loop.call_later(timeout, _resolve, fut)
             try:
                 await fut
             finally:
@@ -899,3 +900,9 @@ class ProcessTable:
             self._subreaper = False
         if self.cgroups is not None:
             self.cgroups.close()
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    """Wake a waiter (a timer's callback): a no-op once something else resolved it."""
+    if not fut.done():
+        fut.set_result(None)

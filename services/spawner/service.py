@@ -17,6 +17,7 @@ kills what a crashed predecessor left.  Compute cores and warm pools
 
 from __future__ import annotations
 
+import builtins
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -177,8 +178,9 @@ class SpawnerService(FabricService):
         # no tails in a list: thousands of them would not fit one message (status has them)
         return ProcListReply(node=self.node, processes=[table.status(mp, tails=False) for mp in procs])
 
-    def _enforceable(self) -> tuple[list[str], dict[str, str]]:
-        ok: list[str] = []
+    # builtins.list: inside the class, "list" names the endpoint method above
+    def _enforceable(self) -> tuple[builtins.list[str], dict[str, str]]:
+        ok: builtins.list[str] = []
         not_ok: dict[str, str] = {}
         for name in RLIMITS:
             if name == "processes" and self.caps.nproc_bypass:

@@ -21,6 +21,7 @@ import ctypes
 import os
 import pickle
 import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ _RUN_JOB = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_uint64, ctypes.c_void_p,
 _INIT = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_int32)
 _FREE = ctypes.CFUNCTYPE(None, ctypes.c_uint64, ctypes.c_void_p)
 
+_dlclose: Callable[[int], None] | None
 try:
     from _ctypes import dlclose as _dlclose
 except ImportError:  # pragma: no cover - every Linux CPython has it
@@ -74,7 +76,7 @@ class CCore:
             _write_all(self._fd, library)
             path = f"/proc/self/fd/{self._fd}"
             try:
-                self._lib = ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_LOCAL)
+                self._lib: ctypes.CDLL | None = ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_LOCAL)
             except OSError as exc:
                 raise CoreError(f"core {name!r}: cannot load the library: {exc}") from None
             missing = [s for s in REQUIRED if not hasattr(self._lib, s)]
