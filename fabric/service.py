@@ -16,6 +16,11 @@ A service subclasses :class:`FabricService`, names itself (``name``, SemVer
 * turns :class:`~fabric.errors.FabricError` into the ``Nats-Service-Error`` /
   ``Nats-Service-Error-Code`` headers (plus ``Fabric-Error`` with the kind), and
   anything else into a logged 500;
+* keeps the JetStream resources the service declares (streams, KV buckets,
+  durable consumers: :meth:`FabricService.jetstream_resources`) in existence:
+  created when missing at start, after every reconnect and whenever the service
+  reports one lost, then handed over through :meth:`FabricService.on_jetstream`
+  (:mod:`fabric.jetstream` says why and how);
 * drains gracefully on SIGTERM: stop taking requests, finish those in flight,
   then drain the connection.
 
@@ -40,11 +45,13 @@ from typing import Any, ClassVar
 import nats
 import structlog
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 from nats.micro.request import Request as MicroRequest
 from nats.micro.service import EndpointInfo, EndpointStats, Service, ServiceConfig, ServiceInfo, ServiceStats
 
 from ._version import __version__
 from .errors import BadRequest, FabricError, InternalError, error_headers
+from .jetstream import JetStreamKeeper, JetStreamResource
 from .logs import configure_logging
 from .schema import (
     CONTENT_TYPE_HEADER,
@@ -222,6 +229,7 @@ class FabricService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.max_concurrency)
         self._stopping = asyncio.Event()
+        self.jetstream: JetStreamKeeper | None = None
 
     # -- what subclasses provide ----------------------------------------------
 
@@ -239,8 +247,33 @@ class FabricService:
     def metadata(self) -> dict[str, str]:
         return {}
 
+    def jetstream_resources(self) -> Sequence[JetStreamResource]:
+        """The streams, KV buckets and durable consumers this service needs (created when missing).
+
+        The kit ensures them after connecting, after every reconnect, and after
+        :meth:`jetstream_lost`; each time it then calls :meth:`on_jetstream`.
+        """
+        return ()
+
+    async def on_jetstream(self, js: JetStreamContext | None) -> None:
+        """Called with a JetStream context once the resources exist, or None where NATS has no JetStream.
+
+        The first call comes before :meth:`on_start`; later ones after each
+        reconnect.  Reopen here whatever holds server-side state (KV handles,
+        watchers, consumer subscriptions): after a server restart the old ones
+        point at resources that were recreated empty.
+        """
+
+    def jetstream_lost(self) -> None:
+        """Report that a JetStream resource went missing (e.g. "no response from stream"): ensure them again."""
+        if self.jetstream is not None:
+            self.jetstream.trigger()
+
     async def on_start(self) -> None:
-        """Called after connecting, before the endpoints subscribe."""
+        """Called after connecting (and after the first :meth:`on_jetstream`), before the endpoints subscribe."""
+
+    async def on_serving(self) -> None:
+        """Called once the endpoints subscribe, before the service answers ``$SRV.PING`` (announce it here)."""
 
     async def on_stop(self) -> None:
         """Called after in-flight requests finished, before the connection drains."""
@@ -257,6 +290,10 @@ class FabricService:
             disconnected_cb=self._on_disconnect,
             reconnected_cb=self._on_reconnect,
         )
+        resources = self.jetstream_resources()
+        if resources:
+            self.jetstream = JetStreamKeeper(self.nc, resources, self.on_jetstream, self.log)
+            await self.jetstream.establish()
         await self.on_start()
         meta = {"node": self.node, "fabric_version": __version__, "pid": str(os.getpid())}
         meta.update(self.metadata())
@@ -266,7 +303,7 @@ class FabricService:
         )
         micro.kit_endpoints = self._endpoints
         micro.side_endpoints = tuple(self.side_endpoints())
-        await micro.start()
+        # endpoints first, $SRV verbs last: a service that answers PING serves every subject it lists
         for ep in self.endpoints():
             self._endpoints.append(ep)
             await micro.add_endpoint(
@@ -274,7 +311,10 @@ class FabricService:
             )
         await self.nc.flush()
         self._micro = micro
-        self.log.info("service started", version=self.version, endpoints=len(self._endpoints), url=self.settings.nats_url)
+        await self.on_serving()
+        await micro.start()
+        self.log.info("service started", version=self.version, endpoints=len(self._endpoints),
+                      url=self.settings.nats_url)
 
     async def stop(self) -> None:
         """Graceful stop: unsubscribe, wait for in-flight requests, drain the connection."""
@@ -287,6 +327,8 @@ class FabricService:
             done, pending = await asyncio.wait(set(self._tasks), timeout=self.settings.drain_timeout_s)
             for task in pending:
                 task.cancel()
+        if self.jetstream is not None:
+            await self.jetstream.close()
         await self.on_stop()
         if self.nc is not None and not self.nc.is_closed:
             try:
@@ -419,6 +461,8 @@ class FabricService:
 
     async def _on_reconnect(self) -> None:
         self.log.info("reconnected to NATS")
+        # the server may be a restarted one that lost memory-backed streams: ensure them again
+        self.jetstream_lost()
 
 
 def default_state_dir() -> Path:
