@@ -57,6 +57,7 @@ from .errors import (
     UnknownNode,
     registered_kinds,
 )
+from .gpupair import gpu_by_device
 from .hostid import boot_id
 
 __all__ = [
@@ -349,17 +350,15 @@ def _is_cpu(dev: Any) -> bool:
 
 def _gpu_score(rec: Any, dev: Any, local_host_id: str) -> tuple[float, float, int, str]:
     """Lower is better: most free memory, lowest utilisation, the client's host, then the id."""
-    nvidia = [d for d in rec.opencl.devices if _is_gpu(d) and "NVIDIA" in (d.platform + d.vendor).upper()]
     free, util = float(dev.global_memory), 0.0
-    if dev in nvidia:
-        # NVML lists a node's NVIDIA GPUs in the order the NVIDIA OpenCL platform does
-        i = nvidia.index(dev)
-        if i < len(rec.gpus):
-            g = rec.gpus[i]
-            if g.memory_free >= 0:
-                free = float(g.memory_free)
-            if g.utilization_gpu >= 0:
-                util = g.utilization_gpu
+    # the NVML GPU this device is, paired as the monitor pairs them (by PCI bus id; see
+    # fabric.gpupair): its free memory and utilisation are this device's, not a neighbour's
+    g = gpu_by_device(rec.gpus, rec.opencl.devices).get(dev.id)
+    if g is not None:
+        if g.memory_free >= 0:
+            free = float(g.memory_free)
+        if g.utilization_gpu >= 0:
+            util = g.utilization_gpu
     local = 0 if local_host_id and rec.host.host_id == local_host_id else 1
     return (-free, util, local, dev.id)
 
@@ -389,7 +388,8 @@ def choose_device(records: Sequence[Any], device: str | None, local_host_id: str
 
     *device* is an OpenCL device id ``"<node>:cl:<p>:<d>"``, ``"gpu"``, ``"cpu"``, a node
     name, or None: the best device the fabric has -- a GPU (most free memory, lowest
-    utilisation) where there is one, else a CPU device (the client's own host first, then
+    utilisation, read from the NVML GPU :func:`fabric.gpupair.gpu_by_device` pairs it
+    with) where there is one, else a CPU device (the client's own host first, then
     the least busy).  Raises UnknownNode (a node not in *records*) or UnknownDevice.
     """
     by_node = {r.node: r for r in records}

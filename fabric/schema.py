@@ -697,6 +697,11 @@ class Gpu(Message):
     clock_memory_mhz: int = -1
     compute_capability: str = ""         # "8.9"
     processes: list[GpuProcess] = []
+    pci_bus_id: str = ""                 # "dddd:bb:dd.f", lowercase hex (fabric.gpupair); "" when NVML cannot say
+    #: the node's OpenCL devices that are this GPU, and how they were matched (fabric.gpupair.pair):
+    #: "pci_bus_id", "order", "none" (unpaired); "" when the monitor did not pair
+    opencl_ids: list[str] = []
+    paired_by: str = ""
 
 
 class NvmlState(Message):
@@ -726,6 +731,8 @@ class OpenCLDevice(Message):
     local_memory: int = 0
     max_work_group_size: int = 0
     max_clock_mhz: int = 0
+    pci_bus_id: str = ""                 # "dddd:bb:dd.f"; "" when the driver does not say (CPUs, PoCL)
+    gpu_id: str = ""                     # the NVML Gpu.id this device is (fabric.gpupair); "" when none
 
 
 class OpenCLState(Message):

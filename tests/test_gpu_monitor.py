@@ -301,7 +301,8 @@ async def test_fake_gpus_show_their_fabric_processes(js_server: NatsServer, moni
         async with AsyncFabricClient(js_server.url, local=False) as client:
             proc = await client.rspawn(["sleep", "30"], node=node)
             mon = _monitor_process(js_server.url, node, tmp_path, LD_LIBRARY_PATH=str(libdir),
-                                   FAKE_NVML_GPUS="2", FAKE_NVML_PIDS=f"{proc.pid},{os.getpid()}")
+                                   FAKE_NVML_GPUS="2", FAKE_NVML_PIDS=f"{proc.pid},{os.getpid()}",
+                                   FAKE_NVML_BUS_IDS="0000:3B:00.0,0000:1A:00.0")
 
             async def two_gpus() -> bool:
                 try:
@@ -316,6 +317,13 @@ async def test_fake_gpus_show_their_fabric_processes(js_server: NatsServer, moni
             assert (g0.index, g1.index) == (0, 1) and g0.id == f"{node}:gpu:0"
             assert g0.memory_total == 24 << 30 and g0.memory_free == g0.memory_total - g0.memory_used
             assert g0.compute_capability == "8.9" and g0.utilization_gpu == 45
+            # each GPU's PCI address, as fabric writes it: what pairs it with its OpenCL device
+            assert (g0.pci_bus_id, g1.pci_bus_id) == ("0000:3b:00.0", "0000:1a:00.0")
+            record = await client.node(node)
+            assert [g.pci_bus_id for g in record.gpus] == ["0000:3b:00.0", "0000:1a:00.0"]
+            # this machine's OpenCL is PoCL's CPU: no bus id, so no GPU is paired with it
+            assert record.opencl.devices and all(d.pci_bus_id == "" and d.gpu_id == ""
+                                                 for d in record.opencl.devices)
             holders = {p.pid: p for p in g0.processes}
             assert holders[proc.pid].fabric_id == proc.id  # the spawner's process, by its fabric id
             assert holders[proc.pid].name == "sleep"

@@ -24,9 +24,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from fabric import _version
+from fabric.gpupair import bus_id, canonical_bus_id, gpu_by_device, pair
+from fabric.schema import Gpu, OpenCLDevice
 from services.gpu_monitor.host import LiveSampler, host_info
 from services.gpu_monitor.nvml import fabric_id_of
 from services.gpu_monitor.opencl_probe import probe as opencl_probe
@@ -100,7 +103,7 @@ def test_cpu_is_measured_since_the_previous_sample() -> None:
     assert cpu.percent == pytest.approx(sum(cpu.per_core) / len(cpu.per_core), abs=0.11)
     load = [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
     # the kernel recomputes load every 5 s: the two readings may straddle one update
-    for mine, kernel in zip((cpu.load_1, cpu.load_5, cpu.load_15), load):
+    for mine, kernel in zip((cpu.load_1, cpu.load_5, cpu.load_15), load, strict=True):
         assert mine == pytest.approx(kernel, abs=0.5)
     assert cpu.freq_mhz == -1.0 or cpu.freq_mhz > 0
     # a sample right after the previous one has no ticks to measure: 0, never a division by zero
@@ -141,7 +144,7 @@ def test_net_counters_match_proc_net_dev_without_loopback() -> None:
     _, _, _, first = sampler.sample()
     after = _net_dev()
     got = (first.bytes_sent, first.bytes_recv, first.packets_sent, first.packets_recv)
-    for lo, mine, hi in zip(before, got, after):
+    for lo, mine, hi in zip(before, got, after, strict=True):
         assert lo <= mine <= hi
     assert (first.sent_per_s, first.recv_per_s) == (0.0, 0.0)  # nothing to compare with yet
     time.sleep(0.05)
@@ -401,3 +404,197 @@ def test_opencl_without_pyopencl() -> None:
     state = _run_opencl({}, pre="import sys; sys.modules['pyopencl'] = None\n")
     assert state == {"available": False, "reason": state["reason"], "platforms": [], "devices": []}
     assert "pyopencl is not installed" in state["reason"]
+
+
+# -- PCI bus ids, and pairing OpenCL devices with NVML GPUs -------------------------
+
+
+def test_nvml_reports_each_gpus_pci_bus_id(fake_nvml_dir: Path) -> None:
+    # the driver writes "00000001:3B:00.0" (8-digit domain, upper case): fabric's form is "0001:3b:00.0"
+    [s] = _run_probe(fake_nvml_dir, {"FAKE_NVML_GPUS": "3", "FAKE_NVML_BUS_IDS": "1:3B:00.0,-"})
+    assert [(g["index"], g["pci_bus_id"]) for g in s["gpus"]] == [
+        (0, "0001:3b:00.0"),
+        (1, ""),               # NVML_ERROR_NOT_SUPPORTED for this GPU only: the rest still reports
+        (2, "0000:a3:00.0"),   # the fake's default address for index 2
+    ]
+    _assert_full_gpu(s["gpus"][1], 1)
+    assert s["state"]["reason"] == ""
+
+
+def test_canonical_bus_ids() -> None:
+    assert canonical_bus_id("00000000:3B:00.0") == "0000:3b:00.0"     # NVML's busId
+    assert canonical_bus_id("0000:3B:00.0") == "0000:3b:00.0"         # NVML's busIdLegacy, lspci -D
+    assert canonical_bus_id("3b:1f.7") == "0000:3b:1f.7"              # no domain: domain 0
+    assert canonical_bus_id(" 10000:01:00.1\n") == "10000:01:00.1"    # a VMD domain past 16 bits
+    for bad in ("", "3b:00", "0000:3b:20.0", "0000:3b:00.8", "zz:00.0", "0000:3b:00.0.0", "0000:123:00.0"):
+        assert canonical_bus_id(bad) == "", bad
+    assert bus_id(0, 0x3B, 3, 1) == "0000:3b:03.1"
+    assert bus_id(0, 256, 0, 0) == "" and bus_id(0, 0, 32, 0) == "" and bus_id(-1, 0, 0, 0) == ""
+
+
+def test_opencl_pci_bus_id_goes_to_the_driver_itself() -> None:
+    # pyopencl refuses cl_khr_pci_bus_info's query without asking the driver: the probe calls
+    # clGetDeviceInfo with the device's handle. PoCL's CPU device answers a standard query
+    # there, refuses the PCI one, and so has no bus id
+    import pyopencl as cl
+
+    from services.gpu_monitor.opencl_probe import CL_DEVICE_PCI_BUS_INFO_KHR, device_info_raw
+
+    with pytest.raises(cl.LogicError, match="INVALID_VALUE"):
+        cl.get_platforms()[0].get_devices()[0].get_info(CL_DEVICE_PCI_BUS_INFO_KHR)
+    state = opencl_probe("n1")
+    pocl = [(plat, dev) for plat in cl.get_platforms() for dev in plat.get_devices()
+            if plat.name.strip() == "Portable Computing Language"]
+    assert pocl
+    for _, dev in pocl:
+        status, raw = device_info_raw(dev, 0x1001, 4)  # CL_DEVICE_VENDOR_ID, a cl_uint
+        assert status == 0 and int.from_bytes(raw, "little") == dev.vendor_id
+        assert device_info_raw(dev, CL_DEVICE_PCI_BUS_INFO_KHR, 16)[0] == -30  # CL_INVALID_VALUE
+    assert all(d.pci_bus_id == "" for d in state.devices if d.platform == "Portable Computing Language")
+
+
+class _NvidiaAttributes:
+    """PoCL's real device (its handle answers the KHR query: INVALID_VALUE) with NVIDIA's attributes on top."""
+
+    def __init__(self, dev: Any, extensions: str, bus: int, slot: int, domain: int | None) -> None:
+        self.int_ptr = dev.int_ptr
+        self.extensions = extensions
+        self.pci_bus_id_nv = bus
+        self.pci_slot_id_nv = slot
+        self._domain = domain
+
+    @property
+    def pci_domain_id_nv(self) -> int:
+        if self._domain is None:  # a driver older than the domain query
+            import pyopencl as cl
+
+            raise cl.LogicError("clGetDeviceInfo failed: INVALID_VALUE")
+        return self._domain
+
+
+def test_opencl_nvidia_attributes_give_the_bus_id() -> None:
+    import pyopencl as cl
+
+    from services.gpu_monitor.opencl_probe import _pci_bus_id
+
+    dev = cl.get_platforms()[0].get_devices()[0]
+    nv = "cl_khr_fp64 cl_nv_device_attribute_query"
+    # the slot is device << 3 | function
+    assert _pci_bus_id(_NvidiaAttributes(dev, nv, 0x3B, 3 << 3 | 1, 2)) == "0002:3b:03.1"
+    assert _pci_bus_id(_NvidiaAttributes(dev, nv, 0x3B, 0, None)) == "0000:3b:00.0"
+    # a device that claims cl_khr_pci_bus_info but refuses it falls back to NVIDIA's attributes
+    assert _pci_bus_id(_NvidiaAttributes(dev, "cl_khr_pci_bus_info " + nv, 0x1A, 0, 0)) == "0000:1a:00.0"
+    # without NVIDIA's extension the attributes are not asked for
+    assert _pci_bus_id(_NvidiaAttributes(dev, "cl_khr_fp64", 0x1A, 0, 0)) == ""
+
+
+def _gpu(index: int, bus: str = "", free: int = -1) -> Gpu:
+    return Gpu(index=index, id=f"n1:gpu:{index}", pci_bus_id=bus, memory_free=free)
+
+
+def _cl(p: int, d: int, kind: str = "GPU", platform: str = "NVIDIA CUDA", bus: str = "") -> OpenCLDevice:
+    vendor = "NVIDIA Corporation" if "NVIDIA" in platform else platform
+    return OpenCLDevice(id=f"n1:cl:{p}:{d}", platform_index=p, device_index=d, platform=platform, type=kind,
+                        vendor=vendor, pci_bus_id=bus)
+
+
+def _pairs(gpus: list[Gpu], devices: list[OpenCLDevice]) -> tuple[dict[str, tuple[list[str], str]], dict[str, str]]:
+    got_gpus, got_devices = pair(gpus, devices)
+    assert [g.id for g in got_gpus] == [g.id for g in gpus] and [d.id for d in got_devices] == [d.id for d in devices]
+    assert all(g.paired_by == "" and g.opencl_ids == [] for g in gpus)  # the inputs are left alone
+    return {g.id: (g.opencl_ids, g.paired_by) for g in got_gpus}, {d.id: d.gpu_id for d in got_devices}
+
+
+def test_pairing_by_bus_id_whatever_the_orders() -> None:
+    # NVML's order and the OpenCL platforms' order differ; an AMD GPU (its own bus id) and
+    # PoCL's CPU sit on other platforms, listed first
+    gpus = [_gpu(0, "0000:3b:00.0"), _gpu(1, "0000:1a:00.0"), _gpu(2, "0000:86:00.0")]
+    devices = [_cl(0, 0, "CPU", "Portable Computing Language"),
+               _cl(1, 0, "GPU", "AMD Accelerated Parallel Processing", "0000:c1:00.0"),
+               _cl(2, 0, bus="0000:86:00.0"), _cl(2, 1, bus="0000:1a:00.0"), _cl(2, 2, bus="0000:3b:00.0")]
+    by_gpu, by_device = _pairs(gpus, devices)
+    assert by_gpu == {"n1:gpu:0": (["n1:cl:2:2"], "pci_bus_id"), "n1:gpu:1": (["n1:cl:2:1"], "pci_bus_id"),
+                      "n1:gpu:2": (["n1:cl:2:0"], "pci_bus_id")}
+    assert by_device == {"n1:cl:0:0": "", "n1:cl:1:0": "", "n1:cl:2:0": "n1:gpu:2", "n1:cl:2:1": "n1:gpu:1",
+                         "n1:cl:2:2": "n1:gpu:0"}
+
+
+def test_pairing_one_gpu_on_two_platforms_and_a_gpu_nvml_lost() -> None:
+    # PoCL's CUDA driver and NVIDIA's platform both drive the GPU at 3b: both are it. NVML
+    # dropped GPU 0 from this sample: GPU 1 keeps its own device
+    gpus = [_gpu(1, "0000:3b:00.0")]
+    devices = [_cl(0, 0, bus="0000:1a:00.0"), _cl(0, 1, bus="0000:3b:00.0"),
+               _cl(1, 0, "GPU", "Portable Computing Language", "0000:3b:00.0")]
+    by_gpu, by_device = _pairs(gpus, devices)
+    assert by_gpu == {"n1:gpu:1": (["n1:cl:0:1", "n1:cl:1:0"], "pci_bus_id")}
+    assert by_device == {"n1:cl:0:0": "", "n1:cl:0:1": "n1:gpu:1", "n1:cl:1:0": "n1:gpu:1"}
+
+
+def test_pairing_by_order_only_when_neither_side_has_bus_ids() -> None:
+    # no bus id anywhere: NVML's GPU i is the i-th GPU of the NVIDIA platforms (PoCL's CPU and
+    # an Intel GPU are not NVIDIA's), and a GPU NVML dropped keeps the others in line
+    devices = [_cl(0, 0, "CPU", "Portable Computing Language"), _cl(1, 0, "GPU", "Intel(R) OpenCL Graphics"),
+               _cl(2, 0), _cl(2, 1)]
+    by_gpu, by_device = _pairs([_gpu(0), _gpu(1)], devices)
+    assert by_gpu == {"n1:gpu:0": (["n1:cl:2:0"], "order"), "n1:gpu:1": (["n1:cl:2:1"], "order")}
+    assert by_device == {"n1:cl:0:0": "", "n1:cl:1:0": "", "n1:cl:2:0": "n1:gpu:0", "n1:cl:2:1": "n1:gpu:1"}
+    by_gpu, by_device = _pairs([_gpu(1)], devices)
+    assert by_gpu == {"n1:gpu:1": (["n1:cl:2:1"], "order")}
+    # the two sides count different numbers of GPUs: every position would be a guess
+    by_gpu, by_device = _pairs([_gpu(0), _gpu(1), _gpu(2)], devices)
+    assert {how for _, how in by_gpu.values()} == {"none"} and set(by_device.values()) == {""}
+
+
+def test_pairing_invents_nothing_when_one_side_has_bus_ids() -> None:
+    devices = [_cl(0, 0), _cl(0, 1)]
+    for gpus, devs in (([_gpu(0, "0000:3b:00.0"), _gpu(1, "0000:1a:00.0")], devices),  # OpenCL cannot say
+                       ([_gpu(0), _gpu(1)], [_cl(0, 0, bus="0000:3b:00.0"), _cl(0, 1, bus="0000:1a:00.0")]),
+                       ([_gpu(0, "0000:3b:00.0"), _gpu(1)], devices)):  # one NVML GPU cannot say either
+        by_gpu, by_device = _pairs(gpus, devs)
+        assert by_gpu == {"n1:gpu:0": ([], "none"), "n1:gpu:1": ([], "none")}
+        assert set(by_device.values()) == {""}
+    # a bus id no OpenCL device has (a GPU OpenCL does not drive) and one two NVML GPUs claim
+    by_gpu, by_device = _pairs([_gpu(0, "0000:3b:00.0"), _gpu(1, "0000:3b:00.0"), _gpu(2, "0000:5e:00.0")],
+                               [_cl(0, 0, bus="0000:3b:00.0")])
+    assert {how for _, how in by_gpu.values()} == {"none"} and by_device == {"n1:cl:0:0": ""}
+
+
+def test_gpu_by_device_reads_the_recorded_pairing_else_pairs() -> None:
+    gpus = [_gpu(0, "0000:3b:00.0"), _gpu(1, "0000:1a:00.0")]
+    devices = [_cl(0, 0, bus="0000:1a:00.0"), _cl(0, 1, bus="0000:3b:00.0")]
+    assert {k: g.id for k, g in gpu_by_device(gpus, devices).items()} == {"n1:cl:0:0": "n1:gpu:1",
+                                                                          "n1:cl:0:1": "n1:gpu:0"}
+    # a monitor that paired recorded it: its answer stands (here one this client could not derive)
+    recorded = [msgspec.structs.replace(gpus[0], paired_by="none"),
+                msgspec.structs.replace(gpus[1], paired_by="pci_bus_id", opencl_ids=["n1:cl:0:1"])]
+    devices = [_cl(0, 0), msgspec.structs.replace(_cl(0, 1), gpu_id="n1:gpu:1")]
+    assert {k: g.id for k, g in gpu_by_device(recorded, devices).items()} == {"n1:cl:0:1": "n1:gpu:1"}
+
+
+_PAIR_SCRIPT = """
+import json, msgspec
+from fabric.gpupair import pair_state
+from services.gpu_monitor.nvml import NvmlProbe
+from services.gpu_monitor.opencl_probe import probe
+nvml = NvmlProbe()
+state, gpus = nvml.sample("n1")
+nvml.close()
+gpus, opencl = pair_state(gpus, probe("n1"))
+print(json.dumps({"gpus": msgspec.to_builtins(gpus), "opencl": msgspec.to_builtins(opencl)}))
+"""
+
+
+def test_pairing_the_real_probes(fake_nvml_dir: Path) -> None:
+    # what the gpu-monitor pairs: the fake NVML's GPUs (bus ids) and this machine's real OpenCL
+    # devices -- PoCL's CPU, no bus id -- so no GPU is paired, and none by a guessed order
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAKE_NVML_")}
+    env.update(LD_LIBRARY_PATH=str(fake_nvml_dir), PYTHONPATH=str(ROOT), FAKE_NVML_GPUS="2",
+               FAKE_NVML_BUS_IDS="0000:3B:00.0,0000:1A:00.0")
+    out = subprocess.run([sys.executable, "-c", _PAIR_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert [(g["pci_bus_id"], g["opencl_ids"], g["paired_by"]) for g in got["gpus"]] == [
+        ("0000:3b:00.0", [], "none"), ("0000:1a:00.0", [], "none")]
+    assert got["opencl"]["devices"] and all(d["gpu_id"] == "" and d["pci_bus_id"] == ""
+                                            for d in got["opencl"]["devices"])

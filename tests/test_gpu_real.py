@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fabric.gpupair import canonical_bus_id, pair
 from services.gpu_monitor.nvml import NvmlProbe
 from services.gpu_monitor.opencl_probe import probe as opencl_probe
 
@@ -38,7 +39,7 @@ def test_nvml_finds_the_gpus() -> None:
     assert state.available, state.reason
     assert state.driver_version
     assert len(gpus) >= 1, state.reason
-    for i, g in enumerate(gpus):
+    for g in gpus:
         assert g.id == f"n1:gpu:{g.index}"
         assert g.name, g
         assert g.uuid.startswith(("GPU-", "MIG-")), g.uuid
@@ -46,6 +47,7 @@ def test_nvml_finds_the_gpus() -> None:
         assert 0 <= g.memory_used <= g.memory_total
         assert g.compute_capability.count(".") == 1
         assert all(p.pid > 0 for p in g.processes)
+        assert canonical_bus_id(g.pci_bus_id) == g.pci_bus_id != "", g.pci_bus_id
 
 
 def _nvidia_icd() -> bool:
@@ -61,6 +63,28 @@ def test_opencl_lists_the_nvidia_gpu() -> None:
     gpus = [d for d in state.devices if d.type == "GPU" and "NVIDIA" in (d.vendor + d.platform).upper()]
     assert gpus, state.devices
     assert all(d.global_memory > 0 and d.compute_units > 0 for d in gpus)
+
+
+def test_nvidia_opencl_gpus_pair_with_nvml_by_pci_bus_id() -> None:
+    """The NVIDIA OpenCL platform's GPUs sit where NVML says its GPUs sit: each pairs by bus id."""
+    if not _nvidia_icd():
+        pytest.skip("no NVIDIA OpenCL ICD in /etc/OpenCL/vendors")
+    probe = NvmlProbe()
+    try:
+        _, gpus = probe.sample("n1")
+    finally:
+        probe.close()
+    paired, devices = pair(gpus, opencl_probe("n1").devices)
+    nvidia = [d for d in devices if d.type == "GPU" and "NVIDIA" in (d.vendor + d.platform).upper()]
+    assert nvidia
+    by_id = {g.id: g for g in paired}
+    for d in nvidia:
+        # OpenCL may see fewer GPUs than NVML (CUDA_VISIBLE_DEVICES), never more: each has its NVML GPU
+        assert d.pci_bus_id and d.gpu_id, d
+        g = by_id[d.gpu_id]
+        assert g.pci_bus_id == d.pci_bus_id and g.paired_by == "pci_bus_id" and d.id in g.opencl_ids
+        # the same board: OpenCL's global memory is (nearly) NVML's total
+        assert abs(d.global_memory - g.memory_total) <= 0.1 * g.memory_total, (d, g)
 
 
 async def test_an_opencl_job_runs_on_the_gpu_and_nvml_sees_its_worker(tmp_path: Path) -> None:

@@ -525,6 +525,33 @@ def test_choose_device_explicit_ids_and_unknown_ones() -> None:
         choose_device([], None, "h1")
 
 
+def test_choose_device_places_by_the_gpu_paired_by_pci_bus_id() -> None:
+    # NVML's GPU 0 (2 GiB free) is the second NVIDIA OpenCL device, GPU 1 (9 GiB free) the
+    # first: the job goes to the first, the one whose free memory was read
+    def rec(gpu_bus: list[str], gpus: list[Gpu] | None = None, cl_bus: tuple[str, str] = ("", "")) -> NodeRecord:
+        devices = [OpenCLDevice(id=f"g:cl:0:{i}", platform_index=0, device_index=i, platform="NVIDIA CUDA",
+                                type="GPU", vendor="NVIDIA Corporation", global_memory=16 << 30, pci_bus_id=b)
+                   for i, b in enumerate(cl_bus)]
+        if gpus is None:
+            gpus = [Gpu(index=i, id=f"g:gpu:{i}", memory_free=f, utilization_gpu=10.0, pci_bus_id=b)
+                    for i, (f, b) in enumerate(zip((2 << 30, 9 << 30), gpu_bus, strict=True))]
+        return NodeRecord(node="g", host=HostInfo(hostname="g", node="g", architecture="x86_64", os="linux"),
+                          gpus=gpus, opencl=OpenCLState(available=True, devices=devices))
+
+    by_bus = rec(["0000:3b:00.0", "0000:1a:00.0"], cl_bus=("0000:1a:00.0", "0000:3b:00.0"))
+    assert choose_device([by_bus], "gpu", "") == ("g", 0, 0)
+    assert choose_device([by_bus], None, "") == ("g", 0, 0)
+    assert choose_device([by_bus], "g", "") == ("g", 0, 0)
+    # without bus ids on either side: by order, GPU 1 is the second device
+    assert choose_device([rec(["", ""])], "gpu", "") == ("g", 0, 1)
+    # a monitor that recorded its pairing is followed as recorded
+    recorded = rec(["", ""])
+    recorded.gpus[0].paired_by = recorded.gpus[1].paired_by = "pci_bus_id"
+    recorded.gpus[0].opencl_ids, recorded.gpus[1].opencl_ids = ["g:cl:0:1"], ["g:cl:0:0"]
+    recorded.opencl.devices[0].gpu_id, recorded.opencl.devices[1].gpu_id = "g:gpu:1", "g:gpu:0"
+    assert choose_device([recorded], "gpu", "") == ("g", 0, 0)
+
+
 def test_out_validates_its_arguments() -> None:
     assert Out(3).shape == (3,) and Out((2, 3), "f8").nbytes == 48
     assert Out(4, ">i4").dtype == np.dtype("<i4")

@@ -119,7 +119,7 @@ class LiveSampler:
 
     def _cpu(self) -> CpuLive:
         now = psutil.cpu_times(percpu=True)
-        per_core = [_busy_percent(a, b) for a, b in zip(self._cpu_prev, now)]
+        per_core = [_busy_percent(a, b) for a, b in zip(self._cpu_prev, now, strict=False)]
         self._cpu_prev = now
         # logical CPUs all tick at the same rate, so the whole machine is their mean: one
         # read of /proc/stat instead of psutil keeping a second, separate state

@@ -5,6 +5,8 @@ No library, no driver and no GPU are normal states of a node, not errors:
 no GPUs, and never raises.  Each figure is read on its own, so a device that does
 not support one (power on many laptop and older boards) still reports the rest; a
 GPU that falls off the bus is left out of that sample and named in ``reason``.
+Each GPU carries its PCI address (``pci_bus_id``), which ties it to its OpenCL
+device (:mod:`fabric.gpupair`).
 
 A process on a GPU is tied back to fabric through its environment: the spawner
 sets ``FABRIC_PROC_ID`` in every process it starts (its children inherit it) and a
@@ -17,6 +19,7 @@ warm-pool worker carries ``FABRIC_CORE_ID``.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +27,7 @@ from typing import Any, TypeVar
 
 import psutil
 
+from fabric.gpupair import canonical_bus_id
 from fabric.schema import Gpu, GpuProcess, NvmlState
 
 __all__ = ["NvmlProbe", "fabric_id_of"]
@@ -100,6 +104,11 @@ def _text(value: Any) -> str:
 
 def _cuda_version(v: int) -> str:
     return f"{v // 1000}.{v % 1000 // 10}"  # 12040 -> "12.4"
+
+
+def _bus_id(pci: Any) -> str:
+    """``pciInfo.busId`` (``00000000:3B:00.0``) as fabric.gpupair writes it: what pairs this GPU with OpenCL."""
+    return canonical_bus_id(_text(pci.busId))
 
 
 def _system(read: Callable[[], str]) -> str:
@@ -219,7 +228,8 @@ class NvmlProbe:
             raise _GpuGone(exc.value, str(exc)) from None
         gpu = Gpu(index=index, id=f"{node}:gpu:{index}",
                   uuid=opt(lambda: _text(nvml.nvmlDeviceGetUUID(h)), ""),
-                  name=opt(lambda: _text(nvml.nvmlDeviceGetName(h)), ""))
+                  name=opt(lambda: _text(nvml.nvmlDeviceGetName(h)), ""),
+                  pci_bus_id=opt(lambda: _bus_id(nvml.nvmlDeviceGetPciInfo(h)), ""))
         mem = opt(lambda: self._memory(nvml, h), None)
         if mem is not None:
             gpu.memory_total, gpu.memory_used, gpu.memory_free = int(mem.total), int(mem.used), int(mem.free)
@@ -238,7 +248,8 @@ class NvmlProbe:
         procs: list[GpuProcess] = []
         for kind, read in (("compute", nvml.nvmlDeviceGetComputeRunningProcesses),
                            ("graphics", nvml.nvmlDeviceGetGraphicsRunningProcesses)):
-            for p in opt(lambda: read(h), []):
+            found: list[Any] = opt(functools.partial(read, h), [])
+            for p in found:
                 used = p.usedGpuMemory
                 procs.append(GpuProcess(pid=int(p.pid), used_memory=int(used) if used is not None else -1,
                                         kind=kind, name=_process_name(p.pid), fabric_id=fabric_id_of(p.pid)))

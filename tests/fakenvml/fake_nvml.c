@@ -10,6 +10,9 @@
  *   FAKE_NVML_LOST_AFTER  after this many sample rounds (calls of nvmlDeviceGetCount),
  *                         every query on GPU 0 answers NVML_ERROR_GPU_IS_LOST
  *   FAKE_NVML_NO_POWER=1  power usage and limits answer NVML_ERROR_NOT_SUPPORTED
+ *   FAKE_NVML_BUS_IDS     comma list of PCI addresses "domain:bus:device.function" (hex), one
+ *                         per GPU index; "-" makes that GPU's PCI info NVML_ERROR_NOT_SUPPORTED;
+ *                         a GPU past the list sits at 0000:(A1 + index):00.0
  * Values: "Fake RTX 4090", 24 GiB, used 1 GiB + 256 MiB per pid, utilization 45 % / 30 %,
  * 60 C (+1 per index), 123.4 W of 450 W, SM 2520 MHz, memory 10501 MHz, compute 8.9.
  * Struct layouts follow nvml.h (and pynvml's ctypes mirrors of them).
@@ -32,10 +35,16 @@ enum {
 
 #define FAKE_MAX_GPUS 16
 #define FAKE_MAX_PIDS 64
+#define PCI_BUS_ID_BUFFER_SIZE 32
+#define PCI_BUS_ID_BUFFER_V2_SIZE 16
 #define GiB (1024ULL * 1024ULL * 1024ULL)
 #define MiB (1024ULL * 1024ULL)
 
-typedef struct fake_device { unsigned int index; } *nvmlDevice_t;
+typedef struct fake_device {
+    unsigned int index;
+    int has_pci;                       /* 0: PCI info answers NVML_ERROR_NOT_SUPPORTED */
+    unsigned int domain, bus, dev, function;
+} *nvmlDevice_t;
 
 typedef struct { unsigned long long total, free, used; } nvmlMemory_t;
 typedef struct { unsigned int version; unsigned long long total, reserved, free, used; } nvmlMemory_v2_t;
@@ -46,6 +55,11 @@ typedef struct {
     unsigned int gpuInstanceId;
     unsigned int computeInstanceId;
 } nvmlProcessInfo_t;
+typedef struct {
+    char busIdLegacy[PCI_BUS_ID_BUFFER_V2_SIZE];   /* "%04X:%02X:%02X.0" */
+    unsigned int domain, bus, device, pciDeviceId, pciSubSystemId;
+    char busId[PCI_BUS_ID_BUFFER_SIZE];            /* "%08X:%02X:%02X.0" */
+} nvmlPciInfo_t;
 
 /* nvml.h: NVML_STRUCT_VERSION(Memory, 2) */
 #define nvmlMemory_v2 ((unsigned int)(sizeof(nvmlMemory_v2_t) | (2 << 24U)))
@@ -68,7 +82,20 @@ static long env_long(const char *name, long dflt) {
 static void read_env(void) {
     long n = env_long("FAKE_NVML_GPUS", 1);
     gpu_count = n < 0 ? 0 : (n > FAKE_MAX_GPUS ? FAKE_MAX_GPUS : (unsigned int)n);
-    for (unsigned int i = 0; i < FAKE_MAX_GPUS; i++) devices[i].index = i;
+    for (unsigned int i = 0; i < FAKE_MAX_GPUS; i++) {
+        devices[i] = (struct fake_device){.index = i, .has_pci = 1, .bus = 0xA1 + i};
+    }
+    const char *b = getenv("FAKE_NVML_BUS_IDS");
+    for (unsigned int i = 0; b != NULL && *b != '\0' && i < FAKE_MAX_GPUS; i++) {
+        struct fake_device *d = &devices[i];
+        if (*b == '-') {
+            d->has_pci = 0;
+        } else if (sscanf(b, "%x:%x:%x.%x", &d->domain, &d->bus, &d->dev, &d->function) != 4) {
+            d->has_pci = 0;            /* a malformed entry: as if the driver could not say */
+        }
+        b = strchr(b, ',');
+        b = b != NULL ? b + 1 : NULL;
+    }
     lost_after = env_long("FAKE_NVML_LOST_AFTER", -1);
     no_power = env_long("FAKE_NVML_NO_POWER", 0) != 0;
     n_pids = 0;
@@ -194,6 +221,25 @@ nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t d, char *uuid, unsigned int length) 
     snprintf(buf, sizeof buf, "GPU-fa4e0000-0000-4000-8000-%012u", d->index);
     return put_string(uuid, length, buf);
 }
+
+nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t d, nvmlPciInfo_t *pci) {
+    nvmlReturn_t r = check(d);
+    if (r != NVML_SUCCESS) return r;
+    if (pci == NULL) return NVML_ERROR_INVALID_ARGUMENT;
+    if (!d->has_pci) return NVML_ERROR_NOT_SUPPORTED;
+    memset(pci, 0, sizeof *pci);
+    pci->domain = d->domain;
+    pci->bus = d->bus;
+    pci->device = d->dev;
+    pci->pciDeviceId = 0x268410DEu;    /* device 0x2684 (AD102), vendor 0x10DE (NVIDIA) */
+    snprintf(pci->busIdLegacy, sizeof pci->busIdLegacy, "%04X:%02X:%02X.%X", d->domain & 0xFFFFu, d->bus, d->dev,
+             d->function);
+    snprintf(pci->busId, sizeof pci->busId, "%08X:%02X:%02X.%X", d->domain, d->bus, d->dev, d->function);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetPciInfo_v2(nvmlDevice_t d, nvmlPciInfo_t *pci) { return nvmlDeviceGetPciInfo_v3(d, pci); }
+nvmlReturn_t nvmlDeviceGetPciInfo(nvmlDevice_t d, nvmlPciInfo_t *pci) { return nvmlDeviceGetPciInfo_v3(d, pci); }
 
 nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t d, nvmlMemory_t *m) {
     nvmlReturn_t r = check(d);
