@@ -233,6 +233,11 @@ class JetStreamKeeper:
                 try:
                     js = self.nc.jetstream(timeout=API_TIMEOUT_S)
                     created = await self._ensure_all(js)
+                    if created:
+                        self.log.info("jetstream resources created", created=created)
+                    # inside the retry: the service reopening its handles can meet the same transient errors
+                    await self._report(js, available=True)
+                    return True
                 except JetStreamAbsent:
                     if self.available and loop.time() < absent_since + ABSENT_CONFIRM_S:
                         # it was here a moment ago: a server still starting, not a plain NATS
@@ -256,11 +261,6 @@ class JetStreamKeeper:
                         return False
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, RETRY_MAX_S)
-                    continue
-                if created:
-                    self.log.info("jetstream resources created", created=created)
-                await self._report(js, available=True)
-                return True
 
     async def _ensure_all(self, js: JetStreamContext) -> list[str]:
         if self.nc.is_closed:
