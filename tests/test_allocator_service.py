@@ -94,6 +94,34 @@ async def test_double_free_and_use_after_free(aclient, allocator):
         await aclient.rwrite(buf, b"x")
 
 
+async def test_handle_answers_as_documented(nats_url, allocator, aclient):
+    """docs/protocol.md, Handles: the code for each way a handle can be wrong, on every verb that takes one."""
+    buf = await aclient.rmalloc(8)
+    other_node = buf.handle.replace(f":{allocator.node}:", ":some-other-node:", 1)
+    cases = [
+        ("x" * 256, 400, "bad_request"),           # over 255 characters
+        ("", 400, "bad_request"),
+        ("garbage", 404, "unknown_handle"),        # malformed
+        ("v1:a:b", 404, "unknown_handle"),
+        (buf.handle.replace(":1:", ":99999999999999999999999:", 1), 404, "unknown_handle"),  # a field out of range
+        (other_node, 404, "unknown_handle"),       # another node's handle sent here
+    ]
+    try:
+        for verb in ("stat", "read", "free", "share", "attach"):
+            for handle, code, kind in cases:
+                msg = await raw(nats_url, subj(allocator, verb), json.dumps({"handle": handle}).encode())
+                assert msg.headers["Nats-Service-Error-Code"] == str(code), (verb, handle[:40], msg.headers)
+                assert msg.headers["Fabric-Error"] == kind, (verb, handle[:40], msg.headers)
+    finally:
+        await aclient.rfree(buf)
+    # every free after the first is 409, however many and whatever reuses the memory
+    again = await aclient.rmalloc(8)
+    for _ in range(3):
+        msg = await raw(nats_url, subj(allocator, "free"), json.dumps({"handle": buf.handle}).encode())
+        assert msg.headers["Nats-Service-Error-Code"] == "409" and msg.headers["Fabric-Error"] == "double_free"
+    await aclient.rfree(again)
+
+
 async def test_forged_and_widened_handles_are_unknown(aclient, allocator):
     buf = await aclient.rmalloc(32)
     parts = buf.handle.split(":")

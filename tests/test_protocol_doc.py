@@ -1,0 +1,84 @@
+"""What docs/protocol.md tells a client without fabric's library, done exactly as written there.
+
+* the node registry read with one plain request to the JetStream API
+  (``$JS.API.STREAM.MSG.GET.KV_fabric_nodes`` with ``last_by_subj``): no KV library;
+* the gpu-monitor's ``$SRV`` metadata (``interval_s``, ``nvml``, ``opencl_devices``).
+
+A module-scoped nats-server of its own: the registry bucket's TTL is set by whoever
+creates it, so this must not share one with other modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+from collections.abc import AsyncIterator, Iterator
+
+import nats
+import pytest
+
+from fabric.schema import JSON, NodeRecord
+from fabric.service import ServiceSettings
+from services.gpu_monitor.service import GpuMonitorService
+from tests._nats import NatsServer, start_nats
+
+INTERVAL = 0.2
+
+
+@pytest.fixture(scope="module")
+def js_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    server = start_nats(tmp_path_factory.mktemp("nats-doc"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def nc(js_server: NatsServer) -> AsyncIterator[nats.NATS]:
+    conn = await nats.connect(js_server.url)
+    yield conn
+    await conn.close()
+
+
+async def msg_get(nc: nats.NATS, node: str) -> dict:
+    """The documented request, byte for byte."""
+    reply = await nc.request("$JS.API.STREAM.MSG.GET.KV_fabric_nodes",
+                             json.dumps({"last_by_subj": f"$KV.fabric_nodes.{node}"}).encode(), timeout=5)
+    return json.loads(reply.data)
+
+
+async def test_registry_without_a_kv_library(js_server, nc, tmp_path):
+    node = f"doc-{secrets.token_hex(3)}"
+    svc = GpuMonitorService(ServiceSettings(nats_url=js_server.url, node=node, state_dir=tmp_path),
+                            interval_s=INTERVAL, ttl_s=2.0)
+    await svc.start()
+    try:
+        got: dict = {}
+        for _ in range(100):  # the first heartbeat is stored a moment after start
+            got = await msg_get(nc, node)
+            if "message" in got:
+                break
+            await asyncio.sleep(0.05)
+        assert got.get("type") == "io.nats.jetstream.api.v1.stream_msg_get_response", got
+        msg = got["message"]
+        assert msg["subject"] == f"$KV.fabric_nodes.{node}" and msg["seq"] >= 1 and msg["time"]
+        record = JSON.decode(base64.b64decode(msg["data"]), NodeRecord)
+        assert record.node == node and record.host.node == node and record.interval_s == INTERVAL
+
+        missing = await msg_get(nc, f"nobody-{secrets.token_hex(3)}")
+        assert missing["error"]["code"] == 404 and missing["error"]["err_code"] == 10037, missing
+
+        ping = json.loads((await nc.request("$SRV.PING.gpu-monitor", b"", timeout=2)).data)
+        info = json.loads((await nc.request(f"$SRV.INFO.gpu-monitor.{ping['id']}", b"", timeout=2)).data)
+        meta = info["metadata"]
+        assert meta["node"] == node and meta["interval_s"] == "0.2" and meta["nvml"] in ("yes", "no")
+        assert int(meta["opencl_devices"]) == len(record.opencl.devices)
+    finally:
+        await svc.stop()
+    # a clean stop leaves a delete marker: no data, KV-Operation DEL (or PURGE) in hdrs
+    gone = await msg_get(nc, node)
+    msg = gone["message"]
+    assert not msg.get("data"), gone
+    assert b"KV-Operation: DEL" in base64.b64decode(msg["hdrs"]) or \
+        b"KV-Operation: PURGE" in base64.b64decode(msg["hdrs"]), gone
