@@ -324,6 +324,9 @@ async def test_fake_gpus_show_their_fabric_processes(js_server: NatsServer, moni
             # this machine's OpenCL is PoCL's CPU: no bus id, so no GPU is paired with it
             assert record.opencl.devices and all(d.pci_bus_id == "" and d.gpu_id == ""
                                                  for d in record.opencl.devices)
+            # and the monitor says so: bus ids on NVML's side only pair nothing, by order neither
+            assert [(g.opencl_ids, g.paired_by) for g in record.gpus] == [([], "none"), ([], "none")]
+            assert [g.paired_by for g in (await client.gpus(node)).gpus] == ["none", "none"]
             holders = {p.pid: p for p in g0.processes}
             assert holders[proc.pid].fabric_id == proc.id  # the spawner's process, by its fabric id
             assert holders[proc.pid].name == "sleep"

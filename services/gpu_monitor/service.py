@@ -31,6 +31,7 @@ from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from fabric import subjects
 from fabric.errors import BadRequest
+from fabric.gpupair import pair_state
 from fabric.jetstream import JetStreamResource
 from fabric.schema import (
     JSON,
@@ -167,10 +168,11 @@ class GpuMonitorService(FabricService):
         """Sample the node now (runs on the sampling thread)."""
         cpu, memory, disks, net = self.live.sample()
         nvml_state, gpus = self.nvml.sample(self.node)
+        gpus, opencl = pair_state(gpus, self.opencl)  # which OpenCL device is which GPU (by PCI bus id)
         self.seq += 1
         return NodeRecord(node=self.node, host=self.host, seq=self.seq, time_ms=int(time.time() * 1000),
                           interval_s=self.interval_s, cpu=cpu, memory=memory, disks=disks, net=net, gpus=gpus,
-                          nvml=nvml_state, opencl=self.opencl)
+                          nvml=nvml_state, opencl=opencl)
 
     async def _heartbeat(self) -> None:
         assert self.nc is not None and self.registry is not None
@@ -222,6 +224,7 @@ class GpuMonitorService(FabricService):
 
     async def gpus(self, req: Request) -> GpuListReply:
         state, gpus = await asyncio.get_running_loop().run_in_executor(self._pool, self.nvml.sample, self.node)
+        gpus, _ = pair_state(gpus, self.opencl)
         return GpuListReply(node=self.node, gpus=gpus, nvml=state)
 
 
