@@ -2,7 +2,9 @@
 
 The program (tests/node/spawn_client.mjs) uses only ``@nats-io/transport-node`` and
 JSON: it streams a process's output to its own subject, waits, runs one in a
-single round trip, kills one, and checks the typed errors.
+single round trip, kills one, checks the typed errors, and reads the whole output and
+exit of `echo hi` -- over before the spawn reply arrives -- 20 times each through
+``stream_to`` and through the node's output wildcard subscribed before spawning.
 """
 
 from __future__ import annotations
@@ -45,4 +47,6 @@ async def test_node_js_client_spawns_and_streams(nats_url, spawner):
     assert seen["ok"] is True and seen["node"] == spawner.node
     assert seen["stdout"] == "hello from a remote process\n" and seen["run"] == "piped in"
     assert seen["missing"]["kind"] == "executable_not_found" and seen["negative"]["code"] == 400
+    # output over before the spawn reply (echo), read the two ways protocol.md calls safe: all of it, every time
+    assert seen["immediate"] == {"stream_to": 20, "wildcard": 20}
     assert not spawner.table.live, "the Node.js client's processes all ended"

@@ -82,6 +82,68 @@ check(neg.error && neg.error.code === 400, "negative limit " + JSON.stringify(ne
 const unknown = await call(`fabric.proc.${node}.status`, { id: `${node}:nope-1` });
 check(unknown.error && unknown.error.code === 404 && unknown.error.kind === "unknown_process", "unknown " + JSON.stringify(unknown));
 
+// 6. output that is over before the spawn reply arrives (echo): the two ways protocol.md calls safe
+//    get every byte and the exit, every time; subscribing after the reply would miss them
+const ROUNDS = 20;
+function collector(sub, idOf) {
+  // per process id: stdout text and the exit; resolves waiters when a process's exit arrives
+  const seen = new Map();
+  const waiters = new Map();
+  const entry = (id) => {
+    if (!seen.has(id)) seen.set(id, { stdout: "", exit: null, seqs: [] });
+    return seen.get(id);
+  };
+  (async () => {
+    for await (const m of sub) {
+      const id = idOf(m);
+      const e = entry(id);
+      e.seqs.push(Number(m.headers.get("Fabric-Seq")));
+      const stream = m.headers.get("Fabric-Stream");
+      if (stream === "exit") {
+        e.exit = JSON.parse(dec.decode(m.data));
+        waiters.get(id)?.();
+      } else if (stream === "stdout") {
+        e.stdout += dec.decode(m.data);
+      }
+    }
+  })();
+  return (id) => new Promise((resolve, reject) => {
+    const e = entry(id);
+    if (e.exit) return resolve(e);
+    const timer = setTimeout(() => reject(new Error("no exit message for " + id + ": " + JSON.stringify(e))), 10000);
+    waiters.set(id, () => { clearTimeout(timer); resolve(e); });
+  });
+}
+function checkEcho(e, id, how) {
+  check(e.stdout === "hi\n", `${how}: stdout of ${id} ${JSON.stringify(e)}`);
+  check(e.exit && e.exit.exit_code === 0 && e.exit.id === id, `${how}: exit of ${id} ${JSON.stringify(e)}`);
+  check(e.seqs.every((s, i) => s === i + 1), `${how}: sequence numbers of ${id} ${e.seqs}`);
+}
+out.immediate = { stream_to: 0, wildcard: 0 };
+// 6a. stream_to: our own subject, subscribed before the spawn (same connection: the server has it first)
+for (let i = 0; i < ROUNDS; i++) {
+  const subject = `_INBOX.echo.${Math.random().toString(36).slice(2)}`;
+  const s = nc.subscribe(subject);
+  const exitOf = collector(s, (m) => m.headers.get("Fabric-Proc"));
+  const r = await call(`fabric.proc.${node}.spawn`, { argv: ["echo", "hi"], stream_to: subject, announce: false });
+  check(typeof r.id === "string", "spawn " + JSON.stringify(r));
+  checkEcho(await exitOf(r.id), r.id, "stream_to");
+  s.unsubscribe();
+  out.immediate.stream_to++;
+}
+// 6b. the node's wildcard, subscribed before spawning; a process's messages are told apart by the
+//     subject's last token (the local part of its id), and may come before its spawn reply
+const all = nc.subscribe(`fabric.proc.${node}.out.>`);
+const exitByLocal = collector(all, (m) => m.subject.split(".").pop());
+for (let i = 0; i < ROUNDS; i++) {
+  const r = await call(`fabric.proc.${node}.spawn`, { argv: ["echo", "hi"] });
+  const local = r.id.split(":")[1];
+  check(r.subject === `fabric.proc.${node}.out.${local}`, "subject " + JSON.stringify(r));
+  checkEcho(await exitByLocal(local), r.id, "wildcard");
+  out.immediate.wildcard++;
+}
+all.unsubscribe();
+
 out.node = node;
 out.ok = true;
 console.log(JSON.stringify(out));
