@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import Annotated, Any, Final, TypeVar
+from typing import Annotated, Any, Final, TypeVar, cast
 
 import msgspec
 from msgspec import Meta, Struct
@@ -907,7 +907,7 @@ class Codec:
         self._decoders: dict[type, Any] = {}
 
     def encode(self, msg: Any) -> bytes:
-        return self._encoder.encode(msg)
+        return cast(bytes, self._encoder.encode(msg))
 
     def decode(self, data: bytes, type_: type[T]) -> T:
         """Decode *data* as *type_*; malformed input raises :class:`BadRequest`."""
@@ -915,7 +915,7 @@ class Codec:
         if dec is None:
             dec = self._decoders[type_] = self._decoder_factory(type_)
         try:
-            return dec.decode(data)
+            return cast(T, dec.decode(data))
         except msgspec.ValidationError as exc:
             raise BadRequest(f"invalid {type_.__name__}: {self._explain(data, str(exc))}") from None
         except msgspec.DecodeError as exc:

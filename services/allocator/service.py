@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psutil
 
@@ -273,7 +273,9 @@ class AllocatorService(FabricService):
         raise BadRequest("segment not found for this handle's owner")  # pragma: no cover - arena invariant
 
     def info(self, req: Request) -> MemInfoReply:
-        return MemInfoReply(node=self.node, **self.arena.stats(), largest_block=MAX_BLOCK_SIZE)
+        # the arena's typed dicts are plain dicts of the reply's fields
+        stats = cast(dict[str, Any], self.arena.stats())
+        return MemInfoReply(node=self.node, **stats, largest_block=MAX_BLOCK_SIZE)
 
     # -- frames (bulk bytes, single items and batches) ------------------------
 
