@@ -51,7 +51,7 @@ from typing import Any, TypeVar, overload
 
 import nats
 from nats.aio.client import Client as NATS
-from nats.errors import NoRespondersError
+from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from fabric_ext import wire
@@ -1504,10 +1504,15 @@ class AsyncCore:
             raise Unavailable(f"no spawner answers on {subject} (node {self.node} down?)") from None
         except NatsTimeout:
             raise Unavailable(f"job request on {subject} timed out after {timeout:g}s") from None
+        except MaxPayloadError:
+            raise TooLarge(f"a job request of {len(data)} bytes is above the NATS server's max payload of "
+                           f"{nc.max_payload} bytes: pass large inputs in remote memory (a handle), or split "
+                           f"the batch") from None
 
     async def run(self, data: Any, *, timeout: float | None = None) -> bytes:
         """Run one job; its output bytes.  Nonzero exit raises JobFailed (``exit_code``, ``output``);
-        a crash WorkerCrashed; past the time limit JobTimeout."""
+        a crash WorkerCrashed; past the time limit JobTimeout; an input or output too large for
+        one NATS message (or one ring record) TooLarge, at once."""
         msg = await self._send(self._run_subject, data, timeout or self._job_timeout())
         hdrs = msg.headers
         if hdrs and ERROR_CODE_HEADER in hdrs:
@@ -1521,7 +1526,9 @@ class AsyncCore:
                   return_exceptions: bool = False, timeout: float | None = None) -> list[Any]:
         """Run one job per item; outputs in input order.  Batches of *batch_size* jobs travel
         as one request each, *in_flight* requests at a time.  The first failed job (in input
-        order) raises, or with ``return_exceptions=True`` stands in the list in its place."""
+        order) raises, or with ``return_exceptions=True`` stands in the list in its place.  A batch
+        reply carries the outputs that fit the server's max payload; a job whose output does not
+        fit what is left gets TooLarge in its place (a smaller *batch_size* avoids that)."""
         jobs = items if isinstance(items, list) else list(items)
         if batch_size < 1 or in_flight < 1:
             raise BadRequest("batch_size and in_flight must be at least 1")

@@ -593,6 +593,191 @@ async def test_external_worker_speaking_another_protocol_is_refused(fc: AsyncFab
     assert await core.run(b"served") == b"served"
 
 
+# -- outputs above what a reply can carry ---------------------------------------------------
+#
+# The module's nats-server has an 8 MiB max payload, as under `fabric up`; a ring record holds a
+# little under 4 MiB.  A 9 MiB output is over both; a batch of three 3 MiB outputs fits the ring
+# job by job but not one reply.  A second server at nats-server's own default (1 MiB) puts ring
+# outputs over the payload, the case the reader thread's reply link must refuse.
+
+MIB = 1 << 20
+
+
+def _big_job(size: int, exit_code: int | None = None) -> bytes:
+    """The input of tests/cores/big.c: an output of *size* bytes (byte i is i & 0xff)."""
+    return struct.pack("<Q", size) + (b"" if exit_code is None else struct.pack("<i", exit_code))
+
+
+def _big_out(size: int) -> bytes:
+    return (bytes(range(256)) * (size // 256 + 1))[:size]
+
+
+def _big_bytes(size: int) -> bytes:
+    return b"b" * size
+
+
+async def _next_job_uses_the_link(core: AsyncCore, host: CoreHost) -> None:
+    """The very next job on the pool is answered, and from the reply link (it survived)."""
+    link = host.cores.link
+    assert link is not None and link.up
+    before = link.published
+    assert await core.run(_big_job(1000), timeout=15) == _big_out(1000)
+    assert link.up and link.published == before + 1
+
+
+async def test_run_output_above_a_ring_record_is_too_large(fc: AsyncFabricClient, host: CoreHost,
+                                                           lib: Any) -> None:
+    from fabric import TooLarge
+
+    core = await load(fc, host, lib("big"), min_workers=1, max_workers=1)
+    for job in (_big_job(9 * MIB), _big_job(9 * MIB, exit_code=3)):
+        with pytest.raises(TooLarge) as ei:
+            await core.run(job, timeout=15)
+        assert ei.value.code == 413 and "remote memory" in ei.value.message
+        assert str(9 * MIB) in ei.value.message  # the output's size, so the caller knows by how much
+        await _next_job_uses_the_link(core, host)
+    info = await core.stats()
+    assert info.crashes == 0 and info.workers == 1  # no worker was harmed
+
+
+async def test_python_core_output_above_the_max_payload_is_too_large(fc: AsyncFabricClient,
+                                                                     host: CoreHost) -> None:
+    from fabric import TooLarge
+
+    core = await fc.load_python_core(node=host.node, min_workers=1, max_workers=1)
+    with pytest.raises(TooLarge) as ei:
+        await asyncio.wait_for(core.call(_big_bytes, 9 * MIB), 15)
+    assert "remote memory" in ei.value.message
+    link = host.cores.link
+    assert link is not None and link.up
+    before = link.published
+    assert await asyncio.wait_for(core.call(_big_bytes, 1000), 15) == b"b" * 1000
+    assert link.up and link.published == before + 1
+
+
+async def test_map_results_above_the_max_payload(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:
+    """Each result fits, the batch's FJR1 reply does not: the outputs that fit arrive, in input order
+    while they fit; a job whose output does not fit what is left gets 413 in its slot."""
+    from fabric import TooLarge
+
+    core = await load(fc, host, lib("big"), min_workers=1, max_workers=2)
+    sizes = [3 * MIB, 3 * MIB, 3 * MIB, 1000, 9 * MIB, 10]
+    got = await core.map([_big_job(n) for n in sizes], batch_size=len(sizes), return_exceptions=True,
+                         timeout=30)
+    assert got[0] == _big_out(3 * MIB) and got[1] == _big_out(3 * MIB)
+    assert isinstance(got[2], TooLarge) and "remote memory" in got[2].message
+    assert got[3] == _big_out(1000)
+    assert isinstance(got[4], TooLarge)  # over a ring record on its own
+    assert got[5] == _big_out(10)
+    with pytest.raises(TooLarge):  # without return_exceptions the first one raises
+        await core.map([_big_job(3 * MIB)] * 3, batch_size=3, timeout=30)
+    # the pool and the job lane go on: a batch, then a single job from the link
+    assert await core.map([_big_job(n) for n in range(20)], timeout=15) == [_big_out(n) for n in range(20)]
+    await _next_job_uses_the_link(core, host)
+
+
+async def test_external_worker_output_above_the_max_payload_is_too_large(fc: AsyncFabricClient, host: CoreHost,
+                                                                          lib: Any, core_dir: Path) -> None:
+    """An external worker has no ring record limit: its 9 MiB output reaches the spawner and must
+    not be published over the server's 8 MiB max payload (nor leave the client waiting)."""
+    from fabric import TooLarge
+
+    worker = build_worker(core_dir)
+    core = await load(fc, host, lib("big"), min_workers=0, max_workers=1, idle=0.1, external=True)
+    await _until(lambda: core.stats(), lambda i: i.workers == 0)  # the loading ring worker retired
+    proc = subprocess.Popen([str(worker), core.info.listen_unix])
+    try:
+        await _until(lambda: core.stats(), lambda i: i.external_workers == 1)
+        for job in (_big_job(9 * MIB), _big_job(9 * MIB, exit_code=5)):
+            with pytest.raises(TooLarge) as ei:
+                await core.run(job, timeout=15)
+            assert str(9 * MIB) in ei.value.message and str(host.cores.nc.max_payload) in ei.value.message
+            assert await core.run(_big_job(1000), timeout=15) == _big_out(1000)
+        got = await core.map([_big_job(9 * MIB), _big_job(10)], return_exceptions=True, timeout=15)
+        assert isinstance(got[0], TooLarge) and got[1] == _big_out(10)
+        assert (await core.stats()).external_workers == 1  # the worker was not blamed
+    finally:
+        await core.unload()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_fit_results_keeps_what_fits_in_input_order() -> None:
+    from fabric import TooLarge
+    from services.spawner.pools import fit_results
+
+    refused: list[tuple[int, int, int, bool]] = []
+
+    def refuse(i: int, size: int, code: int, alone: bool) -> TooLarge:
+        refused.append((i, size, code, alone))
+        return TooLarge(f"job {i}")
+
+    results = [(0, 0, b"a" * 40), (3, 0, b"b" * 40), (0, 500, b"worker_crashed\nboom"), (0, 0, b"c" * 200),
+               (0, 0, b"d" * 10)]
+    whole = encode_job_results(results)
+    assert fit_results(results, len(whole), refuse) == whole and not refused
+    limit = 8 + 16 * 5 + 40 + 40 + 19 + 40  # room for the first three and 40 bytes more
+    got = decode_job_results(fit_results(results, limit, refuse) or b"")
+    assert [(c, e, bytes(o)) for c, e, o in got] == [
+        results[0], results[1], results[2], (0, 413, b"too_large\njob 3"), (0, 0, b"d" * 10)]
+    assert refused == [(3, 200, 0, False)]
+    assert fit_results(results, 8 + 16 * 5 + 10, refuse) is None  # not even the 413s fit
+
+
+@pytest.fixture(scope="module")
+async def small_host(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[CoreHost]:
+    """A spawner on a nats-server at its default max payload (1 MiB), below a ring record."""
+    from tests._nats import start_nats
+
+    server = start_nats(tmp_path_factory.mktemp("nats-1mib"), max_payload="1MB", jetstream=False)
+    try:
+        svc = CoreHost(ServiceSettings(nats_url=server.url, node=f"pool-{secrets.token_hex(3)}",
+                                       state_dir=tmp_path_factory.mktemp("state-1mib")))
+        await svc.start()
+        try:
+            yield svc
+        finally:
+            await svc.stop()
+    finally:
+        server.stop()
+
+
+async def test_reply_link_never_publishes_above_the_max_payload(small_host: CoreHost, lib: Any) -> None:
+    """A ring output over the server's max payload: 413 at once, and the reply link stays up."""
+    from fabric import TooLarge
+
+    host = small_host
+    link = host.cores.link
+    assert link is not None and link.up
+    async with AsyncFabricClient(host.settings.nats_url, local=False) as client:
+        assert client.max_payload == MIB
+        core = await client.load_core("big", lib("big"), node=host.node, min_workers=1, max_workers=1)
+        try:
+            with pytest.raises(TooLarge) as ei:
+                await core.run(_big_job(2 * MIB), timeout=15)
+            assert str(2 * MIB) in ei.value.message and str(MIB) in ei.value.message
+            await _next_job_uses_the_link(core, host)
+            assert link.max_payload == MIB  # read from the server's INFO
+            # the largest output a reply carries goes through; one byte more does not
+            limit = link.reply_limit
+            assert limit == host.cores.reply_limit()
+            assert await core.run(_big_job(limit), timeout=15) == _big_out(limit)
+            with pytest.raises(TooLarge):
+                await core.run(_big_job(limit + 1), timeout=15)
+            await _next_job_uses_the_link(core, host)
+            got = await core.map([_big_job(MIB // 3)] * 3, return_exceptions=True, timeout=15)
+            assert got[0] == got[1] == _big_out(MIB // 3) and isinstance(got[2], TooLarge)
+            await _next_job_uses_the_link(core, host)
+            with pytest.raises(TooLarge) as ei:  # an input over the payload: the client says so itself
+                await core.run(b"x" * (MIB + 1), timeout=15)
+            assert str(MIB + 1) in ei.value.message and "max payload" in ei.value.message
+        finally:
+            await core.unload()
+
+
 # -- the sync client ---------------------------------------------------------------------
 
 

@@ -14,6 +14,13 @@ The link speaks just enough of the NATS client protocol: read ``INFO``, send
 ``CONNECT`` (user/password or token from the URL) and ``PING``, wait for ``PONG``;
 a small thread answers the server's ``PING`` s and notices ``-ERR`` and EOF.  TLS
 or credentials it cannot present: it stays down and the slow path serves.
+
+Size: the server drops a connection that publishes more than its ``max_payload``
+(``-ERR 'Maximum Payload Violation'``), which here would lose the job's reply and
+every reply after it until the link reconnects.  So the link reads ``max_payload``
+from the server's ``INFO`` and refuses (``publish`` returns False, nothing sent) an
+output above :func:`reply_limit`; the loop then answers the job 413 ``too_large``,
+as it does for any reply of that size (docs/protocol.md, "Compute cores").
 """
 
 from __future__ import annotations
@@ -24,9 +31,20 @@ import threading
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-__all__ = ["ReplyLink"]
+__all__ = ["ReplyLink", "REPLY_HEADROOM", "reply_limit"]
 
 _CRLF = b"\r\n"
+#: bytes of a reply's max payload kept for its headers (an error reply's, a failed job's
+#: exit code): the server counts headers and body together against ``max_payload``, and a
+#: job's output must get the same answer whether it succeeded or failed, by link or loop
+REPLY_HEADROOM = 4096
+#: what a server that announces no ``max_payload`` allows (nats-server's default)
+DEFAULT_MAX_PAYLOAD = 1 << 20
+
+
+def reply_limit(max_payload: int) -> int:
+    """The largest job output (or ``map`` results frame) a reply may carry under *max_payload*."""
+    return max(max_payload - REPLY_HEADROOM, 0)
 
 
 class ReplyLink:
@@ -43,6 +61,10 @@ class ReplyLink:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.published = 0
+        #: the server's max payload, from its INFO (at connect, and when it sends a new one)
+        self.max_payload = DEFAULT_MAX_PAYLOAD
+        #: the largest output this link publishes; a bigger one is left to the loop (413)
+        self.reply_limit = reply_limit(DEFAULT_MAX_PAYLOAD)
 
     def connect(self, timeout: float = 5.0) -> bool:
         """Blocking (run it in a thread): open, authenticate, confirm with PING/PONG."""
@@ -59,6 +81,7 @@ class ReplyLink:
             if not line.startswith(b"INFO "):
                 raise ConnectionError(f"unexpected greeting {line[:40]!r}")
             info = json.loads(line[5:])
+            self._set_max_payload(info)
             if info.get("tls_required"):
                 self.usable = False
                 sock.close()
@@ -101,6 +124,8 @@ class ReplyLink:
                     with self._lock:
                         if self._sock is not None:
                             self._sock.sendall(b"PONG" + _CRLF)
+                elif line.startswith(b"INFO "):  # the server's settings changed (a config reload)
+                    self._set_max_payload(json.loads(line[5:]))
                 elif line.startswith(b"-ERR"):
                     self.log.warning("job reply link error", error=line.decode("utf-8", "replace").strip())
                     break
@@ -108,15 +133,24 @@ class ReplyLink:
             pass
         self.up = False
 
+    def _set_max_payload(self, info: dict[str, Any]) -> None:
+        mp = info.get("max_payload")
+        if isinstance(mp, int) and mp > 0:
+            self.max_payload = mp
+            self.reply_limit = reply_limit(mp)
+
     def publish(self, subject: bytes, data: Any) -> bool:
-        """Publish *data* (bytes-like) to *subject* (bytes); False when down (nothing was sent)."""
-        if not self.up:
+        """Publish *data* (bytes-like) to *subject* (bytes); False when nothing was sent: the link
+        is down, or *data* is above :attr:`reply_limit` (the server would drop the link for it)."""
+        if not self.up or len(data) > self.reply_limit:
             return False
         head = b"PUB %b %d\r\n" % (subject, len(data))
         with self._lock:
             sock = self._sock
             if sock is None:
                 return False
+            # counted before the send: the reply may reach its client before this thread runs again
+            self.published += 1
             try:
                 total = len(head) + len(data) + 2
                 sent = sock.sendmsg((head, data, _CRLF))
@@ -124,6 +158,7 @@ class ReplyLink:
                     rest = memoryview(b"".join((head, bytes(data), _CRLF)))[sent:]
                     sock.sendall(rest)
             except OSError as exc:
+                self.published -= 1
                 self.up = False
                 self.log.warning("job reply link lost", error=str(exc))
                 # a PUB cut half-way leaves nothing usable on this socket: the link stays down
@@ -131,7 +166,6 @@ class ReplyLink:
                 sock.close()
                 self._sock = None
                 return False
-        self.published += 1
         return True
 
     def close(self) -> None:

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 from fabric.errors import CoreLoadFailed, JobError, JobTimeout, TooLarge, WorkerCrashed
 from fabric_ext import ring, wire
 
+from .worker import OUTPUT_TOO_LARGE
+
 if TYPE_CHECKING:  # pragma: no cover
     from .pools import CoreManager, Job, Pool
 
@@ -46,6 +48,9 @@ CORE_ID_ENV = "FABRIC_CORE_ID"
 READER_SPIN_US = float(os.environ.get("FABRIC_POOL_READER_SPIN_US", "250"))
 #: bytes of job data an external worker may have queued on its socket
 SOCKET_WINDOW = 64 << 20
+#: what a 413 for a job's output too large to carry back tells the caller to do instead
+OUTPUT_HINT = ("write large outputs to remote memory (alloc and write a block, return its handle) "
+               "or split the job")
 #: message ids of the version exchange and core messages (far from job ids)
 _CTRL_VERSION = 1 << 62
 _CTRL_CORE = (1 << 62) + 1
@@ -196,7 +201,12 @@ class Worker:
                 pool.finished(self, job, code, data, None)
             else:
                 text = bytes(f.payload).decode("utf-8", "replace")
-                pool.finished(self, job, 0, b"", JobError(f"worker error: {text}", core=pool.id))
+                if text.startswith(OUTPUT_TOO_LARGE):  # the output is too big for the ring, not a worker fault
+                    err: JobError | TooLarge = TooLarge(
+                        f"core {pool.name!r}: {text[len(OUTPUT_TOO_LARGE):]}; {OUTPUT_HINT}", core=pool.id)
+                else:
+                    err = JobError(f"worker error: {text}", core=pool.id)
+                pool.finished(self, job, 0, b"", err)
         now = time.monotonic()
         if out:
             self.head_started = now  # the next queued job starts as this one ends

@@ -37,6 +37,13 @@ Subjects (docs/protocol.md, "Compute cores"): ``fabric.core.load`` (any spawner)
 ``fabric.core.<node>.run.<core>`` (raw job bytes in, raw output out) and
 ``fabric.core.<node>.map.<core>`` (the job batch frames of :mod:`fabric.schema`).
 
+Reply size: no reply goes out above what the server takes (its ``max_payload``, less
+:data:`~.pool_reply.REPLY_HEADROOM` for headers: :meth:`CoreManager.reply_limit`).  A
+``run`` whose output is bigger is answered 413 ``too_large`` at once; a ``map`` keeps the
+outputs that fit, in input order, and puts 413 in the slots of the jobs whose output does
+not (see :func:`fit_results`).  Publishing it anyway would have the server refuse it (and
+drop the reply link with it) and leave the client waiting out its timeout.
+
 Lifetime: one live pool per core name on a node.  Loading a name again with the same
 library (its sha256, or ``fabric.python`` for the built-in worker) and the same settings
 returns that pool (``reused``); other settings or another library are 409 Conflict
@@ -63,6 +70,7 @@ from typing import Any
 
 import nats
 from nats.aio.client import Client as NATS
+from nats.errors import MaxPayloadError
 
 from fabric import subjects
 from fabric.errors import (
@@ -75,6 +83,7 @@ from fabric.errors import (
     JobFailed,
     JobTimeout,
     NotFound,
+    TooLarge,
     Unavailable,
     error_headers,
 )
@@ -89,8 +98,8 @@ from fabric.schema import (
 from fabric.service import Endpoint, Request
 from fabric.subjects import QUEUE_GROUP
 
-from .pool_reply import ReplyLink
-from .pool_workers import CHILD_PIDS, RingWorker, SocketWorker, Worker, WorkerSpec
+from .pool_reply import REPLY_HEADROOM, ReplyLink, reply_limit
+from .pool_workers import CHILD_PIDS, OUTPUT_HINT, RingWorker, SocketWorker, Worker, WorkerSpec
 from .worker_core import BUILTIN_CORES, OPENCL_CORE, PYTHON_CORE
 
 __all__ = ["CoreManager", "Pool", "Job", "PYTHON_CORE", "OPENCL_CORE", "EXIT_CODE_HEADER", "library_digest"]
@@ -245,6 +254,12 @@ class Pool:
             self.jobs_done += 1
         self.last_active = time.monotonic()
         job.done(exit_code, out, err)
+
+    def output_refused(self, exit_code: int) -> None:
+        """A finished job's output was too large for its reply: the caller got 413, count it failed."""
+        if exit_code == 0:
+            self.jobs_done -= 1
+            self.jobs_failed += 1
 
     # -- workers ----------------------------------------------------------------
 
@@ -505,6 +520,18 @@ class CoreManager:
             except Exception:
                 await nc.close()
 
+    def reply_limit(self) -> int:
+        """The largest output (or ``map`` results frame) a reply on the job lane may carry."""
+        return reply_limit(self.nc.max_payload) if self.nc is not None else 0
+
+    def too_large(self, pool: Pool, size: int, exit_code: int = 0, what: str = "the job's output") -> TooLarge:
+        """The 413 for an output of *size* bytes that no reply can carry."""
+        mp = self.nc.max_payload if self.nc is not None else 0
+        code = f" (exit code {exit_code})" if exit_code else ""
+        return TooLarge(f"core {pool.name!r}: {what} of {size} bytes{code} is more than a reply carries: "
+                        f"{reply_limit(mp)} bytes (the NATS server's max payload of {mp} less {REPLY_HEADROOM} "
+                        f"for headers); {OUTPUT_HINT}", core=pool.id, size=size, max_payload=mp)
+
     async def _on_nats_error(self, exc: Exception) -> None:
         self.log.warning("job lane nats error", error=str(exc))
 
@@ -653,7 +680,15 @@ class CoreManager:
 
     async def _publish(self, subject: str, data: Any, headers: dict[str, str] | None) -> None:
         try:
-            await self.nc.publish(subject, data, headers=headers)  # type: ignore[union-attr]
+            try:
+                await self.nc.publish(subject, data, headers=headers)  # type: ignore[union-attr]
+            except MaxPayloadError:
+                # the callers check sizes (reply_limit); should one slip through, the client still
+                # gets an answer rather than waiting out its timeout
+                mp = self.nc.max_payload  # type: ignore[union-attr]
+                exc = TooLarge(f"a reply of {len(data)} bytes is above the NATS server's max payload of {mp} "
+                               f"bytes; {OUTPUT_HINT}")
+                await self.nc.publish(subject, b"", headers=error_headers(exc))  # type: ignore[union-attr]
         except Exception as exc:  # connection lost: the client times out
             self.log.warning("job reply not sent", error=str(exc))
 
@@ -682,6 +717,9 @@ class CoreManager:
                             f"exit code {code}" if code != 0 else None)
         if job.replied:
             return
+        if err is None and len(out) > self.reply_limit():
+            pool.output_refused(code)
+            err = self.too_large(pool, len(out), code)
         if err is not None:
             self._send_error(reply, err)
         elif code != 0:
@@ -711,9 +749,23 @@ class CoreManager:
         left = [n]
         map_ep = self._map_ep
 
-        def send(subject: str, data: bytes) -> None:
+        def send(subject: str, data: bytes | None) -> None:
+            if data is None:  # even the 413s of the jobs that do not fit do not fit (a huge batch)
+                exc = TooLarge(f"core {pool.name!r}: the results of this batch of {n} jobs do not fit one "
+                               f"reply of {self.reply_limit()} bytes; send smaller batches", core=pool.id)
+                map_ep.record(t0, exc.message)
+                self._send_error(subject, exc)
+                return
             map_ep.record(t0)  # a batch is one request; its jobs' failures travel in the frame
             self._send(subject, data)
+
+        def refuse(i: int, size: int, code: int, alone: bool) -> TooLarge:
+            pool.output_refused(code)
+            if alone:
+                return self.too_large(pool, size, code, f"the output of job {i} of the batch")
+            return TooLarge(f"core {pool.name!r}: the output of job {i} of the batch, {size} bytes, does not fit "
+                            f"in what the outputs before it left of the reply's {self.reply_limit()} bytes; run it "
+                            f"alone or in a smaller batch, or {OUTPUT_HINT}", core=pool.id, size=size)
 
         def collector(i: int) -> Callable[[int, Any, FabricError | None], None]:
             def done(code: int, out: Any, err: FabricError | None) -> None:
@@ -723,13 +775,41 @@ class CoreManager:
                     results[i] = (code, 0, out)
                 left[0] -= 1
                 if not left[0]:
-                    send(reply, encode_job_results(results))
+                    send(reply, fit_results(results, self.reply_limit(), refuse))
 
             return done
 
         ids = self._job_ids
         for i, data in enumerate(items):
             pool.submit(Job(next(ids), data, collector(i)))
+
+
+def fit_results(results: list[tuple[int, int, Any]], limit: int,
+                refuse: Callable[[int, int, int, bool], FabricError]) -> bytes | None:
+    """The job results frame of *results*, at most *limit* bytes; None when that cannot be done.
+
+    When the whole frame does not fit, the outputs are kept in input order while they fit
+    what is left; a job whose output does not gets the error ``refuse(index, size,
+    exit_code, alone)`` in its slot (*alone*: it would not fit even by itself).  The
+    errors of jobs that failed stay as they are.
+    """
+    frame = encode_job_results(results)
+    if len(frame) <= limit:
+        return frame
+    left = limit - 8 - 16 * len(results)
+    fitted: list[tuple[int, int, Any]] = []
+    for i, (code, err, out) in enumerate(results):
+        size = len(out)
+        if size <= left or err:  # a failed job's kind and message are short: they stay
+            fitted.append((code, err, out))
+            left -= size
+            continue
+        exc = refuse(i, size, code, size > limit - 24)
+        text = f"{exc.kind}\n{exc.message}".encode()
+        fitted.append((0, exc.code, text))
+        left -= len(text)
+    frame = encode_job_results(fitted)
+    return frame if len(frame) <= limit else None
 
 
 RING_GLOB = "/dev/shm/fabric-ring-core-*"

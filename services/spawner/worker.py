@@ -15,7 +15,9 @@ same id, in order.  Two transports carry the same frames:
 Replies: a job answers 0x01 with ``(i32 exit code, output blob)`` whatever the
 exit code (a nonzero one is the core's failure, which the pool types); 0xFF is
 for protocol-level failures only: a bad frame, a job before any core, a core
-that does not load, lacks a symbol or fails ``worker_init``.  A core that
+that does not load, lacks a symbol or fails ``worker_init``, and, on rings, an
+output whose result does not fit one record: that 0xFF's message starts with
+:data:`OUTPUT_TOO_LARGE`, which the pool answers 413 ``too_large``.  A core that
 crashes takes this process with it; the pool sees EOF / the exit and replaces
 the worker.
 
@@ -48,6 +50,10 @@ _JOB_DATA = 33                    # a job frame's data starts after header 17 + 
 _V1_KNOWN = frozenset((wire.V1_MSG_VERSION, wire.V1_MSG_CORE, wire.V1_MSG_JOB, wire.V1_ERROR))
 _HEADER = struct.Struct("<BQQ")
 _PR_SET_PDEATHSIG = 1
+_RESULT_HEAD = 29                 # a job result frame's header 17 + exit code 4 + output length 8
+#: how the 0xFF answer to a job whose output does not fit a result ring record begins
+#: (services.spawner.pool_workers types it 413 too_large; a record limit is no protocol error)
+OUTPUT_TOO_LARGE = "output too large: "
 
 Send = Callable[[bytes, Any], None]
 
@@ -61,9 +67,12 @@ class Worker:
     connection must end (a refused version).
     """
 
-    def __init__(self, send: Send, *, max_payload: int = wire.V1_DEFAULT_MAX_PAYLOAD) -> None:
+    def __init__(self, send: Send, *, max_payload: int = wire.V1_DEFAULT_MAX_PAYLOAD,
+                 max_reply: int = 0) -> None:
         self.send = send
         self.max_payload = max_payload
+        #: the largest frame *send* can carry (a ring record); 0 for no limit (a stream)
+        self.max_reply = max_reply
         self.core: CCore | PythonCore | OpenCLCore | None = None
         self.versioned = False
 
@@ -146,12 +155,20 @@ class Worker:
                 self.error(f.msg_id, str(exc))
                 return
             try:
-                self.send(wire.v1_job_result_header(f.msg_id, rc, len(out)), out)
+                self._result(f.msg_id, rc, out)
             finally:
                 core.free_output()
         else:
             rc, result = core.run(data)
-            self.send(wire.v1_job_result_header(f.msg_id, rc, len(result)), result)
+            self._result(f.msg_id, rc, result)
+
+    def _result(self, msg_id: int, rc: int, out: Any) -> None:
+        size = len(out)
+        if self.max_reply and _RESULT_HEAD + size > self.max_reply:
+            self.error(msg_id, f"{OUTPUT_TOO_LARGE}the job's output of {size} bytes (exit code {rc}) cannot be sent "
+                               f"on the result ring, whose records hold {self.max_reply} bytes")
+            return
+        self.send(wire.v1_job_result_header(msg_id, rc, size), out)
 
     def close(self) -> None:
         if self.core is not None:
@@ -272,7 +289,7 @@ def serve_rings(path_in: str, path_out: str, *, max_payload: int = wire.V1_DEFAU
 
     cons = ring.Consumer(path_in) if spin_us is None else ring.Consumer(path_in, spin_us=spin_us)
     prod = ring.Producer(path_out)
-    worker = Worker(prod.push_parts, max_payload=max_payload)
+    worker = Worker(prod.push_parts, max_payload=max_payload, max_reply=prod.max_record)
     pop = cons.pop
     handle = worker.handle
     try:
