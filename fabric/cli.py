@@ -4,9 +4,9 @@
 or with ``-d`` forks it into its own session and returns once every service
 answers its ADR-32 ping.  ``fabric status`` asks ``$SRV.PING|INFO|STATS`` who is
 there, and shows the nodes when a gpu-monitor runs; ``fabric nodes [--watch]``
-shows the nodes' live telemetry (:mod:`fabric.cli_nodes`); ``fabric req`` is a small stand-in for ``nats req`` that understands
-fabric's encodings and error headers.  Every command takes ``--state-dir``, so
-several fabrics run side by side.
+shows the nodes' live telemetry (:mod:`fabric.cli_nodes`); ``fabric req`` is a small
+stand-in for ``nats req`` that understands fabric's encodings and error headers.
+Every command takes ``--state-dir``, so several fabrics run side by side.
 
 Expected failures (port in use, a fabric already running, no responders) print
 one clear line on stderr and exit 1; tracebacks are for bugs.
@@ -141,7 +141,8 @@ def _process_start_time() -> float:
 
 @app.command()
 def up(
-    detach: Annotated[bool, typer.Option("--detach", "-d", help="Return once ready; the supervisor keeps running.")] = False,
+    detach: Annotated[bool, typer.Option("--detach", "-d",
+                                         help="Return once ready; the supervisor keeps running.")] = False,
     nats_url: Annotated[str | None, typer.Option(
         "--nats-url", envvar="FABRIC_NATS_URL", show_default=False,
         help="Join this NATS instead of starting an embedded nats-server.")] = None,
@@ -154,7 +155,8 @@ def up(
                                                 help="Node name. Default: the host name, sanitized.")] = None,
     nats_server: Annotated[str | None, typer.Option("--nats-server", show_default=False,
                                                        help="The nats-server binary to run.")] = None,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait until every service answers.")] = 30.0,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1,
+                                           help="Seconds to wait until every service answers.")] = 30.0,
     grace: Annotated[float, typer.Option("--grace", min=0.0,
                                          help="Seconds services get to drain when stopped by a signal.")] = 10.0,
 ) -> None:
@@ -291,7 +293,8 @@ def _up_detached(config: Any, lock_fd: int, t0: float) -> NoReturn:
         if _child_exited(pid):
             err.print("[bold red]error:[/] the supervisor exited before it was ready")
         else:
-            err.print(f"[bold red]error:[/] no word from the supervisor within {config.ready_timeout + 5:.0f} s; stopping it")
+            err.print(f"[bold red]error:[/] no word from the supervisor within {config.ready_timeout + 5:.0f} s; "
+                      "stopping it")
             os.kill(pid, signal.SIGTERM)
         _print_tail(state, "supervisor")
     else:
@@ -301,6 +304,16 @@ def _up_detached(config: Any, lock_fd: int, t0: float) -> NoReturn:
     deadline = time.monotonic() + config.grace + 10.0
     while not _child_exited(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
+    if not _child_exited(pid):
+        err.print(f"the supervisor (pid {pid}) did not stop in time: killing it")
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    # a supervisor that died (or was killed) leaves its children running: the state
+    # file names them, and none may outlive a start that failed
+    final = state.read()
+    killed = _kill_leftovers(final) if final is not None else []
+    if killed:
+        err.print(f"killed leftover processes: {', '.join(killed)}")
     raise typer.Exit(1)
 
 
@@ -343,7 +356,8 @@ def _print_ready(st: FabricState, t0: float, state: StateDir, *, detached: bool)
     out.print(f"  NATS URL  {st.nats_url}  ({where})")
     out.print(f"  join      fabric up --nats-url {st.join_url}")
     if st.embedded_nats and st.host and is_loopback(st.host):
-        out.print(f"            (nats-server listens on {st.host} only: start with --host 0.0.0.0 so other machines can join)")
+        out.print(f"            (nats-server listens on {st.host} only: "
+                  "start with --host 0.0.0.0 so other machines can join)")
     out.print(f"  logs      {st.logs_dir}/")
     flag = _state_flag(state)
     if detached:
@@ -428,17 +442,21 @@ def _purge(path: Path) -> None:
               + (f": {', '.join(released)}" if released else ""))
 
 
-def _kill_leftovers(st: FabricState) -> list[str]:
-    """SIGKILL every process *st* lists that still runs; the names of those killed."""
-    killed = []
+def _kill_leftovers(st: FabricState, wait: float = 5.0) -> list[str]:
+    """SIGKILL every process *st* lists that still runs, wait until they are gone; the names of those killed."""
+    killed: dict[str, tuple[int, float]] = {}
     for name, (pid, created) in st.pids().items():
         if pid != os.getpid() and pid_alive(pid, created):
             try:
                 os.kill(pid, signal.SIGKILL)
-                killed.append(f"{name} (pid {pid})")
+                killed[f"{name} (pid {pid})"] = (pid, created)
             except ProcessLookupError:
                 pass
-    return killed
+    # they are not our children: watch them go (a zombie counts as gone)
+    deadline = time.monotonic() + wait
+    while any(pid_alive(*p) for p in killed.values()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return list(killed)
 
 
 # -- fabric status ------------------------------------------------------------------------
@@ -738,7 +756,8 @@ def req(
     data: Annotated[str, typer.Argument(help="Request body ('-' reads stdin).")] = "",
     header: Annotated[list[str] | None, typer.Option("--header", "-H", show_default=False,
                                                         help="Header K:V (repeatable).")] = None,
-    msgpack: Annotated[bool, typer.Option("--msgpack", help="Send JSON DATA as MessagePack; decode the reply.")] = False,
+    msgpack: Annotated[bool, typer.Option("--msgpack",
+                                          help="Send JSON DATA as MessagePack; decode the reply.")] = False,
     timeout: Annotated[float, typer.Option("--timeout", min=0.001, help="Seconds to wait for the reply.")] = 5.0,
     show_headers: Annotated[bool, typer.Option("--show-headers", help="Print the reply's headers on stderr.")] = False,
     nats_url: NatsUrlOption = None,

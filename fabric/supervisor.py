@@ -4,9 +4,12 @@ One supervisor per state directory (it holds the directory's lock).  It runs:
 
 * the embedded nats-server (unless it joins an existing NATS), and
 * every service as its own OS process,
-  ``python -m <module> --nats-url URL --node NODE --state-dir DIR``,
+  ``python -P -m <module> --nats-url URL --node NODE --state-dir DIR``,
 
-each with its stdout and stderr in ``<state-dir>/logs/<name>.log``.  A child that
+each with its stdout and stderr in ``<state-dir>/logs/<name>.log``, and each in the
+state directory as its working directory (:mod:`fabric.launch`: the directory
+``fabric up`` was run in, a source checkout say, never shadows the installed
+packages).  A child that
 exits is restarted after an exponential backoff (0.1 s doubling to 5 s, back to
 0.1 s once an incarnation has stayed up 30 s), and every exit and restart is
 logged.  The fabric is *ready* when each service answers ``$SRV.PING.<name>``
@@ -37,11 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .launch import module_launch
 from .state import FabricState, ProcessRecord, StateDir
 
 __all__ = ["SERVICES", "SupervisorConfig", "Supervisor", "service_modules", "probe_services", "collect_replies"]
 
-#: every service ``fabric up`` knows: ADR-32 service name -> module run with ``python -m``
+#: every service ``fabric up`` knows: ADR-32 service name -> module run with ``python -P -m``
 SERVICES: dict[str, str] = {
     "allocator": "services.allocator",
     "spawner": "services.spawner",
@@ -92,11 +96,12 @@ class SupervisorConfig:
 class Child:
     """One supervised process and its restart bookkeeping."""
 
-    def __init__(self, name: str, command: list[str], log_path: Path, env: dict[str, str]) -> None:
+    def __init__(self, name: str, command: list[str], log_path: Path, env: dict[str, str], cwd: str) -> None:
         self.name = name
         self.command = command
         self.log_path = log_path
         self.env = env
+        self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
         self.record = ProcessRecord(name=name, command=command, log=str(log_path))
         self.backoff = BACKOFF_INITIAL_S
@@ -115,6 +120,7 @@ class Child:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
+                cwd=self.cwd,
                 # its own session: a terminal's Ctrl-C reaches only the supervisor,
                 # which stops the children in order (services first, then NATS)
                 start_new_session=True,
@@ -242,7 +248,7 @@ class Supervisor:
                 self._write_state()
                 self._start_logging()
                 self.log("info", "fabric starting", nats_url=self.nats_url, services=list(self.services),
-                         state_dir=str(self.state_dir.path))
+                         pids={n: c.pid for n, c in self.services.items()}, state_dir=str(self.state_dir.path))
                 ready = asyncio.create_task(self._wait_ready())
                 poll = asyncio.create_task(self._poll_children())
                 await self._stop.wait()
@@ -271,12 +277,9 @@ class Supervisor:
         state.take_stop_request()  # a leftover from a previous run must not set our grace
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
-        # the children import fabric and services from where this fabric comes from
-        root = str(Path(__file__).resolve().parent.parent)
-        paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-        if root not in paths:
-            env["PYTHONPATH"] = os.pathsep.join([root] + paths)
         env.pop("FABRIC_NATS_URL", None)  # the command line says which NATS
+        # every child runs in the state directory (absolute, like every path it is given)
+        cwd = str(state.path)
         names: list[str] = []
         if cfg.external_nats_url is None:
             from .nats_server import server_command, write_config
@@ -284,11 +287,13 @@ class Supervisor:
             assert cfg.nats_binary is not None
             conf = write_config(state, host=cfg.host, port=cfg.port, node=cfg.node)
             names.append("nats-server")
-            self.nats = Child("nats-server", server_command(cfg.nats_binary, conf), state.log_file("nats-server"), env)
+            binary = os.path.abspath(cfg.nats_binary)
+            self.nats = Child("nats-server", server_command(binary, conf), state.log_file("nats-server"), env, cwd)
         for name, module in cfg.services.items():
-            cmd = [cfg.python, "-m", module, "--nats-url", self.nats_url, "--node", cfg.node,
-                   "--state-dir", str(state.path)]
-            self.services[name] = Child(name, cmd, state.log_file(name), env)
+            launch = module_launch(module, ["--nats-url", self.nats_url, "--node", cfg.node,
+                                            "--state-dir", str(state.path)], cwd=cwd, env=env, python=cfg.python)
+            assert launch.cwd is not None
+            self.services[name] = Child(name, launch.argv, state.log_file(name), launch.env, launch.cwd)
             names.append(name)
         for name in names:
             _rotate(state.log_file(name))
@@ -305,6 +310,7 @@ class Supervisor:
             self._fail(f"cannot start {self.nats.command[0]}: {exc.strerror or exc}", ["nats-server"])
             return False
         self.state.nats = self.nats.record
+        self._write_state()  # recorded at once: whoever cleans up after a dead supervisor finds it
         assert self.nats.proc is not None
         # the server writes this file once it listens: proof that *our* server
         # took the port (a TCP probe would also succeed against a squatter)
@@ -381,7 +387,7 @@ class Supervisor:
             if nc is not None:
                 await nc.close()
         if missing:
-            self._fail("not ready within %.1f s: %s" % (self.config.ready_timeout, ", ".join(missing)), missing)
+            self._fail(f"not ready within {self.config.ready_timeout:.1f} s: {', '.join(missing)}", missing)
             return
         self.state.phase = "ready"
         self.state.ready_at = time.time()

@@ -337,7 +337,8 @@ def test_two_fabrics_side_by_side(needs_allocator: None, tmp_path: Path) -> None
         for state_dir, node in ((a, "node-a"), (b, "node-b")):
             code, doc = status_json(state_dir)
             assert code == 0
-            assert [(s["name"], s["node"]) for s in doc["services"]] == [("allocator", node), ("gpu-monitor", node), ("spawner", node)]
+            assert [(s["name"], s["node"]) for s in doc["services"]] == [
+                ("allocator", node), ("gpu-monitor", node), ("spawner", node)]
         pids = list(listed_pids(sa).values()) + list(listed_pids(sb).values())
         assert fabric("down", a).returncode == 0
         assert all(alive(pid) for pid in listed_pids(sb).values()), "stopping a touched b"
@@ -384,6 +385,84 @@ def test_service_that_never_gets_ready(tmp_path: Path) -> None:
     assert "allocator.log" in res.stderr and "json.tool: error" in res.stderr  # the log's tail
     assert read_state(tmp_path)["phase"] == "failed"
     assert wait_until_gone(tmp_path) == []
+
+
+# A service module that records its pid in <state-dir>/test-pids, then misbehaves.
+_RECORD_PID = """
+import os, signal, sys, time
+STATE_DIR = sys.argv[sys.argv.index("--state-dir") + 1]
+with open(os.path.join(STATE_DIR, "test-pids"), "a") as f:
+    f.write(f"{os.getpid()}\\n")
+"""
+NOT_READY = {
+    # crashes at import: restarted with backoff until the start times out
+    "crashes-at-import": (_RECORD_PID + "raise RuntimeError('this service crashes at import')\n", ["--timeout", "2"]),
+    # never answers its ping and ignores SIGTERM: the stop after the time-out must SIGKILL it
+    "hangs-ignoring-sigterm": (_RECORD_PID + "signal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(120)\n",
+                               ["--timeout", "2", "--grace", "0.5"]),
+    # SIGKILLs the supervisor once it has recorded and logged every child: nobody is left to
+    # stop them but `fabric up -d` itself
+    "kills-the-supervisor": (_RECORD_PID + """
+import json
+state = os.path.join(STATE_DIR, "state.json")
+log = os.path.join(STATE_DIR, "logs", "supervisor.log")
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    try:
+        listed = json.load(open(state))["services"]["misbehaving"]["pid"] == os.getpid()
+        if listed and "fabric starting" in open(log).read():
+            os.kill(os.getppid(), signal.SIGKILL)
+            break
+    except (OSError, ValueError, KeyError):
+        pass
+    time.sleep(0.01)
+time.sleep(120)
+""", ["--timeout", "30"]),
+}
+
+
+def started_pids(state_dir: Path) -> dict[int, str]:
+    """Every pid a fabric in *state_dir* started, from its state file, its log and the test modules' records."""
+    state = read_state(state_dir)
+    pids = {pid: name for name, pid in listed_pids(state).items()}
+    for line in (state_dir / "logs" / "supervisor.log").read_text().splitlines():
+        if not line.startswith("{"):
+            continue
+        event = json.loads(line)
+        if isinstance(event.get("pid"), int):
+            pids[event["pid"]] = event.get("child", "nats-server")
+        for name, pid in (event.get("pids") or {}).items():
+            if pid:
+                pids[pid] = name
+    records = state_dir / "test-pids"
+    for pid in (records.read_text().split() if records.exists() else []):
+        pids[int(pid)] = "misbehaving"
+    return pids
+
+
+@pytest.mark.parametrize("behaviour", list(NOT_READY))
+def test_up_that_does_not_get_ready_leaves_nothing_running(needs_allocator: None, tmp_path: Path,
+                                                           behaviour: str) -> None:
+    source, args = NOT_READY[behaviour]
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "misbehaving.py").write_text(source)
+    state_dir = tmp_path / "state"
+    env = _env(FABRIC_SERVICE_MODULES=json.dumps({"misbehaving": "misbehaving"}))
+    env["PYTHONPATH"] = os.pathsep.join([str(mods), env["PYTHONPATH"]])
+    try:
+        res = fabric("up", state_dir, "-d", "--nats-port", "0", "--services", "allocator,misbehaving", *args, env=env)
+        assert res.returncode == 1, res.stdout + res.stderr
+        pids = started_pids(state_dir)
+        # the supervisor, its nats-server and both services (every incarnation) are known by pid...
+        assert {"supervisor", "nats-server", "allocator", "misbehaving"} <= set(pids.values()), pids
+        # ...and not one of them is left once `fabric up -d` has returned
+        assert {pid: name for pid, name in pids.items() if alive(pid)} == {}
+        if behaviour == "kills-the-supervisor":
+            assert "the supervisor exited before it was ready" in res.stderr
+            assert "killed leftover processes" in res.stderr
+    finally:
+        cleanup(state_dir)
 
 
 def test_unknown_service_and_bad_node(tmp_path: Path) -> None:

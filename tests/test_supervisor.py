@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import textwrap
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from typing import Any
 import psutil
 import pytest
 
+from fabric import launch
 from fabric import nats_server as ns
 from fabric import supervisor as sv
 from fabric.state import FabricState, ProcessRecord, StateDir, pid_alive
@@ -101,7 +103,7 @@ def test_crashing_service_backs_off_then_start_fails(tmp_path: Path) -> None:
     assert exits and all(e["status"] == "exit code 2" for e in exits)
     # each restart really waited its delay
     restarted = log.named("child restarted", "allocator")
-    for exited, back in zip(exits, restarted):
+    for exited, back in zip(exits, restarted, strict=False):
         assert back["t"] - exited["t"] >= 0.09
     state = sup.state_dir.read()
     assert state is not None and state.phase == "failed" and "allocator" in state.error
@@ -182,6 +184,47 @@ def test_port_taken_while_starting_is_reported(tmp_path: Path) -> None:
         assert run_until(sup, lambda: False) == 1
     [(error, failing)] = failed
     assert "already in use" in error and "--nats-port 0" in error and failing == ["nats-server"]
+
+
+def test_services_never_import_from_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fabric up` run in a source checkout: its fabric/ (unbuilt) must not shadow the one installed."""
+    checkout = tmp_path / "checkout"
+    (checkout / "fabric").mkdir(parents=True)
+    (checkout / "fabric" / "__init__.py").write_text("raise ImportError('imported from the working directory')\n")
+    # the service module is found through a *relative* PYTHONPATH entry, which must keep its meaning
+    (checkout / "rel-mods").mkdir()
+    write_module(checkout / "rel-mods", "where", """
+        import json, os, sys, time
+        import fabric
+        state_dir = sys.argv[sys.argv.index("--state-dir") + 1]
+        with open(os.path.join(state_dir, "where.json"), "w") as f:
+            json.dump({"fabric": fabric.__file__, "cwd": os.getcwd(), "flags": sys.orig_argv}, f)
+        time.sleep(60)
+    """)
+    monkeypatch.chdir(checkout)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["rel-mods", "", os.environ.get("PYTHONPATH", "")]))
+    sup, log = make_supervisor(tmp_path, {"where": "where"})
+    out = sup.state_dir.path / "where.json"
+    run_until(sup, out.exists)
+    seen = json.loads(out.read_text())
+    assert Path(seen["fabric"]) == Path(sv.__file__).parent / "__init__.py"
+    assert seen["cwd"] == str(sup.state_dir.path)
+    assert ("-P" in seen["flags"]) == (sys.version_info >= (3, 11))
+
+
+def test_module_launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    root = launch.package_root()
+    assert (Path(root) / "fabric" / "launch.py").is_file()
+    got = launch.module_launch("pkg.mod", ["--x", "1"], cwd="state", env={"PYTHONPATH": f"a{os.pathsep}{os.pathsep}/b",
+                                                                         "KEEP": "1"})
+    assert got.argv == [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", "pkg.mod", "--x", "1"]
+    assert got.cwd == str(tmp_path / "state")
+    assert got.env["KEEP"] == "1"
+    # relative entries made absolute, the empty one (the working directory) dropped, fabric's root first
+    assert got.env["PYTHONPATH"].split(os.pathsep) == [root, str(tmp_path / "a"), "/b"]
+    assert launch.module_launch("m", cwd=None, env={"PYTHONPATH": root}).env["PYTHONPATH"] == root
+    assert launch.module_launch("m", cwd=None, python="/x/python3").argv[0] == "/x/python3"
 
 
 def test_service_modules_override(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,8 +5,10 @@ controller sends the version exchange, then "new compute core", then jobs; the
 worker answers each message with the same id.  Job messages use the job's id as
 their message id, so a result finds its job by id, whatever order it comes in.
 
-:class:`RingWorker` runs ``python -m services.spawner.worker --ring-in A --ring-out B
---spin-us N`` (its job ring spins a little longer than the ring's default before it sleeps) with two fresh :mod:`fabric_ext.ring` files in /dev/shm.  A reader thread blocks in
+:class:`RingWorker` runs ``python -P -m services.spawner.worker --ring-in A --ring-out B
+--spin-us N`` (through :func:`fabric.launch.module_launch`; its job ring spins a little
+longer than the ring's default before it sleeps) with two fresh :mod:`fabric_ext.ring`
+files in /dev/shm.  A reader thread blocks in
 ``Consumer.pop()`` (the GIL released) and hands what it finds to the loop in one
 ``call_soon_threadsafe``; the process's exit is watched through a pidfd on the
 loop, and only once the reader has drained the ring does the pool learn which jobs
@@ -23,14 +25,13 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fabric.errors import CoreLoadFailed, JobError, JobTimeout, TooLarge, WorkerCrashed
+from fabric.launch import module_launch
 from fabric_ext import ring, wire
 
 from .worker import OUTPUT_TOO_LARGE
@@ -54,7 +55,6 @@ OUTPUT_HINT = ("write large outputs to remote memory (alloc and write a block, r
 #: message ids of the version exchange and core messages (far from job ids)
 _CTRL_VERSION = 1 << 62
 _CTRL_CORE = (1 << 62) + 1
-_REPO = str(Path(__file__).resolve().parents[2])
 #: pids of the ring workers this process started and has not reaped yet (the spawner's
 #: sweep for adopted orphans must never touch them)
 CHILD_PIDS: set[int] = set()
@@ -302,14 +302,13 @@ class RingWorker(Worker):
             self.cons = ring.Consumer(self.path_out, spin_us=READER_SPIN_US)
             # a job frame is its 33-byte header plus the data, in one record
             self.max_job = self.prod.max_record - 64
-            env = dict(os.environ)
-            env["PYTHONPATH"] = _REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             # lets the gpu-monitor name the core a GPU-holding worker process belongs to
-            env[CORE_ID_ENV] = spec.core
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.spawner.worker", "--ring-in", self.path_in,
-                 "--ring-out", self.path_out, "--spin-us", str(WORKER_SPIN_US)],
-                stdin=subprocess.DEVNULL, env=env, close_fds=True)
+            env = {**os.environ, CORE_ID_ENV: spec.core}
+            # -P, and the spawner's own working directory (the state directory under `fabric up`)
+            launch = module_launch("services.spawner.worker", ["--ring-in", self.path_in, "--ring-out",
+                                   self.path_out, "--spin-us", str(WORKER_SPIN_US)], cwd=None, env=env)
+            self.proc = subprocess.Popen(launch.argv, cwd=launch.cwd, env=launch.env, stdin=subprocess.DEVNULL,
+                                         close_fds=True)
         except BaseException:
             self._release()
             raise
