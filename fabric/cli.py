@@ -470,9 +470,15 @@ def status(
     node: Annotated[str | None, typer.Option("--node", show_default=False,
                                                 help="Node the expected services must run on.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    endpoints: Annotated[bool, typer.Option("--endpoints",
+                                            help="One row per endpoint of each service instance.")] = False,
     wait: Annotated[float, typer.Option("--wait", min=0.05, help="Seconds to collect replies.")] = 0.5,
 ) -> None:
-    """Show every service on the NATS ($SRV.PING, INFO, STATS); exit 1 if one is missing."""
+    """Show every service on the NATS ($SRV.PING, INFO, STATS); exit 1 if one is missing.
+
+    One row per service instance (requests, errors and latency over all its endpoints)
+    and a line with the services up on each node; --endpoints shows every endpoint.
+    """
     state = _state(state_dir)
     url, running = _nats_url(nats_url, state)
     if services is not None:
@@ -501,12 +507,18 @@ def status(
             "expected": expected,
             "missing": missing,
             "ok": not missing,
-            "services": rows,
+            "services": [_public(s) for s in rows],
             "nodes": [msgspec.to_builtins(r) for r in nodes] if nodes is not None else None,
         }
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
-        _print_status_table(url, rows, running)
+        if endpoints:
+            _print_status_table(url, rows, running)
+        else:
+            _print_instances_table(url, rows, running)
+            per_node = _expected_per_node(rows, services, expected, expected_node)
+            if per_node:
+                _console().print(_summary(rows, per_node))
         if nodes is not None:
             _console().print(nodes_table(nodes, f"nodes ({len(nodes)})"))
         for name in missing:
@@ -659,6 +671,7 @@ async def _discover(url: str, window: float) -> dict[str, dict[str, Any]]:
                 "num_requests": ep.get("num_requests", 0),
                 "num_errors": ep.get("num_errors", 0),
                 "average_processing_time_ns": ep.get("average_processing_time", 0),
+                "processing_time_ns": ep.get("processing_time"),  # for the instance's average (not in --json)
                 "last_error": ep.get("last_error") or "",
             }
             for ep in reply.get("endpoints") or []
@@ -695,11 +708,83 @@ def _parse_time(raw: Any) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
-def _print_status_table(url: str, rows: list[dict[str, Any]], running: FabricState | None) -> None:
+def _public(svc: dict[str, Any]) -> dict[str, Any]:
+    """A service instance as ``fabric status --json`` shows it."""
+    return {**svc, "endpoints": [{k: v for k, v in ep.items() if k != "processing_time_ns"}
+                                 for ep in svc["endpoints"]]}
+
+
+def _status_title(url: str, running: FabricState | None) -> str:
     title = f"fabric services on {url}"
     if running is not None:
         title += f" (supervisor pid {running.supervisor_pid}, {running.phase})"
-    table = Table(title=title, title_justify="left")
+    return title
+
+
+def _instance_totals(svc: dict[str, Any]) -> tuple[int, int, float | None] | None:
+    """Requests, errors and average latency (ns) over every endpoint; None without a STATS reply."""
+    eps = [ep for ep in svc["endpoints"] if "num_requests" in ep]
+    if not eps:
+        return None
+    requests = sum(int(ep["num_requests"] or 0) for ep in eps)
+    errors = sum(int(ep["num_errors"] or 0) for ep in eps)
+    # total processing time / total requests (the endpoints' averages weighted by their requests
+    # where a service reports no total)
+    total_ns = sum(ep["processing_time_ns"] if isinstance(ep.get("processing_time_ns"), int)
+                   else int(ep["num_requests"] or 0) * (ep["average_processing_time_ns"] or 0) for ep in eps)
+    return requests, errors, (total_ns / requests if requests else None)
+
+
+def _print_instances_table(url: str, rows: list[dict[str, Any]], running: FabricState | None) -> None:
+    """One row per service instance: what a fabric of many nodes can show on one screen."""
+    table = Table(title=_status_title(url, running), title_justify="left")
+    for col, justify in [("service", "left"), ("node", "left"), ("version", "left"), ("uptime", "right"),
+                         ("requests", "right"), ("errors", "right"), ("avg latency", "right")]:
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for svc in rows:
+        totals = _instance_totals(svc)
+        requests, errors, avg = totals if totals is not None else ("?", "?", None)
+        table.add_row(svc["name"], svc["node"] or "?", svc["version"] or "?", _duration(svc["uptime_s"]),
+                      str(requests), str(errors), _latency(avg))
+    if not rows:
+        table.caption = "no service answered"
+    _console().print(table)
+
+
+def _expected_per_node(rows: list[dict[str, Any]], services: str | None, expected: list[str],
+                       expected_node: str | None) -> dict[str, list[str]]:
+    """The services each node should run: --services, else those ``fabric up`` runs (this node's own list)."""
+    from .supervisor import SERVICES
+
+    default = list(_parse_services(services)) if services is not None else list(SERVICES)
+    per_node = {s["node"]: default for s in rows if s["node"]}
+    if expected_node is not None:
+        per_node[expected_node] = expected or default
+    return per_node
+
+
+def _summary(rows: list[dict[str, Any]], per_node: dict[str, list[str]]) -> str:
+    """One line: the services up out of those expected, per node (the incomplete ones in red)."""
+    parts = []
+    up_total = want_total = 0
+    for node in sorted(per_node):
+        want = per_node[node]
+        here = {s["name"] for s in rows if s["node"] == node}
+        missing = [name for name in want if name not in here]
+        up = len(want) - len(missing)
+        up_total += up
+        want_total += len(want)
+        if missing:
+            parts.append(f"[bold red]{_escape(node)} {up}/{len(want)}[/] (missing {_escape(', '.join(missing))})")
+        else:
+            parts.append(f"[green]{_escape(node)} {up}/{len(want)}[/]")
+    count = f"{len(per_node)} node{'s' if len(per_node) != 1 else ''}"
+    return f"services up: {up_total}/{want_total} on {count}: " + ", ".join(parts)
+
+
+def _print_status_table(url: str, rows: list[dict[str, Any]], running: FabricState | None) -> None:
+    """``--endpoints``: one row per endpoint of each service instance."""
+    table = Table(title=_status_title(url, running), title_justify="left")
     for col, justify in [("service", "left"), ("node", "left"), ("version", "left"), ("id", "left"),
                          ("uptime", "right"), ("endpoint", "left"), ("requests", "right"),
                          ("errors", "right"), ("avg latency", "right")]:
@@ -719,9 +804,7 @@ def _print_status_table(url: str, rows: list[dict[str, Any]], running: FabricSta
             )
     if not rows:
         table.caption = "no service answered"
-    # piped output has no terminal width to fit: show every column in full
-    console = out if out.is_terminal else Console(highlight=False, width=250)
-    console.print(table)
+    _console().print(table)
 
 
 def _duration(seconds: float | None) -> str:

@@ -156,14 +156,75 @@ def test_status_json_lists_the_allocator_on_this_node(running: tuple[Path, str])
     assert svc["pid"] == state["services"]["allocator"]["pid"]
     assert svc["version"] and svc["id"] and svc["uptime_s"] is not None
     assert {"alloc", "free", "read", "write"} <= {ep["name"] for ep in svc["endpoints"]}
+    assert {tuple(sorted(ep)) for ep in svc["endpoints"]} == {
+        ("average_processing_time_ns", "last_error", "name", "num_errors", "num_requests", "subject")}
+
+
+def first_table(stdout: str) -> tuple[list[str], list[list[str]]]:
+    """The header and the rows of the first table rich drew in *stdout*."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("┃"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("└") and i > start)
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line[1:-1].split(line[0])]
+
+    return cells(lines[start]), [cells(line) for line in lines[start:end] if line.startswith("│")]
 
 
 def test_status_table(running: tuple[Path, str]) -> None:
     state_dir, _ = running
+    node = read_state(state_dir)["node"]
+    assert fabric("req", state_dir, f"fabric.mem.{node}.info", "{}").returncode == 0
     res = fabric("status", state_dir)
     assert res.returncode == 0, res.stderr
-    for word in ("service", "node", "uptime", "avg latency", "allocator", read_state(state_dir)["node"]):
-        assert word in res.stdout
+    # one row per service instance, its endpoints summed up
+    header, rows = first_table(res.stdout)
+    assert header == ["service", "node", "version", "uptime", "requests", "errors", "avg latency"]
+    assert [(r[0], r[1]) for r in rows] == [("allocator", node), ("gpu-monitor", node), ("spawner", node)]
+    _, doc = status_json(state_dir)
+    [alloc] = [s for s in doc["services"] if s["name"] == "allocator"]
+    [alloc_row] = [r for r in rows if r[0] == "allocator"]
+    assert alloc_row[2] == alloc["version"]
+    assert int(alloc_row[4]) == sum(ep["num_requests"] for ep in alloc["endpoints"]) >= 1
+    assert int(alloc_row[5]) == sum(ep["num_errors"] for ep in alloc["endpoints"])
+    assert alloc_row[6] != "-"  # it served requests: an average latency
+    assert f"services up: 3/3 on 1 node: {node} 3/3" in res.stdout
+    # --endpoints: today's detail, one row per endpoint of each instance
+    res = fabric("status", state_dir, "--endpoints")
+    assert res.returncode == 0, res.stderr
+    header, rows = first_table(res.stdout)
+    assert header == ["service", "node", "version", "id", "uptime", "endpoint", "requests", "errors", "avg latency"]
+    assert len(rows) == sum(len(s["endpoints"]) for s in doc["services"])
+    assert {"alloc", "free", "read", "write", "info"} <= {r[5] for r in rows}
+    assert "services up:" not in res.stdout
+
+
+def test_status_with_a_second_node_joined(running: tuple[Path, str], tmp_path: Path) -> None:
+    state_dir, _ = running
+    state = read_state(state_dir)
+    node = state["node"]
+    other = tmp_path / "other"
+    try:
+        res = fabric("up", other, "-d", "--nats-url", state["nats_url"], "--node", "other-node",
+                     "--services", "allocator")
+        assert res.returncode == 0, res.stdout + res.stderr
+        res = fabric("status", state_dir)
+        assert res.returncode == 0, res.stderr
+        _, rows = first_table(res.stdout)
+        assert [(r[0], r[1]) for r in rows] == sorted([("allocator", "other-node"), ("allocator", node),
+                                                      ("gpu-monitor", node), ("spawner", node)])
+        # every node is expected to run what `fabric up` runs; the other one runs only an allocator
+        per_node = {node: f"{node} 3/3", "other-node": "other-node 1/3 (missing spawner, gpu-monitor)"}
+        line = "services up: 4/6 on 2 nodes: " + ", ".join(per_node[n] for n in sorted(per_node))
+        assert line in res.stdout
+        # seen from the other node, whose own fabric runs only its allocator
+        res = fabric("status", other)
+        assert res.returncode == 0, res.stderr
+        per_node = {node: f"{node} 3/3", "other-node": "other-node 1/1"}
+        assert "services up: 4/4 on 2 nodes: " + ", ".join(per_node[n] for n in sorted(per_node)) in res.stdout
+    finally:
+        cleanup(other)
 
 
 def test_status_and_nodes_show_the_node_live(running: tuple[Path, str]) -> None:
