@@ -40,6 +40,7 @@ import tempfile
 import time
 import timeit
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +201,7 @@ async def async_part(url: str, redis_port: int, n: int, quick: bool) -> dict[str
             redis_rates.append(rounds * 100 / (time.perf_counter() - t0))
         res["fabric_batch_read_1k_items_per_s"] = statistics.median(fabric_rates)
         res["redis_pipeline_get_1k_items_per_s"] = statistics.median(redis_rates)
-        res["batch_window_ratios"] = [round(f / g, 3) for f, g in zip(fabric_rates, redis_rates)]
+        res["batch_window_ratios"] = [round(f / g, 3) for f, g in zip(fabric_rates, redis_rates, strict=True)]
         for b in bufs + [buf]:
             await fc.rfree(b)
     return res
@@ -217,7 +218,7 @@ def sync_part(url: str, redis_port: int, n: int, quick: bool) -> dict[str, Any]:
         val = os.urandom(size)
         reps = n if size < MIB else max(20, n // 20)
         r.set("k", val)
-        res[f"redis_set_{label}_p50_us"] = p50(timed_loop(lambda: r.set("k", val), reps)) * 1e6
+        res[f"redis_set_{label}_p50_us"] = p50(timed_loop(partial(r.set, "k", val), reps)) * 1e6
         res[f"redis_get_{label}_p50_us"] = p50(timed_loop(lambda: r.get("k"), reps)) * 1e6
 
     with FabricClient(url, local=False) as fc:
@@ -226,8 +227,8 @@ def sync_part(url: str, redis_port: int, n: int, quick: bool) -> dict[str, Any]:
             reps = n if size < MIB else max(20, n // 20)
             buf = fc.rmalloc(size)
             fc.rwrite(buf, val)
-            res[f"fabric_write_{label}_p50_us"] = p50(timed_loop(lambda: fc.rwrite(buf, val), reps)) * 1e6
-            res[f"fabric_read_{label}_p50_us"] = p50(timed_loop(lambda: fc.rread(buf, size), reps)) * 1e6
+            res[f"fabric_write_{label}_p50_us"] = p50(timed_loop(partial(fc.rwrite, buf, val), reps)) * 1e6
+            res[f"fabric_read_{label}_p50_us"] = p50(timed_loop(partial(fc.rread, buf, size), reps)) * 1e6
             assert fc.rread(buf, size) == val
             fc.rfree(buf)
 

@@ -155,7 +155,7 @@ async def spawn_vs_local_plus_echo(ctx: Context, log: Callable[[str], None]) -> 
     nop: list[float] = []
     flo: list[float] = []
     try:
-        for w in range(windows):
+        for _ in range(windows):
             rem += await timed(remote, per_window)
             loc += await timed(local, per_window, is_async=False)
             ech += await timed(ctx.echo, per_window)

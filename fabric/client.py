@@ -47,7 +47,7 @@ import socket
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
 
 import nats
 from nats.aio.client import Client as NATS
@@ -55,6 +55,9 @@ from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from fabric_ext import wire
+
+if TYPE_CHECKING:
+    from fabric_ext.arena import SegmentView
 
 from . import subjects
 from .errors import (
@@ -123,6 +126,8 @@ from .schema import (
 __all__ = ["AsyncFabricClient", "FabricClient", "RemoteBuffer", "AsyncRemoteBuffer", "AsyncCore", "Core"]
 
 T = TypeVar("T")
+R = TypeVar("R")
+P = ParamSpec("P")
 # room left in a message for the frame header, the item table and NATS headers
 FRAME_OVERHEAD = 4096
 # reads above this travel as concurrent chunks (see the module docstring)
@@ -149,7 +154,7 @@ async def _log_reconnect() -> None:
     log.info("reconnected to NATS")
 
 
-def _arguments_checked(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _arguments_checked(fn: Callable[P, R]) -> Callable[P, R]:
     """Bad numbers in a memory call raise :class:`BadRequest` (400), like a bad request anywhere.
 
     The codec and the local fast path check offsets, lengths and item shapes and raise
@@ -159,17 +164,17 @@ def _arguments_checked(fn: Callable[..., Any]) -> Callable[..., Any]:
     """
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
-        async def checked_async(*args: Any, **kwargs: Any) -> Any:
+        async def checked_async(*args: P.args, **kwargs: P.kwargs) -> Any:
             try:
                 return await fn(*args, **kwargs)
             except FabricError:
                 raise
             except (ValueError, OverflowError) as exc:
                 raise BadRequest(str(exc)) from None
-        return checked_async
+        return cast(Callable[P, R], checked_async)
 
     @functools.wraps(fn)
-    def checked(*args: Any, **kwargs: Any) -> Any:
+    def checked(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
         except FabricError:
@@ -252,10 +257,10 @@ class _LocalSegments:
         self.boot_id = boot_id()
         self.enabled = enabled and bool(self.boot_id)
         self.hostname = socket.gethostname()
-        self.views: dict[tuple[str, int], Any] = {}  # None = known not to be local
+        self.views: dict[tuple[str, int], SegmentView | None] = {}  # None = known not to be local
         self.lock = threading.Lock()
 
-    def view(self, h: HandleParts) -> Any:
+    def view(self, h: HandleParts) -> SegmentView | None:
         return self.views.get((h.node, h.seg)) if self.enabled and h.writable else None
 
     def known(self, h: HandleParts) -> bool:
@@ -481,7 +486,7 @@ class AsyncFabricClient:
         mv = memoryview(data).cast("B")
         chunk = self.write_chunk
         if len(mv) <= chunk:
-            return await self._write_frame(h.node, [(token, offset, mv)])
+            return cast(int, await self._write_frame(h.node, [(token, offset, mv)]))
         return sum(await _in_flight([
             functools.partial(self._write_frame, h.node, [(token, offset + i, mv[i:i + chunk])])
             for i in range(0, len(mv), chunk)]))
@@ -518,7 +523,7 @@ class AsyncFabricClient:
         if fast is not None:
             node, frame = fast
             return await self._read_reply(node, frame, raise_failed=not return_exceptions)
-        results = await self._rreadv_general(items)  # type: ignore[arg-type]
+        results = await self._rreadv_general(items)
         if not return_exceptions:
             for value in results:  # the first failed item in item order, whatever its node
                 if isinstance(value, FabricError):
@@ -537,7 +542,7 @@ class AsyncFabricClient:
 
         async def one_node(node: str, idx: list[int]) -> None:
             got = await self._read_frame(node, [plan[i] for i in idx], raise_failed=False)
-            for i, value in zip(idx, got):
+            for i, value in zip(idx, got, strict=True):
                 results[i] = value
 
         await asyncio.gather(*(one_node(n, idx) for n, idx in by_node.items()))
@@ -555,7 +560,7 @@ class AsyncFabricClient:
 
         async def one_node(node: str, idx: list[int]) -> None:
             got = await self._write_frame(node, [plan[i] for i in idx], batch=True)
-            for i, value in zip(idx, got):
+            for i, value in zip(idx, got, strict=True):
                 results[i] = value
 
         await asyncio.gather(*(one_node(n, idx) for n, idx in by_node.items()))
@@ -573,7 +578,7 @@ class AsyncFabricClient:
         return await self._read_reply(node, wire.encode(wire.KIND_READ, items), raise_failed=raise_failed)
 
     async def _read_one(self, node: str, token: str, offset: int, length: int) -> bytes:
-        return (await self._read_frame(node, [(token, offset, length, 0)]))[0]
+        return cast(bytes, (await self._read_frame(node, [(token, offset, length, 0)]))[0])
 
     async def _read_reply(self, node: str, frame: bytes, *, raise_failed: bool = True) -> list[Any]:
         """Send a READ frame; the bytes of each item.
@@ -585,8 +590,8 @@ class AsyncFabricClient:
         # no Content-Type header: the frame's magic says what it is, and a header-less
         # request is a plain PUB, cheaper for nats-py and the server alike
         reply = await self.request(self._mem(node, "read"), frame)
-        out: list[Any]
-        out, statuses = wire.decode_payloads(reply.data)
+        payloads, statuses = wire.decode_payloads(reply.data)
+        out: list[Any] = payloads  # failed items are replaced by their errors below
         if statuses is not None:
             for i, status in enumerate(statuses):
                 if status:
@@ -601,12 +606,13 @@ class AsyncFabricClient:
         return await self._send_write_frame(node, frame, batch)
 
     async def _send_write_frames(self, node: str, frames: Sequence[bytes]) -> list[int]:
-        return await asyncio.gather(*(self._send_write_frame(node, f) for f in frames))
+        return cast("list[int]", await asyncio.gather(*(self._send_write_frame(node, f) for f in frames)))
 
     async def _send_write_frame(self, node: str, frame: bytes, batch: bool = False) -> Any:
         reply = await self.request(self._mem(node, "write"), frame)  # header-less, as for reads
         got = wire.decode(reply.data)
-        out = [error_from_wire(st, f"batch item {i} failed") if st else n for i, (_h, _o, n, st) in enumerate(got.items)]
+        out = [error_from_wire(st, f"batch item {i} failed") if st else n
+               for i, (_h, _o, n, st) in enumerate(got.items)]
         if batch:
             return out
         if isinstance(out[0], FabricError):
@@ -620,7 +626,7 @@ class AsyncFabricClient:
 
     # -- local fast path --------------------------------------------------------
 
-    async def _local_view(self, h: HandleParts, token: str) -> Any:
+    async def _local_view(self, h: HandleParts, token: str) -> SegmentView | None:
         local = self._local
         if not local.enabled or not h.writable:
             return None
@@ -918,6 +924,7 @@ class FabricClient:
 
     def connect(self) -> FabricClient:
         if self._loop is None:
+            loop: asyncio.AbstractEventLoop
             try:
                 import uvloop
 
@@ -1015,7 +1022,7 @@ class FabricClient:
         chunk, size = aio.write_chunk, len(mv)
         if size <= chunk:
             frame = wire.encode(wire.KIND_WRITE, [(token, offset, size, 0)], [mv])
-            return self._run(aio._send_write_frame(h.node, frame))
+            return cast(int, self._run(aio._send_write_frame(h.node, frame)))
         written = 0
         window = chunk * CHUNKS_IN_FLIGHT  # a window of chunks at a time bounds the memory held
         for start in range(0, size, window):
@@ -1520,7 +1527,7 @@ class AsyncCore:
             if isinstance(exc, JobFailed) and EXIT_CODE_HEADER in hdrs:
                 exc = JobFailed(exc.message, exit_code=int(hdrs[EXIT_CODE_HEADER]), output=msg.data, core=self.id)
             raise exc
-        return msg.data
+        return cast(bytes, msg.data)
 
     async def map(self, items: Iterable[Any], *, batch_size: int = MAP_BATCH, in_flight: int = MAP_IN_FLIGHT,
                   return_exceptions: bool = False, timeout: float | None = None) -> list[Any]:
@@ -1575,7 +1582,7 @@ class AsyncCore:
                 raise exc from None
             raise JobFailed(f"{type_name}: {message}", exit_code=1, core=self.id, remote_type=type_name,
                             remote_message=message, remote_traceback=tb) from None
-        return pickle.loads(out)  # noqa: S301 - the result of our own function, from our own worker
+        return cast(T, pickle.loads(out))  # noqa: S301 - the result of our own function, from our own worker
 
     async def stats(self) -> CoreInfo:
         """The pool's statistics now (workers, queue, jobs done, crashes...)."""

@@ -258,6 +258,9 @@ class JobFailed(JobError):
     """Raised when the core's worker_run_job returned nonzero; carries ``exit_code`` and ``output`` (bytes)."""
 
     kind = "job_failed"
+    # set from the reply's fields by FabricError.__init__ (declared for type checkers)
+    exit_code: int
+    output: bytes
 
 
 class WorkerCrashed(JobError):

@@ -38,7 +38,7 @@ import time
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Union
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -179,7 +179,7 @@ class NumberArg(msgspec.Struct, tag="number", tag_field="kind"):
     value: int | float
 
 
-Arg = Union[InArg, OutArg, ScalarArg, NumberArg]
+Arg = InArg | OutArg | ScalarArg | NumberArg
 
 
 class Staging(msgspec.Struct):
@@ -792,7 +792,7 @@ def _outputs(data: Any, outs: list[Out], stage: StagingFile | None) -> list[np.n
         raise InvalidFrame(f"OpenCL result: {len(header.outputs)} outputs for {len(outs)} Out arguments")
     result = []
     copies = []
-    for o, spec in zip(header.outputs, outs):
+    for o, spec in zip(header.outputs, outs, strict=True):  # lengths checked above
         dt = spec.dtype
         if o.staged:
             if stage is None:
@@ -804,7 +804,8 @@ def _outputs(data: Any, outs: list[Out], stage: StagingFile | None) -> list[np.n
         else:
             if o.offset < 0 or o.offset + spec.nbytes > len(inline):
                 raise InvalidFrame("OpenCL result: an inline output lies outside the frame")
-            arr = np.frombuffer(inline, dtype=dt, count=math.prod(spec.shape), offset=o.offset).reshape(spec.shape).copy()
+            count = math.prod(spec.shape)
+            arr = np.frombuffer(inline, dtype=dt, count=count, offset=o.offset).reshape(spec.shape).copy()
         result.append(arr)
     _copy(copies)
     return result

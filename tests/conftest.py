@@ -1,4 +1,4 @@
-"""Shared fixtures: a real nats-server per test session, and an in-process allocator.
+"""Shared fixtures: a real nats-server per test session, an in-process allocator and spawner.
 
 Resource accounting is checked in teardown (uvloop's _testbase habit): after every
 test that uses the allocator, the arena holds exactly the blocks it held before
@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests._nats import NatsServer, start_nats
+from tests._spawner import all_ended, no_fds_leaked, open_fds
+
+if TYPE_CHECKING:
+    from fabric import AsyncFabricClient
+    from services.spawner import SpawnerService
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +66,29 @@ async def aclient(nats_url: str, allocator: object) -> AsyncIterator[object]:
 
     async with AsyncFabricClient(nats_url, local=False) as fc:
         yield fc
+
+
+@pytest.fixture(scope="module")
+async def spawner(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SpawnerService]:
+    """A real spawner in this process, one per test module."""
+    from fabric.service import ServiceSettings
+    from services.spawner import SpawnerService
+
+    state = tmp_path_factory.mktemp("spawner-state")
+    svc = SpawnerService(ServiceSettings(nats_url=nats_url, node=f"sp-{secrets.token_hex(3)}", state_dir=state))
+    await svc.start()
+    yield svc
+    await svc.stop()
+
+
+@pytest.fixture
+async def fc(nats_url: str, spawner: SpawnerService) -> AsyncIterator[AsyncFabricClient]:
+    """A client of the module's spawner; teardown checks no process still runs and no descriptor leaked."""
+    from fabric import AsyncFabricClient
+
+    fds_before = open_fds()
+    async with AsyncFabricClient(nats_url, local=False) as client:
+        yield client
+    # teardown accounting: nothing of the test's processes still runs, no pipe or pidfd leaked
+    await all_ended(spawner)
+    await no_fds_leaked(fds_before)

@@ -155,7 +155,7 @@ def test_every_offset_is_16_aligned_and_blocks_do_not_overlap(arena):
     handles = [arena.alloc(n) for n in list(range(0, 300, 7)) + SIZES]
     spans = sorted((s, o, o + arena.size(s, o, g)) for s, o, g in handles)
     assert all(o % 16 == 0 for _, o, _ in handles)
-    for (s1, _, e1), (s2, b2, _) in zip(spans, spans[1:]):
+    for (s1, _, e1), (s2, b2, _) in zip(spans, spans[1:], strict=False):
         assert s1 != s2 or e1 + 8 <= b2 - 64, "blocks (with canary and header) overlap"
     for i, h in enumerate(handles):
         arena.write(*h, 0, pattern(arena.size(*h), i))

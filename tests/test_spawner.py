@@ -14,13 +14,9 @@ import json
 import os
 import secrets
 import signal
-import sys
-import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
-import psutil
 import pytest
 
 from fabric import (
@@ -34,84 +30,7 @@ from fabric import (
 )
 from fabric.service import ServiceSettings
 from services.spawner import SpawnerService
-
-PY = sys.executable
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-async def gone(pid: int, within: float = 5.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return True
-        await asyncio.sleep(0.02)
-    return False
-
-
-@pytest.fixture(scope="module")
-async def spawner(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SpawnerService]:
-    state = tmp_path_factory.mktemp("spawner-state")
-    svc = SpawnerService(ServiceSettings(nats_url=nats_url, node=f"sp-{secrets.token_hex(3)}", state_dir=state))
-    await svc.start()
-    yield svc
-    await svc.stop()
-
-
-@pytest.fixture
-async def fc(nats_url: str, spawner: SpawnerService) -> AsyncIterator[AsyncFabricClient]:
-    fds_before = open_fds()
-    async with AsyncFabricClient(nats_url, local=False) as client:
-        yield client
-    # teardown accounting: nothing of the test's processes still runs, no pipe or pidfd leaked
-    await all_ended(spawner)
-    await no_fds_leaked(fds_before)
-
-
-def open_fds() -> dict[int, str]:
-    """This process's open descriptors and what each points at."""
-    out: dict[int, str] = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:  # the listing's own descriptor, closed by now
-            pass
-    return out
-
-
-async def no_fds_leaked(before: dict[int, str], within: float = 5.0) -> None:
-    """Asserts that the descriptor count falls back to *before* within *within* seconds.
-
-    The spawner's sweeper scans /proc in a worker thread a moment after a process
-    ends (that is how a setsid() descendant is found), opening one /proc file after
-    another; a scan still running when the test ends is not a leak (CI once counted
-    its descriptor: 23 against 22).  A descriptor that stays open past *within* is.
-    """
-    deadline = time.monotonic() + within
-    while True:
-        now = open_fds()
-        if len(now) <= len(before):
-            return
-        if time.monotonic() >= deadline:
-            extra = {fd: target for fd, target in now.items() if before.get(fd) != target}
-            raise AssertionError(f"the spawner leaked file descriptors: {len(before)} before, {len(now)} after; "
-                                 f"new or changed: {extra}")
-        await asyncio.sleep(0.02)
-
-
-async def all_ended(spawner: SpawnerService) -> None:
-    """Asserts that every process of *spawner* ends within 5 s."""
-    table = spawner.table
-    assert table is not None
-    deadline = time.monotonic() + 5
-    while table.live and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
-    assert not table.live, f"processes still running after the test: {list(table.live)}"
+from tests._spawner import PY, gone, pid_alive
 
 
 async def raw(nats_url: str, subject: str, data: bytes):

@@ -37,7 +37,7 @@ from fabric import (
     WrongArchitecture,
 )
 from services.spawner import SpawnerService
-from tests.test_spawner import all_ended, spawner  # noqa: F401  (fixture)
+from tests._spawner import all_ended
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[1]

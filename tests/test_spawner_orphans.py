@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.test_spawner import PY, fc, gone, pid_alive, spawner  # noqa: F401  (fixtures)
+from tests._spawner import PY, gone, pid_alive
 
 # the grandchild: double fork, setsid(), then exec `sleep 300` with an EMPTY environment
 # (no FABRIC_SPAWNER marker to find it by); its pid goes to the spawned process's stdout

@@ -18,10 +18,11 @@ import psutil
 
 from fabric import FabricClient, Limits
 from tests._nats import env_with_repo
-from tests.test_spawner import pid_alive
+from tests._spawner import pid_alive
 
 PY = sys.executable
-GRANDCHILD = "import os, time\nif os.fork() == 0:\n    time.sleep(300)\n    os._exit(0)\nprint(os.getpid(), flush=True)\ntime.sleep(300)"
+GRANDCHILD = ("import os, time\nif os.fork() == 0:\n    time.sleep(300)\n    os._exit(0)\n"
+              "print(os.getpid(), flush=True)\ntime.sleep(300)")
 
 
 def fabric(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -138,7 +138,7 @@ def test_encode_reserve_matches_golden(name):
     frame, kind, items, payloads = GOLDEN[name]
     out, slots = wire.encode_reserve(kind, items)
     assert type(out) is bytearray and len(slots) == len(items)
-    for slot, data in zip(slots, payloads):
+    for slot, data in zip(slots, payloads, strict=True):
         assert not slot.readonly and len(slot) == len(data)
         slot[:] = data
     assert bytes(out) == frame
@@ -279,7 +279,7 @@ def test_decode_of_a_large_frame_does_not_copy_the_payload():
 
 def test_decode_error_paths_release_the_buffer():
     # every rejected frame must let go of its source (a bytearray resizes only without exports)
-    for name, frame, _exc, kw in HOSTILE:
+    for _name, frame, _exc, kw in HOSTILE:
         buf = bytearray(frame)
         with pytest.raises((InvalidFrame, TooLarge)):
             wire.decode(buf, **kw)
@@ -511,7 +511,7 @@ STREAM_BYTES = b"".join(STREAM)
 
 def _check_frames(frames: list) -> None:
     assert len(frames) == len(STREAM)
-    for f, raw in zip(frames, STREAM):
+    for f, raw in zip(frames, STREAM, strict=True):
         ref = wire.decode(raw)
         assert f.kind == ref.kind and f.items == ref.items
         assert [bytes(f.data(i)) for i in range(len(f))] == [bytes(ref.data(i)) for i in range(len(ref))]

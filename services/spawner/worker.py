@@ -178,7 +178,8 @@ class Worker:
 
 def _slow_address(frame: bytes | bytearray) -> int:
     if type(frame) is bytes:
-        return ctypes.cast(frame, ctypes.c_void_p).value or 0
+        # c_char_p points at the bytes object's own buffer (no copy)
+        return ctypes.cast(ctypes.c_char_p(frame), ctypes.c_void_p).value or 0
     return ctypes.addressof(ctypes.c_char.from_buffer(frame))
 
 

@@ -102,6 +102,16 @@ class _Device:
         self.max_group = int(dev.max_work_group_size)
 
 
+class _Program:
+    """A built program and the kernels taken from it so far, by name."""
+
+    __slots__ = ("program", "kernels")
+
+    def __init__(self, program: Any) -> None:
+        self.program = program
+        self.kernels: dict[str, _Kernel] = {}
+
+
 class _Kernel:
     """A kernel and what its parameters declare: ``(address qualifier, type name)`` or None each."""
 
@@ -174,7 +184,7 @@ class OpenCLCore:
         self.cl = cl
         self._platforms: list[list[Any]] | None = None
         self._devices: dict[tuple[int, int], _Device] = {}
-        self._programs: OrderedDict[tuple[int, int, bytes], dict[str, _Kernel | Any]] = OrderedDict()
+        self._programs: OrderedDict[tuple[int, int, bytes], _Program] = OrderedDict()
         self._maps: dict[str, _Mapping] = {}
 
     # -- the job ------------------------------------------------------------------
@@ -249,7 +259,7 @@ class OpenCLCore:
             if stage is not None:
                 # map and unmap: the spec's way to have the device's results in the host memory
                 # (zero-copy on a CPU device, a copy back on a GPU)
-                for spec, buf, view in outs:
+                for _spec, buf, view in outs:
                     mapped, _ = cl.enqueue_map_buffer(dev.queue, buf, cl.map_flags.READ, 0, (view.nbytes,),
                                                       np.uint8)
                     mapped.base.release(dev.queue)
@@ -260,7 +270,7 @@ class OpenCLCore:
                 frame, _ = encode_result(ResultHeader(device=dev.info, outputs=infos, kernel_ns=kernel_ns), 0)
                 return frame
             infos, pos = [], 0
-            for spec, buf, _ in outs:
+            for spec, _buf, _ in outs:
                 n = math.prod(spec.shape) * _dtype(spec.dtype, 0).itemsize
                 infos.append(OutInfo(dtype=spec.dtype, shape=spec.shape, offset=pos, nbytes=n))
                 pos += -(-n // INLINE_ALIGN) * INLINE_ALIGN
@@ -268,7 +278,7 @@ class OpenCLCore:
             kernel_ns = time.perf_counter_ns() - t0
             frame, start = encode_result(ResultHeader(device=dev.info, outputs=infos, kernel_ns=kernel_ns), pos)
             dest = np.frombuffer(frame, dtype=np.uint8)
-            for (spec, buf, _), info in zip(outs, infos):
+            for (_spec, buf, _), info in zip(outs, infos, strict=True):
                 if info.nbytes:
                     cl.enqueue_copy(dev.queue, dest[start + info.offset:start + info.offset + info.nbytes], buf,
                                     is_blocking=False)
@@ -348,23 +358,23 @@ class OpenCLCore:
                 first = next((ln for ln in log.splitlines() if "error" in ln), log.strip()[:200])
                 raise Refused(KernelBuildFailed(f"kernel source does not compile on {dev.info.name}: {first}",
                                                 build_log=log), build_log=log) from None
-            entry = {"program": program}
+            entry = _Program(program)
             self._programs[pkey] = entry
             while len(self._programs) > MAX_PROGRAMS:
                 self._programs.popitem(last=False)
         else:
             self._programs.move_to_end(pkey)
-        k = entry.get(job.kernel)
+        k = entry.kernels.get(job.kernel)
         if k is None:
             try:
-                k = entry[job.kernel] = _Kernel(cl, entry["program"], job.kernel)
+                k = entry.kernels[job.kernel] = _Kernel(cl, entry.program, job.kernel)
             except cl.Error:
                 try:
-                    names = entry["program"].get_info(cl.program_info.KERNEL_NAMES)
+                    names = entry.program.get_info(cl.program_info.KERNEL_NAMES)
                 except cl.Error:
                     names = "?"
                 raise BadRequest(f"no kernel {job.kernel!r} in the source (it has: {names or 'none'})") from None
-        return k  # type: ignore[return-value]
+        return k
 
     def _runtime_error(self, exc: Any) -> FabricError:
         """The typed error for an OpenCL failure during a job; a device failure drops its context."""
@@ -432,7 +442,7 @@ def _check_sizes(job: JobHeader) -> tuple[list[int], list[int] | None]:
     if loc is not None:
         if len(loc) != len(g):
             raise BadRequest(f"local size {loc} has {len(loc)} dimensions, the global size {g} has {len(g)}")
-        if any(x < 1 for x in loc) or any(gx % lx for gx, lx in zip(g, loc)):
+        if any(x < 1 for x in loc) or any(gx % lx for gx, lx in zip(g, loc, strict=True)):
             raise BadRequest(f"local size {loc} does not divide the global size {g}")
     return g, loc
 
