@@ -87,19 +87,10 @@ class Stream:
         return f"stream {self.config.name}"
 
     async def ensure(self, js: JetStreamContext) -> bool:
-        assert self.config.name is not None
-        try:
-            await js.stream_info(self.config.name)
-            return False
-        except nats.js.errors.NotFoundError:
-            pass
-        try:
-            await js.add_stream(self.config)
-        except nats.js.errors.BadRequestError as exc:
-            if exc.err_code != ALREADY_IN_USE:
-                raise
-            return False  # created by someone else between our two requests
-        return True
+        name = self.config.name
+        assert name is not None
+        return await _create_if_missing(lambda: js.stream_info(name), lambda: js.add_stream(self.config),
+                                        nats.js.errors.NotFoundError, ALREADY_IN_USE)
 
 
 @dataclass(frozen=True)
@@ -113,18 +104,9 @@ class KeyValueBucket:
         return f"kv {self.config.bucket}"
 
     async def ensure(self, js: JetStreamContext) -> bool:
-        try:
-            await js.key_value(self.config.bucket)
-            return False
-        except nats.js.errors.BucketNotFoundError:
-            pass
-        try:
-            await js.create_key_value(self.config)
-        except nats.js.errors.BadRequestError as exc:
-            if exc.err_code != ALREADY_IN_USE:
-                raise
-            return False
-        return True
+        return await _create_if_missing(lambda: js.key_value(self.config.bucket),
+                                        lambda: js.create_key_value(self.config),
+                                        nats.js.errors.BucketNotFoundError, ALREADY_IN_USE)
 
 
 @dataclass(frozen=True)
@@ -142,18 +124,30 @@ class Consumer:
         name = self.config.durable_name or self.config.name
         if not name:
             raise ValueError("a kept consumer must be durable (durable_name)")
-        try:
-            await js.consumer_info(self.stream, name)
-            return False
-        except nats.js.errors.NotFoundError:
-            pass
-        try:
-            await js.add_consumer(self.stream, self.config)
-        except nats.js.errors.BadRequestError as exc:
-            if exc.err_code != CONSUMER_EXISTS:
-                raise
-            return False
-        return True
+        return await _create_if_missing(lambda: js.consumer_info(self.stream, name),
+                                        lambda: js.add_consumer(self.stream, self.config),
+                                        nats.js.errors.NotFoundError, CONSUMER_EXISTS)
+
+
+async def _create_if_missing(lookup: Callable[[], Awaitable[object]], create: Callable[[], Awaitable[object]],
+                             missing: type[Exception], exists_code: int) -> bool:
+    """Look the resource up; create it when *lookup* raises *missing*.  True when this call created it.
+
+    A creation refused with *exists_code* means another node created it between our
+    two requests (perhaps with other limits): not an error, and not ours.
+    """
+    try:
+        await lookup()
+        return False
+    except missing:
+        pass
+    try:
+        await create()
+    except nats.js.errors.BadRequestError as exc:
+        if exc.err_code != exists_code:
+            raise
+        return False
+    return True
 
 
 #: what the keeper calls with a ready context, or None where there is no JetStream

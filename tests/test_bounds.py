@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import secrets
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -29,9 +28,7 @@ import pytest
 
 from fabric import schema
 from fabric.schema import INT_MAX
-from fabric.service import ServiceSettings
 from fabric_ext import wire
-from services.spawner import SpawnerService
 
 #: request struct -> (the endpoints that decode it, a minimal body the oversized value goes into).
 #: ``{mem}`` is the allocator's node, ``{proc}`` the spawner's.  The bodies are valid apart from the
@@ -138,15 +135,6 @@ def test_the_walk_finds_nested_and_listed_fields():
     found = {(s.__name__, dotted(p)) for s in request_structs() for p, _ in int_fields(mi.type_info(s))}
     assert {("SpawnRequest", "limits.cpu_s"), ("ReadvRequest", "items[0].length"),
             ("KillRequest", "signal"), ("LoadCoreRequest", "max_workers")} <= found
-
-
-@pytest.fixture(scope="module")
-async def spawner(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SpawnerService]:
-    svc = SpawnerService(ServiceSettings(nats_url=nats_url, node=f"bd-{secrets.token_hex(3)}",
-                                         state_dir=tmp_path_factory.mktemp("bounds-spawner")))
-    await svc.start()
-    yield svc
-    await svc.stop()
 
 
 @pytest.fixture(scope="module")

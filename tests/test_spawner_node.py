@@ -11,26 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from fabric.service import ServiceSettings
-from services.spawner import SpawnerService
-
 NODE_DIR = Path(__file__).resolve().parent / "node"
-
-
-@pytest.fixture(scope="module")
-async def spawner(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SpawnerService]:
-    svc = SpawnerService(ServiceSettings(nats_url=nats_url, node=f"js-{secrets.token_hex(3)}",
-                                         state_dir=tmp_path_factory.mktemp("spawner-node")))
-    await svc.start()
-    yield svc
-    await svc.stop()
 
 
 async def test_node_js_client_spawns_and_streams(nats_url, spawner):
