@@ -47,7 +47,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench._common import NATS_RESPONDER, machine, parse_args, progress  # noqa: E402
+from bench._common import NATS_RESPONDER, machine, parse_args, progress
 
 KIB = 1024
 MIB = 1024 * 1024

@@ -36,8 +36,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench._common import machine, progress  # noqa: E402
-from fabric_ext import ring as fring  # noqa: E402
+from bench._common import machine, progress
+from fabric_ext import ring as fring
 
 KIB = 1024
 RING_CAPACITY = 1 << 20

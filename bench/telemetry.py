@@ -44,7 +44,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench._common import machine, progress, stop_process, wait_for_spawner  # noqa: E402
+from bench._common import machine, progress, stop_process, wait_for_spawner
 
 log = progress("telemetry")
 BUDGET = 0.01  # of one core, at the default interval
@@ -236,7 +236,7 @@ async def main() -> None:
         # -- OpenCL vadd through fabric vs pyopencl directly (opencl_vadd_vs_pyopencl) -----------
         if "opencl" in only:
             try:
-                import pyopencl  # noqa: F401
+                import pyopencl  # noqa: F401  (only whether it imports: the fabric side runs it)
             except ImportError as exc:
                 not_measured["opencl_vadd_vs_pyopencl"] = f"pyopencl is not installed: {exc}"
             else:

@@ -33,9 +33,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import machine, parse_args, progress  # noqa: E402
-from fabric_ext import ring, wire  # noqa: E402
-from tests._cores import TEST_CORES, build_core  # noqa: E402
+from bench._common import machine, parse_args, progress
+from fabric_ext import ring, wire
+from tests._cores import TEST_CORES, build_core
 
 RING_CAPACITY = 1 << 20
 IN_FLIGHT = 64

@@ -31,7 +31,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cli_nodes import NoMonitor, fetch_nodes, nodes_table
+from .cli_nodes import NoMonitor, add_columns, fetch_nodes, nodes_table
 from .schema import NodeRecord
 from .state import FabricState, StateDir, default_state_dir, pid_alive
 
@@ -738,9 +738,8 @@ def _instance_totals(svc: dict[str, Any]) -> tuple[int, int, float | None] | Non
 def _print_instances_table(url: str, rows: list[dict[str, Any]], running: FabricState | None) -> None:
     """One row per service instance: what a fabric of many nodes can show on one screen."""
     table = Table(title=_status_title(url, running), title_justify="left")
-    for col, justify in [("service", "left"), ("node", "left"), ("version", "left"), ("uptime", "right"),
-                         ("requests", "right"), ("errors", "right"), ("avg latency", "right")]:
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    add_columns(table, [("service", "left"), ("node", "left"), ("version", "left"), ("uptime", "right"),
+                        ("requests", "right"), ("errors", "right"), ("avg latency", "right")])
     for svc in rows:
         totals = _instance_totals(svc)
         requests, errors, avg = totals if totals is not None else ("?", "?", None)
@@ -785,10 +784,9 @@ def _summary(rows: list[dict[str, Any]], per_node: dict[str, list[str]]) -> str:
 def _print_status_table(url: str, rows: list[dict[str, Any]], running: FabricState | None) -> None:
     """``--endpoints``: one row per endpoint of each service instance."""
     table = Table(title=_status_title(url, running), title_justify="left")
-    for col, justify in [("service", "left"), ("node", "left"), ("version", "left"), ("id", "left"),
-                         ("uptime", "right"), ("endpoint", "left"), ("requests", "right"),
-                         ("errors", "right"), ("avg latency", "right")]:
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    add_columns(table, [("service", "left"), ("node", "left"), ("version", "left"), ("id", "left"),
+                        ("uptime", "right"), ("endpoint", "left"), ("requests", "right"),
+                        ("errors", "right"), ("avg latency", "right")])
     for svc in rows:
         first = [svc["name"], svc["node"] or "?", svc["version"] or "?", svc["id"], _duration(svc["uptime_s"])]
         endpoints = svc["endpoints"] or [{}]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.console import JustifyMethod
 from rich.table import Table
 
 from .schema import JSON, NodeListReply, NodeRecord
@@ -68,13 +69,18 @@ def _short(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def add_columns(table: Table, columns: list[tuple[str, JustifyMethod]]) -> None:
+    """Add ``(header, justify)`` columns to a rich table."""
+    for col, justify in columns:
+        table.add_column(col, justify=justify)
+
+
 def nodes_table(records: list[NodeRecord], title: str) -> Table:
     """One row per node: status, CPUs, load, memory, disk, network, GPUs, OpenCL devices."""
     table = Table(title=title, title_justify="left")
-    for col, justify in [("node", "left"), ("status", "left"), ("host", "left"), ("cpu", "right"),
-                         ("load", "right"), ("memory", "right"), ("disk /", "right"), ("net rx/tx", "right"),
-                         ("gpus", "left"), ("opencl", "left")]:
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    add_columns(table, [("node", "left"), ("status", "left"), ("host", "left"), ("cpu", "right"),
+                        ("load", "right"), ("memory", "right"), ("disk /", "right"), ("net rx/tx", "right"),
+                        ("gpus", "left"), ("opencl", "left")])
     for r in records:
         h = r.host
         status = r.status if r.status == "up" else f"[bold red]{r.status}[/] ({r.age_s:.0f}s)"

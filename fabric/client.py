@@ -46,7 +46,7 @@ import platform
 import socket
 import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
 
 import nats
@@ -962,10 +962,10 @@ class FabricClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _run(self, coro: Awaitable[T]) -> T:
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._loop is None:
             raise Unavailable("client is not connected: use 'with FabricClient(...)' or call connect()")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def _wrap(self, abuf: AsyncRemoteBuffer) -> RemoteBuffer:
         return RemoteBuffer(self, abuf.handle, abuf.size)

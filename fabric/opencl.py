@@ -432,6 +432,10 @@ _ALL_STAGERS: weakref.WeakSet[_Stager] = weakref.WeakSet()
 _ALL_LOCK = threading.Lock()
 
 
+#: what a closed staging file's ``bytes`` points at instead of its mapping
+_NO_BYTES = np.empty(0, dtype=np.uint8)
+
+
 class StagingFile:
     """A file in /dev/shm this process made, mapped, with a random nonce at its start."""
 
@@ -461,7 +465,7 @@ class StagingFile:
     def close(self) -> None:
         if self.fd < 0:
             return
-        self.bytes = None  # type: ignore[assignment]
+        self.bytes = _NO_BYTES  # drop the view of the mapping, so it can close
         try:
             self.mm.close()
         except BufferError:  # a view is still alive: the mapping goes with it

@@ -231,6 +231,13 @@ class FabricService:
         self._stopping = asyncio.Event()
         self.jetstream: JetStreamKeeper | None = None
 
+    @property
+    def connection(self) -> NATS:
+        """The service's NATS connection; RuntimeError before :meth:`start`."""
+        if self.nc is None:
+            raise RuntimeError(f"{self.name}: not started (no NATS connection yet)")
+        return self.nc
+
     # -- what subclasses provide ----------------------------------------------
 
     def endpoints(self) -> Sequence[Endpoint]:
@@ -438,7 +445,7 @@ class FabricService:
     async def _reply(self, msg: Any, body: Any, headers: dict[str, str] | None) -> None:
         if msg.reply:
             try:
-                await self.nc.publish(msg.reply, body, headers=headers)  # type: ignore[union-attr]
+                await self.connection.publish(msg.reply, body, headers=headers)
             except Exception as exc:  # connection lost mid-reply: the client times out and retries
                 self.log.warning("reply not sent", subject=msg.subject, error=str(exc))
 

@@ -435,7 +435,7 @@ def test_shutdown_wakes_blocked_push_and_drains(path: str) -> None:
     def producer() -> None:
         try:
             p.push(b"y" * 200)  # does not fit: blocks
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001 -- handed to the test thread
             errors.append(e)
 
     t = threading.Thread(target=producer)

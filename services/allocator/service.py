@@ -210,7 +210,7 @@ class AllocatorService(FabricService):
         h = self.signer.verify(r.handle)
         length = -1 if r.length is None else r.length
         data = self.arena.read(h.seg, h.off, h.gen, r.offset, length)
-        max_payload = self.nc.max_payload  # type: ignore[union-attr]
+        max_payload = self.connection.max_payload
         # JSON carries the bytes in base64 (4 characters per 3 bytes); 1 KiB covers the rest of the reply
         reply_size = (4 * -(-len(data) // 3) if req.codec is JSON else len(data)) + 1024
         if reply_size > max_payload:
@@ -293,7 +293,7 @@ class AllocatorService(FabricService):
         the checked path then does the work item by item and reports each failure
         precisely.
         """
-        reserved = wire.read_reply_reserve(frame, self.nc.max_payload)  # type: ignore[union-attr]
+        reserved = wire.read_reply_reserve(frame, self.connection.max_payload)
         if reserved is None:
             return None
         out, at = reserved
@@ -330,7 +330,7 @@ class AllocatorService(FabricService):
                     raise
                 reply_items.append((b"", pos, 0, exc.code))
                 sources.append(None)
-        max_payload = self.nc.max_payload  # type: ignore[union-attr]
+        max_payload = self.connection.max_payload
         reply_size = wire.HEADER_SIZE + wire.ITEM_FIXED * len(items) + total  # the DATA frame's exact size
         if reply_size > max_payload:
             raise TooLarge(f"a reply of {reply_size} bytes ({total} read) would exceed the max payload "

@@ -20,6 +20,7 @@ import sys
 import sysconfig
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import psutil
 
@@ -77,13 +78,17 @@ def host_info(node: str) -> HostInfo:
     )
 
 
-def _busy_percent(before: object, after: object) -> float:
-    """psutil.cpu_percent's figure for one CPU: busy time over all time between two readings."""
-    def split(t: object) -> tuple[float, float]:
-        total = sum(t)  # type: ignore[call-overload]
+def _busy_percent(before: Any, after: Any) -> float:
+    """psutil.cpu_percent's figure for one CPU: busy time over all time between two readings.
+
+    *before* and *after* are ``psutil.cpu_times(percpu=True)`` entries: named tuples
+    whose fields differ by platform (hence Any).
+    """
+    def split(t: Any) -> tuple[float, float]:
+        total = float(sum(t))
         # guest time is already counted in user time (Linux), so it is not added twice
         total -= getattr(t, "guest", 0.0) + getattr(t, "guest_nice", 0.0)
-        idle = t.idle + getattr(t, "iowait", 0.0)  # type: ignore[attr-defined]
+        idle = t.idle + getattr(t, "iowait", 0.0)
         return total, total - idle
 
     total0, busy0 = split(before)

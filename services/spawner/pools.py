@@ -679,16 +679,19 @@ class CoreManager:
         task.add_done_callback(self._sends.discard)
 
     async def _publish(self, subject: str, data: Any, headers: dict[str, str] | None) -> None:
+        nc = self.nc
+        if nc is None:  # closed since the send was scheduled
+            return
         try:
             try:
-                await self.nc.publish(subject, data, headers=headers)  # type: ignore[union-attr]
+                await nc.publish(subject, data, headers=headers)
             except MaxPayloadError:
                 # the callers check sizes (reply_limit); should one slip through, the client still
                 # gets an answer rather than waiting out its timeout
-                mp = self.nc.max_payload  # type: ignore[union-attr]
+                mp = nc.max_payload
                 exc = TooLarge(f"a reply of {len(data)} bytes is above the NATS server's max payload of {mp} "
                                f"bytes; {OUTPUT_HINT}")
-                await self.nc.publish(subject, b"", headers=error_headers(exc))  # type: ignore[union-attr]
+                await nc.publish(subject, b"", headers=error_headers(exc))
         except Exception as exc:  # connection lost: the client times out
             self.log.warning("job reply not sent", error=str(exc))
 

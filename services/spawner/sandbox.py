@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import os
 import pwd
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["SandboxCaps", "detect", "resolve_user", "CLONE_NEWNET", "CLONE_NEWUSER"]
@@ -79,7 +80,7 @@ class SandboxCaps:
     raise_rlimits: bool = False
 
 
-def _probe_in_child(fn: object) -> str | None:
+def _probe_in_child(fn: Callable[[], object]) -> str | None:
     """Run *fn* in a forked child; None if it returned, else the error it raised."""
     r, w = os.pipe()
     pid = os.fork()
@@ -87,7 +88,7 @@ def _probe_in_child(fn: object) -> str | None:
         os.close(r)
         code = 0
         try:
-            fn()  # type: ignore[operator]
+            fn()
         except BaseException as exc:  # noqa: BLE001 - report any failure to the parent
             os.write(w, str(exc).encode()[:500] or b"failed")
             code = 1

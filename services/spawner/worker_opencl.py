@@ -77,6 +77,10 @@ MAX_DIMS = 3
 CL_KERNEL_ARG_ADDRESS_LOCAL = 0x119C
 
 
+#: what a closed staging file's ``bytes`` points at instead of its mapping
+_NO_BYTES = np.empty(0, dtype=np.uint8)
+
+
 class Refused(Exception):
     """A job the worker refuses: *error* goes into the error record."""
 
@@ -163,7 +167,7 @@ class _Mapping:
         return st.st_nlink == 1 and st.st_size == self.size
 
     def close(self) -> None:
-        self.bytes = None  # type: ignore[assignment]
+        self.bytes = _NO_BYTES  # drop the view of the mapping, so it can close
         try:
             self.mm.close()
         except BufferError:  # an OpenCL buffer still holds a view: the mapping goes with it
