@@ -34,7 +34,7 @@ from fabric.errors import CoreLoadFailed, JobError, JobTimeout, TooLarge, Worker
 from fabric.launch import module_launch
 from fabric_ext import ring, wire
 
-from .worker import OUTPUT_TOO_LARGE
+from .core_api import OUTPUT_TOO_LARGE
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pools import CoreManager, Job, Pool

@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 from fabric_ext import wire
 
-from .worker_core import CCore, CoreError, PythonCore, load_core
+from .core_api import OUTPUT_TOO_LARGE, CoreError
+from .worker_core import CCore, PythonCore, load_core
 
 if TYPE_CHECKING:  # pragma: no cover - pyopencl loads only when the OpenCL core does
     from .worker_opencl import OpenCLCore
@@ -51,9 +52,6 @@ _V1_KNOWN = frozenset((wire.V1_MSG_VERSION, wire.V1_MSG_CORE, wire.V1_MSG_JOB, w
 _HEADER = struct.Struct("<BQQ")
 _PR_SET_PDEATHSIG = 1
 _RESULT_HEAD = 29                 # a job result frame's header 17 + exit code 4 + output length 8
-#: how the 0xFF answer to a job whose output does not fit a result ring record begins
-#: (services.spawner.pool_workers types it 413 too_large; a record limit is no protocol error)
-OUTPUT_TOO_LARGE = "output too large: "
 
 Send = Callable[[bytes, Any], None]
 

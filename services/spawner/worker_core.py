@@ -12,7 +12,10 @@ is an OpenCL kernel frame of :mod:`fabric.opencl`; pyopencl is imported only the
 
 Both answer :meth:`run` with ``(exit_code, output)``; the worker loop
 (``services/spawner/worker.py``) turns that into a v1 response.  A core that
-cannot be loaded raises :class:`CoreError` with a message for the 0xFF reply.
+cannot be loaded raises :class:`~.core_api.CoreError` with a message for the 0xFF reply.
+
+Imports run one way: this module imports :mod:`.worker_opencl` (lazily, in
+:func:`load_core`), which imports only :mod:`.core_api` from here.
 """
 
 from __future__ import annotations
@@ -24,14 +27,14 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .core_api import API_VERSION, BUILTIN_CORES, OPENCL_CORE, PYTHON_CORE, CoreError
+
 if TYPE_CHECKING:
     from .worker_opencl import OpenCLCore
 
-API_VERSION = 1
-PYTHON_CORE = "fabric.python"
-OPENCL_CORE = "fabric.opencl"
-#: the core names that need no library (and whose names no library may take)
-BUILTIN_CORES = (PYTHON_CORE, OPENCL_CORE)
+__all__ = ["API_VERSION", "BUILTIN_CORES", "OPENCL_CORE", "PYTHON_CORE", "CCore", "CoreError", "PythonCore",
+           "load_core"]
+
 REQUIRED = ("worker_init", "worker_run_job", "worker_free_outdata")
 
 _RUN_JOB = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_uint64, ctypes.c_void_p,
@@ -44,10 +47,6 @@ try:
     from _ctypes import dlclose as _dlclose
 except ImportError:  # pragma: no cover - every Linux CPython has it
     _dlclose = None
-
-
-class CoreError(Exception):
-    """Raised when a core cannot be loaded or initialised (the text goes into an 0xFF reply)."""
 
 
 class CCore:

@@ -55,7 +55,7 @@ from fabric.opencl import (
     encode_result,
 )
 
-from .worker_core import OPENCL_CORE, CoreError
+from .core_api import OPENCL_CORE, CoreError
 
 #: the OpenCL C scalar types and their numpy dtypes (little-endian)
 CL_TYPES: dict[str, np.dtype[Any]] = {
