@@ -39,12 +39,41 @@ stable *kind* string below) so a client can raise the exact class::
 Classes are registered by kind in one registry that rejects duplicates, and each
 numeric code has one default class (the first registered for it), used when a
 reply carries a code but no kind (for example from a non-fabric service).
+
+The root and the classes the extensions raise (``BadRequest``, ``InvalidFrame``,
+``OutOfRange``, ``NotFound``, ``UnknownHandle``, ``StaleHandle``, ``Conflict``,
+``DoubleFree``, ``TooLarge``, ``QuotaExceeded``, ``InternalError``,
+``CorruptionDetected``, ``OutOfMemory``) are defined in :mod:`fabric_ext.errors`,
+together with the registry, so ``fabric_ext`` depends on nothing in ``fabric``;
+this module re-exports them unchanged and is where everyone else imports errors from.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+
+# The root of the tree and the classes the extensions raise live in fabric_ext.errors, so that
+# fabric_ext loads without this package; they are these very classes (not copies), so
+# ``except fabric.errors.InvalidFrame`` catches what fabric_ext.wire raises.  The kind/code
+# registry lives there too, with FabricError.__init_subclass__ that fills it.
+from fabric_ext.errors import (
+    _BY_CODE,
+    _BY_KIND,
+    BadRequest,
+    Conflict,
+    CorruptionDetected,
+    DoubleFree,
+    FabricError,
+    InternalError,
+    InvalidFrame,
+    NotFound,
+    OutOfMemory,
+    OutOfRange,
+    QuotaExceeded,
+    StaleHandle,
+    TooLarge,
+    UnknownHandle,
+)
 
 __all__ = [
     "FabricError",
@@ -88,113 +117,12 @@ ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 ERROR_KIND_HEADER = "Fabric-Error"
 
-_BY_KIND: dict[str, type[FabricError]] = {}
-_BY_CODE: dict[int, type[FabricError]] = {}
-
-
-class FabricError(Exception):
-    """Base of every fabric error; raised when nothing more precise fits."""
-
-    code: ClassVar[int] = 500
-    kind: ClassVar[str] = "error"
-
-    def __init__(self, message: str = "", **fields: Any) -> None:
-        super().__init__(message or self.kind.replace("_", " "))
-        self.message = message or self.kind.replace("_", " ")
-        self.fields = fields
-        for name, value in fields.items():
-            setattr(self, name, value)
-
-    def __init_subclass__(cls, register: bool = True, **kw: Any) -> None:
-        super().__init_subclass__(**kw)
-        if not register:
-            return
-        if "kind" not in cls.__dict__:
-            raise TypeError(f"{cls.__name__} must define its own kind")
-        if cls.kind in _BY_KIND:
-            raise TypeError(f"error kind {cls.kind!r} registered twice ({_BY_KIND[cls.kind].__name__}, {cls.__name__})")
-        _BY_KIND[cls.kind] = cls
-        _BY_CODE.setdefault(cls.code, cls)
-
-    def __repr__(self) -> str:
-        extra = "".join(f", {k}={v!r}" for k, v in self.fields.items())
-        return f"{type(self).__name__}({self.message!r}{extra})"
-
-    def __reduce__(self) -> Any:
-        return (_rebuild, (type(self).kind, self.message, self.fields))
-
-
-def _rebuild(kind: str, message: str, fields: dict[str, Any]) -> FabricError:
-    return _BY_KIND.get(kind, FabricError)(message, **fields)
-
-
-class BadRequest(FabricError, ValueError):
-    """Raised when a request is malformed or has wrong types or values.
-
-    Also a :class:`ValueError`, so code that validates arguments the Python way
-    (``except ValueError``) catches fabric's bad-argument errors too.
-    """
-
-    code = 400
-    kind = "bad_request"
-
-
-class InvalidFrame(BadRequest):
-    """Raised when a binary frame is truncated, has a bad magic/version, or hostile lengths."""
-
-    kind = "invalid_frame"
-
-
-class OutOfRange(BadRequest):
-    """Raised when an offset/length pair falls outside the block's size."""
-
-    kind = "out_of_range"
-
 
 class PermissionDenied(FabricError):
     """Raised when the handle does not permit the operation (a write with a read-only handle)."""
 
     code = 403
     kind = "denied"
-
-
-class NotFound(FabricError):
-    """Raised when an id, node or subject is unknown."""
-
-    code = 404
-    kind = "not_found"
-
-
-class UnknownHandle(NotFound):
-    """Raised when a handle was never issued here, is forged, or names an unknown segment."""
-
-    kind = "unknown_handle"
-
-
-class StaleHandle(NotFound):
-    """Raised when a handle's block has been freed (use after free)."""
-
-    kind = "stale_handle"
-
-
-class Conflict(FabricError):
-    """Raised when the current state forbids the operation."""
-
-    code = 409
-    kind = "conflict"
-
-
-class DoubleFree(Conflict):
-    """Raised when a block is freed a second time."""
-
-    kind = "double_free"
-
-
-class TooLarge(FabricError):
-    """Raised when a size, a count or a frame exceeds a hard limit."""
-
-    code = 413
-    kind = "too_large"
 
 
 class Infeasible(FabricError):
@@ -204,38 +132,11 @@ class Infeasible(FabricError):
     kind = "infeasible"
 
 
-class QuotaExceeded(FabricError):
-    """Raised when an owner's quota would be exceeded; carries ``owner``, ``limit``, ``requested``."""
-
-    code = 429
-    kind = "quota"
-
-
-class InternalError(FabricError):
-    """Raised when the service hit a bug or an unexpected failure."""
-
-    code = 500
-    kind = "internal"
-
-
-class CorruptionDetected(InternalError):
-    """Raised when a block header, canary or segment header is damaged."""
-
-    kind = "corruption"
-
-
 class Unavailable(FabricError):
     """Raised when no service answered in time (no responders, timeout, connection lost)."""
 
     code = 503
     kind = "unavailable"
-
-
-class OutOfMemory(FabricError):
-    """Raised when the node's memory capacity is exhausted; carries ``requested``, ``available``."""
-
-    code = 507
-    kind = "out_of_memory"
 
 
 # -- compute cores (services/spawner/pools.py) --------------------------------

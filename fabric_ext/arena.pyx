@@ -62,7 +62,7 @@ from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, mun
 from posix.stat cimport fstat, struct_stat
 from posix.types cimport off_t
 
-from fabric.errors import (
+from fabric_ext.errors import (
     BadRequest,
     Conflict,
     CorruptionDetected,

@@ -5,7 +5,7 @@ from typing import Any, Final, final
 
 from typing_extensions import Buffer
 
-from fabric.errors import InvalidFrame, TooLarge
+from fabric_ext.errors import InvalidFrame, TooLarge
 
 MAGIC: Final[bytes]
 VERSION: Final[int]

@@ -17,7 +17,8 @@ Decoding is zero-copy: the payload views a :class:`Frame` hands out point into
 the buffer it was decoded from.  Everything a peer sent is validated before
 anything is allocated for it, and every field read is bounds-checked: a
 truncated, corrupt or hostile frame raises :class:`fabric.errors.InvalidFrame`,
-a frame above the caller's limits :class:`fabric.errors.TooLarge`.
+a frame above the caller's limits :class:`fabric.errors.TooLarge` (both defined in
+:mod:`fabric_ext.errors`, so this codec loads without the ``fabric`` package).
 
 >>> from fabric_ext import wire
 >>> req = wire.encode(wire.KIND_WRITE, [("h1", 0, 5, 0)], [b"hello"])
@@ -42,7 +43,7 @@ from cpython.dict cimport PyDict_GetItem
 from libc.stdint cimport UINT32_MAX, UINT64_MAX, int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
-from fabric.errors import InvalidFrame, TooLarge
+from fabric_ext.errors import InvalidFrame, TooLarge
 
 cdef extern from "fabric_endian.h":
     uint8_t fabric_load_u8(const void* p) nogil
