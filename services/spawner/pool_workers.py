@@ -17,6 +17,11 @@ a crash.
 
 :class:`SocketWorker` is a peer that connected to a pool's listening socket
 (``examples/cores/worker.c``); the stream is cut into frames by ``wire.V1Decoder``.
+
+A worker knows nothing of the pool or the manager above it: it reports through the
+:class:`PoolEvents` it is given (a job finished, a worker failed or is gone, hand out
+more work), and gets its settings (:class:`~.pool_types.PoolEnv`, the ring file prefix,
+the reply link, the set to record its child pid in) at construction.
 """
 
 from __future__ import annotations
@@ -27,50 +32,44 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from fabric.errors import CoreLoadFailed, JobError, JobTimeout, TooLarge, WorkerCrashed
+from fabric.errors import CoreLoadFailed, FabricError, JobError, JobTimeout, TooLarge, WorkerCrashed
 from fabric.launch import module_launch
 from fabric_ext import ring, wire
 
 from .core_api import OUTPUT_TOO_LARGE
+from .pool_reply import ReplyLink
+from .pool_types import OUTPUT_HINT, Job, PoolEnv, WorkerSpec
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .pools import CoreManager, Job, Pool
-
-__all__ = ["Worker", "RingWorker", "SocketWorker", "WorkerSpec", "RING_CAPACITY", "CORE_ID_ENV"]
+__all__ = ["Worker", "RingWorker", "SocketWorker", "WorkerSpec", "PoolEvents", "RING_CAPACITY", "CORE_ID_ENV",
+           "OUTPUT_HINT"]
 
 #: bytes of each ring (a power of two); a job's frame must fit one record
 RING_CAPACITY = 16 << 20
 #: set in each ring worker's environment to its core id (read back by services.gpu_monitor)
 CORE_ID_ENV = "FABRIC_CORE_ID"
-#: how long a reader thread spins for the next result before it sleeps (see docs/benchmarks.md)
-READER_SPIN_US = float(os.environ.get("FABRIC_POOL_READER_SPIN_US", "250"))
 #: bytes of job data an external worker may have queued on its socket
 SOCKET_WINDOW = 64 << 20
-#: what a 413 for a job's output too large to carry back tells the caller to do instead
-OUTPUT_HINT = ("write large outputs to remote memory (alloc and write a block, return its handle) "
-               "or split the job")
 #: message ids of the version exchange and core messages (far from job ids)
 _CTRL_VERSION = 1 << 62
 _CTRL_CORE = (1 << 62) + 1
-#: pids of the ring workers this process started and has not reaped yet (the spawner's
-#: sweep for adopted orphans must never touch them)
-CHILD_PIDS: set[int] = set()
-#: how long a ring worker spins on its job ring before it sleeps: a sleeping worker
-#: took about 50 µs to wake for the next job here, a spinning one about 10 µs; an idle
-#: worker spins once for this long, yielding the core, then sleeps on its futex
-WORKER_SPIN_US = float(os.environ.get("FABRIC_WORKER_SPIN_US", "1000"))
 
 
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What a new worker is told: the core's id (for logs), name and library bytes."""
+class PoolEvents(Protocol):
+    """What a worker tells its pool; the pool implements it and passes itself in."""
 
-    core: str
-    name: str
-    library: bytes
+    def finished(self, job: Job, exit_code: int, out: Any, err: FabricError | None) -> None:
+        """*job* ended: its output, or the error it failed with."""
+
+    def pump(self) -> None:
+        """The worker can take more jobs."""
+
+    def worker_failed(self, worker: Worker, why: str) -> None:
+        """The worker broke the protocol or its transport failed; it is being killed."""
+
+    def worker_gone(self, worker: Worker, reason: JobError | None, lost: list[Job]) -> None:
+        """The worker ended; *lost* are its unanswered jobs (the first ran, failing with *reason*)."""
 
 
 def _signal_name(rc: int) -> str:
@@ -89,9 +88,9 @@ class Worker:
     #: the most job data this worker may hold at once (set by the transport)
     max_job = 0
 
-    def __init__(self, manager: CoreManager, pool: Pool, seq: int) -> None:
-        self.manager = manager
-        self.pool = pool
+    def __init__(self, events: PoolEvents, spec: WorkerSpec, seq: int) -> None:
+        self.events = events
+        self.spec = spec
         self.seq = seq
         self.loop = asyncio.get_running_loop()
         #: jobs sent and not answered, in the order the worker runs them
@@ -128,8 +127,9 @@ class Worker:
 
     # -- protocol -----------------------------------------------------------------
 
-    async def handshake(self, spec: WorkerSpec, timeout: float) -> None:
+    async def handshake(self, timeout: float) -> None:
         """Version exchange, then "new compute core"; CoreLoadFailed when refused."""
+        spec = self.spec
         kind, payload = await self._control(_CTRL_VERSION, wire.v1_version(_CTRL_VERSION, wire.V1_VERSION), timeout)
         if kind != wire.V1_OK:
             raise CoreLoadFailed(f"worker refused protocol version {wire.V1_VERSION}: "
@@ -175,7 +175,8 @@ class Worker:
     def on_frames(self, frames: list[Any]) -> None:
         """Results (and control replies) from the worker, in the loop."""
         out = self.outstanding
-        pool = self.pool
+        pool = self.events
+        spec = self.spec
         ok = wire.V1_OK
         parse = wire.v1_parse_job_result
         for f in frames:
@@ -191,22 +192,22 @@ class Worker:
             self.inflight_bytes -= len(job.data)
             if f.kind == ok:
                 if job.replied:  # the reader thread parsed it, found exit code 0 and answered
-                    pool.finished(self, job, 0, b"", None)
+                    pool.finished(job, 0, b"", None)
                     continue
                 try:
                     code, data = parse(f.payload)
                 except ValueError as exc:
-                    pool.finished(self, job, 0, b"", JobError(f"malformed job result: {exc}", core=pool.id))
+                    pool.finished(job, 0, b"", JobError(f"malformed job result: {exc}", core=spec.core))
                     continue
-                pool.finished(self, job, code, data, None)
+                pool.finished(job, code, data, None)
             else:
                 text = bytes(f.payload).decode("utf-8", "replace")
                 if text.startswith(OUTPUT_TOO_LARGE):  # the output is too big for the ring, not a worker fault
                     err: JobError | TooLarge = TooLarge(
-                        f"core {pool.name!r}: {text[len(OUTPUT_TOO_LARGE):]}; {OUTPUT_HINT}", core=pool.id)
+                        f"core {spec.name!r}: {text[len(OUTPUT_TOO_LARGE):]}; {OUTPUT_HINT}", core=spec.core)
                 else:
-                    err = JobError(f"worker error: {text}", core=pool.id)
-                pool.finished(self, job, 0, b"", err)
+                    err = JobError(f"worker error: {text}", core=spec.core)
+                pool.finished(job, 0, b"", err)
         now = time.monotonic()
         if out:
             self.head_started = now  # the next queued job starts as this one ends
@@ -216,15 +217,16 @@ class Worker:
 
     def time_out(self, limit: float) -> None:
         if self._timed_out is None:
-            self._timed_out = JobTimeout(f"job ran past the time limit of {limit:g}s of core {self.pool.name!r}; "
-                                         f"its worker was killed and replaced", core=self.pool.id, time_limit_s=limit)
+            self._timed_out = JobTimeout(f"job ran past the time limit of {limit:g}s of core {self.spec.name!r}; "
+                                         f"its worker was killed and replaced", core=self.spec.core,
+                                         time_limit_s=limit)
             self.ready = False
             self._kill()
 
     def fail(self, why: str) -> None:
         if not self._failure:
             self._failure = why
-            self.manager.log.warning("worker failed", core=self.pool.id, worker=self.seq, error=why)
+            self.events.worker_failed(self, why)
             self.ready = False
             self._kill()
 
@@ -243,7 +245,7 @@ class Worker:
         text = self._death_text()
         for fut in self._ctrl.values():
             if not fut.done():
-                fut.set_exception(CoreLoadFailed(f"worker ended during start: {text}", core=self.pool.id))
+                fut.set_exception(CoreLoadFailed(f"worker ended during start: {text}", core=self.spec.core))
         lost = list(self.outstanding.values())
         self.outstanding.clear()
         self.inflight_bytes = 0
@@ -251,12 +253,12 @@ class Worker:
         if self._timed_out is not None:
             reason = self._timed_out
         elif lost or (self.was_ready and not self._retiring):
-            reason = WorkerCrashed(f"worker of core {self.pool.name!r} died running the job ({text}); "
-                                   f"the pool replaced it", core=self.pool.id)
+            reason = WorkerCrashed(f"worker of core {self.spec.name!r} died running the job ({text}); "
+                                   f"the pool replaced it", core=self.spec.core)
         self._gone.set()
-        self.pool.worker_gone(self, reason, lost)
+        self.events.worker_gone(self, reason, lost)
 
-    async def start(self, spec: WorkerSpec, timeout: float) -> None:
+    async def start(self, timeout: float) -> None:
         raise NotImplementedError
 
     async def stop(self, kill_after: float) -> None:
@@ -272,9 +274,15 @@ class Worker:
 class RingWorker(Worker):
     """A ``services.spawner.worker`` child process joined by two SPSC rings."""
 
-    def __init__(self, manager: CoreManager, pool: Pool, seq: int) -> None:
-        super().__init__(manager, pool, seq)
-        base = f"{manager.ring_prefix}-{pool.id}-{seq}"
+    def __init__(self, events: PoolEvents, spec: WorkerSpec, seq: int, *, ring_prefix: str,
+                 link: ReplyLink | None, env: PoolEnv, children: set[int]) -> None:
+        super().__init__(events, spec, seq)
+        base = f"{ring_prefix}-{spec.core}-{seq}"
+        #: answers successful ``run`` jobs straight from the reader thread (None: through the loop)
+        self.link = link
+        self.env = env
+        #: where this worker's pid stays until it is reaped (the spawner's orphan sweep spares them)
+        self.children = children
         self.path_in = f"{base}-in"
         self.path_out = f"{base}-out"
         self.prod: Any = None
@@ -292,32 +300,33 @@ class RingWorker(Worker):
         self._kick = threading.Event()
         self._exited = False
 
-    async def start(self, spec: WorkerSpec, timeout: float) -> None:
+    async def start(self, timeout: float) -> None:
+        spec = self.spec
         made: list[str] = []
         try:
             for path in (self.path_in, self.path_out):
                 ring.create(path, RING_CAPACITY)
                 made.append(path)
             self.prod = ring.Producer(self.path_in)
-            self.cons = ring.Consumer(self.path_out, spin_us=READER_SPIN_US)
+            self.cons = ring.Consumer(self.path_out, spin_us=self.env.reader_spin_us)
             # a job frame is its 33-byte header plus the data, in one record
             self.max_job = self.prod.max_record - 64
             # lets the gpu-monitor name the core a GPU-holding worker process belongs to
             env = {**os.environ, CORE_ID_ENV: spec.core}
             # -P, and the spawner's own working directory (the state directory under `fabric up`)
             launch = module_launch("services.spawner.worker", ["--ring-in", self.path_in, "--ring-out",
-                                   self.path_out, "--spin-us", str(WORKER_SPIN_US)], cwd=None, env=env)
+                                   self.path_out, "--spin-us", str(self.env.worker_spin_us)], cwd=None, env=env)
             self.proc = subprocess.Popen(launch.argv, cwd=launch.cwd, env=launch.env, stdin=subprocess.DEVNULL,
                                          close_fds=True)
         except BaseException:
             self._release()
             raise
-        CHILD_PIDS.add(self.proc.pid)
+        self.children.add(self.proc.pid)
         self.pidfd = os.pidfd_open(self.proc.pid)
         self.loop.add_reader(self.pidfd, self._on_exit)
-        self._thread = threading.Thread(target=self._read, name=f"core-{self.pool.id}-{self.seq}", daemon=True)
+        self._thread = threading.Thread(target=self._read, name=f"core-{spec.core}-{self.seq}", daemon=True)
         self._thread.start()
-        await self.handshake(spec, timeout)
+        await self.handshake(timeout)
 
     def _read(self) -> None:
         """The reader thread: block in pop() (GIL released), parse, hand results to the loop in batches.
@@ -332,7 +341,7 @@ class RingWorker(Worker):
         deliver = self.on_frames
         parse, parse_result, ok = wire.v1_parse, wire.v1_parse_job_result, wire.V1_OK
         out = self.outstanding
-        link = self.manager.link
+        link = self.link
         closed = False
         try:
             while not closed:
@@ -389,7 +398,7 @@ class RingWorker(Worker):
         self.pidfd = -1
         assert self.proc is not None
         self.returncode = self.proc.wait()
-        CHILD_PIDS.discard(self.proc.pid)
+        self.children.discard(self.proc.pid)
         self.ready = False
         self._exited = True
         self._kick.set()
@@ -474,17 +483,17 @@ class SocketWorker(Worker):
     external = True
     max_job = SOCKET_WINDOW
 
-    def __init__(self, manager: CoreManager, pool: Pool, seq: int, reader: asyncio.StreamReader,
+    def __init__(self, events: PoolEvents, spec: WorkerSpec, seq: int, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
-        super().__init__(manager, pool, seq)
+        super().__init__(events, spec, seq)
         self.reader = reader
         self.writer = writer
         self._task: asyncio.Task[None] | None = None
         self._eof_text = "the connection closed"
 
-    async def start(self, spec: WorkerSpec, timeout: float) -> None:
+    async def start(self, timeout: float) -> None:
         self._task = self.loop.create_task(self._read())
-        await self.handshake(spec, timeout)
+        await self.handshake(timeout)
 
     async def _read(self) -> None:
         decoder = wire.V1Decoder()
@@ -510,7 +519,7 @@ class SocketWorker(Worker):
     def _fail_ctrl(self, text: str) -> None:
         for fut in self._ctrl.values():
             if not fut.done():
-                fut.set_exception(CoreLoadFailed(text, core=self.pool.id))
+                fut.set_exception(CoreLoadFailed(text, core=self.spec.core))
 
     def _death_text(self) -> str:
         return self._failure or self._eof_text
