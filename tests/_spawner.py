@@ -1,19 +1,26 @@
-"""Helpers for the spawner tests: pid checks and the teardown accounting (fixtures are in conftest.py)."""
+"""Helpers for the spawner tests: pid checks, the teardown accounting, a spawner as its own process.
+
+The fixtures that use them are in conftest.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
 
 if TYPE_CHECKING:
+    from fabric import AsyncFabricClient
     from services.spawner import SpawnerService
 
 PY = sys.executable
+REPO = Path(__file__).resolve().parents[1]
 
 
 def pid_alive(pid: int) -> bool:
@@ -71,3 +78,23 @@ async def all_ended(spawner: SpawnerService) -> None:
     while table.live and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     assert not table.live, f"processes still running after the test: {list(table.live)}"
+
+
+def start_spawner_process(nats_url: str, node: str, state: Path) -> subprocess.Popen[bytes]:
+    """``python -m services.spawner`` as a child of the test (its output discarded); see wait_ready."""
+    return subprocess.Popen([PY, "-m", "services.spawner", "--nats-url", nats_url, "--node", node,
+                             "--state-dir", str(state)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+async def wait_ready(fc: AsyncFabricClient, node: str) -> None:
+    """Waits (20 s at most) until the spawner of *node* answers its info request."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            await fc.spawner_info(node)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)

@@ -17,7 +17,18 @@ from pathlib import Path
 import pytest
 
 from services.spawner.worker_core import CCore, CoreError, PythonCore, load_core
-from tests._cores import EXAMPLES, TEST_CORES, build_core
+from tests._cores import (
+    EXAMPLES,
+    SHA_MALFORMED,
+    TEST_CORES,
+    build_core,
+    mandel_input,
+    mandel_ref,
+    matmul_input,
+    matmul_ref,
+    sha_batch,
+    sha_ref,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,72 +45,6 @@ def core(request: pytest.FixtureRequest, build_dir: Path) -> Iterator[CCore]:
     c = _load(build_dir, EXAMPLES / f"{request.param}.c")
     yield c
     c.close()
-
-
-# -- references ------------------------------------------------------------------
-
-def matmul_input(n: int, k: int, m: int, a: list[float], b: list[float]) -> bytes:
-    return struct.pack(f"<3I{n * k}d{k * m}d", n, k, m, *a, *b)
-
-
-def matmul_ref(n: int, k: int, m: int, a: list[float], b: list[float]) -> list[float]:
-    out = []
-    for i in range(n):
-        for j in range(m):
-            acc = 0.0
-            for p in range(k):
-                acc += a[i * k + p] * b[p * m + j]
-            out.append(acc)
-    return out
-
-
-def sha_batch(msgs: list[bytes]) -> bytes:
-    """The sha256 core's input: count u32 | count x (len u32 | bytes)."""
-    return struct.pack("<I", len(msgs)) + b"".join(struct.pack("<I", len(m)) + m for m in msgs)
-
-
-def sha_ref(msgs: list[bytes]) -> bytes:
-    return b"".join(hashlib.sha256(m).digest() for m in msgs)
-
-
-# inputs the sha256 core must refuse with exit code 1 and no output
-SHA_MALFORMED = [
-    b"",                                                         # no count
-    b"\x01\x00\x00",                                              # a count cut short
-    struct.pack("<I", 1),                                        # one record promised, none there
-    struct.pack("<I", 1) + b"\x03\x00",                          # a length cut short
-    struct.pack("<II", 1, 4) + b"abc",                           # a length one past the end
-    struct.pack("<II", 1, 2**32 - 1) + b"abc",                   # a length far past the end
-    struct.pack("<I", 2) + struct.pack("<I", 1) + b"a",          # the second record missing
-    struct.pack("<II", 2, 2**32 - 1) + struct.pack("<I", 0),     # a huge length, then a record
-    struct.pack("<I", 2**32 - 1) + struct.pack("<I", 0) * 3,     # a huge count
-    struct.pack("<I", 1) + struct.pack("<I", 1) + b"ab",         # a trailing byte
-    struct.pack("<I", 0) + b"\x00",                              # trailing bytes after an empty batch
-    struct.pack("<I", 0) + struct.pack("<I", 0),                 # a record beyond count
-]
-
-
-def mandel_input(x0: float, y0: float, dx: float, dy: float, w: int, h: int, it: int) -> bytes:
-    return struct.pack("<4d3I", x0, y0, dx, dy, w, h, it)
-
-
-def mandel_ref(x0: float, y0: float, dx: float, dy: float, w: int, h: int, max_iter: int) -> list[int]:
-    out = []
-    for row in range(h):
-        ci = y0 + row * dy
-        for col in range(w):
-            cr = x0 + col * dx
-            zr = zi = 0.0
-            it = 0
-            while it < max_iter:
-                zr2, zi2 = zr * zr, zi * zi
-                if zr2 + zi2 > 4.0:
-                    break
-                zi = 2.0 * zr * zi + ci
-                zr = zr2 - zi2 + cr
-                it += 1
-            out.append(it)
-    return out
 
 
 # -- matmul ----------------------------------------------------------------------

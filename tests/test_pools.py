@@ -43,8 +43,7 @@ from fabric.schema import decode_job_batch, decode_job_results, encode_job_batch
 from fabric.service import Endpoint, FabricService, ServiceSettings
 from fabric_ext import wire
 from services.spawner.pools import CoreManager
-from tests._cores import EXAMPLES, TEST_CORES, build_core, build_worker
-from tests.test_cores import mandel_ref
+from tests._cores import EXAMPLES, TEST_CORES, build_core, build_worker, mandel_ref
 
 
 class CoreHost(FabricService):

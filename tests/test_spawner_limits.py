@@ -37,7 +37,7 @@ from fabric import (
     WrongArchitecture,
 )
 from services.spawner import SpawnerService
-from tests._spawner import all_ended
+from tests._spawner import all_ended, start_spawner_process, wait_ready
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[1]
@@ -239,24 +239,6 @@ async def test_native_wrong_architecture_is_422(fc, spawner):
 
 
 # -- a spawner killed with -9 leaves no orphan behind the next one --------------------------------
-
-
-def start_spawner_process(nats_url: str, node: str, state: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([PY, "-m", "services.spawner", "--nats-url", nats_url, "--node", node,
-                             "--state-dir", str(state)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-
-
-async def wait_ready(fc: AsyncFabricClient, node: str) -> None:
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            await fc.spawner_info(node)
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)
 
 
 async def test_kill_9_spawner_then_restart_kills_its_orphans(nats_url, tmp_path):

@@ -136,7 +136,7 @@ async def test_the_sweep_never_touches_the_test_process_own_children(fc):
 
 async def test_a_spawner_process_adopts_and_kills_orphans_but_keeps_its_workers(nats_url, tmp_path):
     from fabric.client import AsyncFabricClient
-    from tests.test_spawner_limits import start_spawner_process, wait_ready
+    from tests._spawner import start_spawner_process, wait_ready
 
     node = f"adopt-{secrets.token_hex(3)}"
     sp = start_spawner_process(nats_url, node, tmp_path)

@@ -29,8 +29,20 @@ import cloudpickle
 import pytest
 
 from fabric_ext import ring, wire
-from tests._cores import EXAMPLES, ROOT, TEST_CORES, build_core, build_worker
-from tests.test_cores import SHA_MALFORMED, mandel_input, mandel_ref, matmul_input, matmul_ref, sha_batch, sha_ref
+from tests._cores import (
+    EXAMPLES,
+    ROOT,
+    SHA_MALFORMED,
+    TEST_CORES,
+    build_core,
+    build_worker,
+    mandel_input,
+    mandel_ref,
+    matmul_input,
+    matmul_ref,
+    sha_batch,
+    sha_ref,
+)
 
 TIMEOUT = 20.0
 RING_CAPACITY = 1 << 23           # max_record is a quarter: 2 MiB, room for the 1 MiB jobs

@@ -1,0 +1,242 @@
+"""Which way imports run: fabric_ext needs nothing from fabric, no import cycles, tests import no tests.
+
+The layering (issue 13): ``fabric_ext`` (the Cython codecs and the arena) is the bottom
+layer and loads without the ``fabric`` package; ``fabric`` and ``services`` build on it
+and have no import cycle among their modules; test modules share code through
+``tests/_*.py`` helpers and ``conftest.py``, never by importing another ``test_*`` module.
+
+Imports are read with :mod:`ast`.  Only module-level imports count (also those inside
+``try``/``if`` at module level, but not ``if TYPE_CHECKING:``): an import inside a
+function is lazy by design and runs only when called, so it cannot take part in an
+import-time cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests._nats import env_with_repo
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Module-level import edges that are allowed to close a cycle today, each with the issue
+# that removes it; empty now: the test holds the tree to no cycles at all.
+ALLOWED_CYCLE_EDGES: set[tuple[str, str]] = set()
+
+
+# -- reading the import graph --------------------------------------------------------------------------------
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _module_level_imports(body: list[ast.stmt]) -> Iterator[ast.Import | ast.ImportFrom]:
+    for node in body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif isinstance(node, ast.If):
+            if not _is_type_checking(node.test):
+                yield from _module_level_imports(node.body)
+            yield from _module_level_imports(node.orelse)
+        elif isinstance(node, ast.Try):
+            for block in (node.body, node.orelse, node.finalbody):
+                yield from _module_level_imports(block)
+            for handler in node.handlers:
+                yield from _module_level_imports(handler.body)
+
+
+def _imported_names(module: str, is_package: bool, tree: ast.Module, known: set[str]) -> set[str]:
+    """Every module *module* imports at module level (``from pkg import sub`` counts as pkg.sub if it is one)."""
+    out: set[str] = set()
+    for node in _module_level_imports(tree.body):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+            continue
+        if node.level:
+            base = module.split(".") if is_package else module.split(".")[:-1]
+            base = base[:len(base) - (node.level - 1)]
+            pkg = ".".join(base + ([node.module] if node.module else []))
+        else:
+            pkg = node.module or ""
+        for alias in node.names:
+            sub = f"{pkg}.{alias.name}"
+            out.add(sub if sub in known else pkg)
+    return out
+
+
+def import_graph(root: Path, packages: tuple[str, ...]) -> dict[str, set[str]]:
+    """Module -> the modules of *packages* it imports at module level."""
+    files = {_module_name(p, root): p for top in packages for p in sorted((root / top).rglob("*.py"))}
+    known = set(files)
+    return {
+        mod: {t for t in _imported_names(mod, path.name == "__init__.py", ast.parse(path.read_text()), known)
+              if t in known and t != mod}
+        for mod, path in files.items()
+    }
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+# -- fabric_ext is the bottom layer --------------------------------------------------------------------------
+
+
+def test_extensions_load_without_the_fabric_package() -> None:
+    """Importing every extension in a fresh interpreter loads no ``fabric`` or ``fabric.*`` module."""
+    code = (
+        "import json, sys\n"
+        "from fabric_ext import arena, errors, ring, spawn, wire\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m == 'fabric' or m.startswith('fabric.'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=ROOT, env=env_with_repo())
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == []
+
+
+_FABRIC_IMPORT = re.compile(r"^\s*(from\s+fabric(\.\w+)*\s+c?import\b|c?import\s+fabric(\.\w+)*\s*(,|$|\s+as\b))")
+
+
+def test_extension_sources_name_no_fabric_module() -> None:
+    """No .pyx/.pxd/.pyi/.py under fabric_ext imports from fabric (the stubs included, for mypy's sake)."""
+    offenders = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for path in sorted((ROOT / "fabric_ext").iterdir())
+        if path.suffix in {".pyx", ".pxd", ".pyi", ".py"}
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if _FABRIC_IMPORT.match(line)
+    ]
+    assert offenders == []
+
+
+def test_the_errors_the_extensions_raise_are_fabric_errors() -> None:
+    """fabric.errors re-exports the extension's classes themselves, so ``except fabric.errors.X`` catches them."""
+    import fabric.errors
+    import fabric_ext.errors
+    from fabric_ext import wire
+
+    for name in fabric_ext.errors.__all__:
+        assert getattr(fabric.errors, name) is getattr(fabric_ext.errors, name), name
+    assert issubclass(wire.V1InvalidFrame, fabric.errors.InvalidFrame)
+    with pytest.raises(fabric.errors.InvalidFrame):
+        wire.decode(b"FBF1")
+
+
+# -- no import cycles --------------------------------------------------------------------------------------
+
+
+def test_no_import_cycle_in_fabric_services_or_fabric_ext() -> None:
+    graph = import_graph(ROOT, ("fabric", "fabric_ext", "services"))
+    assert "fabric.errors" in graph and "fabric_ext.errors" in graph["fabric.errors"]  # the graph is read
+    pruned = {m: {t for t in ts if (m, t) not in ALLOWED_CYCLE_EDGES} for m, ts in graph.items()}
+    found = cycles(pruned)
+    assert found == [], "\n".join(
+        " <-> ".join(comp) + "\n" + "\n".join(f"    {m} -> {sorted(pruned[m] & set(comp))}" for m in comp)
+        for comp in found)
+
+
+def test_fabric_ext_imports_nothing_from_fabric_in_the_graph() -> None:
+    graph = import_graph(ROOT, ("fabric", "fabric_ext"))
+    assert {(m, t) for m, ts in graph.items() if m.startswith("fabric_ext")
+            for t in ts if not t.startswith("fabric_ext")} == set()
+
+
+def test_the_cycle_finder_finds_a_cycle(tmp_path: Path) -> None:
+    """The checker itself: a two-module cycle through a relative import is found, a lazy import is not."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from . import b\n")
+    (pkg / "b.py").write_text("try:\n    from pkg.a import thing\nexcept ImportError:\n    pass\n")
+    (pkg / "c.py").write_text("def f():\n    from pkg import a\n")
+    (pkg / "d.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import c\n")
+    (pkg / "e.py").write_text("from pkg import d\n")
+    graph = import_graph(tmp_path, ("pkg",))
+    assert graph["pkg.a"] == {"pkg.b"} and graph["pkg.c"] == set() and graph["pkg.d"] == set()
+    assert cycles(graph) == [["pkg.a", "pkg.b"]]
+
+
+# -- tests share helpers, not test modules -------------------------------------------------------------------
+
+
+def _test_module_imports(path: Path) -> list[str]:
+    """The ``test_*`` modules *path* imports (anywhere in it: a test module is never a library)."""
+    bad = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            names = [mod] + [f"{mod}.{alias.name}" if mod else alias.name for alias in node.names]
+        else:
+            continue
+        bad += [n for n in names if n.split(".")[-1].startswith("test_")]
+    return bad
+
+
+def test_no_test_module_imports_another_test_module() -> None:
+    tests_dir = ROOT / "tests"
+    offenders = {
+        str(path.relative_to(ROOT)): found
+        for path in sorted(tests_dir.rglob("*.py"))
+        if "node_modules" not in path.parts
+        if (found := _test_module_imports(path))
+    }
+    assert offenders == {}
+
+
+def test_the_test_import_check_catches_one(tmp_path: Path) -> None:
+    path = tmp_path / "test_x.py"
+    path.write_text("from tests.test_cores import build\nimport tests._cores\nfrom . import test_y\n")
+    assert _test_module_imports(path) == ["tests.test_cores", "test_y"]
