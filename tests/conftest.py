@@ -3,12 +3,18 @@
 Resource accounting is checked in teardown (uvloop's _testbase habit): after every
 test that uses the allocator, the arena holds exactly the blocks it held before
 and passes a full consistency check.
+
+Every fixture used by more than one module lives here, once.  A module that defines a
+fixture of the same name does so on purpose (it says why next to it): its own server,
+another scope, or other teardown checks.  Helpers that are not fixtures live in
+``tests/_*.py``; no test module imports another (tests/test_layering.py checks).
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -17,6 +23,8 @@ from tests._nats import NatsServer, start_nats
 from tests._spawner import all_ended, no_fds_leaked, open_fds
 
 if TYPE_CHECKING:
+    import nats
+
     from fabric import AsyncFabricClient
     from services.spawner import SpawnerService
 
@@ -31,6 +39,31 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
 @pytest.fixture(scope="session")
 def nats_url(nats_server: NatsServer) -> str:
     return nats_server.url
+
+
+@pytest.fixture(scope="module")
+def js_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A nats-server with JetStream of the module's own: the node registry bucket's TTL is set by
+    whoever creates it, so modules that check the registry (gpu-monitor, protocol doc) must not share one."""
+    server = start_nats(tmp_path_factory.mktemp("nats-js"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[nats.NATS]:
+    """A plain NATS connection to the session's server (for raw requests, as a non-fabric client)."""
+    import nats
+
+    conn = await nats.connect(nats_url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture(scope="session")
+def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where tests/_cores.py compiles cores and the C worker (cached by content, so once a session)."""
+    return tmp_path_factory.mktemp("cores")
 
 
 @pytest.fixture(scope="session")

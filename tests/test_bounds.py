@@ -137,6 +137,7 @@ def test_the_walk_finds_nested_and_listed_fields():
             ("KillRequest", "signal"), ("LoadCoreRequest", "max_workers")} <= found
 
 
+# module-scoped, unlike conftest's nc: one connection serves the hundreds of parametrized cases
 @pytest.fixture(scope="module")
 async def nc(nats_url: str) -> AsyncIterator[nats.NATS]:
     conn = await nats.connect(nats_url)

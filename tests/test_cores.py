@@ -31,11 +31,6 @@ from tests._cores import (
 )
 
 
-@pytest.fixture(scope="module")
-def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cores")
-
-
 def _load(build_dir: Path, src: Path) -> CCore:
     return CCore(src.stem, build_core(src, build_dir).read_bytes())
 

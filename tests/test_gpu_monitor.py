@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -37,13 +37,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def js_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    server = start_nats(tmp_path_factory.mktemp("nats-gm"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 async def monitor(js_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GpuMonitorService]:
     state = tmp_path_factory.mktemp("gm-state")
     svc = GpuMonitorService(ServiceSettings(nats_url=js_server.url, node=f"gm-{secrets.token_hex(3)}",
@@ -53,6 +46,7 @@ async def monitor(js_server: NatsServer, tmp_path_factory: pytest.TempPathFactor
     await svc.stop()
 
 
+# differs from conftest's fc: a client of this module's own js_server and monitor (no spawner to account for)
 @pytest.fixture
 async def fc(js_server: NatsServer, monitor: GpuMonitorService) -> AsyncIterator[AsyncFabricClient]:
     async with AsyncFabricClient(js_server.url, local=False) as client:

@@ -67,8 +67,9 @@ class CoreHost(FabricService):
 
 
 @pytest.fixture(scope="module")
-def core_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cores")
+def core_dir(build_dir: Path) -> Path:
+    """conftest's build_dir under the name this module's tests use."""
+    return build_dir
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +114,8 @@ def _is_worker(p: psutil.Process) -> bool:
         return False
 
 
+# differs from conftest's fc: the cores run in this module's CoreHost (not a spawner), and teardown
+# checks that every core is unloaded and no worker or ring file is left
 @pytest.fixture
 async def fc(host: CoreHost, nats_url: str) -> AsyncIterator[AsyncFabricClient]:
     """A client; in teardown every core it loaded is unloaded and no worker or ring is left."""

@@ -14,7 +14,7 @@ import asyncio
 import base64
 import json
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import nats
 import pytest
@@ -22,18 +22,12 @@ import pytest
 from fabric.schema import JSON, NodeRecord
 from fabric.service import ServiceSettings
 from services.gpu_monitor.service import GpuMonitorService
-from tests._nats import NatsServer, start_nats
+from tests._nats import NatsServer
 
 INTERVAL = 0.2
 
 
-@pytest.fixture(scope="module")
-def js_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    server = start_nats(tmp_path_factory.mktemp("nats-doc"))
-    yield server
-    server.stop()
-
-
+# differs from conftest's nc: it connects to this module's own js_server, not the shared one
 @pytest.fixture
 async def nc(js_server: NatsServer) -> AsyncIterator[nats.NATS]:
     conn = await nats.connect(js_server.url)

@@ -63,13 +63,6 @@ async def kit(nats_url, tmp_path):
     await svc.stop()
 
 
-@pytest.fixture
-async def nc(nats_url):
-    conn = await nats.connect(nats_url)
-    yield conn
-    await conn.close()
-
-
 def test_settings_are_validated(tmp_path):
     with pytest.raises(ValueError, match="node"):
         ServiceSettings(nats_url="nats://x:1", node="bad node", state_dir=tmp_path)

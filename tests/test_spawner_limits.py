@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
@@ -36,18 +35,10 @@ from fabric import (
     Sandbox,
     WrongArchitecture,
 )
-from services.spawner import SpawnerService
-from tests._spawner import all_ended, start_spawner_process, wait_ready
+from tests._spawner import start_spawner_process, wait_ready
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-async def fc(nats_url: str, spawner: SpawnerService) -> AsyncIterator[AsyncFabricClient]:
-    async with AsyncFabricClient(nats_url, local=False) as client:
-        yield client
-    await all_ended(spawner)
 
 
 async def run(fc: AsyncFabricClient, node: str, argv: list[str], **kw):

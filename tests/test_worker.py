@@ -48,11 +48,6 @@ TIMEOUT = 20.0
 RING_CAPACITY = 1 << 23           # max_record is a quarter: 2 MiB, room for the 1 MiB jobs
 
 
-@pytest.fixture(scope="module")
-def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("worker-cores")
-
-
 def core_bytes(build_dir: Path, name: str) -> bytes:
     src = EXAMPLES / f"{name}.c" if (EXAMPLES / f"{name}.c").exists() else TEST_CORES / f"{name}.c"
     return build_core(src, build_dir).read_bytes()
