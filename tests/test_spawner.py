@@ -10,6 +10,7 @@ process and no pipe behind (checked in teardown).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import secrets
@@ -344,7 +345,8 @@ print(fds)
 
 async def test_tails_are_cut_to_fit_one_message(fc, spawner, monkeypatch):
     # a small message budget stands in for a server with a small max payload
-    monkeypatch.setattr(spawner.table, "max_tail_in_message", 1000)
+    monkeypatch.setattr(spawner.table, "settings",
+                        dataclasses.replace(spawner.table.settings, max_tail_in_message=1000))
     proc = await fc.rspawn([PY, "-c", "import sys; sys.stdout.write('x'*5000 + 'END')"], tail_bytes=1 << 20)
     ex = await proc.wait(10)
     assert len(ex.stdout) == 1000 and ex.stdout.endswith(b"END") and ex.stdout_total == 5003

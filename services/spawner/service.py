@@ -47,7 +47,7 @@ from . import sandbox as sandbox_mod
 from .blobs import BlobStore, node_architecture
 from .limits import RLIMITS, plan
 from .pools import CoreManager
-from .procs import ProcessTable, parse_signal
+from .procs import ProcessTable, TableSettings, parse_signal
 
 __all__ = ["SpawnerService"]
 
@@ -104,13 +104,14 @@ class SpawnerService(FabricService):
             self.log.warning("killed processes a previous spawner left behind", pids=left)
         if self.cgroups is not None:
             self.cgroups.sweep()
-        self.table = ProcessTable(self.node, self._publish, marker=orphans.marker(self.key), cgroups=self.cgroups)
         assert self.nc is not None
-        self.table.max_tail_in_message = max(0, self.nc.max_payload - 16384) * 3 // 8
-        self.table.on_strays = lambda pids: self.log.info("killed descendants that escaped their group",
-                                                          pids=pids)
-        self.table.own_children = self.cores.worker_pids
-        self.table.any_group = self.own_process
+        settings = TableSettings(
+            max_tail_in_message=max(0, self.nc.max_payload - 16384) * 3 // 8,
+            on_strays=lambda pids: self.log.info("killed descendants that escaped their group", pids=pids),
+            own_children=self.cores.worker_pids,
+            any_group=self.own_process)
+        self.table = ProcessTable(self.node, self._publish, marker=orphans.marker(self.key), cgroups=self.cgroups,
+                                  settings=settings)
         self.table.start()
         await self.cores.start()
         self.log.info("spawner ready", cgroup=str(self.cgroups) if self.cgroups else self.cgroup_reason,
