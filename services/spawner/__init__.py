@@ -1,10 +1,17 @@
 """The spawner service: remote processes (rspawn/rwait/rkill) and compute cores on one node.
 
-``service.py`` holds the endpoints; ``procs.py`` runs, watches and ends processes;
-``limits.py``, ``sandbox.py`` and ``cgroups.py`` decide and apply what a child is
-limited to; ``blobs.py`` stores native executables by digest; ``orphans.py`` cleans
-up after a crashed predecessor.  ``pools.py`` (compute cores, warm workers) plugs
-its endpoints into the same service.
+``service.py`` holds the endpoints; the ``procs`` package runs, watches and ends
+processes (one module per job: launch, output, reaper, sweeper, rss, joined by
+``procs/table.py``); ``limits.py``, ``sandbox.py`` and ``cgroups.py`` decide and apply
+what a child is limited to; ``blobs.py`` stores native executables by digest;
+``orphans.py`` cleans up after a crashed predecessor.  Compute cores plug their
+endpoints into the same service; imports run one way down this chain:
+``pools.py`` (the manager) -> ``job_lane.py`` (run/map over NATS, with
+``pool_reply.py``) -> ``pool.py`` (one pool) -> ``pool_workers.py`` (its workers,
+reporting through the ``PoolEvents`` protocol) -> ``pool_types.py`` / ``pool_rings.py``.
+The warm worker process is ``worker.py`` -> ``worker_core.py`` -> ``worker_opencl.py``,
+all on ``core_api.py``, which the pool side shares.  tests/test_spawner_layering.py
+fails on any import cycle.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ id alone; its output and exit are published on ``fabric.proc.<node>.out.<local>`
 and on the ``stream_to`` subject a spawn request may name (the client subscribes
 first, so it misses nothing).
 
-The work is split by concern: :mod:`.procs` runs and watches processes,
+The work is split by concern: :mod:`.procs` (a package, one module per job) runs and watches processes,
 :mod:`.limits` plans what a child applies (and what the reply may call enforced),
 :mod:`.sandbox` and :mod:`.cgroups` find out at start-up what this node can
 really do, :mod:`.blobs` stores native executables by digest, :mod:`.orphans`
