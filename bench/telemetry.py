@@ -126,7 +126,8 @@ async def measure_opencl_vadd(workdir: Path, quick: bool, n: int = 1_000_000) ->
 
     from bench.spawn import start_spawner
     from fabric import AsyncFabricClient
-    from fabric.opencl import STAGING_ENV, Out, close_staging, run_opencl
+    from fabric.client.opencl import close_staging, run_opencl
+    from fabric.opencl import STAGING_ENV, Out
     from tests._nats import start_nats
 
     p, d, dev = _pocl_device()

@@ -122,7 +122,7 @@ async def test_an_opencl_job_runs_on_the_gpu_and_nvml_sees_its_worker(tmp_path: 
             c, = await fc.opencl(vadd, "vadd", a.size, [a, a, Out(a.size, np.float32)], device="gpu")
             np.testing.assert_array_equal(c, a + a)
             # the worker that ran it holds a context on the GPU: NVML lists it, tied to its pool
-            core_ids = {f"core:{c.id}" for c in fc._opencl_state.cores.values() if c is not None}  # type: ignore[attr-defined]
+            core_ids = {f"core:{c.id}" for c in fc._opencl.cores.values() if c is not None}  # type: ignore[union-attr]
             deadline = time.monotonic() + 10
             while True:
                 procs = [p for g in (await fc.gpus(node)).gpus for p in g.processes]

@@ -29,6 +29,7 @@ import pytest
 
 import fabric
 from fabric import AsyncFabricClient, BadRequest, TooLarge, UnknownDevice, UnknownNode, WorkerCrashed
+from fabric.client.opencl import close_staging, run_opencl
 from fabric.opencl import (
     OPENCL_CORE,
     STAGE_DIR,
@@ -41,11 +42,9 @@ from fabric.opencl import (
     OutArg,
     Staging,
     choose_device,
-    close_staging,
     decode_error,
     decode_job,
     encode_job,
-    run_opencl,
 )
 from fabric.schema import CpuLive, Gpu, HostInfo, NodeRecord, OpenCLDevice, OpenCLState
 from fabric.service import ServiceSettings
@@ -159,7 +158,7 @@ def _worker_pids(core_id: str) -> list[int]:
 
 def _core(client: AsyncFabricClient) -> Any:
     """The AsyncCore run_opencl loaded (it keeps them on the client)."""
-    cores = client._opencl_state.cores  # type: ignore[attr-defined]
+    cores = client._opencl.cores  # type: ignore[union-attr]
     return next(c for c in cores.values() if c is not None)
 
 
@@ -173,7 +172,7 @@ async def test_vadd_matches_numpy_and_runs_staged(fc: AsyncFabricClient, spawner
     c, = await fc.opencl(VADD, "vadd", n, [a, b, fabric.Out(n, np.float32)])  # the public method
     np.testing.assert_array_equal(c, a + b)
     assert c.dtype == np.float32 and c.shape == (n,) and c.flags.writeable
-    st = fc._opencl_state  # type: ignore[attr-defined]
+    st = fc._opencl
     assert st.staging_ok[spawner.node] is True, "a same-host job should have used the staging file"
     assert len(_my_staging_files()) == 1
     # results stay valid after the next call (they are copies, not views of the staging file)
@@ -238,7 +237,7 @@ async def test_local_false_client_travels_inline(server: NatsServer, spawner: An
         a = np.arange(1024, dtype=np.float32)
         c, = await run_opencl(client, VADD, "vadd", a.size, [a, a, Out(a.size, np.float32)])
         np.testing.assert_array_equal(c, 2 * a)
-        assert getattr(client, "_opencl_stager", None) is None, "local=False must not make staging files"
+        assert client._opencl is not None and client._opencl.stager is None, "local=False must not make staging files"
 
 
 # -- bad input: a clear code, and the same worker runs the next good job --------------------
@@ -309,7 +308,7 @@ async def test_worker_refuses_foreign_staging_files(fc: AsyncFabricClient, tmp_p
     await _good(fc)
     core = _core(fc)
     real = sorted(_my_staging_files())[0]
-    stager = fc._opencl_stager  # type: ignore[attr-defined]
+    stager = fc._opencl.stager  # type: ignore[union-attr]
     mine = next(f for f in stager.idle if f.path == real)
     linked = f"{STAGE_DIR}/fabric-stage-{os.getpid()}-{secrets.token_hex(16)}"
     symlink = f"{STAGE_DIR}/fabric-stage-{os.getpid()}-{secrets.token_hex(16)}"
@@ -433,7 +432,7 @@ async def test_without_a_gpu_monitor_any_spawner_runs_it(tmp_path: Path) -> None
                 a = np.arange(1000, dtype=np.float32)
                 c, = await run_opencl(client, VADD, "vadd", a.size, [a, a, Out(a.size, np.float32)], device="cpu")
                 np.testing.assert_array_equal(c, 2 * a)
-                st = client._opencl_state  # type: ignore[attr-defined]
+                st = client._opencl
                 assert st.records is None and st.staging_ok[svc.node] is True  # staging tried, and it worked
                 c, = await run_opencl(client, VADD, "vadd", a.size, [a, a, Out(a.size, np.float32)])
                 np.testing.assert_array_equal(c, 2 * a)

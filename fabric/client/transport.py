@@ -1,0 +1,230 @@
+"""The client's transport: connecting to NATS, one request with its typed error, URL discovery.
+
+Every area of the client (memory, processes, cores, nodes, OpenCL) sends its requests
+through :class:`Transport`: :meth:`Transport.request` maps NATS failures and error
+replies (docs/protocol.md "Errors") onto :mod:`fabric.errors`, :meth:`Transport._call`
+adds the JSON encoding of one message and the decoding of its typed reply.  The areas
+are mixins over this base; :class:`fabric.client.AsyncFabricClient` composes them.
+Nothing here imports an area: dependencies run transport <- areas <- client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import getpass
+import inspect
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, ParamSpec, TypeVar, cast
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from .. import subjects
+from ..errors import (
+    ERROR_CODE_HEADER,
+    ERROR_HEADER,
+    ERROR_KIND_HEADER,
+    BadRequest,
+    FabricError,
+    Unavailable,
+    error_from_wire,
+)
+from ..schema import JSON
+
+T = TypeVar("T")
+R = TypeVar("R")
+P = ParamSpec("P")
+# room left in a message for the frame header, the item table and NATS headers
+FRAME_OVERHEAD = 4096
+# reads above this travel as concurrent chunks (see fabric.client's docstring)
+DEFAULT_READ_CHUNK_SIZE = 128 * 1024
+# chunk requests of one value in flight at a time: enough to keep every stage of the
+# path busy, few enough that a 1 GiB value does not queue 4096 requests at once
+CHUNKS_IN_FLIGHT = 8
+#: the URL of last resort: a NATS on this machine's default port
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+log = logging.getLogger("fabric.client")
+
+
+# nats-py prints a traceback for every connection error unless given callbacks: a
+# library must not write to the user's stderr, so these go to logging instead.
+async def _log_nats_error(exc: Exception) -> None:
+    log.debug("nats error: %r", exc)
+
+
+async def _log_disconnect() -> None:
+    log.info("disconnected from NATS; reconnecting")
+
+
+async def _log_reconnect() -> None:
+    log.info("reconnected to NATS")
+
+
+def _arguments_checked(fn: Callable[P, R]) -> Callable[P, R]:
+    """Bad numbers in a memory call raise :class:`BadRequest` (400), like a bad request anywhere.
+
+    The codec and the local fast path check offsets, lengths and item shapes and raise
+    ``ValueError`` / ``OverflowError`` with a precise message; the caller gets that
+    message as a typed fabric error.  :class:`BadRequest` is itself a ``ValueError``,
+    so ``except ValueError`` keeps working.
+    """
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def checked_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+            try:
+                return await fn(*args, **kwargs)
+            except FabricError:
+                raise
+            except (ValueError, OverflowError) as exc:
+                raise BadRequest(str(exc)) from None
+        return cast(Callable[P, R], checked_async)
+
+    @functools.wraps(fn)
+    def checked(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except FabricError:
+            raise
+        except (ValueError, OverflowError) as exc:
+            raise BadRequest(str(exc)) from None
+    return checked
+
+
+def default_url() -> str:
+    """Where a client connects when given no URL.
+
+    ``$FABRIC_NATS_URL`` first; else the NATS of the fabric that ``fabric up`` runs
+    in the default state directory on this machine (whatever port it got); else
+    ``nats://127.0.0.1:4222``.
+    """
+    env = os.environ.get("FABRIC_NATS_URL")
+    if env:
+        return env
+    try:
+        from ..state import StateDir, default_state_dir
+
+        state = StateDir(default_state_dir()).running()
+    except Exception:  # noqa: BLE001 - an unreadable state dir just means "not running here"
+        state = None
+    return state.nats_url if state is not None and state.nats_url else DEFAULT_NATS_URL
+
+
+def _default_owner() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # no passwd entry (containers): fall back to the uid
+        user = str(os.getuid())
+    host = subjects.sanitize_node_name(socket.gethostname())
+    return f"{user}@{host}"[:64]
+
+
+async def _in_flight(calls: Iterable[Callable[[], Awaitable[T]]], limit: int = CHUNKS_IN_FLIGHT) -> list[T]:
+    """Await every call, at most *limit* in flight; results in order.
+
+    *calls* is consumed lazily and the first error stops it: a read whose length is
+    absurd for its block fails on its first chunks instead of planning them all.
+    """
+    results: list[T] = []
+    pending: collections.deque[asyncio.Future[T]] = collections.deque()
+    try:
+        for call in calls:
+            pending.append(asyncio.ensure_future(call()))
+            if len(pending) >= limit:
+                results.append(await pending.popleft())
+        while pending:
+            results.append(await pending.popleft())
+    finally:
+        for fut in pending:  # an error (or a cancel): the rest are not wanted
+            fut.cancel()
+    return results
+
+
+class Transport:
+    """One NATS connection and the request plumbing every area of the client uses."""
+
+    def __init__(self, url: str | None, *, owner: str | None, timeout: float, name: str,
+                 read_chunk_size: int) -> None:
+        if isinstance(read_chunk_size, bool) or not isinstance(read_chunk_size, int) or read_chunk_size < 4096:
+            raise BadRequest(f"read_chunk_size must be an int of at least 4096 bytes, got {read_chunk_size!r}")
+        self.url = url or default_url()
+        self.owner = owner if owner is not None else _default_owner()
+        self.timeout = timeout
+        self.name = name
+        self.read_chunk_size = read_chunk_size
+        self.nc: NATS | None = None
+
+    async def _connect(self) -> None:
+        if self.nc is None:
+            # Once connected the client reconnects forever (a restarted nats-server must
+            # not kill long-lived clients), but nats-py applies the same setting to the
+            # first connect, which would then wait forever for a server that is not
+            # there: bound the first connect by the client's timeout.
+            try:
+                self.nc = await asyncio.wait_for(
+                    nats.connect(self.url, name=self.name, connect_timeout=min(self.timeout, 2.0),
+                                 max_reconnect_attempts=-1, allow_reconnect=True,
+                                 reconnect_time_wait=0.25, error_cb=_log_nats_error,
+                                 disconnected_cb=_log_disconnect, reconnected_cb=_log_reconnect),
+                    timeout=self.timeout)
+            except asyncio.TimeoutError:
+                raise Unavailable(
+                    f"cannot connect to NATS at {self.url} within {self.timeout:g}s: nothing answers there. "
+                    "Start fabric with `fabric up`, or pass the URL of a running one "
+                    "(FabricClient(url) or $FABRIC_NATS_URL)") from None
+            except Exception as exc:
+                raise Unavailable(f"cannot connect to NATS at {self.url}: {exc}") from None
+
+    async def _disconnect(self) -> None:
+        if self.nc is not None:
+            nc, self.nc = self.nc, None
+            try:
+                await nc.drain()
+            except Exception:
+                await nc.close()
+
+    @property
+    def max_payload(self) -> int:
+        assert self.nc is not None, "client is not connected"
+        return self.nc.max_payload
+
+    @property
+    def write_chunk(self) -> int:
+        """The most bytes one write request carries: what fits the max payload."""
+        return self.max_payload - FRAME_OVERHEAD
+
+    @property
+    def read_chunk(self) -> int:
+        """The most bytes one read request asks for: ``read_chunk_size``, within the max payload."""
+        return min(self.read_chunk_size, self.max_payload - FRAME_OVERHEAD)
+
+    async def request(self, subject: str, data: bytes = b"", headers: dict[str, str] | None = None,
+                      timeout: float | None = None) -> Any:
+        """Send one request; return the reply message or raise the typed error it carries."""
+        if self.nc is None:
+            raise Unavailable("client is not connected: use 'async with' or call connect()")
+        try:
+            msg = await self.nc.request(subject, data, timeout=timeout or self.timeout, headers=headers)
+        except NoRespondersError:
+            raise Unavailable(f"no service answers on {subject}") from None
+        except NatsTimeout:
+            raise Unavailable(f"request on {subject} timed out after {timeout or self.timeout}s") from None
+        hdrs = msg.headers
+        if hdrs and ERROR_CODE_HEADER in hdrs:
+            raise error_from_wire(hdrs[ERROR_CODE_HEADER], hdrs.get(ERROR_HEADER, ""), hdrs.get(ERROR_KIND_HEADER))
+        return msg
+
+    async def _call(self, subject: str, msg: Any, reply_type: type[T], timeout: float | None = None) -> T:
+        reply = await self.request(subject, JSON.encode(msg), timeout=timeout)
+        return JSON.decode(reply.data, reply_type)
+
+    @staticmethod
+    def _mem(node: str, verb: str) -> str:
+        return subjects.node_scoped("mem", node, verb)
