@@ -276,6 +276,18 @@ class MemoryArea(Transport):
             functools.partial(self._read_one, node, token, offset + i, min(chunk, length - i))
             for i in range(0, length, chunk)))
 
+    # -- what the sync twin does in its caller's thread ----------------------------
+    # (fabric.client.sync): no await and no request, so safe from any thread; the
+    # segment map is guarded by its lock, and the frames only travel on the loop.
+
+    def _known_local_view(self, h: HandleParts) -> SegmentView | None:
+        """The mapped segment of *h* when it is already known to be local, else None."""
+        return self._local.view(h)
+
+    def _needs_attach(self, h: HandleParts) -> bool:
+        """The first use of a writable block's segment: the async call must attach it (or learn it is remote)."""
+        return self._local.enabled and h.writable and not self._local.known(h)
+
     # -- local fast path --------------------------------------------------------
 
     async def _local_view(self, h: HandleParts, token: str) -> SegmentView | None:

@@ -148,11 +148,11 @@ class FabricClient:
         token = _token(handle)
         h = parse(token)
         aio = self._aio
-        view = aio._local.view(h)
+        view = aio._known_local_view(h)
         if view is not None:  # local fast path, in this thread
             return view.write(h.off, h.gen, offset, data)
         mv = memoryview(data).cast("B")
-        if aio._local.enabled and h.writable and not aio._local.known(h):
+        if aio._needs_attach(h):
             return self._run(aio.rwrite(token, mv, offset))  # first use: attach (or learn it is remote)
         # Build the frames here, in the caller's thread: a big buffer allocated in the
         # loop thread comes from that thread's malloc arena, which glibc shrinks with
@@ -175,7 +175,7 @@ class FabricClient:
         """Read *length* bytes at *offset* (``None``: to the end of the block)."""
         token = _token(handle)
         h = parse(token)
-        view = self._aio._local.view(h)
+        view = self._aio._known_local_view(h)
         if view is not None:  # local fast path, in this thread
             return view.read(h.off, h.gen, offset, _local_length(length))
         if length is None and isinstance(handle, RemoteBuffer):
