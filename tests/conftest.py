@@ -19,14 +19,37 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests._nats import NatsServer, start_nats
+from tests import _nats
+from tests._nats import SERVER_FIXTURES, NatsServer, start_nats
 from tests._spawner import all_ended, no_fds_leaked, open_fds
 
 if TYPE_CHECKING:
+    from collections.abc import Generator
+
     import nats
 
     from fabric import AsyncFabricClient
     from services.spawner import SpawnerService
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked ``unit`` may use no server fixture (checked before any fixture is set up)."""
+    if item.get_closest_marker("unit") is None:
+        return
+    used = SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+    if used:
+        pytest.fail(f"{item.nodeid} is marked unit but uses the server fixtures {sorted(used)}", pytrace=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
+    """While a ``unit`` test runs (setup, call, teardown), start_nats refuses."""
+    _nats.unit_test_running = item.nodeid if item.get_closest_marker("unit") is not None else None
+    try:
+        yield
+    finally:
+        _nats.unit_test_running = None
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,8 @@ from fabric.errors import (
 )
 from fabric_ext.arena import MAX_BLOCK_SIZE, SHM_DIR, Arena, SegmentView
 
+pytestmark = pytest.mark.unit  # no server, no service process: `pytest -m unit`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # -- boundary tables -------------------------------------------------------------------

@@ -113,6 +113,7 @@ def cases() -> list[Any]:
     return out
 
 
+@pytest.mark.unit
 def test_every_request_int_field_has_bounds_that_fit_int64():
     unbounded = []
     for struct in request_structs():
@@ -125,11 +126,13 @@ def test_every_request_int_field_has_bounds_that_fit_int64():
         "; ".join(unbounded)
 
 
+@pytest.mark.unit
 def test_every_request_with_ints_has_endpoints():
     with_ints = {s.__name__ for s in request_structs() if list(int_fields(mi.type_info(s)))}
     assert with_ints == set(ENDPOINTS), "list the endpoints of each request struct with int fields in ENDPOINTS"
 
 
+@pytest.mark.unit
 def test_the_walk_finds_nested_and_listed_fields():
     """The generator reaches into optional structs and list items (else the table would be thin)."""
     found = {(s.__name__, dotted(p)) for s in request_structs() for p, _ in int_fields(mi.type_info(s))}

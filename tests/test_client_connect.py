@@ -24,6 +24,7 @@ def _closed_port() -> int:
     return port
 
 
+@pytest.mark.unit
 def test_sync_client_gives_up_within_its_timeout() -> None:
     url = f"nats://127.0.0.1:{_closed_port()}"
     t0 = time.monotonic()
@@ -34,6 +35,7 @@ def test_sync_client_gives_up_within_its_timeout() -> None:
     assert url in str(info.value) and "fabric up" in str(info.value)
 
 
+@pytest.mark.unit
 async def test_async_client_gives_up_within_its_timeout() -> None:
     url = f"nats://127.0.0.1:{_closed_port()}"
     with pytest.raises(Unavailable, match="nothing answers there"):
@@ -46,12 +48,14 @@ async def test_connects_when_the_server_is_there(nats_url: str) -> None:
         assert fc.nc is not None and fc.nc.is_connected
 
 
+@pytest.mark.unit
 def test_default_url_prefers_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FABRIC_NATS_URL", "nats://10.1.2.3:4999")
     assert default_url() == "nats://10.1.2.3:4999"
     assert AsyncFabricClient().url == "nats://10.1.2.3:4999"
 
 
+@pytest.mark.unit
 def test_default_url_without_a_running_fabric(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("FABRIC_NATS_URL", raising=False)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))  # an empty default state dir

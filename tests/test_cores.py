@@ -30,6 +30,8 @@ from tests._cores import (
     sha_ref,
 )
 
+pytestmark = pytest.mark.unit  # no server, no service process: `pytest -m unit`
+
 
 def _load(build_dir: Path, src: Path) -> CCore:
     return CCore(src.stem, build_core(src, build_dir).read_bytes())

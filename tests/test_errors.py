@@ -22,6 +22,8 @@ from fabric.errors import (
     registered_kinds,
 )
 
+pytestmark = pytest.mark.unit  # no server, no service process: `pytest -m unit`
+
 CODES = {400, 403, 404, 409, 413, 422, 429, 500, 503, 507}
 
 

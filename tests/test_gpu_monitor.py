@@ -185,6 +185,7 @@ async def test_bad_input_gets_typed_errors_and_the_service_keeps_serving(fc: Asy
     assert (await fc.node(monitor.node)).node == monitor.node
 
 
+@pytest.mark.unit
 def test_bad_settings_are_refused(tmp_path: Path) -> None:
     settings = ServiceSettings(nats_url="nats://127.0.0.1:1", node="x", state_dir=tmp_path)
     with pytest.raises(ValueError, match="twice the heartbeat interval"):

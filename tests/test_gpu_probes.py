@@ -35,6 +35,8 @@ from services.gpu_monitor.nvml import fabric_id_of
 from services.gpu_monitor.opencl_probe import probe as opencl_probe
 from tests._fakenvml import build_fake_nvml
 
+pytestmark = pytest.mark.unit  # no server, no service process: `pytest -m unit`
+
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 1 << 30
 MiB = 1 << 20

@@ -7,6 +7,8 @@ import pytest
 from fabric.errors import UnknownHandle
 from fabric.handles import PERM_R, HandleSigner, parse
 
+pytestmark = pytest.mark.unit  # no server, no service process: `pytest -m unit`
+
 KEY = bytes(range(32))
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._nats import env_with_repo
+from tests._nats import SERVER_FIXTURES, env_with_repo, start_nats
 
 pytestmark = pytest.mark.unit
 
@@ -240,3 +240,21 @@ def test_the_test_import_check_catches_one(tmp_path: Path) -> None:
     path = tmp_path / "test_x.py"
     path.write_text("from tests.test_cores import build\nimport tests._cores\nfrom . import test_y\n")
     assert _test_module_imports(path) == ["tests.test_cores", "test_y"]
+
+
+# -- `pytest -m unit` stays server-free ----------------------------------------------------------------------
+
+
+def test_a_unit_test_cannot_start_a_nats_server(tmp_path: Path) -> None:
+    """This module is marked unit, so conftest makes start_nats refuse (a server here would be a mislabel)."""
+    with pytest.raises(RuntimeError, match="is marked unit but starts a nats-server"):
+        start_nats(tmp_path / "nats")
+    assert not (tmp_path / "nats").exists()
+
+
+def test_the_server_fixtures_are_conftests() -> None:
+    """Every name the unit check refuses is a fixture conftest.py defines (a renamed one would slip through)."""
+    tree = ast.parse((ROOT / "tests" / "conftest.py").read_text())
+    defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+               and any("fixture" in ast.unparse(d) for d in node.decorator_list)}
+    assert SERVER_FIXTURES <= defined

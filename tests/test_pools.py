@@ -140,6 +140,7 @@ async def load(fc: AsyncFabricClient, host: CoreHost, path: Path, **kw: Any) -> 
 BATCHES = [[], [b""], [b"a"], [b"x" * 1000, b"", b"yz"], [bytes([i]) * i for i in range(130)]]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("items", BATCHES)
 def test_job_batch_round_trip(items: list[bytes]) -> None:
     assert [bytes(v) for v in decode_job_batch(encode_job_batch(items))] == items
@@ -147,6 +148,7 @@ def test_job_batch_round_trip(items: list[bytes]) -> None:
     assert [(a, b, bytes(c)) for a, b, c in decode_job_results(encode_job_results(results))] == results
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("frame", [
     b"", b"FJB1", b"FJB2\x00\x00\x00\x00", b"FJB1\x01\x00\x00\x00",
     b"FJB1\x01\x00\x00\x00" + struct.pack("<Q", 5) + b"abc",          # length past the end
@@ -159,6 +161,7 @@ def test_hostile_batch_frames_are_bad_requests(frame: bytes) -> None:
         decode_job_batch(frame)
 
 
+@pytest.mark.unit
 def test_ring_files_of_a_dead_spawner_are_swept() -> None:
     import structlog
 
@@ -707,6 +710,7 @@ async def test_external_worker_output_above_the_max_payload_is_too_large(fc: Asy
             proc.wait()
 
 
+@pytest.mark.unit
 def test_fit_results_keeps_what_fits_in_input_order() -> None:
     from fabric import TooLarge
     from services.spawner.pools import fit_results

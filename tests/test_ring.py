@@ -38,6 +38,8 @@ from fabric_ext.ring import (
     crc32c,
 )
 
+pytestmark = pytest.mark.unit  # no server, no service process: `pytest -m unit`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # -- boundary tables (docs/ring.md offsets) --------------------------------------------

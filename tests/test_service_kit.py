@@ -63,6 +63,7 @@ async def kit(nats_url, tmp_path):
     await svc.stop()
 
 
+@pytest.mark.unit
 def test_settings_are_validated(tmp_path):
     with pytest.raises(ValueError, match="node"):
         ServiceSettings(nats_url="nats://x:1", node="bad node", state_dir=tmp_path)
@@ -140,6 +141,7 @@ async def test_stop_drains_in_flight_requests(nats_url, tmp_path, nc):
         await nc.request(f"kit.{svc.node}.fast", b'{"text": "x"}', timeout=1)
 
 
+@pytest.mark.unit
 def test_tune_malloc_applies_on_glibc_and_yields_to_the_environment(monkeypatch):
     import platform
 

@@ -20,6 +20,8 @@ import pytest
 
 from fabric_ext.spawn import MAX_RLIMITS, ChildSetupError, spawn
 
+pytestmark = pytest.mark.unit  # no server, no service process: `pytest -m unit`
+
 PY = sys.executable
 ENV = [f"{k}={v}" for k, v in os.environ.items()]
 

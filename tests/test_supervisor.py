@@ -212,6 +212,7 @@ def test_services_never_import_from_the_working_directory(tmp_path: Path, monkey
     assert ("-P" in seen["flags"]) == (sys.version_info >= (3, 11))
 
 
+@pytest.mark.unit
 def test_module_launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     root = launch.package_root()
@@ -227,6 +228,7 @@ def test_module_launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert launch.module_launch("m", cwd=None, python="/x/python3").argv[0] == "/x/python3"
 
 
+@pytest.mark.unit
 def test_service_modules_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(sv.SERVICE_MODULES_ENV, raising=False)
     assert sv.service_modules() == sv.SERVICES
@@ -278,6 +280,7 @@ def test_generated_config_runs_a_real_server(tmp_path: Path) -> None:
     assert (state.nats_dir / "jetstream").is_dir()
 
 
+@pytest.mark.unit
 def test_find_binary() -> None:
     found = ns.find_binary()
     assert os.access(found, os.X_OK)
@@ -286,6 +289,7 @@ def test_find_binary() -> None:
         ns.find_binary("/nonexistent/nats-server")
 
 
+@pytest.mark.unit
 def test_ports() -> None:
     port = ns.free_port("127.0.0.1")
     ns.check_port("127.0.0.1", port)  # free: no error
@@ -297,6 +301,7 @@ def test_ports() -> None:
     assert info.value.port == port
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "host, url",
     [("127.0.0.1", "nats://127.0.0.1:4222"), ("0.0.0.0", "nats://127.0.0.1:4222"),
@@ -306,6 +311,7 @@ def test_client_url(host: str, url: str) -> None:
     assert ns.client_url(host, 4222) == url
 
 
+@pytest.mark.unit
 def test_join_url_never_names_loopback() -> None:
     assert ns.join_url("10.1.2.3", 4222) == "nats://10.1.2.3:4222"
     for host in ("0.0.0.0", "127.0.0.1"):
@@ -315,6 +321,7 @@ def test_join_url_never_names_loopback() -> None:
 # -- the state directory ---------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_state_file_roundtrip_is_atomic(tmp_path: Path) -> None:
     state = StateDir(tmp_path)
     state.ensure()
@@ -329,6 +336,7 @@ def test_state_file_roundtrip_is_atomic(tmp_path: Path) -> None:
     assert state.read() is None
 
 
+@pytest.mark.unit
 def test_lock_is_exclusive_and_running_follows_it(tmp_path: Path) -> None:
     state = StateDir(tmp_path)
     assert not state.is_locked() and state.running() is None
@@ -347,6 +355,7 @@ def test_lock_is_exclusive_and_running_follows_it(tmp_path: Path) -> None:
     assert not state.is_locked() and state.running() is None
 
 
+@pytest.mark.unit
 def test_stop_request_is_consumed(tmp_path: Path) -> None:
     state = StateDir(tmp_path)
     state.ensure()
@@ -356,6 +365,7 @@ def test_stop_request_is_consumed(tmp_path: Path) -> None:
     assert state.take_stop_request() is None
 
 
+@pytest.mark.unit
 def test_pid_alive_checks_the_create_time() -> None:
     me = psutil.Process()
     assert pid_alive(me.pid) and pid_alive(me.pid, me.create_time())

@@ -18,6 +18,8 @@ import pytest
 from fabric.errors import InvalidFrame, TooLarge
 from fabric_ext import wire  # the built extension: a missing build fails here, it does not skip
 
+pytestmark = pytest.mark.unit  # no server, no service process: `pytest -m unit`
+
 U64 = 2**64 - 1
 U32 = 2**32 - 1
 
