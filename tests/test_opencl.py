@@ -86,6 +86,8 @@ __kernel void spin(__global float *out, long n) {
 # -- fixtures ------------------------------------------------------------------------
 
 
+# this module's own server, spawner and gpu-monitor (not conftest's): run_opencl places jobs by the node
+# registry, whose TTL is set by whoever creates the bucket, and its fc waits until the node lists its device
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     s = start_nats(tmp_path_factory.mktemp("nats-opencl"))
@@ -371,6 +373,7 @@ async def test_worker_killed_mid_kernel_then_a_fresh_worker_runs(fc: AsyncFabric
     assert new and old not in new
 
 
+@pytest.mark.unit
 def test_runtime_failures_are_classified() -> None:
     """The OpenCL status codes a failing device returns map to 503 (and drop the device), misuse to 400/413."""
     import pyopencl as cl
@@ -453,6 +456,7 @@ async def test_without_a_gpu_monitor_any_spawner_runs_it(tmp_path: Path) -> None
 # -- the frames -------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_job_frame_round_trip_and_layout() -> None:
     arr = np.arange(5, dtype=np.float32)
     header = JobHeader(source="k", kernel="f", global_size=[5], args=[InArg("<f4", [5], 0, 20), NumberArg(3)])
@@ -483,6 +487,7 @@ def _rec(node: str, host_id: str, devices: list[tuple[str, str, int]], gpus: lis
                       status=status)
 
 
+@pytest.mark.unit
 def test_choose_device_prefers_the_gpu_with_most_free_memory() -> None:
     recs = [_rec("a", "h1", [("CPU", "pocl", 8 << 30)]),
             _rec("b", "h2", [("CPU", "pocl", 8 << 30), ("GPU", "NVIDIA", 16 << 30), ("GPU", "NVIDIA", 16 << 30)],
@@ -497,6 +502,7 @@ def test_choose_device_prefers_the_gpu_with_most_free_memory() -> None:
     assert choose_device(recs, None, "h1") == ("b", 1, 2)
 
 
+@pytest.mark.unit
 def test_choose_device_cpu_fallback_prefers_the_local_host() -> None:
     recs = [_rec("far", "h2", [("CPU", "pocl", 8 << 30)], cpu_percent=1.0),
             _rec("here", "h1", [("CPU", "pocl", 8 << 30)], cpu_percent=90.0)]
@@ -507,6 +513,7 @@ def test_choose_device_cpu_fallback_prefers_the_local_host() -> None:
         choose_device(recs, "gpu", "h1")
 
 
+@pytest.mark.unit
 def test_choose_device_explicit_ids_and_unknown_ones() -> None:
     recs = [_rec("a", "h1", [("CPU", "pocl", 8 << 30), ("GPU", "NVIDIA", 4 << 30)]),
             _rec("empty", "h2", [])]
@@ -524,6 +531,7 @@ def test_choose_device_explicit_ids_and_unknown_ones() -> None:
         choose_device([], None, "h1")
 
 
+@pytest.mark.unit
 def test_choose_device_places_by_the_gpu_paired_by_pci_bus_id() -> None:
     # NVML's GPU 0 (2 GiB free) is the second NVIDIA OpenCL device, GPU 1 (9 GiB free) the
     # first: the job goes to the first, the one whose free memory was read
@@ -551,6 +559,7 @@ def test_choose_device_places_by_the_gpu_paired_by_pci_bus_id() -> None:
     assert choose_device([recorded], "gpu", "") == ("g", 0, 0)
 
 
+@pytest.mark.unit
 def test_out_validates_its_arguments() -> None:
     assert Out(3).shape == (3,) and Out((2, 3), "f8").nbytes == 48
     assert Out(4, ">i4").dtype == np.dtype("<i4")
