@@ -9,7 +9,6 @@ services.gpu_monitor`` processes where a test kills one or gives it the fake
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import secrets
@@ -30,6 +29,7 @@ from services.gpu_monitor.registry import BUCKET
 from services.gpu_monitor.service import GpuMonitorService
 from services.spawner import SpawnerService
 from tests._nats import NatsServer, start_nats
+from tests._wait import until as _until
 
 INTERVAL = 0.2
 TTL = 1.0
@@ -58,17 +58,6 @@ def _meminfo_total() -> int:
         if line.startswith("MemTotal:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no MemTotal in /proc/meminfo")
-
-
-async def _until(predicate, within: float, step: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + within
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(step)
 
 
 def _monitor_process(url: str, node: str, state: Path, **env: str) -> subprocess.Popen[bytes]:

@@ -8,10 +8,9 @@ recreate them and hand the service a fresh context.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import nats
@@ -23,6 +22,7 @@ from nats.js.errors import BucketNotFoundError
 from fabric.jetstream import Consumer, JetStreamResource, KeyValueBucket, Stream
 from fabric.service import Endpoint, FabricService, Request, ServiceSettings
 from tests._nats import NatsServer, start_nats
+from tests._wait import until_back as until
 
 BUCKET = "kit_live"
 
@@ -55,18 +55,6 @@ class Keeper(FabricService):
         from fabric.service import Reply
 
         return Reply(b"pong")  # type: ignore[return-value]
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        try:
-            if await check():
-                return True
-        except Exception:
-            pass  # the server is still coming back
-        await asyncio.sleep(0.1)
-    return False
 
 
 @pytest.fixture

@@ -44,6 +44,7 @@ from fabric.service import Endpoint, FabricService, ServiceSettings
 from fabric_ext import wire
 from services.spawner.pools import CoreManager
 from tests._cores import EXAMPLES, TEST_CORES, build_core, build_worker, mandel_ref
+from tests._wait import until_holds as _until
 
 
 class CoreHost(FabricService):
@@ -834,12 +835,3 @@ async def test_spawner_service_serves_cores(nats_url: str, tmp_path: Path, lib: 
         await svc.stop()  # unloads every pool
     assert not svc.cores.pools and not _ring_files(svc.cores)
     assert not _workers()
-
-
-async def _until(get: Any, ok: Any, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    value = await get()
-    while not ok(value):
-        assert asyncio.get_running_loop().time() < deadline, f"condition never held; last {value}"
-        await asyncio.sleep(0.05)
-        value = await get()
