@@ -21,8 +21,18 @@ A service subclasses :class:`FabricService`, names itself (``name``, SemVer
   created when missing at start, after every reconnect and whenever the service
   reports one lost, then handed over through :meth:`FabricService.on_jetstream`
   (:mod:`fabric.jetstream` says why and how);
-* drains gracefully on SIGTERM: stop taking requests, finish those in flight,
-  then drain the connection.
+* connects with the service-side options of :mod:`fabric.service_nats` (reconnect
+  forever, connection events logged);
+* spells node-scoped and cluster-wide endpoints (:meth:`FabricService.node_endpoint`,
+  :meth:`FabricService.cluster_endpoint`, from :mod:`fabric.service_endpoint`);
+* runs the service's loops (:meth:`FabricService.background`, :mod:`fabric.service_tasks`);
+* drains gracefully on SIGTERM: stop taking requests, finish those in flight, cancel
+  and await the background tasks, call ``on_stop``, then drain the connection.
+
+Where the parts live: :mod:`fabric.service_endpoint` (requests, replies, endpoints),
+:mod:`fabric.service_micro` (the ``nats.micro`` adapter, and why nats-py is pinned),
+:mod:`fabric.service_nats` (connect options), :mod:`fabric.service_tasks` (background
+tasks); this module joins them and imports them, never the other way round.
 
 Run one with :func:`main`, which parses ``--nats-url --node --state-dir`` (or the
 ``FABRIC_*`` environment variables) and uses uvloop when it is installed.
@@ -32,43 +42,43 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import os
 import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import nats
 import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.micro.request import Request as MicroRequest
-from nats.micro.service import EndpointInfo, EndpointStats, Service, ServiceConfig, ServiceInfo, ServiceStats
+from nats.micro.service import ServiceConfig
 
 from ._version import __version__
 from .errors import BadRequest, FabricError, InternalError, error_headers
 from .jetstream import JetStreamKeeper, JetStreamResource
 from .logs import configure_logging
-from .schema import (
-    CONTENT_TYPE_HEADER,
-    FRAME_CONTENT_TYPE,
-    JSON,
-    MSGPACK,
-    MSGPACK_CONTENT_TYPE,
-    Codec,
-    ErrorReply,
-    error_info,
+from .schema import CONTENT_TYPE_HEADER, FRAME_CONTENT_TYPE, MSGPACK, MSGPACK_CONTENT_TYPE, ErrorReply, error_info
+from .service_endpoint import (
+    FRAME_MAGIC,
+    Endpoint,
+    Handler,
+    Reply,
+    Request,
+    cluster_endpoint,
+    node_endpoint,
 )
-from .subjects import QUEUE_GROUP, sanitize_node_name, valid_node_name
+from .service_micro import MicroService
+from .service_nats import connect
+from .service_tasks import BackgroundTasks, LoopFunction
+from .state import default_state_dir
+from .subjects import sanitize_node_name, valid_node_name
 
-__all__ = ["FabricService", "Request", "Reply", "Endpoint", "ServiceSettings", "main"]
-
-REQUEST_ID_HEADER = "Fabric-Request-Id"
-FRAME_MAGIC = b"FBF1"  # fabric_ext.wire.MAGIC, spelled here so the kit needs no extension
+__all__ = ["FabricService", "Request", "Reply", "Endpoint", "ServiceSettings", "main", "node_endpoint",
+           "cluster_endpoint", "default_state_dir"]
 
 
 @dataclass(frozen=True)
@@ -90,128 +100,6 @@ class ServiceSettings:
             raise ValueError("max_concurrency must be at least 1")
 
 
-#: the request encodings every endpoint takes, by ``Content-Type`` (frames only where an endpoint says so)
-ACCEPTED_CONTENT_TYPES = (JSON.content_type, MSGPACK_CONTENT_TYPE, FRAME_CONTENT_TYPE)
-
-
-class Request:
-    """One incoming request: its subject, headers, raw data and the codec it asked for.
-
-    ``refusal`` is why the kit answers 400 without calling the handler (a
-    ``Content-Type`` it does not know), or None.
-    """
-
-    __slots__ = ("subject", "headers", "data", "codec", "is_frame", "request_id", "refusal")
-
-    def __init__(self, subject: str, headers: dict[str, str] | None, data: bytes) -> None:
-        self.subject = subject
-        self.headers = headers
-        self.data = data
-        ctype = headers.get(CONTENT_TYPE_HEADER) if headers else None
-        # the media type alone: "application/json; charset=utf-8" is JSON
-        media = ctype.partition(";")[0].strip().lower() if ctype else None
-        # a frame announces itself by its magic; the header is optional
-        self.is_frame = media == FRAME_CONTENT_TYPE or (not media and data[:4] == FRAME_MAGIC)
-        self.codec: Codec = MSGPACK if media == MSGPACK_CONTENT_TYPE else JSON
-        self.request_id = headers.get(REQUEST_ID_HEADER, "") if headers else ""
-        self.refusal: str | None = None
-        if media and media not in ACCEPTED_CONTENT_TYPES:
-            # decoding it as JSON anyway would answer a misleading "malformed JSON", or worse succeed
-            self.refusal = (f"unsupported Content-Type {ctype!r}: send {', '.join(ACCEPTED_CONTENT_TYPES[:2])}, "
-                            f"or {FRAME_CONTENT_TYPE} where the endpoint takes frames")
-
-    def decode(self, type_: type[Any]) -> Any:
-        """Decode the body as *type_* in the request's encoding (BadRequest if malformed)."""
-        return self.codec.decode(self.data, type_)
-
-
-@dataclass
-class Reply:
-    """A reply that is not a plain Struct: raw bytes (a frame) and optional headers."""
-
-    data: bytes | bytearray | memoryview
-    headers: dict[str, str] | None = None
-
-
-#: an endpoint handler: a coroutine function (runs as its own task), or a plain
-#: function for work that never awaits (runs inline, see FabricService._dispatcher)
-Handler = Callable[[Request], Any]
-
-
-@dataclass
-class Endpoint:
-    """One endpoint: an ADR-32 name, its subject, and the coroutine that answers it."""
-
-    name: str
-    subject: str
-    handler: Handler
-    queue_group: str = QUEUE_GROUP
-    #: whether the handler takes binary frames; the kit answers 400 to a frame sent to one that does not
-    frames: bool = False
-    # per-endpoint statistics of the real work (not just the dispatch)
-    num_requests: int = 0
-    num_errors: int = 0
-    processing_ns: int = 0
-    last_error: str = ""
-    in_flight: int = field(default=0)
-    #: plain-function handlers run inline (see FabricService._dispatcher); coroutines get a task
-    inline: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.inline = not inspect.iscoroutinefunction(self.handler)
-
-    def record(self, started_ns: int, error: str | None = None) -> None:
-        """Count one request that began at *started_ns* (``time.perf_counter_ns``)."""
-        self.num_requests += 1
-        self.processing_ns += time.perf_counter_ns() - started_ns
-        if error is not None:
-            self.num_errors += 1
-            self.last_error = error
-
-    def stats(self) -> EndpointStats:
-        avg = self.processing_ns // self.num_requests if self.num_requests else 0
-        return EndpointStats(
-            name=self.name,
-            subject=self.subject,
-            queue_group=self.queue_group,
-            num_requests=self.num_requests,
-            num_errors=self.num_errors,
-            processing_time=self.processing_ns,
-            average_processing_time=avg,
-            last_error=self.last_error,
-            data={"in_flight": self.in_flight},
-        )
-
-
-class _MicroService(Service):
-    """nats.micro's Service, with STATS taken from the kit's own per-endpoint timings.
-
-    *side_endpoints* are served on the service's own subscriptions (a hot path that
-    must not go through nats.micro's dispatch); they are listed in INFO and STATS
-    like the others, so ``$SRV`` shows every subject the service answers.
-    """
-
-    kit_endpoints: list[Endpoint]
-    side_endpoints: Sequence[Endpoint] = ()
-
-    def info(self) -> ServiceInfo:
-        info = super().info()
-        info.endpoints.extend(
-            EndpointInfo(name=ep.name, subject=ep.subject, queue_group=ep.queue_group)
-            for ep in self.side_endpoints)
-        return info
-
-    def stats(self) -> ServiceStats:
-        return ServiceStats(
-            id=self.id,
-            name=self._name,
-            version=self._version,
-            metadata=self._metadata,
-            endpoints=[ep.stats() for ep in (*self.kit_endpoints, *self.side_endpoints)],
-            started=self._started,
-        )
-
-
 class FabricService:
     """Base class of every fabric service (see the module docstring)."""
 
@@ -224,12 +112,14 @@ class FabricService:
         self.node = settings.node
         self.log = structlog.get_logger(service=self.name, node=self.node)
         self.nc: NATS | None = None
-        self._micro: _MicroService | None = None
+        self._micro: MicroService | None = None
         self._endpoints: list[Endpoint] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.max_concurrency)
         self._stopping = asyncio.Event()
         self.jetstream: JetStreamKeeper | None = None
+        #: the service's loops (:meth:`background`): cancelled and awaited by :meth:`stop`
+        self.tasks = BackgroundTasks(self.log)
 
     @property
     def connection(self) -> NATS:
@@ -237,6 +127,27 @@ class FabricService:
         if self.nc is None:
             raise RuntimeError(f"{self.name}: not started (no NATS connection yet)")
         return self.nc
+
+    # -- what the kit offers subclasses -------------------------------------------
+
+    def node_endpoint(self, area: str, verb: str, handler: Handler, *, name: str | None = None,
+                      frames: bool = False) -> Endpoint:
+        """The endpoint ``fabric.<area>.<this node>.<verb>``, named *name* (by default *verb*)."""
+        return node_endpoint(area, self.node, verb, handler, name=name, frames=frames)
+
+    @staticmethod
+    def cluster_endpoint(area: str, verb: str, handler: Handler, *, name: str | None = None) -> Endpoint:
+        """The endpoint ``fabric.<area>.<verb>`` any instance answers (queue group), named *name* (default *verb*)."""
+        return cluster_endpoint(area, verb, handler, name=name)
+
+    def background(self, fn: LoopFunction, *, name: str) -> asyncio.Task[None]:
+        """Run ``fn()`` beside the endpoints until it returns or the service stops (:mod:`fabric.service_tasks`).
+
+        An exception that ends it is logged.  :meth:`stop` cancels and awaits it after
+        the requests in flight finished and before :meth:`on_stop`, so ``on_stop`` may
+        close whatever the loop uses.
+        """
+        return self.tasks.start(fn, name=f"{self.name}:{name}")
 
     # -- what subclasses provide ----------------------------------------------
 
@@ -283,20 +194,14 @@ class FabricService:
         """Called once the endpoints subscribe, before the service answers ``$SRV.PING`` (announce it here)."""
 
     async def on_stop(self) -> None:
-        """Called after in-flight requests finished, before the connection drains."""
+        """Called after in-flight requests finished and the background tasks ended, before the connection drains."""
 
     # -- lifecycle --------------------------------------------------------------
 
     async def start(self) -> None:
-        self.nc = await nats.connect(
-            self.settings.nats_url,
-            name=f"{self.name}@{self.node}",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.25,
-            error_cb=self._on_nats_error,
-            disconnected_cb=self._on_disconnect,
-            reconnected_cb=self._on_reconnect,
-        )
+        # after a reconnect the server may be a restarted one that lost memory-backed streams: ensure them again
+        self.nc = await connect(self.settings.nats_url, f"{self.name}@{self.node}", self.log,
+                                on_reconnect=self.jetstream_lost)
         resources = self.jetstream_resources()
         if resources:
             self.jetstream = JetStreamKeeper(self.nc, resources, self.on_jetstream, self.log)
@@ -304,7 +209,7 @@ class FabricService:
         await self.on_start()
         meta = {"node": self.node, "fabric_version": __version__, "pid": str(os.getpid())}
         meta.update(self.metadata())
-        micro = _MicroService(
+        micro = MicroService(
             self.nc,
             ServiceConfig(name=self.name, version=self.version, description=self.description, metadata=meta),
         )
@@ -324,7 +229,7 @@ class FabricService:
                       url=self.settings.nats_url)
 
     async def stop(self) -> None:
-        """Graceful stop: unsubscribe, wait for in-flight requests, drain the connection."""
+        """Graceful stop: unsubscribe, wait for in-flight requests, end the background tasks, drain the connection."""
         if self._stopping.is_set():
             return
         self._stopping.set()
@@ -334,6 +239,8 @@ class FabricService:
             done, pending = await asyncio.wait(set(self._tasks), timeout=self.settings.drain_timeout_s)
             for task in pending:
                 task.cancel()
+        # after the requests (one may wait on what a loop does), before on_stop (which closes what loops use)
+        await self.tasks.stop()
         if self.jetstream is not None:
             await self.jetstream.close()
         await self.on_stop()
@@ -371,7 +278,7 @@ class FabricService:
             async def dispatch_inline(req: MicroRequest) -> None:
                 # A plain-function handler never awaits, so a task would buy no
                 # concurrency (one thread) and cost a loop iteration per request.
-                await self._serve(ep, req._msg)
+                await self._serve(ep, req)
 
             return dispatch_inline
 
@@ -380,7 +287,7 @@ class FabricService:
             # request to its own task and return, so a slow request never blocks
             # the next.  The semaphore bounds the work in flight (backpressure).
             await self._slots.acquire()
-            task = asyncio.create_task(self._serve(ep, req._msg))
+            task = asyncio.create_task(self._serve(ep, req))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
 
@@ -390,7 +297,7 @@ class FabricService:
         self._tasks.discard(task)
         self._slots.release()
 
-    async def _serve(self, ep: Endpoint, msg: Any) -> None:
+    async def _serve(self, ep: Endpoint, msg: MicroRequest) -> None:
         t0 = time.perf_counter_ns()
         ep.in_flight += 1
         request = Request(msg.subject, msg.headers, msg.data)
@@ -442,12 +349,13 @@ class FabricService:
                        exc_info=exc)
         return self._error_reply(request, err)
 
-    async def _reply(self, msg: Any, body: Any, headers: dict[str, str] | None) -> None:
-        if msg.reply:
-            try:
-                await self.connection.publish(msg.reply, body, headers=headers)
-            except Exception as exc:  # connection lost mid-reply: the client times out and retries
-                self.log.warning("reply not sent", subject=msg.subject, error=str(exc))
+    async def _reply(self, msg: MicroRequest, body: Any, headers: dict[str, str] | None) -> None:
+        try:
+            await msg.respond(body, headers=headers)
+        except ValueError:  # no reply subject: a publish, not a request; nothing to answer
+            pass
+        except Exception as exc:  # connection lost mid-reply: the client times out and retries
+            self.log.warning("reply not sent", subject=msg.subject, error=str(exc))
 
     @staticmethod
     def _error_reply(request: Request, exc: FabricError) -> tuple[bytes, dict[str, str]]:
@@ -457,25 +365,6 @@ class FabricService:
         if request.codec is MSGPACK:
             headers[CONTENT_TYPE_HEADER] = MSGPACK_CONTENT_TYPE
         return request.codec.encode(ErrorReply(error=error_info(exc))), headers
-
-    # -- connection events --------------------------------------------------------
-
-    async def _on_nats_error(self, exc: Exception) -> None:
-        self.log.warning("nats error", error=str(exc))
-
-    async def _on_disconnect(self) -> None:
-        self.log.warning("disconnected from NATS")
-
-    async def _on_reconnect(self) -> None:
-        self.log.info("reconnected to NATS")
-        # the server may be a restarted one that lost memory-backed streams: ensure them again
-        self.jetstream_lost()
-
-
-def default_state_dir() -> Path:
-    from platformdirs import user_state_dir
-
-    return Path(user_state_dir("fabric"))
 
 
 def parse_settings(argv: Sequence[str] | None, service_name: str) -> ServiceSettings:

@@ -182,3 +182,114 @@ async def test_a_frame_to_an_endpoint_without_frames_says_so(kit, nc):
     # an endpoint that declares frames gets them
     ep = Endpoint("framed", "x.framed", lambda req: req.is_frame, frames=True)
     assert ep.frames and not Endpoint("plain", "x.plain", lambda req: None).frames
+
+
+class _LogRecorder:
+    """Stands in for the structlog logger: keeps (level, event, fields) of every call."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict]] = []
+
+    def __getattr__(self, level: str):
+        return lambda event, **fields: self.events.append((level, event, fields))
+
+
+class LoopService(KitService):
+    """KitService with two background loops: one that ticks, one that crashes at once."""
+
+    name = "kit-loops"
+
+    ticks = 0
+    ticker_running_after_request: bool | None = None
+    at_on_stop: tuple[bool, bool, int] | None = None
+
+    async def on_start(self) -> None:
+        self.ticker = self.background(self._tick, name="ticker")
+        self.crasher = self.background(self._crash, name="crash")
+
+    async def _tick(self) -> None:
+        while True:
+            self.ticks += 1
+            await asyncio.sleep(0.01)
+
+    async def _crash(self) -> None:
+        raise RuntimeError("a bug in a loop")
+
+    async def slow(self, req: Request) -> Echo:
+        reply = await super().slow(req)
+        self.ticker_running_after_request = not self.ticker.done()
+        return reply
+
+    async def on_stop(self) -> None:
+        self.at_on_stop = (self.ticker.done(), self.ticker.cancelled(), len(self.tasks))
+
+
+async def test_background_tasks_log_failures_and_end_after_requests_before_on_stop(nats_url, tmp_path, nc):
+    from tests._wait import until
+
+    svc = LoopService(ServiceSettings(nats_url=nats_url, node=f"b{secrets.token_hex(3)}", state_dir=tmp_path))
+    svc.tasks.log = log = _LogRecorder()
+    await svc.start()
+    assert await until(lambda: asyncio.sleep(0, svc.ticks > 1 and svc.crasher.done()))
+    # the crash is logged with the task's name, and the other loop goes on
+    assert [(lvl, ev, f["task"]) for lvl, ev, f in log.events] == [
+        ("error", "background task failed", "kit-loops:crash")]
+    assert isinstance(log.events[0][2]["exc_info"], RuntimeError) and not svc.ticker.done()
+    pending = asyncio.ensure_future(
+        nc.request(f"kit.{svc.node}.slow", b'{"text": "late", "delay_s": 0.3}', timeout=5))
+    assert await until(lambda: asyncio.sleep(0, svc.running == 1 or pending.done()))
+    await svc.stop()
+    assert json.loads((await pending).data)["text"] == "late"
+    # the loop ran while the request in flight finished, and had ended (cancelled, awaited) before on_stop
+    assert svc.ticker_running_after_request is True
+    assert svc.at_on_stop == (True, True, 0)
+
+
+@pytest.mark.unit
+def test_endpoint_helpers_spell_the_contract_subjects(tmp_path):
+    from fabric.service import cluster_endpoint, node_endpoint
+
+    def handler(req: Request) -> None:
+        return None
+
+    ep = node_endpoint("mem", "n1", "read", handler, frames=True)
+    assert (ep.name, ep.subject, ep.queue_group, ep.frames) == ("read", "fabric.mem.n1.read", "fabric", True)
+    ep = node_endpoint("core", "n1", "run", handler, name="core-run", wildcard=True)
+    assert (ep.name, ep.subject, ep.frames) == ("core-run", "fabric.core.n1.run.*", False)
+    ep = cluster_endpoint("mem", "alloc", handler, name="alloc-any")
+    assert (ep.name, ep.subject, ep.queue_group) == ("alloc-any", "fabric.mem.alloc", "fabric")
+    svc = KitService(ServiceSettings(nats_url="nats://x:1", node="n2", state_dir=tmp_path))
+    assert svc.node_endpoint("proc", "kill", handler).subject == "fabric.proc.n2.kill"
+    assert svc.cluster_endpoint("nodes", "list", handler).subject == "fabric.nodes.list"
+
+
+@pytest.mark.unit
+def test_service_connections_reconnect_forever_and_log_their_events():
+    from fabric.service_nats import connect_options
+
+    reconnects: list[int] = []
+    log = _LogRecorder()
+    opts = connect_options("svc@n1", log, on_reconnect=lambda: reconnects.append(1))
+    assert opts["name"] == "svc@n1" and opts["max_reconnect_attempts"] == -1 and opts["reconnect_time_wait"] > 0
+
+    async def events() -> None:
+        await opts["error_cb"](OSError("boom"))
+        await opts["disconnected_cb"]()
+        await opts["reconnected_cb"]()
+
+    asyncio.run(events())
+    assert [(lvl, ev, f["connection"]) for lvl, ev, f in log.events] == [
+        ("warning", "nats error", "svc@n1"), ("warning", "disconnected from NATS", "svc@n1"),
+        ("info", "reconnected to NATS", "svc@n1")]
+    assert reconnects == [1]
+
+
+async def test_a_publish_without_reply_is_served_and_not_answered(kit, nc):
+    kit.log = log = _LogRecorder()
+    await nc.publish(f"kit.{kit.node}.fast", b'{"text": "fire and forget"}')
+    r = await nc.request(f"kit.{kit.node}.fast", b'{"text": "after"}', timeout=5)
+    assert json.loads(r.data)["text"] == "after"
+    ping = json.loads((await nc.request("$SRV.PING.kit-test", b"", timeout=2)).data)
+    stats = json.loads((await nc.request(f"$SRV.STATS.kit-test.{ping['id']}", b"", timeout=2)).data)
+    assert {e["name"]: e["num_requests"] for e in stats["endpoints"]}["fast"] == 2
+    assert [ev for _, ev, _ in log.events if ev == "reply not sent"] == []
