@@ -17,6 +17,7 @@ also take the binary frame of :mod:`fabric_ext.wire` (single items and batches).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
 import time
@@ -26,7 +27,6 @@ from typing import Any, cast
 
 import psutil
 
-from fabric import subjects
 from fabric.errors import BadRequest, FabricError, OutOfRange, PermissionDenied, TooLarge
 from fabric.handles import PERM_R, HandleParts, HandleSigner
 from fabric.hostid import boot_id
@@ -114,19 +114,14 @@ class AllocatorService(FabricService):
         self.prefix = ident.prefix
         self.boot_id = boot_id()
         self.hostname = socket.gethostname()
-        self._reaper: Any = None
 
     def metadata(self) -> dict[str, str]:
         return {"shm_prefix": self.prefix, "capacity": str(self.capacity)}
 
     def endpoints(self) -> Sequence[Endpoint]:
-        node = self.node
-
-        def ep(verb: str, handler: Any, frames: bool = False) -> Endpoint:
-            return Endpoint(verb, subjects.node_scoped("mem", node, verb), handler, frames=frames)
-
+        ep = functools.partial(self.node_endpoint, "mem")  # fabric.mem.<node>.<verb>
         return [
-            Endpoint("alloc-any", subjects.cluster("mem", "alloc"), self.alloc),
+            self.cluster_endpoint("mem", "alloc", self.alloc, name="alloc-any"),
             ep("alloc", self.alloc),
             ep("free", self.free),
             ep("realloc", self.realloc),
@@ -142,14 +137,13 @@ class AllocatorService(FabricService):
         ]
 
     async def on_start(self) -> None:
-        self._reaper = asyncio.create_task(self._reap_leases())
+        self.background(self._reap_leases, name="lease-reaper")
         stats = self.arena.stats()
         self.log.info("arena attached", prefix=self.prefix, capacity=self.capacity,
                       segments=stats["segments"], blocks=stats["blocks"])
 
     async def on_stop(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
+        # the lease reaper has ended (the kit stops background tasks before on_stop);
         # close, not destroy: the segments outlive this process so a restart reattaches them
         self.arena.close()
 

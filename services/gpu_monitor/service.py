@@ -92,7 +92,6 @@ class GpuMonitorService(FabricService):
         self.latest: NodeRecord | None = None
         self.heartbeats_failed = 0
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gpu-monitor-sample")
-        self._beat: asyncio.Task[None] | None = None
 
     def metadata(self) -> dict[str, str]:
         return {"interval_s": f"{self.interval_s:g}", "nvml": "yes" if self.nvml_available() else "no",
@@ -102,13 +101,12 @@ class GpuMonitorService(FabricService):
         return self.latest is not None and self.latest.nvml.available
 
     def endpoints(self) -> Sequence[Endpoint]:
-        node = self.node
         return [
-            Endpoint("list", subjects.cluster("nodes", "list"), self.list),
-            Endpoint("get", subjects.cluster("nodes", "get"), self.get),
-            Endpoint("devices", subjects.cluster("nodes", "devices"), self.devices),
-            Endpoint("info", subjects.node_scoped("nodes", node, "info"), self.info),
-            Endpoint("gpus", subjects.node_scoped("nodes", node, "gpus"), self.gpus),
+            self.cluster_endpoint("nodes", "list", self.list),
+            self.cluster_endpoint("nodes", "get", self.get),
+            self.cluster_endpoint("nodes", "devices", self.devices),
+            self.node_endpoint("nodes", "info", self.info),
+            self.node_endpoint("nodes", "gpus", self.gpus),
         ]
 
     # -- lifecycle -------------------------------------------------------------------
@@ -144,19 +142,14 @@ class GpuMonitorService(FabricService):
         assert self.registry is not None
         # listed once its endpoints answer, and before the service says it is up
         await self._heartbeat()
-        self._beat = asyncio.get_running_loop().create_task(self._heartbeats())
+        self.background(self._heartbeats, name="heartbeats")
         self.log.info("gpu-monitor ready", interval_s=self.interval_s, ttl_s=self.ttl_s,
                       registry=self.registry.backend, gpus=len(self.latest.gpus) if self.latest else 0,
                       nvml=self.latest.nvml.reason or "available" if self.latest else "",
                       opencl=self.opencl.reason or f"{len(self.opencl.devices)} device(s)")
 
     async def on_stop(self) -> None:
-        if self._beat is not None:
-            self._beat.cancel()
-            try:
-                await self._beat
-            except (asyncio.CancelledError, Exception):
-                pass
+        # the heartbeats have ended (the kit stops background tasks before on_stop)
         if self.registry is not None:
             await self.registry.stop()
         self._pool.shutdown(wait=True)

@@ -25,15 +25,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.errors import MaxPayloadError
 
-from fabric import subjects
 from fabric.errors import FabricError, JobFailed, TooLarge, error_headers
 from fabric.schema import decode_job_batch, encode_job_results
-from fabric.service import Endpoint
-from fabric.subjects import QUEUE_GROUP
+from fabric.service import Endpoint, node_endpoint
+from fabric.service_nats import connect
 
 from .pool import Pool
 from .pool_reply import REPLY_HEADROOM, ReplyLink, reply_limit
@@ -61,23 +59,22 @@ class JobLane:
         self._sends: set[asyncio.Task[Any]] = set()
         self._retry_link_at = 0.0
         # served on the lane (open()), counted here, listed in $SRV (the manager's side_endpoints)
-        self._run_ep = Endpoint("core-run", subjects.node_scoped("core", node, "run") + ".*", self._on_run)
-        self._map_ep = Endpoint("core-map", subjects.node_scoped("core", node, "map") + ".*", self._on_map)
+        self._run_ep = node_endpoint("core", node, "run", self._on_run, name="core-run", wildcard=True)
+        self._map_ep = node_endpoint("core", node, "map", self._on_map, name="core-map", wildcard=True)
 
     def endpoints(self) -> list[Endpoint]:
         return [self._run_ep, self._map_ep]
 
     async def open(self) -> None:
         """Connect, open the reply link (before any worker starts), subscribe."""
-        self.nc = await nats.connect(self.nats_url, name=f"spawner-jobs@{self.node}", max_reconnect_attempts=-1,
-                                     reconnect_time_wait=0.25, error_cb=self._on_nats_error)
+        # the service kit's connect options: reconnect forever, connection events logged
+        self.nc = await connect(self.nats_url, f"spawner-jobs@{self.node}", self.log)
         # the reader threads hold on to this link for good; tend_link() reconnects it
         self.link = ReplyLink(self.nats_url, f"spawner-replies@{self.node}", self.log)
         await asyncio.get_running_loop().run_in_executor(None, self.link.connect)
-        for verb, cb in (("run", self._on_run), ("map", self._on_map)):
-            self._subs.append(await self.nc.subscribe(subjects.node_scoped("core", self.node, verb) + ".*",
-                                                      queue=QUEUE_GROUP, cb=cb, pending_msgs_limit=1 << 20,
-                                                      pending_bytes_limit=1 << 30))
+        for ep, cb in ((self._run_ep, self._on_run), (self._map_ep, self._on_map)):
+            self._subs.append(await self.nc.subscribe(ep.subject, queue=ep.queue_group, cb=cb,
+                                                      pending_msgs_limit=1 << 20, pending_bytes_limit=1 << 30))
         await self.nc.flush()
 
     async def unsubscribe(self) -> None:
@@ -121,10 +118,6 @@ class JobLane:
         return TooLarge(f"core {pool.name!r}: {what} of {size} bytes{code} is more than a reply carries: "
                         f"{reply_limit(mp)} bytes (the NATS server's max payload of {mp} less {REPLY_HEADROOM} "
                         f"for headers); {OUTPUT_HINT}", core=pool.id, size=size, max_payload=mp)
-
-    async def _on_nats_error(self, exc: Exception) -> None:
-        self.log.warning("job lane nats error", error=str(exc))
-
 
     def _send(self, subject: str, data: Any, headers: dict[str, str] | None = None) -> None:
         """Publish a reply from the loop (errors, batches, anything the reader thread did not send)."""

@@ -70,10 +70,10 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from fabric import subjects
 from fabric.errors import BadRequest, Conflict, CoreLoadFailed, NotFound
 from fabric.schema import CoreInfo, CoreListReply, CoreRequest, LoadCoreRequest
-from fabric.service import Endpoint, Request
+from fabric.service import Endpoint, Request, cluster_endpoint, node_endpoint
+from fabric.service_tasks import BackgroundTasks
 
 from .core_api import BUILTIN_CORES, OPENCL_CORE, PYTHON_CORE
 from .job_lane import EXIT_CODE_HEADER, JobLane, fit_results
@@ -98,7 +98,8 @@ class CoreManager:
     link, environment settings and child-pid set.
     """
 
-    def __init__(self, node: str, log: Any, nats_url: str, env: PoolEnv | None = None) -> None:
+    def __init__(self, node: str, log: Any, nats_url: str, env: PoolEnv | None = None,
+                 tasks: BackgroundTasks | None = None) -> None:
         self.node = node
         self.log = log
         self.nats_url = nats_url
@@ -111,6 +112,8 @@ class CoreManager:
         #: sweep for adopted orphans must never touch them: see worker_pids)
         self.children: set[int] = set()
         self._closing: set[asyncio.Task[Any]] = set()
+        #: where the watchdog runs: the hosting service's background tasks, or the manager's own
+        self.tasks = tasks if tasks is not None else BackgroundTasks(log)
         self._ticker: asyncio.Task[None] | None = None
         self.ring_prefix = ring_prefix()
         self.lane = JobLane(node, log, nats_url, self._pool)
@@ -130,13 +133,11 @@ class CoreManager:
         return self.lane.reply_limit()
 
     def endpoints(self) -> list[Endpoint]:
-        node = self.node
-
-        def ep(verb: str, handler: Any) -> Endpoint:
-            return Endpoint(f"core-{verb}", subjects.node_scoped("core", node, verb), handler)
+        def ep(verb: str, handler: Any) -> Endpoint:  # fabric.core.<node>.<verb>, named core-<verb>
+            return node_endpoint("core", self.node, verb, handler, name=f"core-{verb}")
 
         return [
-            Endpoint("core-load-any", subjects.cluster("core", "load"), self.load),
+            cluster_endpoint("core", "load", self.load, name="core-load-any"),
             ep("load", self.load),
             ep("list", self.list),
             ep("stats", self.stats),
@@ -151,16 +152,13 @@ class CoreManager:
         """Open the job lane and the reply link (before any worker starts), start the watchdog."""
         sweep_rings(self.log)
         await self.lane.open()
-        self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        self._ticker = self.tasks.start(self._tick, name="core-watchdog")
 
     async def stop(self) -> None:
         await self.lane.unsubscribe()
         if self._ticker is not None:
-            self._ticker.cancel()
-            try:
-                await self._ticker
-            except asyncio.CancelledError:
-                pass
+            # ended already when the hosting service's kit stopped its background tasks first
+            await self.tasks.cancel(self._ticker)
             self._ticker = None
         pools, self.pools = list(self.pools.values()), {}
         self.by_name.clear()

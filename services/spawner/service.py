@@ -18,12 +18,11 @@ kills what a crashed predecessor left.  Compute cores and warm pools
 from __future__ import annotations
 
 import builtins
+import functools
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from fabric import subjects
 from fabric.errors import BadRequest
 from fabric.schema import (
     KillReply,
@@ -72,19 +71,16 @@ class SpawnerService(FabricService):
         self.cgroups, self.cgroup_reason = cgroups_mod.detect(self.key)
         self.blobs = BlobStore(root / "blobs")
         self.table: ProcessTable | None = None
-        self.cores = CoreManager(self.node, self.log, settings.nats_url)  # fabric.core.*: warm pools of compute cores
+        # fabric.core.*: warm pools of compute cores; their watchdog is one of this service's background tasks
+        self.cores = CoreManager(self.node, self.log, settings.nats_url, tasks=self.tasks)
 
     def metadata(self) -> dict[str, str]:
         return {"cgroup": str(self.cgroups) if self.cgroups else "", "architecture": node_architecture()}
 
     def endpoints(self) -> Sequence[Endpoint]:
-        node = self.node
-
-        def ep(verb: str, handler: Any) -> Endpoint:
-            return Endpoint(verb, subjects.node_scoped("proc", node, verb), handler)
-
+        ep = functools.partial(self.node_endpoint, "proc")  # fabric.proc.<node>.<verb>
         return [
-            Endpoint("spawn-any", subjects.cluster("proc", "spawn"), self.spawn),
+            self.cluster_endpoint("proc", "spawn", self.spawn, name="spawn-any"),
             ep("spawn", self.spawn),
             ep("wait", self.wait),
             ep("kill", self.kill),
