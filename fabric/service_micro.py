@@ -18,12 +18,10 @@ minor version this was tested with (``tests/test_service_kit.py``,
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from nats.micro.service import EndpointInfo, Service, ServiceInfo, ServiceStats
 
-if TYPE_CHECKING:
-    from .service import Endpoint
+from .service_endpoint import Endpoint
 
 __all__ = ["MicroService"]
 
