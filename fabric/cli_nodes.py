@@ -1,4 +1,4 @@
-"""The node table of ``fabric status`` and ``fabric nodes [--watch]``.
+"""``fabric nodes [--watch]``, and the node table ``fabric status`` shows too.
 
 The records come from the gpu-monitors' registry (``fabric.nodes.list``, see
 docs/protocol.md "Nodes and telemetry"); this module only fetches and renders
@@ -7,14 +7,21 @@ them, so the CLI stays a thin layer over the public subjects.
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import json
+import sys
+from datetime import datetime
+from typing import Annotated, Any
 
+import msgspec
+import typer
 from rich.console import JustifyMethod
 from rich.table import Table
 
+from .cli_common import NatsUrlOption, StateDirOption, connect, console, fail, find_nats_url, state_of
 from .schema import JSON, NodeListReply, NodeRecord
 
-__all__ = ["fetch_nodes", "nodes_table", "NoMonitor"]
+__all__ = ["fetch_nodes", "nodes_table", "add_columns", "NoMonitor", "nodes"]
 
 
 class NoMonitor(Exception):
@@ -101,3 +108,67 @@ def nodes_table(records: list[NodeRecord], title: str) -> Table:
     if not records:
         table.caption = "no node in the registry"
     return table
+
+
+# -- fabric nodes ---------------------------------------------------------------------------
+
+
+def nodes(
+    state_dir: StateDirOption = None,
+    nats_url: NatsUrlOption = None,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh live until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option("--interval", min=0.1, help="Seconds between refreshes.")] = 1.0,
+    count: Annotated[int, typer.Option("--count", min=0,
+                                       help="With --watch: stop after this many refreshes (0: never).")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the records as JSON (one line per refresh).")] = False,
+) -> None:
+    """Show every node: CPUs, load, memory, disk, network, GPUs and OpenCL devices (from the gpu-monitors)."""
+    state = state_of(state_dir)
+    url, _ = find_nats_url(nats_url, state)
+    try:
+        asyncio.run(_nodes_loop(url, watch, interval, count, as_json))
+    except KeyboardInterrupt:
+        pass
+
+
+async def _nodes_loop(url: str, watch: bool, interval: float, count: int, as_json: bool) -> None:
+    from rich.live import Live
+
+    nc = await connect(url)
+    try:
+        async def one() -> list[NodeRecord]:
+            try:
+                return await fetch_nodes(nc)
+            except NoMonitor:
+                fail(f"no gpu-monitor answers on {url}", "is the fabric up with its gpu-monitor? (`fabric status`)")
+
+        def title(records: list[NodeRecord]) -> str:
+            return f"nodes on {url} ({len(records)}) at {datetime.now().strftime('%H:%M:%S')}"
+
+        records = await one()
+        if as_json:
+            sys.stdout.write(json.dumps([msgspec.to_builtins(r) for r in records]) + "\n")
+        elif not watch:
+            console().print(nodes_table(records, title(records)))
+        if not watch:
+            return
+        shown = 1
+        live = None if as_json else Live(nodes_table(records, title(records)), console=console(),
+                                         auto_refresh=False)
+        if live is not None:
+            live.start(refresh=True)
+        try:
+            while count == 0 or shown < count:
+                await asyncio.sleep(interval)
+                records = await one()
+                shown += 1
+                if live is not None:
+                    live.update(nodes_table(records, title(records)), refresh=True)
+                else:
+                    sys.stdout.write(json.dumps([msgspec.to_builtins(r) for r in records]) + "\n")
+                    sys.stdout.flush()
+        finally:
+            if live is not None:
+                live.stop()
+    finally:
+        await nc.close()

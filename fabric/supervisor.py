@@ -40,10 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .discovery import probe_services
 from .launch import module_launch
 from .state import FabricState, ProcessRecord, StateDir
 
-__all__ = ["SERVICES", "SupervisorConfig", "Supervisor", "service_modules", "probe_services", "collect_replies"]
+__all__ = ["SERVICES", "SupervisorConfig", "Supervisor", "service_modules", "rotate_log"]
 
 #: every service ``fabric up`` knows: ADR-32 service name -> module run with ``python -P -m``
 SERVICES: dict[str, str] = {
@@ -59,7 +60,6 @@ BACKOFF_INITIAL_S = 0.1
 BACKOFF_MAX_S = 5.0
 BACKOFF_RESET_AFTER_S = 30.0  # an incarnation that lived this long resets the backoff
 NATS_STOP_TIMEOUT_S = 5.0
-PING_INTERVAL_S = 0.025
 
 
 def service_modules() -> dict[str, str]:
@@ -296,7 +296,7 @@ class Supervisor:
             self.services[name] = Child(name, launch.argv, state.log_file(name), launch.env, launch.cwd)
             names.append(name)
         for name in names:
-            _rotate(state.log_file(name))
+            rotate_log(state.log_file(name))
 
     async def _start_nats(self) -> bool:
         """Start the embedded server and wait until it accepts connections."""
@@ -525,102 +525,9 @@ async def _terminate(children: list[Child], grace: float, log: Callable[..., Non
             log("info", "child stopped", child=name, pid=proc.pid, status=_describe_exit(proc.returncode))
 
 
-def _rotate(log: Path) -> None:
+def rotate_log(log: Path) -> None:
     """Keep the previous run's log as ``<name>.log.1``; each run starts a fresh log."""
     try:
         os.replace(log, log.with_name(log.name + ".1"))
     except FileNotFoundError:
         pass
-
-
-# -- ADR-32 discovery (used for readiness here and by ``fabric status``) -------------
-
-
-async def collect_replies(nc: Any, subjects: list[str], *, window: float,
-                          done: Callable[[list[Any]], bool] | None = None) -> list[Any]:
-    """Publish an empty request to each subject and gather every JSON reply for *window* s.
-
-    One reply inbox takes all the answers (any number of service instances may
-    answer); it returns early once *done* says so.
-    """
-    replies: list[Any] = []
-    finished = asyncio.Event()
-
-    async def on_reply(msg: Any) -> None:
-        try:
-            replies.append(json.loads(msg.data))
-        except ValueError:
-            return
-        if done is not None and done(replies):
-            finished.set()
-
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox, cb=on_reply)
-    try:
-        for subject in subjects:
-            await nc.publish(subject, b"", reply=inbox)
-        await nc.flush()
-        try:
-            await asyncio.wait_for(finished.wait(), window)
-        except asyncio.TimeoutError:
-            pass
-    finally:
-        await sub.unsubscribe()
-    return replies
-
-
-async def probe_services(nc: Any, node: str, expected: Callable[[], dict[str, int | None]], *,
-                         timeout: float) -> list[str]:
-    """Ping ``$SRV.PING.<name>`` until each expected service answers from *node*.
-
-    *expected* gives the current pid of each service (it changes when one is
-    restarted); a reply whose metadata names another pid is an older or foreign
-    instance and does not count.  Returns the names still missing at *timeout*.
-    """
-    found: set[str] = set()
-    deadline = time.monotonic() + timeout
-
-    def check(reply: Any) -> None:
-        if not isinstance(reply, dict):
-            return
-        name = reply.get("name")
-        meta = reply.get("metadata") or {}
-        pids = expected()
-        if name not in pids or meta.get("node") != node:
-            return
-        pid = meta.get("pid")
-        if pid is not None and str(pid) != str(pids[name]):
-            return
-        found.add(name)
-
-    inbox = nc.new_inbox()
-    arrived = asyncio.Event()
-
-    async def on_reply(msg: Any) -> None:
-        try:
-            check(json.loads(msg.data))
-        except ValueError:
-            return
-        arrived.set()
-
-    sub = await nc.subscribe(inbox, cb=on_reply)
-    try:
-        while True:
-            missing = [n for n in expected() if n not in found]
-            if not missing:
-                return []
-            now = time.monotonic()
-            if now >= deadline:
-                return missing
-            for name in missing:
-                await nc.publish(f"$SRV.PING.{name}", b"", reply=inbox)
-            arrived.clear()
-            try:
-                await asyncio.wait_for(arrived.wait(), min(PING_INTERVAL_S, deadline - now))
-            except asyncio.TimeoutError:
-                pass
-    finally:
-        try:
-            await sub.unsubscribe()
-        except Exception:
-            pass

@@ -1,0 +1,120 @@
+"""What every ``fabric`` command shares: the options, the consoles, failing cleanly, finding the fabric.
+
+The command modules (:mod:`fabric.cli_up`, :mod:`fabric.cli_down`,
+:mod:`fabric.cli_status`, :mod:`fabric.cli_nodes`, :mod:`fabric.cli_req`) build on
+this one; :mod:`fabric.cli` puts them together into the ``fabric`` command.
+
+Expected failures (port in use, a fabric already running, no responders) print
+one clear line on stderr and exit 1 (:func:`fail`); tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from .state import FabricState, StateDir, default_state_dir
+
+__all__ = ["out", "err", "console", "StateDirOption", "NatsUrlOption", "ServicesOption", "fail", "escape",
+           "state_of", "state_flag", "parse_services", "find_nats_url", "connect"]
+
+# soft wrap: a long path or URL stays on one line (and copy-pastable) when piped
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+StateDirOption = Annotated[
+    Path | None,
+    typer.Option("--state-dir", envvar="FABRIC_STATE_DIR", show_default=False,
+                 help="State directory of this fabric (pids, logs, NATS store). Default: the per-user state dir."),
+]
+NatsUrlOption = Annotated[
+    str | None,
+    typer.Option("--nats-url", envvar="FABRIC_NATS_URL", show_default=False,
+                 help="NATS to use. Default: the one of the fabric running in --state-dir."),
+]
+ServicesOption = Annotated[
+    str | None,
+    typer.Option("--services", show_default=False, help="Comma-separated service names. Default: all known."),
+]
+
+
+def console() -> Console:
+    """The console for tables: piped output has no terminal width to fit, so every column shows in full."""
+    return out if out.is_terminal else Console(highlight=False, width=250)
+
+
+def fail(message: str, hint: str | None = None) -> NoReturn:
+    """Print an expected failure (no traceback) and exit 1."""
+    err.print(f"[bold red]error:[/] {escape(message)}")
+    if hint:
+        err.print(f"  {escape(hint)}")
+    raise typer.Exit(1)
+
+
+def escape(text: str) -> str:
+    """*text* with rich markup escaped (paths and service output may hold brackets)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+def state_of(state_dir: Path | None) -> StateDir:
+    """The state directory a command's ``--state-dir`` names (the per-user default without one)."""
+    return StateDir(state_dir if state_dir is not None else default_state_dir())
+
+
+def state_flag(state: StateDir) -> str:
+    """The ``--state-dir`` a follow-up command needs (empty for the default)."""
+    return "" if state.path == StateDir(default_state_dir()).path else f" --state-dir {state.path}"
+
+
+def parse_services(raw: str | None) -> dict[str, str]:
+    """``--services`` as name -> module (every known service without one); fails on an unknown name."""
+    from .supervisor import service_modules
+
+    try:
+        known = service_modules()
+    except ValueError as exc:
+        fail(str(exc))
+    if raw is None:
+        return known
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    if not names:
+        fail("--services is empty", f"known services: {', '.join(known)}")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        fail(f"unknown service(s): {', '.join(unknown)}", f"known services: {', '.join(known)}")
+    return {n: known[n] for n in dict.fromkeys(names)}
+
+
+def find_nats_url(nats_url: str | None, state: StateDir) -> tuple[str, FabricState | None]:
+    """The NATS to talk to (``--nats-url``, else the running fabric's) and the running fabric, if any."""
+    running = state.running()
+    if nats_url:
+        return nats_url, running
+    if running is None:
+        stale = state.read()
+        if stale is not None and stale.phase in ("starting", "ready", "stopping"):
+            fail(f"the supervisor of the fabric in {state.path} is gone (pid {stale.supervisor_pid})",
+                 f"`fabric down{state_flag(state)}` stops what it left running; then `fabric up` again")
+        fail(f"no fabric is running in {state.path}",
+             "start one with `fabric up`, pass --state-dir, or give the NATS to use with --nats-url")
+    return running.nats_url, running
+
+
+async def connect(url: str) -> Any:
+    """A NATS connection for one command: no reconnects, no error chatter; fails cleanly if NATS is not there."""
+    import nats
+
+    async def quiet(*_: Any) -> None:
+        return None
+
+    try:
+        return await nats.connect(url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0,
+                                  error_cb=quiet, disconnected_cb=quiet, closed_cb=quiet, name="fabric-cli")
+    except Exception as exc:
+        fail(f"cannot connect to NATS at {url}: {exc or type(exc).__name__}",
+             "is the fabric up? (`fabric status --state-dir ...`, or check --nats-url)")

@@ -1,0 +1,200 @@
+"""``fabric up``: check the options, then run the supervisor in the foreground or detached.
+
+The supervisor itself is :mod:`fabric.supervisor`; ``-d`` hands it to
+:func:`fabric.control.start_detached` (fork, own session, ready pipe) and waits for
+its word.  This module checks what can be checked before anything starts (node
+name, URL, the state directory's lock, the port) and presents the outcome: the
+ready banner, or the failure with the tails of the logs that say why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Annotated, NoReturn
+
+import typer
+
+from .cli_common import ServicesOption, StateDirOption, err, escape, fail, out, parse_services, state_flag, state_of
+from .state import FabricState, StateDir, pid_alive
+
+if TYPE_CHECKING:
+    from .supervisor import SupervisorConfig
+
+__all__ = ["up"]
+
+
+def up(
+    detach: Annotated[bool, typer.Option("--detach", "-d",
+                                         help="Return once ready; the supervisor keeps running.")] = False,
+    nats_url: Annotated[str | None, typer.Option(
+        "--nats-url", envvar="FABRIC_NATS_URL", show_default=False,
+        help="Join this NATS instead of starting an embedded nats-server.")] = None,
+    nats_port: Annotated[int, typer.Option("--nats-port", min=0, max=65535,
+                                           help="Port of the embedded nats-server (0: pick a free one).")] = 4222,
+    host: Annotated[str, typer.Option("--host", help="Address the embedded nats-server binds to.")] = "127.0.0.1",
+    state_dir: StateDirOption = None,
+    services: ServicesOption = None,
+    node: Annotated[str | None, typer.Option("--node", show_default=False,
+                                                help="Node name. Default: the host name, sanitized.")] = None,
+    nats_server: Annotated[str | None, typer.Option("--nats-server", show_default=False,
+                                                       help="The nats-server binary to run.")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1,
+                                           help="Seconds to wait until every service answers.")] = 30.0,
+    grace: Annotated[float, typer.Option("--grace", min=0.0,
+                                         help="Seconds services get to drain when stopped by a signal.")] = 10.0,
+) -> None:
+    """Start NATS (unless --nats-url) and the services, supervised; foreground unless -d."""
+    from . import nats_server as ns
+    from .subjects import sanitize_node_name, valid_node_name
+    from .supervisor import Supervisor, SupervisorConfig
+
+    t0 = _process_start_time()
+    state = state_of(state_dir)
+    modules = parse_services(services)
+    node = node if node is not None else sanitize_node_name(socket.gethostname().split(".")[0])
+    if not valid_node_name(node):
+        fail(f"invalid node name {node!r}", "use 1 to 64 letters, digits, '_' and '-'")
+    if nats_url and not nats_url.startswith(("nats://", "tls://", "ws://", "wss://")):
+        fail(f"invalid NATS URL {nats_url!r}", "expected nats://HOST:PORT")
+
+    try:
+        lock_fd = state.acquire_lock()
+    except OSError as exc:
+        fail(f"cannot use state directory {state.path}: {exc.strerror or exc}")
+    if lock_fd is None:
+        running = state.running()
+        what = f" (supervisor pid {running.supervisor_pid}, NATS {running.nats_url})" if running else ""
+        fail(f"a fabric is already running in {state.path}{what}",
+             f"stop it with `fabric down{state_flag(state)}`, or start another one with a different --state-dir")
+
+    stale = state.read()
+    if stale is not None:
+        left = [f"{name} (pid {pid})" for name, (pid, created) in stale.pids().items() if pid_alive(pid, created)]
+        if left:
+            fail(f"the last fabric in {state.path} lost its supervisor but left processes running: {', '.join(left)}",
+                 f"stop them with `fabric down{state_flag(state)}`, then `fabric up` again")
+
+    binary = None
+    port = nats_port
+    if not nats_url:
+        try:
+            binary = ns.find_binary(nats_server)
+            if port == 0:
+                port = ns.free_port(host)
+            ns.check_port(host, port)
+        except ns.NatsServerNotFound as exc:
+            fail(str(exc))
+        except ns.PortInUse as exc:
+            fail(f"{exc}: is another NATS or fabric running?",
+                 "pass --nats-port 0 to pick a free port, or --nats-url to join the NATS already there")
+        except OSError as exc:
+            fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", "check --host")
+
+    config = SupervisorConfig(
+        state=state, node=node, services=modules, external_nats_url=nats_url, host=host, port=port,
+        nats_binary=binary, ready_timeout=timeout, grace=grace,
+    )
+    if detach:
+        _up_detached(config, lock_fd, t0)
+    else:
+        sup = Supervisor(
+            config,
+            on_ready=lambda st: _print_ready(st, t0, state, detached=False),
+            on_failed=lambda st, failing: _print_failure(st, failing, state),
+            hangup_stops=True,
+        )
+        code = asyncio.run(sup.run())
+        os.close(lock_fd)
+        raise typer.Exit(code)
+
+
+def _process_start_time() -> float:
+    """Wall-clock time this process was created: "time to ready" counts from here."""
+    try:
+        # the process's start in clock ticks since boot, against the boot clock:
+        # psutil's create_time adds the boot time rounded to a whole second
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return time.time() - age
+    except (OSError, ValueError, IndexError, AttributeError):
+        import psutil
+
+        return float(psutil.Process().create_time())
+
+
+def _up_detached(config: SupervisorConfig, lock_fd: int, t0: float) -> NoReturn:
+    """Start the supervisor detached; return when it reports ready or failed, leaving nothing behind on failure."""
+    from .control import kill_leftovers, start_detached
+
+    state = config.state
+    sup = start_detached(config, lock_fd)
+    try:
+        report = sup.wait_report(config.ready_timeout + 5.0)
+    except KeyboardInterrupt:
+        err.print("interrupted: stopping the fabric")
+        sup.terminate()
+        sup.wait()
+        raise typer.Exit(130) from None
+    st = state.read()
+    if report is not None and report.ready and st is not None:
+        _print_ready(st, t0, state, detached=True)
+        raise typer.Exit(0)
+    if report is None:
+        if sup.exited():
+            err.print("[bold red]error:[/] the supervisor exited before it was ready")
+        else:
+            err.print(f"[bold red]error:[/] no word from the supervisor within {config.ready_timeout + 5:.0f} s; "
+                      "stopping it")
+            sup.terminate()
+        _print_tail(state, "supervisor")
+    else:
+        assert st is not None
+        _print_failure(st, report.failing, state)
+    # the supervisor stops what it started; wait for it so nothing is left behind
+    if not sup.wait(config.grace + 10.0):
+        err.print(f"the supervisor (pid {sup.pid}) did not stop in time: killing it")
+        sup.kill()
+    # a supervisor that died (or was killed) leaves its children running: the state
+    # file names them, and none may outlive a start that failed
+    final = state.read()
+    killed = kill_leftovers(final) if final is not None else []
+    if killed:
+        err.print(f"killed leftover processes: {', '.join(killed)}")
+    raise typer.Exit(1)
+
+
+def _print_ready(st: FabricState, t0: float, state: StateDir, *, detached: bool) -> None:
+    from .nats_server import is_loopback
+
+    seconds = (st.ready_at or time.time()) - t0
+    services = ", ".join(st.services) or "none"
+    out.print(f"[bold green]fabric ready[/] in {seconds:.2f} s — node [bold]{st.node}[/], services: {services}")
+    where = f"embedded nats-server, pid {st.nats.pid}" if st.embedded_nats and st.nats else "joined"
+    out.print(f"  NATS URL  {st.nats_url}  ({where})")
+    out.print(f"  join      fabric up --nats-url {st.join_url}")
+    if st.embedded_nats and st.host and is_loopback(st.host):
+        out.print(f"            (nats-server listens on {st.host} only: "
+                  "start with --host 0.0.0.0 so other machines can join)")
+    out.print(f"  logs      {st.logs_dir}/")
+    flag = state_flag(state)
+    if detached:
+        out.print(f"  status    fabric status{flag}")
+        out.print(f"  stop      fabric down{flag}")
+    else:
+        out.print("  stop      Ctrl-C, or fabric down" + flag)
+
+
+def _print_failure(st: FabricState, failing: list[str], state: StateDir) -> None:
+    err.print(f"[bold red]error:[/] fabric did not start: {escape(st.error)}")
+    for name in failing or ["supervisor"]:
+        _print_tail(state, name)
+
+
+def _print_tail(state: StateDir, name: str) -> None:
+    tail = state.tail(name, 20)
+    err.print(f"--- last lines of {state.log_file(name)} ---")
+    err.print(escape(tail) if tail else "(empty)")
