@@ -370,3 +370,47 @@ def test_pid_alive_checks_the_create_time() -> None:
     me = psutil.Process()
     assert pid_alive(me.pid) and pid_alive(me.pid, me.create_time())
     assert not pid_alive(me.pid, me.create_time() - 100)  # a reused pid is not ours
+
+
+# -- the CLI reaches the supervisor and the services only through public entry points ---------------------
+
+_CONTROL_SIDE = ("cli.py", "cli_*.py", "control.py", "discovery.py", "supervisor.py", "state.py", "launch.py",
+                 "nats_server.py")
+
+
+def _boundary_offences(module: str, source: str) -> list[str]:
+    """Imports in *source* (anywhere, lazy ones too) that reach into services or take another module's private name."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [f"{module}: import {a.name}" for a in node.names if a.name.split(".")[0] == "services"]
+        elif isinstance(node, ast.ImportFrom):
+            target = node.module or ""
+            if node.level == 0 and target.split(".")[0] == "services":
+                found.append(f"{module}: from {target} import ...")
+            found += [f"{module}: from {'.' * node.level}{target} import {a.name}" for a in node.names
+                      if a.name.startswith("_") and target != "__future__"]
+    return found
+
+
+@pytest.mark.unit
+def test_fabric_imports_no_service_and_the_cli_no_private_name() -> None:
+    """fabric/ runs the services (by module name), never imports them; the CLI side takes no ``_private`` name.
+
+    ``fabric down --purge`` runs ``python -m services.allocator.identity --release-memory`` (fabric.control),
+    and the daemon code ``fabric up -d`` needs is fabric.control's public start_detached.
+    """
+    fabric_dir = Path(sv.__file__).parent
+    services_imports = [o for path in sorted(fabric_dir.rglob("*.py"))
+                        for o in _boundary_offences(path.name, path.read_text()) if "services" in o]
+    assert services_imports == []
+    control_side = sorted({p for pattern in _CONTROL_SIDE for p in fabric_dir.glob(pattern)})
+    assert len(control_side) >= 10  # the globs match
+    assert [o for path in control_side for o in _boundary_offences(path.name, path.read_text())] == []
+    # the checker itself: what cli.py did before it was split
+    old = ("def f():\n    from .supervisor import Supervisor, _rotate\n"
+           "def g():\n    from services.allocator.identity import release_memory\n")
+    assert _boundary_offences("cli.py", old) == [
+        "cli.py: from .supervisor import _rotate", "cli.py: from services.allocator.identity import ..."]
