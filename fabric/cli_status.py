@@ -4,7 +4,10 @@ One row per service instance (requests, errors and latency over all its
 endpoints), a line with the services up on each node, or with ``--endpoints`` a
 row per endpoint; ``--json`` prints the same as one document.  The replies are
 gathered by :func:`fabric.discovery.collect_replies` (every instance answers) and
-read as ADR-32 describes them.
+read through ``nats.micro``'s typed ``ServicePing``, ``ServiceInfo`` and
+``EndpointStats``, with the fields other ADR-32 implementations may leave out
+filled in; ``started`` is read as RFC 3339 here, since ``ServiceStats.from_dict``
+takes only nats-py's own millisecond form (Go and Rust services send nanoseconds).
 """
 
 from __future__ import annotations

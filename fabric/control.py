@@ -23,7 +23,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 from .state import FabricState, StateDir, pid_alive
 from .supervisor import NATS_STOP_TIMEOUT_S, Supervisor, SupervisorConfig, rotate_log
@@ -127,7 +128,7 @@ def start_detached(config: SupervisorConfig, lock_fd: int) -> DetachedSupervisor
     return DetachedSupervisor(pid, r)
 
 
-def _run_daemon(config: SupervisorConfig, log_path: Any, w: int) -> None:
+def _run_daemon(config: SupervisorConfig, log_path: Path, w: int) -> NoReturn:
     """The forked child: become a session leader, run the supervisor, report once on *w*, exit."""
     code = 1
     try:

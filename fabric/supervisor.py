@@ -24,6 +24,10 @@ Ctrl-C at the terminal reaches only the supervisor, which stops them in order.
 
 Start-up is on the critical path of ``fabric up``: the children are spawned
 before the supervisor imports its logging or NATS client.
+
+The readiness pings are :func:`fabric.discovery.probe_services`; running the
+supervisor detached (``fabric up -d``) and stopping it from outside are
+:mod:`fabric.control`'s.
 """
 
 from __future__ import annotations
