@@ -218,7 +218,12 @@ def release_allocator_memory(state: StateDir) -> list[str]:
 
     if not (state.path / "allocator").is_dir():
         return []  # no allocator ever ran here: nothing to release
-    launch = module_launch(ALLOCATOR_IDENTITY_MODULE, ["--release-memory", str(state.path)], cwd=state.path)
+    # the allocator package imports identity before runpy runs it as __main__ (harmless
+    # here: the module holds no state); runpy's warning about that would only be noise
+    env = dict(os.environ)
+    env["PYTHONWARNINGS"] = ",".join(w for w in (env.get("PYTHONWARNINGS"), "ignore::RuntimeWarning:runpy") if w)
+    launch = module_launch(ALLOCATOR_IDENTITY_MODULE, ["--release-memory", str(state.path)], cwd=state.path,
+                           env=env)
     done = subprocess.run(launch.argv, env=launch.env, cwd=launch.cwd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{ALLOCATOR_IDENTITY_MODULE} exited {done.returncode}: {done.stderr.strip()}")
