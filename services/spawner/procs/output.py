@@ -41,14 +41,6 @@ class OutputPump:
         self._queued_bytes = 0
         self._paused = False
         self._wakeup = asyncio.Event()
-        self._publisher: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._publisher = asyncio.create_task(self._publish_loop())
-
-    def cancel(self) -> None:
-        if self._publisher is not None:
-            self._publisher.cancel()
 
     # -- the pipes -------------------------------------------------------------------
 
@@ -129,7 +121,7 @@ class OutputPump:
                     else:
                         loop.add_reader(fd, self._on_output, mp, fd, stream)
 
-    async def _publish_loop(self) -> None:
+    async def publish_loop(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()

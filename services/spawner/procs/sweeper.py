@@ -50,29 +50,24 @@ class OrphanSweeper:
         #: ids finished since the last stray sweep
         self._to_sweep: set[str] = set()
         self._due = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._subreaper = False
 
     def start(self) -> None:
+        """Become the subreaper and join the sweepers; the table then runs :meth:`loop`."""
         # orphaned descendants of our processes come to us, not to init (see the module docstring)
         self._subreaper = become_subreaper()
         _SWEEPERS.add(self)
-        self._task = asyncio.create_task(self._loop())
 
     def finished(self, proc_id: str) -> None:
         """A process ended: sweep for its strays soon."""
         self._to_sweep.add(proc_id)
         self._due.set()
 
-    async def _loop(self) -> None:
+    async def loop(self) -> None:
         """:data:`SWEEP_S` after processes finish, else every :data:`ADOPT_S`: kill what escaped."""
         loop = asyncio.get_running_loop()
         while True:
-            try:
-                await asyncio.wait_for(self._due.wait(), ADOPT_S)
-            except asyncio.TimeoutError:
-                pass
-            else:
+            if await self._wait_due(ADOPT_S):
                 await asyncio.sleep(SWEEP_S)  # batches the exits of a busy moment into one scan
             self._due.clear()
             ids, self._to_sweep = self._to_sweep, set()
@@ -96,6 +91,20 @@ class OrphanSweeper:
             if killed and self.settings.on_strays is not None:
                 self.settings.on_strays(killed)
 
+    async def _wait_due(self, timeout: float) -> bool:
+        """Whether a sweep became due within *timeout* seconds.
+
+        Not ``asyncio.wait_for(event.wait(), ...)``: before Python 3.12 it swallows a
+        cancellation that arrives as the event is set -- and processes end (setting it)
+        exactly while the table stops this loop, which then never ends.
+        """
+        waiter = asyncio.ensure_future(self._due.wait())
+        try:
+            done, _ = await asyncio.wait({waiter}, timeout=timeout)
+        finally:
+            waiter.cancel()
+        return bool(done)
+
     def _adoption_snapshot(self) -> tuple[list[int], set[tuple[bytes, bytes]], set[bytes]]:
         """(our children no table nor pool started, (marker, id) of every live process, our markers)."""
         kids = children()
@@ -117,9 +126,7 @@ class OrphanSweeper:
         return sorted(kids), owners, markers
 
     def stop(self, finished_ids: set[str]) -> None:
-        """The table stopped: one last sweep (nothing may outlive the spawner), then stop being a subreaper."""
-        if self._task is not None:
-            self._task.cancel()
+        """The table stopped (and its :meth:`loop`): one last sweep, then stop being a subreaper."""
         ids = self._to_sweep | finished_ids
         if ids:
             strays(self.marker, ids, PROC_ENV)

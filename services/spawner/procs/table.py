@@ -17,9 +17,11 @@ import signal
 
 import msgspec
 import psutil
+import structlog
 
 from fabric.errors import UnknownProcess
 from fabric.schema import JSON, ExitInfo, ProcStatus, SpawnRequest
+from fabric.service_tasks import BackgroundTasks
 
 from ..cgroups import CgroupRoot
 from ..limits import Plan
@@ -54,12 +56,14 @@ class ProcessTable:
         self._output = OutputPump(publish, self.live, self._finish)
         self._sweeper = OrphanSweeper(marker, self.live, self.settings)
         self._rss = PeakRss()
-        self._sampler: asyncio.Task[None] | None = None
+        # the table's own: its loops must outlive the service's (stop() drains output through them)
+        self._tasks = BackgroundTasks(structlog.get_logger(component="process-table", node=node))
 
     def start(self) -> None:
         self._sweeper.start()
-        self._output.start()
-        self._sampler = asyncio.create_task(self._rss.sample_loop(self.live))
+        self._tasks.start(self._sweeper.loop, name="orphan-sweeper")
+        self._tasks.start(self._output.publish_loop, name="output-publisher")
+        self._tasks.start(lambda: self._rss.sample_loop(self.live), name="rss-sampler")
 
     # -- lookup ---------------------------------------------------------------------
 
@@ -216,9 +220,7 @@ class ProcessTable:
             await asyncio.wait([asyncio.ensure_future(mp.done.wait()) for mp in self.live.values()],
                                timeout=PIPE_DRAIN_S + 1.0)
         await self._output.drain()
-        self._output.cancel()
-        if self._sampler is not None:
-            self._sampler.cancel()
+        await self._tasks.stop()
         # the last chance: nothing may outlive the spawner
         self._sweeper.stop({mp.id for mp in self.finished.values()})
         if self.cgroups is not None:
