@@ -24,7 +24,6 @@ and it looks again after the next reconnect.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -158,7 +157,8 @@ class JetStreamKeeper:
     """Makes a service's JetStream resources exist, at start and after every reconnect.
 
     :meth:`establish` runs one round now (the service's start awaits it);
-    :meth:`trigger` asks for another round in the background (a reconnect, a
+    :meth:`run` is the background loop (the kit runs it as one of the service's
+    background tasks); :meth:`trigger` asks it for another round (a reconnect, a
     resource reported lost).  Rounds never overlap: a trigger during a round runs
     one more round after it.  Transient failures (JetStream still electing a
     leader after a restart, a timeout, the connection dropping again) are retried
@@ -176,37 +176,29 @@ class JetStreamKeeper:
         #: completed rounds (tests and logs read it)
         self.rounds = 0
         self._wanted = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
     async def establish(self, budget_s: float = 5.0) -> bool | None:
-        """One round now, retrying transient failures for up to *budget_s*; then the background loop starts.
+        """One round now, retrying transient failures for up to *budget_s*.
 
         Returns :attr:`available`.  A round still failing after *budget_s*
         reports ``None`` to the service (it runs without JetStream meanwhile)
-        and goes on retrying in the background.
+        and leaves the retrying to :meth:`run`.
         """
         done = await self._round(deadline=asyncio.get_running_loop().time() + budget_s)
         if not done:
             await self._report(None)
             self._wanted.set()
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="jetstream-keeper")
         return self.available
 
     def trigger(self) -> None:
         """Ask for another round soon (a reconnect, a resource reported missing)."""
         self._wanted.set()
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
     # -- rounds -------------------------------------------------------------------
 
-    async def _loop(self) -> None:
+    async def run(self) -> None:
+        """Run a round whenever one is asked for, until cancelled."""
         while True:
             await self._wanted.wait()
             self._wanted.clear()

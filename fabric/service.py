@@ -206,6 +206,7 @@ class FabricService:
         if resources:
             self.jetstream = JetStreamKeeper(self.nc, resources, self.on_jetstream, self.log)
             await self.jetstream.establish()
+            self.background(self.jetstream.run, name="jetstream-keeper")
         await self.on_start()
         meta = {"node": self.node, "fabric_version": __version__, "pid": str(os.getpid())}
         meta.update(self.metadata())
@@ -241,8 +242,6 @@ class FabricService:
                 task.cancel()
         # after the requests (one may wait on what a loop does), before on_stop (which closes what loops use)
         await self.tasks.stop()
-        if self.jetstream is not None:
-            await self.jetstream.close()
         await self.on_stop()
         if self.nc is not None and not self.nc.is_closed:
             try:
