@@ -72,6 +72,7 @@ from .service_endpoint import (
     node_endpoint,
 )
 from .service_micro import MicroService
+from .service_nats import close as close_connection
 from .service_nats import connect
 from .service_tasks import BackgroundTasks, LoopFunction
 from .state import default_state_dir
@@ -243,11 +244,8 @@ class FabricService:
         # after the requests (one may wait on what a loop does), before on_stop (which closes what loops use)
         await self.tasks.stop()
         await self.on_stop()
-        if self.nc is not None and not self.nc.is_closed:
-            try:
-                await self.nc.drain()
-            except Exception:  # already closed or reconnecting: nothing left to flush
-                await self.nc.close()
+        if self.nc is not None:
+            await close_connection(self.nc)
         self.log.info("service stopped")
 
     async def __aenter__(self) -> FabricService:

@@ -20,7 +20,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 
-__all__ = ["connect", "connect_options", "RECONNECT_WAIT_S"]
+__all__ = ["connect", "connect_options", "close", "RECONNECT_WAIT_S"]
 
 #: seconds between reconnect attempts: short, since a service is useless while disconnected
 RECONNECT_WAIT_S = 0.25
@@ -56,3 +56,13 @@ def connect_options(name: str, log: Any, on_reconnect: Callable[[], None] | None
 async def connect(url: str, name: str, log: Any, on_reconnect: Callable[[], None] | None = None) -> NATS:
     """Connect to *url* with :func:`connect_options`."""
     return await nats.connect(url, **connect_options(name, log, on_reconnect))
+
+
+async def close(nc: NATS) -> None:
+    """Send what is still buffered, then close; just close where draining fails (closed, reconnecting)."""
+    if nc.is_closed:
+        return
+    try:
+        await nc.drain()
+    except Exception:  # already closed or reconnecting: nothing left to flush
+        await nc.close()

@@ -31,6 +31,7 @@ from nats.errors import MaxPayloadError
 from fabric.errors import FabricError, JobFailed, TooLarge, error_headers
 from fabric.schema import decode_job_batch, encode_job_results
 from fabric.service import Endpoint, node_endpoint
+from fabric.service_nats import close as close_connection
 from fabric.service_nats import connect
 
 from .pool import Pool
@@ -95,10 +96,7 @@ class JobLane:
             self.link = None
         if self.nc is not None:
             nc, self.nc = self.nc, None
-            try:
-                await nc.drain()
-            except Exception:
-                await nc.close()
+            await close_connection(nc)
 
     async def tend_link(self, now: float) -> None:
         """Reconnect the reply link after the server restarted (at most every 2 s)."""
