@@ -7,12 +7,10 @@ Each script prints progress to stderr and, as its last line, one JSON object who
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any
@@ -49,20 +47,6 @@ def stop_process(proc: subprocess.Popen[Any], grace_s: float = 15.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-async def wait_for_spawner(fc: Any, node: str, timeout_s: float = 30.0) -> None:
-    """Wait until the spawner of *node* answers ``info`` through the client *fc*
-    (a started ``python -m services.spawner`` takes a moment to subscribe)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            await fc.spawner_info(node)
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)
 
 
 def progress(bench: str) -> Callable[[str], None]:

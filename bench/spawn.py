@@ -49,7 +49,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench._common import NATS_RESPONDER, machine, progress, stop_process, wait_for_spawner
+from bench._common import NATS_RESPONDER, machine, progress, stop_process
+from tests._spawner import wait_ready
 
 log = progress("spawn")
 
@@ -374,7 +375,7 @@ async def run(url: str, node: str, state_dir: Path, names: list[str], quick: boo
     results: dict[str, Any] = {}
     ratios: dict[str, Any] = {}
     async with AsyncFabricClient(url, local=False) as fc:
-        await wait_for_spawner(fc, node)
+        await wait_ready(fc, node, timeout_s=30.0)
         nc = await nats.connect(url)
         try:
             ctx = Context(url=url, node=node, state_dir=state_dir, client=fc, nc=nc, quick=quick)

@@ -44,7 +44,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench._common import machine, progress, stop_process, wait_for_spawner
+from bench._common import machine, progress, stop_process
+from tests._spawner import wait_ready
 
 log = progress("telemetry")
 BUDGET = 0.01  # of one core, at the default interval
@@ -161,7 +162,7 @@ async def measure_opencl_vadd(workdir: Path, quick: bool, n: int = 1_000_000) ->
     inline_s: list[float] = []
     try:
         async with AsyncFabricClient(server.url) as fc:
-            await wait_for_spawner(fc, node)
+            await wait_ready(fc, node, timeout_s=30.0)
 
             async def via_fabric() -> Any:
                 c, = await run_opencl(fc, VADD, "vadd", n, [a, b, Out(n, np.float32)], device=device)

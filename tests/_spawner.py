@@ -87,9 +87,12 @@ def start_spawner_process(nats_url: str, node: str, state: Path) -> subprocess.P
                             stderr=subprocess.DEVNULL)
 
 
-async def wait_ready(fc: AsyncFabricClient, node: str) -> None:
-    """Waits (20 s at most) until the spawner of *node* answers its info request."""
-    deadline = time.monotonic() + 20
+async def wait_ready(fc: AsyncFabricClient, node: str, timeout_s: float = 20.0) -> None:
+    """Waits (*timeout_s* at most) until the spawner of *node* answers its info request.
+
+    A started ``python -m services.spawner`` takes a moment to subscribe (bench/ uses this too).
+    """
+    deadline = time.monotonic() + timeout_s
     while True:
         try:
             await fc.spawner_info(node)
