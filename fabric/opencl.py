@@ -46,6 +46,7 @@ from .errors import (
     registered_kinds,
 )
 from .gpupair import gpu_by_device
+from .subjects import OPENCL_CORE
 
 __all__ = [
     "Out",
@@ -61,8 +62,6 @@ __all__ = [
     "decode_error",
 ]
 
-#: the built-in core's name (services/spawner/worker_core.py has the same constant)
-OPENCL_CORE = "fabric.opencl"
 
 JOB_MAGIC = b"FCLJ"
 RESULT_MAGIC = b"FCLR"

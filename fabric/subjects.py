@@ -1,4 +1,4 @@
-"""NATS subjects of the public contract, in one place.
+"""NATS subjects of the public contract, and the other names both sides spell, in one place.
 
 Cluster-wide endpoints are ``fabric.<area>.<verb>`` and listen in a queue group, so any
 instance answers.  Requests that must reach one node use the node-scoped form
@@ -15,6 +15,14 @@ NODE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 #: the queue group every cluster-wide endpoint of a service listens in
 QUEUE_GROUP = "fabric"
+
+#: the built-in cores (no library): the Python worker and the OpenCL kernels.  The warm
+#: worker process spells them again in services/spawner/core_api.py, which must import
+#: nothing (tests/test_layering.py checks the two agree)
+PYTHON_CORE = "fabric.python"
+OPENCL_CORE = "fabric.opencl"
+#: the header of a job_failed reply that carries the core's exit code
+EXIT_CODE_HEADER = "Fabric-Exit-Code"
 
 
 def cluster(area: str, verb: str) -> str:

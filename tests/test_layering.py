@@ -258,3 +258,12 @@ def test_the_server_fixtures_are_conftests() -> None:
     defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
                and any("fixture" in ast.unparse(d) for d in node.decorator_list)}
     assert SERVER_FIXTURES <= defined
+
+
+def test_the_worker_spells_the_built_in_core_names_as_the_contract_does() -> None:
+    """core_api repeats them so a warm worker imports nothing of fabric: the copies must agree."""
+    from fabric import subjects
+    from services.spawner import core_api
+
+    assert (core_api.PYTHON_CORE, core_api.OPENCL_CORE) == (subjects.PYTHON_CORE, subjects.OPENCL_CORE)
+    assert set(core_api.BUILTIN_CORES) == {subjects.PYTHON_CORE, subjects.OPENCL_CORE}

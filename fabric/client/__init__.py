@@ -47,9 +47,10 @@ The package, one module per area; imports run one way, transport <- areas <- cli
 
 from __future__ import annotations
 
+from ..subjects import EXIT_CODE_HEADER, PYTHON_CORE
 from .aio import AsyncFabricClient
 from .buffers import AsyncRemoteBuffer
-from .cores import EXIT_CODE_HEADER, MAP_BATCH, MAP_IN_FLIGHT, PYTHON_CORE, AsyncCore
+from .cores import MAP_BATCH, MAP_IN_FLIGHT, AsyncCore
 from .processes import AsyncRemoteProcess
 from .sync import Core, FabricClient, RemoteBuffer, RemoteProcess
 from .transport import (

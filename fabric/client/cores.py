@@ -41,6 +41,7 @@ from ..schema import (
     decode_job_results,
     encode_job_batch,
 )
+from ..subjects import EXIT_CODE_HEADER, PYTHON_CORE
 from .transport import Transport, _in_flight
 
 if TYPE_CHECKING:
@@ -48,10 +49,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-#: the built-in Python worker's core name
-PYTHON_CORE = "fabric.python"
-#: the header of a job_failed reply that carries the core's exit code
-EXIT_CODE_HEADER = "Fabric-Exit-Code"
 #: jobs per map request, and map requests in flight at a time
 MAP_BATCH = 128
 MAP_IN_FLIGHT = 6

@@ -13,6 +13,8 @@ __all__ = ["API_VERSION", "PYTHON_CORE", "OPENCL_CORE", "BUILTIN_CORES", "CoreEr
 
 #: the compute core API version a library's ``worker_init`` is called with
 API_VERSION = 1
+# fabric.subjects names them too; spelled again here so a worker imports nothing of fabric
+# (tests/test_layering.py checks the two agree)
 PYTHON_CORE = "fabric.python"
 OPENCL_CORE = "fabric.opencl"
 #: the core names that need no library (and whose names no library may take)

@@ -33,6 +33,7 @@ from fabric.schema import decode_job_batch, encode_job_results
 from fabric.service import Endpoint, node_endpoint
 from fabric.service_nats import close as close_connection
 from fabric.service_nats import connect
+from fabric.subjects import EXIT_CODE_HEADER
 
 from .pool import Pool
 from .pool_reply import REPLY_HEADROOM, ReplyLink, reply_limit
@@ -40,8 +41,6 @@ from .pool_types import OUTPUT_HINT, Job
 
 __all__ = ["JobLane", "fit_results", "EXIT_CODE_HEADER"]
 
-#: the reply header that carries a failed job's exit code (with the job_failed error headers)
-EXIT_CODE_HEADER = "Fabric-Exit-Code"
 
 
 class JobLane:
