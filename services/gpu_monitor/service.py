@@ -115,10 +115,9 @@ class GpuMonitorService(FabricService):
         return [registry_bucket(self.ttl_s)]
 
     async def on_jetstream(self, js: JetStreamContext | None) -> None:
-        # the kit (re)created the bucket: at start, and after every reconnect
-        assert self.nc is not None
+        # the kit (re)created the bucket: at start (before on_start), and after every reconnect
         if self.registry is None:
-            self.registry = NodeRegistry(self.nc, self.node, self.ttl_s, self.log)
+            self.registry = NodeRegistry(self.connection, self.node, self.ttl_s, self.log)
         await self.registry.attach(js)
         if self.registry.ttl_s != self.ttl_s:  # the bucket existed with another TTL
             self.ttl_s = self.registry.ttl_s
@@ -131,10 +130,6 @@ class GpuMonitorService(FabricService):
                 await self.registry.put(JSON.encode(self.latest))
 
     async def on_start(self) -> None:
-        assert self.nc is not None
-        if self.registry is None:  # no JetStream resources were kept (cannot happen today; be safe)
-            await self.on_jetstream(None)
-        assert self.registry is not None
         # the first sample now, so metadata() and the info endpoint have it from the start
         self.latest = await asyncio.get_running_loop().run_in_executor(self._pool, self.sample)
 
@@ -168,11 +163,11 @@ class GpuMonitorService(FabricService):
                           nvml=nvml_state, opencl=opencl)
 
     async def _heartbeat(self) -> None:
-        assert self.nc is not None and self.registry is not None
+        assert self.registry is not None
         record = await asyncio.get_running_loop().run_in_executor(self._pool, self.sample)
         self.latest = record
         data = JSON.encode(record)
-        await self.nc.publish(telemetry_subject(self.node), data)
+        await self.connection.publish(telemetry_subject(self.node), data)
         await self.registry.put(data)
 
     async def _heartbeats(self) -> None:

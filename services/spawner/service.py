@@ -100,9 +100,8 @@ class SpawnerService(FabricService):
             self.log.warning("killed processes a previous spawner left behind", pids=left)
         if self.cgroups is not None:
             self.cgroups.sweep()
-        assert self.nc is not None
         settings = TableSettings(
-            max_tail_in_message=max(0, self.nc.max_payload - 16384) * 3 // 8,
+            max_tail_in_message=max(0, self.connection.max_payload - 16384) * 3 // 8,
             on_strays=lambda pids: self.log.info("killed descendants that escaped their group", pids=pids),
             own_children=self.cores.worker_pids,
             any_group=self.own_process)
@@ -119,8 +118,7 @@ class SpawnerService(FabricService):
             await self.table.stop()
 
     async def _publish(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
-        assert self.nc is not None
-        await self.nc.publish(subject, data, headers=headers)
+        await self.connection.publish(subject, data, headers=headers)
 
     def _table(self) -> ProcessTable:
         assert self.table is not None, "spawner not started"
