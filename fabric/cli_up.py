@@ -144,7 +144,9 @@ def _up_detached(config: SupervisorConfig, lock_fd: int, t0: float) -> NoReturn:
         _print_ready(st, t0, state, detached=True)
         raise typer.Exit(0)
     if report is None:
-        if sup.exited():
+        # EOF on the pipe comes a moment before the dead supervisor can be reaped:
+        # give it that moment rather than report a time-out that did not happen
+        if sup.exited() or (sup.hung_up and sup.wait(5.0)):
             err.print("[bold red]error:[/] the supervisor exited before it was ready")
         else:
             err.print(f"[bold red]error:[/] no word from the supervisor within {config.ready_timeout + 5:.0f} s; "

@@ -50,6 +50,8 @@ class DetachedSupervisor:
     def __init__(self, pid: int, report_fd: int) -> None:
         self.pid = pid
         self._fd = report_fd
+        #: set by wait_report when the pipe reached EOF without a report: the supervisor died
+        self.hung_up = False
 
     def wait_report(self, timeout: float) -> Report | None:
         """The supervisor's report, or None if it died without one or said nothing within *timeout*.
@@ -68,6 +70,7 @@ class DetachedSupervisor:
                     continue
                 chunk = os.read(self._fd, 4096)
                 if not chunk:  # EOF: the supervisor died without a word
+                    self.hung_up = True
                     return None
                 buf += chunk
         finally:

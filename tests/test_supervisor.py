@@ -414,3 +414,36 @@ def test_fabric_imports_no_service_and_the_cli_no_private_name() -> None:
            "def g():\n    from services.allocator.identity import release_memory\n")
     assert _boundary_offences("cli.py", old) == [
         "cli.py: from .supervisor import _rotate", "cli.py: from services.allocator.identity import ..."]
+
+
+@pytest.mark.unit
+def test_a_supervisor_that_dies_without_a_word_is_told_apart_from_a_silent_one() -> None:
+    """EOF on the report pipe sets ``hung_up`` (the CLI then waits to reap it); silence only times out.
+
+    The kernel closes a dead process's pipe a moment before it can be reaped, so
+    ``exited()`` right after the EOF may still say no: the flag is what tells the two apart.
+    """
+    from fabric.control import DetachedSupervisor
+
+    def child(then: Callable[[int], None]) -> DetachedSupervisor:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os.close(r)
+            then(w)
+            os._exit(0)
+        os.close(w)
+        return DetachedSupervisor(pid, r)
+
+    dead = child(lambda w: os.close(w))
+    assert dead.wait_report(10.0) is None and dead.hung_up
+    assert dead.wait(5.0)
+    silent = child(lambda w: time.sleep(1.0))
+    t0 = time.monotonic()
+    assert silent.wait_report(0.3) is None and not silent.hung_up
+    assert time.monotonic() - t0 >= 0.3
+    assert silent.wait(5.0)
+    ready = child(lambda w: os.write(w, b'{"ready": true}\n'))
+    report = ready.wait_report(10.0)
+    assert report is not None and report.ready and not ready.hung_up
+    assert ready.wait(5.0)
