@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from Cython.Build import cythonize
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 
 DEBUG = os.environ.get("FABRIC_DEBUG", "") not in ("", "0")
 SANITIZE = os.environ.get("FABRIC_SANITIZE", "") not in ("", "0")
@@ -53,7 +53,15 @@ def ext(name: str) -> Extension:
     )
 
 
+# The repository keeps services/ at the top, one folder per service as the design names
+# them; installed, they are fabric.services.<name>, under fabric's own namespace where a
+# generic top-level name like "services" cannot collide with another project's.
+PACKAGES = (find_packages(include=["fabric", "fabric.*", "fabric_ext", "fabric_ext.*"])
+            + ["fabric.services"] + [f"fabric.services.{p}" for p in find_packages("services")])
+
 setup(
+    packages=PACKAGES,
+    package_dir={"fabric.services": "services"},
     ext_modules=cythonize(
         [ext("arena"), ext("wire"), ext("ring"), ext("spawn")],
         compiler_directives=directives,

@@ -4,7 +4,7 @@
 
 Runs, in one go on free loopback ports: a nats-server (``tests/_nats.py``, the
 same binary and max payload as ``fabric up``), the spawner as its own process
-(``python -m services.spawner``, uvloop, exactly as ``fabric up`` runs it), the
+(``python -m fabric.services.spawner``, uvloop, exactly as ``fabric up`` runs it), the
 bare nats-py responder of ``bench/_common.py`` (its own process), and the client
 in this process (uvloop).
 
@@ -358,7 +358,7 @@ SCENARIOS: dict[str, Callable[[Context, Callable[[str], None]], Awaitable[dict[s
 
 
 def start_spawner(url: str, node: str, state_dir: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "services.spawner", "--nats-url", url, "--node", node,
+    return subprocess.Popen([sys.executable, "-m", "fabric.services.spawner", "--nats-url", url, "--node", node,
                              "--state-dir", str(state_dir)], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=open(state_dir / "spawner.log", "wb"))
 
@@ -419,7 +419,7 @@ def main() -> None:
         if name in out["ratios"]:
             log(f"{name}: {out['ratios'][name]} (target >= {target})")
     print(json.dumps({"bench": "spawn", **out, "targets": TARGETS,
-                      "machine": machine(spawner="python -m services.spawner (uvloop)")}))
+                      "machine": machine(spawner="python -m fabric.services.spawner (uvloop)")}))
 
 
 if __name__ == "__main__":

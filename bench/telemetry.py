@@ -3,7 +3,7 @@
 **gpu-monitor CPU** (``--only cpu``): the gpu-monitor's CPU time at its default 1 s interval.
 
 Runs, on free loopback ports: a nats-server with JetStream (``tests/_nats.py``) and a
-real ``python -m services.gpu_monitor`` process with the default interval.  After a
+real ``python -m fabric.services.gpu_monitor`` process with the default interval.  After a
 warm-up it reads the monitor's CPU time (user + system, ``/proc``) over a window of
 wall time and reports the fraction of one core it used, with its heartbeats counted
 on ``fabric.telemetry.<node>`` over the same window (so a monitor that stopped
@@ -12,7 +12,7 @@ beating cannot look cheap).  The issue's budget is 1 % of one core: the ratio
 
 **OpenCL vadd** (``--only opencl``): a vector add of 1e6 float32 through
 ``run_opencl`` (the core ``fabric.opencl`` in a warm pool of a real ``python -m
-services.spawner`` process, the client on the same host, so the buffers travel through
+fabric.services.spawner`` process, the client on the same host, so the buffers travel through
 its staging file) against the same kernel through pyopencl directly in this process,
 on the same PoCL device, in the same run: ``COPY_HOST_PTR`` buffers for a and b, a
 ``WRITE_ONLY`` c, the kernel, ``enqueue_copy`` into a fresh ``np.empty``.  Both are
@@ -64,7 +64,7 @@ async def measure_monitor_cpu(url: str, workdir: Path, window_s: float, warmup_s
     node = f"bench-{secrets.token_hex(3)}"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("FABRIC_TELEMETRY_INTERVAL_S", None)  # the default interval is what is measured
-    proc = subprocess.Popen([sys.executable, "-m", "services.gpu_monitor", "--nats-url", url, "--node", node,
+    proc = subprocess.Popen([sys.executable, "-m", "fabric.services.gpu_monitor", "--nats-url", url, "--node", node,
                              "--state-dir", str(workdir / "state")], env=env, stdout=subprocess.DEVNULL,
                             stderr=open(workdir / "monitor.log", "wb"))
     nc = await nats.connect(url)

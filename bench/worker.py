@@ -1,7 +1,7 @@
 """Worker hot loop: an empty job through a warm ring worker vs a multiprocessing.Pipe ping-pong.
 
 What a pool pays per job once the worker is warm: the controller pushes a v1 job
-frame on ring-in, ``python -m services.spawner.worker`` pops it, calls the core
+frame on ring-in, ``python -m fabric.services.spawner.worker`` pops it, calls the core
 (tests/cores/echo.c, empty data: the loop's own cost), pushes the result, the
 controller pops it.  The peer, in the same run, is the cheapest cross-process
 exchange Python offers: a child answering each ``Connection.send_bytes`` on a
@@ -66,7 +66,7 @@ def ring_worker(n_seq: int, n_pipe: int, rounds: int) -> dict[str, Any]:
         ring.create(p, RING_CAPACITY)
     prod, cons = ring.Producer(paths[0]), ring.Consumer(paths[1])
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "services.spawner.worker", "--ring-in", paths[0],
+    proc = subprocess.Popen([sys.executable, "-m", "fabric.services.spawner.worker", "--ring-in", paths[0],
                              "--ring-out", paths[1]], env=env)
     try:
         prod.push(wire.v1_version(1))

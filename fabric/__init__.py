@@ -11,15 +11,15 @@ the supervisor, the CLI) is internal and may change.
 ...     fc.rread(buf, 5)
 b'hello'
 
-The client classes are imported on first use (PEP 562): a warm worker process
-imports ``fabric.errors`` through the codec and must not pay for nats-py at start.
+The client classes and the message types are imported on first use (PEP 562): a
+warm worker is ``python -m fabric.services.spawner.worker``, which runs this file
+first, and must not pay for nats-py and msgspec at every start.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import schema
 from ._version import __version__
 from .errors import (
     BadRequest,
@@ -53,9 +53,9 @@ from .errors import (
     WorkerCrashed,
     WrongArchitecture,
 )
-from .schema import ExitInfo, Limits, Sandbox
 
 if TYPE_CHECKING:  # pragma: no cover
+    from . import schema
     from .client import (
         AsyncCore,
         AsyncFabricClient,
@@ -66,11 +66,14 @@ if TYPE_CHECKING:  # pragma: no cover
         RemoteBuffer,
         RemoteProcess,
     )
+    from .schema import ExitInfo, Limits, Sandbox
 
 _CLIENT_NAMES = frozenset({
     "FabricClient", "AsyncFabricClient", "RemoteBuffer", "AsyncRemoteBuffer",
     "RemoteProcess", "AsyncRemoteProcess", "Core", "AsyncCore",
 })
+
+_SCHEMA_NAMES = frozenset({"ExitInfo", "Limits", "Sandbox"})
 
 
 def __getattr__(name: str) -> Any:
@@ -79,6 +82,13 @@ def __getattr__(name: str) -> Any:
 
         globals()["Out"] = Out
         return Out
+    if name == "schema" or name in _SCHEMA_NAMES:
+        import importlib
+
+        schema = importlib.import_module(".schema", __name__)
+        value = schema if name == "schema" else getattr(schema, name)
+        globals()[name] = value
+        return value
     if name in _CLIENT_NAMES:
         from . import client
 

@@ -33,7 +33,7 @@ __all__ = ["Report", "DetachedSupervisor", "start_detached", "stop_supervisor", 
            "release_allocator_memory", "ALLOCATOR_IDENTITY_MODULE"]
 
 #: the allocator's entry point that releases its shared memory (``python -m ... --release-memory DIR``)
-ALLOCATOR_IDENTITY_MODULE = "services.allocator.identity"
+ALLOCATOR_IDENTITY_MODULE = "fabric.services.allocator.identity"
 
 
 @dataclass(frozen=True)

@@ -52,9 +52,9 @@ __all__ = ["SERVICES", "SupervisorConfig", "Supervisor", "service_modules", "rot
 
 #: every service ``fabric up`` knows: ADR-32 service name -> module run with ``python -P -m``
 SERVICES: dict[str, str] = {
-    "allocator": "services.allocator",
-    "spawner": "services.spawner",
-    "gpu-monitor": "services.gpu_monitor",
+    "allocator": "fabric.services.allocator",
+    "spawner": "fabric.services.spawner",
+    "gpu-monitor": "fabric.services.gpu_monitor",
 }
 
 #: JSON object ``{"name": "module"}`` that replaces or adds service modules (tests, development)

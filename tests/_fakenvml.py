@@ -1,6 +1,6 @@
 """Builds the fake ``libnvidia-ml.so.1`` (tests/fakenvml/fake_nvml.c) that stands in for a GPU driver.
 
-The real pynvml and the real :class:`services.gpu_monitor.nvml.NvmlProbe` run against it
+The real pynvml and the real :class:`fabric.services.gpu_monitor.nvml.NvmlProbe` run against it
 in a subprocess whose ``LD_LIBRARY_PATH`` starts with the returned directory (pynvml
 loads ``CDLL("libnvidia-ml.so.1")`` once per process, so each behaviour gets its own
 process).  See the C file's header for the ``FAKE_NVML_*`` variables it reads.

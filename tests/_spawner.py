@@ -17,7 +17,7 @@ import psutil
 
 if TYPE_CHECKING:
     from fabric import AsyncFabricClient
-    from services.spawner import SpawnerService
+    from fabric.services.spawner import SpawnerService
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[1]
@@ -81,8 +81,8 @@ async def all_ended(spawner: SpawnerService) -> None:
 
 
 def start_spawner_process(nats_url: str, node: str, state: Path) -> subprocess.Popen[bytes]:
-    """``python -m services.spawner`` as a child of the test (its output discarded); see wait_ready."""
-    return subprocess.Popen([PY, "-m", "services.spawner", "--nats-url", nats_url, "--node", node,
+    """``python -m fabric.services.spawner`` as a child of the test (its output discarded); see wait_ready."""
+    return subprocess.Popen([PY, "-m", "fabric.services.spawner", "--nats-url", nats_url, "--node", node,
                              "--state-dir", str(state)], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
@@ -90,7 +90,7 @@ def start_spawner_process(nats_url: str, node: str, state: Path) -> subprocess.P
 async def wait_ready(fc: AsyncFabricClient, node: str, timeout_s: float = 20.0) -> None:
     """Waits (*timeout_s* at most) until the spawner of *node* answers its info request.
 
-    A started ``python -m services.spawner`` takes a moment to subscribe (bench/ uses this too).
+    A started ``python -m fabric.services.spawner`` takes a moment to subscribe (bench/ uses this too).
     """
     deadline = time.monotonic() + timeout_s
     while True:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import nats
 
     from fabric import AsyncFabricClient
-    from services.spawner import SpawnerService
+    from fabric.services.spawner import SpawnerService
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -92,7 +92,7 @@ def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 async def allocator(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[object]:
     from fabric.service import ServiceSettings
-    from services.allocator import AllocatorService
+    from fabric.services.allocator import AllocatorService
 
     state = tmp_path_factory.mktemp("state")
     node = f"test-{secrets.token_hex(3)}"
@@ -128,7 +128,7 @@ async def aclient(nats_url: str, allocator: object) -> AsyncIterator[object]:
 async def spawner(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SpawnerService]:
     """A real spawner in this process, one per test module."""
     from fabric.service import ServiceSettings
-    from services.spawner import SpawnerService
+    from fabric.services.spawner import SpawnerService
 
     state = tmp_path_factory.mktemp("spawner-state")
     svc = SpawnerService(ServiceSettings(nats_url=nats_url, node=f"sp-{secrets.token_hex(3)}", state_dir=state))

@@ -1,6 +1,6 @@
 """kill -9 of the allocator process: every block, byte and handle survives the restart.
 
-The allocator runs as its own OS process (``python -m services.allocator``), exactly
+The allocator runs as its own OS process (``python -m fabric.services.allocator``), exactly
 as ``fabric up`` starts it; the test kills it with SIGKILL mid-life and starts a new
 one on the same state directory.
 """
@@ -24,7 +24,8 @@ from tests._nats import env_with_repo
 
 def start_allocator(url: str, node: str, state: Path, log: Path) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.allocator", "--nats-url", url, "--node", node, "--state-dir", str(state)],
+        [sys.executable, "-m", "fabric.services.allocator", "--nats-url", url, "--node", node,
+         "--state-dir", str(state)],
         stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env_with_repo(),
     )
     return proc

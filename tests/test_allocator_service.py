@@ -494,7 +494,7 @@ async def test_invalid_frame_error_class(aclient, allocator):
 async def test_owner_quota_through_the_bus(nats_url, tmp_path):
     from fabric.errors import QuotaExceeded
     from fabric.service import ServiceSettings
-    from services.allocator import AllocatorService
+    from fabric.services.allocator import AllocatorService
 
     svc = AllocatorService(ServiceSettings(nats_url=nats_url, node="quota-node", state_dir=tmp_path),
                            capacity=16 << 20, quotas={"capped": 1000})
@@ -520,7 +520,7 @@ async def test_owner_quota_through_the_bus(nats_url, tmp_path):
 
 
 def test_quota_env_parsing(monkeypatch):
-    from services.allocator.service import _env_quotas
+    from fabric.services.allocator.service import _env_quotas
 
     monkeypatch.setenv("FABRIC_MEM_QUOTAS", "alice=1024, bob=0")
     assert _env_quotas("FABRIC_MEM_QUOTAS") == {"alice": 1024, "bob": 0}

@@ -106,7 +106,7 @@ def status_json(state_dir: Path, *args: str) -> tuple[int, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def needs_allocator() -> None:
-    pytest.importorskip("services.allocator", reason="the allocator (and its Cython arena) is not built")
+    pytest.importorskip("fabric.services.allocator", reason="the allocator (and its Cython arena) is not built")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The example compute cores (examples/cores/*.c) against Python references, loaded in-process.
 
 Each core is compiled with gcc (tests/_cores.py) and loaded the way the worker
-loads it (services.spawner.worker_core.CCore: memfd + dlopen).  The cores that
+loads it (fabric.services.spawner.worker_core.CCore: memfd + dlopen).  The cores that
 crash on purpose (segfault, abort, loop) are exercised only in worker
 processes (tests/test_worker.py).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from services.spawner.worker_core import CCore, CoreError, PythonCore, load_core
+from fabric.services.spawner.worker_core import CCore, CoreError, PythonCore, load_core
 from tests._cores import (
     EXAMPLES,
     SHA_MALFORMED,

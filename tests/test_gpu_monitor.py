@@ -3,7 +3,7 @@
 A module-scoped nats-server with JetStream of its own: the registry bucket's TTL is
 set by whoever creates it, so these tests must not share it with other modules.
 Monitors run in-process (fast, inspectable) and as real ``python -m
-services.gpu_monitor`` processes where a test kills one or gives it the fake
+fabric.services.gpu_monitor`` processes where a test kills one or gives it the fake
 ``libnvidia-ml.so.1`` (tests/fakenvml) through ``LD_LIBRARY_PATH``.
 """
 
@@ -25,9 +25,9 @@ from fabric import AsyncFabricClient
 from fabric.errors import BadRequest, UnknownNode
 from fabric.schema import JSON, NodeRecord
 from fabric.service import ServiceSettings
-from services.gpu_monitor.registry import BUCKET
-from services.gpu_monitor.service import GpuMonitorService
-from services.spawner import SpawnerService
+from fabric.services.gpu_monitor.registry import BUCKET
+from fabric.services.gpu_monitor.service import GpuMonitorService
+from fabric.services.spawner import SpawnerService
 from tests._nats import NatsServer, start_nats
 from tests._wait import until as _until
 
@@ -65,7 +65,7 @@ def _monitor_process(url: str, node: str, state: Path, **env: str) -> subprocess
     full.update({"FABRIC_TELEMETRY_INTERVAL_S": str(INTERVAL), "FABRIC_NODE_TTL_S": str(TTL),
                  "PYTHONPATH": str(REPO)})
     full.update(env)
-    return subprocess.Popen([sys.executable, "-m", "services.gpu_monitor", "--nats-url", url, "--node", node,
+    return subprocess.Popen([sys.executable, "-m", "fabric.services.gpu_monitor", "--nats-url", url, "--node", node,
                              "--state-dir", str(state)], env=full, stdout=subprocess.DEVNULL,
                             stderr=open(state / "monitor.log", "wb"))
 

@@ -30,9 +30,9 @@ import pytest
 from fabric import _version
 from fabric.gpupair import bus_id, canonical_bus_id, gpu_by_device, pair
 from fabric.schema import Gpu, OpenCLDevice
-from services.gpu_monitor.host import LiveSampler, host_info
-from services.gpu_monitor.nvml import fabric_id_of
-from services.gpu_monitor.opencl_probe import probe as opencl_probe
+from fabric.services.gpu_monitor.host import LiveSampler, host_info
+from fabric.services.gpu_monitor.nvml import fabric_id_of
+from fabric.services.gpu_monitor.opencl_probe import probe as opencl_probe
 from tests._fakenvml import build_fake_nvml
 
 pytestmark = pytest.mark.unit  # no server, no service process: `pytest -m unit`
@@ -162,7 +162,7 @@ def test_net_counters_match_proc_net_dev_without_loopback() -> None:
 
 _PROBE_SCRIPT = """
 import json, sys, msgspec
-from services.gpu_monitor.nvml import NvmlProbe
+from fabric.services.gpu_monitor.nvml import NvmlProbe
 probe = NvmlProbe()
 for i in range(int(sys.argv[1])):
     if sys.argv[2:] and i == int(sys.argv[2]):
@@ -356,7 +356,7 @@ def test_opencl_finds_pocl_cpu_device() -> None:
 
 _OPENCL_SCRIPT = """
 import json, msgspec
-from services.gpu_monitor.opencl_probe import probe
+from fabric.services.gpu_monitor.opencl_probe import probe
 print(json.dumps(msgspec.to_builtins(probe("n1"))))
 """
 
@@ -440,7 +440,7 @@ def test_opencl_pci_bus_id_goes_to_the_driver_itself() -> None:
     # there, refuses the PCI one, and so has no bus id
     import pyopencl as cl
 
-    from services.gpu_monitor.opencl_probe import CL_DEVICE_PCI_BUS_INFO_KHR, device_info_raw
+    from fabric.services.gpu_monitor.opencl_probe import CL_DEVICE_PCI_BUS_INFO_KHR, device_info_raw
 
     with pytest.raises(cl.LogicError, match="INVALID_VALUE"):
         cl.get_platforms()[0].get_devices()[0].get_info(CL_DEVICE_PCI_BUS_INFO_KHR)
@@ -477,7 +477,7 @@ class _NvidiaAttributes:
 def test_opencl_nvidia_attributes_give_the_bus_id() -> None:
     import pyopencl as cl
 
-    from services.gpu_monitor.opencl_probe import _pci_bus_id
+    from fabric.services.gpu_monitor.opencl_probe import _pci_bus_id
 
     dev = cl.get_platforms()[0].get_devices()[0]
     nv = "cl_khr_fp64 cl_nv_device_attribute_query"
@@ -576,8 +576,8 @@ def test_gpu_by_device_reads_the_recorded_pairing_else_pairs() -> None:
 _PAIR_SCRIPT = """
 import json, msgspec
 from fabric.gpupair import pair_state
-from services.gpu_monitor.nvml import NvmlProbe
-from services.gpu_monitor.opencl_probe import probe
+from fabric.services.gpu_monitor.nvml import NvmlProbe
+from fabric.services.gpu_monitor.opencl_probe import probe
 nvml = NvmlProbe()
 state, gpus = nvml.sample("n1")
 nvml.close()

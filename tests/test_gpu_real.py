@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from fabric.gpupair import canonical_bus_id, pair
-from services.gpu_monitor.nvml import NvmlProbe
-from services.gpu_monitor.opencl_probe import probe as opencl_probe
+from fabric.services.gpu_monitor.nvml import NvmlProbe
+from fabric.services.gpu_monitor.opencl_probe import probe as opencl_probe
 
 
 def _real_nvml_error() -> str:
@@ -99,8 +99,8 @@ async def test_an_opencl_job_runs_on_the_gpu_and_nvml_sees_its_worker(tmp_path: 
 
     from fabric import AsyncFabricClient, Out
     from fabric.service import ServiceSettings
-    from services.gpu_monitor.service import GpuMonitorService
-    from services.spawner import SpawnerService
+    from fabric.services.gpu_monitor.service import GpuMonitorService
+    from fabric.services.spawner import SpawnerService
     from tests._nats import start_nats
 
     server = start_nats(tmp_path / "nats")

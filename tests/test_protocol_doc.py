@@ -21,7 +21,7 @@ import pytest
 
 from fabric.schema import JSON, NodeRecord
 from fabric.service import ServiceSettings
-from services.gpu_monitor.service import GpuMonitorService
+from fabric.services.gpu_monitor.service import GpuMonitorService
 from tests._nats import NatsServer
 
 INTERVAL = 0.2

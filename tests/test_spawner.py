@@ -30,7 +30,7 @@ from fabric import (
     UnknownProcess,
 )
 from fabric.service import ServiceSettings
-from services.spawner import SpawnerService
+from fabric.services.spawner import SpawnerService
 from tests._spawner import PY, gone, pid_alive
 
 
@@ -379,7 +379,7 @@ async def test_a_descendant_that_escaped_with_setsid_does_not_outlive_its_proces
 
 async def test_max_rss_of_a_small_program_is_not_the_spawners(fc, spawner):
     # the spawner runs in this process: its peak is what exec folds into the child's rusage
-    from services.spawner.procs import vm_hwm
+    from fabric.services.spawner.procs import vm_hwm
 
     for argv in (["true"], ["sh", "-c", "exit 0"]):
         ex = await (await fc.rspawn(argv)).wait(timeout=10)
@@ -390,7 +390,7 @@ async def test_max_rss_of_a_small_program_is_not_the_spawners(fc, spawner):
 
 
 async def test_max_rss_of_a_large_allocation_is_exact(fc, spawner):
-    from services.spawner.procs import vm_hwm
+    from fabric.services.spawner.procs import vm_hwm
 
     size = max(120 << 20, vm_hwm("self") + (32 << 20))  # above the spawner's peak, whatever it is
     ex = await (await fc.rspawn([PY, "-c", f"b = b'x' * {size}; print(len(b))"])).wait(timeout=30)

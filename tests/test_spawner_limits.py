@@ -311,7 +311,7 @@ async def test_out_of_descriptors_is_503_and_the_spawner_keeps_serving(nats_url,
 
     node = f"fds-{secrets.token_hex(3)}"
     spawner = subprocess.Popen(
-        [PY, "-m", "services.spawner", "--nats-url", nats_url, "--node", node, "--state-dir", str(tmp_path)],
+        [PY, "-m", "fabric.services.spawner", "--nats-url", nats_url, "--node", node, "--state-dir", str(tmp_path)],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96)))
     try:

@@ -382,14 +382,19 @@ def _boundary_offences(module: str, source: str) -> list[str]:
     """Imports in *source* (anywhere, lazy ones too) that reach into services or take another module's private name."""
     import ast
 
+    def is_services(name: str, level: int = 0) -> bool:
+        # the installed name (fabric.services), the repository folder's (services), or relative (.services)
+        parts = name.split(".")
+        return parts[0] == "services" or parts[:2] == ["fabric", "services"] if level == 0 else parts[0] == "services"
+
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            found += [f"{module}: import {a.name}" for a in node.names if a.name.split(".")[0] == "services"]
+            found += [f"{module}: import {a.name}" for a in node.names if is_services(a.name)]
         elif isinstance(node, ast.ImportFrom):
             target = node.module or ""
-            if node.level == 0 and target.split(".")[0] == "services":
-                found.append(f"{module}: from {target} import ...")
+            if is_services(target, node.level):
+                found.append(f"{module}: from {'.' * node.level}{target} import ...")
             found += [f"{module}: from {'.' * node.level}{target} import {a.name}" for a in node.names
                       if a.name.startswith("_") and target != "__future__"]
     return found
@@ -399,7 +404,7 @@ def _boundary_offences(module: str, source: str) -> list[str]:
 def test_fabric_imports_no_service_and_the_cli_no_private_name() -> None:
     """fabric/ runs the services (by module name), never imports them; the CLI side takes no ``_private`` name.
 
-    ``fabric down --purge`` runs ``python -m services.allocator.identity --release-memory`` (fabric.control),
+    ``fabric down --purge`` runs ``python -m fabric.services.allocator.identity --release-memory`` (fabric.control),
     and the daemon code ``fabric up -d`` needs is fabric.control's public start_detached.
     """
     fabric_dir = Path(sv.__file__).parent
@@ -411,9 +416,11 @@ def test_fabric_imports_no_service_and_the_cli_no_private_name() -> None:
     assert [o for path in control_side for o in _boundary_offences(path.name, path.read_text())] == []
     # the checker itself: what cli.py did before it was split
     old = ("def f():\n    from .supervisor import Supervisor, _rotate\n"
-           "def g():\n    from services.allocator.identity import release_memory\n")
+           "def g():\n    from fabric.services.allocator.identity import release_memory\n"
+           "def h():\n    from .services.spawner import SpawnerService\n    import services.gpu_monitor\n")
     assert _boundary_offences("cli.py", old) == [
-        "cli.py: from .supervisor import _rotate", "cli.py: from services.allocator.identity import ..."]
+        "cli.py: from .supervisor import _rotate", "cli.py: from fabric.services.allocator.identity import ...",
+        "cli.py: from .services.spawner import ...", "cli.py: import services.gpu_monitor"]
 
 
 @pytest.mark.unit

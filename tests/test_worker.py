@@ -1,7 +1,7 @@
 """The worker process, played against as its controller: protocol v1 over a socket and over rings.
 
-Three workers, one behaviour: ``python -m services.spawner.worker --connect
-unix:...`` (socket), ``python -m services.spawner.worker --ring-in/--ring-out``
+Three workers, one behaviour: ``python -m fabric.services.spawner.worker --connect
+unix:...`` (socket), ``python -m fabric.services.spawner.worker --ring-in/--ring-out``
 (two fabric_ext.ring rings), and the C worker ``examples/cores/worker.c``
 (socket).  Each test starts the real process, speaks the v1 codec to it and
 checks what a pool would see: replies, error responses, a crash as EOF/exit.
@@ -154,7 +154,8 @@ class RingController(Controller):
         self.prod = ring.Producer(self.paths[0])
         self.cons = ring.Consumer(self.paths[1])
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.spawner.worker", "--ring-in", self.paths[0], "--ring-out", self.paths[1]],
+            [sys.executable, "-m", "fabric.services.spawner.worker", "--ring-in", self.paths[0],
+             "--ring-out", self.paths[1]],
             env=_env(), stdin=subprocess.DEVNULL)
 
     def send(self, frame: bytes) -> None:
@@ -194,7 +195,7 @@ TRANSPORTS = ["python-socket", "python-ring", "c-socket"]
 
 def _start(kind: str, build_dir: Path) -> Controller:
     if kind == "python-socket":
-        return SocketController([sys.executable, "-m", "services.spawner.worker", "--connect"])
+        return SocketController([sys.executable, "-m", "fabric.services.spawner.worker", "--connect"])
     if kind == "python-ring":
         return RingController()
     return SocketController([str(build_worker(build_dir))])
@@ -384,7 +385,7 @@ def test_malformed_payload_is_an_error_and_the_worker_goes_on(echo: Controller) 
 
 
 def test_unknown_type_on_a_socket_ends_the_connection(build_dir: Path) -> None:
-    for argv in ([sys.executable, "-m", "services.spawner.worker", "--connect"], [str(build_worker(build_dir))]):
+    for argv in ([sys.executable, "-m", "fabric.services.spawner.worker", "--connect"], [str(build_worker(build_dir))]):
         c = SocketController(argv)
         try:
             c.handshake()
@@ -522,7 +523,7 @@ def test_ring_worker_dies_with_its_parent(tmp_path: Path) -> None:
         # a parent that starts the worker, prints its pid and exits at once
         parent = subprocess.run(
             [sys.executable, "-c",
-             "import subprocess, sys; p = subprocess.Popen([sys.executable, '-m', 'services.spawner.worker', "
+             "import subprocess, sys; p = subprocess.Popen([sys.executable, '-m', 'fabric.services.spawner.worker', "
              f"'--ring-in', {paths[0]!r}, '--ring-out', {paths[1]!r}]); print(p.pid); "
              "import time; time.sleep(1.0)"],
             env=_env(), capture_output=True, text=True, timeout=TIMEOUT, check=True)
@@ -553,7 +554,7 @@ def test_tcp_connect(build_dir: Path, worker: str) -> None:
     listener.listen(1)
     listener.settimeout(TIMEOUT)
     port = listener.getsockname()[1]
-    argv = ([sys.executable, "-m", "services.spawner.worker", "--connect", f"tcp:127.0.0.1:{port}"]
+    argv = ([sys.executable, "-m", "fabric.services.spawner.worker", "--connect", f"tcp:127.0.0.1:{port}"]
             if worker == "python" else [str(build_worker(build_dir)), f"127.0.0.1:{port}"])
     proc = subprocess.Popen(argv, env=_env(), stdin=subprocess.DEVNULL)
     try:

@@ -3,7 +3,7 @@
  *     fabric-worker HOST:PORT | tcp:HOST:PORT | unix:PATH
  *
  * Connects to a controller (a spawner pool's listening socket) and serves it
- * exactly as `python -m services.spawner.worker --connect ...` does:
+ * exactly as `python -m fabric.services.spawner.worker --connect ...` does:
  *   0x01 version exchange: accepts version 1 (reply 0x01 [1]); any other version
  *        is answered 0x01 [0] and the worker exits.
  *   0x02 new compute core: the .so blob goes into a memfd and is dlopen()ed from

@@ -1,4 +1,4 @@
-"""``python -m services.allocator --nats-url URL --node NODE --state-dir DIR``."""
+"""``python -m fabric.services.allocator --nats-url URL --node NODE --state-dir DIR``."""
 
 from fabric.service import main
 

@@ -4,7 +4,7 @@ Both live in ``<state-dir>/allocator/<node>.json`` (mode 0600).  A restarted
 allocator reads them back, so it reattaches the same shared-memory segments and
 every handle it issued before the crash still verifies.
 
-``python -m services.allocator.identity --release-memory STATE_DIR`` is the entry
+``python -m fabric.services.allocator.identity --release-memory STATE_DIR`` is the entry
 point ``fabric down --purge`` runs (:func:`main`).
 """
 
@@ -64,7 +64,7 @@ def release_memory(state_dir: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m services.allocator.identity --release-memory STATE_DIR``: what ``fabric down --purge`` runs.
+    """``python -m fabric.services.allocator.identity --release-memory STATE_DIR``: what ``fabric down --purge`` runs.
 
     The allocator's public entry point for releasing its memory (fabric runs it as a
     process and imports nothing from the services); prints the prefixes released as a
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m services.allocator.identity")
+    parser = argparse.ArgumentParser(prog="python -m fabric.services.allocator.identity")
     parser.add_argument("--release-memory", metavar="STATE_DIR", type=Path, required=True,
                         help="unlink the shared memory of every allocator identity in STATE_DIR")
     args = parser.parse_args(argv)

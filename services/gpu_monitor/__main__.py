@@ -1,4 +1,4 @@
-"""``python -m services.gpu_monitor --nats-url URL --node NODE --state-dir DIR``.
+"""``python -m fabric.services.gpu_monitor --nats-url URL --node NODE --state-dir DIR``.
 
 ``$FABRIC_TELEMETRY_INTERVAL_S`` (default 1) sets the heartbeat interval and
 ``$FABRIC_NODE_TTL_S`` (default 5) the registry's TTL.

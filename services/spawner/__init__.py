@@ -25,7 +25,7 @@ __all__ = ["SpawnerService"]
 
 
 def __getattr__(name: str) -> Any:
-    # lazy: a warm worker (``python -m services.spawner.worker``) imports this package
+    # lazy: a warm worker (``python -m fabric.services.spawner.worker``) imports this package
     # too, and must not pay for nats, msgspec and the service kit at every start
     if name == "SpawnerService":
         from .service import SpawnerService

@@ -1,4 +1,4 @@
-"""``python -m services.spawner --nats-url URL --node NODE --state-dir DIR``."""
+"""``python -m fabric.services.spawner --nats-url URL --node NODE --state-dir DIR``."""
 
 from fabric.service import main
 

@@ -5,7 +5,7 @@ controller sends the version exchange, then "new compute core", then jobs; the
 worker answers each message with the same id.  Job messages use the job's id as
 their message id, so a result finds its job by id, whatever order it comes in.
 
-:class:`RingWorker` runs ``python -P -m services.spawner.worker --ring-in A --ring-out B
+:class:`RingWorker` runs ``python -P -m fabric.services.spawner.worker --ring-in A --ring-out B
 --spin-us N`` (through :func:`fabric.launch.module_launch`; its job ring spins a little
 longer than the ring's default before it sleeps) with two fresh :mod:`fabric_ext.ring`
 files in /dev/shm.  A reader thread blocks in
@@ -47,7 +47,7 @@ __all__ = ["Worker", "RingWorker", "SocketWorker", "WorkerSpec", "PoolEvents", "
 
 #: bytes of each ring (a power of two); a job's frame must fit one record
 RING_CAPACITY = 16 << 20
-#: set in each ring worker's environment to its core id (read back by services.gpu_monitor)
+#: set in each ring worker's environment to its core id (read back by fabric.services.gpu_monitor)
 CORE_ID_ENV = "FABRIC_CORE_ID"
 #: bytes of job data an external worker may have queued on its socket
 SOCKET_WINDOW = 64 << 20
@@ -272,7 +272,7 @@ class Worker:
 
 
 class RingWorker(Worker):
-    """A ``services.spawner.worker`` child process joined by two SPSC rings."""
+    """A ``fabric.services.spawner.worker`` child process joined by two SPSC rings."""
 
     def __init__(self, events: PoolEvents, spec: WorkerSpec, seq: int, *, ring_prefix: str,
                  link: ReplyLink | None, env: PoolEnv, children: set[int]) -> None:
@@ -314,7 +314,7 @@ class RingWorker(Worker):
             # lets the gpu-monitor name the core a GPU-holding worker process belongs to
             env = {**os.environ, CORE_ID_ENV: spec.core}
             # -P, and the spawner's own working directory (the state directory under `fabric up`)
-            launch = module_launch("services.spawner.worker", ["--ring-in", self.path_in, "--ring-out",
+            launch = module_launch("fabric.services.spawner.worker", ["--ring-in", self.path_in, "--ring-out",
                                    self.path_out, "--spin-us", str(self.env.worker_spin_us)], cwd=None, env=env)
             self.proc = subprocess.Popen(launch.argv, cwd=launch.cwd, env=launch.env, stdin=subprocess.DEVNULL,
                                          close_fds=True)

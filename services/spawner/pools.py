@@ -4,7 +4,7 @@ A *core* is a ``.so`` that exports the compute core API v1 (``worker_init``,
 ``worker_run_job``, ``worker_free_outdata``), or a built-in core with an empty
 library: the Python worker (``fabric.python``) or OpenCL kernels
 (``fabric.opencl``).  Loading one starts a :class:`Pool` of warm worker processes
-(``python -m services.spawner.worker``), each joined to
+(``python -m fabric.services.spawner.worker``), each joined to
 this controller by two shared-memory rings of :mod:`fabric_ext.ring` that carry
 protocol v1 frames (:mod:`fabric_ext.wire`): jobs one way, results the other.
 External workers that speak protocol v1 over a socket (``examples/cores/worker.c``)

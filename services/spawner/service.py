@@ -58,7 +58,7 @@ class SpawnerService(FabricService):
     name = "spawner"
     description = "fabric remote processes: rspawn/rwait/rkill with output streaming, limits and sandbox"
 
-    #: true when the spawner is its own process (``python -m services.spawner``): then every
+    #: true when the spawner is its own process (``python -m fabric.services.spawner``): then every
     #: child it did not start is an adopted orphan, even one in its own process group
     own_process = False
 

@@ -1,4 +1,4 @@
-"""The warm worker process: ``python -m services.spawner.worker``.
+"""The warm worker process: ``python -m fabric.services.spawner.worker``.
 
 A worker runs one compute core and serves one controller (a spawner pool)
 with "Worker socket protocol version 1" (seed; ``fabric_ext.wire`` v1 codec;
@@ -330,7 +330,7 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.spawner.worker",
+    parser = argparse.ArgumentParser(prog="python -m fabric.services.spawner.worker",
                                      description="A fabric warm worker (worker protocol v1).")
     parser.add_argument("--connect", help="unix:/path, tcp:HOST:PORT or HOST:PORT of the controller")
     parser.add_argument("--ring-in", help="ring of messages from the controller")

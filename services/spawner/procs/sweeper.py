@@ -16,7 +16,7 @@ zombies.  A spawner embedded in another program (the tests run it inside pytest)
 leaves the children in its host's own process group alone (it cannot tell them from
 the host's own, and no spawned process starts in that group), and those marked by a
 spawner not of this process (:attr:`~.model.TableSettings.any_group` is set by
-``python -m services.spawner``, where every other child descends from the spawner's
+``python -m fabric.services.spawner``, where every other child descends from the spawner's
 processes).
 """
 
