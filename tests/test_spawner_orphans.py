@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests._spawner import PY, gone, pid_alive
 
@@ -96,6 +97,10 @@ async def test_an_orphan_whose_process_still_runs_is_left_alone_until_it_ends(fc
     while psutil.Process(orphan).ppid() != os.getpid() and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     assert psutil.Process(orphan).ppid() == os.getpid(), "the orphan was not reparented to the subreaper"
+    # its pid is printed before `env` and then `sleep` are exec'd: while an exec is in
+    # flight its environ reads empty, so read it once it runs `sleep`
+    while psutil.Process(orphan).name() != "sleep" and time.monotonic() < deadline + 5:
+        await asyncio.sleep(0.02)
     env = Path(f"/proc/{orphan}/environ").read_bytes()
     assert f"FABRIC_PROC_ID={proc.id}".encode() in env.split(b"\0")
     await asyncio.sleep(3.0)  # several sweeps
@@ -131,7 +136,7 @@ async def test_the_sweep_never_touches_the_test_process_own_children(fc):
     assert not _zombies(), f"zombies under the test process: {_zombies()}"
 
 
-# -- the spawner as its own process (python -m services.spawner): every other child is an orphan ---
+# -- the spawner as its own process (python -m fabric.services.spawner): every other child is an orphan ---
 
 
 async def test_a_spawner_process_adopts_and_kills_orphans_but_keeps_its_workers(nats_url, tmp_path):
@@ -148,7 +153,7 @@ async def test_a_spawner_process_adopts_and_kills_orphans_but_keeps_its_workers(
             deadline = time.monotonic() + 10
             workers: list[int] = []
             while not workers and time.monotonic() < deadline:
-                workers = [c.pid for c in me.children() if "services.spawner.worker" in " ".join(c.cmdline())]
+                workers = [c.pid for c in me.children() if "fabric.services.spawner.worker" in " ".join(c.cmdline())]
                 await asyncio.sleep(0.05)
             assert workers, "no warm worker started"
             # a marked orphan whose process still runs: adopted by the spawner process, left alone
@@ -182,3 +187,26 @@ async def test_a_spawner_process_adopts_and_kills_orphans_but_keeps_its_workers(
         if sp.poll() is None:
             sp.terminate()
         sp.wait(15)
+
+
+@pytest.mark.unit
+def test_a_process_caught_inside_execve_is_not_read_as_unmarked(tmp_path: Path) -> None:
+    """/proc/<pid>/environ reads empty while an exec is in flight; the orphan sweep reads it again.
+
+    Read once, a marked orphan caught mid-exec looked unmarked, and the sweep killed it
+    although its process still ran.  Here one pid execs in a loop, its environment
+    always set: a plain read sees it empty now and then, a settled read never does.
+    """
+    from fabric.services.spawner.orphans import _env_vars
+
+    script = tmp_path / "exec-loop.sh"
+    script.write_text(f"#!/bin/sh\nexec /usr/bin/env MARK=1 /bin/sh {script}\n")
+    loop = subprocess.Popen(["/bin/sh", str(script)], env={"MARK": "1"})
+    try:
+        plain = [_env_vars(loop.pid) for _ in range(3000)]
+        settled = [_env_vars(loop.pid, settle=0.05) for _ in range(300)]
+    finally:
+        loop.kill()
+        loop.wait()
+    assert any(env == {} for env in plain), "no read caught an exec in flight: the race this guards was not hit"
+    assert all(env.get(b"MARK") == b"1" for env in settled)

@@ -95,11 +95,22 @@ def reap(key: str) -> list[int]:
     return found
 
 
-def _env_vars(pid: int) -> dict[bytes, bytes]:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return {}
+def _env_vars(pid: int, settle: float = 0.0) -> dict[bytes, bytes]:
+    """*pid*'s environment; with *settle*, an empty one is read again for up to that many seconds.
+
+    /proc/<pid>/environ reads empty while the process is inside execve (its new memory
+    is mapped before its arguments and environment are), so a marked process caught
+    mid-exec looks unmarked.  A truly empty environment (``env -i``) stays empty.
+    """
+    deadline = time.monotonic() + settle
+    while True:
+        try:
+            raw = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            return {}
+        if raw or time.monotonic() >= deadline:
+            break
+        time.sleep(0.005)
     out: dict[bytes, bytes] = {}
     for var in raw.split(b"\0"):
         name, sep, value = var.partition(b"=")
@@ -258,7 +269,8 @@ def adopted(candidates: list[int], owners_alive: set[tuple[bytes, bytes]], marke
             if _reap(pid, 0):
                 reaped.append(pid)
             continue
-        env = _env_vars(pid)
+        # about to kill it: an empty read may be an exec in flight, not an unmarked process
+        env = _env_vars(pid, settle=0.05)
         owner = (env.get(MARKER_ENV.encode(), b""), env.get(proc_env.encode(), b""))
         if owner in owners_alive:
             continue  # its process still runs: it goes when that process ends
