@@ -61,7 +61,7 @@ class CoreHost(FabricService):
         return self.cores.endpoints()
 
     async def on_start(self) -> None:
-        await self.cores.start()
+        await self.cores.start(self.connection)
 
     async def on_stop(self) -> None:
         await self.cores.stop()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -58,6 +59,7 @@ class JobLane:
         self._job_ids = itertools.count(1)
         self._sends: set[asyncio.Task[Any]] = set()
         self._retry_link_at = 0.0
+        self._own = False
         # served on the lane (open()), counted here, listed in $SRV (the manager's side_endpoints)
         self._run_ep = node_endpoint("core", node, "run", self._on_run, name="core-run", wildcard=True)
         self._map_ep = node_endpoint("core", node, "map", self._on_map, name="core-map", wildcard=True)
@@ -65,13 +67,20 @@ class JobLane:
     def endpoints(self) -> list[Endpoint]:
         return [self._run_ep, self._map_ep]
 
-    async def open(self) -> None:
-        """Connect, open the reply link (before any worker starts), subscribe."""
-        # the service kit's connect options: reconnect forever, connection events logged
-        self.nc = await connect(self.nats_url, f"spawner-jobs@{self.node}", self.log)
-        # the reader threads hold on to this link for good; tend_link() reconnects it
-        self.link = ReplyLink(self.nats_url, f"spawner-replies@{self.node}", self.log)
-        await asyncio.get_running_loop().run_in_executor(None, self.link.connect)
+    async def open(self, nc: NATS) -> None:
+        """Subscribe on *nc* (the hosting service's connection), open the reply link first
+        (before any worker starts)."""
+        # TEMPORARY measurement switch (issue 13): own = a connection of the lane's own (the old design),
+        # kit = the kit's connection, nolink = the kit's connection and no reply link
+        design = os.environ.get("FABRIC_JOB_LANE", "kit")
+        if design == "own":
+            self._own = True
+            nc = await connect(self.nats_url, f"spawner-jobs@{self.node}", self.log)
+        self.nc = nc
+        if design != "nolink":
+            # the reader threads hold on to this link for good; tend_link() reconnects it
+            self.link = ReplyLink(self.nats_url, f"spawner-replies@{self.node}", self.log)
+            await asyncio.get_running_loop().run_in_executor(None, self.link.connect)
         for ep, cb in ((self._run_ep, self._on_run), (self._map_ep, self._on_map)):
             self._subs.append(await self.nc.subscribe(ep.subject, queue=ep.queue_group, cb=cb,
                                                       pending_msgs_limit=1 << 20, pending_bytes_limit=1 << 30))
@@ -95,7 +104,8 @@ class JobLane:
             self.link = None
         if self.nc is not None:
             nc, self.nc = self.nc, None
-            await close_connection(nc)
+            if self._own:
+                await close_connection(nc)
 
     async def tend_link(self, now: float) -> None:
         """Reconnect the reply link after the server restarted (at most every 2 s)."""

@@ -148,10 +148,11 @@ class CoreManager:
         """``run`` and ``map``: served on the job lane below, listed and counted in ``$SRV``."""
         return self.lane.endpoints()
 
-    async def start(self) -> None:
-        """Open the job lane and the reply link (before any worker starts), start the watchdog."""
+    async def start(self, nc: NATS) -> None:
+        """Open the job lane on *nc* (the hosting service's connection) and the reply link
+        (before any worker starts), start the watchdog."""
         sweep_rings(self.log)
-        await self.lane.open()
+        await self.lane.open(nc)
         self._ticker = self.tasks.start(self._tick, name="core-watchdog")
 
     async def stop(self) -> None:

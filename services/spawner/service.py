@@ -108,7 +108,7 @@ class SpawnerService(FabricService):
         self.table = ProcessTable(self.node, self._publish, marker=orphans.marker(self.key), cgroups=self.cgroups,
                                   settings=settings)
         self.table.start()
-        await self.cores.start()
+        await self.cores.start(self.connection)
         self.log.info("spawner ready", cgroup=str(self.cgroups) if self.cgroups else self.cgroup_reason,
                       enforceable=self._enforceable()[0])
 
