@@ -120,13 +120,14 @@ async def _nodes_or_none(url: str) -> list[NodeRecord] | None:
 async def _discover(url: str, window: float) -> dict[str, dict[str, Any]]:
     """Every service instance that answers $SRV.PING, INFO and STATS, by id."""
     from .discovery import collect_replies
+    from .protocol.subjects import srv
 
     nc = await connect(url)
     try:
         pings, infos, stats = await asyncio.gather(
-            collect_replies(nc, ["$SRV.PING"], window=window),
-            collect_replies(nc, ["$SRV.INFO"], window=window),
-            collect_replies(nc, ["$SRV.STATS"], window=window),
+            collect_replies(nc, [srv("PING")], window=window),
+            collect_replies(nc, [srv("INFO")], window=window),
+            collect_replies(nc, [srv("STATS")], window=window),
         )
     finally:
         await nc.close()

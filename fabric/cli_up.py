@@ -48,7 +48,7 @@ def up(
 ) -> None:
     """Start NATS (unless --nats-url) and the services, supervised; foreground unless -d."""
     from . import nats_server as ns
-    from .subjects import sanitize_node_name, valid_node_name
+    from .protocol.subjects import sanitize_node_name, valid_node_name
     from .supervisor import Supervisor, SupervisorConfig
 
     t0 = _process_start_time()

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .protocol.subjects import srv
+
 __all__ = ["collect_replies", "probe_services", "PING_INTERVAL_S"]
 
 PING_INTERVAL_S = 0.025
@@ -96,7 +98,7 @@ async def probe_services(nc: Any, node: str, expected: Callable[[], dict[str, in
             if now >= deadline:
                 return missing
             for name in missing:
-                await nc.publish(f"$SRV.PING.{name}", b"", reply=inbox)
+                await nc.publish(srv("PING", name), b"", reply=inbox)
             arrived.clear()
             try:
                 await asyncio.wait_for(arrived.wait(), min(PING_INTERVAL_S, deadline - now))

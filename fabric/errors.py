@@ -75,6 +75,8 @@ from fabric_ext.errors import (
     UnknownHandle,
 )
 
+from .protocol import headers as _headers
+
 __all__ = [
     "FabricError",
     "BadRequest",
@@ -113,9 +115,10 @@ __all__ = [
     "ERROR_KIND_HEADER",
 ]
 
-ERROR_HEADER = "Nats-Service-Error"
-ERROR_CODE_HEADER = "Nats-Service-Error-Code"
-ERROR_KIND_HEADER = "Fabric-Error"
+# the header names are the contract's, spelled once in fabric.protocol.headers
+ERROR_HEADER = _headers.ERROR_HEADER
+ERROR_CODE_HEADER = _headers.ERROR_CODE_HEADER
+ERROR_KIND_HEADER = _headers.ERROR_KIND_HEADER
 
 
 class PermissionDenied(FabricError):

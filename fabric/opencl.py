@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import re
-import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,7 +45,19 @@ from .errors import (
     registered_kinds,
 )
 from .gpupair import gpu_by_device
-from .subjects import OPENCL_CORE
+from .protocol.clframes import (
+    INLINE_ALIGN,
+    JOB_MAGIC,
+    MAX_HEADER,
+    PREFIX,
+    RESULT_MAGIC,
+    VERSION,
+    check_inline,
+    pack_frame,
+    unpack_frame,
+)
+from .protocol.cores import OPENCL_CORE
+from .protocol.env import STAGING_ENV
 
 __all__ = [
     "Out",
@@ -63,15 +74,9 @@ __all__ = [
 ]
 
 
-JOB_MAGIC = b"FCLJ"
-RESULT_MAGIC = b"FCLR"
-VERSION = 1
-#: magic, version u16, flags u16, header length u32, reserved u32 (zero)
-PREFIX = struct.Struct("<4sHHII")
-#: inline buffers start on this boundary (relative to the frame's start)
-INLINE_ALIGN = 16
-#: a header larger than this is refused before decoding (sources are text, not data)
-MAX_HEADER = 16 << 20
+# the frame layout (JOB_MAGIC, RESULT_MAGIC, VERSION, PREFIX, INLINE_ALIGN, MAX_HEADER) is
+# fabric.protocol.clframes'; re-exported here with the headers that travel inside it
+__all__ += ["JOB_MAGIC", "RESULT_MAGIC", "VERSION", "PREFIX", "INLINE_ALIGN", "MAX_HEADER", "STAGING_ENV"]
 
 #: staging files: where, what their names look like, their header, their regions' alignment
 STAGE_DIR = "/dev/shm"
@@ -90,8 +95,6 @@ STAGE_KEEP = 4
 LOAD_SETTINGS: dict[str, Any] = {"min_workers": 1, "max_workers": 1, "time_limit": 60.0, "idle": 30.0}
 #: node records are re-read from the gpu-monitor at most this often
 NODES_TTL_S = 2.0
-#: the environment switch that turns same-host staging off (``0``)
-STAGING_ENV = "FABRIC_OPENCL_STAGING"
 #: copies into and out of a staging file larger than this run on two threads (numpy
 #: releases the GIL while it copies; one thread does not reach the memory bandwidth)
 PARALLEL_COPY_MIN = 1 << 20
@@ -234,40 +237,14 @@ _RESULT_DEC = msgspec.msgpack.Decoder(ResultHeader)
 _ERROR_DEC = msgspec.msgpack.Decoder(ErrorRecord)
 
 
-def _align(n: int, to: int) -> int:
-    return (n + to - 1) // to * to
-
-
-def _frame(magic: bytes, header: bytes, data_len: int) -> tuple[bytearray, int]:
-    """A frame with *header* in place and room for *data_len* bytes; the data's offset."""
-    start = _align(PREFIX.size + len(header), INLINE_ALIGN)
-    out = bytearray(start + data_len)
-    PREFIX.pack_into(out, 0, magic, VERSION, 0, len(header), 0)
-    out[PREFIX.size:PREFIX.size + len(header)] = header
-    return out, start
-
-
-def _parse(frame: Any, magic: bytes) -> tuple[memoryview, memoryview]:
-    """The header bytes and the data of a frame; InvalidFrame when it is not one."""
-    view = memoryview(frame).cast("B")
-    if len(view) < PREFIX.size:
-        raise InvalidFrame(f"OpenCL frame of {len(view)} bytes is shorter than its {PREFIX.size}-byte prefix")
-    got, version, _flags, hlen, _reserved = PREFIX.unpack_from(view)
-    if got != magic:
-        raise InvalidFrame(f"OpenCL frame: magic {bytes(got)!r}, expected {magic!r}")
-    if version != VERSION:
-        raise InvalidFrame(f"OpenCL frame version {version}; this side speaks {VERSION}")
-    if hlen > MAX_HEADER or PREFIX.size + hlen > len(view):
-        raise InvalidFrame(f"OpenCL frame: header of {hlen} bytes does not fit the {len(view)}-byte frame")
-    start = _align(PREFIX.size + hlen, INLINE_ALIGN)
-    return view[PREFIX.size:PREFIX.size + hlen], view[min(start, len(view)):]
-
-
 def encode_job(header: JobHeader, inline: Sequence[tuple[int, Any]] = ()) -> bytearray:
-    """A job frame: *header*, then each ``(offset, buffer)`` of *inline* at its data offset."""
+    """A job frame: *header*, then each ``(offset, buffer)`` of *inline* at its data offset.
+
+    The inline data ends with the furthest-reaching buffer (the reader refuses bytes after it).
+    """
     hdr = _ENC.encode(header)
     size = max((off + memoryview(b).nbytes for off, b in inline), default=0)
-    frame, start = _frame(JOB_MAGIC, hdr, size)
+    frame, start = pack_frame(JOB_MAGIC, hdr, size)
     for off, buf in inline:
         mv = memoryview(buf).cast("B")
         frame[start + off:start + off + len(mv)] = mv
@@ -275,27 +252,37 @@ def encode_job(header: JobHeader, inline: Sequence[tuple[int, Any]] = ()) -> byt
 
 
 def decode_job(frame: Any) -> tuple[JobHeader, memoryview]:
-    """The header and the inline data of a job frame; InvalidFrame for anything else."""
-    hdr, data = _parse(frame, JOB_MAGIC)
+    """The header and the inline data of a job frame; InvalidFrame for anything else.
+
+    The inline data must hold the ``in`` buffers of an inline job, and nothing after
+    them; a staged job (its buffers in the staging file) has none.
+    """
+    hdr, data = unpack_frame(frame, JOB_MAGIC)
     try:
-        return _JOB_DEC.decode(hdr), data
+        job = _JOB_DEC.decode(hdr)
     except msgspec.ValidationError as exc:
         raise InvalidFrame(f"OpenCL job header: {exc}") from None
     except msgspec.DecodeError as exc:
         raise InvalidFrame(f"OpenCL job header is not MessagePack: {exc}") from None
+    inline = [] if job.staging is not None else [(a.offset, a.nbytes) for a in job.args if isinstance(a, InArg)]
+    check_inline(data, inline, "OpenCL job frame")
+    return job, data
 
 
 def encode_result(header: ResultHeader, data_len: int) -> tuple[bytearray, int]:
-    """A result frame with room for *data_len* inline bytes, and where they start."""
-    return _frame(RESULT_MAGIC, _ENC.encode(header), data_len)
+    """A result frame with room for *data_len* inline bytes (up to the end of the last inline output)."""
+    return pack_frame(RESULT_MAGIC, _ENC.encode(header), data_len)
 
 
 def decode_result(frame: Any) -> tuple[ResultHeader, memoryview]:
-    hdr, data = _parse(frame, RESULT_MAGIC)
+    """The header and the inline data of a result frame: exactly the inline (not staged) outputs."""
+    hdr, data = unpack_frame(frame, RESULT_MAGIC)
     try:
-        return _RESULT_DEC.decode(hdr), data
+        result = _RESULT_DEC.decode(hdr)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise InvalidFrame(f"OpenCL result header: {exc}") from None
+    check_inline(data, [(o.offset, o.nbytes) for o in result.outputs if not o.staged], "OpenCL result frame")
+    return result, data
 
 
 def encode_error(err: FabricError, *, build_log: str = "", staging: bool = False) -> tuple[int, bytes]:

@@ -61,6 +61,7 @@ from ._version import __version__
 from .errors import BadRequest, FabricError, InternalError, error_headers
 from .jetstream import JetStreamKeeper, JetStreamResource
 from .logs import configure_logging
+from .protocol.subjects import sanitize_node_name, valid_node_name
 from .schema import CONTENT_TYPE_HEADER, FRAME_CONTENT_TYPE, MSGPACK, MSGPACK_CONTENT_TYPE, ErrorReply, error_info
 from .service_endpoint import (
     FRAME_MAGIC,
@@ -76,7 +77,6 @@ from .service_nats import close as close_connection
 from .service_nats import connect
 from .service_tasks import BackgroundTasks, LoopFunction
 from .state import default_state_dir
-from .subjects import sanitize_node_name, valid_node_name
 
 __all__ = ["FabricService", "Request", "Reply", "Endpoint", "ServiceSettings", "main", "node_endpoint",
            "cluster_endpoint", "default_state_dir"]

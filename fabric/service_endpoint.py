@@ -5,7 +5,7 @@ Part of the service kit (:mod:`fabric.service`): a service lists :class:`Endpoin
 :class:`Request` (the encoding it asked for: JSON, MessagePack or a binary frame) and
 the handler's result (a Struct, a :class:`Reply`, or None) into the reply.
 :func:`node_endpoint` and :func:`cluster_endpoint` spell the subjects of the public
-contract (:mod:`fabric.subjects`), so no service writes them by hand.
+contract (:mod:`fabric.protocol.subjects`), so no service writes them by hand.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from typing import Any
 
 from nats.micro.service import EndpointStats
 
+from .protocol.headers import REQUEST_ID_HEADER
+from .protocol.subjects import QUEUE_GROUP, cluster, node_scoped
 from .schema import CONTENT_TYPE_HEADER, FRAME_CONTENT_TYPE, JSON, MSGPACK, MSGPACK_CONTENT_TYPE, Codec
-from .subjects import QUEUE_GROUP, cluster, node_scoped
 
 __all__ = ["Request", "Reply", "Endpoint", "Handler", "node_endpoint", "cluster_endpoint",
            "REQUEST_ID_HEADER", "FRAME_MAGIC", "ACCEPTED_CONTENT_TYPES"]
 
-REQUEST_ID_HEADER = "Fabric-Request-Id"
 FRAME_MAGIC = b"FBF1"  # fabric_ext.wire.MAGIC, spelled here so the kit needs no extension
 
 

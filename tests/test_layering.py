@@ -304,10 +304,131 @@ def test_the_server_fixtures_are_conftests() -> None:
     assert SERVER_FIXTURES <= defined
 
 
-def test_the_worker_spells_the_built_in_core_names_as_the_contract_does() -> None:
-    """core_api repeats them so a warm worker imports nothing of fabric: the copies must agree."""
-    from fabric import subjects
-    from fabric.services.spawner import core_api
+# -- the contract has one home: fabric.protocol ---------------------------------------------------------------
 
-    assert (core_api.PYTHON_CORE, core_api.OPENCL_CORE) == (subjects.PYTHON_CORE, subjects.OPENCL_CORE)
-    assert set(core_api.BUILTIN_CORES) == {subjects.PYTHON_CORE, subjects.OPENCL_CORE}
+#: what a module of fabric.protocol may import: the standard library, the extensions, fabric.errors (light)
+_PROTOCOL_MAY_IMPORT = ("fabric_ext", "fabric.errors", "fabric.protocol")
+
+
+def _protocol_offences(root: Path) -> list[str]:
+    """Imports of fabric/protocol/*.py (anywhere in a module, lazy ones too) that are not light."""
+    graph_root = root / "fabric" / "protocol"
+    offences = []
+    for path in sorted(graph_root.rglob("*.py")):
+        module = _module_name(path, root)
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = module.split(".") if is_package else module.split(".")[:-1]
+                    base = base[:len(base) - (node.level - 1)]
+                    names = [".".join(base + ([node.module] if node.module else []))]
+                else:
+                    names = [node.module or ""]
+            else:
+                continue
+            offences += [f"{path.relative_to(root)}: {n}" for n in names
+                         if n.split(".")[0] not in sys.stdlib_module_names
+                         and not any(n == ok or n.startswith(ok + ".") for ok in _PROTOCOL_MAY_IMPORT)]
+    return offences
+
+
+def test_the_protocol_package_imports_only_light_modules() -> None:
+    """A warm worker imports fabric.protocol: its modules may use the stdlib, fabric_ext and fabric.errors only."""
+    assert (ROOT / "fabric" / "protocol" / "reader.py").exists()  # the package is read
+    assert _protocol_offences(ROOT) == []
+    code = (
+        "import importlib, json, pkgutil, sys\n"
+        "import fabric.protocol as p\n"
+        "for m in pkgutil.iter_modules(p.__path__):\n"
+        "    importlib.import_module('fabric.protocol.' + m.name)\n"
+        "heavy = ('nats', 'msgspec', 'numpy', 'fabric.client', 'fabric.schema', 'fabric.service')\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in heavy\n"
+        "                        or m.startswith(('fabric.client', 'fabric.schema', 'fabric.service')))))\n"
+    )
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd="/", env=env_with_repo())
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1]) == []
+
+
+def test_the_protocol_import_check_catches_a_heavy_import(tmp_path: Path) -> None:
+    pkg = tmp_path / "fabric" / "protocol"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "ok.py").write_text("import struct\nfrom ..errors import InvalidFrame\nfrom .reader import Reader\n"
+                               "from fabric_ext import wire\n")
+    (pkg / "bad.py").write_text("def f():\n    import msgspec\nfrom ..schema import JSON\n")
+    assert sorted(_protocol_offences(tmp_path)) == ["fabric/protocol/bad.py: fabric.schema",
+                                                    "fabric/protocol/bad.py: msgspec"]
+
+
+def _contract_names() -> tuple[set[str], re.Pattern[str]]:
+    """The names only fabric.protocol may spell: exact strings, and a pattern for subject literals."""
+    from fabric.protocol import cores, env, headers
+
+    exact = set(headers.ALL_HEADERS) | set(cores.BUILTIN_CORES)
+    exact |= {env.PROC_ENV, env.CORE_ID_ENV, env.MARKER_ENV, env.STAGING_ENV}
+    return exact, re.compile(r"^(\$SRV(\.|$)|fabric\.(mem|proc|core|nodes|telemetry)(\.|$))")
+
+
+def _docstring_ids(tree: ast.Module) -> set[int]:
+    """The string statements of *tree* (docstrings and the like): prose, not spellings."""
+    return {id(n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)}
+
+
+def contract_spellings(root: Path, tops: tuple[str, ...] = ("fabric", "services")) -> list[str]:
+    """Every string or bytes literal outside fabric/protocol that spells a contract name (docstrings aside)."""
+    exact, subject = _contract_names()
+    found = []
+    for top in tops:
+        for path in sorted((root / top).rglob("*.py")):
+            if path.relative_to(root).parts[:2] == ("fabric", "protocol"):
+                continue
+            tree = ast.parse(path.read_text())
+            prose = _docstring_ids(tree)
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.Constant) or id(node) in prose:
+                    continue
+                value = node.value
+                if isinstance(value, bytes):
+                    value = value.decode("latin-1")
+                if not isinstance(value, str):
+                    continue
+                if value in exact or value.rstrip("=") in exact or subject.match(value):
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: {value!r}")
+    return found
+
+
+def test_no_module_outside_the_protocol_package_spells_a_contract_name() -> None:
+    """Header names, built-in core names, process markers and subjects are spelled in fabric/protocol only."""
+    assert contract_spellings(ROOT) == []
+
+
+def test_the_spelling_check_finds_a_spelled_name(tmp_path: Path) -> None:
+    (tmp_path / "fabric" / "protocol").mkdir(parents=True)
+    (tmp_path / "fabric" / "protocol" / "headers.py").write_text('H = "Fabric-Exit-Code"\n')  # its home: fine
+    (tmp_path / "services").mkdir()
+    (tmp_path / "services" / "a.py").write_text(
+        '"""Docstrings may say Fabric-Exit-Code and fabric.python."""\n'
+        'H = {"Nats-Service-Error-Code": "1"}\n'
+        'def f(node):\n    """fabric.mem.alloc in prose is fine."""\n'
+        '    return f"fabric.telemetry.{node}", b"FABRIC_PROC_ID=", "fabric.opencl", "$SRV.PING"\n'
+        'LOG = "fabric.client"\n')
+    assert sorted(contract_spellings(tmp_path)) == [
+        "services/a.py:2: 'Nats-Service-Error-Code'", "services/a.py:5: '$SRV.PING'",
+        "services/a.py:5: 'FABRIC_PROC_ID='", "services/a.py:5: 'fabric.opencl'",
+        "services/a.py:5: 'fabric.telemetry.'"]
+
+
+def test_the_worker_uses_the_contracts_core_names() -> None:
+    """The warm worker and the pools take the built-in core names from fabric.protocol, not from a copy."""
+    from fabric.protocol import cores
+    from fabric.services.spawner import core_api, pools, worker_core
+
+    assert not hasattr(core_api, "PYTHON_CORE") and not hasattr(core_api, "BUILTIN_CORES")
+    assert worker_core.PYTHON_CORE is cores.PYTHON_CORE and worker_core.OPENCL_CORE is cores.OPENCL_CORE
+    assert pools.BUILTIN_CORES is cores.BUILTIN_CORES

@@ -47,7 +47,8 @@ The package, one module per area; imports run one way, transport <- areas <- cli
 
 from __future__ import annotations
 
-from ..subjects import EXIT_CODE_HEADER, PYTHON_CORE
+from ..protocol.cores import PYTHON_CORE
+from ..protocol.headers import EXIT_CODE_HEADER
 from .aio import AsyncFabricClient
 from .buffers import AsyncRemoteBuffer
 from .cores import MAP_BATCH, MAP_IN_FLIGHT, AsyncCore

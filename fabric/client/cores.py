@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from .. import subjects
 from ..errors import (
     ERROR_CODE_HEADER,
     ERROR_HEADER,
@@ -29,6 +28,9 @@ from ..errors import (
     Unavailable,
     error_from_wire,
 )
+from ..protocol import subjects
+from ..protocol.cores import PYTHON_CORE
+from ..protocol.headers import EXIT_CODE_HEADER
 from ..schema import (
     CONTENT_TYPE_HEADER,
     JSON,
@@ -41,7 +43,6 @@ from ..schema import (
     decode_job_results,
     encode_job_batch,
 )
-from ..subjects import EXIT_CODE_HEADER, PYTHON_CORE
 from .transport import Transport, _in_flight
 
 if TYPE_CHECKING:

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 from fabric_ext import wire
 
-from .. import subjects
 from ..errors import FabricError, TooLarge, error_from_wire
 from ..handles import _PARSED, HandleParts
 from ..handles import parse_cached as parse
 from ..leases import LeaseKeeper
+from ..protocol import subjects
 from ..schema import (
     JSON,
     AllocReply,

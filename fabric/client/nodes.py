@@ -6,7 +6,7 @@ node's GPUs sampled on demand.  The OpenCL component places jobs by these record
 
 from __future__ import annotations
 
-from .. import subjects
+from ..protocol import subjects
 from ..schema import JSON, DeviceRecord, DevicesReply, GpuListReply, NodeListReply, NodeRecord, NodeRequest
 from .transport import Transport
 

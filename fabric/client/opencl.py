@@ -28,10 +28,8 @@ from ..opencl import (
     INLINE_ALIGN,
     LOAD_SETTINGS,
     NODES_TTL_S,
-    OPENCL_CORE,
     STAGE_ALIGN,
     STAGE_HEADER,
-    STAGING_ENV,
     Arg,
     InArg,
     JobHeader,
@@ -40,7 +38,6 @@ from ..opencl import (
     OutArg,
     ScalarArg,
     Staging,
-    _align,
     _plain_dtype,
     choose_device,
     decode_error,
@@ -48,6 +45,9 @@ from ..opencl import (
     encode_job,
     raise_record,
 )
+from ..protocol.clframes import align as _align
+from ..protocol.cores import OPENCL_CORE
+from ..protocol.env import STAGING_ENV
 from .staging import StagingFile, _copy, _Stager, close_all_staging
 
 if TYPE_CHECKING:

@@ -15,8 +15,9 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from .. import subjects
 from ..errors import BadRequest, ExecutableNotFound, TooLarge, Unavailable
+from ..protocol import subjects
+from ..protocol.headers import STREAM_HEADER
 from ..schema import (
     JSON,
     ExitInfo,
@@ -113,7 +114,7 @@ class _ProcOutput:
                              "(wait() returns the tails)")
 
     async def on_message(self, msg: Any) -> None:
-        stream = (msg.headers or {}).get("Fabric-Stream", "")
+        stream = (msg.headers or {}).get(STREAM_HEADER, "")
         with self.cond:
             if stream in self.chunks:
                 self.chunks[stream].append(msg.data)

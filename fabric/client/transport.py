@@ -26,7 +26,6 @@ from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from .. import subjects
 from ..errors import (
     ERROR_CODE_HEADER,
     ERROR_HEADER,
@@ -36,6 +35,7 @@ from ..errors import (
     Unavailable,
     error_from_wire,
 )
+from ..protocol import subjects
 from ..schema import JSON
 
 T = TypeVar("T")

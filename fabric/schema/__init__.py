@@ -4,8 +4,8 @@ This is the one schema package: services and clients import their messages from
 here (``from fabric.schema import AllocRequest``), and docs/protocol.md documents
 exactly these fields.  One module per area -- :mod:`.memory`, :mod:`.processes`,
 :mod:`.cores`, :mod:`.nodes` -- over :mod:`.base` (the base Struct, the bounded types,
-the error body), with the FJB1/FJR1 job batch frames in :mod:`.frames` and the
-encodings in :mod:`.codec`.  Rules:
+the error body), and the encodings in :mod:`.codec`; the FJB1/FJR1 job batch frames
+are :mod:`fabric.protocol.jobframes`'s, re-exported here.  Rules:
 
 * JSON is the default encoding; a request with header ``Content-Type:
   application/msgpack`` is MessagePack, and the reply uses the request's encoding.
@@ -19,11 +19,18 @@ encodings in :mod:`.codec`.  Rules:
 
 from __future__ import annotations
 
+from ..protocol.headers import CONTENT_TYPE_HEADER, FRAME_CONTENT_TYPE, MSGPACK_CONTENT_TYPE
+from ..protocol.jobframes import (
+    JOB_BATCH_MAGIC,
+    JOB_RESULTS_MAGIC,
+    MAX_JOB_BATCH,
+    decode_job_batch,
+    decode_job_results,
+    encode_job_batch,
+    encode_job_results,
+)
 from .base import (
-    CONTENT_TYPE_HEADER,
-    FRAME_CONTENT_TYPE,
     INT_MAX,
-    MSGPACK_CONTENT_TYPE,
     TTL,
     ErrorInfo,
     ErrorReply,
@@ -35,15 +42,6 @@ from .base import (
 )
 from .codec import JSON, MSGPACK, Codec, codec_for
 from .cores import CoreId, CoreInfo, CoreListReply, CoreName, CoreRequest, LoadCoreRequest
-from .frames import (
-    JOB_BATCH_MAGIC,
-    JOB_RESULTS_MAGIC,
-    MAX_JOB_BATCH,
-    decode_job_batch,
-    decode_job_results,
-    encode_job_batch,
-    encode_job_results,
-)
 from .memory import (
     AllocReply,
     AllocRequest,

@@ -1,4 +1,4 @@
-"""What every message shares: the base Struct, the bounded types, the content types, the error body.
+"""What every message shares: the base Struct, the bounded types, the error body.
 
 Part of :mod:`fabric.schema` (its docstring has the rules every message follows)."""
 
@@ -9,10 +9,6 @@ from typing import Annotated, Final
 from msgspec import Meta, Struct
 
 from ..errors import FabricError
-
-CONTENT_TYPE_HEADER: Final = "Content-Type"
-MSGPACK_CONTENT_TYPE: Final = "application/msgpack"
-FRAME_CONTENT_TYPE: Final = "application/x-fabric-frame"
 
 #: The largest integer any request field takes: int64's maximum.  msgspec decodes
 #: arbitrarily large integers, so every integer field of every request carries explicit

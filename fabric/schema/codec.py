@@ -10,7 +10,7 @@ from typing import Any, Final, TypeVar, cast
 import msgspec
 
 from ..errors import BadRequest
-from .base import CONTENT_TYPE_HEADER, MSGPACK_CONTENT_TYPE
+from ..protocol.headers import CONTENT_TYPE_HEADER, JSON_CONTENT_TYPE, MSGPACK_CONTENT_TYPE
 
 # -- codecs ----------------------------------------------------------------
 
@@ -103,7 +103,7 @@ def _show(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-JSON: Final = Codec("JSON", "application/json", msgspec.json.Encoder(), msgspec.json.Decoder)
+JSON: Final = Codec("JSON", JSON_CONTENT_TYPE, msgspec.json.Encoder(), msgspec.json.Decoder)
 MSGPACK: Final = Codec("MessagePack", MSGPACK_CONTENT_TYPE, msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder)
 
 

@@ -28,16 +28,16 @@ from typing import Any, TypeVar
 import psutil
 
 from fabric.gpupair import canonical_bus_id
+from fabric.protocol.env import CORE_ID_ENV, PROC_ENV
 from fabric.schema import Gpu, GpuProcess, NvmlState
 
 __all__ = ["NvmlProbe", "fabric_id_of"]
 
 T = TypeVar("T")
 
-# the names services/spawner sets (procs.PROC_ENV, pool_workers.CORE_ID_ENV); spelled
-# here so that the monitor does not import the spawner's modules
-_PROC_ENV = b"FABRIC_PROC_ID="
-_CORE_ENV = b"FABRIC_CORE_ID="
+# the markers services/spawner sets on its processes and core workers (the contract's names)
+_PROC_ENV = f"{PROC_ENV}=".encode()
+_CORE_ENV = f"{CORE_ID_ENV}=".encode()
 
 # NVML return codes (nvml.h; pynvml has the same constants, but it may be missing)
 _UNINITIALIZED = 1

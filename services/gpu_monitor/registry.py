@@ -32,6 +32,7 @@ from nats.js.api import KeyValueConfig, StorageType
 
 from fabric.errors import UnknownNode
 from fabric.jetstream import KeyValueBucket
+from fabric.protocol.subjects import telemetry
 from fabric.schema import JSON, NodeRecord
 
 __all__ = ["NodeRegistry", "bucket", "BUCKET", "DEFAULT_TTL_S", "STALE_INTERVALS", "telemetry_subject"]
@@ -57,7 +58,7 @@ def bucket(ttl_s: float) -> KeyValueBucket:
 
 def telemetry_subject(node: str) -> str:
     """Where a node's heartbeats are published."""
-    return f"fabric.telemetry.{node}"
+    return telemetry(node)
 
 
 class _Entry:
@@ -99,7 +100,7 @@ class NodeRegistry:
             if self.backend != "heartbeats" and self.log is not None:
                 self.log.warning("no JetStream KV: the node registry follows heartbeats only")
             self.backend = "heartbeats"
-            self._sub = await self.nc.subscribe("fabric.telemetry.*", cb=self._on_heartbeat)
+            self._sub = await self.nc.subscribe(telemetry("*"), cb=self._on_heartbeat)
             return
         self.kv = await js.key_value(BUCKET)
         status = await self.kv.status()

@@ -29,10 +29,10 @@ from collections.abc import Sequence
 from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError, NotFoundError
 
-from fabric import subjects
 from fabric.errors import BadRequest
 from fabric.gpupair import pair_state
 from fabric.jetstream import JetStreamResource
+from fabric.protocol import subjects
 from fabric.schema import (
     JSON,
     DevicesReply,

@@ -10,7 +10,8 @@ endpoints into the same service; imports run one way down this chain:
 ``pool_reply.py``) -> ``pool.py`` (one pool) -> ``pool_workers.py`` (its workers,
 reporting through the ``PoolEvents`` protocol) -> ``pool_types.py`` / ``pool_rings.py``.
 The warm worker process is ``worker.py`` -> ``worker_core.py`` -> ``worker_opencl.py``,
-all on ``core_api.py``, which the pool side shares.  tests/test_layering.py
+all on ``core_api.py``, which the pool side shares; the names both sides spell (core
+names, headers, marker variables) and the frame codecs are ``fabric.protocol``'s.  tests/test_layering.py
 fails on any import cycle.
 """
 

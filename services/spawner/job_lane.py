@@ -30,11 +30,11 @@ from nats.aio.client import Client as NATS
 from nats.errors import MaxPayloadError
 
 from fabric.errors import FabricError, JobFailed, TooLarge, error_headers
-from fabric.schema import decode_job_batch, encode_job_results
+from fabric.protocol.headers import EXIT_CODE_HEADER
+from fabric.protocol.jobframes import decode_job_batch, encode_job_results
 from fabric.service import Endpoint, node_endpoint
 from fabric.service_nats import close as close_connection
 from fabric.service_nats import connect
-from fabric.subjects import EXIT_CODE_HEADER
 
 from .pool import Pool
 from .pool_reply import REPLY_HEADROOM, ReplyLink, reply_limit

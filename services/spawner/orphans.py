@@ -35,12 +35,13 @@ from pathlib import Path
 
 import psutil
 
+from fabric.protocol.env import MARKER_ENV  # marks a process as this spawner's
+
 from .sandbox import prctl
 
 __all__ = ["MARKER_ENV", "spawner_key", "marker", "reap", "strays", "become_subreaper", "release_subreaper",
            "children", "adopted"]
 
-MARKER_ENV = "FABRIC_SPAWNER"
 
 
 def spawner_key(node: str, state_dir: Path) -> str:

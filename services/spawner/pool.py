@@ -28,9 +28,9 @@ from fabric.errors import (
     NotFound,
     Unavailable,
 )
+from fabric.protocol.cores import PYTHON_CORE
 from fabric.schema import CoreInfo, LoadCoreRequest
 
-from .core_api import PYTHON_CORE
 from .pool_reply import ReplyLink
 from .pool_types import Job, PoolEnv, WorkerSpec
 from .pool_workers import RingWorker, SocketWorker, Worker

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 from fabric.errors import CoreLoadFailed, FabricError, JobError, JobTimeout, TooLarge, WorkerCrashed
 from fabric.launch import module_launch
+from fabric.protocol.env import CORE_ID_ENV  # set in each ring worker's environment to its core id
 from fabric_ext import ring, wire
 
 from .core_api import OUTPUT_TOO_LARGE
@@ -47,8 +48,6 @@ __all__ = ["Worker", "RingWorker", "SocketWorker", "WorkerSpec", "PoolEvents", "
 
 #: bytes of each ring (a power of two); a job's frame must fit one record
 RING_CAPACITY = 16 << 20
-#: set in each ring worker's environment to its core id (read back by fabric.services.gpu_monitor)
-CORE_ID_ENV = "FABRIC_CORE_ID"
 #: bytes of job data an external worker may have queued on its socket
 SOCKET_WINDOW = 64 << 20
 #: message ids of the version exchange and core messages (far from job ids)

@@ -71,11 +71,11 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from fabric.errors import BadRequest, Conflict, CoreLoadFailed, NotFound
+from fabric.protocol.cores import BUILTIN_CORES, OPENCL_CORE, PYTHON_CORE
 from fabric.schema import CoreInfo, CoreListReply, CoreRequest, LoadCoreRequest
 from fabric.service import Endpoint, Request, cluster_endpoint, node_endpoint
 from fabric.service_tasks import BackgroundTasks
 
-from .core_api import BUILTIN_CORES, OPENCL_CORE, PYTHON_CORE
 from .job_lane import EXIT_CODE_HEADER, JobLane, fit_results
 from .pool import Pool, library_digest
 from .pool_reply import ReplyLink

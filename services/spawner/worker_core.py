@@ -15,7 +15,8 @@ Both answer :meth:`run` with ``(exit_code, output)``; the worker loop
 cannot be loaded raises :class:`~.core_api.CoreError` with a message for the 0xFF reply.
 
 Imports run one way: this module imports :mod:`.worker_opencl` (lazily, in
-:func:`load_core`), which imports only :mod:`.core_api` from here.
+:func:`load_core`), which imports only :mod:`.core_api` from here (and the core names from
+:mod:`fabric.protocol.cores`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .core_api import API_VERSION, BUILTIN_CORES, OPENCL_CORE, PYTHON_CORE, CoreError
+from fabric.protocol.cores import BUILTIN_CORES, OPENCL_CORE, PYTHON_CORE
+
+from .core_api import API_VERSION, CoreError
 
 if TYPE_CHECKING:
     from .worker_opencl import OpenCLCore

@@ -54,8 +54,9 @@ from fabric.opencl import (
     encode_error,
     encode_result,
 )
+from fabric.protocol.cores import OPENCL_CORE
 
-from .core_api import OPENCL_CORE, CoreError
+from .core_api import CoreError
 
 #: the OpenCL C scalar types and their numpy dtypes (little-endian)
 CL_TYPES: dict[str, np.dtype[Any]] = {
@@ -280,7 +281,9 @@ class OpenCLCore:
                 pos += -(-n // INLINE_ALIGN) * INLINE_ALIGN
             dev.queue.finish()
             kernel_ns = time.perf_counter_ns() - t0
-            frame, start = encode_result(ResultHeader(device=dev.info, outputs=infos, kernel_ns=kernel_ns), pos)
+            # the inline data ends with the last output: a reader refuses bytes after it
+            end = max((info.offset + info.nbytes for info in infos), default=0)
+            frame, start = encode_result(ResultHeader(device=dev.info, outputs=infos, kernel_ns=kernel_ns), end)
             dest = np.frombuffer(frame, dtype=np.uint8)
             for (_spec, buf, _), info in zip(outs, infos, strict=True):
                 if info.nbytes:

@@ -23,7 +23,6 @@ import signal
 import time
 from dataclasses import dataclass
 
-from fabric import subjects
 from fabric.errors import (
     BadRequest,
     ExecutableNotFound,
@@ -33,6 +32,7 @@ from fabric.errors import (
     PermissionDenied,
     Unavailable,
 )
+from fabric.protocol import subjects
 from fabric.schema import SpawnRequest
 from fabric_ext import spawn as cspawn
 

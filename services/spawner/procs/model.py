@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 
 from fabric.errors import BadRequest
+from fabric.protocol.env import PROC_ENV  # the variable that tells a process its fabric id
 from fabric.schema import ExitInfo
 
 from ..cgroups import ProcCgroup
@@ -25,14 +26,8 @@ from ..limits import Plan
 
 __all__ = ["ManagedProcess", "OutputTail", "TableSettings", "Publish", "PROC_ENV", "parse_signal", "close_fds"]
 
-#: the variable that tells a process its fabric id
-PROC_ENV = "FABRIC_PROC_ID"
 #: after the leader's exit, how long the pipes may stay open (a descendant that left the group)
 PIPE_DRAIN_S = 1.0
-
-STREAM_HEADER = "Fabric-Stream"
-PROC_HEADER = "Fabric-Proc"
-SEQ_HEADER = "Fabric-Seq"
 
 #: ``publish(subject, data, headers)``: how output and exits reach NATS
 Publish = Callable[[str, bytes, dict[str, str]], Awaitable[None]]

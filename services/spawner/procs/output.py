@@ -16,8 +16,9 @@ import os
 from collections.abc import Callable
 
 from fabric.errors import Conflict
+from fabric.protocol.headers import PROC_HEADER, SEQ_HEADER, STREAM_HEADER
 
-from .model import PROC_HEADER, SEQ_HEADER, STREAM_HEADER, ManagedProcess, Publish
+from .model import ManagedProcess, Publish
 
 __all__ = ["OutputPump", "HIGH_WATER", "LOW_WATER", "READ_SIZE"]
 

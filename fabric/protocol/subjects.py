@@ -1,0 +1,62 @@
+"""The NATS subjects of the public contract (docs/protocol.md "Subjects"), spelled once.
+
+Cluster-wide endpoints are ``fabric.<area>.<verb>`` and listen in a queue group, so any
+instance answers.  Requests that must reach one node use the node-scoped form
+``fabric.<area>.<node>.<verb>``: a memory handle names its node, so a client derives
+the subject from the handle alone and never needs to know the topology.  The areas are
+the constants below; ``$SRV`` discovery subjects (ADR-32) and the telemetry heartbeats
+are spelled here too.  Part of :mod:`fabric.protocol` (stdlib only).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+PREFIX: Final = "fabric"
+NODE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+#: the queue group every cluster-wide endpoint of a service listens in
+QUEUE_GROUP: Final = "fabric"
+
+#: the areas of the contract: remote memory, processes, compute cores, nodes, heartbeats
+MEM: Final = "mem"
+PROC: Final = "proc"
+CORE: Final = "core"
+NODES: Final = "nodes"
+TELEMETRY: Final = "telemetry"
+
+#: the ADR-32 discovery verbs every service answers
+SRV_PREFIX: Final = "$SRV"
+SRV_VERBS: Final = ("PING", "INFO", "STATS")
+
+
+def cluster(area: str, verb: str) -> str:
+    """``fabric.<area>.<verb>``: answered by any instance (queue group)."""
+    return f"{PREFIX}.{area}.{verb}"
+
+
+def node_scoped(area: str, node: str, verb: str) -> str:
+    """``fabric.<area>.<node>.<verb>``: answered by the service on *node*."""
+    return f"{PREFIX}.{area}.{node}.{verb}"
+
+
+def telemetry(node: str) -> str:
+    """``fabric.telemetry.<node>``: where a node's gpu-monitor publishes its heartbeats (``*``: all nodes)."""
+    return f"{PREFIX}.{TELEMETRY}.{node}"
+
+
+def srv(verb: str, name: str = "", service_id: str = "") -> str:
+    """``$SRV.<verb>[.<name>[.<id>]]``: ADR-32 discovery, of every service, one by name, or one instance."""
+    return ".".join(p for p in (SRV_PREFIX, verb, name, service_id) if p)
+
+
+def valid_node_name(node: str) -> bool:
+    """Node names are single subject tokens: letters, digits, ``_`` and ``-``."""
+    return bool(NODE_NAME.match(node))
+
+
+def sanitize_node_name(raw: str) -> str:
+    """Turn a host name into a valid node name (``db-1.example.com`` -> ``db-1_example_com``)."""
+    cleaned = re.sub(r"[^A-Za-z0-9_-]", "_", raw)[:64]
+    return cleaned or "node"
