@@ -1,15 +1,17 @@
-"""The ``fabric`` command: ``up``, ``down``, ``status``, ``nodes`` and ``req``.
+"""The ``fabric`` command: ``up``, ``down``, ``status``, ``nodes``, ``req`` and ``config``.
 
 ``fabric up`` runs the supervisor (:mod:`fabric.supervisor`) in the foreground,
 or with ``-d`` detached (:mod:`fabric.control`), returning once every service
 answers its ADR-32 ping.  ``fabric status`` asks ``$SRV.PING|INFO|STATS`` who is
 there, and shows the nodes when a gpu-monitor runs; ``fabric nodes [--watch]``
 shows the nodes' live telemetry; ``fabric req`` is a small stand-in for ``nats req``
-that understands fabric's encodings and error headers.  Every command takes
+that understands fabric's encodings and error headers; ``fabric config show|validate``
+shows the effective configuration or checks a file.  Every command takes
 ``--state-dir``, so several fabrics run side by side.
 
 One module per command: :mod:`fabric.cli_up`, :mod:`fabric.cli_down`,
-:mod:`fabric.cli_status`, :mod:`fabric.cli_nodes`, :mod:`fabric.cli_req`, over what
+:mod:`fabric.cli_status`, :mod:`fabric.cli_nodes`, :mod:`fabric.cli_req`,
+:mod:`fabric.cli_config`, over what
 they share in :mod:`fabric.cli_common`; this module only puts them together (the
 console script ``fabric.cli:main``, and ``python -m fabric.cli``).
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import typer
 
+from .cli_config import config_app
 from .cli_down import down
 from .cli_nodes import nodes
 from .cli_req import req
@@ -38,6 +41,7 @@ app = typer.Typer(
 # in this order in --help
 for command in (up, down, status, nodes, req):
     app.command()(command)
+app.add_typer(config_app, name="config")
 
 
 def main(argv: list[str] | None = None) -> None:

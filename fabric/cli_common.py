@@ -11,15 +11,18 @@ one clear line on stderr and exit 1 (:func:`fail`); tracebacks are for bugs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 
 from .state import FabricState, StateDir, default_state_dir
 
-__all__ = ["out", "err", "console", "StateDirOption", "NatsUrlOption", "ServicesOption", "fail", "escape",
-           "state_of", "state_flag", "parse_services", "find_nats_url", "connect"]
+if TYPE_CHECKING:
+    from .config import Loaded
+
+__all__ = ["out", "err", "console", "StateDirOption", "NatsUrlOption", "ServicesOption", "ConfigFileOption", "fail",
+           "escape", "state_of", "state_flag", "parse_services", "find_nats_url", "connect", "load_config_or_fail"]
 
 # soft wrap: a long path or URL stays on one line (and copy-pastable) when piped
 out = Console(highlight=False, soft_wrap=True)
@@ -38,6 +41,12 @@ NatsUrlOption = Annotated[
 ServicesOption = Annotated[
     str | None,
     typer.Option("--services", show_default=False, help="Comma-separated service names. Default: all known."),
+]
+
+ConfigFileOption = Annotated[
+    Path | None,
+    typer.Option("--config", show_default=False, dir_okay=False,
+                 help="Configuration file (TOML, docs/config.md). Default: <state-dir>/fabric.toml when it exists."),
 ]
 
 
@@ -103,6 +112,20 @@ def find_nats_url(nats_url: str | None, state: StateDir) -> tuple[str, FabricSta
         fail(f"no fabric is running in {state.path}",
              "start one with `fabric up`, pass --state-dir, or give the NATS to use with --nats-url")
     return running.nats_url, running
+
+
+def load_config_or_fail(config_file: Path | None, flags: dict[str, tuple[str, Any]]) -> Loaded:
+    """The effective configuration (:func:`fabric.config.load_config`); every problem on stderr and exit 1."""
+    from .config import ConfigError, load_config
+
+    try:
+        return load_config(config_file=config_file.absolute() if config_file else None, flags=flags)
+    except ConfigError as exc:
+        err.print(f"[bold red]error:[/] invalid configuration ({len(exc.issues)} "
+                  f"problem{'s' if len(exc.issues) != 1 else ''}):")
+        for issue in exc.issues:
+            err.print(f"  {escape(str(issue))}")
+        raise typer.Exit(1) from None
 
 
 async def connect(url: str) -> Any:

@@ -2,8 +2,9 @@
 
 The supervisor itself is :mod:`fabric.supervisor`; ``-d`` hands it to
 :func:`fabric.control.start_detached` (fork, own session, ready pipe) and waits for
-its word.  This module checks what can be checked before anything starts (node
-name, URL, the state directory's lock, the port) and presents the outcome: the
+its word.  This module reads the configuration (:mod:`fabric.config`, the flags
+over it) and checks what can be checked before anything starts (the configuration,
+node name, URL, the state directory's lock, the port) and presents the outcome: the
 ready banner, or the failure with the tails of the logs that say why.
 """
 
@@ -13,11 +14,22 @@ import asyncio
 import os
 import socket
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
-from .cli_common import ServicesOption, StateDirOption, err, escape, fail, out, parse_services, state_flag, state_of
+from .cli_common import (
+    ConfigFileOption,
+    err,
+    escape,
+    fail,
+    load_config_or_fail,
+    out,
+    parse_services,
+    state_flag,
+    state_of,
+)
 from .state import FabricState, StateDir, pid_alive
 
 if TYPE_CHECKING:
@@ -30,35 +42,66 @@ def up(
     detach: Annotated[bool, typer.Option("--detach", "-d",
                                          help="Return once ready; the supervisor keeps running.")] = False,
     nats_url: Annotated[str | None, typer.Option(
-        "--nats-url", envvar="FABRIC_NATS_URL", show_default=False,
-        help="Join this NATS instead of starting an embedded nats-server.")] = None,
-    nats_port: Annotated[int, typer.Option("--nats-port", min=0, max=65535,
-                                           help="Port of the embedded nats-server (0: pick a free one).")] = 4222,
-    host: Annotated[str, typer.Option("--host", help="Address the embedded nats-server binds to.")] = "127.0.0.1",
-    state_dir: StateDirOption = None,
-    services: ServicesOption = None,
+        "--nats-url", show_default=False,
+        help="Join this NATS instead of starting an embedded nats-server. Config: nats.url.")] = None,
+    nats_port: Annotated[int | None, typer.Option(
+        "--nats-port", min=0, max=65535, show_default=False,
+        help="Port of the embedded nats-server (0: pick a free one). Config: nats.port (4222).")] = None,
+    host: Annotated[str | None, typer.Option(
+        "--host", show_default=False,
+        help="Address the embedded nats-server binds to. Config: nats.host (127.0.0.1).")] = None,
+    state_dir: Annotated[Path | None, typer.Option(
+        "--state-dir", show_default=False,
+        help="State directory of this fabric (pids, logs, NATS store). Config: state_dir "
+             "(the per-user state dir).")] = None,
+    services: Annotated[str | None, typer.Option(
+        "--services", show_default=False,
+        help="Comma-separated service names. Config: up.services (all known).")] = None,
     node: Annotated[str | None, typer.Option("--node", show_default=False,
-                                                help="Node name. Default: the host name, sanitized.")] = None,
+                                                help="Node name. Config: node (the host name, sanitized).")] = None,
     nats_server: Annotated[str | None, typer.Option("--nats-server", show_default=False,
-                                                       help="The nats-server binary to run.")] = None,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.1,
-                                           help="Seconds to wait until every service answers.")] = 30.0,
-    grace: Annotated[float, typer.Option("--grace", min=0.0,
-                                         help="Seconds services get to drain when stopped by a signal.")] = 10.0,
+                                                       help="The nats-server binary to run. Config: nats.server.")
+                           ] = None,
+    timeout: Annotated[float | None, typer.Option(
+        "--timeout", min=0.1, show_default=False,
+        help="Seconds to wait until every service answers. Config: up.ready_timeout_s (30).")] = None,
+    grace: Annotated[float | None, typer.Option(
+        "--grace", min=0.0, show_default=False,
+        help="Seconds services get to drain when stopped by a signal. Config: up.grace_s (10).")] = None,
+    config_file: ConfigFileOption = None,
 ) -> None:
-    """Start NATS (unless --nats-url) and the services, supervised; foreground unless -d."""
+    """Start NATS (unless --nats-url) and the services, supervised; foreground unless -d.
+
+    Settings come from the configuration (docs/config.md): defaults < --config FILE or
+    <state-dir>/fabric.toml < FABRIC_* environment < these flags.  An invalid
+    configuration fails here, every problem listed, before anything starts.
+    """
     from . import nats_server as ns
     from .protocol.subjects import sanitize_node_name, valid_node_name
     from .supervisor import Supervisor, SupervisorConfig
 
     t0 = _process_start_time()
-    state = state_of(state_dir)
-    modules = parse_services(services)
-    node = node if node is not None else sanitize_node_name(socket.gethostname().split(".")[0])
-    if not valid_node_name(node):
+    if node is not None and not valid_node_name(node):
         fail(f"invalid node name {node!r}", "use 1 to 64 letters, digits, '_' and '-'")
     if nats_url and not nats_url.startswith(("nats://", "tls://", "ws://", "wss://")):
         fail(f"invalid NATS URL {nats_url!r}", "expected nats://HOST:PORT")
+    loaded = load_config_or_fail(config_file, {
+        "nats.url": ("--nats-url", nats_url or None),
+        "nats.port": ("--nats-port", nats_port),
+        "nats.host": ("--host", host),
+        "nats.server": ("--nats-server", nats_server),
+        "state_dir": ("--state-dir", str(state_dir) if state_dir is not None else None),
+        "up.services": ("--services", [n.strip() for n in services.split(",") if n.strip()]
+                        if services is not None else None),
+        "node": ("--node", node),
+        "up.ready_timeout_s": ("--timeout", timeout),
+        "up.grace_s": ("--grace", grace),
+    })
+    cfg = loaded.config
+    state = state_of(Path(cfg.state_dir) if cfg.state_dir else None)
+    modules = parse_services(",".join(cfg.up.services) if cfg.up.services is not None else None)
+    node = cfg.node if cfg.node is not None else sanitize_node_name(socket.gethostname().split(".")[0])
+    nats_url, host, timeout, grace = cfg.nats.url, cfg.nats.host, cfg.up.ready_timeout_s, cfg.up.grace_s
 
     try:
         lock_fd = state.acquire_lock()
@@ -78,10 +121,10 @@ def up(
                  f"stop them with `fabric down{state_flag(state)}`, then `fabric up` again")
 
     binary = None
-    port = nats_port
+    port = cfg.nats.port
     if not nats_url:
         try:
-            binary = ns.find_binary(nats_server)
+            binary = ns.find_binary(cfg.nats.server)
             if port == 0:
                 port = ns.free_port(host)
             ns.check_port(host, port)
@@ -96,6 +139,7 @@ def up(
     config = SupervisorConfig(
         state=state, node=node, services=modules, external_nats_url=nats_url, host=host, port=port,
         nats_binary=binary, ready_timeout=timeout, grace=grace,
+        config_file=loaded.file if config_file is not None else None, log_level=cfg.log_level,
     )
     if detach:
         _up_detached(config, lock_fd, t0)

@@ -3,21 +3,21 @@
 structlog, rendered as JSON lines when stderr is not a terminal (the supervisor
 sends each service's output to its log file) and as readable text when it is.
 Every service binds ``service`` and ``node``; request handlers add ``subject``
-and ``request_id``.
+and ``request_id``.  The level comes from the configuration (``log_level``,
+``FABRIC_LOG_LEVEL``: :mod:`fabric.config`), which the caller read.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import structlog
 
 
-def configure_logging(level: str | None = None) -> None:
-    """Configure structlog once for this process (``FABRIC_LOG_LEVEL`` sets the level)."""
-    name = (level or os.environ.get("FABRIC_LOG_LEVEL") or "info").upper()
+def configure_logging(level: str = "info") -> None:
+    """Configure structlog once for this process at *level* (the configuration's ``log_level``)."""
+    name = level.upper()
     numeric = getattr(logging, name, logging.INFO)
     renderer: structlog.types.Processor
     if sys.stderr.isatty():

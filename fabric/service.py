@@ -34,8 +34,10 @@ Where the parts live: :mod:`fabric.service_endpoint` (requests, replies, endpoin
 :mod:`fabric.service_nats` (connect options), :mod:`fabric.service_tasks` (background
 tasks); this module joins them and imports them, never the other way round.
 
-Run one with :func:`main`, which parses ``--nats-url --node --state-dir`` (or the
-``FABRIC_*`` environment variables) and uses uvloop when it is installed.
+Run one with :func:`main`, which reads the configuration once (:mod:`fabric.config`:
+defaults < ``--config FILE`` or ``<state-dir>/fabric.toml`` < ``FABRIC_*`` environment
+< the flags ``--nats-url --node --state-dir``), hands it to the service in
+:class:`ServiceSettings` and uses uvloop when it is installed.
 """
 
 from __future__ import annotations
@@ -45,9 +47,10 @@ import asyncio
 import os
 import signal
 import socket
+import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -58,6 +61,7 @@ from nats.micro.request import Request as MicroRequest
 from nats.micro.service import ServiceConfig
 
 from ._version import __version__
+from .config import DEFAULT_NATS_URL, ConfigError, FabricConfig, Loaded, load_config
 from .errors import BadRequest, FabricError, InternalError, error_headers
 from .jetstream import JetStreamKeeper, JetStreamResource
 from .logs import configure_logging
@@ -91,6 +95,9 @@ class ServiceSettings:
     state_dir: Path
     max_concurrency: int = 512
     drain_timeout_s: float = 10.0
+    #: the effective configuration (:mod:`fabric.config`): each service reads its section
+    #: from here (``config.mem``, ``config.telemetry``...), never from the environment
+    config: FabricConfig = field(default_factory=FabricConfig)
 
     def __post_init__(self) -> None:
         if not valid_node_name(self.node):
@@ -364,17 +371,35 @@ class FabricService:
         return request.codec.encode(ErrorReply(error=error_info(exc))), headers
 
 
-def parse_settings(argv: Sequence[str] | None, service_name: str) -> ServiceSettings:
-    parser = argparse.ArgumentParser(prog=f"python -m services.{service_name.replace('-', '_')}")
-    parser.add_argument("--nats-url", default=os.environ.get("FABRIC_NATS_URL", "nats://127.0.0.1:4222"))
-    parser.add_argument("--node", default=os.environ.get("FABRIC_NODE") or sanitize_node_name(socket.gethostname()))
-    parser.add_argument("--state-dir", default=os.environ.get("FABRIC_STATE_DIR") or str(default_state_dir()))
+def parse_settings(argv: Sequence[str] | None, service_name: str,
+                   environ: Mapping[str, str] | None = None) -> tuple[ServiceSettings, Loaded]:
+    """The service's settings from its flags over its configuration (:mod:`fabric.config`); ConfigError if invalid.
+
+    ``--config FILE`` names the configuration file (``fabric up --config`` passes it on);
+    without it ``<state-dir>/fabric.toml`` is read when it exists.  The flags win over
+    the file and the environment.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m fabric.services.{service_name.replace('-', '_')}")
+    parser.add_argument("--nats-url", help=f"NATS to connect to (default: nats.url, else {DEFAULT_NATS_URL})")
+    parser.add_argument("--node", help="node name (default: node, else the host name, sanitized)")
+    parser.add_argument("--state-dir", help="state directory (default: state_dir, else the per-user state dir)")
+    parser.add_argument("--config", type=Path, help="configuration file (default: <state-dir>/fabric.toml)")
     args = parser.parse_args(argv)
+    loaded = load_config(config_file=args.config, environ=environ, flags={
+        "nats.url": ("--nats-url", args.nats_url),
+        "node": ("--node", args.node),
+        "state_dir": ("--state-dir", args.state_dir),
+    })
+    cfg = loaded.config
     try:
-        return ServiceSettings(nats_url=args.nats_url, node=args.node, state_dir=Path(args.state_dir))
+        settings = ServiceSettings(nats_url=cfg.nats.url or DEFAULT_NATS_URL,
+                                   node=cfg.node or sanitize_node_name(socket.gethostname()),
+                                   state_dir=Path(cfg.state_dir) if cfg.state_dir else default_state_dir(),
+                                   config=cfg)
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits
+    return settings, loaded
 
 
 # glibc mallopt parameters (malloc.h)
@@ -409,9 +434,22 @@ def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 128 << 20)
 
 
 def main(service_cls: type[FabricService], argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``python -m services.<name>``."""
-    settings = parse_settings(argv, service_cls.name)
-    configure_logging()
+    """Entry point of ``python -m fabric.services.<name>``.
+
+    An invalid configuration ends the start here, every problem on stderr (the
+    service's log under ``fabric up``, whose failure report shows its tail), exit 2.
+    """
+    try:
+        settings, loaded = parse_settings(argv, service_cls.name)
+    except ConfigError as exc:
+        print(f"{service_cls.name}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    configure_logging(settings.config.log_level)
+    log = structlog.get_logger(service=service_cls.name, node=settings.node)
+    for warning in loaded.warnings:
+        log.warning("configuration: " + warning)
+    if loaded.file is not None:
+        log.info("configuration read", file=str(loaded.file))
     tune_malloc()
 
     async def run() -> None:

@@ -4,7 +4,8 @@ One supervisor per state directory (it holds the directory's lock).  It runs:
 
 * the embedded nats-server (unless it joins an existing NATS), and
 * every service as its own OS process,
-  ``python -P -m <module> --nats-url URL --node NODE --state-dir DIR``,
+  ``python -P -m <module> --nats-url URL --node NODE --state-dir DIR [--config FILE]``
+  (the flags win over the service's configuration, :mod:`fabric.config`),
 
 each with its stdout and stderr in ``<state-dir>/logs/<name>.log``, and each in the
 state directory as its working directory (:mod:`fabric.launch`: the directory
@@ -95,6 +96,11 @@ class SupervisorConfig:
     ready_timeout: float = 30.0
     grace: float = 10.0
     python: str = field(default_factory=lambda: sys.executable)
+    #: ``fabric up --config FILE`` (absolute): passed on to every service as ``--config FILE``;
+    #: without it each service reads ``<state-dir>/fabric.toml`` itself (fabric.config)
+    config_file: Path | None = None
+    #: the configuration's log_level, for the supervisor's own log
+    log_level: str = "info"
 
 
 class Child:
@@ -228,7 +234,7 @@ class Supervisor:
 
             from .logs import configure_logging
 
-            configure_logging()
+            configure_logging(self.config.log_level)
             self._log = structlog.get_logger(component="supervisor", node=self.config.node)
         for level, event, kw in self._early_log:
             getattr(self._log, level)(event, **kw)
@@ -293,9 +299,11 @@ class Supervisor:
             names.append("nats-server")
             binary = os.path.abspath(cfg.nats_binary)
             self.nats = Child("nats-server", server_command(binary, conf), state.log_file("nats-server"), env, cwd)
+        args = ["--nats-url", self.nats_url, "--node", cfg.node, "--state-dir", str(state.path)]
+        if cfg.config_file is not None:
+            args += ["--config", str(cfg.config_file)]
         for name, module in cfg.services.items():
-            launch = module_launch(module, ["--nats-url", self.nats_url, "--node", cfg.node,
-                                            "--state-dir", str(state.path)], cwd=cwd, env=env, python=cfg.python)
+            launch = module_launch(module, args, cwd=cwd, env=env, python=cfg.python)
             assert launch.cwd is not None
             self.services[name] = Child(name, launch.argv, state.log_file(name), launch.env, launch.cwd)
             names.append(name)

@@ -519,11 +519,14 @@ async def test_owner_quota_through_the_bus(nats_url, tmp_path):
         Arena(svc.prefix, 1 << 30).destroy()
 
 
-def test_quota_env_parsing(monkeypatch):
-    from fabric.services.allocator.service import _env_quotas
+def test_quota_env_parsing(tmp_path):
+    # FABRIC_MEM_QUOTAS is read by the configuration (fabric.config), which the kit hands the allocator
+    from fabric.config import load_config
 
-    monkeypatch.setenv("FABRIC_MEM_QUOTAS", "alice=1024, bob=0")
-    assert _env_quotas("FABRIC_MEM_QUOTAS") == {"alice": 1024, "bob": 0}
-    monkeypatch.setenv("FABRIC_MEM_QUOTAS", "alice")
+    def quotas(raw: str) -> dict[str, int]:
+        loaded = load_config(environ={"FABRIC_MEM_QUOTAS": raw}, flags={"state_dir": ("--state-dir", str(tmp_path))})
+        return loaded.config.mem.quotas
+
+    assert quotas("alice=1024, bob=0") == {"alice": 1024, "bob": 0}
     with pytest.raises(ValueError, match="owner=bytes"):
-        _env_quotas("FABRIC_MEM_QUOTAS")
+        quotas("alice")

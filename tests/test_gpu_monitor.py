@@ -62,7 +62,7 @@ def _meminfo_total() -> int:
 
 def _monitor_process(url: str, node: str, state: Path, **env: str) -> subprocess.Popen[bytes]:
     full = dict(os.environ)
-    full.update({"FABRIC_TELEMETRY_INTERVAL_S": str(INTERVAL), "FABRIC_NODE_TTL_S": str(TTL),
+    full.update({"FABRIC_TELEMETRY_INTERVAL_S": str(INTERVAL), "FABRIC_TELEMETRY_NODE_TTL_S": str(TTL),
                  "PYTHONPATH": str(REPO)})
     full.update(env)
     return subprocess.Popen([sys.executable, "-m", "fabric.services.gpu_monitor", "--nats-url", url, "--node", node,

@@ -103,9 +103,12 @@ def default_url() -> str:
 
     ``$FABRIC_NATS_URL`` first; else the NATS of the fabric that ``fabric up`` runs
     in the default state directory on this machine (whatever port it got); else
-    ``nats://127.0.0.1:4222``.
+    ``nats://127.0.0.1:4222``.  (The variable is the configuration's ``nats.url``,
+    docs/config.md; a client reads only that one.)
     """
-    env = os.environ.get("FABRIC_NATS_URL")
+    from ..config.keys import env_name
+
+    env = os.environ.get(env_name("nats.url"))
     if env:
         return env
     try:

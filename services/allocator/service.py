@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import socket
 import time
 from collections.abc import Sequence
@@ -66,31 +65,6 @@ from .identity import load_or_create
 # reply is cheaper on both ends.  Error replies always carry the ADR-32 headers.
 
 
-def _env_bytes(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number of bytes, got {raw!r}") from None
-    if value < 0:
-        raise ValueError(f"{name} must not be negative")
-    return value
-
-
-def _env_quotas(name: str) -> dict[str, int]:
-    """``owner=bytes,owner=bytes`` (e.g. ``alice=1073741824,bob=0``; 0 = unlimited)."""
-    raw = os.environ.get(name, "").strip()
-    quotas: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in raw.split(","))):
-        owner, sep, value = part.partition("=")
-        if not sep or not value.strip().isdigit():
-            raise ValueError(f"{name}: expected owner=bytes, got {part!r}")
-        quotas[owner.strip()] = int(value)
-    return quotas
-
-
 class AllocatorService(FabricService):
     name = "allocator"
     description = "fabric remote memory: shared-memory arena behind rmalloc/rwrite/rread/rfree"
@@ -99,15 +73,13 @@ class AllocatorService(FabricService):
                  quotas: dict[str, int] | None = None) -> None:
         super().__init__(settings)
         ident = load_or_create(Path(settings.state_dir), settings.node)
-        total = psutil.virtual_memory().total
-        self.capacity = capacity if capacity is not None else _env_bytes("FABRIC_MEM_CAPACITY", total // 4)
-        self.arena = Arena(
-            ident.prefix,
-            self.capacity,
-            default_quota=_env_bytes("FABRIC_MEM_QUOTA", 0),
-        )
+        mem = settings.config.mem  # the configuration's [mem] (docs/config.md); the keywords override it
+        if capacity is None:
+            capacity = mem.capacity if mem.capacity is not None else psutil.virtual_memory().total // 4
+        self.capacity = capacity
+        self.arena = Arena(ident.prefix, self.capacity, default_quota=mem.quota)
         # quotas live in configuration, not in shared memory: set them on every start
-        for owner, limit in (quotas if quotas is not None else _env_quotas("FABRIC_MEM_QUOTAS")).items():
+        for owner, limit in (quotas if quotas is not None else mem.quotas).items():
             self.arena.set_quota(owner, limit)
         self.signer = HandleSigner(settings.node, ident.key)
         self._known = self.signer.known_map()  # token -> parts of handles verified here

@@ -1,7 +1,7 @@
 """``python -m fabric.services.gpu_monitor --nats-url URL --node NODE --state-dir DIR``.
 
-``$FABRIC_TELEMETRY_INTERVAL_S`` (default 1) sets the heartbeat interval and
-``$FABRIC_NODE_TTL_S`` (default 5) the registry's TTL.
+``telemetry.interval_s`` (``$FABRIC_TELEMETRY_INTERVAL_S``, default 1) sets the heartbeat interval and
+``telemetry.node_ttl_s`` (``$FABRIC_TELEMETRY_NODE_TTL_S``, default 5) the registry's TTL (docs/config.md).
 """
 
 from fabric.service import main

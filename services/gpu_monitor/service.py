@@ -1,6 +1,6 @@
 """The gpu-monitor's endpoints and heartbeat (one gpu-monitor per node).
 
-Every ``interval_s`` (``$FABRIC_TELEMETRY_INTERVAL_S``, default 1 s) the monitor
+Every ``telemetry.interval_s`` of the configuration (docs/config.md, default 1 s) the monitor
 samples its node (:mod:`.host`, :mod:`.nvml`; OpenCL devices are probed once at
 start, :mod:`.opencl_probe`), publishes the :class:`NodeRecord` as JSON on
 ``fabric.telemetry.<node>`` and stores it in the registry (:mod:`.registry`).
@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError, NotFoundError
 
+from fabric.config import TelemetryConfig, check_section
 from fabric.errors import BadRequest
 from fabric.gpupair import pair_state
 from fabric.jetstream import JetStreamResource
@@ -47,25 +48,10 @@ from . import opencl_probe
 from .devices import device_record
 from .host import LiveSampler, host_info
 from .nvml import NvmlProbe
-from .registry import DEFAULT_TTL_S, NodeRegistry, telemetry_subject
+from .registry import NodeRegistry, telemetry_subject
 from .registry import bucket as registry_bucket
 
-__all__ = ["GpuMonitorService", "DEFAULT_INTERVAL_S", "INTERVAL_ENV", "TTL_ENV"]
-
-DEFAULT_INTERVAL_S = 1.0
-INTERVAL_ENV = "FABRIC_TELEMETRY_INTERVAL_S"
-TTL_ENV = "FABRIC_NODE_TTL_S"
-MIN_INTERVAL_S = 0.05
-
-
-def _env_seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"${name} must be a number of seconds, got {raw!r}") from None
+__all__ = ["GpuMonitorService"]
 
 
 class GpuMonitorService(FabricService):
@@ -75,14 +61,16 @@ class GpuMonitorService(FabricService):
     def __init__(self, settings: ServiceSettings, *, interval_s: float | None = None,
                  ttl_s: float | None = None) -> None:
         super().__init__(settings)
-        self.interval_s = interval_s if interval_s is not None else _env_seconds(INTERVAL_ENV, DEFAULT_INTERVAL_S)
-        self.ttl_s = ttl_s if ttl_s is not None else _env_seconds(TTL_ENV, DEFAULT_TTL_S)
-        if not MIN_INTERVAL_S <= self.interval_s <= 3600:
-            raise ValueError(f"telemetry interval must be {MIN_INTERVAL_S}..3600 s, got {self.interval_s}")
-        if self.ttl_s < 2 * self.interval_s:
-            # one late heartbeat must not drop a live node from the registry
-            raise ValueError(f"node TTL ({self.ttl_s}s) must be at least twice the heartbeat interval "
-                             f"({self.interval_s}s)")
+        telemetry = settings.config.telemetry  # the configuration's [telemetry] (docs/config.md)
+        if interval_s is not None or ttl_s is not None:
+            # keyword overrides (tests): the same bounds and rules as the configuration; the
+            # constructor checks ttl >= 2 * interval (one late heartbeat must not drop a live node)
+            telemetry = TelemetryConfig(
+                interval_s=interval_s if interval_s is not None else telemetry.interval_s,
+                node_ttl_s=ttl_s if ttl_s is not None else telemetry.node_ttl_s)
+            check_section(telemetry)
+        self.interval_s = telemetry.interval_s
+        self.ttl_s = telemetry.node_ttl_s
         self.host = host_info(self.node)
         self.live = LiveSampler(_disk_paths(settings))
         self.nvml = NvmlProbe()

@@ -2,18 +2,20 @@
 
 This module sits below :mod:`.pool_workers`, :mod:`.pool`, :mod:`.job_lane` and
 :mod:`.pools` (the manager) and imports none of them.  :class:`PoolEnv` is the
-environment the warm pools read, parsed once when a manager is made (not at import
-time), and handed down to every worker.
+settings of the warm pools, taken from the configuration's ``[pool]`` (the spawner
+service hands them to its manager; defaults otherwise) and handed down to every worker.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fabric.errors import FabricError
+
+if TYPE_CHECKING:
+    from fabric.config import PoolConfig
 
 __all__ = ["Job", "JobDone", "WorkerSpec", "PoolEnv", "OUTPUT_HINT"]
 
@@ -53,7 +55,7 @@ class WorkerSpec:
 
 @dataclass(frozen=True)
 class PoolEnv:
-    """The settings of the warm pools that come from the environment (see :meth:`from_environ`)."""
+    """The settings of the warm pools: the configuration's ``[pool]`` (docs/config.md, :meth:`from_config`)."""
 
     #: how long a reader thread spins for the next result before it sleeps (see docs/benchmarks.md)
     reader_spin_us: float = 250.0
@@ -63,8 +65,6 @@ class PoolEnv:
     worker_spin_us: float = 1000.0
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] | None = None) -> PoolEnv:
-        """``FABRIC_POOL_READER_SPIN_US`` and ``FABRIC_WORKER_SPIN_US``, else the defaults."""
-        env = os.environ if environ is None else environ
-        return cls(reader_spin_us=float(env.get("FABRIC_POOL_READER_SPIN_US", "250")),
-                   worker_spin_us=float(env.get("FABRIC_WORKER_SPIN_US", "1000")))
+    def from_config(cls, pool: PoolConfig) -> PoolEnv:
+        """``pool.reader_spin_us`` and ``pool.worker_spin_us`` of the service's configuration."""
+        return cls(reader_spin_us=pool.reader_spin_us, worker_spin_us=pool.worker_spin_us)

@@ -103,8 +103,8 @@ class CoreManager:
         self.node = node
         self.log = log
         self.nats_url = nats_url
-        #: the environment settings of the pools, read once here (not at import time)
-        self.env = env if env is not None else PoolEnv.from_environ()
+        #: the pools' settings: the configuration's [pool] from the service, the defaults without
+        self.env = env if env is not None else PoolEnv()
         self.pools: dict[str, Pool] = {}
         #: the live pool of each core name (not the draining ones): what a load reuses
         self.by_name: dict[str, Pool] = {}

@@ -45,7 +45,7 @@ from . import orphans
 from . import sandbox as sandbox_mod
 from .blobs import BlobStore, node_architecture
 from .limits import RLIMITS, plan
-from .pools import CoreManager
+from .pools import CoreManager, PoolEnv
 from .procs import ProcessTable, TableSettings, parse_signal
 
 __all__ = ["SpawnerService"]
@@ -72,7 +72,8 @@ class SpawnerService(FabricService):
         self.blobs = BlobStore(root / "blobs")
         self.table: ProcessTable | None = None
         # fabric.core.*: warm pools of compute cores; their watchdog is one of this service's background tasks
-        self.cores = CoreManager(self.node, self.log, settings.nats_url, tasks=self.tasks)
+        self.cores = CoreManager(self.node, self.log, settings.nats_url, tasks=self.tasks,
+                                 env=PoolEnv.from_config(settings.config.pool))
 
     def metadata(self) -> dict[str, str]:
         return {"cgroup": str(self.cgroups) if self.cgroups else "", "architecture": node_architecture()}

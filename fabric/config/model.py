@@ -1,0 +1,109 @@
+"""The typed configuration of a fabric: one msgspec Struct per area, bounds and cross-field checks included.
+
+This is the model every other part of :mod:`fabric.config` is derived from: the key
+paths (``mem.capacity``), their environment names (:mod:`.keys`), the TOML layout and
+the defaults.  The defaults are what fabric did before it had a configuration, so an
+empty file changes nothing.  docs/config.md documents every key; keep the two in step.
+
+Bounds live in the types (``msgspec.Meta``) and are checked whenever a configuration
+is converted (:func:`msgspec.convert`, which :mod:`.load` uses); cross-field rules
+live in ``__post_init__`` and hold for every instance, however it was made.  Every
+section is frozen (a configuration never changes once read) and forbids unknown keys.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from ..protocol.subjects import NODE_NAME
+
+__all__ = ["FabricConfig", "NatsConfig", "UpConfig", "MemConfig", "PoolConfig", "TelemetryConfig",
+           "DEFAULT_NATS_URL", "LogLevel", "HINTS"]
+
+#: the NATS a service connects to when nothing says otherwise
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+#: a logging level name, in any case ("info", "DEBUG")
+LogLevel = Annotated[str, Meta(pattern=r"(?i)^(debug|info|warning|error|critical)$")]
+#: a node name is one subject token (the contract's rule, fabric.protocol.subjects.NODE_NAME)
+NodeName = Annotated[str, Meta(pattern=NODE_NAME.pattern)]
+NatsUrl = Annotated[str, Meta(pattern=r"^(nats|tls|ws|wss)://")]
+Bytes = Annotated[int, Meta(ge=0)]
+Port = Annotated[int, Meta(ge=0, le=65535)]
+#: a spin time in microseconds (the warm worker refuses more than a second)
+SpinUs = Annotated[float, Meta(ge=0, le=1_000_000)]
+
+
+#: what a valid value of a key looks like, added to an error about it (the regex alone says little)
+HINTS: dict[str, str] = {
+    "node": "use 1 to 64 letters, digits, '_' and '-'",
+    "nats.url": "expected nats://HOST:PORT (or tls://, ws://, wss://)",
+    "log_level": "one of debug, info, warning, error, critical",
+}
+
+
+class NatsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    #: the NATS to use: a service connects to it; ``fabric up`` joins it instead of starting one
+    url: NatsUrl | None = None
+    #: the address the embedded nats-server of ``fabric up`` binds to
+    host: str = "127.0.0.1"
+    #: the port of the embedded nats-server (0: pick a free one)
+    port: Port = 4222
+    #: the nats-server binary ``fabric up`` runs (default: the one installed with fabric, else $PATH)
+    server: str | None = None
+
+
+class UpConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    #: the services ``fabric up`` runs (default: every known one)
+    services: list[str] | None = None
+    #: how long ``fabric up`` waits until every service answers
+    ready_timeout_s: Annotated[float, Meta(ge=0.1, le=3600)] = 30.0
+    #: how long services get to drain when the fabric stops
+    grace_s: Annotated[float, Meta(ge=0, le=3600)] = 10.0
+
+
+class MemConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    #: the allocator's arena size in bytes (default: a quarter of the node's RAM)
+    capacity: Annotated[int, Meta(ge=1)] | None = None
+    #: the quota of an owner without one of its own, in bytes in use (0: unlimited)
+    quota: Bytes = 0
+    #: quotas per owner, owner -> bytes in use (0: unlimited)
+    quotas: dict[str, Bytes] = msgspec.field(default_factory=dict)
+
+
+class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    #: how long a pool's reader thread spins for the next result before it sleeps (docs/benchmarks.md)
+    reader_spin_us: SpinUs = 250.0
+    #: how long an idle warm worker spins on its job ring before it sleeps
+    worker_spin_us: SpinUs = 1000.0
+
+
+class TelemetryConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    #: the gpu-monitor's heartbeat interval
+    interval_s: Annotated[float, Meta(ge=0.05, le=3600)] = 1.0
+    #: how long a silent node stays in the registry (services/gpu_monitor/registry.py DEFAULT_TTL_S)
+    node_ttl_s: Annotated[float, Meta(gt=0, le=86400)] = 5.0
+
+    def __post_init__(self) -> None:
+        # one late heartbeat must not drop a live node from the registry
+        if self.node_ttl_s < 2 * self.interval_s:
+            raise ValueError(f"telemetry.node_ttl_s ({self.node_ttl_s:g} s) must be at least twice the heartbeat "
+                             f"interval telemetry.interval_s ({self.interval_s:g} s)")
+
+
+class FabricConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Everything a fabric is configured by (docs/config.md)."""
+
+    #: this node's name (default: the host name, sanitized)
+    node: NodeName | None = None
+    #: the state directory (default: the per-user state dir)
+    state_dir: str | None = None
+    log_level: LogLevel = "info"
+    nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
+    up: UpConfig = msgspec.field(default_factory=UpConfig)
+    mem: MemConfig = msgspec.field(default_factory=MemConfig)
+    pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
