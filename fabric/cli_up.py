@@ -97,6 +97,8 @@ def up(
         "up.ready_timeout_s": ("--timeout", timeout),
         "up.grace_s": ("--grace", grace),
     })
+    for warning in loaded.warnings:  # a deprecated variable: the services log it too
+        err.print(f"[yellow]warning:[/] {escape(warning)}")
     cfg = loaded.config
     state = state_of(Path(cfg.state_dir) if cfg.state_dir else None)
     modules = parse_services(",".join(cfg.up.services) if cfg.up.services is not None else None)

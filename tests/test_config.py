@@ -335,9 +335,9 @@ def test_up_with_a_bad_config_starts_nothing(tmp_path: Path) -> None:
 # -- a real fabric runs with its state directory's fabric.toml --------------------------------------------------------
 
 
-def _fabric(command: str, state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _fabric(command: str, state: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fabric.cli", command, "--state-dir", str(state), *args],
-                          env=_clean_env(), capture_output=True, text=True, timeout=90)
+                          env=_clean_env(**env), capture_output=True, text=True, timeout=90)
 
 
 def _cleanup(state: Path) -> None:
@@ -370,9 +370,12 @@ def test_fabric_up_runs_the_services_with_the_file(tmp_path: Path, where: str) -
                     "[telemetry]\ninterval_s = 0.5\nnode_ttl_s = 2.5\n")
     extra = ["--config", str(file)] if where == "--config" else []
     try:
-        up = _fabric("up", state, "-d", "--nats-port", "0", "--timeout", "60", *extra)
+        # a renamed variable still works (over the file's 2.5), with a warning from fabric up and in the log
+        up = _fabric("up", state, "-d", "--nats-port", "0", "--timeout", "60", *extra, FABRIC_NODE_TTL_S="4")
         assert up.returncode == 0, up.stdout + up.stderr
         assert "node cfg-node" in up.stdout  # fabric up read the file too
+        assert "FABRIC_NODE_TTL_S is deprecated: use FABRIC_TELEMETRY_NODE_TTL_S" in up.stderr
+        assert "FABRIC_NODE_TTL_S is deprecated" in (state / "logs" / "gpu-monitor.log").read_text()
         info = _fabric("req", state, "fabric.mem.cfg-node.info")
         assert info.returncode == 0, info.stderr
         assert json.loads(info.stdout)["capacity"] == 24 * MiB
