@@ -78,6 +78,7 @@ def test_job_frames_round_trip_and_refuse_every_cut_and_tail(items: list[bytes])
     reply = jobframes.encode_job_results(results)
     assert [(a, b, bytes(c)) for a, b, c in jobframes.decode_job_results(reply)] == results
     _refuses_every_cut_and_any_tail(jobframes.decode_job_results, reply)
+    assert len(reply) == jobframes.results_frame_size(len(items), sum(map(len, items)))
 
 
 def test_job_frames_match_the_documented_worked_example() -> None:

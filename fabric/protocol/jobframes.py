@@ -20,7 +20,7 @@ from ..errors import BadRequest
 from .reader import Reader, as_bytes_view
 
 __all__ = ["JOB_BATCH_MAGIC", "JOB_RESULTS_MAGIC", "MAX_JOB_BATCH", "encode_job_batch", "decode_job_batch",
-           "encode_job_results", "decode_job_results"]
+           "encode_job_results", "decode_job_results", "results_frame_size"]
 
 JOB_BATCH_MAGIC: Final = b"FJB1"
 JOB_RESULTS_MAGIC: Final = b"FJR1"
@@ -30,6 +30,13 @@ MAX_JOB_BATCH: Final = 65536
 _COUNT = struct.Struct("<I")
 _LENGTH = struct.Struct("<Q")
 _RESULT = struct.Struct("<iIQ")
+#: magic and count, the fixed head of both frames
+_HEAD = len(JOB_BATCH_MAGIC) + _COUNT.size
+
+
+def results_frame_size(count: int, outputs: int = 0) -> int:
+    """Bytes of a results frame of *count* jobs whose outputs sum to *outputs* bytes."""
+    return _HEAD + count * _RESULT.size + outputs
 
 
 def encode_job_batch(items: list[Any]) -> bytes:

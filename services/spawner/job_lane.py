@@ -31,7 +31,7 @@ from nats.errors import MaxPayloadError
 
 from fabric.errors import FabricError, JobFailed, TooLarge, error_headers
 from fabric.protocol.headers import EXIT_CODE_HEADER
-from fabric.protocol.jobframes import decode_job_batch, encode_job_results
+from fabric.protocol.jobframes import decode_job_batch, encode_job_results, results_frame_size
 from fabric.service import Endpoint, node_endpoint
 from fabric.service_nats import close as close_connection
 from fabric.service_nats import connect
@@ -255,7 +255,7 @@ def fit_results(results: list[tuple[int, int, Any]], limit: int,
     frame = encode_job_results(results)
     if len(frame) <= limit:
         return frame
-    left = limit - 8 - 16 * len(results)
+    left = limit - results_frame_size(len(results))
     fitted: list[tuple[int, int, Any]] = []
     for i, (code, err, out) in enumerate(results):
         size = len(out)
