@@ -20,12 +20,12 @@ from nats.micro.service import EndpointStats
 
 from .protocol.headers import REQUEST_ID_HEADER
 from .protocol.subjects import QUEUE_GROUP, cluster, node_scoped
+from .protocol.wire import MAGIC as FRAME_MAGIC  # a body that starts with it is a frame
 from .schema import CONTENT_TYPE_HEADER, FRAME_CONTENT_TYPE, JSON, MSGPACK, MSGPACK_CONTENT_TYPE, Codec
 
 __all__ = ["Request", "Reply", "Endpoint", "Handler", "node_endpoint", "cluster_endpoint",
            "REQUEST_ID_HEADER", "FRAME_MAGIC", "ACCEPTED_CONTENT_TYPES"]
 
-FRAME_MAGIC = b"FBF1"  # fabric_ext.wire.MAGIC, spelled here so the kit needs no extension
 
 
 #: the request encodings every endpoint takes, by ``Content-Type`` (frames only where an endpoint says so)

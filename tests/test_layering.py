@@ -367,10 +367,12 @@ def test_the_protocol_import_check_catches_a_heavy_import(tmp_path: Path) -> Non
 
 def _contract_names() -> tuple[set[str], re.Pattern[str]]:
     """The names only fabric.protocol may spell: exact strings, and a pattern for subject literals."""
-    from fabric.protocol import cores, env, headers
+    from fabric.protocol import clframes, cores, env, headers, jobframes, wire
 
     exact = set(headers.ALL_HEADERS) | set(cores.BUILTIN_CORES)
     exact |= {env.PROC_ENV, env.CORE_ID_ENV, env.MARKER_ENV, env.STAGING_ENV}
+    exact |= {m.decode() for m in (wire.MAGIC, jobframes.JOB_BATCH_MAGIC, jobframes.JOB_RESULTS_MAGIC,
+                                   clframes.JOB_MAGIC, clframes.RESULT_MAGIC)}  # the frame magics
     return exact, re.compile(r"^(\$SRV(\.|$)|fabric\.(mem|proc|core|nodes|telemetry)(\.|$))")
 
 
@@ -404,7 +406,7 @@ def contract_spellings(root: Path, tops: tuple[str, ...] = ("fabric", "services"
 
 
 def test_no_module_outside_the_protocol_package_spells_a_contract_name() -> None:
-    """Header names, built-in core names, process markers and subjects are spelled in fabric/protocol only."""
+    """Header names, core names, process markers, frame magics and subjects are spelled in fabric/protocol only."""
     assert contract_spellings(ROOT) == []
 
 
@@ -417,11 +419,11 @@ def test_the_spelling_check_finds_a_spelled_name(tmp_path: Path) -> None:
         'H = {"Nats-Service-Error-Code": "1"}\n'
         'def f(node):\n    """fabric.mem.alloc in prose is fine."""\n'
         '    return f"fabric.telemetry.{node}", b"FABRIC_PROC_ID=", "fabric.opencl", "$SRV.PING"\n'
-        'LOG = "fabric.client"\n')
+        'LOG, MAGIC = "fabric.client", b"FJB1"\n')
     assert sorted(contract_spellings(tmp_path)) == [
         "services/a.py:2: 'Nats-Service-Error-Code'", "services/a.py:5: '$SRV.PING'",
         "services/a.py:5: 'FABRIC_PROC_ID='", "services/a.py:5: 'fabric.opencl'",
-        "services/a.py:5: 'fabric.telemetry.'"]
+        "services/a.py:5: 'fabric.telemetry.'", "services/a.py:6: 'FJB1'"]
 
 
 def test_the_worker_uses_the_contracts_core_names() -> None:
