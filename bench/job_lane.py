@@ -1,15 +1,22 @@
-"""The spawner's job lane, design against design (issue 13): which NATS path a warm job takes.
+"""The spawner's job lane: what the reply link buys a warm job (issue 13).
 
     python bench/job_lane.py [--quick]
 
-One nats-server, three spawners as their own processes (``python -m fabric.services.spawner``,
-uvloop), each with another ``FABRIC_JOB_LANE`` (a temporary switch): ``own`` (the lane's own
-connection + the reply link), ``kit`` (the lane on the service kit's connection + the reply
-link), ``nolink`` (the kit's connection, every reply through the loop); the bare nats-py echo
-responder of ``bench/_common.py`` as the peer.  Each design gets a 1-worker echo pool
-(empty ``run`` p50, windows alternating across the designs and the echo) and a 2-worker one
-(``map`` of 10,000 16-byte jobs, rounds alternating).  Ratios are against ``own``: above 1 =
-that design is faster.
+One nats-server and two spawners as their own processes (uvloop, as ``fabric up`` runs
+them), each with a 1-worker and then a 2-worker echo pool: ``link``, the spawner as it
+is (the job lane on the service kit's connection, successful ``run`` jobs answered from
+the reader thread on the reply link, ``services/spawner/pool_reply.py``), and
+``nolink``, the same spawner whose reply link declines to connect (as on a server that
+wants TLS), so every reply goes through the event loop.  The peer: the bare nats-py
+echo responder of ``bench/_common.py``.  Figures: an empty ``run``'s p50 (windows
+alternating across the spawners and the echo, the order rotating) and ``map`` of 10,000
+16-byte jobs (rounds alternating).  Ratios: ``run_link_vs_nolink`` = nolink p50 / link
+p50 and ``map_link_vs_nolink`` = link rate / nolink rate (above 1: the link helps);
+``run_<design>_vs_echo`` = echo p50 / job p50.
+
+How the lane came onto the kit's connection: at commit e55f67c this script ran a third
+spawner whose lane had a connection of its own (a temporary ``FABRIC_JOB_LANE`` switch,
+since removed); docs/benchmarks.md has those figures.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +41,40 @@ from bench.spawn import p50_us, timed
 from tests._spawner import wait_ready
 
 log = progress("job_lane")
-DESIGNS = ("own", "kit", "nolink")
+DESIGNS = ("link", "nolink")
+
+#: the spawner with a reply link that never connects: ``python -c NO_LINK_SPAWNER <spawner args>``
+NO_LINK_SPAWNER = r"""
+from fabric.service import main
+from fabric.services.spawner import pool_reply
+from fabric.services.spawner.service import SpawnerService
+def declined(self, timeout=5.0):  # as on a server that wants TLS: the loop answers every job
+    self.usable = False
+    return False
+pool_reply.ReplyLink.connect = declined
+SpawnerService.own_process = True
+main(SpawnerService)
+"""
 
 
 def start_spawner(url: str, node: str, state_dir: Path, design: str) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, FABRIC_JOB_LANE=design)
-    return subprocess.Popen([sys.executable, "-m", "fabric.services.spawner", "--nats-url", url, "--node", node,
-                             "--state-dir", str(state_dir)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=open(state_dir / "spawner.log", "wb"), env=env)
+    how = ["-m", "fabric.services.spawner"] if design == "link" else ["-c", NO_LINK_SPAWNER]
+    return subprocess.Popen([sys.executable, *how, "--nats-url", url, "--node", node, "--state-dir", str(state_dir)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(state_dir / "spawner.log", "wb"))
 
 
-async def run(url: str, nodes: dict[str, str], state: Path, quick: bool) -> dict[str, Any]:
+def check_links(monitor_port: int, nodes: dict[str, str]) -> None:
+    """Each spawner holds the connections its design says (the server's /connz), or the figures mean nothing."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{monitor_port}/connz?limit=4096", timeout=10) as r:
+        names = {c.get("name", "") for c in json.loads(r.read()).get("connections") or []}
+    for d, node in nodes.items():
+        want = {f"spawner@{node}", f"spawner-replies@{node}"} if d == "link" else {f"spawner@{node}"}
+        got = {n for n in names if n.endswith(f"@{node}")}
+        if got != want:
+            raise RuntimeError(f"spawner {d}: connections {sorted(got)}, expected {sorted(want)}")
+
+
+async def run(url: str, nodes: dict[str, str], state: Path, quick: bool, monitor_port: int) -> dict[str, Any]:
     import nats
 
     from fabric import AsyncFabricClient
@@ -55,6 +86,7 @@ async def run(url: str, nodes: dict[str, str], state: Path, quick: bool) -> dict
     async with AsyncFabricClient(url, local=False) as fc:
         for node in nodes.values():
             await wait_ready(fc, node, timeout_s=30.0)
+        check_links(monitor_port, nodes)
         nc = await nats.connect(url)
         try:
             # empty run
@@ -70,7 +102,7 @@ async def run(url: str, nodes: dict[str, str], state: Path, quick: bool) -> dict
                     await c.run(b"")
                 await echo()
             for w in range(windows):
-                order = list(DESIGNS[w % 3:] + DESIGNS[:w % 3])  # rotate who goes first
+                order = DESIGNS[w % 2:] + DESIGNS[:w % 2]  # rotate who goes first
                 for d in order:
                     c = cores[d]
                     samples[d] += await timed(lambda c=c: c.run(b""), per_window)  # type: ignore[misc]
@@ -81,8 +113,8 @@ async def run(url: str, nodes: dict[str, str], state: Path, quick: bool) -> dict
             log("empty run p50: " + ", ".join(f"{d} {v:.0f} µs" for d, v in p50.items()))
             for d in DESIGNS:
                 results[f"{d}_empty_run_p50_us"] = round(p50[d], 1)
-                ratios[f"{d}_run_vs_own"] = round(p50["own"] / p50[d], 3)
-                ratios[f"{d}_run_vs_echo"] = round(p50["echo"] / p50[d], 3)
+                ratios[f"run_{d}_vs_echo"] = round(p50["echo"] / p50[d], 3)
+            ratios["run_link_vs_nolink"] = round(p50["nolink"] / p50["link"], 3)
             results["echo_p50_us"] = round(p50["echo"], 1)
 
             # map
@@ -93,7 +125,7 @@ async def run(url: str, nodes: dict[str, str], state: Path, quick: bool) -> dict
             for c in cores.values():
                 assert await c.map(items[:1000]) == items[:1000]
             for r in range(rounds):
-                for d in DESIGNS[r % 3:] + DESIGNS[:r % 3]:
+                for d in DESIGNS[r % 2:] + DESIGNS[:r % 2]:
                     t0 = time.perf_counter()
                     out = await cores[d].map(items)
                     rates[d].append(n / (time.perf_counter() - t0))
@@ -105,7 +137,7 @@ async def run(url: str, nodes: dict[str, str], state: Path, quick: bool) -> dict
             log("map jobs/s: " + ", ".join(f"{d} {v:,.0f}" for d, v in med.items()))
             for d in DESIGNS:
                 results[f"{d}_map_jobs_per_s"] = round(med[d])
-                ratios[f"{d}_map_vs_own"] = round(med[d] / med["own"], 3)
+            ratios["map_link_vs_nolink"] = round(med["link"] / med["nolink"], 3)
         finally:
             await nc.close()
     return {"results": results, "ratios": ratios}
@@ -118,7 +150,7 @@ def main() -> None:
     from tests._nats import start_nats
 
     with tempfile.TemporaryDirectory(prefix="fabric-lane-bench-") as tmp:
-        server = start_nats(Path(tmp) / "nats")
+        server = start_nats(Path(tmp) / "nats", monitor=True)
         nodes = {d: f"bench-{d}-{secrets.token_hex(3)}" for d in DESIGNS}
         procs = []
         for d, node in nodes.items():
@@ -130,12 +162,14 @@ def main() -> None:
         try:
             assert responder.stdout is not None
             responder.stdout.readline()
-            out = uvloop.run(run(server.url, nodes, Path(tmp), args.quick))
+            assert server.monitor_port is not None
+            out = uvloop.run(run(server.url, nodes, Path(tmp), args.quick, server.monitor_port))
         finally:
             for proc in procs:
                 stop_process(proc)
             server.stop()
-    print(json.dumps({"bench": "job_lane", **out, "machine": machine()}))
+    print(json.dumps({"bench": "job_lane", **out,
+                      "machine": machine(spawner="python -m fabric.services.spawner (uvloop), twice")}))
 
 
 if __name__ == "__main__":

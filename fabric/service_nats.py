@@ -1,8 +1,9 @@
 """How a service connects to NATS: the connect options every service-side connection uses.
 
-The kit's own connection and the spawner's job lane connect through
-:func:`connect` (or spread :func:`connect_options` into ``nats.connect``), so they
-behave alike: a name the server lists (``<service>@<node>``), reconnecting forever
+The kit's connection of every service (the spawner's job lane subscribes on it too)
+connects through :func:`connect` (or spread :func:`connect_options` into
+``nats.connect``), so service connections behave alike: a name the server lists
+(``<service>@<node>``), reconnecting forever
 (a restarted nats-server must not end a service), every ``reconnect_wait_s``, and the
 connection's errors, disconnects and reconnects logged through the service's
 structlog logger (nats-py would otherwise print tracebacks to stderr).

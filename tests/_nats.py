@@ -44,6 +44,8 @@ class NatsServer:
     url: str
     port: int
     workdir: Path
+    #: the HTTP monitoring port (``/connz``, ``/varz``), when started with ``monitor=True``
+    monitor_port: int | None = None
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -55,11 +57,16 @@ class NatsServer:
                 self.proc.wait()
 
 
-def start_nats(workdir: Path, *, max_payload: str = "8MB", jetstream: bool = True, port: int = -1) -> NatsServer:
+def start_nats(workdir: Path, *, max_payload: str = "8MB", jetstream: bool = True, port: int = -1,
+               monitor: bool = False, user: str | None = None, password: str | None = None,
+               token: str | None = None) -> NatsServer:
     """Start a nats-server in *workdir* (its JetStream store is ``workdir/js``); *port* -1 picks a free one.
 
     Starting again with the same *workdir* and *port* is a restart: clients reconnect,
-    file-backed streams are back, memory-backed ones are gone.
+    file-backed streams are back, memory-backed ones are gone.  *monitor*: an HTTP
+    monitoring port too (a free one).  *user* and *password*, or *token*: the server
+    requires them, and the returned ``url`` carries them as written (``nats://user:pass@...``,
+    ``nats://token@...``), as a user hands them to ``fabric up --nats-url``.
     """
     if unit_test_running is not None:
         raise RuntimeError(f"{unit_test_running} is marked unit but starts a nats-server")
@@ -70,6 +77,15 @@ def start_nats(workdir: Path, *, max_payload: str = "8MB", jetstream: bool = Tru
            "--ports_file_dir", str(workdir)]
     if jetstream:
         cmd += ["-js", "-sd", str(workdir / "js")]
+    if monitor:
+        cmd += ["-m", "-1"]
+    auth = ""
+    if user is not None and password is not None:
+        cmd += ["--user", user, "--pass", password]
+        auth = f"{user}:{password}@"  # as written: nats-py sends them without percent-decoding
+    elif token is not None:
+        cmd += ["--auth", token]
+        auth = f"{token}@"
     log = open(workdir / "nats.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     ports_file = workdir / f"{Path(cmd[0]).name}_{proc.pid}.ports"
@@ -82,7 +98,8 @@ def start_nats(workdir: Path, *, max_payload: str = "8MB", jetstream: bool = Tru
                 ports = json.loads(ports_file.read_text())
                 url = ports["nats"][0]
                 port = int(url.rsplit(":", 1)[1])
-                return NatsServer(proc, f"nats://127.0.0.1:{port}", port, workdir)
+                mon = int(ports["monitoring"][0].rsplit(":", 1)[1]) if monitor else None
+                return NatsServer(proc, f"nats://{auth}127.0.0.1:{port}", port, workdir, mon)
             except (ValueError, KeyError, IndexError):
                 pass  # written but not complete yet
         time.sleep(0.01)

@@ -1,10 +1,11 @@
 """The job lane: ``fabric.core.<node>.run.<core>`` and ``.map.<core>`` from NATS to a pool and back.
 
-Jobs come on the lane's own NATS connection, subscribed in the service queue group,
-whose callbacks hand a job to its pool without a task per request; a successful
-``run`` is answered straight from the worker's reader thread on the reply link
-(:class:`~.pool_reply.ReplyLink`, a third connection), everything else from the loop.
-The two endpoints are counted here and listed in the hosting service's ``$SRV``.
+Jobs come on the hosting service's NATS connection (the kit's), subscribed in the
+service queue group with pending limits far above the kit's defaults, whose callbacks
+hand a job to its pool without a task per request; a successful ``run`` is answered
+straight from the worker's reader thread on the reply link
+(:class:`~.pool_reply.ReplyLink`, the spawner's second connection), everything else
+from the loop.  The two endpoints are counted here and listed in the hosting service's ``$SRV``.
 
 Reply size: no reply goes out above what the server takes (its ``max_payload``, less
 :data:`~.pool_reply.REPLY_HEADROOM` for headers: :meth:`JobLane.reply_limit`).  A ``run``
@@ -12,8 +13,16 @@ whose output is bigger is answered 413 ``too_large`` at once; a ``map`` keeps th
 outputs that fit, in input order, and puts 413 in the slots of the jobs whose output
 does not (see :func:`fit_results`).
 
-(The lane keeps its own connections beside the service kit's for now; moving it onto
-the kit's connection is a later step that needs measurements.)
+Connections, decided by measurement (``python bench/job_lane.py``, docs/benchmarks.md,
+"The job lane's connections"): the lane once had a nats-py connection of its own beside
+the kit's.  Measured in the same runs, the lane on the kit's connection was as fast
+within the noise of the 2-core machine (empty ``run`` p50 0.98-1.03x, ``map`` rate
+0.87-1.21x, six runs), so it shares the kit's: one connection less to name, authenticate
+and reconnect.  The reply link stays, for its own measured reason: without it an empty
+``run`` took 5-16 % longer (22-75 us) in the same runs.  So a spawner holds two NATS
+connections: ``spawner@<node>`` (the kit's, with the lane) and ``spawner-replies@<node>``.
+The lane neither opens nor closes the kit's connection: :meth:`JobLane.unsubscribe`
+drains its subscriptions first, the kit drains the connection after ``on_stop``.
 """
 
 from __future__ import annotations
@@ -21,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,8 +41,6 @@ from fabric.errors import FabricError, JobFailed, TooLarge, error_headers
 from fabric.protocol.headers import EXIT_CODE_HEADER
 from fabric.protocol.jobframes import decode_job_batch, encode_job_results, results_frame_size
 from fabric.service import Endpoint, node_endpoint
-from fabric.service_nats import close as close_connection
-from fabric.service_nats import connect
 
 from .pool import Pool
 from .pool_reply import REPLY_HEADROOM, ReplyLink, reply_limit
@@ -59,7 +65,6 @@ class JobLane:
         self._job_ids = itertools.count(1)
         self._sends: set[asyncio.Task[Any]] = set()
         self._retry_link_at = 0.0
-        self._own = False
         # served on the lane (open()), counted here, listed in $SRV (the manager's side_endpoints)
         self._run_ep = node_endpoint("core", node, "run", self._on_run, name="core-run", wildcard=True)
         self._map_ep = node_endpoint("core", node, "map", self._on_map, name="core-map", wildcard=True)
@@ -68,44 +73,41 @@ class JobLane:
         return [self._run_ep, self._map_ep]
 
     async def open(self, nc: NATS) -> None:
-        """Subscribe on *nc* (the hosting service's connection), open the reply link first
-        (before any worker starts)."""
-        # TEMPORARY measurement switch (issue 13): own = a connection of the lane's own (the old design),
-        # kit = the kit's connection, nolink = the kit's connection and no reply link
-        design = os.environ.get("FABRIC_JOB_LANE", "kit")
-        if design == "own":
-            self._own = True
-            nc = await connect(self.nats_url, f"spawner-jobs@{self.node}", self.log)
+        """Open the reply link (before any worker starts), then subscribe on *nc*: the hosting
+        service's connection, which the lane uses but never closes."""
         self.nc = nc
-        if design != "nolink":
-            # the reader threads hold on to this link for good; tend_link() reconnects it
-            self.link = ReplyLink(self.nats_url, f"spawner-replies@{self.node}", self.log)
-            await asyncio.get_running_loop().run_in_executor(None, self.link.connect)
+        # the reader threads hold on to this link for good; tend_link() reconnects it
+        self.link = ReplyLink(self.nats_url, f"spawner-replies@{self.node}", self.log)
+        await asyncio.get_running_loop().run_in_executor(None, self.link.connect)
         for ep, cb in ((self._run_ep, self._on_run), (self._map_ep, self._on_map)):
-            self._subs.append(await self.nc.subscribe(ep.subject, queue=ep.queue_group, cb=cb,
-                                                      pending_msgs_limit=1 << 20, pending_bytes_limit=1 << 30))
-        await self.nc.flush()
+            # far above the kit's defaults: a map client keeps thousands of jobs in flight, and a
+            # slow-consumer drop here would lose jobs on the connection every endpoint shares
+            self._subs.append(await nc.subscribe(ep.subject, queue=ep.queue_group, cb=cb,
+                                                 pending_msgs_limit=1 << 20, pending_bytes_limit=1 << 30))
+        await nc.flush()
 
     async def unsubscribe(self) -> None:
-        """Take no more jobs (the pools still finish theirs)."""
-        for sub in self._subs:
+        """Take no more jobs: drain the subscriptions, so the jobs the server already sent reach
+        their pools (which finish them, or answer them ``unloaded``) rather than vanish."""
+        subs, self._subs = self._subs, []
+        for sub in subs:
             try:
-                await sub.unsubscribe()
-            except Exception:  # the connection is already gone
-                pass
-        self._subs.clear()
+                await asyncio.wait_for(sub.drain(), timeout=5)
+            except Exception:  # the connection is closed or draining already: nothing left to take
+                try:
+                    await sub.unsubscribe()
+                except Exception:
+                    pass
 
     async def close(self) -> None:
-        """Send what is still going out, then close the reply link and the connection."""
+        """Send what is still going out, then close the reply link; the connection stays the
+        kit's to drain (after ``on_stop``)."""
         if self._sends:
             await asyncio.wait(set(self._sends), timeout=5)
         if self.link is not None:
             self.link.close()
             self.link = None
-        if self.nc is not None:
-            nc, self.nc = self.nc, None
-            if self._own:
-                await close_connection(nc)
+        self.nc = None
 
     async def tend_link(self, now: float) -> None:
         """Reconnect the reply link after the server restarted (at most every 2 s)."""

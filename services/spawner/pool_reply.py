@@ -2,18 +2,26 @@
 
 Why: a warm job's result arrives in a reader thread (``Consumer.pop()``, GIL
 released).  Handing it to the event loop first costs a loop wake-up, a future, a
-task switch and nats-py's flusher turn -- on the 2-core machine of
-docs/benchmarks.md that was a third of an empty job's round trip.  So the
-reader thread publishes a successful ``run`` job's output itself, on this second,
-minimal connection (``PUB <reply> <n>``, one ``sendmsg`` of header, the output
+task switch and nats-py's flusher turn: on the 2-core machine of docs/benchmarks.md
+an empty ``run`` took 5-16 % longer (22-75 us) without the link, in the same runs
+(``python bench/job_lane.py``; it was a third of the round trip when the link came).
+So the reader thread publishes a successful ``run`` job's output itself, on this
+second, minimal connection (``PUB <reply> <n>``, one ``sendmsg`` of header, the output
 viewed in the ring record, and CRLF), and the loop only does the bookkeeping
 afterwards, off the critical path.  Anything else -- errors, batches, a link
 that is down -- goes the ordinary way, through the service's nats-py client.
 
 The link speaks just enough of the NATS client protocol: read ``INFO``, send
-``CONNECT`` (user/password or token from the URL) and ``PING``, wait for ``PONG``;
-a small thread answers the server's ``PING`` s and notices ``-ERR`` and EOF.  TLS
-or credentials it cannot present: it stays down and the slow path serves.
+``CONNECT`` and ``PING``, wait for ``PONG``; a small thread answers the server's
+``PING`` s, takes a new ``INFO`` (a config reload) and notices ``-ERR`` and EOF.
+Credentials: those of the URL, presented exactly as nats-py presents them for the
+service's own connection (``nats://user:pass@host`` as user and password,
+``nats://token@host`` as a token, both as written, not percent-decoded), so the link
+authenticates whenever the service does; that is all ``fabric up --nats-url`` offers.
+A server that wants TLS (``tls_required`` in its ``INFO``, or a ``tls://`` URL), a
+``ws://`` URL, or one that refuses the credentials (``-ERR 'Authorization Violation'``):
+the link gives up for good (:attr:`ReplyLink.usable`), says so once in the log, and
+the slow path serves every reply.
 
 Size: the server drops a connection that publishes more than its ``max_payload``
 (``-ERR 'Maximum Payload Violation'``), which here would lose the job's reply and
@@ -29,7 +37,7 @@ import json
 import socket
 import threading
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 __all__ = ["ReplyLink", "REPLY_HEADROOM", "reply_limit"]
 
@@ -74,6 +82,7 @@ class ReplyLink:
             self.usable = False
             self.log.info("job reply link not used", reason=f"scheme {u.scheme!r}")
             return False
+        sock: socket.socket | None = None
         try:
             sock = socket.create_connection((u.hostname, u.port or 4222), timeout=timeout)
             reader = sock.makefile("rb")
@@ -90,21 +99,29 @@ class ReplyLink:
             opts: dict[str, Any] = {"verbose": False, "pedantic": False, "tls_required": False, "name": self.name,
                                     "lang": "python-fabric-reply", "version": "1", "protocol": 1,
                                     "headers": True, "no_responders": True}
+            # as nats-py does for the service's connection (Client._connect_command): the URL's
+            # user and password, or its user part alone as a token, not percent-decoded
             if u.username and u.password is not None:
-                opts["user"], opts["pass"] = unquote(u.username), unquote(u.password)
+                opts["user"], opts["pass"] = u.username, u.password
             elif u.username:
-                opts["auth_token"] = unquote(u.username)
+                opts["auth_token"] = u.username
             sock.sendall(b"CONNECT " + json.dumps(opts).encode() + _CRLF + b"PING" + _CRLF)
             while True:
                 line = reader.readline(1 << 20)
                 if line.startswith(b"PONG"):
                     break
                 if not line or line.startswith(b"-ERR"):
-                    raise ConnectionError(line.decode("utf-8", "replace").strip() or "closed")
+                    text = line.decode("utf-8", "replace").strip() or "closed"
+                    if "authorization" in text.lower() or "authentication" in text.lower():
+                        # credentials do not change by retrying: stop here, not a warning every 2 s
+                        self.usable = False
+                    raise ConnectionError(text)
             sock.settimeout(None)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, ValueError, ConnectionError) as exc:
-            self.log.warning("job reply link not used", error=str(exc))
+            if sock is not None:
+                sock.close()
+            self.log.warning("job reply link not used", error=str(exc), retried=self.usable)
             return False
         with self._lock:
             self._sock = sock

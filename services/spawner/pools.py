@@ -125,7 +125,7 @@ class CoreManager:
 
     @property
     def nc(self) -> NATS | None:
-        """The job lane's connection (None before start and after stop)."""
+        """The connection the job lane subscribes on: the hosting service's (None before start and after stop)."""
         return self.lane.nc
 
     def reply_limit(self) -> int:

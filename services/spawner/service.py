@@ -93,7 +93,7 @@ class SpawnerService(FabricService):
         ]
 
     def side_endpoints(self) -> Sequence[Endpoint]:
-        return self.cores.side_endpoints()  # core run/map: the pools' own job lane
+        return self.cores.side_endpoints()  # core run/map: the job lane subscribes on this service's connection
 
     async def on_start(self) -> None:
         left = orphans.reap(self.key)
