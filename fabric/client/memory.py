@@ -15,13 +15,11 @@ import functools
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from fabric_ext import wire
-
 from ..errors import FabricError, TooLarge, error_from_wire
 from ..handles import _PARSED, HandleParts
 from ..handles import parse_cached as parse
 from ..leases import LeaseKeeper
-from ..protocol import subjects
+from ..protocol import subjects, wire
 from ..schema import (
     JSON,
     AllocReply,

@@ -15,10 +15,9 @@ import threading
 from collections.abc import Coroutine, Iterable, Iterator
 from typing import Any, TypeVar, cast, overload
 
-from fabric_ext import wire
-
 from ..errors import BadRequest, FabricError, Unavailable
 from ..handles import parse_cached as parse
+from ..protocol import wire
 from ..schema import CoreInfo, ExitInfo
 from .aio import AsyncFabricClient
 from .buffers import AsyncRemoteBuffer, BufferRef, _token

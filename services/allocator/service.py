@@ -29,6 +29,7 @@ import psutil
 from fabric.errors import BadRequest, FabricError, OutOfRange, PermissionDenied, TooLarge
 from fabric.handles import PERM_R, HandleParts, HandleSigner
 from fabric.hostid import boot_id
+from fabric.protocol import wire
 from fabric.schema import (
     INT_MAX,
     JSON,
@@ -56,7 +57,6 @@ from fabric.schema import (
     error_info,
 )
 from fabric.service import Endpoint, FabricService, Reply, Request, ServiceSettings
-from fabric_ext import wire
 from fabric_ext.arena import MAX_BLOCK_SIZE, Arena
 
 from .identity import load_or_create

@@ -36,8 +36,9 @@ from typing import Any, Protocol
 
 from fabric.errors import CoreLoadFailed, FabricError, JobError, JobTimeout, TooLarge, WorkerCrashed
 from fabric.launch import module_launch
+from fabric.protocol import wire
 from fabric.protocol.env import CORE_ID_ENV  # set in each ring worker's environment to its core id
-from fabric_ext import ring, wire
+from fabric_ext import ring
 
 from .core_api import OUTPUT_TOO_LARGE
 from .pool_reply import ReplyLink

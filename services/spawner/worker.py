@@ -39,7 +39,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from fabric_ext import wire
+from fabric.protocol import wire
 
 from .core_api import OUTPUT_TOO_LARGE, CoreError
 from .worker_core import CCore, PythonCore, load_core
