@@ -426,6 +426,24 @@ def test_the_spelling_check_finds_a_spelled_name(tmp_path: Path) -> None:
         "services/a.py:5: 'fabric.telemetry.'", "services/a.py:6: 'FJB1'"]
 
 
+def test_the_frame_codecs_are_imported_from_the_protocol_package() -> None:
+    """fabric_ext.wire is found through fabric.protocol.wire: no module of fabric/ or services/ imports it directly."""
+    def imports_wire(path: Path) -> bool:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import) and any(a.name == "fabric_ext.wire" for a in node.names):
+                return True
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (
+                    node.module == "fabric_ext.wire"
+                    or (node.module == "fabric_ext" and any(a.name == "wire" for a in node.names))):
+                return True
+        return False
+
+    home = ROOT / "fabric" / "protocol" / "wire.py"
+    assert imports_wire(home)  # the check sees the one import there is
+    assert [str(p.relative_to(ROOT)) for top in ("fabric", "services") for p in sorted((ROOT / top).rglob("*.py"))
+            if p != home and imports_wire(p)] == []
+
+
 def test_the_worker_uses_the_contracts_core_names() -> None:
     """The warm worker and the pools take the built-in core names from fabric.protocol, not from a copy."""
     from fabric.protocol import cores
