@@ -13,13 +13,14 @@ whose output is bigger is answered 413 ``too_large`` at once; a ``map`` keeps th
 outputs that fit, in input order, and puts 413 in the slots of the jobs whose output
 does not (see :func:`fit_results`).
 
-Connections, decided by measurement (``python bench/job_lane.py``, docs/benchmarks.md,
-"The job lane's connections"): the lane once had a nats-py connection of its own beside
-the kit's.  Measured in the same runs, the lane on the kit's connection was as fast
+Connections, decided by measurement (``bench/job_lane.py`` at commit e55f67c, which ran
+both designs; docs/benchmarks.md, "The job lane's connections"): the lane once had a
+nats-py connection of its own beside the kit's.  Measured in the same runs, the lane on the kit's connection was as fast
 within the noise of the 2-core machine (empty ``run`` p50 0.98-1.03x, ``map`` rate
 0.87-1.21x, six runs), so it shares the kit's: one connection less to name, authenticate
 and reconnect.  The reply link stays, for its own measured reason: without it an empty
-``run`` took 5-16 % longer (22-75 us) in the same runs.  So a spawner holds two NATS
+``run`` took 5-16 % longer (22-75 us) in the same runs (``python bench/job_lane.py``
+measures that today).  So a spawner holds two NATS
 connections: ``spawner@<node>`` (the kit's, with the lane) and ``spawner-replies@<node>``.
 The lane neither opens nor closes the kit's connection: :meth:`JobLane.unsubscribe`
 drains its subscriptions first, the kit drains the connection after ``on_stop``.
