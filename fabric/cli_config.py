@@ -30,9 +30,11 @@ config_app = typer.Typer(
 )
 
 
-def _text(value: Any) -> str:
+def _text(path: str, value: Any) -> str:
     if value is None:
-        return "-"
+        from .config.model import UNSET_MEANS
+
+        return f"- ({UNSET_MEANS[path]})" if path in UNSET_MEANS else "-"
     return json.dumps(value) if not isinstance(value, str) else value
 
 
@@ -69,7 +71,7 @@ def show(
     for column in ("key", "value", "source", "env"):
         table.add_column(column)
     for path, key in KEYS.items():
-        table.add_row(path, escape(_text(flat.get(path))), escape(loaded.sources[path]), key.env)
+        table.add_row(path, escape(_text(path, flat.get(path))), escape(loaded.sources[path]), key.env)
     console().print(table)
 
 

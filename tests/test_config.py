@@ -384,3 +384,15 @@ def test_fabric_up_runs_the_services_with_the_file(tmp_path: Path, where: str) -
         assert json.loads(monitor.stdout)["metadata"]["interval_s"] == "0.5"
     finally:
         _cleanup(state)
+
+
+def test_every_key_that_defaults_to_unset_says_what_unset_means() -> None:
+    """``fabric config show`` prints "- (what it means)" for an unset key: each one needs its words."""
+    import msgspec
+
+    from fabric.config.model import UNSET_MEANS
+
+    defaults = msgspec.to_builtins(FabricConfig())
+    unset = {path for path in KEYS
+             if (defaults.get(path) if "." not in path else defaults[path.split(".")[0]][path.split(".")[1]]) is None}
+    assert unset and unset == set(UNSET_MEANS)

@@ -45,6 +45,17 @@ HINTS: dict[str, str] = {
 }
 
 
+#: what an unset (None) key means, shown by ``fabric config show`` beside the "-"
+UNSET_MEANS: dict[str, str] = {
+    "node": "the host name",
+    "state_dir": "the per-user state dir",
+    "nats.url": "fabric up starts its own",
+    "nats.server": "the one installed with fabric, else $PATH",
+    "up.services": "every known one",
+    "mem.capacity": "a quarter of the RAM",
+}
+
+
 class NatsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     #: the NATS to use: a service connects to it; ``fabric up`` joins it instead of starting one
     url: NatsUrl | None = None
