@@ -402,11 +402,34 @@ def contract_spellings(root: Path, tops: tuple[str, ...] = ("fabric", "services"
                     continue
                 if value in exact or value.rstrip("=") in exact or subject.match(value):
                     found.append(f"{path.relative_to(root)}:{node.lineno}: {value!r}")
+            found += [f"{path.relative_to(root)}:{a.lineno}: area {a.value!r}" for a in _area_literals(tree)]
+    return found
+
+
+_SUBJECT_BUILDERS = {"cluster", "node_scoped", "cluster_endpoint", "node_endpoint"}
+
+
+def _area_literals(tree: ast.Module) -> list[ast.Constant]:
+    """The area argument of a subject builder spelled as a string (``cluster("mem", ...)``), not subjects.MEM."""
+    def name(func: ast.expr) -> str:
+        return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or not node.args:
+            continue
+        args = node.args
+        if name(node.func) == "partial" and len(args) > 1 and name(args[0]) in _SUBJECT_BUILDERS:
+            args = args[1:]  # functools.partial(self.node_endpoint, "mem")
+        elif name(node.func) not in _SUBJECT_BUILDERS:
+            continue
+        if isinstance(args[0], ast.Constant) and isinstance(args[0].value, str):
+            found.append(args[0])
     return found
 
 
 def test_no_module_outside_the_protocol_package_spells_a_contract_name() -> None:
-    """Header names, core names, process markers, frame magics and subjects are spelled in fabric/protocol only."""
+    """Header names, core names, process markers, frame magics, subjects, areas: spelled in fabric/protocol only."""
     assert contract_spellings(ROOT) == []
 
 
@@ -419,11 +442,14 @@ def test_the_spelling_check_finds_a_spelled_name(tmp_path: Path) -> None:
         'H = {"Nats-Service-Error-Code": "1"}\n'
         'def f(node):\n    """fabric.mem.alloc in prose is fine."""\n'
         '    return f"fabric.telemetry.{node}", b"FABRIC_PROC_ID=", "fabric.opencl", "$SRV.PING"\n'
-        'LOG, MAGIC = "fabric.client", b"FJB1"\n')
+        'LOG, MAGIC = "fabric.client", b"FJB1"\n'
+        'EP = [self.cluster_endpoint("mem", "alloc"), subjects.node_scoped(subjects.PROC, n, "wait"),\n'
+        '      functools.partial(self.node_endpoint, "proc"), cluster(AREA, "list")]\n')
     assert sorted(contract_spellings(tmp_path)) == [
         "services/a.py:2: 'Nats-Service-Error-Code'", "services/a.py:5: '$SRV.PING'",
         "services/a.py:5: 'FABRIC_PROC_ID='", "services/a.py:5: 'fabric.opencl'",
-        "services/a.py:5: 'fabric.telemetry.'", "services/a.py:6: 'FJB1'"]
+        "services/a.py:5: 'fabric.telemetry.'", "services/a.py:6: 'FJB1'",
+        "services/a.py:7: area 'mem'", "services/a.py:8: area 'proc'"]
 
 
 def test_the_frame_codecs_are_imported_from_the_protocol_package() -> None:

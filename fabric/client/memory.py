@@ -71,7 +71,7 @@ class MemoryArea(Transport):
         open (``keepalive=False`` leaves renewing to you, see :meth:`renew`), so the
         memory comes back by itself when the client closes or its process dies.
         """
-        subject = self._mem(node, "alloc") if node else subjects.cluster("mem", "alloc")
+        subject = self._mem(node, "alloc") if node else subjects.cluster(subjects.MEM, "alloc")
         req = AllocRequest(size=_check_size(size), owner=self.owner if owner is None else owner, ttl_s=ttl or 0.0)
         r = await self._call(subject, req, AllocReply)
         if ttl and keepalive:

@@ -230,4 +230,4 @@ class Transport:
 
     @staticmethod
     def _mem(node: str, verb: str) -> str:
-        return subjects.node_scoped("mem", node, verb)
+        return subjects.node_scoped(subjects.MEM, node, verb)

@@ -29,7 +29,7 @@ import psutil
 from fabric.errors import BadRequest, FabricError, OutOfRange, PermissionDenied, TooLarge
 from fabric.handles import PERM_R, HandleParts, HandleSigner
 from fabric.hostid import boot_id
-from fabric.protocol import wire
+from fabric.protocol import subjects, wire
 from fabric.schema import (
     INT_MAX,
     JSON,
@@ -91,9 +91,9 @@ class AllocatorService(FabricService):
         return {"shm_prefix": self.prefix, "capacity": str(self.capacity)}
 
     def endpoints(self) -> Sequence[Endpoint]:
-        ep = functools.partial(self.node_endpoint, "mem")  # fabric.mem.<node>.<verb>
+        ep = functools.partial(self.node_endpoint, subjects.MEM)  # fabric.mem.<node>.<verb>
         return [
-            self.cluster_endpoint("mem", "alloc", self.alloc, name="alloc-any"),
+            self.cluster_endpoint(subjects.MEM, "alloc", self.alloc, name="alloc-any"),
             ep("alloc", self.alloc),
             ep("free", self.free),
             ep("realloc", self.realloc),

@@ -90,11 +90,11 @@ class GpuMonitorService(FabricService):
 
     def endpoints(self) -> Sequence[Endpoint]:
         return [
-            self.cluster_endpoint("nodes", "list", self.list),
-            self.cluster_endpoint("nodes", "get", self.get),
-            self.cluster_endpoint("nodes", "devices", self.devices),
-            self.node_endpoint("nodes", "info", self.info),
-            self.node_endpoint("nodes", "gpus", self.gpus),
+            self.cluster_endpoint(subjects.NODES, "list", self.list),
+            self.cluster_endpoint(subjects.NODES, "get", self.get),
+            self.cluster_endpoint(subjects.NODES, "devices", self.devices),
+            self.node_endpoint(subjects.NODES, "info", self.info),
+            self.node_endpoint(subjects.NODES, "gpus", self.gpus),
         ]
 
     # -- lifecycle -------------------------------------------------------------------

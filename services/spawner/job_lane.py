@@ -39,6 +39,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import MaxPayloadError
 
 from fabric.errors import FabricError, JobFailed, TooLarge, error_headers
+from fabric.protocol import subjects
 from fabric.protocol.headers import EXIT_CODE_HEADER
 from fabric.protocol.jobframes import decode_job_batch, encode_job_results, results_frame_size
 from fabric.service import Endpoint, node_endpoint
@@ -67,8 +68,8 @@ class JobLane:
         self._sends: set[asyncio.Task[Any]] = set()
         self._retry_link_at = 0.0
         # served on the lane (open()), counted here, listed in $SRV (the manager's side_endpoints)
-        self._run_ep = node_endpoint("core", node, "run", self._on_run, name="core-run", wildcard=True)
-        self._map_ep = node_endpoint("core", node, "map", self._on_map, name="core-map", wildcard=True)
+        self._run_ep = node_endpoint(subjects.CORE, node, "run", self._on_run, name="core-run", wildcard=True)
+        self._map_ep = node_endpoint(subjects.CORE, node, "map", self._on_map, name="core-map", wildcard=True)
 
     def endpoints(self) -> list[Endpoint]:
         return [self._run_ep, self._map_ep]

@@ -71,6 +71,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from fabric.errors import BadRequest, Conflict, CoreLoadFailed, NotFound
+from fabric.protocol import subjects
 from fabric.protocol.cores import BUILTIN_CORES, OPENCL_CORE, PYTHON_CORE
 from fabric.schema import CoreInfo, CoreListReply, CoreRequest, LoadCoreRequest
 from fabric.service import Endpoint, Request, cluster_endpoint, node_endpoint
@@ -134,10 +135,10 @@ class CoreManager:
 
     def endpoints(self) -> list[Endpoint]:
         def ep(verb: str, handler: Any) -> Endpoint:  # fabric.core.<node>.<verb>, named core-<verb>
-            return node_endpoint("core", self.node, verb, handler, name=f"core-{verb}")
+            return node_endpoint(subjects.CORE, self.node, verb, handler, name=f"core-{verb}")
 
         return [
-            cluster_endpoint("core", "load", self.load, name="core-load-any"),
+            cluster_endpoint(subjects.CORE, "load", self.load, name="core-load-any"),
             ep("load", self.load),
             ep("list", self.list),
             ep("stats", self.stats),

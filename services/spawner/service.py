@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fabric.errors import BadRequest
+from fabric.protocol import subjects
 from fabric.schema import (
     KillReply,
     KillRequest,
@@ -79,9 +80,9 @@ class SpawnerService(FabricService):
         return {"cgroup": str(self.cgroups) if self.cgroups else "", "architecture": node_architecture()}
 
     def endpoints(self) -> Sequence[Endpoint]:
-        ep = functools.partial(self.node_endpoint, "proc")  # fabric.proc.<node>.<verb>
+        ep = functools.partial(self.node_endpoint, subjects.PROC)  # fabric.proc.<node>.<verb>
         return [
-            self.cluster_endpoint("proc", "spawn", self.spawn, name="spawn-any"),
+            self.cluster_endpoint(subjects.PROC, "spawn", self.spawn, name="spawn-any"),
             ep("spawn", self.spawn),
             ep("wait", self.wait),
             ep("kill", self.kill),
