@@ -137,7 +137,7 @@ def read_env(environ: Mapping[str, str]) -> tuple[list[Setting], list[ConfigIssu
         else:
             if name.startswith(tuple(prefixes)) and name not in NOT_CONFIG_ENV:
                 hint = closest_env_name(name)
-                issues.append(ConfigIssue(None, f"{name} names no configuration key"
+                issues.append(ConfigIssue(None, f"{name}: names no configuration key"
                                           + (f"; did you mean {hint}?" if hint else ""), f"env {name}"))
             continue
         if not raw.strip():
