@@ -153,21 +153,34 @@ def test_a_warm_worker_starts_without_nats_msgspec_or_the_client() -> None:
     A pool starts a worker per core and again after every crash; nats-py, msgspec, numpy
     and the client would add tens of milliseconds to each start for nothing a worker uses.
     """
-    code = (
-        "import json, runpy, sys\n"
+    loaded, printed = heavy_modules_after(
+        "import runpy\n"
         "sys.argv = ['worker', '--help']\n"
         "try:\n"
         "    runpy.run_module('fabric.services.spawner.worker', run_name='__main__')\n"
         "except SystemExit:\n"
-        "    pass\n"
-        "heavy = ('nats', 'msgspec', 'numpy', 'fabric.client', 'fabric.schema', 'fabric.service')\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in heavy)))\n"
+        "    pass\n")
+    assert "usage: python -m fabric.services.spawner.worker" in printed  # it did run
+    assert loaded == []
+
+
+def heavy_modules_after(code: str) -> tuple[list[str], str]:
+    """Run *code* in a fresh interpreter (outside the repository); the heavy modules it loaded, and what it printed.
+
+    Heavy: nats-py, msgspec, numpy, and fabric's client, schema and service kit.
+    """
+    probe = (
+        "import json, sys\n" + code
+        + "heavy = ('nats', 'msgspec', 'numpy')\n"
+        "ours = ('fabric.client', 'fabric.schema', 'fabric.service')\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy\n"
+        "                        or m in ours or m.startswith(tuple(o + '.' for o in ours)))))\n"
     )
-    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=60,
+    out = subprocess.run([sys.executable, "-P", "-c", probe], capture_output=True, text=True, timeout=60,
                          cwd="/", env=env_with_repo())
     assert out.returncode == 0, out.stderr
-    assert "usage: python -m fabric.services.spawner.worker" in out.stdout  # it did run
-    assert json.loads(out.stdout.splitlines()[-1]) == []
+    *printed, last = out.stdout.splitlines()
+    return json.loads(last), "\n".join(printed)
 
 
 _FABRIC_IMPORT = re.compile(r"^\s*(from\s+fabric(\.\w+)*\s+c?import\b|c?import\s+fabric(\.\w+)*\s*(,|$|\s+as\b))")
@@ -339,19 +352,12 @@ def test_the_protocol_package_imports_only_light_modules() -> None:
     """A warm worker imports fabric.protocol: its modules may use the stdlib, fabric_ext and fabric.errors only."""
     assert (ROOT / "fabric" / "protocol" / "reader.py").exists()  # the package is read
     assert _protocol_offences(ROOT) == []
-    code = (
-        "import importlib, json, pkgutil, sys\n"
+    loaded, _ = heavy_modules_after(
+        "import importlib, pkgutil\n"
         "import fabric.protocol as p\n"
         "for m in pkgutil.iter_modules(p.__path__):\n"
-        "    importlib.import_module('fabric.protocol.' + m.name)\n"
-        "heavy = ('nats', 'msgspec', 'numpy', 'fabric.client', 'fabric.schema', 'fabric.service')\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in heavy\n"
-        "                        or m.startswith(('fabric.client', 'fabric.schema', 'fabric.service')))))\n"
-    )
-    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=60,
-                         cwd="/", env=env_with_repo())
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.splitlines()[-1]) == []
+        "    importlib.import_module('fabric.protocol.' + m.name)\n")
+    assert loaded == []
 
 
 def test_the_protocol_import_check_catches_a_heavy_import(tmp_path: Path) -> None:
