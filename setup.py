@@ -56,7 +56,9 @@ def ext(name: str) -> Extension:
 # The repository keeps services/ at the top, one folder per service as the design names
 # them; installed, they are fabric.services.<name>, under fabric's own namespace where a
 # generic top-level name like "services" cannot collide with another project's.
-PACKAGES = (find_packages(include=["fabric", "fabric.*", "fabric_ext", "fabric_ext.*"])
+# fabric_ext/include holds the C headers (package data, no Python): named here so setuptools
+# ships it as a data-only package rather than warn that it looks importable
+PACKAGES = (find_packages(include=["fabric", "fabric.*", "fabric_ext", "fabric_ext.*"]) + ["fabric_ext.include"]
             + ["fabric.services"] + [f"fabric.services.{p}" for p in find_packages("services")])
 
 setup(
