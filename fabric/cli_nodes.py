@@ -19,7 +19,7 @@ from rich.console import JustifyMethod
 from rich.table import Table
 
 from .cli_common import NatsUrlOption, StateDirOption, connect, console, fail, find_nats_url, state_of
-from .protocol.subjects import NODES, cluster
+from .protocol.subjects import NODES, Nodes, cluster
 from .schema import JSON, NodeListReply, NodeRecord
 
 __all__ = ["fetch_nodes", "nodes_table", "add_columns", "NoMonitor", "nodes"]
@@ -35,9 +35,9 @@ async def fetch_nodes(nc: Any, timeout: float = 2.0) -> list[NodeRecord]:
     from nats.errors import TimeoutError as NatsTimeout
 
     try:
-        msg = await nc.request(cluster(NODES, "list"), b"{}", timeout=timeout)
+        msg = await nc.request(cluster(NODES, Nodes.LIST), b"{}", timeout=timeout)
     except (NoRespondersError, NatsTimeout):
-        raise NoMonitor(f"no gpu-monitor answered {cluster(NODES, 'list')}") from None
+        raise NoMonitor(f"no gpu-monitor answered {cluster(NODES, Nodes.LIST)}") from None
     return JSON.decode(msg.data, NodeListReply).nodes
 
 

@@ -408,34 +408,46 @@ def contract_spellings(root: Path, tops: tuple[str, ...] = ("fabric", "services"
                     continue
                 if value in exact or value.rstrip("=") in exact or subject.match(value):
                     found.append(f"{path.relative_to(root)}:{node.lineno}: {value!r}")
-            found += [f"{path.relative_to(root)}:{a.lineno}: area {a.value!r}" for a in _area_literals(tree)]
+            found += [f"{path.relative_to(root)}:{a.lineno}: in a subject {a.value!r}" for a in _subject_literals(tree)]
     return found
 
 
 _SUBJECT_BUILDERS = {"cluster", "node_scoped", "cluster_endpoint", "node_endpoint"}
 
 
-def _area_literals(tree: ast.Module) -> list[ast.Constant]:
-    """The area argument of a subject builder spelled as a string (``cluster("mem", ...)``), not subjects.MEM."""
+def _subject_literals(tree: ast.Module) -> list[ast.Constant]:
+    """Areas and verbs spelled as strings in a subject builder (``cluster("mem", "alloc")``), not subjects' names.
+
+    A name bound to ``functools.partial(<builder>, ...)`` (``ep = partial(self.node_endpoint, subjects.MEM)``)
+    counts as a builder too.
+    """
     def name(func: ast.expr) -> str:
         return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
 
+    def is_partial_of_builder(value: ast.expr) -> bool:
+        return (isinstance(value, ast.Call) and name(value.func) == "partial" and bool(value.args)
+                and name(value.args[0]) in _SUBJECT_BUILDERS)
+
+    builders = set(_SUBJECT_BUILDERS)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and is_partial_of_builder(node.value):
+            builders |= {t.id for t in node.targets if isinstance(t, ast.Name)}
     found = []
     for node in ast.walk(tree):
-        if not isinstance(node, ast.Call) or not node.args:
+        if not isinstance(node, ast.Call):
             continue
-        args = node.args
-        if name(node.func) == "partial" and len(args) > 1 and name(args[0]) in _SUBJECT_BUILDERS:
-            args = args[1:]  # functools.partial(self.node_endpoint, "mem")
-        elif name(node.func) not in _SUBJECT_BUILDERS:
+        if is_partial_of_builder(node):
+            args = node.args[1:]
+        elif name(node.func) in builders:
+            args = node.args
+        else:
             continue
-        if isinstance(args[0], ast.Constant) and isinstance(args[0].value, str):
-            found.append(args[0])
+        found += [a for a in args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
     return found
 
 
 def test_no_module_outside_the_protocol_package_spells_a_contract_name() -> None:
-    """Header names, core names, process markers, frame magics, subjects, areas: spelled in fabric/protocol only."""
+    """Header, core and marker names, frame magics, subjects, areas, verbs: spelled in fabric/protocol only."""
     assert contract_spellings(ROOT) == []
 
 
@@ -449,13 +461,17 @@ def test_the_spelling_check_finds_a_spelled_name(tmp_path: Path) -> None:
         'def f(node):\n    """fabric.mem.alloc in prose is fine."""\n'
         '    return f"fabric.telemetry.{node}", b"FABRIC_PROC_ID=", "fabric.opencl", "$SRV.PING"\n'
         'LOG, MAGIC = "fabric.client", b"FJB1"\n'
-        'EP = [self.cluster_endpoint("mem", "alloc"), subjects.node_scoped(subjects.PROC, n, "wait"),\n'
-        '      functools.partial(self.node_endpoint, "proc"), cluster(AREA, "list")]\n')
+        'EP = [self.cluster_endpoint("mem", subjects.Mem.ALLOC), subjects.node_scoped(subjects.PROC, n, "wait"),\n'
+        '      functools.partial(self.node_endpoint, "proc"), cluster(AREA, Nodes.LIST)]\n'
+        'ep = functools.partial(self.node_endpoint, subjects.MEM)\n'
+        'EPS = [ep("free", self.free), ep(subjects.Mem.READ, self.read), other("free")]\n')
     assert sorted(contract_spellings(tmp_path)) == [
-        "services/a.py:2: 'Nats-Service-Error-Code'", "services/a.py:5: '$SRV.PING'",
+        "services/a.py:10: in a subject 'free'", "services/a.py:2: 'Nats-Service-Error-Code'",
+        "services/a.py:5: '$SRV.PING'",
         "services/a.py:5: 'FABRIC_PROC_ID='", "services/a.py:5: 'fabric.opencl'",
         "services/a.py:5: 'fabric.telemetry.'", "services/a.py:6: 'FJB1'",
-        "services/a.py:7: area 'mem'", "services/a.py:8: area 'proc'"]
+        "services/a.py:7: in a subject 'mem'", "services/a.py:7: in a subject 'wait'",
+        "services/a.py:8: in a subject 'proc'"]
 
 
 def test_the_frame_codecs_are_imported_from_the_protocol_package() -> None:

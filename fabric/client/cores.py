@@ -86,8 +86,8 @@ class AsyncCore:
         self.id = info.core
         self.node = info.node
         self.name = info.name
-        self._run_subject = subjects.node_scoped(subjects.CORE, info.node, "run") + "." + info.core
-        self._map_subject = subjects.node_scoped(subjects.CORE, info.node, "map") + "." + info.core
+        self._run_subject = subjects.node_scoped(subjects.CORE, info.node, subjects.Core.RUN) + "." + info.core
+        self._map_subject = subjects.node_scoped(subjects.CORE, info.node, subjects.Core.MAP) + "." + info.core
 
     def __repr__(self) -> str:
         return f"AsyncCore(name={self.name!r}, core={self.id!r}, node={self.node!r})"
@@ -197,7 +197,7 @@ class AsyncCore:
 
     async def stats(self) -> CoreInfo:
         """The pool's statistics now (workers, queue, jobs done, crashes...)."""
-        reply = await self.client.request(subjects.node_scoped(subjects.CORE, self.node, "stats"),
+        reply = await self.client.request(subjects.node_scoped(subjects.CORE, self.node, subjects.Core.STATS),
                                           JSON.encode(CoreRequest(core=self.id)))
         self.info = JSON.decode(reply.data, CoreInfo)
         return self.info
@@ -205,7 +205,7 @@ class AsyncCore:
     async def unload(self) -> CoreInfo:
         """Unload the pool now, for everyone using it: queued jobs fail, its workers stop, later
         jobs raise NotFound.  Unloading a pool that a ``replace`` left draining stops it at once."""
-        reply = await self.client.request(subjects.node_scoped(subjects.CORE, self.node, "unload"),
+        reply = await self.client.request(subjects.node_scoped(subjects.CORE, self.node, subjects.Core.UNLOAD),
                                           JSON.encode(CoreRequest(core=self.id)))
         return JSON.decode(reply.data, CoreInfo)
 
@@ -240,7 +240,8 @@ class CoresArea(Transport):
         req = LoadCoreRequest(name=name, library=bytes(library), min_workers=min_workers, max_workers=max_workers,
                               time_limit_s=time_limit, idle_s=idle, external=external, replace=replace,
                               unload_after_s=unload_after or 0.0)
-        subject = subjects.node_scoped(subjects.CORE, node, "load") if node else subjects.cluster(subjects.CORE, "load")
+        subject = (subjects.node_scoped(subjects.CORE, node, subjects.Core.LOAD) if node
+                   else subjects.cluster(subjects.CORE, subjects.Core.LOAD))
         reply = await self.request(subject, MSGPACK.encode(req), {CONTENT_TYPE_HEADER: MSGPACK_CONTENT_TYPE},
                                    timeout=max(self.timeout, 60.0))
         return AsyncCore(cast("AsyncFabricClient", self), MSGPACK.decode(reply.data, CoreInfo))
@@ -259,5 +260,5 @@ class CoresArea(Transport):
 
     async def cores(self, node: str) -> CoreListReply:
         """Every core loaded on *node*, with its pool's statistics."""
-        reply = await self.request(subjects.node_scoped(subjects.CORE, node, "list"), b"{}")
+        reply = await self.request(subjects.node_scoped(subjects.CORE, node, subjects.Core.LIST), b"{}")
         return JSON.decode(reply.data, CoreListReply)

@@ -71,7 +71,7 @@ class MemoryArea(Transport):
         open (``keepalive=False`` leaves renewing to you, see :meth:`renew`), so the
         memory comes back by itself when the client closes or its process dies.
         """
-        subject = self._mem(node, "alloc") if node else subjects.cluster(subjects.MEM, "alloc")
+        subject = self._mem(node, subjects.Mem.ALLOC) if node else subjects.cluster(subjects.MEM, subjects.Mem.ALLOC)
         req = AllocRequest(size=_check_size(size), owner=self.owner if owner is None else owner, ttl_s=ttl or 0.0)
         r = await self._call(subject, req, AllocReply)
         if ttl and keepalive:
@@ -87,7 +87,7 @@ class MemoryArea(Transport):
         """Free the block; returns its size.  A second free raises DoubleFree."""
         token = _token(handle)
         h = parse(token)
-        r = await self._call(self._mem(h.node, "free"), HandleRequest(handle=token), FreeReply)
+        r = await self._call(self._mem(h.node, subjects.Mem.FREE), HandleRequest(handle=token), FreeReply)
         if self._leases is not None:
             self._leases.discard(token)
         return r.freed
@@ -96,8 +96,8 @@ class MemoryArea(Transport):
         """Resize the block (in place when possible); returns the buffer, whose handle may change."""
         token = _token(handle)
         h = parse(token)
-        r = await self._call(self._mem(h.node, "realloc"), ReallocRequest(handle=token, size=_check_size(size)),
-                             AllocReply)
+        r = await self._call(self._mem(h.node, subjects.Mem.REALLOC),
+                             ReallocRequest(handle=token, size=_check_size(size)), AllocReply)
         if self._leases is not None and r.handle != token:
             self._leases.replace(token, r.handle)
         if isinstance(handle, AsyncRemoteBuffer):
@@ -107,22 +107,23 @@ class MemoryArea(Transport):
 
     async def rstat(self, handle: str | AsyncRemoteBuffer) -> StatReply:
         token = _token(handle)
-        return await self._call(self._mem(parse(token).node, "stat"), HandleRequest(handle=token), StatReply)
+        return await self._call(self._mem(parse(token).node, subjects.Mem.STAT), HandleRequest(handle=token), StatReply)
 
     async def rshare(self, handle: str | AsyncRemoteBuffer) -> str:
         """A read-only handle to the same block, safe to give to another program."""
         token = _token(handle)
-        r = await self._call(self._mem(parse(token).node, "share"), HandleRequest(handle=token), ShareReply)
+        r = await self._call(self._mem(parse(token).node, subjects.Mem.SHARE), HandleRequest(handle=token), ShareReply)
         return r.handle
 
     async def renew(self, handle: str | AsyncRemoteBuffer, ttl: float) -> int:
         """Extend the block's lease by *ttl* seconds from now; returns the new deadline (ms)."""
         token = _token(handle)
-        r = await self._call(self._mem(parse(token).node, "renew"), RenewRequest(handle=token, ttl_s=ttl), RenewReply)
+        r = await self._call(self._mem(parse(token).node, subjects.Mem.RENEW), RenewRequest(handle=token, ttl_s=ttl),
+                             RenewReply)
         return r.lease_deadline_ms
 
     async def meminfo(self, node: str) -> MemInfoReply:
-        reply = await self.request(self._mem(node, "info"), b"{}")
+        reply = await self.request(self._mem(node, subjects.Mem.INFO), b"{}")
         return JSON.decode(reply.data, MemInfoReply)
 
     @_arguments_checked
@@ -239,7 +240,7 @@ class MemoryArea(Transport):
         """
         # no Content-Type header: the frame's magic says what it is, and a header-less
         # request is a plain PUB, cheaper for nats-py and the server alike
-        reply = await self.request(self._mem(node, "read"), frame)
+        reply = await self.request(self._mem(node, subjects.Mem.READ), frame)
         payloads, statuses = wire.decode_payloads(reply.data)
         out: list[Any] = payloads  # failed items are replaced by their errors below
         if statuses is not None:
@@ -259,7 +260,7 @@ class MemoryArea(Transport):
         return cast("list[int]", await asyncio.gather(*(self._send_write_frame(node, f) for f in frames)))
 
     async def _send_write_frame(self, node: str, frame: bytes, batch: bool = False) -> Any:
-        reply = await self.request(self._mem(node, "write"), frame)  # header-less, as for reads
+        reply = await self.request(self._mem(node, subjects.Mem.WRITE), frame)  # header-less, as for reads
         got = wire.decode(reply.data)
         out = [error_from_wire(st, f"batch item {i} failed") if st else n
                for i, (_h, _o, n, st) in enumerate(got.items)]
@@ -294,7 +295,8 @@ class MemoryArea(Transport):
             return None
         if not local.known(h):
             try:
-                reply = await self._call(self._mem(h.node, "attach"), HandleRequest(handle=token), AttachReply)
+                reply = await self._call(self._mem(h.node, subjects.Mem.ATTACH), HandleRequest(handle=token),
+                                         AttachReply)
             except FabricError:
                 reply = None  # e.g. a stale handle: let the real operation report it
                 if not local.known(h):

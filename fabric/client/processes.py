@@ -243,8 +243,8 @@ class ProcessesArea(Transport):
         return AsyncRemoteProcess(cast("AsyncFabricClient", self), reply, out)
 
     async def _spawn_call(self, node: str | None, req: SpawnRequest, timeout: float | None = None) -> SpawnReply:
-        subject = (subjects.node_scoped(subjects.PROC, node, "spawn") if node
-                   else subjects.cluster(subjects.PROC, "spawn"))
+        subject = (subjects.node_scoped(subjects.PROC, node, subjects.Proc.SPAWN) if node
+                   else subjects.cluster(subjects.PROC, subjects.Proc.SPAWN))
         native = req.native
         if native is not None and native.data is not None and self.nc is not None \
                 and len(native.data) * 4 // 3 + FRAME_OVERHEAD > self.nc.max_payload:
@@ -280,7 +280,7 @@ class ProcessesArea(Transport):
     async def rwait(self, proc: str | AsyncRemoteProcess, timeout: float | None = None) -> ExitInfo:
         """Wait for the process to end; ``TimeoutError`` if it still runs after *timeout* seconds."""
         proc_id = _proc_id(proc)
-        subject = subjects.node_scoped(subjects.PROC, _proc_node(proc_id), "wait")
+        subject = subjects.node_scoped(subjects.PROC, _proc_node(proc_id), subjects.Proc.WAIT)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
@@ -297,27 +297,28 @@ class ProcessesArea(Transport):
         proc_id = _proc_id(proc)
         if isinstance(signal, bool) or not isinstance(signal, (int, str)):
             raise BadRequest(f"signal must be a number or a name like 'SIGTERM', got {type(signal).__name__}")
-        r = await self._call(subjects.node_scoped(subjects.PROC, _proc_node(proc_id), "kill"),
+        r = await self._call(subjects.node_scoped(subjects.PROC, _proc_node(proc_id), subjects.Proc.KILL),
                              KillRequest(id=proc_id, signal=signal), KillReply)
         return r.delivered
 
     async def rwrite_stdin(self, proc: str | AsyncRemoteProcess, data: bytes, *, eof: bool = False) -> int:
         """Write to the stdin of a process spawned with ``stdin_open=True``; ``eof`` closes it."""
         proc_id = _proc_id(proc)
-        r = await self._call(subjects.node_scoped(subjects.PROC, _proc_node(proc_id), "stdin"),
+        r = await self._call(subjects.node_scoped(subjects.PROC, _proc_node(proc_id), subjects.Proc.STDIN),
                              StdinRequest(id=proc_id, data=bytes(data), eof=eof), StdinReply)
         return r.written
 
     async def rstatus(self, proc: str | AsyncRemoteProcess) -> ProcStatus:
         """State, live CPU %, RSS and member count of the process (its whole group)."""
         proc_id = _proc_id(proc)
-        return await self._call(subjects.node_scoped(subjects.PROC, _proc_node(proc_id), "status"),
+        return await self._call(subjects.node_scoped(subjects.PROC, _proc_node(proc_id), subjects.Proc.STATUS),
                                 ProcRequest(id=proc_id), ProcStatus)
 
     async def rlist(self, node: str, *, finished: bool = False) -> list[ProcStatus]:
-        r = await self._call(subjects.node_scoped(subjects.PROC, node, "list"), ProcListRequest(finished=finished),
-                             ProcListReply)
+        r = await self._call(subjects.node_scoped(subjects.PROC, node, subjects.Proc.LIST),
+                             ProcListRequest(finished=finished), ProcListReply)
         return r.processes
 
     async def spawner_info(self, node: str) -> SpawnerInfoReply:
-        return await self._call(subjects.node_scoped(subjects.PROC, node, "info"), ProcListRequest(), SpawnerInfoReply)
+        return await self._call(subjects.node_scoped(subjects.PROC, node, subjects.Proc.INFO), ProcListRequest(),
+                                SpawnerInfoReply)

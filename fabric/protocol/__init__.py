@@ -8,7 +8,8 @@ contract itself; this package is its Python spelling.
 What lives where:
 
 * :mod:`.subjects` -- the subject helpers (``fabric.<area>.<verb>``, the node-scoped form,
-  ``$SRV`` discovery, telemetry), the queue group and the node-name rules;
+  ``$SRV`` discovery, telemetry), the areas and each area's verbs (``Mem.ALLOC`` ...),
+  the queue group and the node-name rules;
 * :mod:`.headers` -- the NATS header names and the content types a message carries;
 * :mod:`.cores` -- the names of the built-in compute cores;
 * :mod:`.env` -- the environment variables that mark processes (shared by the spawner,

@@ -26,6 +26,74 @@ CORE: Final = "core"
 NODES: Final = "nodes"
 TELEMETRY: Final = "telemetry"
 
+
+# The verbs of each area, as docs/protocol.md lists them: the services serve exactly these
+# and the client asks for them by name (tests/test_protocol_doc.py checks the three agree).
+
+
+class Mem:
+    """``fabric.mem.<node>.<verb>`` (the allocator); ``alloc`` is also cluster-wide."""
+
+    ALLOC: Final = "alloc"
+    FREE: Final = "free"
+    REALLOC: Final = "realloc"
+    WRITE: Final = "write"
+    READ: Final = "read"
+    READV: Final = "readv"
+    WRITEV: Final = "writev"
+    STAT: Final = "stat"
+    SHARE: Final = "share"
+    RENEW: Final = "renew"
+    ATTACH: Final = "attach"
+    INFO: Final = "info"
+
+
+class Proc:
+    """``fabric.proc.<node>.<verb>`` (the spawner's processes); ``spawn`` is also cluster-wide."""
+
+    SPAWN: Final = "spawn"
+    WAIT: Final = "wait"
+    KILL: Final = "kill"
+    STDIN: Final = "stdin"
+    STATUS: Final = "status"
+    LIST: Final = "list"
+    INFO: Final = "info"
+    #: ``fabric.proc.<node>.out.<local>``: where a process's output is published (not a request)
+    OUT: Final = "out"
+
+
+class Core:
+    """``fabric.core.<node>.<verb>`` (the spawner's compute cores); ``load`` is also cluster-wide.
+
+    ``run`` and ``map`` take the core id as one more token: ``fabric.core.<node>.run.<core>``.
+    """
+
+    LOAD: Final = "load"
+    LIST: Final = "list"
+    STATS: Final = "stats"
+    UNLOAD: Final = "unload"
+    RUN: Final = "run"
+    MAP: Final = "map"
+
+
+class Nodes:
+    """``fabric.nodes.<verb>`` (cluster-wide) and ``fabric.nodes.<node>.<verb>`` (the gpu-monitor)."""
+
+    LIST: Final = "list"
+    GET: Final = "get"
+    DEVICES: Final = "devices"
+    INFO: Final = "info"
+    GPUS: Final = "gpus"
+
+
+#: every (area, verb) a request can be sent to, for the checks that hold client, services and docs together
+REQUEST_VERBS: Final = {
+    MEM: frozenset(v for k, v in vars(Mem).items() if k.isupper()),
+    PROC: frozenset(v for k, v in vars(Proc).items() if k.isupper() and k != "OUT"),
+    CORE: frozenset(v for k, v in vars(Core).items() if k.isupper()),
+    NODES: frozenset(v for k, v in vars(Nodes).items() if k.isupper()),
+}
+
 #: the ADR-32 discovery verbs every service answers
 SRV_PREFIX: Final = "$SRV"
 SRV_VERBS: Final = ("PING", "INFO", "STATS")

@@ -93,19 +93,19 @@ class AllocatorService(FabricService):
     def endpoints(self) -> Sequence[Endpoint]:
         ep = functools.partial(self.node_endpoint, subjects.MEM)  # fabric.mem.<node>.<verb>
         return [
-            self.cluster_endpoint(subjects.MEM, "alloc", self.alloc, name="alloc-any"),
-            ep("alloc", self.alloc),
-            ep("free", self.free),
-            ep("realloc", self.realloc),
-            ep("write", self.write, frames=True),
-            ep("read", self.read, frames=True),
-            ep("readv", self.readv),
-            ep("writev", self.writev),
-            ep("stat", self.stat),
-            ep("share", self.share),
-            ep("renew", self.renew),
-            ep("attach", self.attach),
-            ep("info", self.info),
+            self.cluster_endpoint(subjects.MEM, subjects.Mem.ALLOC, self.alloc, name="alloc-any"),
+            ep(subjects.Mem.ALLOC, self.alloc),
+            ep(subjects.Mem.FREE, self.free),
+            ep(subjects.Mem.REALLOC, self.realloc),
+            ep(subjects.Mem.WRITE, self.write, frames=True),
+            ep(subjects.Mem.READ, self.read, frames=True),
+            ep(subjects.Mem.READV, self.readv),
+            ep(subjects.Mem.WRITEV, self.writev),
+            ep(subjects.Mem.STAT, self.stat),
+            ep(subjects.Mem.SHARE, self.share),
+            ep(subjects.Mem.RENEW, self.renew),
+            ep(subjects.Mem.ATTACH, self.attach),
+            ep(subjects.Mem.INFO, self.info),
         ]
 
     async def on_start(self) -> None:

@@ -90,11 +90,11 @@ class GpuMonitorService(FabricService):
 
     def endpoints(self) -> Sequence[Endpoint]:
         return [
-            self.cluster_endpoint(subjects.NODES, "list", self.list),
-            self.cluster_endpoint(subjects.NODES, "get", self.get),
-            self.cluster_endpoint(subjects.NODES, "devices", self.devices),
-            self.node_endpoint(subjects.NODES, "info", self.info),
-            self.node_endpoint(subjects.NODES, "gpus", self.gpus),
+            self.cluster_endpoint(subjects.NODES, subjects.Nodes.LIST, self.list),
+            self.cluster_endpoint(subjects.NODES, subjects.Nodes.GET, self.get),
+            self.cluster_endpoint(subjects.NODES, subjects.Nodes.DEVICES, self.devices),
+            self.node_endpoint(subjects.NODES, subjects.Nodes.INFO, self.info),
+            self.node_endpoint(subjects.NODES, subjects.Nodes.GPUS, self.gpus),
         ]
 
     # -- lifecycle -------------------------------------------------------------------

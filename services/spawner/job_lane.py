@@ -68,8 +68,10 @@ class JobLane:
         self._sends: set[asyncio.Task[Any]] = set()
         self._retry_link_at = 0.0
         # served on the lane (open()), counted here, listed in $SRV (the manager's side_endpoints)
-        self._run_ep = node_endpoint(subjects.CORE, node, "run", self._on_run, name="core-run", wildcard=True)
-        self._map_ep = node_endpoint(subjects.CORE, node, "map", self._on_map, name="core-map", wildcard=True)
+        self._run_ep = node_endpoint(subjects.CORE, node, subjects.Core.RUN, self._on_run, name="core-run",
+                                     wildcard=True)
+        self._map_ep = node_endpoint(subjects.CORE, node, subjects.Core.MAP, self._on_map, name="core-map",
+                                     wildcard=True)
 
     def endpoints(self) -> list[Endpoint]:
         return [self._run_ep, self._map_ep]

@@ -138,11 +138,11 @@ class CoreManager:
             return node_endpoint(subjects.CORE, self.node, verb, handler, name=f"core-{verb}")
 
         return [
-            cluster_endpoint(subjects.CORE, "load", self.load, name="core-load-any"),
-            ep("load", self.load),
-            ep("list", self.list),
-            ep("stats", self.stats),
-            ep("unload", self.unload),
+            cluster_endpoint(subjects.CORE, subjects.Core.LOAD, self.load, name="core-load-any"),
+            ep(subjects.Core.LOAD, self.load),
+            ep(subjects.Core.LIST, self.list),
+            ep(subjects.Core.STATS, self.stats),
+            ep(subjects.Core.UNLOAD, self.unload),
         ]
 
     def side_endpoints(self) -> list[Endpoint]:

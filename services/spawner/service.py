@@ -82,14 +82,14 @@ class SpawnerService(FabricService):
     def endpoints(self) -> Sequence[Endpoint]:
         ep = functools.partial(self.node_endpoint, subjects.PROC)  # fabric.proc.<node>.<verb>
         return [
-            self.cluster_endpoint(subjects.PROC, "spawn", self.spawn, name="spawn-any"),
-            ep("spawn", self.spawn),
-            ep("wait", self.wait),
-            ep("kill", self.kill),
-            ep("stdin", self.stdin),
-            ep("status", self.status),
-            ep("list", self.list),
-            ep("info", self.info),
+            self.cluster_endpoint(subjects.PROC, subjects.Proc.SPAWN, self.spawn, name="spawn-any"),
+            ep(subjects.Proc.SPAWN, self.spawn),
+            ep(subjects.Proc.WAIT, self.wait),
+            ep(subjects.Proc.KILL, self.kill),
+            ep(subjects.Proc.STDIN, self.stdin),
+            ep(subjects.Proc.STATUS, self.status),
+            ep(subjects.Proc.LIST, self.list),
+            ep(subjects.Proc.INFO, self.info),
             *self.cores.endpoints(),
         ]
 

@@ -153,7 +153,8 @@ class Launcher:
             close_fds(in_r, out_w, err_w, cgroup_fd)
         mp = ManagedProcess(
             id=proc_id, local=local, pid=pid, argv=list(req.argv), owner=req.owner,
-            subject=subjects.node_scoped(subjects.PROC, self.node, f"out.{local}"), stream_to=req.stream_to,
+            subject=subjects.node_scoped(subjects.PROC, self.node, f"{subjects.Proc.OUT}.{local}"),
+            stream_to=req.stream_to,
             announce=req.announce,
             plan=plan, started_at=time.time(), t0=time.monotonic(),
             stdout=OutputTail(req.tail_bytes), stderr=OutputTail(req.tail_bytes), cgroup=cgroup, pidfd=pidfd,
