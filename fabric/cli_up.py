@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
@@ -58,7 +57,7 @@ def up(
         "--services", show_default=False,
         help="Comma-separated service names. Config: up.services (all known).")] = None,
     node: Annotated[str | None, typer.Option("--node", show_default=False,
-                                                help="Node name. Config: node (the host name, sanitized).")] = None,
+                                                help="Node name. Config: node (the short host name).")] = None,
     nats_server: Annotated[str | None, typer.Option("--nats-server", show_default=False,
                                                        help="The nats-server binary to run. Config: nats.server.")
                            ] = None,
@@ -77,7 +76,8 @@ def up(
     configuration fails here, every problem listed, before anything starts.
     """
     from . import nats_server as ns
-    from .protocol.subjects import sanitize_node_name, valid_node_name
+    from .config import default_node
+    from .protocol.subjects import valid_node_name
     from .supervisor import Supervisor, SupervisorConfig
 
     t0 = _process_start_time()
@@ -102,7 +102,7 @@ def up(
     cfg = loaded.config
     state = state_of(Path(cfg.state_dir) if cfg.state_dir else None)
     modules = parse_services(",".join(cfg.up.services) if cfg.up.services is not None else None)
-    node = cfg.node if cfg.node is not None else sanitize_node_name(socket.gethostname().split(".")[0])
+    node = cfg.node if cfg.node is not None else default_node()
     nats_url, host, timeout, grace = cfg.nats.url, cfg.nats.host, cfg.up.ready_timeout_s, cfg.up.grace_s
 
     try:

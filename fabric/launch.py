@@ -29,7 +29,11 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["ModuleLaunch", "module_launch", "package_root"]
+__all__ = ["ModuleLaunch", "module_launch", "package_root", "SERVICE_MODULES_ENV"]
+
+#: JSON object ``{"name": "module"}`` that replaces or adds the modules ``fabric up`` runs as
+#: services (tests, development); read by the supervisor, and not configuration (fabric.config)
+SERVICE_MODULES_ENV = "FABRIC_SERVICE_MODULES"
 
 #: ``-P`` (and ``PYTHONSAFEPATH``) exist from Python 3.11 on; 3.10 rejects the flag
 SAFE_PATH_FLAG = ["-P"] if sys.version_info >= (3, 11) else []

@@ -46,7 +46,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -61,11 +60,11 @@ from nats.micro.request import Request as MicroRequest
 from nats.micro.service import ServiceConfig
 
 from ._version import __version__
-from .config import DEFAULT_NATS_URL, ConfigError, FabricConfig, Loaded, load_config
+from .config import DEFAULT_NATS_URL, ConfigError, FabricConfig, Loaded, default_node, load_config
 from .errors import BadRequest, FabricError, InternalError, error_headers
 from .jetstream import JetStreamKeeper, JetStreamResource
 from .logs import configure_logging
-from .protocol.subjects import sanitize_node_name, valid_node_name
+from .protocol.subjects import valid_node_name
 from .schema import CONTENT_TYPE_HEADER, FRAME_CONTENT_TYPE, MSGPACK, MSGPACK_CONTENT_TYPE, ErrorReply, error_info
 from .service_endpoint import (
     FRAME_MAGIC,
@@ -381,7 +380,7 @@ def parse_settings(argv: Sequence[str] | None, service_name: str,
     """
     parser = argparse.ArgumentParser(prog=f"python -m fabric.services.{service_name.replace('-', '_')}")
     parser.add_argument("--nats-url", help=f"NATS to connect to (default: nats.url, else {DEFAULT_NATS_URL})")
-    parser.add_argument("--node", help="node name (default: node, else the host name, sanitized)")
+    parser.add_argument("--node", help="node name (default: node, else the host's short name, sanitized)")
     parser.add_argument("--state-dir", help="state directory (default: state_dir, else the per-user state dir)")
     parser.add_argument("--config", type=Path, help="configuration file (default: <state-dir>/fabric.toml)")
     args = parser.parse_args(argv)
@@ -393,7 +392,7 @@ def parse_settings(argv: Sequence[str] | None, service_name: str,
     cfg = loaded.config
     try:
         settings = ServiceSettings(nats_url=cfg.nats.url or DEFAULT_NATS_URL,
-                                   node=cfg.node or sanitize_node_name(socket.gethostname()),
+                                   node=cfg.node or default_node(),
                                    state_dir=Path(cfg.state_dir) if cfg.state_dir else default_state_dir(),
                                    config=cfg)
     except ValueError as exc:

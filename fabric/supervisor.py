@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from .discovery import probe_services
-from .launch import module_launch
+from .launch import SERVICE_MODULES_ENV, module_launch
 from .state import FabricState, ProcessRecord, StateDir
 
 __all__ = ["SERVICES", "SupervisorConfig", "Supervisor", "service_modules", "rotate_log"]
@@ -57,9 +57,6 @@ SERVICES: dict[str, str] = {
     "spawner": "fabric.services.spawner",
     "gpu-monitor": "fabric.services.gpu_monitor",
 }
-
-#: JSON object ``{"name": "module"}`` that replaces or adds service modules (tests, development)
-SERVICE_MODULES_ENV = "FABRIC_SERVICE_MODULES"
 
 BACKOFF_INITIAL_S = 0.1
 BACKOFF_MAX_S = 5.0

@@ -396,3 +396,20 @@ def test_every_key_that_defaults_to_unset_says_what_unset_means() -> None:
     unset = {path for path in KEYS
              if (defaults.get(path) if "." not in path else defaults[path.split(".")[0]][path.split(".")[1]]) is None}
     assert unset and unset == set(UNSET_MEANS)
+
+
+def test_a_service_on_its_own_names_the_node_as_fabric_up_does(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    """Unset ``node`` is the short host name for ``fabric up`` and for a service started by hand alike.
+
+    A service started on its own used the whole host name (``db-1_example_com``) while
+    ``fabric up`` used the short one (``db-1``): the two did not name the same node.
+    """
+    import socket
+
+    from fabric.config import default_node
+    from fabric.service import parse_settings
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "db-1.example.com")
+    settings, _ = parse_settings(["--state-dir", str(tmp_path)], "allocator", environ={})
+    assert default_node() == settings.node == "db-1"

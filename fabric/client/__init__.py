@@ -47,6 +47,7 @@ The package, one module per area; imports run one way, transport <- areas <- cli
 
 from __future__ import annotations
 
+from ..config.model import DEFAULT_NATS_URL
 from ..protocol.cores import PYTHON_CORE
 from ..protocol.headers import EXIT_CODE_HEADER
 from .aio import AsyncFabricClient
@@ -56,7 +57,6 @@ from .processes import AsyncRemoteProcess
 from .sync import Core, FabricClient, RemoteBuffer, RemoteProcess
 from .transport import (
     CHUNKS_IN_FLIGHT,
-    DEFAULT_NATS_URL,
     DEFAULT_READ_CHUNK_SIZE,
     FRAME_OVERHEAD,
     default_url,

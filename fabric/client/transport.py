@@ -26,6 +26,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from ..config.model import DEFAULT_NATS_URL
 from ..errors import (
     ERROR_CODE_HEADER,
     ERROR_HEADER,
@@ -48,8 +49,6 @@ DEFAULT_READ_CHUNK_SIZE = 128 * 1024
 # chunk requests of one value in flight at a time: enough to keep every stage of the
 # path busy, few enough that a 1 GiB value does not queue 4096 requests at once
 CHUNKS_IN_FLIGHT = 8
-#: the URL of last resort: a NATS on this machine's default port
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 log = logging.getLogger("fabric.client")
 

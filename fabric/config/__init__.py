@@ -23,9 +23,10 @@ from .model import (
     PoolConfig,
     TelemetryConfig,
     UpConfig,
+    default_node,
 )
 from .sources import ConfigError, ConfigIssue
 
 __all__ = ["FabricConfig", "NatsConfig", "UpConfig", "MemConfig", "PoolConfig", "TelemetryConfig",
            "DEFAULT_NATS_URL", "KEYS", "DEPRECATED_ENV", "env_name", "CONFIG_FILE_NAME", "Loaded", "load_config",
-           "validate_file", "check_section", "ConfigError", "ConfigIssue"]
+           "validate_file", "check_section", "ConfigError", "ConfigIssue", "default_node"]

@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from ..launch import SERVICE_MODULES_ENV
 from ..protocol.env import CORE_ID_ENV, MARKER_ENV, PROC_ENV, STAGING_ENV
 from .model import FabricConfig
 
@@ -91,8 +92,9 @@ DEPRECATED_ENV: dict[str, str] = {
 
 #: FABRIC_* variables that are not configuration (process markers, build switches, test hooks): never errors
 NOT_CONFIG_ENV: tuple[str, ...] = (
-    PROC_ENV, CORE_ID_ENV, MARKER_ENV, STAGING_ENV, "FABRIC_SERVICE_MODULES",
-    "FABRIC_DEBUG", "FABRIC_SANITIZE", "FABRIC_NO_SANITIZE",
+    PROC_ENV, CORE_ID_ENV, MARKER_ENV, STAGING_ENV, SERVICE_MODULES_ENV,
+    # setup.py's build switches (read at build time, never by fabric)
+    "FABRIC_DEBUG", "FABRIC_SANITIZE",
 )
 
 

@@ -45,6 +45,12 @@ class Loaded:
     warnings: list[str] = field(default_factory=list)
 
 
+def _error_path(exc: msgspec.ValidationError) -> str:
+    """The key path msgspec names at the end of its message (``- at `$.telemetry```): "telemetry", or ""."""
+    at = re.search(r" - at `\$\.?([^`]*)`$", str(exc))
+    return at.group(1) if at else ""
+
+
 def _message(exc: msgspec.ValidationError) -> str:
     """msgspec's message as ours: ``Expected `int`, got `str``` -> ``expected int, got str``."""
     text = re.sub(r" - at `\$[^`]*`$", "", str(exc)).replace("`", "").replace(" | null", "")
@@ -118,8 +124,7 @@ def _build(layers: list[list[Setting]], issues: list[ConfigIssue]) -> tuple[Fabr
     try:
         return msgspec.convert(_nest(values), FabricConfig), sources
     except msgspec.ValidationError as exc:  # a cross-field rule (each value passed on its own)
-        at = re.search(r" - at `\$\.?([^`]*)`$", str(exc))
-        section = at.group(1) if at else ""
+        section = _error_path(exc)
         if not any(issue.path and issue.path.startswith(section) for issue in issues):
             involved = sorted({sources[p] for p in KEYS if p.startswith(section) and sources[p] != "default"})
             issues.append(ConfigIssue(section or None, _message(exc), ", ".join(involved) or "default"))
@@ -181,5 +186,4 @@ def check_section(section: msgspec.Struct) -> None:
     try:
         msgspec.convert(msgspec.to_builtins(section), type(section))
     except msgspec.ValidationError as exc:
-        at = re.search(r" - at `\$\.?([^`]*)`$", str(exc))
-        raise ValueError(f"{name}.{at.group(1) if at else ''}: {_message(exc)}") from None
+        raise ValueError(f"{name}.{_error_path(exc)}: {_message(exc)}") from None

@@ -13,18 +13,27 @@ section is frozen (a configuration never changes once read) and forbids unknown 
 
 from __future__ import annotations
 
+import socket
 from typing import Annotated
 
 import msgspec
 from msgspec import Meta
 
-from ..protocol.subjects import NODE_NAME
+from ..protocol.subjects import NODE_NAME, sanitize_node_name
 
 __all__ = ["FabricConfig", "NatsConfig", "UpConfig", "MemConfig", "PoolConfig", "TelemetryConfig",
-           "DEFAULT_NATS_URL", "LogLevel", "HINTS"]
+           "DEFAULT_NATS_URL", "LogLevel", "HINTS", "default_node"]
 
-#: the NATS a service connects to when nothing says otherwise
+#: the NATS a service or client connects to when nothing says otherwise
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+def default_node() -> str:
+    """The node name when ``node`` is unset: this host's short name, sanitized (``db-1.example.com`` -> ``db-1``).
+
+    One rule for ``fabric up`` and a service started on its own, so both name the node alike.
+    """
+    return sanitize_node_name(socket.gethostname().split(".")[0])
 
 #: a logging level name, in any case ("info", "DEBUG")
 LogLevel = Annotated[str, Meta(pattern=r"(?i)^(debug|info|warning|error|critical)$")]
@@ -47,7 +56,7 @@ HINTS: dict[str, str] = {
 
 #: what an unset (None) key means, shown by ``fabric config show`` beside the "-"
 UNSET_MEANS: dict[str, str] = {
-    "node": "the host name",
+    "node": "the host's short name",
     "state_dir": "the per-user state dir",
     "nats.url": "fabric up starts its own",
     "nats.server": "the one installed with fabric, else $PATH",
