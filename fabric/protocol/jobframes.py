@@ -28,7 +28,6 @@ JOB_RESULTS_MAGIC: Final = b"FJR1"
 MAX_JOB_BATCH: Final = 65536
 
 _COUNT = struct.Struct("<I")
-_LENGTH = struct.Struct("<Q")
 _RESULT = struct.Struct("<iIQ")
 #: magic and count, the fixed head of both frames
 _HEAD = len(JOB_BATCH_MAGIC) + _COUNT.size
@@ -48,20 +47,12 @@ def encode_job_batch(items: list[Any]) -> bytes:
     return b"".join([table, *items])
 
 
-def _payloads(r: Reader, lengths: list[int], what: str) -> list[memoryview]:
-    out: list[memoryview] = []
-    for i, length in enumerate(lengths):
-        out.append(r.take(length, f"{what} {i}"))
-    return out
-
-
 def decode_job_batch(data: Any) -> list[memoryview]:
     """The job inputs of a batch request, as views into *data* (no copy); InvalidFrame if malformed."""
     r = Reader(data, "job batch frame")
     r.magic(JOB_BATCH_MAGIC)
     n = r.count(r.unpack(_COUNT, "count")[0], MAX_JOB_BATCH, "count")
-    lengths = [e[0] for e in r.table(n, _LENGTH, "lengths")]
-    out = _payloads(r, lengths, "job")
+    out = r.payloads(r.integers(n, "Q", "lengths"), "job")
     r.end()
     return out
 
@@ -83,6 +74,6 @@ def decode_job_results(data: Any) -> list[tuple[int, int, memoryview]]:
     r.magic(JOB_RESULTS_MAGIC)
     n = r.count(r.unpack(_COUNT, "count")[0], MAX_JOB_BATCH, "count")
     entries = r.table(n, _RESULT, "results")
-    outs = _payloads(r, [e[2] for e in entries], "output")
+    outs = r.payloads([length for _, _, length in entries], "output")
     r.end()
     return [(code, err, out) for (code, err, _), out in zip(entries, outs, strict=True)]

@@ -20,6 +20,7 @@ imports only the standard library and :mod:`fabric.errors`.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 from ..errors import InvalidFrame
@@ -88,14 +89,45 @@ class Reader:
             raise InvalidFrame(f"{self.what}: {field} {n} exceeds the limit of {limit}")
         return n
 
+    def _fits(self, n: int, entry_size: int, field: str) -> int:
+        size = n * entry_size
+        if size > len(self.view) - self.pos:
+            raise InvalidFrame(f"truncated {self.what}: {n} {field} of {entry_size} bytes need {size} bytes "
+                               f"at offset {self.pos}, only {len(self.view) - self.pos} left")
+        return size
+
     def table(self, n: int, entry: struct.Struct, field: str) -> list[tuple[Any, ...]]:
         """*n* entries of *entry* at the cursor; refused at once when *n* of them cannot fit what is left."""
-        size = n * entry.size
-        if size > len(self.view) - self.pos:
-            raise InvalidFrame(f"truncated {self.what}: {n} {field} of {entry.size} bytes need {size} bytes "
-                               f"at offset {self.pos}, only {len(self.view) - self.pos} left")
+        size = self._fits(n, entry.size, field)
         out = list(entry.iter_unpack(self.view[self.pos:self.pos + size]))
         self.pos += size
+        return out
+
+    def integers(self, n: int, code: str, field: str) -> tuple[int, ...]:
+        """*n* little-endian integers of struct *code* (``"Q"``) at the cursor, checked as :meth:`table` is."""
+        fmt = struct.Struct(f"<{n}{code}")
+        self._fits(n, fmt.size // n if n else 0, field)
+        out = fmt.unpack_from(self.view, self.pos)
+        self.pos += fmt.size
+        return out
+
+    def payloads(self, lengths: Iterable[int], field: str) -> list[memoryview]:
+        """One view per length, back to back at the cursor; the first that runs past the end names its index.
+
+        The hot loop of a batch frame (one entry per job): the error message is built
+        only when a length does not fit.
+        """
+        view, pos, size = self.view, self.pos, len(self.view)
+        out: list[memoryview] = []
+        append = out.append
+        for length in lengths:
+            end = pos + length
+            if end > size:
+                self.pos = pos
+                self.take(length, f"{field} {len(out)}")  # raises, naming the item and its offset
+            append(view[pos:end])
+            pos = end
+        self.pos = pos
         return out
 
     def end(self) -> None:
