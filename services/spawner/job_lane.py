@@ -48,7 +48,7 @@ from .pool import Pool
 from .pool_reply import REPLY_HEADROOM, ReplyLink, reply_limit
 from .pool_types import OUTPUT_HINT, Job
 
-__all__ = ["JobLane", "fit_results", "EXIT_CODE_HEADER"]
+__all__ = ["JobLane", "fit_results"]
 
 
 

@@ -77,13 +77,13 @@ from fabric.schema import CoreInfo, CoreListReply, CoreRequest, LoadCoreRequest
 from fabric.service import Endpoint, Request, cluster_endpoint, node_endpoint
 from fabric.service_tasks import BackgroundTasks
 
-from .job_lane import EXIT_CODE_HEADER, JobLane, fit_results
+from .job_lane import JobLane, fit_results
 from .pool import Pool, library_digest
 from .pool_reply import ReplyLink
 from .pool_rings import RING_GLOB, ring_prefix, sweep_rings
 from .pool_types import Job, PoolEnv
 
-__all__ = ["CoreManager", "Pool", "Job", "PoolEnv", "PYTHON_CORE", "OPENCL_CORE", "EXIT_CODE_HEADER",
+__all__ = ["CoreManager", "Pool", "Job", "PoolEnv", "PYTHON_CORE", "OPENCL_CORE",
            "library_digest", "fit_results", "sweep_rings", "RING_GLOB"]
 
 #: how often the watchdog looks for jobs past their time limit and idle workers
