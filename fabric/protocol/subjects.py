@@ -19,11 +19,12 @@ NODE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: the queue group every cluster-wide endpoint of a service listens in
 QUEUE_GROUP: Final = "fabric"
 
-#: the areas of the contract: remote memory, processes, compute cores, nodes, heartbeats
+#: the areas of the contract: remote memory, processes, compute cores, nodes, tasks, heartbeats
 MEM: Final = "mem"
 PROC: Final = "proc"
 CORE: Final = "core"
 NODES: Final = "nodes"
+TASK: Final = "task"
 TELEMETRY: Final = "telemetry"
 
 
@@ -86,12 +87,31 @@ class Nodes:
     GPUS: Final = "gpus"
 
 
+class Task:
+    """``fabric.task.<verb>`` (the active scheduler; standbys do not listen).
+
+    ``pull`` is the spawners' side: a node asks for work and reports results.
+    ``events`` is published, not requested: every state change, in batches.
+    """
+
+    SUBMIT: Final = "submit"
+    MAP: Final = "map"
+    GET: Final = "get"
+    WAIT: Final = "wait"
+    CANCEL: Final = "cancel"
+    LIST: Final = "list"
+    PULL: Final = "pull"
+    #: ``fabric.task.events``: where state changes are published (not a request)
+    EVENTS: Final = "events"
+
+
 #: every (area, verb) a request can be sent to, for the checks that hold client, services and docs together
 REQUEST_VERBS: Final = {
     MEM: frozenset(v for k, v in vars(Mem).items() if k.isupper()),
     PROC: frozenset(v for k, v in vars(Proc).items() if k.isupper() and k != "OUT"),
     CORE: frozenset(v for k, v in vars(Core).items() if k.isupper()),
     NODES: frozenset(v for k, v in vars(Nodes).items() if k.isupper()),
+    TASK: frozenset(v for k, v in vars(Task).items() if k.isupper() and k != "EVENTS"),
 }
 
 #: the ADR-32 discovery verbs every service answers
