@@ -83,8 +83,8 @@ def decode_python_task(data: Any) -> PythonTask:
     deps: dict[str, memoryview] = {}
     for i in range(ndeps):
         id_len, value_len = r.unpack(_DEP, f"dependency {i}")
-        deps[bytes(r.take(id_len, f"dependency {i} id")).decode("utf-8", "replace")] = r.take(
-            value_len, f"dependency {i} value")
+        task_id = bytes(r.take(id_len, f"dependency {i} id")).decode("utf-8", "replace")
+        deps[task_id] = r.take(value_len, f"dependency {i} value")
     return PythonTask(fn, deps, r.take(r.left(), "call"))
 
 
