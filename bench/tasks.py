@@ -1,0 +1,564 @@
+"""Durable tasks (issue 14): fabric's scheduler beside Ray and Dask, in one run.
+
+Starts, on free loopback ports and in temporary state directories: ``fabric up``
+(embedded nats-server, every service, the scheduler included), Ray
+(``ray.init(num_cpus=2)``, no dashboard) and a Dask ``LocalCluster`` (processes, 2
+workers x 1 thread), times each start, warms each one, then measures:
+
+* ``task_rtt``: a no-op task from submit to its result at the client, sequential:
+  fabric's durable default ``fc.submit(noop).result()``, ``ray.get(f.remote())``,
+  ``client.submit(f, pure=False).result()``; alternating windows, the median of the
+  windows' p50s.
+* ``tasks_per_s``: N no-op tasks (10,000; ``--quick`` 2,000): ``fc.map`` and every
+  result, Ray ``[f.remote(i) ...]`` + ``ray.get``, Dask ``client.map`` + ``gather``, and
+  ``Core.map`` on the same fabric's built-in Python pool (``fabric.python``, no
+  scheduler, nothing durable: what durability costs); alternating rounds, medians.
+* ``memory``: a second ``fabric up`` with no spawner (``--services gpu-monitor,scheduler``)
+  so tasks stay queued; the scheduler's RSS (psutil) before and after N queued no-op
+  tasks (100,000; ``--quick`` 20,000); bytes per queued task.
+* ``failover``: a second scheduler beside the first, a steady stream of tasks (four
+  sequential submitters), ``kill -9`` of the active scheduler (its pid from
+  ``$SRV.INFO`` metadata); seconds from the kill to the next result at the client.
+
+Each section is independent: one that fails (or whose fabric side does not exist
+yet) reports its error under ``errors`` and the others still run.  Progress goes to
+stderr; the last line is one JSON object (docs/benchmarks.md "Tasks").
+
+    .venv/bin/python bench/tasks.py [--quick]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench._common import machine, parse_args, progress, stop_process
+
+log = progress("tasks")
+
+TARGETS = {"task_rtt_vs_ray": 2, "task_rtt_vs_dask": 10, "tasks_per_s_vs_ray": 5}
+MEM_TARGET_BYTES_PER_TASK = 2048
+FAILOVER_TARGET_S = 3.0
+SCHEDULER = "scheduler"
+
+
+def noop(x: Any = None) -> None:
+    """The task every system runs: nothing (it takes the item so ``map`` can pass one)."""
+    return None
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def p50_us(samples: list[float]) -> float:
+    return statistics.median(samples) * 1e6
+
+
+def timed_calls(fn: Callable[[], Any], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def fabric_side_missing() -> str | None:
+    """Why the fabric side cannot be measured in this tree (None: it can)."""
+    if importlib.util.find_spec("fabric.client.tasks") is None:
+        return "fabric/client/tasks.py does not exist yet (FabricClient.submit/map)"
+    if importlib.util.find_spec("fabric.services.scheduler") is None:
+        return "services/scheduler/ (fabric.services.scheduler) does not exist yet"
+    from fabric import FabricClient
+
+    for name in ("submit", "map"):
+        if not hasattr(FabricClient, name):
+            return f"FabricClient.{name} does not exist yet"
+    return None
+
+
+def fabric_env() -> dict[str, str]:
+    """The environment of ``fabric up``: the scheduler added to its services if it is not one yet."""
+    from fabric.launch import SERVICE_MODULES_ENV
+    from fabric.supervisor import SERVICES
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if SCHEDULER not in SERVICES:
+        env[SERVICE_MODULES_ENV] = json.dumps({SCHEDULER: "fabric.services.scheduler"})
+    return env
+
+
+def fabric_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fabric.cli", *args]
+
+
+def fabric_up(state: Path, services: str | None = None) -> tuple[str, float, str]:
+    """``fabric up -d`` on a free port in *state*: (NATS URL, seconds to ready, node name)."""
+    extra = ["--services", services] if services else []
+    t0 = time.perf_counter()
+    out = subprocess.run(fabric_cmd("up", "-d", "--nats-port", "0", "--state-dir", str(state), *extra),
+                         capture_output=True, text=True, env=fabric_env(), timeout=120)
+    ready_s = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"fabric up failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    st = json.loads((state / "state.json").read_text())
+    return st["nats_url"], ready_s, st["node"]
+
+
+def fabric_down(state: Path) -> None:
+    subprocess.run(fabric_cmd("down", "--purge", "--state-dir", str(state)), capture_output=True,
+                   env=fabric_env(), timeout=90)
+
+
+@contextmanager
+def fabric_running(state: Path, services: str | None = None) -> Iterator[tuple[str, float, str]]:
+    try:
+        yield fabric_up(state, services)
+    finally:
+        fabric_down(state)
+
+
+def service_infos(url: str, name: str, wait_s: float = 0.5) -> list[dict[str, Any]]:
+    """Every ``$SRV.INFO.<name>`` reply that arrives within *wait_s* (all instances answer)."""
+    import nats
+
+    async def ask() -> list[dict[str, Any]]:
+        nc = await nats.connect(url)
+        try:
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+            await nc.publish(f"$SRV.INFO.{name}", b"", reply=inbox)
+            out: list[dict[str, Any]] = []
+            deadline = time.monotonic() + wait_s
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    msg = await sub.next_msg(timeout=left)
+                except TimeoutError:
+                    break
+                except Exception:  # nats' own timeout class on older nats-py
+                    break
+                out.append(json.loads(msg.data))
+            return out
+        finally:
+            await nc.close()
+
+    return asyncio.run(ask())
+
+
+def wait_first_task(fc: Any, timeout_s: float = 60.0) -> float:
+    """Submit no-op tasks until one comes back (the scheduler elected and a node pulling); seconds taken."""
+    t0 = time.perf_counter()
+    last: Exception | None = None
+    while time.perf_counter() - t0 < timeout_s:
+        try:
+            fc.submit(noop).result(timeout=10)
+            return time.perf_counter() - t0
+        except Exception as exc:  # 503 while no scheduler is active yet, a timeout while nodes register
+            last = exc
+            time.sleep(0.2)
+    raise RuntimeError(f"no task result within {timeout_s:g}s of fabric up: {last!r}")
+
+
+def rss_of(pid: int) -> int:
+    import psutil
+
+    return int(psutil.Process(pid).memory_info().rss)
+
+
+def settled_rss(pid: int, max_s: float = 30.0) -> int:
+    """The RSS of *pid* once two samples 0.5 s apart differ by under 0.5 % (or after *max_s*)."""
+    prev, t0 = rss_of(pid), time.monotonic()
+    while time.monotonic() - t0 < max_s:
+        time.sleep(0.5)
+        cur = rss_of(pid)
+        if abs(cur - prev) < 0.005 * prev:
+            return cur
+        prev = cur
+    return prev
+
+
+# -- the systems -----------------------------------------------------------------------
+
+
+class Fabric:
+    """``fabric up`` with the scheduler, a sync client, and the node's Python pool for ``Core.map``."""
+
+    def __init__(self, state: Path) -> None:
+        from fabric import FabricClient
+
+        self.state = state
+        self.url, self.up_s, self.node = fabric_up(state)
+        self.fc = FabricClient(self.url, timeout=60.0).connect()
+        try:
+            self.first_task_s = wait_first_task(self.fc)
+        except Exception:
+            self.close()
+            raise
+        self.core: Any = None
+
+    def warm(self) -> None:
+        for _ in range(200):
+            self.fc.submit(noop).result(timeout=30)
+        for f in self.fc.map(noop, range(1000)):
+            f.result(timeout=60)
+
+    def rtt(self) -> None:
+        self.fc.submit(noop).result(timeout=30)
+
+    def map(self, n: int) -> None:
+        for f in self.fc.map(noop, range(n)):
+            f.result(timeout=120)
+
+    def core_map(self, n: int) -> None:
+        """``n`` calls of noop through the Python pool, pickled and unpickled as ``Core.call`` does."""
+        import pickle
+
+        import cloudpickle
+
+        if self.core is None:
+            self.core = self.fc.load_python_core(min_workers=2, max_workers=2, node=self.node)
+            self.core.map([cloudpickle.dumps((noop, (i,), {})) for i in range(1000)])  # warm
+        outs = self.core.map([cloudpickle.dumps((noop, (i,), {})) for i in range(n)])
+        for out in outs:
+            pickle.loads(out)  # noqa: S301 - our own function's result
+
+    def close(self) -> None:
+        try:
+            if self.core is not None:
+                self.core.unload()
+            self.fc.close()
+        finally:
+            fabric_down(self.state)
+
+
+class Ray:
+    def __init__(self) -> None:
+        import ray
+
+        self.ray = ray
+        t0 = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        self.init_s = time.perf_counter() - t0
+        self.f = ray.remote(noop)
+        ray.get(self.f.remote())
+        self.first_task_s = time.perf_counter() - t0
+
+    def warm(self) -> None:
+        for _ in range(200):
+            self.rtt()
+        self.map(1000)
+
+    def rtt(self) -> None:
+        self.ray.get(self.f.remote())
+
+    def map(self, n: int) -> None:
+        self.ray.get([self.f.remote(i) for i in range(n)])
+
+    def close(self) -> None:
+        self.ray.shutdown()
+
+
+class Dask:
+    def __init__(self) -> None:
+        from dask.distributed import Client, LocalCluster
+
+        t0 = time.perf_counter()
+        self.cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                    host="127.0.0.1", scheduler_port=0)
+        self.client = Client(self.cluster)
+        self.start_s = time.perf_counter() - t0
+        self.client.submit(noop, pure=False).result()
+        self.first_task_s = time.perf_counter() - t0
+
+    def warm(self) -> None:
+        for _ in range(200):
+            self.rtt()
+        self.map(1000)
+
+    def rtt(self) -> None:
+        self.client.submit(noop, pure=False).result()
+
+    def map(self, n: int) -> None:
+        self.client.gather(self.client.map(noop, range(n), pure=False))
+
+    def close(self) -> None:
+        self.client.close()
+        self.cluster.close()
+
+
+# -- sections ----------------------------------------------------------------------------
+
+
+def compare(systems: dict[str, Any], n_seq: int, n_tasks: int, rounds: int) -> dict[str, Any]:
+    """Sequential RTT windows and map rounds, alternating between the systems (order rotating)."""
+    names = list(systems)
+    p50s: dict[str, list[float]] = {k: [] for k in names}
+    rates: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            p50s[name].append(p50_us(timed_calls(systems[name].rtt, n_seq)))
+        for name in order:
+            t0 = time.perf_counter()
+            systems[name].map(n_tasks)
+            rates[name].append(n_tasks / (time.perf_counter() - t0))
+        log(f"round {r + 1}/{rounds}: " + ", ".join(
+            f"{k} p50 {p50s[k][-1]:.0f} us, {rates[k][-1]:.0f} tasks/s" for k in names))
+    out: dict[str, Any] = {}
+    for k in names:
+        out[f"{k}_task_rtt_p50_us"] = statistics.median(p50s[k])
+        out[f"{k}_tasks_per_s"] = statistics.median(rates[k])
+        out[f"rounds_{k}_task_rtt_p50_us"] = [round(x, 1) for x in p50s[k]]
+        out[f"rounds_{k}_tasks_per_s"] = [round(x) for x in rates[k]]
+    return out
+
+
+def core_map_rounds(fab: Fabric, n_tasks: int, rounds: int) -> dict[str, Any]:
+    rates = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fab.core_map(n_tasks)
+        rates.append(n_tasks / (time.perf_counter() - t0))
+    log(f"Core.map on fabric.python: {statistics.median(rates):.0f} tasks/s")
+    return {"fabric_core_map_tasks_per_s": statistics.median(rates),
+            "rounds_fabric_core_map_tasks_per_s": [round(x) for x in rates]}
+
+
+def memory_section(tmp: Path, n: int) -> dict[str, Any]:
+    """Scheduler RSS per queued task, no spawner (nothing runs, everything stays queued)."""
+    from fabric import FabricClient
+
+    state = tmp / "state-mem"
+    with fabric_running(state, services=f"gpu-monitor,{SCHEDULER}") as (url, _, _):
+        pid = 0
+        for _ in range(100):  # the scheduler answers $SRV.INFO once it is up
+            infos = service_infos(url, SCHEDULER)
+            if infos:
+                pid = int(infos[0]["metadata"]["pid"])
+                break
+            time.sleep(0.2)
+        if not pid:
+            raise RuntimeError("no scheduler answered $SRV.INFO within 20 s")
+        with FabricClient(url, timeout=120.0) as fc:
+            t0 = time.perf_counter()
+            while True:  # the first map is accepted once the scheduler is active and the node registered
+                try:
+                    fc.map(noop, range(1000))  # warm: these stay queued too, before the baseline
+                    break
+                except Exception as exc:
+                    if time.perf_counter() - t0 > 30:
+                        raise RuntimeError(f"the scheduler took no tasks within 30 s: {exc!r}") from exc
+                    time.sleep(0.2)
+            before = settled_rss(pid)
+            t1 = time.perf_counter()
+            futs = fc.map(noop, range(n))
+            submit_s = time.perf_counter() - t1
+            after = settled_rss(pid)
+            del futs
+    per_task = (after - before) / n
+    log(f"scheduler RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB for {n} queued tasks: "
+        f"{per_task:.0f} bytes/task (target <= {MEM_TARGET_BYTES_PER_TASK})")
+    return {"scheduler_rss_before_bytes": before, "scheduler_rss_after_bytes": after, "queued_tasks": n,
+            "scheduler_bytes_per_queued_task": per_task, "queued_map_submit_s": submit_s}
+
+
+def active_scheduler_pid(url: str, supervised_pid: int) -> tuple[int, str]:
+    """The active scheduler's pid and how it was told apart (metadata says so, else the one started first)."""
+    infos = service_infos(url, SCHEDULER)
+    if len(infos) < 2:
+        raise RuntimeError(f"expected two schedulers on $SRV.INFO, {len(infos)} answered")
+    for info in infos:
+        meta = info.get("metadata") or {}
+        role = str(meta.get("role", meta.get("state", ""))).lower()
+        if role in ("active", "leader") or str(meta.get("active", "")).lower() == "true":
+            return int(meta["pid"]), "metadata"
+    # the supervised scheduler started first and holds the lease
+    return supervised_pid, "started first (metadata does not say which is active)"
+
+
+def failover_section(tmp: Path) -> dict[str, Any]:
+    from fabric import FabricClient
+    from fabric.launch import module_launch
+
+    state = tmp / "state-failover"
+    with fabric_running(state) as (url, _, node):
+        st = json.loads((state / "state.json").read_text())
+        supervised_pid = int(st["services"][SCHEDULER]["pid"])
+        standby_dir = tmp / "standby"
+        standby_dir.mkdir()
+        launch = module_launch("fabric.services.scheduler",
+                               ["--nats-url", url, "--node", f"{node}-standby", "--state-dir", str(standby_dir)],
+                               cwd=standby_dir, env=fabric_env())
+        standby = subprocess.Popen(launch.argv, cwd=launch.cwd, env=launch.env, stdout=subprocess.DEVNULL,
+                                   stderr=open(standby_dir / "scheduler.log", "wb"))
+        try:
+            with FabricClient(url, timeout=30.0) as fc:
+                wait_first_task(fc)
+                for _ in range(100):
+                    if len(service_infos(url, SCHEDULER)) >= 2:
+                        break
+                    time.sleep(0.2)
+                done: list[float] = []
+                errors: list[str] = []
+                stop = threading.Event()
+
+                def stream() -> None:
+                    while not stop.is_set():
+                        try:
+                            fc.submit(noop).result(timeout=10)
+                            done.append(time.monotonic())
+                        except Exception as exc:  # during the failover: no scheduler, or a lost notify
+                            errors.append(repr(exc)[:200])
+                            time.sleep(0.05)
+
+                threads = [threading.Thread(target=stream, daemon=True) for _ in range(4)]
+                for t in threads:
+                    t.start()
+                time.sleep(2.0)  # a steady stream before the kill
+                pid, how = active_scheduler_pid(url, supervised_pid)
+                before_kill = len(done)
+                t_kill = time.monotonic()
+                os.kill(pid, signal.SIGKILL)
+                log(f"killed the active scheduler (pid {pid}, {how}); waiting for the next result")
+                deadline = t_kill + 20.0
+                while time.monotonic() < deadline and not any(t > t_kill for t in done):
+                    time.sleep(0.01)
+                time.sleep(1.0)
+                stop.set()
+                for t in threads:
+                    t.join(15)
+        finally:
+            stop_process(standby)
+    after = [t for t in done if t > t_kill]
+    if not after:
+        raise RuntimeError(f"no result within 20 s of killing the active scheduler; errors: {errors[-3:]}")
+    gap = min(after) - t_kill
+    log(f"failover: next result {gap:.2f} s after kill -9 (target <= {FAILOVER_TARGET_S:g})")
+    return {"failover_next_result_s": gap, "failover_killed": how, "failover_results_before_kill": before_kill,
+            "failover_results_after_kill": len(after), "failover_client_errors": len(errors),
+            "failover_client_error_sample": errors[:3]}
+
+
+def run_section(name: str, fn: Callable[[], dict[str, Any]], results: dict[str, Any],
+                errors: dict[str, str]) -> None:
+    log(f"section {name}")
+    try:
+        results.update(fn())
+    except Exception as exc:
+        errors[name] = f"{type(exc).__name__}: {exc}"[:2000]
+        log(f"section {name} failed: {errors[name]}")
+        traceback.print_exc(file=sys.stderr)
+
+
+def peers() -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, Any] = {}
+    for pkg in ("ray", "dask", "distributed", "psutil", "cloudpickle"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def main() -> None:
+    args = parse_args(__doc__, "fewer tasks and rounds: finishes in about 3 minutes")
+    n_seq, n_tasks, rounds, n_queued = (100, 2000, 2, 20_000) if args.quick else (400, 10_000, 3, 100_000)
+    results: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    missing = fabric_side_missing()
+    if missing:
+        log(f"fabric side not measured: {missing}")
+        for name in ("fabric", "memory", "failover"):
+            errors[name] = f"not measured: {missing}"
+
+    with tempfile.TemporaryDirectory(prefix="fabric-bench-tasks-") as tmp_s:
+        tmp = Path(tmp_s)
+        systems: dict[str, Any] = {}
+        try:
+            if not missing:
+                def start_fabric() -> dict[str, Any]:
+                    log("starting fabric up (embedded nats-server, services, scheduler)")
+                    fab = systems["fabric"] = Fabric(tmp / "state")
+                    log(f"fabric up ready in {fab.up_s:.2f}s, first task {fab.first_task_s:.2f}s; warming")
+                    fab.warm()
+                    return {"fabric_up_ready_s": fab.up_s, "fabric_up_to_first_task_s": fab.first_task_s}
+
+                run_section("fabric", start_fabric, results, errors)
+
+            def start_ray() -> dict[str, Any]:
+                log("starting Ray (num_cpus=2, no dashboard)")
+                ray = systems["ray"] = Ray()
+                log(f"ray.init {ray.init_s:.2f}s, first task {ray.first_task_s:.2f}s; warming")
+                ray.warm()
+                return {"ray_init_s": ray.init_s, "ray_init_to_first_task_s": ray.first_task_s}
+
+            def start_dask() -> dict[str, Any]:
+                log("starting Dask LocalCluster (2 worker processes x 1 thread)")
+                dask = systems["dask"] = Dask()
+                log(f"LocalCluster + Client {dask.start_s:.2f}s, first task {dask.first_task_s:.2f}s; warming")
+                dask.warm()
+                return {"dask_start_s": dask.start_s, "dask_start_to_first_task_s": dask.first_task_s}
+
+            run_section("ray", start_ray, results, errors)
+            run_section("dask", start_dask, results, errors)
+            if systems:
+                run_section("compare", lambda: compare(systems, n_seq, n_tasks, rounds), results, errors)
+            if "fabric" in systems:
+                run_section("core_map", lambda: core_map_rounds(systems["fabric"], n_tasks, rounds), results, errors)
+        finally:
+            for name, system in systems.items():
+                try:
+                    system.close()
+                except Exception as exc:
+                    log(f"closing {name}: {exc!r}")
+        if not missing:
+            run_section("memory", lambda: memory_section(tmp, n_queued), results, errors)
+            run_section("failover", lambda: failover_section(tmp), results, errors)
+
+    def ratio(num: str, den: str) -> float | None:
+        a, b = results.get(num), results.get(den)
+        return a / b if a and b else None
+
+    ratios = {
+        "task_rtt_vs_ray": ratio("ray_task_rtt_p50_us", "fabric_task_rtt_p50_us"),
+        "task_rtt_vs_dask": ratio("dask_task_rtt_p50_us", "fabric_task_rtt_p50_us"),
+        "tasks_per_s_vs_ray": ratio("fabric_tasks_per_s", "ray_tasks_per_s"),
+        "tasks_per_s_vs_dask": ratio("fabric_tasks_per_s", "dask_tasks_per_s"),
+        "durable_vs_core_map": ratio("fabric_tasks_per_s", "fabric_core_map_tasks_per_s"),
+        "fabric_up_vs_ray_init": ratio("ray_init_s", "fabric_up_ready_s"),
+        "first_task_vs_ray": ratio("ray_init_to_first_task_s", "fabric_up_to_first_task_s"),
+    }
+    for name, target in TARGETS.items():
+        v = ratios[name]
+        log(f"{name}: {'missing' if v is None else f'{v:.2f}'} (target >= {target})")
+    print(json.dumps({"bench": "tasks",
+                      "ratios": {k: None if v is None else round(v, 3) for k, v in ratios.items()},
+                      "targets": {**TARGETS, "scheduler_bytes_per_queued_task_max": MEM_TARGET_BYTES_PER_TASK,
+                                  "failover_next_result_s_max": FAILOVER_TARGET_S},
+                      "results": {k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()},
+                      "errors": errors,
+                      "machine": machine(**peers(), sequential_tasks=n_seq, tasks=n_tasks, rounds=rounds,
+                                         queued_tasks=n_queued)}))
+
+
+if __name__ == "__main__":
+    main()
