@@ -44,6 +44,9 @@ from .errors import (
     PermissionDenied,
     QuotaExceeded,
     StaleHandle,
+    TaskCancelled,
+    TaskDead,
+    TaskFailed,
     TooLarge,
     Unavailable,
     UnknownDevice,
@@ -66,6 +69,8 @@ if TYPE_CHECKING:  # pragma: no cover
         RemoteBuffer,
         RemoteProcess,
     )
+    from .client.futures import TaskFuture, as_completed, wait
+    from .client.resources import Resources
     from .schema import ExitInfo, Limits, Sandbox
 
 _CLIENT_NAMES = frozenset({
@@ -74,6 +79,9 @@ _CLIENT_NAMES = frozenset({
 })
 
 _SCHEMA_NAMES = frozenset({"ExitInfo", "Limits", "Sandbox"})
+
+#: the tasks' public helpers: name -> the module that defines it (loaded with the client)
+_TASK_NAMES = {"TaskFuture": "futures", "as_completed": "futures", "wait": "futures", "Resources": "resources"}
 
 
 def __getattr__(name: str) -> Any:
@@ -87,6 +95,12 @@ def __getattr__(name: str) -> Any:
 
         schema = importlib.import_module(".schema", __name__)
         value = schema if name == "schema" else getattr(schema, name)
+        globals()[name] = value
+        return value
+    if name in _TASK_NAMES:
+        import importlib
+
+        value = getattr(importlib.import_module(f".client.{_TASK_NAMES[name]}", __name__), name)
         globals()[name] = value
         return value
     if name in _CLIENT_NAMES:
@@ -110,6 +124,11 @@ __all__ = [
     "Core",
     "AsyncCore",
     "Out",
+    # durable tasks
+    "TaskFuture",
+    "Resources",
+    "as_completed",
+    "wait",
     # messages
     "schema",
     "Limits",
@@ -146,8 +165,11 @@ __all__ = [
     "UnknownDevice",
     "KernelBuildFailed",
     "DeviceUnavailable",
+    "TaskFailed",
+    "TaskDead",
+    "TaskCancelled",
 ]
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _CLIENT_NAMES | {"Out"})
+    return sorted(set(globals()) | _CLIENT_NAMES | set(_TASK_NAMES) | {"Out"})

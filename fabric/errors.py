@@ -19,7 +19,8 @@ stable *kind* string below) so a client can raise the exact class::
     │   ├── UnknownNode              404  unknown_node  no live node of that name in the registry
     │   └── UnknownDevice            404  unknown_device  no GPU or OpenCL device of that id
     ├── Conflict                     409  conflict      the state forbids it
-    │   └── DoubleFree               409  double_free   the block was already freed
+    │   ├── DoubleFree               409  double_free   the block was already freed
+    │   └── TaskCancelled            409  task_cancelled  the task was cancelled (a concurrent.futures.CancelledError)
     ├── TooLarge                     413  too_large     a size or frame exceeds a hard limit
     ├── Infeasible                   422  infeasible    well-formed but can never succeed here
     │   ├── NotEnforceable           422  not_enforceable  a requested limit/sandbox cannot be applied here
@@ -32,6 +33,8 @@ stable *kind* string below) so a client can raise the exact class::
     │   ├── JobFailed                500  job_failed    the core returned a nonzero exit code
     │   ├── WorkerCrashed            500  worker_crashed  the worker died (signal, abort) running the job
     │   └── JobTimeout               500  job_timeout   the job ran past its core's time limit
+    ├── TaskFailed                   500  task_failed   a task's function raised (or its process exited nonzero)
+    ├── TaskDead                     500  task_dead     system failures (crash, node loss, timeout) used up its retries
     ├── Unavailable                  503  unavailable   no service answered in time
     │   └── DeviceUnavailable        503  device_unavailable  the device failed or vanished during the job
     └── OutOfMemory                  507  out_of_memory the node's capacity is exhausted
@@ -51,6 +54,7 @@ this module re-exports them unchanged and is where everyone else imports errors 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import CancelledError as _CancelledError
 
 # The root of the tree and the classes the extensions raise live in fabric_ext.errors, so that
 # fabric_ext loads without this package; they are these very classes (not copies), so
@@ -108,6 +112,9 @@ __all__ = [
     "JobFailed",
     "WorkerCrashed",
     "JobTimeout",
+    "TaskFailed",
+    "TaskDead",
+    "TaskCancelled",
     "error_from_wire",
     "error_headers",
     "ERROR_HEADER",
@@ -177,6 +184,40 @@ class JobTimeout(JobError):
     """Raised when the job ran past its core's ``time_limit``; its worker was killed and replaced."""
 
     kind = "job_timeout"
+
+
+# -- durable tasks (the scheduler, fabric.client.tasks) ----------------------------
+
+
+class TaskFailed(FabricError):
+    """Raised by a task's future when the task failed and its own exception could not be raised instead.
+
+    Carries ``task`` (the id), ``remote_type`` and ``remote_traceback`` (of a Python
+    exception, "" otherwise), ``error_kind``/``error_code`` (the TaskError's), and for a
+    process (kind ``exec``) ``exit_code`` and ``output`` (its stdout tail).
+    """
+
+    code = 500
+    kind = "task_failed"
+    # set from the TaskError's fields by FabricError.__init__ (declared for type checkers)
+    task: str
+    remote_type: str
+    remote_traceback: str
+
+
+class TaskDead(FabricError):
+    """Raised by a task's future when system failures (crash, node loss, timeout) used up its retries."""
+
+    code = 500
+    kind = "task_dead"
+    task: str
+
+
+class TaskCancelled(Conflict, _CancelledError):
+    """Raised by a task's future when the task was cancelled; also a ``concurrent.futures.CancelledError``."""
+
+    kind = "task_cancelled"
+    task: str
 
 
 # -- remote processes (services/spawner) ---------------------------------------

@@ -84,6 +84,7 @@ def test_public_surface():
         "RemoteProcess", "AsyncRemoteProcess", "Limits", "Sandbox", "ExitInfo", "UnknownProcess",
         "ExecutableNotFound", "NotEnforceable", "WrongArchitecture",
         "UnknownNode", "UnknownDevice", "KernelBuildFailed", "DeviceUnavailable", "Out",
+        "TaskFuture", "Resources", "as_completed", "wait", "TaskFailed", "TaskDead", "TaskCancelled",
     }
     assert set(fabric.__all__) == expected
     for name in expected:

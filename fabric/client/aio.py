@@ -1,7 +1,7 @@
 """AsyncFabricClient: the areas of the client composed over one transport.
 
 Each area is a mixin over :class:`~fabric.client.transport.Transport` (memory,
-processes, cores, nodes); OpenCL is an object the client owns
+processes, cores, nodes, tasks); OpenCL is an object the client owns
 (:class:`~fabric.client.opencl.OpenCLRunner`, made on the first kernel, closed here).
 The sync :class:`~fabric.client.FabricClient` is generated from this class
 (:mod:`fabric.client.sync`).
@@ -16,13 +16,14 @@ from .cores import CoresArea
 from .memory import MemoryArea
 from .nodes import NodesArea
 from .processes import ProcessesArea
+from .tasks import TasksArea
 from .transport import DEFAULT_READ_CHUNK_SIZE
 
 if TYPE_CHECKING:
     from .opencl import OpenCLRunner
 
 
-class AsyncFabricClient(MemoryArea, ProcessesArea, CoresArea, NodesArea):
+class AsyncFabricClient(MemoryArea, ProcessesArea, CoresArea, NodesArea, TasksArea):
     """The asyncio client.  ``async with AsyncFabricClient(url) as fc: buf = await fc.rmalloc(1024)``.
 
     *url* defaults to ``$FABRIC_NATS_URL``, then the fabric ``fabric up`` runs here
@@ -45,6 +46,7 @@ class AsyncFabricClient(MemoryArea, ProcessesArea, CoresArea, NodesArea):
     ) -> None:
         super().__init__(url, owner=owner, timeout=timeout, name=name, read_chunk_size=read_chunk_size)
         self._init_memory(local)
+        self._init_tasks()
         self._opencl: OpenCLRunner | None = None  # made by the first kernel (it imports numpy)
 
     async def connect(self) -> AsyncFabricClient:
@@ -52,6 +54,7 @@ class AsyncFabricClient(MemoryArea, ProcessesArea, CoresArea, NodesArea):
         return self
 
     async def close(self) -> None:
+        await self._close_tasks()
         await self._close_memory()
         if self._opencl is not None:
             self._opencl.close()  # this client's staging files in /dev/shm go now, not at exit

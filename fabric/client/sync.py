@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine, Iterable, Iterator
-from typing import Any, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 from ..errors import BadRequest, FabricError, Unavailable
 from ..handles import parse_cached as parse
@@ -22,10 +22,15 @@ from ..schema import CoreInfo, ExitInfo
 from .aio import AsyncFabricClient
 from .buffers import AsyncRemoteBuffer, BufferRef, _token
 from .cores import AsyncCore
+from .futures import TaskFuture, TaskProgress
 from .local import _local_length
 from .processes import AsyncRemoteProcess, ProcessRef, _split_lines
+from .tasks import AsyncTaskFuture
 from .transport import CHUNKS_IN_FLIGHT, DEFAULT_READ_CHUNK_SIZE, _arguments_checked
 from .twin import sync_method
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 T = TypeVar("T")
 
@@ -49,6 +54,14 @@ def _process(client: FabricClient, aproc: AsyncRemoteProcess) -> RemoteProcess:
 
 def _core(client: FabricClient, acore: AsyncCore) -> Core:
     return Core(client, acore)
+
+
+def _task_future(client: FabricClient, afut: AsyncTaskFuture) -> TaskFuture:
+    return TaskFuture(client, afut)
+
+
+def _task_futures(client: FabricClient, afuts: list[AsyncTaskFuture]) -> list[TaskFuture]:
+    return [TaskFuture(client, f) for f in afuts]
 
 
 _A = AsyncFabricClient
@@ -213,6 +226,22 @@ class FabricClient:
     devices = sync_method(_A.devices)
     gpus = sync_method(_A.gpus)
     opencl = sync_method(_A.opencl)
+
+    # -- durable tasks: generated; a TaskFuture is the thread-safe face of the async one --------
+
+    submit = sync_method(_A.submit, _task_future)
+    submit_core = sync_method(_A.submit_core, _task_future)
+    submit_exec = sync_method(_A.submit_exec, _task_future)
+    map = sync_method(_A.map, _task_futures)
+    task = sync_method(_A.task)
+    cancel = sync_method(_A.cancel)
+    gather = sync_method(_A.gather)
+
+    def progress(self, futures: Iterable[TaskFuture], *, description: str = "tasks",
+                 console: Console | None = None, transient: bool = False) -> TaskProgress:
+        """A Rich progress bar over *futures*: ``with fc.progress(fs) as bar: ...`` (``bar.completed``,
+        ``bar.failed``).  A plain context manager in both clients: it never waits on the loop."""
+        return TaskProgress(futures, description=description, console=console, transient=transient)
 
 
 class RemoteBuffer(BufferRef):

@@ -25,6 +25,7 @@ TWINS = {
     "AsyncRemoteBuffer": "RemoteBuffer",
     "AsyncRemoteProcess": "RemoteProcess",
     "AsyncCore": "Core",
+    "AsyncTaskFuture": "TaskFuture",
     "AsyncIterator": "Iterator",
     "AsyncIterable": "Iterable",
 }
