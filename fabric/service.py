@@ -156,6 +156,27 @@ class FabricService:
         """
         return self.tasks.start(fn, name=f"{self.name}:{name}")
 
+    async def serve_side(self, endpoints: Sequence[Endpoint]) -> list[Any]:
+        """Serve *endpoints* from now on, on subscriptions of the service's own; their subscriptions.
+
+        For endpoints a service answers only some of the time -- the scheduler's, which
+        only the instance holding the lease serves -- so they cannot be registered once
+        at start.  Requests go through the same dispatch as the kit's endpoints
+        (encodings, errors in headers, the concurrency bound, the counters); list the
+        same :class:`Endpoint` values in :meth:`side_endpoints` so ``$SRV.INFO/STATS``
+        show them.  Unsubscribe the returned subscriptions to stop serving.
+        """
+        subs = []
+        for ep in endpoints:
+            dispatch = self._dispatcher(ep)
+
+            async def on_msg(msg: Any, dispatch: Callable[[Any], Awaitable[None]] = dispatch) -> None:
+                await dispatch(_SideRequest(self.connection, msg))
+
+            subs.append(await self.connection.subscribe(ep.subject, queue=ep.queue_group, cb=on_msg))
+        await self.connection.flush()
+        return subs
+
     # -- what subclasses provide ----------------------------------------------
 
     def endpoints(self) -> Sequence[Endpoint]:
@@ -276,7 +297,7 @@ class FabricService:
 
     # -- request dispatch -------------------------------------------------------
 
-    def _dispatcher(self, ep: Endpoint) -> Callable[[MicroRequest], Awaitable[None]]:
+    def _dispatcher(self, ep: Endpoint) -> Callable[[Any], Awaitable[None]]:
         if ep.inline:
             async def dispatch_inline(req: MicroRequest) -> None:
                 # A plain-function handler never awaits, so a task would buy no
@@ -368,6 +389,24 @@ class FabricService:
         if request.codec is MSGPACK:
             headers[CONTENT_TYPE_HEADER] = MSGPACK_CONTENT_TYPE
         return request.codec.encode(ErrorReply(error=error_info(exc))), headers
+
+
+class _SideRequest:
+    """A plain NATS message as the kit's dispatch takes a ``nats.micro`` request (for :meth:`serve_side`)."""
+
+    __slots__ = ("nc", "msg", "subject", "headers", "data")
+
+    def __init__(self, nc: NATS, msg: Any) -> None:
+        self.nc = nc
+        self.msg = msg
+        self.subject = msg.subject
+        self.headers = msg.headers
+        self.data = msg.data
+
+    async def respond(self, data: bytes, headers: dict[str, str] | None = None) -> None:
+        if not self.msg.reply:
+            raise ValueError("no reply subject")
+        await self.nc.publish(self.msg.reply, data, headers=headers)
 
 
 def parse_settings(argv: Sequence[str] | None, service_name: str,

@@ -56,6 +56,7 @@ SERVICES: dict[str, str] = {
     "allocator": "fabric.services.allocator",
     "spawner": "fabric.services.spawner",
     "gpu-monitor": "fabric.services.gpu_monitor",
+    "scheduler": "fabric.services.scheduler",
 }
 
 BACKOFF_INITIAL_S = 0.1

@@ -103,6 +103,8 @@ class Task:
     PULL: Final = "pull"
     #: ``fabric.task.events``: where state changes are published (not a request)
     EVENTS: Final = "events"
+    #: ``fabric.task.body.<id>``: the subjects of stream FABRIC_TASK_BODIES (not a request)
+    BODY: Final = "body"
 
 
 #: every (area, verb) a request can be sent to, for the checks that hold client, services and docs together
@@ -111,7 +113,7 @@ REQUEST_VERBS: Final = {
     PROC: frozenset(v for k, v in vars(Proc).items() if k.isupper() and k != "OUT"),
     CORE: frozenset(v for k, v in vars(Core).items() if k.isupper()),
     NODES: frozenset(v for k, v in vars(Nodes).items() if k.isupper()),
-    TASK: frozenset(v for k, v in vars(Task).items() if k.isupper() and k != "EVENTS"),
+    TASK: frozenset(v for k, v in vars(Task).items() if k.isupper() and k not in ("EVENTS", "BODY")),
 }
 
 #: the ADR-32 discovery verbs every service answers

@@ -174,6 +174,9 @@ class NodeRecord(Message):
     status: str = "up"
     #: set by the registry's reader: seconds since the last heartbeat was stored
     age_s: float = 0.0
+    #: labels and custom resources the node declares (``fabric up --labels/--resources``), for task placement
+    labels: dict[str, str] = {}
+    resources: dict[str, float] = {}
 
 
 class NodeRequest(Message):

@@ -261,9 +261,10 @@ class TaskRecord(Message):
     callback_url: str = ""
     deps: list[str] = []
     notify: str = ""
-    #: where the body is: the sequence of its message in stream FABRIC_TASK_BODIES, and its
-    #: index there for a ``map`` batch (-1: the message is this task's body alone)
-    body_seq: int = 0
+    #: where the body is: the last message on ``fabric.task.body.<body>`` in stream
+    #: FABRIC_TASK_BODIES (``body`` is the task's id, or a ``map``'s prefix), and the index of
+    #: this task's call there for a ``map`` (-1: the message is this task's body alone)
+    body: str = ""
     body_index: int = -1
     created_ms: int = 0
     updated_ms: int = 0

@@ -1,0 +1,133 @@
+"""Which scheduler is active: a lease in a KV bucket, renewed by compare-and-swap.
+
+Any number of schedulers may run; the one holding the key ``active`` of the bucket
+``fabric_scheduler`` is active, the others stand by.  The bucket's ``max_age`` is the
+lease's length (:data:`LEASE_S`): the holder renews it every :data:`RENEW_S` with a
+compare-and-swap on the revision it wrote last, so a renewal that loses (someone
+else took it) ends its term at once.  A standby polls every :data:`POLL_S`; when the
+key is gone -- the holder stopped cleanly and deleted it, or died and the key
+expired -- it creates it (``create`` fails for all but one).  A crashed active is
+therefore replaced within about ``LEASE_S + POLL_S``.
+
+A term is not a guarantee by itself (a paused holder may not know it lost): the
+compare-and-swap on every task record is what keeps two schedulers from both moving
+a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+from nats.js.api import KeyValueConfig, StorageType
+
+from fabric.jetstream import KeyValueBucket
+
+__all__ = ["Lease", "bucket", "LEASE_BUCKET", "LEASE_S", "RENEW_S", "POLL_S"]
+
+LEASE_BUCKET: Final = "fabric_scheduler"
+LEASE_KEY: Final = "active"
+LEASE_S: Final = 1.5
+RENEW_S: Final = 0.3
+POLL_S: Final = 0.2
+
+
+def bucket() -> KeyValueBucket:
+    """The lease's bucket (memory: after a nats-server restart the schedulers simply elect again)."""
+    return KeyValueBucket(KeyValueConfig(bucket=LEASE_BUCKET, history=1, ttl=LEASE_S, storage=StorageType.MEMORY,
+                                         description="fabric scheduler lease: which scheduler is active"))
+
+
+class Lease:
+    """Take the lease when it is free, keep it while alive, call back when a term starts or ends."""
+
+    def __init__(self, node: str, log: Any, on_active: Callable[[], Awaitable[None]],
+                 on_standby: Callable[[], Awaitable[None]]) -> None:
+        self.instance = secrets.token_hex(6)
+        self.value = json.dumps({"instance": self.instance, "node": node, "pid": os.getpid()}).encode()
+        self.log = log
+        self.on_active = on_active
+        self.on_standby = on_standby
+        self.kv: Any = None
+        self.active = False
+        self._rev = 0
+        self._renewed = 0.0
+        self._changed = asyncio.Event()
+
+    def attach(self, kv: Any) -> None:
+        """Use *kv* (the bucket, reopened after each reconnect)."""
+        self.kv = kv
+        self._changed.set()
+
+    async def run(self) -> None:
+        """Hold or wait for the lease until cancelled."""
+        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+        while True:
+            if self.kv is None:
+                await self._sleep(POLL_S)
+                continue
+            try:
+                if self.active:
+                    self._rev = await self.kv.update(LEASE_KEY, self.value, last=self._rev)
+                    self._renewed = time.monotonic()
+                    await self._sleep(RENEW_S)
+                    continue
+                try:
+                    await self.kv.get(LEASE_KEY)
+                except KeyNotFoundError:
+                    self._rev = await self.kv.create(LEASE_KEY, self.value)
+                    self._renewed = time.monotonic()
+                    await self._start()
+                    continue
+                await self._sleep(POLL_S)
+            except asyncio.CancelledError:
+                raise
+            except KeyWrongLastSequenceError:
+                if self.active:
+                    self.log.warning("scheduler lease lost to another scheduler")
+                    await self._end()
+            except Exception as exc:
+                text = str(exc) or type(exc).__name__
+                if self.active and "wrong last sequence" in text:
+                    self.log.warning("scheduler lease lost to another scheduler")
+                    await self._end()
+                elif "key exists" in text or "wrong last sequence" in text:
+                    pass  # another standby created it first
+                else:
+                    self.log.debug("scheduler lease", error=text)
+                    if self.active and time.monotonic() - self._renewed > LEASE_S:
+                        # not renewed for a whole lease: another scheduler may hold it by now
+                        self.log.warning("scheduler lease not renewed in time: standing by", error=text)
+                        await self._end()
+                await self._sleep(POLL_S)
+
+    async def _start(self) -> None:
+        self.active = True
+        self.log.info("scheduler active", instance=self.instance)
+        await self.on_active()
+
+    async def _end(self) -> None:
+        self.active = False
+        await self.on_standby()
+
+    async def release(self) -> None:
+        """End the term at once (a clean stop): delete the key, so a standby takes over without waiting."""
+        if self.active and self.kv is not None:
+            self.active = False
+            try:
+                await self.kv.delete(LEASE_KEY, last=self._rev)
+            except Exception:
+                pass
+
+    async def _sleep(self, seconds: float) -> None:
+        self._changed.clear()
+        try:
+            await asyncio.wait_for(self._changed.wait(), seconds)
+        except TimeoutError:
+            pass

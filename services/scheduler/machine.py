@@ -1,0 +1,110 @@
+"""A task in the scheduler's memory, and the one function that moves it between states.
+
+Every state change goes through :func:`move`, which refuses a transition that
+:data:`fabric.schema.tasks.TRANSITIONS` does not list: an illegal move is a bug in the
+scheduler, raised as :class:`IllegalTransition` (never written, never published).
+
+The record (:class:`~fabric.schema.tasks.TaskRecord`) is what the KV bucket keeps;
+:class:`Task` adds what only the active scheduler needs: the body to hand out, the
+KV revision its next compare-and-swap expects, the write in flight, the node and
+devices it holds while running, who waits for it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fabric.schema.tasks import RUNNING, TERMINAL, TRANSITIONS, Attempt, TaskRecord
+
+__all__ = ["Task", "IllegalTransition", "move", "now_ms"]
+
+
+class IllegalTransition(RuntimeError):
+    """A move that the state table forbids: a scheduler bug."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Task:
+    """One task the active scheduler knows: its record plus the live state around it."""
+
+    __slots__ = ("rec", "fn", "call", "rev", "version", "durable", "writing", "waiters", "node", "gpus",
+                 "assigned_at", "seen_at", "pending_deps", "dependents", "events", "body_durable")
+
+    def __init__(self, rec: TaskRecord, fn: bytes | None = None, call: bytes | None = None) -> None:
+        self.rec = rec
+        #: the python body, split (a map's tasks share ``fn``); for other kinds ``call`` is the body
+        self.fn = fn
+        self.call = call
+        #: the KV revision the next compare-and-swap expects (0: the key does not exist yet)
+        self.rev = 0
+        #: changes made in memory, and how many of them the KV holds
+        self.version = 1
+        self.durable = 0
+        self.writing = False
+        self.body_durable = False
+        #: callbacks waiting for a version to be durable: (version, fn)
+        self.waiters: list[tuple[int, Callable[[], None]]] | None = None
+        #: while running: the node, its GPU shares, when it was handed out and last listed by the node
+        self.node = ""
+        self.gpus: list[tuple[int, float, int]] = []
+        self.assigned_at = 0.0
+        self.seen_at = 0.0
+        #: dependencies not yet succeeded, and the tasks waiting for this one
+        self.pending_deps = 0
+        self.dependents: list[Task] | None = None
+        #: state changes not yet published on fabric.task.events
+        self.events: Any = None
+
+    @property
+    def id(self) -> str:
+        return self.rec.id
+
+    @property
+    def state(self) -> str:
+        return self.rec.state
+
+    @property
+    def done(self) -> bool:
+        return self.rec.state in TERMINAL
+
+    @property
+    def attempt(self) -> Attempt | None:
+        return self.rec.attempts[-1] if self.rec.attempts else None
+
+    def when_durable(self, fn: Callable[[], None]) -> None:
+        """Call *fn* once the KV holds every change made so far (at once if it does)."""
+        if self.durable >= self.version and self.body_durable:
+            fn()
+            return
+        if self.waiters is None:
+            self.waiters = []
+        self.waiters.append((self.version, fn))
+
+    def wake(self) -> None:
+        """Run the waiters whose version the KV now holds."""
+        if not self.waiters or not self.body_durable:
+            return
+        ready = [fn for v, fn in self.waiters if v <= self.durable]
+        self.waiters = [(v, fn) for v, fn in self.waiters if v > self.durable] or None
+        for fn in ready:
+            fn()
+
+
+def move(task: Task, state: str) -> str:
+    """Move *task* to *state* (IllegalTransition if the table forbids it); the state it left."""
+    prev = task.rec.state
+    if state not in TRANSITIONS.get(prev, ()):
+        raise IllegalTransition(f"task {task.id}: {prev} -> {state} is not a legal transition")
+    task.rec.state = state
+    task.rec.updated_ms = now_ms()
+    task.version += 1
+    if state in TERMINAL:
+        task.rec.finished_ms = task.rec.updated_ms
+    if prev == RUNNING and state != RUNNING:
+        task.node = ""
+    return prev

@@ -1,0 +1,898 @@
+"""The scheduler service: durable tasks, placed by requirements, pulled by free nodes.
+
+How the parts fit:
+
+* :mod:`.lease` decides which scheduler is active; only the active one serves
+  ``fabric.task.*`` (the kit's :meth:`~fabric.service.FabricService.serve_side`), the
+  others stand by and take over when its lease lapses.
+* A task arrives (``submit``, or ``map`` for many calls of one function), is checked
+  (400 bad input, 422 when no registered node could ever run it, :mod:`.nodes`), and
+  written to JetStream by :mod:`.store`: its body to stream FABRIC_TASK_BODIES, its
+  :class:`~fabric.schema.tasks.TaskRecord` to KV bucket ``fabric_tasks``.  The reply
+  waits until both are stored.
+* It waits for its dependencies, then joins the :mod:`.queue` -- or goes straight to a
+  node that is already asking for work.  Nodes pull (``fabric.task.pull``): a spawner
+  asks for as many tasks as it has free slots and reports results on the same
+  request; the scheduler gives each node only what fits its free resources.
+* Every state change goes through :func:`.machine.move` (the legal transitions), is
+  written by compare-and-swap, and is published on ``fabric.task.events``; a task's
+  end is published on its ``notify`` subject once it is durable.
+* Fault tolerance: a running task whose node stops listing it (its heartbeat, in
+  every pull) for :data:`LOST_S` is run again; system failures (crash, timeout, node
+  lost) use up ``retries``, then the task is ``dead``.  A new active scheduler
+  rebuilds everything from the KV bucket and the body stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, Final
+
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+
+from fabric.errors import BadRequest, Conflict, Infeasible, NotFound, TooLarge, Unavailable
+from fabric.jetstream import JetStreamResource, KeyValueBucket
+from fabric.jetstream import Stream as StreamResource
+from fabric.protocol.pytasks import decode_python_task, encode_python_task
+from fabric.protocol.subjects import TASK, Task, cluster
+from fabric.schema import CONTENT_TYPE_HEADER, JSON, MSGPACK, MSGPACK_CONTENT_TYPE
+from fabric.schema.processes import NativeExec
+from fabric.schema.tasks import (
+    CANCELLED,
+    CORE,
+    DEAD,
+    EXEC,
+    FAILED,
+    KINDS,
+    OPENCL,
+    PYTHON,
+    QUEUED,
+    RUNNING,
+    SUBMITTED,
+    SUCCEEDED,
+    UDCS_TYPES,
+    WAITING,
+    Attempt,
+    ExecSpec,
+    ListRequest,
+    MapReply,
+    MapRequest,
+    PullReply,
+    PullRequest,
+    Resources,
+    SubmitReply,
+    SubmitRequest,
+    TaskDone,
+    TaskDoneBatch,
+    TaskError,
+    TaskEvent,
+    TaskEventBatch,
+    TaskListReply,
+    TaskRecord,
+    TaskRequest,
+    TaskResult,
+    TaskRun,
+    WaitRequest,
+)
+from fabric.service import Endpoint, FabricService, Reply, Request, ServiceSettings
+
+from . import lease as lease_mod
+from .machine import Task as LiveTask
+from .machine import move, now_ms
+from .nodes import Node, Nodes, unmet
+from .queue import DEFAULT_RESOURCES, TaskQueue
+from .store import BODY_STREAM, TASK_BUCKET, Publisher, RecordWriter, body_subject
+
+__all__ = ["SchedulerService", "LOST_S"]
+
+#: a running task its node has not listed for this long is lost (its node died or restarted)
+LOST_S: Final = 3.0
+#: finished tasks kept in memory (older ones are read back from the KV bucket)
+FINISHED_KEPT: Final = 20_000
+#: bytes kept free in a KV record or a notice for everything but the result
+RECORD_MARGIN: Final = 64 << 10
+#: a notice (TaskDoneBatch) is cut at about this size
+NOTICE_BYTES: Final = 1 << 20
+BODY_MAX_AGE_S: Final = 7 * 24 * 3600.0
+
+
+class _Pull:
+    """A node's pull held until work arrives (the long poll)."""
+
+    __slots__ = ("node", "slots", "runs", "future")
+
+    def __init__(self, node: Node, slots: int) -> None:
+        self.node = node
+        self.slots = slots
+        self.runs: list[TaskRun] = []
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def wake(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+
+
+def _mint_id() -> str:
+    return "t" + secrets.token_urlsafe(12).replace("-", "x").replace("_", "y")
+
+
+class SchedulerService(FabricService):
+    name = "scheduler"
+    description = "fabric tasks: durable on JetStream, placed by requirements, pulled by free nodes, retried on failure"
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        super().__init__(settings)
+        self.lease = lease_mod.Lease(self.node, self.log, self._become_active, self._become_standby)
+        self.nodes = Nodes(self.log)
+        self.ttl_s = settings.config.telemetry.node_ttl_s
+        self.js: JetStreamContext | None = None
+        self.task_kv: Any = None
+        self.pub: Publisher | None = None
+        self.writer: RecordWriter | None = None
+        self._side = [self.cluster_endpoint(TASK, verb, handler) for verb, handler in (
+            (Task.SUBMIT, self.submit), (Task.MAP, self.map), (Task.GET, self.get), (Task.WAIT, self.wait),
+            (Task.CANCEL, self.cancel), (Task.LIST, self.list), (Task.PULL, self.pull))]
+        self._subs: list[Any] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget every task (a term ends; the next active reads them back from JetStream)."""
+        #: every unfinished task (finished ones move to ``finished``)
+        self.live: dict[str, LiveTask] = {}
+        self.finished: OrderedDict[str, LiveTask] = OrderedDict()
+        self.keys: dict[str, str] = {}
+        self.queue = TaskQueue()
+        self._parked: list[_Pull] = []
+        self._cancels: dict[str, list[str]] = {}
+        self._watchers: dict[str, list[asyncio.Future[None]]] = {}
+        self._notices: dict[str, list[TaskDone]] = {}
+        self._encodings: dict[str, bool] = {}
+        self._events: list[TaskEvent] = []
+        self._flush_scheduled = False
+        self._feed_scheduled = False
+
+    # -- the kit's hooks ---------------------------------------------------------------
+
+    def endpoints(self) -> Sequence[Endpoint]:
+        return ()
+
+    def side_endpoints(self) -> Sequence[Endpoint]:
+        return self._side
+
+    def metadata(self) -> dict[str, str]:
+        return {"instance": self.lease.instance}
+
+    def jetstream_resources(self) -> Sequence[JetStreamResource]:
+        return [
+            StreamResource(StreamConfig(
+                name=BODY_STREAM, subjects=[body_subject("*")], storage=StorageType.FILE,
+                retention=RetentionPolicy.LIMITS, max_age=BODY_MAX_AGE_S, duplicate_window=120.0,
+                allow_direct=True, description="fabric task bodies (scheduler)")),
+            KeyValueBucket(KeyValueConfig(bucket=TASK_BUCKET, history=1, storage=StorageType.FILE,
+                                          description="fabric task records (scheduler)")),
+            lease_mod.bucket(),
+        ]
+
+    async def on_jetstream(self, js: JetStreamContext | None) -> None:
+        self.js = js
+        if js is None:
+            self.log.error("the scheduler needs JetStream: tasks are not served until it is available")
+            return
+        self.task_kv = await js.key_value(TASK_BUCKET)
+        self.lease.attach(await js.key_value(lease_mod.LEASE_BUCKET))
+        await self.nodes.follow(js)
+
+    async def on_serving(self) -> None:
+        self.pub = Publisher(self.connection)
+        await self.pub.open()
+        self.writer = RecordWriter(self.pub, self.log, self._conflict)
+        self.background(self.pub.run, name="publisher")
+        self.background(self.lease.run, name="lease")
+        self.background(self._sweep, name="sweep")
+
+    async def on_stop(self) -> None:
+        await self.lease.release()
+        await self._unserve()
+        await self.nodes.stop()
+        if self.pub is not None:
+            await self.pub.close()
+
+    # -- terms -------------------------------------------------------------------------
+
+    async def _become_active(self) -> None:
+        t0 = time.monotonic()
+        self._reset()
+        try:
+            await self._recover()
+        except Exception as exc:
+            self.log.error("recovery failed: serving what was read", error=str(exc) or type(exc).__name__)
+        self._subs = await self.serve_side(self._side)
+        self.log.info("serving tasks", recovered=len(self.live), queued=len(self.queue),
+                      took_s=round(time.monotonic() - t0, 3))
+        self._schedule_feed()
+
+    async def _become_standby(self) -> None:
+        await self._unserve()
+        for pull in self._parked:
+            pull.wake()
+        self._reset()
+        self.log.info("scheduler standing by")
+
+    async def _unserve(self) -> None:
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+
+    async def _recover(self) -> None:
+        """Read every task back from the KV bucket; queue the unfinished ones (with their bodies)."""
+        if self.task_kv is None or self.js is None:
+            return
+        from nats.js.kv import KV_DEL, KV_PURGE
+
+        watcher = await self.task_kv.watchall()
+        records: list[tuple[TaskRecord, int]] = []
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+                    continue
+                try:
+                    records.append((MSGPACK.decode(entry.value, TaskRecord), entry.revision or 0))
+                except Exception:
+                    self.log.warning("unreadable task record skipped", key=entry.key)
+        finally:
+            try:
+                await watcher.stop()
+            except Exception:
+                pass
+        bodies: dict[str, bytes] = {}
+        for rec, rev in records:
+            task = LiveTask(rec)
+            task.rev = rev
+            task.durable = task.version
+            task.body_durable = True
+            if rec.key:
+                self.keys[rec.key] = rec.id
+            if task.done:
+                self._keep_finished(task)
+                continue
+            body = bodies.get(rec.body)
+            if body is None:
+                try:
+                    msg = await self.js.get_last_msg(BODY_STREAM, body_subject(rec.body))
+                    body = bodies[rec.body] = bytes(msg.data or b"")
+                except Exception as exc:
+                    self.log.error("task body lost: the task fails", task=rec.id, error=str(exc))
+                    self.live[rec.id] = task
+                    self._finish(task, FAILED, TaskError(code=500, kind="internal",
+                                                         message="the task's body was lost from JetStream"))
+                    continue
+            self._split_body(task, body)
+            self.live[rec.id] = task
+        # dependencies and placement, once every task is known
+        for task in list(self.live.values()):
+            if task.state == WAITING:
+                self._wait_for_deps(task)
+            elif task.state == QUEUED:
+                self.queue.push(task)
+            elif task.state == RUNNING:
+                att = task.attempt
+                node = self.nodes.get(att.node if att else "")
+                task.node = node.name
+                task.gpus = node.take(task.rec.resources or DEFAULT_RESOURCES) or []
+                node.running.add(task.id)
+                task.assigned_at = task.seen_at = time.monotonic()  # its node has LOST_S to list it
+
+    def _split_body(self, task: LiveTask, body: bytes) -> None:
+        """Keep what a task needs to run from its stored body."""
+        if task.rec.kind == PYTHON:
+            if task.rec.body_index >= 0:
+                batch = MSGPACK.decode(body, MapRequest)
+                task.fn, task.call = batch.fn, batch.calls[task.rec.body_index]
+            else:
+                parsed = decode_python_task(body)
+                task.fn, task.call = bytes(parsed.fn), bytes(parsed.call)
+        else:
+            task.call = body
+
+    # -- submitting ----------------------------------------------------------------------
+
+    def _limit(self) -> int:
+        return max(1024, self.connection.max_payload - RECORD_MARGIN)
+
+    def _resources(self, msg: SubmitRequest) -> Resources:
+        res = msg.resources or Resources()
+        req = msg.requirements
+        changes: dict[str, Any] = {}
+        if req is not None:
+            if req.min_memory_gb:
+                changes["mem"] = max(res.mem, int(req.min_memory_gb * (1 << 30)))
+            if req.gpu_required and res.gpus == 0:
+                changes["gpus"] = 1.0
+            if req.architecture:
+                changes["arch"] = req.architecture
+        if msg.architecture and not res.arch and "arch" not in changes:
+            changes["arch"] = msg.architecture
+        if msg.os and not res.os:
+            changes["os"] = msg.os
+        if not changes:
+            return res
+        fields = {f: getattr(res, f) for f in res.__struct_fields__}
+        fields.update(changes)
+        return Resources(**fields)
+
+    def _kind(self, msg: SubmitRequest) -> str:
+        kind = msg.kind.lower()
+        if msg.type:
+            udcs = UDCS_TYPES.get(msg.type.upper())
+            if udcs is None:
+                raise BadRequest(f"unknown task type {msg.type!r}: fabric runs {', '.join(sorted(UDCS_TYPES))} "
+                                 f"(or name a kind: {', '.join(KINDS)})")
+            if kind and kind != udcs:
+                raise BadRequest(f"kind {msg.kind!r} contradicts type {msg.type!r} (which is kind {udcs!r})")
+            kind = udcs
+        if not kind:
+            raise BadRequest(f"a task needs a kind ({', '.join(KINDS)}) or a UDCS type "
+                             f"({', '.join(sorted(UDCS_TYPES))})")
+        if kind not in KINDS:
+            raise BadRequest(f"unknown task kind {msg.kind!r}: one of {', '.join(KINDS)}")
+        return kind
+
+    def _exec_spec(self, msg: SubmitRequest) -> ExecSpec:
+        spec = msg.exec
+        if msg.binary is not None:
+            import hashlib
+
+            native = NativeExec(sha256=hashlib.sha256(msg.binary).hexdigest(), data=msg.binary,
+                                architecture=msg.architecture, os=msg.os or "linux")
+            spec = ExecSpec(argv=["program", *(msg.args or [])], env=msg.environment, native=native)
+        elif spec is None and msg.args:
+            spec = ExecSpec(argv=list(msg.args), env=msg.environment)
+        if spec is None or not spec.argv:
+            raise BadRequest("an exec task needs exec.argv (or UDCS binary/args)")
+        return spec
+
+    def _check_feasible(self, res: Resources) -> None:
+        why = unmet(self.nodes.live(), res)
+        if why is None:
+            return
+        if not self.nodes.live():
+            raise Unavailable("no node is registered (is a node's gpu-monitor running?): submit again when one is")
+        raise Infeasible(why)
+
+    async def _check_deps(self, deps: list[str]) -> None:
+        for dep in deps:
+            if dep not in self.live and dep not in self.finished and await self._read(dep) is None:
+                raise NotFound(f"dependency {dep!r} is not a known task")
+
+    def _existing(self, task_id: str, key: str) -> LiveTask | None:
+        if key and key in self.keys:
+            task_id = self.keys[key]
+        return self.live.get(task_id) or self.finished.get(task_id) if task_id else None
+
+    async def submit(self, req: Request) -> SubmitReply:
+        msg: SubmitRequest = req.decode(SubmitRequest)
+        known = self._existing(msg.id, msg.key)
+        if known is not None:
+            await self._durable(known)
+            return SubmitReply(id=known.id, state=known.state, existing=True)
+        kind = self._kind(msg)
+        res = self._resources(msg)
+        body: bytes
+        fn: bytes | None = None
+        call: bytes
+        if kind == PYTHON:
+            parsed = decode_python_task(msg.payload)
+            if parsed.deps:
+                raise BadRequest("a python task's frame carries no dependency results: list the ids in deps")
+            body, fn, call = msg.payload, bytes(parsed.fn), bytes(parsed.call)
+        elif kind == EXEC:
+            body = call = MSGPACK.encode(self._exec_spec(msg))
+        else:
+            if kind == CORE and not msg.core:
+                raise BadRequest("a core task names its compute core (core)")
+            if not msg.payload and kind == OPENCL:
+                raise BadRequest("an opencl task's payload is its FCLJ job frame")
+            body = call = msg.payload
+        if len(body) > self._limit():
+            raise TooLarge(f"a task body of {len(body)} bytes exceeds the limit of {self._limit()}: pass large "
+                           f"inputs by reference (write them to remote memory and pass the handle)")
+        self._check_feasible(res)
+        await self._check_deps(msg.deps)
+        known = self._existing(msg.id, msg.key)  # a duplicate may have arrived while this one awaited
+        if known is not None:
+            await self._durable(known)
+            return SubmitReply(id=known.id, state=known.state, existing=True)
+        task_id = msg.id or _mint_id()
+        rec = TaskRecord(id=task_id, kind=kind, state=SUBMITTED, priority=msg.priority,
+                         resources=None if res == DEFAULT_RESOURCES else res, core=msg.core, retries=msg.retries,
+                         retry_exceptions=msg.retry_exceptions, timeout_s=msg.timeout_s, key=msg.key,
+                         callback_url=msg.callback_url, deps=list(msg.deps), notify=msg.notify, body=task_id,
+                         created_ms=now_ms())
+        task = LiveTask(rec, fn, call)
+        self._encodings[task_id] = req.codec is MSGPACK
+        self._enter(task)
+        assert self.writer is not None
+        self.writer.save_body(task, task_id, body)
+        await self._durable(task)
+        return SubmitReply(id=task.id, state=task.state)
+
+    async def map(self, req: Request) -> MapReply:
+        msg: MapRequest = req.decode(MapRequest)
+        res = msg.resources or Resources()
+        prefix = msg.prefix or _mint_id()
+        first = self.live.get(f"{prefix}-0") or self.finished.get(f"{prefix}-0")
+        if first is not None:  # a repeated map: the same tasks
+            return MapReply(prefix=prefix, count=len(msg.calls))
+        body = MSGPACK.encode(MapRequest(fn=msg.fn, calls=msg.calls, prefix=prefix))
+        if len(body) > self._limit():
+            raise TooLarge(f"a map batch of {len(body)} bytes exceeds the limit of {self._limit()}: "
+                           f"send fewer calls per batch")
+        self._check_feasible(res)
+        await self._check_deps(msg.deps)
+        created = now_ms()
+        shared = None if res == DEFAULT_RESOURCES else res
+        tasks = []
+        for i, call in enumerate(msg.calls):
+            rec = TaskRecord(id=f"{prefix}-{i}", kind=PYTHON, state=SUBMITTED, priority=msg.priority,
+                             resources=shared, retries=msg.retries, retry_exceptions=msg.retry_exceptions,
+                             timeout_s=msg.timeout_s, deps=list(msg.deps), notify=msg.notify, body=prefix,
+                             body_index=i, created_ms=created)
+            task = LiveTask(rec, msg.fn, call)
+            self._encodings[rec.id] = req.codec is MSGPACK
+            tasks.append(task)
+        assert self.writer is not None
+        body_task = _BodyGroup(tasks)
+        self.writer.save_body(body_task, prefix, body)  # type: ignore[arg-type]
+        for task in tasks:
+            self._enter(task)
+        await asyncio.gather(*(self._durable(t) for t in tasks))
+        return MapReply(prefix=prefix, count=len(tasks))
+
+    def _enter(self, task: LiveTask) -> None:
+        """A new task enters: it waits for its dependencies, or runs now, or queues."""
+        self.live[task.id] = task
+        if task.rec.key:
+            self.keys[task.rec.key] = task.id
+        self._event(task, "")
+        if task.rec.deps:
+            self._wait_for_deps(task)
+            if task.state != SUBMITTED:
+                self._save(task)
+                return
+        self._runnable(task)
+        self._save(task)
+
+    def _wait_for_deps(self, task: LiveTask) -> None:
+        pending = 0
+        for dep_id in task.rec.deps:
+            dep = self.live.get(dep_id) or self.finished.get(dep_id)
+            if dep is None:
+                continue  # finished long ago: checked to exist at submit; its result is read at dispatch
+            if dep.state == SUCCEEDED:
+                continue
+            if dep.done:
+                self._finish(task, FAILED, _dep_error(dep))
+                return
+            pending += 1
+            if dep.dependents is None:
+                dep.dependents = []
+            dep.dependents.append(task)
+        task.pending_deps = pending
+        if pending and task.state == SUBMITTED:
+            self._move(task, WAITING)
+        elif not pending and task.state == WAITING:
+            self._runnable(task)
+
+    def _runnable(self, task: LiveTask) -> None:
+        """*task* may run: hand it to a node that is asking, or queue it."""
+        for pull in self._parked:
+            if len(pull.runs) < pull.slots and pull.node.lacks(task.rec.resources or DEFAULT_RESOURCES) is None:
+                if self._hold(task, pull.node) is not None:
+                    pull.runs.append(self._start(task, pull.node))
+                    pull.wake()
+                    return
+        if task.state != QUEUED:
+            self._move(task, QUEUED)
+        self.queue.push(task, front=bool(task.rec.attempts))
+
+    # -- handing out work -----------------------------------------------------------------
+
+    def _hold(self, task: LiveTask, node: Node) -> Any:
+        gpus = node.take(task.rec.resources or DEFAULT_RESOURCES)
+        if gpus is not None:
+            task.gpus = gpus
+        return gpus
+
+    def _start(self, task: LiveTask, node: Node) -> TaskRun:
+        self._move(task, RUNNING, node.name)
+        task.node = node.name
+        task.assigned_at = task.seen_at = time.monotonic()
+        node.running.add(task.id)
+        number = len(task.rec.attempts) + 1
+        task.rec.attempts.append(Attempt(number=number, node=node.name, start_ms=now_ms()))
+        self._save(task)
+        exec_spec = None
+        if task.rec.kind == PYTHON:
+            payload = encode_python_task(task.fn or b"", task.call or b"", self._dep_results(task))
+        elif task.rec.kind == EXEC:
+            payload = b""
+            exec_spec = MSGPACK.decode(task.call or b"", ExecSpec)
+        else:
+            payload = task.call or b""
+        return TaskRun(id=task.id, attempt=number, kind=task.rec.kind, payload=payload, core=task.rec.core,
+                       exec=exec_spec, timeout_s=task.rec.timeout_s, gpus=[i for i, _, _ in task.gpus])
+
+    def _dep_results(self, task: LiveTask) -> list[tuple[str, bytes]]:
+        out = []
+        for dep_id in task.rec.deps:
+            dep = self.live.get(dep_id) or self.finished.get(dep_id)
+            if dep is not None and dep.state == SUCCEEDED:
+                out.append((dep_id, dep.rec.result))
+        return out
+
+    def _schedule_feed(self) -> None:
+        if not self._feed_scheduled:
+            self._feed_scheduled = True
+            asyncio.get_running_loop().call_soon(self._feed)
+
+    def _feed(self) -> None:
+        """Give queued tasks to the nodes whose pulls are held."""
+        self._feed_scheduled = False
+        for pull in list(self._parked):
+            room = pull.slots - len(pull.runs)
+            if room <= 0 or not len(self.queue):
+                continue
+            runs = self._take(pull.node, room)
+            if runs:
+                pull.runs.extend(runs)
+                pull.wake()
+
+    def _take(self, node: Node, slots: int) -> list[TaskRun]:
+        tasks = self.queue.take(node, slots, lambda t: t.state == QUEUED, self._hold)
+        return [self._start(t, node) for t in tasks]
+
+    async def pull(self, req: Request) -> Reply:
+        msg: PullRequest = req.decode(PullRequest)
+        node = self.nodes.get(msg.node)
+        node.pulled_at = time.monotonic()
+        self._heartbeat(node, msg.running)
+        recorded: list[str] = []
+        if msg.results:
+            waits = [self._result(node, r) for r in msg.results]
+            await asyncio.gather(*waits)
+            recorded = [f"{r.id}/{r.attempt}" for r in msg.results]
+        runs = self._take(node, msg.slots) if msg.slots else []
+        if not runs and not msg.results and msg.slots and msg.wait_ms and not self._cancels.get(node.name):
+            pull = _Pull(node, msg.slots)
+            self._parked.append(pull)
+            try:
+                await asyncio.wait_for(asyncio.shield(pull.future), msg.wait_ms / 1000)
+            except TimeoutError:
+                pass
+            finally:
+                if pull in self._parked:
+                    self._parked.remove(pull)
+            runs = pull.runs
+        reply = PullReply(tasks=runs, recorded=recorded, cancel=self._cancels.pop(node.name, []))
+        return Reply(MSGPACK.encode(reply), {CONTENT_TYPE_HEADER: MSGPACK_CONTENT_TYPE})
+
+    def _heartbeat(self, node: Node, running: list[str]) -> None:
+        now = time.monotonic()
+        for entry in running:
+            task = self.live.get(entry.partition("/")[0])
+            if task is not None and task.node == node.name:
+                task.seen_at = now
+
+    # -- results ----------------------------------------------------------------------------
+
+    def _result(self, node: Node, r: TaskResult) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        task = self.live.get(r.id)
+        att = task.attempt if task is not None else None
+        if task is None or task.state != RUNNING or att is None or att.number != r.attempt or att.node != node.name:
+            fut.set_result(None)  # stale or repeated: already recorded (or the attempt was abandoned)
+            return fut
+        att.end_ms = r.end_ms or now_ms()
+        att.worker = r.worker
+        self._release(task)
+        if r.outcome == "ok" and (r.exit_code == 0 or task.rec.kind == PYTHON):
+            if len(r.output) > self._limit():
+                att.outcome = "error"
+                self._finish(task, FAILED, TaskError(code=413, kind="too_large", message=(
+                    f"the result of {len(r.output)} bytes exceeds the limit of {self._limit()}: "
+                    f"return it through remote memory")))
+            else:
+                att.outcome = SUCCEEDED
+                task.rec.result = r.output
+                task.rec.result_size = len(r.output)
+                task.rec.exit_code = r.exit_code
+                self._finish(task, SUCCEEDED)
+        elif r.outcome in ("ok", "error"):
+            att.outcome = "error"
+            err = r.error or TaskError(code=500, kind="job_failed", message=f"exit code {r.exit_code}")
+            att.error = err.message
+            task.rec.exit_code = r.exit_code
+            if task.rec.retry_exceptions and task.rec.failures < task.rec.retries:
+                task.rec.failures += 1
+                self._runnable(task)
+            else:
+                task.rec.result = r.output if len(r.output) <= self._limit() else b""
+                self._finish(task, FAILED, err)
+        elif r.outcome == "refused":
+            att.outcome = "refused"
+            err = r.error or TaskError(code=422, kind="infeasible", message="the node could not run the task")
+            att.error = err.message
+            self._finish(task, FAILED, err)
+        else:  # crashed, timeout: a system failure
+            att.outcome = r.outcome
+            att.error = r.error.message if r.error else r.outcome
+            self._system_failure(task, r.outcome, att.error)
+        self._save(task)
+        task.when_durable(lambda: _resolve(fut))
+        return fut
+
+    def _release(self, task: LiveTask) -> None:
+        """The resources a running task held on its node go back."""
+        node = self.nodes.by_name.get(task.node)
+        if node is not None:
+            node.give_back(task.rec.resources or DEFAULT_RESOURCES, task.gpus)
+            node.running.discard(task.id)
+        task.gpus = []
+        self._schedule_feed()
+
+    def _system_failure(self, task: LiveTask, outcome: str, why: str) -> None:
+        task.rec.failures += 1
+        if task.rec.failures <= task.rec.retries:
+            self.log.info("task retried", task=task.id, outcome=outcome, failures=task.rec.failures)
+            self._runnable(task)
+            return
+        self._finish(task, DEAD, TaskError(code=500, kind="task_dead", message=(
+            f"{task.rec.failures} attempts failed by {outcome} (retries={task.rec.retries}); last: {why}")))
+
+    def _finish(self, task: LiveTask, state: str, error: TaskError | None = None) -> None:
+        """*task* ends in *state*: record it, tell its dependents, notify once durable."""
+        if error is not None:
+            task.rec.error = error
+        self._move(task, state)
+        self._save(task)
+        dependents, task.dependents = task.dependents, None
+        for dep in dependents or ():
+            if dep.done:
+                continue
+            if state == SUCCEEDED:
+                dep.pending_deps -= 1
+                if dep.pending_deps <= 0 and dep.state == WAITING:
+                    self._runnable(dep)
+                    self._save(dep)
+            else:
+                self._finish(dep, FAILED, _dep_error(task))
+        task.when_durable(lambda: self._ended(task))
+
+    def _ended(self, task: LiveTask) -> None:
+        """A finished task is durable: tell whoever waits, and keep it among the finished."""
+        if task.rec.notify:
+            self._notices.setdefault(task.rec.notify, []).append(TaskDone(
+                id=task.id, state=task.state, result=task.rec.result, result_ref=task.rec.result_ref,
+                exit_code=task.rec.exit_code, error=task.rec.error))
+            self._schedule_flush()
+        for fut in self._watchers.pop(task.id, ()):
+            if not fut.done():
+                fut.set_result(None)
+        if self.live.get(task.id) is task:
+            del self.live[task.id]
+            self._keep_finished(task)
+
+    def _keep_finished(self, task: LiveTask) -> None:
+        task.fn = task.call = None
+        self.finished[task.id] = task
+        while len(self.finished) > FINISHED_KEPT:
+            self.finished.popitem(last=False)
+
+    # -- state changes, writes, events -------------------------------------------------------
+
+    def _move(self, task: LiveTask, state: str, node: str = "") -> None:
+        prev = move(task, state)
+        self._event(task, prev, node)
+
+    def _save(self, task: LiveTask) -> None:
+        assert self.writer is not None
+        self.writer.save(task)
+
+    def _event(self, task: LiveTask, prev: str, node: str = "") -> None:
+        att = task.attempt
+        self._events.append(TaskEvent(id=task.id, state=task.state, prev=prev, time_ms=task.rec.updated_ms or
+                                      task.rec.created_ms, node=node or task.node,
+                                      attempt=att.number if att else 0))
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Publish the events and notices gathered during this loop iteration."""
+        self._flush_scheduled = False
+        events, self._events = self._events, []
+        notices, self._notices = self._notices, {}
+        loop = asyncio.get_running_loop()
+        if events:
+            loop.create_task(self._publish(cluster(TASK, Task.EVENTS), JSON.encode(TaskEventBatch(events=events))))
+        for subject, done in notices.items():
+            msgpack = self._encodings.get(done[0].id, True)
+            for chunk in _chunks(done):
+                for d in chunk:
+                    self._encodings.pop(d.id, None)
+                codec = MSGPACK if msgpack else JSON
+                loop.create_task(self._publish(subject, codec.encode(TaskDoneBatch(done=chunk)),
+                                               {CONTENT_TYPE_HEADER: MSGPACK_CONTENT_TYPE} if msgpack else None))
+
+    async def _publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+        try:
+            await self.connection.publish(subject, data, headers=headers)
+        except Exception as exc:
+            self.log.warning("publish failed", subject=subject, error=str(exc) or type(exc).__name__)
+
+    def _conflict(self, task: LiveTask) -> None:
+        """A compare-and-swap on *task* lost: another scheduler moved it; this one steps back from it."""
+        self.log.error("another scheduler wrote this task: this one leaves it", task=task.id)
+        self.live.pop(task.id, None)
+        self._release(task) if task.node else None
+
+    async def _durable(self, task: LiveTask) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        task.when_durable(lambda: _resolve(fut))
+        await fut
+
+    # -- reading and cancelling ----------------------------------------------------------------
+
+    async def _read(self, task_id: str) -> TaskRecord | None:
+        if self.task_kv is None:
+            return None
+        from nats.js.errors import KeyNotFoundError
+
+        try:
+            entry = await self.task_kv.get(task_id)
+        except KeyNotFoundError:
+            return None
+        except Exception as exc:
+            raise Unavailable(f"task records unreadable: {exc}") from None
+        return MSGPACK.decode(entry.value, TaskRecord) if entry.value else None
+
+    async def _record(self, task_id: str) -> TaskRecord:
+        task = self.live.get(task_id) or self.finished.get(task_id)
+        if task is not None:
+            return task.rec
+        rec = await self._read(task_id)
+        if rec is None:
+            raise NotFound(f"no task {task_id!r}")
+        return rec
+
+    async def get(self, req: Request) -> TaskRecord:
+        return await self._record(req.decode(TaskRequest).id)
+
+    async def wait(self, req: Request) -> TaskRecord:
+        msg: WaitRequest = req.decode(WaitRequest)
+        task = self.live.get(msg.id)
+        if task is not None and not (task.done and task.durable >= task.version):
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._watchers.setdefault(msg.id, []).append(fut)
+            try:
+                await asyncio.wait_for(fut, msg.timeout_s)
+            except TimeoutError:
+                pass
+        return await self._record(msg.id)
+
+    async def cancel(self, req: Request) -> TaskRecord:
+        task_id = req.decode(TaskRequest).id
+        task = self.live.get(task_id)
+        if task is None:
+            rec = await self._record(task_id)  # 404 when unknown
+            raise Conflict(f"task {task_id} has already ended ({rec.state})")
+        if task.done:
+            raise Conflict(f"task {task_id} has already ended ({task.state})")
+        if task.state == RUNNING:
+            att = task.attempt
+            if att is not None:
+                att.outcome = CANCELLED
+                att.end_ms = now_ms()
+                self._cancels.setdefault(task.node, []).append(f"{task.id}/{att.number}")
+                for pull in self._parked:
+                    if pull.node.name == task.node:
+                        pull.wake()
+            self._release(task)
+        self._finish(task, CANCELLED, TaskError(code=409, kind="cancelled", message="cancelled"))
+        await self._durable(task)
+        return task.rec
+
+    async def list(self, req: Request) -> TaskListReply:
+        msg: ListRequest = req.decode(ListRequest)
+        pool = [t.rec for t in self.live.values()] + [t.rec for t in self.finished.values()]
+        if msg.state:
+            pool = [r for r in pool if r.state == msg.state]
+        pool.sort(key=lambda r: r.created_ms, reverse=True)
+        return TaskListReply(tasks=pool[:msg.limit])
+
+    # -- the sweep: lost tasks, gone nodes ---------------------------------------------------
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            if not self.lease.active:
+                continue
+            self.nodes.expire(self.ttl_s)
+            now = time.monotonic()
+            for task in [t for t in self.live.values() if t.state == RUNNING]:
+                if now - max(task.seen_at, task.assigned_at) > LOST_S:
+                    self._lost(task, f"node {task.node} stopped reporting it for {LOST_S:g} s")
+
+    def _lost(self, task: LiveTask, why: str) -> None:
+        att = task.attempt
+        if att is not None:
+            att.outcome = "lost"
+            att.end_ms = now_ms()
+            att.error = why
+        self._release(task)
+        self._system_failure(task, "lost", why)
+        self._save(task)
+
+
+class _BodyGroup:
+    """Stands for every task of a map while their shared body is being stored."""
+
+    def __init__(self, tasks: list[LiveTask]) -> None:
+        self.live = tasks
+        self.id = tasks[0].rec.body if tasks else ""
+        for task in tasks:
+            task.body_durable = False
+
+    @property
+    def body_durable(self) -> bool:
+        return all(t.body_durable for t in self.live)
+
+    @body_durable.setter
+    def body_durable(self, value: bool) -> None:
+        for task in self.live:
+            task.body_durable = value
+
+    def wake(self) -> None:
+        for task in self.live:
+            task.wake()
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _dep_error(dep: LiveTask) -> TaskError:
+    return TaskError(code=500, kind="dependency_failed",
+                     message=f"dependency {dep.id} ended {dep.state}" + (
+                         f": {dep.rec.error.message}" if dep.rec.error else ""))
+
+
+def _chunks(done: list[TaskDone]) -> list[list[TaskDone]]:
+    out: list[list[TaskDone]] = []
+    chunk: list[TaskDone] = []
+    size = 0
+    for d in done:
+        n = len(d.result) + 256 + (len(d.error.traceback) + len(d.error.exc) if d.error else 0)
+        if chunk and size + n > NOTICE_BYTES:
+            out.append(chunk)
+            chunk, size = [], 0
+        chunk.append(d)
+        size += n
+    if chunk:
+        out.append(chunk)
+    return out
+
