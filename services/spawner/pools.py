@@ -281,6 +281,44 @@ class CoreManager:
                       min_workers=pool.min_workers, max_workers=pool.max_workers)
         return pool.info(self.node)
 
+    async def internal_pool(self, name: str, *, min_workers: int = 1, max_workers: int = 4,
+                            time_limit_s: float = 0.0, shared: bool = False) -> Pool:
+        """A pool of the built-in core *name* for the spawner's own use (the task runner).
+
+        ``shared``: the node's pool of that name (listed under it, reused by a load with the
+        same settings, one load of it at a time); otherwise a pool of its own, listed by
+        ``list`` with its id but never found by name, so a client's load of the same
+        core is not refused for other settings.  CoreLoadFailed when its first worker
+        does not start.
+        """
+        if shared:
+            live = self.by_name.get(name)
+            if live is not None:
+                await live.ready.wait()
+                if self.by_name.get(name) is live and not live.broken:
+                    return live
+        pool = Pool(self, f"t{secrets.token_hex(6)}", LoadCoreRequest(
+            name=name, min_workers=min_workers, max_workers=max_workers, time_limit_s=time_limit_s))
+        self.pools[pool.id] = pool
+        if shared:
+            self.by_name[name] = pool
+        try:
+            first = pool.start_worker()
+            for _ in range(pool.min_workers - 1):
+                pool.start_worker()
+            if await first is None:
+                raise CoreLoadFailed(pool.last_error, core=pool.id, name=name)
+        except BaseException:
+            self._forget(pool)
+            pool.ready.set()
+            await pool.close()
+            raise
+        pool.loaded = True
+        pool.last_active = time.monotonic()
+        pool.ready.set()
+        self.log.info("core loaded", core=pool.id, name=name, internal=not shared, max_workers=max_workers)
+        return pool
+
     def list(self, req: Request) -> CoreListReply:
         return CoreListReply(node=self.node, cores=[p.info(self.node) for p in self.pools.values()])
 

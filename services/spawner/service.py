@@ -12,7 +12,8 @@ The work is split by concern: :mod:`.procs` (a package, one module per job) runs
 :mod:`.sandbox` and :mod:`.cgroups` find out at start-up what this node can
 really do, :mod:`.blobs` stores native executables by digest, :mod:`.orphans`
 kills what a crashed predecessor left.  Compute cores and warm pools
-(``fabric.core.*``) live in :mod:`.pools`.
+(``fabric.core.*``) live in :mod:`.pools`; the scheduler's tasks (``fabric.task.pull``)
+are run by :mod:`.tasks`.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ from . import cgroups as cgroups_mod
 from . import orphans
 from . import sandbox as sandbox_mod
 from .blobs import BlobStore, node_architecture
-from .limits import RLIMITS, plan
+from .limits import RLIMITS, Plan, plan
 from .pools import CoreManager, PoolEnv
-from .procs import ProcessTable, TableSettings, parse_signal
+from .procs import ManagedProcess, ProcessTable, TableSettings, parse_signal
+from .tasks import TaskRunner
 
 __all__ = ["SpawnerService"]
 
@@ -63,7 +65,7 @@ class SpawnerService(FabricService):
     #: child it did not start is an adopted orphan, even one in its own process group
     own_process = False
 
-    def __init__(self, settings: ServiceSettings) -> None:
+    def __init__(self, settings: ServiceSettings, *, task_slots: int | None = None, task_prefetch: int = 1) -> None:
         super().__init__(settings)
         root = Path(settings.state_dir) / "spawner"
         self.key = orphans.spawner_key(settings.node, Path(settings.state_dir))
@@ -75,6 +77,8 @@ class SpawnerService(FabricService):
         # fabric.core.*: warm pools of compute cores; their watchdog is one of this service's background tasks
         self.cores = CoreManager(self.node, self.log, settings.nats_url, tasks=self.tasks,
                                  env=PoolEnv.from_config(settings.config.pool))
+        # fabric.task.pull: runs the scheduler's tasks here (started once the endpoints serve)
+        self.runner = TaskRunner(self, slots=task_slots, prefetch=task_prefetch)
 
     def metadata(self) -> dict[str, str]:
         return {"cgroup": str(self.cgroups) if self.cgroups else "", "architecture": node_architecture()}
@@ -114,7 +118,11 @@ class SpawnerService(FabricService):
         self.log.info("spawner ready", cgroup=str(self.cgroups) if self.cgroups else self.cgroup_reason,
                       enforceable=self._enforceable()[0])
 
+    async def on_serving(self) -> None:
+        self.background(self.runner.run, name="task-runner")
+
     async def on_stop(self) -> None:
+        await self.runner.stop()
         await self.cores.stop()
         if self.table is not None:
             await self.table.stop()
@@ -132,15 +140,19 @@ class SpawnerService(FabricService):
         r: SpawnRequest = req.decode(SpawnRequest)
         if r.stream_to is not None and (not _STREAM_SUBJECT.match(r.stream_to) or len(r.stream_to) > 256):
             raise BadRequest(f"stream_to {r.stream_to!r} is not a valid subject (no wildcards, no spaces)")
-        p = plan(r.limits, r.sandbox, self.caps, self.cgroups, self.cgroup_reason, strict=r.strict)
-        executable = str(self.blobs.resolve(r.native)) if r.native is not None else None
         table = self._table()
-        mp = table.spawn(r, p, executable)
+        mp, p = self.start_process(r)
         reply = SpawnReply(id=mp.id, node=self.node, pid=mp.pid, subject=mp.subject, enforced=list(p.enforced),
                            unenforced=dict(p.unenforced))
         if r.wait_s > 0:
             reply.exit = table.fit(await table.wait(mp, r.wait_s))
         return reply
+
+    def start_process(self, r: SpawnRequest) -> tuple[ManagedProcess, Plan]:
+        """Start *r* as ``fabric.proc.spawn`` does (the task runner's ``exec`` tasks come here too)."""
+        p = plan(r.limits, r.sandbox, self.caps, self.cgroups, self.cgroup_reason, strict=r.strict)
+        executable = str(self.blobs.resolve(r.native)) if r.native is not None else None
+        return self._table().spawn(r, p, executable), p
 
     async def wait(self, req: Request) -> ProcStatus:
         r: WaitRequest = req.decode(WaitRequest)

@@ -5,7 +5,8 @@ three unmangled functions: ``worker_init``, ``worker_run_job`` and
 ``worker_free_outdata``.  :class:`CCore` loads one from the bytes of a "new
 compute core" message without touching the disk: the bytes go into a memfd and
 ``dlopen`` opens ``/proc/self/fd/N``.  :class:`PythonCore` is the built-in core
-selected by the name ``fabric.python`` and an empty library: a job is
+selected by the name ``fabric.python`` and an empty library: a job is a
+``python`` task's FPY1 frame (:mod:`fabric.protocol.pytasks`) or
 ``cloudpickle.dumps((fn, args, kwargs))``.  The name ``fabric.opencl`` with an
 empty library is the built-in OpenCL core (``worker_opencl.OpenCLCore``): a job
 is an OpenCL kernel frame of :mod:`fabric.opencl`; pyopencl is imported only then.
@@ -22,13 +23,16 @@ Imports run one way: this module imports :mod:`.worker_opencl` (lazily, in
 from __future__ import annotations
 
 import ctypes
+import io
 import os
 import pickle
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fabric.protocol.cores import BUILTIN_CORES, OPENCL_CORE, PYTHON_CORE
+from fabric.protocol.pytasks import PY_TASK_MAGIC, TASK_PERSISTENT_TAG, decode_python_task, encode_python_error
 
 from .core_api import API_VERSION, CoreError
 
@@ -164,11 +168,21 @@ class CCore:
 
 
 class PythonCore:
-    """The built-in core: runs ``fn(*args, **kwargs)`` from ``cloudpickle.dumps((fn, args, kwargs))``.
+    """The built-in core: a ``python`` task's FPY1 frame, or ``cloudpickle.dumps((fn, args, kwargs))``.
 
-    Output: ``pickle.dumps(result)`` with exit code 0; when anything raises
-    (unpickling the job, the function, pickling its result)
-    ``pickle.dumps((type_name, message, traceback_text))`` with exit code 1.
+    The two job formats are told apart by the first four bytes (``FPY1``, which no pickle
+    starts with: a pickle of protocol 2 or later starts with ``0x80``).
+
+    * FPY1 (a task of the scheduler, docs/protocol.md "Python tasks: FPY1 and FPYE"): the
+      function is unpickled once per worker and kept (:data:`FN_CACHE` of them, keyed by
+      their pickled bytes) so every task of one ``fc.map`` reuses it; ``(args, kwargs)`` is
+      unpickled with each ``("fabric.task", id)`` persistent id replaced by that
+      dependency's unpickled result.  Output: ``pickle.dumps(result)`` with exit code 0;
+      when anything raises, exit code 1 and an FPYE frame (never a pickle: the spawner
+      reads it without unpickling user objects).
+    * the plain job of ``Core.call``: output ``pickle.dumps(result)`` with exit code 0;
+      when anything raises (unpickling the job, the function, pickling its result)
+      ``pickle.dumps((type_name, message, traceback_text))`` with exit code 1.
     """
 
     name = PYTHON_CORE
@@ -176,7 +190,12 @@ class PythonCore:
     def __init__(self) -> None:
         import cloudpickle  # noqa: F401  (the jobs were pickled by it; fail at load, not at the first job)
 
+        #: the functions of recent FPY1 frames, by their pickled bytes, least recently used first
+        self.fns: OrderedDict[bytes, Any] = OrderedDict()
+
     def run(self, data: bytes | bytearray | memoryview) -> tuple[int, bytes]:
+        if bytes(data[:4]) == PY_TASK_MAGIC:
+            return self.run_task(data)
         try:
             fn, args, kwargs = pickle.loads(data)
             result: Any = fn(*args, **kwargs)
@@ -187,8 +206,76 @@ class PythonCore:
             tb = traceback.format_exc()
             return 1, pickle.dumps((type(exc).__name__, str(exc), tb), protocol=pickle.HIGHEST_PROTOCOL)
 
+    def run_task(self, data: bytes | bytearray | memoryview) -> tuple[int, bytes]:
+        """One FPY1 frame: ``(0, pickled result)`` or ``(1, FPYE frame)``."""
+        try:
+            task = decode_python_task(data)
+            fn = self._function(task.fn)
+            args, kwargs = _CallUnpickler(task.call, task.deps).load()
+            result: Any = fn(*args, **kwargs)
+            return 0, pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+        except BaseException as exc:  # the task's failure is its result; SystemExit too must not end the worker
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            return 1, encode_python_error(type(exc).__name__, _text(exc), traceback.format_exc(), _pickled(exc))
+
+    def _function(self, raw: memoryview) -> Any:
+        key = bytes(raw)
+        fns = self.fns
+        fn = fns.get(key)
+        if fn is None:
+            fn = pickle.loads(key)
+            fns[key] = fn
+            if len(fns) > FN_CACHE:
+                fns.popitem(last=False)
+        else:
+            fns.move_to_end(key)
+        return fn
+
     def close(self) -> None:
-        pass
+        self.fns.clear()
+
+
+#: how many functions a Python worker keeps unpickled (the last ones used)
+FN_CACHE = 64
+
+
+class _CallUnpickler(pickle.Unpickler):
+    """Unpickles a task's ``(args, kwargs)``: ``("fabric.task", id)`` is that dependency's result."""
+
+    def __init__(self, call: memoryview, deps: dict[str, memoryview]) -> None:
+        super().__init__(io.BytesIO(call))
+        self.deps = deps
+        self.values: dict[str, Any] = {}  # a dependency named twice is unpickled once (and is the same object)
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 2 and pid[0] == TASK_PERSISTENT_TAG):
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        task_id = pid[1]
+        if task_id in self.values:
+            return self.values[task_id]
+        raw = self.deps.get(task_id)
+        if raw is None:
+            raise pickle.UnpicklingError(f"the call names task {task_id!r}, which is not among its dependencies")
+        value = self.values[task_id] = pickle.loads(raw)
+        return value
+
+
+def _text(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # a broken __str__ must not hide the failure
+        return f"<{type(exc).__name__}: str() failed>"
+
+
+def _pickled(exc: BaseException) -> bytes:
+    """*exc* pickled, or b"" when it does not survive a round trip (the client then rebuilds it from its type name)."""
+    try:
+        raw = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.loads(raw)
+    except Exception:
+        return b""
+    return raw
 
 
 def load_core(name: str, library: memoryview | bytes) -> CCore | PythonCore | OpenCLCore:

@@ -1,0 +1,399 @@
+"""The task runner: pulls the scheduler's tasks (``fabric.task.pull``) and runs them on this node.
+
+A spawner runs one :class:`TaskRunner` as a background loop once its endpoints serve
+(docs/protocol.md "Tasks": the pull).  The runner asks the active scheduler for as many
+tasks as it can take (``slots``: free room not already offered by a pull still out,
+where room is the task slots plus a small bounded prefetch), lists every attempt it
+holds (``running``: the heartbeat), and hands back every result the scheduler has not
+yet confirmed in ``recorded``.  It pulls again at once when it has room or a new
+result, and at least once a second; with no scheduler (no responders) it retries after
+100-200 ms and keeps its results.
+
+Kinds of work (each attempt is an :class:`~.tasks_results.Attempt`; its result is made
+by :mod:`.tasks_results`):
+
+* ``python``: an FPY1 frame for the built-in Python core, on a warm pool of the
+  runner's own (:meth:`~.pools.CoreManager.internal_pool`: ``fabric.python`` with
+  ``max_workers`` = the slots, listed by ``fabric.core.<node>.list`` under an id that
+  starts with ``t``, never found by name, so a client's ``fabric.python`` pool lives
+  beside it).  The pool is started by the first python task; the runner hands it at most
+  one task per worker, so a task never waits on a ring behind another one, and the
+  prefetched ones wait here.
+* ``core``: one job for the node's live pool of that core name (none: refused, 404).
+* ``opencl``: an FCLJ frame for the node's ``fabric.opencl`` pool, loaded on first use.
+* ``exec``: a process started as ``fabric.proc.spawn`` starts one (the spawner's
+  :meth:`start_process`); its stdout tail is the output.  ``TaskRun.gpus`` become its
+  ``CUDA_VISIBLE_DEVICES``.
+
+``TaskRun.timeout_s`` is kept here: past it the worker running the task, or the
+process, is killed and the result is ``timeout``.  A ``cancel`` in a reply kills the
+attempt's worker or process and forgets it (the scheduler recorded the cancel itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import secrets
+import signal
+import time
+from collections import deque
+from typing import Any, Protocol
+
+from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+
+from fabric.errors import (
+    BadRequest,
+    FabricError,
+    InternalError,
+    InvalidFrame,
+    JobTimeout,
+    NotFound,
+    TooLarge,
+    error_from_wire,
+)
+from fabric.protocol import subjects
+from fabric.protocol.cores import OPENCL_CORE, PYTHON_CORE
+from fabric.protocol.headers import CONTENT_TYPE_HEADER, ERROR_CODE_HEADER, ERROR_HEADER, ERROR_KIND_HEADER
+from fabric.protocol.pytasks import decode_python_task
+from fabric.schema import MSGPACK, MSGPACK_CONTENT_TYPE, LoadCoreRequest, SpawnRequest
+from fabric.schema.tasks import (
+    CORE,
+    EXEC,
+    INLINE_RESULT_MAX,
+    OPENCL,
+    PYTHON,
+    PullReply,
+    PullRequest,
+    TaskResult,
+    TaskRun,
+)
+
+from .pool_types import Job
+from .pools import CoreManager, Pool
+from .procs import ManagedProcess, ProcessTable
+from .tasks_results import ERROR, REFUSED, Attempt, exit_result, job_result, task_error
+
+__all__ = ["TaskRunner", "RunnerHost", "HEARTBEAT_S", "MAX_PULLS"]
+
+#: the longest time between two pulls (the scheduler counts a task lost after a few seconds unlisted)
+HEARTBEAT_S = 1.0
+#: how long a pull with slots asks the scheduler to hold it while it has nothing to give
+WAIT_MS = 1000
+#: pulls out at once (one with slots, the others reporting results or beating)
+MAX_PULLS = 4
+#: seconds a pull waits for its reply beyond the scheduler's hold
+PULL_TIMEOUT_S = 5.0
+#: the most result bytes one pull carries (the rest go in the next one)
+PULL_RESULT_BYTES = 512 << 10
+_HEADERS = {CONTENT_TYPE_HEADER: MSGPACK_CONTENT_TYPE}
+
+
+class RunnerHost(Protocol):
+    """What the runner uses of the spawner hosting it."""
+
+    node: str
+    log: Any
+    cores: CoreManager
+    table: ProcessTable | None
+
+    @property
+    def connection(self) -> NATS: ...
+
+    def start_process(self, r: SpawnRequest) -> tuple[ManagedProcess, Any]: ...
+
+
+class TaskRunner:
+    """The pull loop of one spawner and the attempts it holds (see the module docstring)."""
+
+    def __init__(self, host: RunnerHost, *, slots: int | None = None, prefetch: int = 1) -> None:
+        self.host = host
+        #: tasks that may run at once (the python pool's max_workers)
+        self.slots = max(1, slots if slots is not None else (os.cpu_count() or 1))
+        #: tasks taken beyond the slots, so a worker that finishes finds the next one here
+        self.prefetch = min(max(prefetch, 0), self.slots)
+        #: a new id per start: the scheduler learns that what the last instance ran is gone
+        self.instance = ""
+        self.running: dict[str, Attempt] = {}
+        #: results the scheduler has not confirmed (``recorded``): sent on every pull
+        self.results: dict[str, TaskResult] = {}
+        self.offered = 0  # slots offered by the pulls that are out
+        self.pulls = 0
+        self.no_responders = 0
+        self._fresh = False  # a result not yet sent in any pull
+        self._last_pull = 0.0
+        self._retry_at = 0.0
+        self._wake = asyncio.Event()
+        self._inflight: set[asyncio.Task[Any]] = set()
+        self._python: Pool | None = None
+        self._opening: asyncio.Task[None] | None = None
+        self._python_queue: deque[Attempt] = deque()
+        self._python_busy = 0
+        self._job_ids = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.slots + self.prefetch
+
+    # -- the pull loop ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The background loop: pull whenever there is room or news, at least every HEARTBEAT_S."""
+        self.instance = secrets.token_urlsafe(9)
+        self.host.log.info("task runner started", slots=self.slots, prefetch=self.prefetch, instance=self.instance)
+        while True:
+            self._wake.clear()
+            now = time.monotonic()
+            if now >= self._retry_at:
+                self._maybe_pull(now)
+            due = max(self._retry_at, self._last_pull + HEARTBEAT_S) - now
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(due, 0.005))
+            except asyncio.TimeoutError:
+                pass
+
+    def _maybe_pull(self, now: float) -> None:
+        if sum(1 for t in self._inflight if t.get_name() == "pull") >= MAX_PULLS:
+            return
+        free = max(self.capacity - len(self.running) - self.offered, 0)
+        if free or self._fresh or now - self._last_pull >= HEARTBEAT_S:
+            self._spawn(self._pull(free), "pull")
+
+    async def _pull(self, slots: int) -> None:
+        self.offered += slots
+        self._last_pull = time.monotonic()
+        self._fresh = False
+        results: list[TaskResult] = []
+        size = 0
+        for r in self.results.values():
+            if results and size + len(r.output) > PULL_RESULT_BYTES:
+                self._fresh = True  # the rest go in the next pull, at once
+                break
+            results.append(r)
+            size += len(r.output)
+        req = PullRequest(node=self.host.node, slots=slots, wait_ms=WAIT_MS if slots else 0,
+                          running=list(self.running), results=results, instance=self.instance)
+        self.pulls += 1
+        try:
+            msg = await self.host.connection.request(subjects.cluster(subjects.TASK, subjects.Task.PULL),
+                                                     MSGPACK.encode(req), timeout=req.wait_ms / 1000 + PULL_TIMEOUT_S,
+                                                     headers=_HEADERS)
+            headers = msg.headers or {}
+            if ERROR_HEADER in headers:
+                raise error_from_wire(headers.get(ERROR_CODE_HEADER), headers[ERROR_HEADER],
+                                      headers.get(ERROR_KIND_HEADER))
+            reply = MSGPACK.decode(msg.data, PullReply)
+        except NoRespondersError:  # no active scheduler (a failover): keep the results, ask again soon
+            self.no_responders += 1
+            self._failed(results)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.host.log.warning("task pull failed", error=str(exc))
+            self._failed(results)
+            return
+        finally:
+            self.offered -= slots
+            self._wake.set()
+        self._apply(reply)
+
+    def _failed(self, results: list[TaskResult]) -> None:
+        self._retry_at = time.monotonic() + random.uniform(0.1, 0.2)
+        if results:
+            self._fresh = True
+
+    def _apply(self, reply: PullReply) -> None:
+        for key in reply.recorded:
+            self.results.pop(key, None)
+        for key in reply.cancel:
+            self._cancel(key)
+        for run in reply.tasks:
+            self._start(run)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    # -- attempts -----------------------------------------------------------------------
+
+    def _start(self, run: TaskRun) -> None:
+        a = Attempt(run)
+        if a.key in self.running or a.key in self.results:  # sent again: it runs or ran here already
+            return
+        self.running[a.key] = a
+        try:
+            if run.kind == PYTHON:
+                decode_python_task(run.payload)  # a malformed frame is refused here, not in a worker
+                self._python_queue.append(a)
+                self._pump_python()
+            elif run.kind == CORE:
+                pool = self.host.cores.by_name.get(run.core)
+                if pool is None:
+                    raise NotFound(f"no core {run.core!r} is loaded on node {self.host.node}", core=run.core)
+                self._submit(a, pool)
+            elif run.kind == OPENCL:
+                self._spawn(self._run_opencl(a), "opencl")
+            elif run.kind == EXEC:
+                self._run_exec(a)
+            else:
+                raise BadRequest(f"task {run.id}: unknown kind {run.kind!r}")
+        except InvalidFrame as exc:
+            self._finish(a, a.result(REFUSED, error=task_error(BadRequest(f"task {run.id}: {exc.message}"))))
+        except FabricError as exc:
+            self._finish(a, a.result(REFUSED, error=task_error(exc)))
+
+    def _arm(self, a: Attempt) -> None:
+        a.start_ms = int(time.time() * 1000)
+        if a.run.timeout_s > 0:
+            a.timer = asyncio.get_running_loop().call_later(a.run.timeout_s, self._time_out, a)
+
+    def _time_out(self, a: Attempt) -> None:
+        a.timer = None
+        a.timed_out = True
+        if a.kill is not None:
+            a.kill()
+
+    def _finish(self, a: Attempt, result: TaskResult) -> None:
+        if a.timer is not None:
+            a.timer.cancel()
+            a.timer = None
+        if self.running.get(a.key) is a:
+            del self.running[a.key]
+        if len(result.output) > PULL_RESULT_BYTES:  # a result too big to report; the object store is not there yet
+            result = a.result(ERROR, exit_code=result.exit_code, error=task_error(TooLarge(
+                f"task {a.run.id}: its output of {len(result.output)} bytes is more than a pull carries "
+                f"({PULL_RESULT_BYTES})")))
+        self.results[a.key] = result
+        self._fresh = True
+        self._wake.set()
+
+    def _cancel(self, key: str) -> None:
+        a = self.running.pop(key, None)
+        if a is None:
+            return
+        a.dropped = True
+        if a.timer is not None:
+            a.timer.cancel()
+            a.timer = None
+        if a in self._python_queue:
+            self._python_queue.remove(a)
+        elif a.kill is not None:
+            a.kill()
+        self._wake.set()
+
+    # -- pool jobs: python, core, opencl ---------------------------------------------------
+
+    def _pump_python(self) -> None:
+        pool = self._python
+        if pool is None or pool.closed or pool.broken:
+            if self._python_queue and (self._opening is None or self._opening.done()):
+                self._opening = asyncio.get_running_loop().create_task(self._open_python())
+            return
+        while self._python_queue and self._python_busy < pool.max_workers:
+            self._python_busy += 1
+            self._submit(self._python_queue.popleft(), pool)
+
+    async def _open_python(self) -> None:
+        self._python = None
+        try:
+            self._python = await self.host.cores.internal_pool(PYTHON_CORE, min_workers=1, max_workers=self.slots)
+        except FabricError as exc:
+            self.host.log.warning("task runner: the python pool did not start", error=exc.message)
+            while self._python_queue:
+                a = self._python_queue.popleft()
+                self._finish(a, a.result(REFUSED, error=task_error(exc)))
+            return
+        self._pump_python()
+
+    async def _run_opencl(self, a: Attempt) -> None:
+        d = LoadCoreRequest(name=OPENCL_CORE)
+        try:
+            pool = await self.host.cores.internal_pool(OPENCL_CORE, min_workers=d.min_workers,
+                                                       max_workers=d.max_workers, time_limit_s=d.time_limit_s,
+                                                       shared=True)
+        except FabricError as exc:
+            if not a.dropped:
+                self._finish(a, a.result(REFUSED, error=task_error(exc)))
+            return
+        if not a.dropped:
+            self._submit(a, pool)
+
+    def _submit(self, a: Attempt, pool: Pool) -> None:
+        self._job_ids += 1
+        job = Job(self._job_ids, a.run.payload, lambda code, out, err: self._job_done(a, code, out, err))
+        a.job, a.pool, a.worker = job, pool, pool.id
+        a.kill = lambda: _stop_job(pool, job, a.run.timeout_s, self._job_done, a)
+        self._arm(a)
+        pool.submit(job)
+
+    def _job_done(self, a: Attempt, code: int, out: Any, err: FabricError | None) -> None:
+        if a.run.kind == PYTHON:
+            self._python_busy -= 1
+            self._pump_python()
+        if a.dropped:
+            return
+        self._finish(a, job_result(a, code, out, err))
+
+    # -- processes: exec ----------------------------------------------------------------
+
+    def _run_exec(self, a: Attempt) -> None:
+        spec = a.run.exec
+        if spec is None or not spec.argv:
+            raise BadRequest(f"task {a.run.id}: an exec task needs exec.argv")
+        env = dict(spec.env or {})
+        if a.run.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in a.run.gpus)
+        req = SpawnRequest(argv=spec.argv, env=env or None, cwd=spec.cwd, stdin=spec.stdin, limits=spec.limits,
+                           sandbox=spec.sandbox, native=spec.native, announce=False, tail_bytes=INLINE_RESULT_MAX)
+        try:
+            mp, _ = self.host.start_process(req)
+        except FabricError:
+            raise
+        except Exception as exc:
+            raise InternalError(f"task {a.run.id}: the process did not start: {exc}") from None
+        table = self.host.table
+        assert table is not None
+        a.worker = mp.id
+
+        def kill() -> None:
+            table.signal(mp, signal.SIGKILL, "timeout" if a.timed_out else "killed")
+
+        a.kill = kill
+        self._arm(a)
+        self._spawn(self._await_exit(a, mp), "exec")
+
+    async def _await_exit(self, a: Attempt, mp: ManagedProcess) -> None:
+        await mp.done.wait()
+        if not a.dropped:
+            self._finish(a, exit_result(a, mp.exit))
+
+    # -- stopping ----------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """The spawner stops: stop every attempt (the scheduler sees a new instance next time), end the pulls."""
+        for a in list(self.running.values()):
+            self._cancel(a.key)
+        tasks = list(self._inflight) + ([self._opening] if self._opening is not None else [])
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _stop_job(pool: Pool, job: Job, timeout_s: float, done: Any, a: Attempt) -> None:
+    """Kill the worker running *job* (a per-job kill the pool does not have), or take it off the queue."""
+    if job in pool.queue:
+        pool.queue.remove(job)
+        done(a, 0, b"", JobTimeout(f"the task waited past its timeout of {timeout_s:g}s", core=pool.id)
+             if a.timed_out else None)
+        return
+    for w in pool.workers:
+        if job.id in w.outstanding:
+            # the pool then fails the job with JobTimeout and replaces the worker
+            w.time_out(timeout_s)
+            return
+
