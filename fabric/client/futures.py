@@ -134,21 +134,27 @@ def as_completed(futures: Iterable[Any], timeout: float | None = None) -> Iterat
     """Yield each of *futures* as it ends (those ended already first, in the order given).
 
     Past *timeout* seconds (from this call) it raises TimeoutError.  Duplicates are
-    yielded once.  Blocks the calling thread: not for the client's loop thread (async code
-    uses ``asyncio.as_completed``, which takes :class:`AsyncTaskFuture` as awaitables).
+    yielded once.  The futures are watched from this call on (not from the first ``next``),
+    so the order is the order in which they end.  Blocks the calling thread: not for the
+    client's loop thread (async code uses ``asyncio.as_completed``, which takes
+    :class:`AsyncTaskFuture` as awaitables).
     """
     fs = list(dict.fromkeys(futures))
     deadline = None if timeout is None else time.monotonic() + timeout
     ended: queue.SimpleQueue[Any] = queue.SimpleQueue()
     for f in fs:
         _face_done_callback(f, ended.put)
-    for yielded in range(len(fs)):
+    return _as_they_end(ended, len(fs), deadline, timeout)
+
+
+def _as_they_end(ended: queue.SimpleQueue[Any], count: int, deadline: float | None,
+                 timeout: float | None) -> Iterator[Any]:
+    for yielded in range(count):
         left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         try:
             yield ended.get(timeout=left)
         except queue.Empty:
-            raise TimeoutError(f"{len(fs) - yielded} of {len(fs)} futures have not ended after {timeout:g}s") \
-                from None
+            raise TimeoutError(f"{count - yielded} of {count} futures have not ended after {timeout:g}s") from None
 
 
 class DoneAndNotDone(NamedTuple):
