@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
+import numpy as np
 import pytest
 
 from fabric.protocol import subjects
@@ -32,11 +33,12 @@ from fabric.protocol.pytasks import (
     decode_python_error,
     encode_python_task,
 )
-from fabric.schema import MSGPACK
+from fabric.schema import JSON, MSGPACK, CoreRequest
 from fabric.schema.tasks import ExecSpec, PullReply, PullRequest, TaskResult, TaskRun
-from fabric.service import ServiceSettings
+from fabric.service import Request, ServiceSettings
 from fabric.services.spawner import SpawnerService
 from fabric.services.spawner.worker_core import PythonCore
+from tests._cores import TEST_CORES, build_core
 from tests._wait import until
 
 # -- building frames as a client would ---------------------------------------------------
@@ -388,6 +390,55 @@ async def test_what_the_node_cannot_run_is_refused(sched: Scheduler) -> None:
     assert {k: (r.outcome, r.error.code if r.error else 0) for k, r in codes.items()} == {
         "no-core": ("refused", 404), "bad-frame": ("refused", 400), "no-binary": ("refused", 404),
         "odd-kind": ("refused", 400)}
+    assert codes["bad-frame"].error is not None and codes["bad-frame"].error.kind == "invalid_frame"
+
+
+async def test_a_core_task_runs_on_the_nodes_pool_of_that_name(sched: Scheduler, nats_url: str, node: SpawnerService,
+                                                               build_dir: Path) -> None:
+    from fabric import AsyncFabricClient
+
+    name = f"echo-{secrets.token_hex(3)}"
+    async with AsyncFabricClient(nats_url, local=False) as fc:
+        core = await fc.load_core(name, build_core(TEST_CORES / "echo.c", build_dir), node=node.node)
+        bad = await fc.load_core(f"{name}-nz", build_core(TEST_CORES / "nonzero.c", build_dir), node=node.node)
+        try:
+            sched.add(TaskRun(id="c-echo", attempt=1, kind="core", core=name, payload=b"echo me"),
+                      TaskRun(id="c-nz", attempt=1, kind="core", core=f"{name}-nz", payload=b"x"))
+            r = await sched.result("c-echo")
+            assert (r.outcome, r.output, r.worker) == ("ok", b"echo me", core.id)
+            r = await sched.result("c-nz")
+            assert r.outcome == "error" and r.exit_code != 0 and r.error is not None
+        finally:
+            await core.unload()
+            await bad.unload()
+
+
+async def test_an_opencl_task_loads_the_nodes_opencl_pool(sched: Scheduler, node: SpawnerService) -> None:
+    pytest.importorskip("pyopencl")
+    from fabric.opencl import InArg, JobHeader, OutArg, decode_result, encode_job
+
+    a = np.arange(4, dtype=np.float32)
+    header = JobHeader(source=VADD, kernel="vadd", global_size=[4],
+                       args=[InArg("<f4", [4], 0, 16), InArg("<f4", [4], 16, 16), OutArg("<f4", [4])])
+    sched.add(TaskRun(id="cl-vadd", attempt=1, kind="opencl", payload=bytes(encode_job(header, [(0, a), (16, a)]))))
+    r = await sched.result("cl-vadd", within=60)
+    if r.outcome == "refused":  # no usable OpenCL platform here: the refusal must say why
+        assert r.error is not None and r.error.kind == "core_load_failed", r
+        pytest.skip(f"no OpenCL here: {r.error.message}")
+    assert r.outcome == "ok", r
+    head, data = decode_result(r.output)
+    out = head.outputs[0]
+    assert np.frombuffer(bytes(data[out.offset:out.offset + out.nbytes]), np.float32).tolist() == [0, 2, 4, 6]
+    pool = node.cores.by_name.get("fabric.opencl")
+    assert pool is not None and r.worker == pool.id
+    await node.cores.unload(Request("unload", None, JSON.encode(CoreRequest(core=pool.id))))
+
+
+VADD = """
+__kernel void vadd(__global const float *a, __global const float *b, __global float *c) {
+    int i = get_global_id(0);
+    c[i] = a[i] + b[i];
+}"""
 
 
 async def test_results_are_resent_until_recorded(sched: Scheduler) -> None:

@@ -48,7 +48,6 @@ from fabric.errors import (
     BadRequest,
     FabricError,
     InternalError,
-    InvalidFrame,
     JobTimeout,
     NotFound,
     TooLarge,
@@ -241,9 +240,7 @@ class TaskRunner:
                 self._run_exec(a)
             else:
                 raise BadRequest(f"task {run.id}: unknown kind {run.kind!r}")
-        except InvalidFrame as exc:
-            self._finish(a, a.result(REFUSED, error=task_error(BadRequest(f"task {run.id}: {exc.message}"))))
-        except FabricError as exc:
+        except FabricError as exc:  # the node cannot run it (a malformed frame is 400 invalid_frame)
             self._finish(a, a.result(REFUSED, error=task_error(exc)))
 
     def _arm(self, a: Attempt) -> None:
