@@ -89,19 +89,21 @@ async def test_the_services_serve_exactly_the_verbs_the_contract_names_and_the_d
 
     from fabric.protocol import subjects
     from fabric.services.allocator import AllocatorService
+    from fabric.services.scheduler import SchedulerService
     from fabric.services.spawner import SpawnerService
 
     node = f"verbs-{secrets.token_hex(3)}"
     services = [AllocatorService(ServiceSettings(nats_url=js_server.url, node=node, state_dir=tmp_path / "a"),
                                  capacity=16 << 20),
                 SpawnerService(ServiceSettings(nats_url=js_server.url, node=node, state_dir=tmp_path / "s")),
-                GpuMonitorService(ServiceSettings(nats_url=js_server.url, node=node, state_dir=tmp_path / "g"))]
+                GpuMonitorService(ServiceSettings(nats_url=js_server.url, node=node, state_dir=tmp_path / "g")),
+                SchedulerService(ServiceSettings(nats_url=js_server.url, node=node, state_dir=tmp_path / "t"))]
     for svc in services:
         await svc.start()
     try:
         served: dict[str, set[str]] = {}
         doc_subjects: set[str] = set()
-        for name in ("allocator", "spawner", "gpu-monitor"):
+        for name in ("allocator", "spawner", "gpu-monitor", "scheduler"):
             ping = json.loads((await nc.request(f"$SRV.PING.{name}", b"", timeout=5)).data)
             info = json.loads((await nc.request(f"$SRV.INFO.{name}.{ping['id']}", b"", timeout=5)).data)
             for ep in info["endpoints"]:

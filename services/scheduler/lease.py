@@ -58,6 +58,8 @@ class Lease:
         self._rev = 0
         self._renewed = 0.0
         self._changed = asyncio.Event()
+        #: set once this scheduler knows where it stands: active (and serving), or another holds the lease
+        self.settled = asyncio.Event()
 
     def attach(self, kv: Any) -> None:
         """Use *kv* (the bucket, reopened after each reconnect)."""
@@ -80,6 +82,7 @@ class Lease:
                     continue
                 try:
                     await self.kv.get(LEASE_KEY)
+                    self.settled.set()
                 except KeyNotFoundError:
                     self._rev = await self.kv.create(LEASE_KEY, self.value)
                     self._renewed = time.monotonic()
@@ -110,7 +113,10 @@ class Lease:
     async def _start(self) -> None:
         self.active = True
         self.log.info("scheduler active", instance=self.instance)
-        await self.on_active()
+        try:
+            await self.on_active()
+        finally:
+            self.settled.set()
 
     async def _end(self) -> None:
         self.active = False

@@ -194,6 +194,11 @@ class SchedulerService(FabricService):
         self.background(self.pub.run, name="publisher")
         self.background(self.lease.run, name="lease")
         self.background(self._sweep, name="sweep")
+        # ready (for fabric up) once serving tasks, or once another scheduler is known to serve them
+        try:
+            await asyncio.wait_for(self.lease.settled.wait(), lease_mod.LEASE_S * 4)
+        except TimeoutError:
+            self.log.warning("no scheduler lease settled yet: starting as a standby")
 
     async def on_stop(self) -> None:
         await self.lease.release()
