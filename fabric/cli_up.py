@@ -67,6 +67,13 @@ def up(
     grace: Annotated[float | None, typer.Option(
         "--grace", min=0.0, show_default=False,
         help="Seconds services get to drain when stopped by a signal. Config: up.grace_s (10).")] = None,
+    labels: Annotated[str | None, typer.Option(
+        "--labels", show_default=False,
+        help="This node's labels for task placement, KEY=VALUE,... Config: tasks.labels (none).")] = None,
+    resources: Annotated[str | None, typer.Option(
+        "--resources", show_default=False,
+        help="Custom resources this node declares for tasks: a JSON object ('{\"licence\": 2}') or "
+             "NAME=AMOUNT,... Config: tasks.resources (none).")] = None,
     config_file: ConfigFileOption = None,
 ) -> None:
     """Start NATS (unless --nats-url) and the services, supervised; foreground unless -d.
@@ -96,10 +103,17 @@ def up(
         "node": ("--node", node),
         "up.ready_timeout_s": ("--timeout", timeout),
         "up.grace_s": ("--grace", grace),
+        "tasks.labels": ("--labels", _pairs("--labels", labels)),
+        "tasks.resources": ("--resources", _resources(resources)),
     })
     for warning in loaded.warnings:  # a deprecated variable: the services log it too
         err.print(f"[yellow]warning:[/] {escape(warning)}")
     cfg = loaded.config
+    # the services read their configuration themselves (file, environment): hand them what only flags said
+    if labels is not None:
+        os.environ["FABRIC_TASKS_LABELS"] = ",".join(f"{k}={v}" for k, v in cfg.tasks.labels.items())
+    if resources is not None:
+        os.environ["FABRIC_TASKS_RESOURCES"] = ",".join(f"{k}={v!r}" for k, v in cfg.tasks.resources.items())
     state = state_of(Path(cfg.state_dir) if cfg.state_dir else None)
     modules = parse_services(",".join(cfg.up.services) if cfg.up.services is not None else None)
     node = cfg.node if cfg.node is not None else default_node()
@@ -155,6 +169,36 @@ def up(
         code = asyncio.run(sup.run())
         os.close(lock_fd)
         raise typer.Exit(code)
+
+
+def _pairs(flag: str, raw: str | None) -> dict[str, str] | None:
+    """``KEY=VALUE,...`` as a table (None when the flag was not given)."""
+    if raw is None:
+        return None
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            fail(f"invalid {flag} entry {part!r}", "expected KEY=VALUE,KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _resources(raw: str | None) -> dict[str, object] | None:
+    """``--resources``: a JSON object, or ``NAME=AMOUNT,...``."""
+    if raw is None:
+        return None
+    if raw.lstrip().startswith("{"):
+        import json
+
+        try:
+            value = json.loads(raw)
+        except ValueError as exc:
+            fail(f"--resources is not valid JSON: {exc}", "expected an object such as '{\"licence\": 2}'")
+        if not isinstance(value, dict):
+            fail("--resources must be a JSON object", "expected an object such as '{\"licence\": 2}'")
+        return value
+    return dict(_pairs("--resources", raw) or {})
 
 
 def _process_start_time() -> float:

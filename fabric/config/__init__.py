@@ -21,12 +21,13 @@ from .model import (
     MemConfig,
     NatsConfig,
     PoolConfig,
+    TasksConfig,
     TelemetryConfig,
     UpConfig,
     default_node,
 )
 from .sources import ConfigError, ConfigIssue
 
-__all__ = ["FabricConfig", "NatsConfig", "UpConfig", "MemConfig", "PoolConfig", "TelemetryConfig",
+__all__ = ["FabricConfig", "NatsConfig", "UpConfig", "MemConfig", "PoolConfig", "TelemetryConfig", "TasksConfig",
            "DEFAULT_NATS_URL", "KEYS", "DEPRECATED_ENV", "env_name", "CONFIG_FILE_NAME", "Loaded", "load_config",
            "validate_file", "check_section", "ConfigError", "ConfigIssue", "default_node"]

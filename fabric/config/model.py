@@ -21,7 +21,7 @@ from msgspec import Meta
 
 from ..protocol.subjects import NODE_NAME, sanitize_node_name
 
-__all__ = ["FabricConfig", "NatsConfig", "UpConfig", "MemConfig", "PoolConfig", "TelemetryConfig",
+__all__ = ["FabricConfig", "NatsConfig", "UpConfig", "MemConfig", "PoolConfig", "TelemetryConfig", "TasksConfig",
            "DEFAULT_NATS_URL", "LogLevel", "HINTS", "default_node"]
 
 #: the NATS a service or client connects to when nothing says otherwise
@@ -114,6 +114,15 @@ class TelemetryConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, k
                              f"interval telemetry.interval_s ({self.interval_s:g} s)")
 
 
+class TasksConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    #: labels this node carries, matched by a task's Resources.labels
+    labels: dict[str, Annotated[str, Meta(max_length=255)]] = msgspec.field(default_factory=dict)
+    #: custom resources this node declares (name -> amount), held by tasks that ask for them
+    resources: dict[str, Annotated[float, Meta(ge=0, le=1_000_000)]] = msgspec.field(default_factory=dict)
+    #: tasks this node runs at once (the spawner's task pool); default: its logical CPUs
+    slots: Annotated[int, Meta(ge=1, le=4096)] | None = None
+
+
 class FabricConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """Everything a fabric is configured by (docs/config.md)."""
 
@@ -127,3 +136,4 @@ class FabricConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
     mem: MemConfig = msgspec.field(default_factory=MemConfig)
     pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+    tasks: TasksConfig = msgspec.field(default_factory=TasksConfig)

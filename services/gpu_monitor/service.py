@@ -148,7 +148,8 @@ class GpuMonitorService(FabricService):
         self.seq += 1
         return NodeRecord(node=self.node, host=self.host, seq=self.seq, time_ms=int(time.time() * 1000),
                           interval_s=self.interval_s, cpu=cpu, memory=memory, disks=disks, net=net, gpus=gpus,
-                          nvml=nvml_state, opencl=opencl)
+                          nvml=nvml_state, opencl=opencl, labels=dict(self.settings.config.tasks.labels),
+                          resources=dict(self.settings.config.tasks.resources))
 
     async def _heartbeat(self) -> None:
         assert self.registry is not None
