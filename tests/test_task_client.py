@@ -330,7 +330,10 @@ class PlayedScheduler:
 
     Python tasks run here, at once.  With ``hold`` set, their TaskDone messages wait until
     :meth:`release` publishes them in the order given.  A submit asking for GPUs is refused
-    (422 infeasible); a second submit with a known key returns the first task (``existing``).
+    (422 infeasible), one naming an unknown dependency too (404); a second submit with a
+    known key returns the first task (``existing``).  Requests are served one at a time, in
+    the order they arrive (one subscription); while ``map_gate`` is closed a map is
+    answered (and its tasks exist) only once it opens, the requests after it served meanwhile.
     """
 
     def __init__(self, url: str) -> None:
@@ -345,6 +348,8 @@ class PlayedScheduler:
         self.held: dict[str, tuple[str, TaskDone]] = {}  # id -> (notify, done)
         self.cond = threading.Condition()
         self.nc: Any = None
+        self.map_gate = asyncio.Event()
+        self.map_gate.set()
 
     def __enter__(self) -> PlayedScheduler:
         self.thread.start()
@@ -366,10 +371,19 @@ class PlayedScheduler:
         self.nc = await nats.connect(self.url)
         verbs = {subjects.Task.SUBMIT: self._submit, subjects.Task.MAP: self._map, subjects.Task.GET: self._get,
                  subjects.Task.CANCEL: self._cancel, subjects.Task.WAIT: self._wait}
-        for verb, handler in verbs.items():
-            await self.nc.subscribe(subjects.cluster(subjects.TASK, verb), cb=handler)
+
+        async def serve(msg: Any) -> None:
+            await verbs[msg.subject.rsplit(".", 1)[1]](msg)
+
+        await self.nc.subscribe(subjects.cluster(subjects.TASK, "*"), cb=serve)
 
     # -- helpers for the tests
+
+    def close_map_gate(self) -> None:
+        self.loop.call_soon_threadsafe(self.map_gate.clear)
+
+    def open_map_gate(self) -> None:
+        self.loop.call_soon_threadsafe(self.map_gate.set)
 
     def wait_held(self, count: int) -> None:
         with self.cond:
@@ -399,6 +413,10 @@ class PlayedScheduler:
         if req.resources is not None and req.resources.gpus > 0:
             await self._error(msg, Infeasible(f"no node has {req.resources.gpus:g} GPUs"))
             return
+        unknown = [d for d in req.deps if d not in self.records]
+        if unknown:
+            await self._error(msg, fabric.NotFound(f"unknown dependencies {unknown}"))
+            return
         if req.key and req.key in self.keys:
             first = self.records[self.keys[req.key]]
             await self._reply(msg, SubmitReply(id=first.id, state=first.state, existing=True))
@@ -414,6 +432,16 @@ class PlayedScheduler:
     async def _map(self, msg: Any) -> None:
         req = MSGPACK.decode(msg.data, MapRequest)
         self.requests.append(req)
+        if self.map_gate.is_set():
+            await self._map_accepted(msg, req)
+        else:
+            self.gated = asyncio.ensure_future(self._gated_map(msg, req))
+
+    async def _gated_map(self, msg: Any, req: MapRequest) -> None:
+        await self.map_gate.wait()
+        await self._map_accepted(msg, req)
+
+    async def _map_accepted(self, msg: Any, req: MapRequest) -> None:
         await self._reply(msg, MapReply(prefix=req.prefix, count=len(req.calls)))
         for i, call in enumerate(req.calls):
             task_id = f"{req.prefix}-{i}"
@@ -533,8 +561,14 @@ def test_map_batches_and_as_completed_follows_the_order_tasks_end(played: Played
 
 
 def test_futures_in_the_arguments_are_dependencies(played: PlayedScheduler, client: FabricClient) -> None:
+    played.close_map_gate()
     fs = client.map(square, range(5))
     total = client.submit(sum, fs[:3])
+    # a request after the submit: a submit sent before the map's tasks exist would be served
+    # (and refused, 404) before this one; the client holds it until the map is answered
+    with pytest.raises(fabric.NotFound):
+        client.task("barrier")
+    played.open_map_gate()
     scaled = client.submit(lambda xs, k: [x * k for x in xs], fs[3:], k=fs[1])
     assert total.result(timeout=30) == 0 + 1 + 4
     assert scaled.result(timeout=30) == [9, 16]
