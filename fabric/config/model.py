@@ -62,6 +62,7 @@ UNSET_MEANS: dict[str, str] = {
     "nats.server": "the one installed with fabric, else $PATH",
     "up.services": "every known one",
     "mem.capacity": "a quarter of the RAM",
+    "tasks.slots": "the logical CPUs",
 }
 
 
