@@ -560,6 +560,20 @@ def test_map_batches_and_as_completed_follows_the_order_tasks_end(played: Played
     assert client.gather(fs[:4]) == [0, 1, 4, 9]
 
 
+def test_map_batches_stay_under_what_the_scheduler_takes(played: PlayedScheduler, client: FabricClient) -> None:
+    """A batch is cut before its body passes the server's max payload less 64 KiB (the scheduler's 413)."""
+    # two such calls fit one NATS message, not what the scheduler takes: they travel apart
+    size = (client.aio.max_payload - (40 << 10)) // 2
+    fs = client.map(len, [bytes(size)] * 2)
+    assert [f.result(timeout=60) for f in fs] == [size] * 2
+    assert [len(r.calls) for r in played.requests] == [1, 1]
+    small = client.map(len, [b"x"] * 3)
+    assert [f.result(timeout=60) for f in small] == [1] * 3 and len(played.requests[-1].calls) == 3
+    too_big = client.submit(len, bytes(client.aio.max_payload + 1))
+    with pytest.raises(fabric.TooLarge, match="max payload"):
+        too_big.result(timeout=60)
+
+
 def test_futures_in_the_arguments_are_dependencies(played: PlayedScheduler, client: FabricClient) -> None:
     played.close_map_gate()
     fs = client.map(square, range(5))

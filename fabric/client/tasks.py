@@ -79,6 +79,8 @@ SUBMITS_IN_FLIGHT: Final = 256
 #: calls per ``MapRequest``, and map requests in flight at a time, by default
 MAP_BATCH_SIZE: Final = 1024
 MAP_IN_FLIGHT: Final = 4
+#: the scheduler refuses a body above the server's max payload less this (413): a map batch stays under it
+BODY_HEADROOM: Final = 64 << 10
 #: how long one ``fabric.task.wait`` request asks the scheduler to hold (the protocol's most is 300)
 _FOLLOW_WAIT_S: Final = 30.0
 
@@ -594,7 +596,8 @@ class TasksArea(Transport):
         their futures, in order.
 
         The function is pickled once; the calls travel *batch_size* to a ``MapRequest`` (fewer
-        when the server's max payload would be passed), *in_flight* requests at a time; this
+        when the body would pass what the scheduler takes: the server's max payload less 64 KiB;
+        a single call above that is refused, 413), *in_flight* requests at a time; this
         returns once the last batch is sent (not answered).  A refused batch fails its futures
         with the error.  Options as in :meth:`submit`.
         """
@@ -605,7 +608,7 @@ class TasksArea(Transport):
         fn_bytes = cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
         notify = await self._task_notify()
         options = self._options(resources, priority, retries, retry_exceptions, timeout)
-        budget = self.max_payload - FRAME_OVERHEAD - len(fn_bytes)
+        budget = self.max_payload - BODY_HEADROOM - FRAME_OVERHEAD - len(fn_bytes)
         slots = asyncio.Semaphore(in_flight)
         futures: list[AsyncTaskFuture] = []
         batch: list[bytes] = []
