@@ -16,15 +16,18 @@ workers x 1 thread), times each start, warms each one, then measures:
 * ``memory``: a second ``fabric up`` with no spawner (``--services gpu-monitor,scheduler``)
   so tasks stay queued; the scheduler's RSS (psutil) before and after N queued no-op
   tasks (100,000; ``--quick`` 20,000); bytes per queued task.
-* ``failover``: a second scheduler beside the first, a steady stream of tasks (four
-  sequential submitters), ``kill -9`` of the active scheduler (its pid from
-  ``$SRV.INFO`` metadata); seconds from the kill to the next result at the client.
+* ``failover``: a second scheduler beside the first, a steady stream of tasks (100 a
+  second, none waiting for another), ``kill -9`` of the active scheduler (the lease's
+  holder among the ``$SRV.INFO`` metadata pids); seconds from the kill to the first
+  result of a task submitted after it (a result already published by the killed one
+  does not count), the window in which submits were refused (503), and what became
+  of the tasks in flight at the kill.
 
 Each section is independent: one that fails (or whose fabric side does not exist
 yet) reports its error under ``errors`` and the others still run.  Progress goes to
 stderr; the last line is one JSON object (docs/benchmarks.md "Tasks").
 
-    .venv/bin/python bench/tasks.py [--quick]
+    .venv/bin/python bench/tasks.py [--quick] [--only fabric,ray,dask,memory,failover]
 """
 
 from __future__ import annotations
