@@ -606,10 +606,15 @@ def test_cancel(played: PlayedScheduler, client: FabricClient) -> None:
 
 def test_a_key_returns_the_existing_task_and_a_large_result_is_fetched(played: PlayedScheduler,
                                                                        client: FabricClient) -> None:
+    played.hold = True
     first = client.submit(square, 6, key="exp-42")
+    again = client.submit(square, 99, key="exp-42")  # while the first is pending, in this very client
+    played.wait_held(1)
+    assert again.result(timeout=30) == 36 and again.id == first.id  # followed with fabric.task.wait
+    assert not first.done()  # its notice is still to come, and still its own
+    played.release([first.id])
     assert first.result(timeout=30) == 36
-    again = client.submit(square, 99, key="exp-42")
-    assert again.result(timeout=30) == 36 and again.id == first.id
+    played.hold = False
     big = client.submit(bytes, 5000)  # a TaskDone without the result inline: read from fabric.task.get
     assert big.result(timeout=30) == bytes(5000)
 

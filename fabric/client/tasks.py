@@ -474,6 +474,11 @@ class TasksArea(Transport):
         fut._sent = asyncio.Event()
         self._task_futures[fut.id] = fut
 
+    def _forget(self, fut: AsyncTaskFuture) -> None:
+        """*fut* no longer waits for a notice (another future of the same task may)."""
+        if self._task_futures.get(fut.id) is fut:
+            del self._task_futures[fut.id]
+
     async def _send_submit(self, req: SubmitRequest, fut: AsyncTaskFuture, deps: list[AsyncTaskFuture]) -> None:
         slots = self._slots()
         try:
@@ -483,20 +488,18 @@ class TasksArea(Transport):
                     await dep._sent.wait()
             reply: SubmitReply = await self._task_request(subjects.Task.SUBMIT, req, SubmitReply)
         except Exception as exc:  # noqa: BLE001 - a refused submit is the future's exception
-            self._task_futures.pop(fut.id, None)
+            self._forget(fut)
             fut._fail(exc)
             return
         finally:
             slots.release()
             if fut._sent is not None:
                 fut._sent.set()
-        if reply.id != fut.id:  # the idempotency key named an existing task: this future follows that one
-            self._task_futures.pop(fut.id, None)
+        if reply.existing or reply.id != fut.id:
+            # the key (or id) named a task that exists: it notifies whoever submitted it first (maybe
+            # another future of this client, which keeps its notice): this one follows it with wait
+            self._forget(fut)
             fut._id = reply.id
-            if not fut.done():
-                self._task_futures[reply.id] = fut
-        if reply.existing:
-            # the existing task notifies whoever submitted it first: follow it with fabric.task.wait
             self._spawn(self._follow(fut))
 
     async def _follow(self, fut: AsyncTaskFuture) -> None:
@@ -510,11 +513,9 @@ class TasksArea(Transport):
                 await asyncio.sleep(0.2)
                 continue
             except Exception as exc:  # noqa: BLE001 - the task is gone (404) or the request is refused
-                self._task_futures.pop(fut.id, None)
                 fut._fail(exc)
                 return
             if rec.state in TERMINAL:
-                self._task_futures.pop(fut.id, None)
                 fut._finish(_record_done(rec))
 
     async def _fetch_result(self, fut: AsyncTaskFuture) -> None:
@@ -653,7 +654,7 @@ class TasksArea(Transport):
                                   f"by {reply.count} tasks with prefix {reply.prefix!r}")
         except Exception as exc:  # noqa: BLE001 - a refused batch is its futures' exception
             for f in futs:
-                self._task_futures.pop(f.id, None)
+                self._forget(f)
                 f._fail(exc)
         finally:
             slots.release()
@@ -687,7 +688,7 @@ class TasksArea(Transport):
         except Conflict:
             return False
         if fut is not None:
-            self._task_futures.pop(task_id, None)
+            self._forget(fut)
             fut._resolve(CANCELLED, exc=TaskCancelled(f"task {task_id} was cancelled", task=task_id))
         return True
 
