@@ -644,3 +644,59 @@ async def test_the_async_client(played: PlayedScheduler, nats_url: str) -> None:
         threads: list[threading.Thread] = []
         g.add_done_callback(lambda x: (seen.append(x), threads.append(threading.current_thread())))
         assert await g == 16 and seen == [g] and threads == [loop_thread]
+
+
+# -- the client against the real scheduler, spawner and gpu-monitor ------------------------------------------------
+
+
+@pytest.fixture
+async def scheduled(js_server: Any, tmp_path: Any) -> Any:
+    """A one-node fabric with the real scheduler (its node registered by a gpu-monitor, run by a spawner)."""
+    import secrets
+
+    from fabric.service import ServiceSettings
+    from fabric.services.gpu_monitor import GpuMonitorService
+    from fabric.services.scheduler import SchedulerService
+    from fabric.services.spawner import SpawnerService
+
+    node = f"tasks-{secrets.token_hex(3)}"
+    services = [cls(ServiceSettings(nats_url=js_server.url, node=node, state_dir=tmp_path / cls.__name__))
+                for cls in (SpawnerService, GpuMonitorService, SchedulerService)]
+    started = []
+    try:
+        for svc in services:
+            await svc.start()
+            started.append(svc)
+        yield js_server.url
+    finally:
+        for svc in reversed(started):
+            await svc.stop()
+
+
+async def test_the_client_against_the_real_scheduler(scheduled: str) -> None:
+    async with AsyncFabricClient(scheduled) as fc:
+        f = await fc.submit(square, 7)
+        assert await f.result(timeout=60) == 49
+        fs = await fc.map(square, range(40), batch_size=16)
+        assert sorted([await x for x in asyncio.as_completed(fs)]) == sorted(i * i for i in range(40))
+        assert await (await fc.submit(sum, fs[:10])).result(timeout=60) == sum(i * i for i in range(10))
+        with pytest.raises(ValueError, match="bad 2") as info:
+            await (await fc.submit(boom, 2)).result(timeout=60)
+        assert "remote traceback:" in info.value.__notes__[0]
+        with pytest.raises(Infeasible):
+            await (await fc.submit(square, 1, resources=Resources(gpus=64))).result(timeout=60)
+        assert await (await fc.submit_exec(["sh", "-c", "echo hi"])).result(timeout=60) == ExecResult(0, b"hi\n")
+        failed = await fc.submit_exec(["sh", "-c", "echo no; exit 3"])
+        with pytest.raises(TaskFailed) as exit_info:
+            await failed.result(timeout=60)
+        assert (exit_info.value.exit_code, exit_info.value.output) == (3, b"no\n")
+        first, again = await fc.submit(square, 5, key="k-1"), await fc.submit(square, 6, key="k-1")
+        assert await fc.gather([first, again]) == [25, 25] and first.id == again.id
+        assert (await fc.task(first.id)).state == "succeeded"
+        import time
+
+        sleeper = await fc.submit(time.sleep, 60)
+        assert await sleeper.cancel() is True and sleeper.cancelled()
+        assert (await fc.task(sleeper.id)).state == "cancelled"
+        with pytest.raises(TaskCancelled):
+            await sleeper.result(timeout=60)
