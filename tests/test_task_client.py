@@ -628,6 +628,15 @@ def test_pending_futures_fail_when_the_client_closes(played: PlayedScheduler, na
         f.result(timeout=30)
 
 
+def test_a_client_closed_and_connected_again_subscribes_again(played: PlayedScheduler, nats_url: str) -> None:
+    fc = FabricClient(nats_url)
+    with fc:
+        assert fc.submit(square, 2).result(timeout=30) == 4
+    with fc:  # a new connection, a new loop: the notify subject of the first is gone with it
+        assert fc.submit(square, 3).result(timeout=30) == 9
+    assert played.requests[0].notify != played.requests[1].notify
+
+
 async def test_the_async_client(played: PlayedScheduler, nats_url: str) -> None:
     async with AsyncFabricClient(nats_url) as fc:
         f = await fc.submit(square, 9)

@@ -38,6 +38,8 @@ The package, one module per area; imports run one way, transport <- areas <- cli
   buffers, the local fast path's mapped segments, the memory calls;
 * :mod:`~fabric.client.processes`, :mod:`~fabric.client.cores`, :mod:`~fabric.client.nodes` -- the
   spawner's processes and compute cores, the gpu-monitor's node registry;
+* :mod:`~fabric.client.tasks`, :mod:`~fabric.client.futures`, :mod:`~fabric.client.resources` -- durable
+  tasks on the scheduler, their futures (``as_completed``, ``wait``, a progress bar), ``Resources``;
 * :mod:`~fabric.client.opencl`, :mod:`~fabric.client.staging` -- the OpenCL runner a client owns
   (loaded on its first kernel) and its same-host staging files;
 * :mod:`~fabric.client.aio` -- :class:`AsyncFabricClient`, the areas composed;

@@ -408,7 +408,8 @@ class TasksArea(Transport):
         pending, self._task_futures = self._task_futures, {}
         for fut in pending.values():
             fut._fail(Unavailable(f"the client closed before task {fut.id} ended"))
-        self._notify_subject = None
+        # a reconnected sync client runs a new loop: asyncio's lock and semaphore bind to theirs
+        self._notify_subject, self._notify_lock, self._submit_slots = None, None, None
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
