@@ -348,6 +348,7 @@ class PlayedScheduler:
         self.held: dict[str, tuple[str, TaskDone]] = {}  # id -> (notify, done)
         self.cond = threading.Condition()
         self.nc: Any = None
+        self.lose = False  # notices are lost (never published), as while a client is disconnected
         self.map_gate = asyncio.Event()
         self.map_gate.set()
 
@@ -368,7 +369,7 @@ class PlayedScheduler:
     async def _start(self) -> None:
         import nats
 
-        self.nc = await nats.connect(self.url)
+        self.nc = await nats.connect(self.url, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
         verbs = {subjects.Task.SUBMIT: self._submit, subjects.Task.MAP: self._map, subjects.Task.GET: self._get,
                  subjects.Task.CANCEL: self._cancel, subjects.Task.WAIT: self._wait}
 
@@ -464,6 +465,8 @@ class PlayedScheduler:
             done = TaskDone(id=task_id, state="succeeded", result=b"" if big else result,
                             result_ref=f"ref-{task_id}" if big else "")
             self.records[task_id] = msgspec.structs.replace(self.records[task_id], state="succeeded", result=result)
+        if self.lose:
+            return
         if self.hold:
             with self.cond:
                 self.held[task_id] = (notify, done)
@@ -635,6 +638,22 @@ def test_a_client_closed_and_connected_again_subscribes_again(played: PlayedSche
     with fc:  # a new connection, a new loop: the notify subject of the first is gone with it
         assert fc.submit(square, 3).result(timeout=30) == 9
     assert played.requests[0].notify != played.requests[1].notify
+
+
+def test_a_notice_lost_while_disconnected_is_caught_up_after_the_reconnect(tmp_path: Any) -> None:
+    from tests._nats import start_nats
+
+    server = start_nats(tmp_path / "nats", jetstream=False)
+    try:
+        with PlayedScheduler(server.url) as played, FabricClient(server.url) as fc:
+            played.lose = True
+            f = fc.submit(square, 12)
+            assert fc.task(f.id).state == "succeeded"  # served after the submit: its notice is lost
+            server.stop()
+            server = start_nats(tmp_path / "nats", jetstream=False, port=server.port)  # the same port: a restart
+            assert f.result(timeout=60) == 144
+    finally:
+        server.stop()
 
 
 async def test_the_async_client(played: PlayedScheduler, nats_url: str) -> None:

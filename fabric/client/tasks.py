@@ -81,6 +81,10 @@ MAP_BATCH_SIZE: Final = 1024
 MAP_IN_FLIGHT: Final = 4
 #: the scheduler refuses a body above the server's max payload less this (413): a map batch stays under it
 BODY_HEADROOM: Final = 64 << 10
+#: ``fabric.task.get`` requests in flight at a time when catching up after a reconnect
+CATCH_UP_IN_FLIGHT: Final = 64
+#: and how many times each asks while no scheduler answers (0.2 s apart)
+CATCH_UP_TRIES: Final = 50
 #: how long one ``fabric.task.wait`` request asks the scheduler to hold (the protocol's most is 300)
 _FOLLOW_WAIT_S: Final = 30.0
 
@@ -448,6 +452,38 @@ class TasksArea(Transport):
             fut = self._task_futures.pop(done.id, None)
             if fut is not None:
                 fut._finish(done)
+
+    def _after_reconnect(self) -> None:
+        super()._after_reconnect()
+        if self._task_futures:
+            self._spawn(self._catch_up())
+
+    async def _catch_up(self) -> None:
+        """After a reconnect: the notices published while this client was away are lost; a record
+        that has ended (``fabric.task.get``) resolves its future instead, a few requests at a time."""
+        answered = [f for f in self._task_futures.values() if f._sent is not None and f._sent.is_set()]
+        slots = asyncio.Semaphore(CATCH_UP_IN_FLIGHT)
+
+        async def one(fut: AsyncTaskFuture) -> None:
+            async with slots:
+                for _ in range(CATCH_UP_TRIES):
+                    if fut.done():
+                        return
+                    try:
+                        rec = await self.task(fut.id)
+                        break
+                    except Unavailable:  # the scheduler is not back yet (or fails over): ask again soon
+                        await asyncio.sleep(0.2)
+                    except Exception as exc:  # noqa: BLE001 - this future keeps waiting for its notice
+                        log.debug("catching up task %s: %r", fut.id, exc)
+                        return
+                else:
+                    return
+                if rec.state in TERMINAL and not fut.done():
+                    self._forget(fut)
+                    fut._finish(_record_done(rec))
+
+        await asyncio.gather(*(one(f) for f in answered))
 
     # -- requests ---------------------------------------------------------------------
 

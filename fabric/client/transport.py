@@ -174,7 +174,7 @@ class Transport:
                     nats.connect(self.url, name=self.name, connect_timeout=min(self.timeout, 2.0),
                                  max_reconnect_attempts=-1, allow_reconnect=True,
                                  reconnect_time_wait=0.25, error_cb=_log_nats_error,
-                                 disconnected_cb=_log_disconnect, reconnected_cb=_log_reconnect),
+                                 disconnected_cb=_log_disconnect, reconnected_cb=self._reconnected),
                     timeout=self.timeout)
             except asyncio.TimeoutError:
                 raise Unavailable(
@@ -183,6 +183,13 @@ class Transport:
                     "(FabricClient(url) or $FABRIC_NATS_URL)") from None
             except Exception as exc:
                 raise Unavailable(f"cannot connect to NATS at {self.url}: {exc}") from None
+
+    async def _reconnected(self) -> None:
+        await _log_reconnect()
+        self._after_reconnect()
+
+    def _after_reconnect(self) -> None:
+        """Runs in the loop once NATS reconnected (subscriptions are back): an area catches up here."""
 
     async def _disconnect(self) -> None:
         if self.nc is not None:
