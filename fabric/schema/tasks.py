@@ -374,6 +374,9 @@ class PullRequest(Message):
     results: list[TaskResult] = []
     #: the spawner's instance (changes when it restarts: its running tasks are gone)
     instance: ShortStr = ""
+    #: how many tasks beyond its logical CPUs the node queues itself (its prefetch): the scheduler
+    #: accounts ``cpus`` against the node's CPUs plus this; the node never runs more than its slots at once
+    prefetch: Annotated[int, Meta(ge=0, le=1 << 20)] = 0
 
 
 class PullReply(Message):

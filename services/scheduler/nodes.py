@@ -35,7 +35,7 @@ class Node:
     """One node's capacity and what the tasks running on it hold."""
 
     __slots__ = ("name", "cpus", "mem", "arch", "os", "labels", "custom", "gpu_mem", "used_cpus", "used_mem",
-                 "gpu_share", "gpu_mem_used", "used_custom", "running", "record_at", "pulled_at")
+                 "gpu_share", "gpu_mem_used", "used_custom", "running", "record_at", "pulled_at", "prefetch")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -55,6 +55,8 @@ class Node:
         self.running: set[str] = set()
         self.record_at = 0.0
         self.pulled_at = 0.0
+        #: tasks the node queues itself beyond its CPUs (it says so in each pull)
+        self.prefetch = 0
 
     def update(self, rec: NodeRecord) -> None:
         self.cpus = float(rec.host.cpu_cores or 1)
@@ -116,7 +118,9 @@ class Node:
 
     def take(self, res: Resources) -> list[tuple[int, float, int]] | None:
         """Hold *res* here if it fits now: the GPU shares taken ([] without GPUs), or None if it does not fit."""
-        if self.used_cpus + res.cpus > self.cpus + _EPS or self.used_mem + res.mem > self.mem:
+        # CPUs: the node's own plus what it prefetches (it never runs more than its slots at once);
+        # memory, GPUs and custom resources: never beyond what it has
+        if self.used_cpus + res.cpus > self.cpus + self.prefetch + _EPS or self.used_mem + res.mem > self.mem:
             return None
         for key, amount in res.custom.items():
             if self.used_custom.get(key, 0.0) + amount > self.custom.get(key, 0.0) + _EPS:
@@ -168,12 +172,23 @@ class Nodes:
         self._watcher: Any = None
         #: called with a node's name when it leaves the registry (its heartbeats stopped)
         self.on_gone: Any = None
+        #: set whenever a node's record arrives (a submit with no node yet waits on it a little)
+        self.arrived = asyncio.Event()
 
     def get(self, name: str) -> Node:
         node = self.by_name.get(name)
         if node is None:
             node = self.by_name[name] = Node(name)
         return node
+
+    async def wait_for_any(self, timeout_s: float) -> None:
+        """Return once some node is registered, or after *timeout_s* (a fabric that is just starting)."""
+        while not self.live():
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), timeout_s)
+            except TimeoutError:
+                return
 
     def live(self) -> list[Node]:
         return [n for n in self.by_name.values() if n.record_at > 0]
@@ -216,6 +231,7 @@ class Nodes:
                     except Exception:
                         continue
                     self.get(rec.node).update(rec)
+                    self.arrived.set()
                 return
             except asyncio.CancelledError:
                 raise

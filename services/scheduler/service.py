@@ -366,7 +366,9 @@ class SchedulerService(FabricService):
             raise BadRequest("an exec task needs exec.argv (or UDCS binary/args)")
         return spec
 
-    def _check_feasible(self, res: Resources) -> None:
+    async def _check_feasible(self, res: Resources) -> None:
+        if not self.nodes.live():  # a fabric that is starting: its nodes' first heartbeats are on their way
+            await self.nodes.wait_for_any(self.ttl_s)
         why = unmet(self.nodes.live(), res)
         if why is None:
             return
@@ -411,7 +413,7 @@ class SchedulerService(FabricService):
         if len(body) > self._limit():
             raise TooLarge(f"a task body of {len(body)} bytes exceeds the limit of {self._limit()}: pass large "
                            f"inputs by reference (write them to remote memory and pass the handle)")
-        self._check_feasible(res)
+        await self._check_feasible(res)
         await self._check_deps(msg.deps)
         known = self._existing(msg.id, msg.key)  # a duplicate may have arrived while this one awaited
         if known is not None:
@@ -442,7 +444,7 @@ class SchedulerService(FabricService):
         if len(body) > self._limit():
             raise TooLarge(f"a map batch of {len(body)} bytes exceeds the limit of {self._limit()}: "
                            f"send fewer calls per batch")
-        self._check_feasible(res)
+        await self._check_feasible(res)
         await self._check_deps(msg.deps)
         created = now_ms()
         shared = None if res == DEFAULT_RESOURCES else res
@@ -570,6 +572,7 @@ class SchedulerService(FabricService):
         msg: PullRequest = req.decode(PullRequest)
         node = self.nodes.get(msg.node)
         node.pulled_at = time.monotonic()
+        node.prefetch = msg.prefetch
         self._heartbeat(node, msg.running)
         recorded: list[str] = []
         if msg.results:

@@ -78,7 +78,8 @@ class SpawnerService(FabricService):
         self.cores = CoreManager(self.node, self.log, settings.nats_url, tasks=self.tasks,
                                  env=PoolEnv.from_config(settings.config.pool))
         # fabric.task.pull: runs the scheduler's tasks here (started once the endpoints serve)
-        self.runner = TaskRunner(self, slots=task_slots, prefetch=task_prefetch)
+        self.runner = TaskRunner(self, slots=task_slots if task_slots is not None else settings.config.tasks.slots,
+                                 prefetch=task_prefetch)
 
     def metadata(self) -> dict[str, str]:
         return {"cgroup": str(self.cgroups) if self.cgroups else "", "architecture": node_architecture()}

@@ -85,6 +85,13 @@ WAIT_MS = 1000
 MAX_PULLS = 4
 #: seconds a pull waits for its reply beyond the scheduler's hold
 PULL_TIMEOUT_S = 5.0
+#: how much work, in seconds, a node may hold queued beyond its running tasks: the prefetch is
+#: this window divided by how long its tasks take (1 ms tasks: 5 per slot; 1 s tasks: the floor)
+PREFETCH_WINDOW_S = 0.005
+#: the most tasks a node prefetches per slot, however short they are
+MAX_PREFETCH_PER_SLOT = 64
+#: tasks shorter than this are pipelined two per pool worker (the next is on the worker's ring)
+PIPELINE_BELOW_S = 0.001
 #: the most result bytes one pull carries (the rest go in the next one)
 PULL_RESULT_BYTES = 512 << 10
 _HEADERS = {CONTENT_TYPE_HEADER: MSGPACK_CONTENT_TYPE}
@@ -111,14 +118,19 @@ class TaskRunner:
         self.host = host
         #: tasks that may run at once (the python pool's max_workers)
         self.slots = max(1, slots if slots is not None else (os.cpu_count() or 1))
-        #: tasks taken beyond the slots, so a worker that finishes finds the next one here
+        #: tasks taken beyond the slots, so a worker that finishes finds the next one here: at least
+        #: this many, more while tasks are short (see PREFETCH_WINDOW_S)
         self.prefetch = min(max(prefetch, 0), self.slots)
+        #: how long a task takes here, smoothed (None until one has run)
+        self.task_s: float | None = None
+        self._timed_at = 0.0
         #: a new id per start: the scheduler learns that what the last instance ran is gone
         self.instance = ""
         self.running: dict[str, Attempt] = {}
         #: results the scheduler has not confirmed (``recorded``): sent on every pull
         self.results: dict[str, TaskResult] = {}
         self.offered = 0  # slots offered by the pulls that are out
+        self._held = 0  # long polls out (at most one)
         self.pulls = 0
         self.no_responders = 0
         self._fresh = False  # a result not yet sent in any pull
@@ -134,7 +146,24 @@ class TaskRunner:
 
     @property
     def capacity(self) -> int:
-        return self.slots + self.prefetch
+        return self.slots + self.prefetch_now
+
+    @property
+    def prefetch_now(self) -> int:
+        """The prefetch for tasks as long as the recent ones: about PREFETCH_WINDOW_S of work, bounded."""
+        if self.task_s is None:
+            return self.prefetch
+        window = int(self.slots * PREFETCH_WINDOW_S / max(self.task_s, 1e-6))
+        return max(self.prefetch, min(window, self.slots * MAX_PREFETCH_PER_SLOT))
+
+    def _timed(self, a: Attempt) -> None:
+        if a.t0:
+            now = time.perf_counter()
+            took = now - a.t0
+            # after an idle second the next tasks may be another kind: start the estimate afresh
+            stale = self.task_s is None or now - self._timed_at > 1.0
+            self.task_s = took if stale or self.task_s is None else 0.8 * self.task_s + 0.2 * took
+            self._timed_at = now
 
     # -- the pull loop ----------------------------------------------------------------
 
@@ -154,26 +183,35 @@ class TaskRunner:
                 pass
 
     def _maybe_pull(self, now: float) -> None:
+        # One pull at a time is a long poll (slots, no results: the scheduler holds it until it has
+        # work); results go out at once in pulls of their own, which the scheduler answers as soon as
+        # it has recorded them -- a held pull must never keep a result waiting.
         if sum(1 for t in self._inflight if t.get_name() == "pull") >= MAX_PULLS:
             return
         free = max(self.capacity - len(self.running) - self.offered, 0)
-        if free or self._fresh or now - self._last_pull >= HEARTBEAT_S:
-            self._spawn(self._pull(free), "pull")
+        if self._fresh:
+            self._spawn(self._pull(free, held=False), "pull")
+        elif free and not self._held:
+            self._spawn(self._pull(free, held=True), "pull")
+        elif now - self._last_pull >= HEARTBEAT_S:
+            self._spawn(self._pull(0, held=False), "pull")
 
-    async def _pull(self, slots: int) -> None:
+    async def _pull(self, slots: int, held: bool) -> None:
         self.offered += slots
+        self._held += held
         self._last_pull = time.monotonic()
         self._fresh = False
         results: list[TaskResult] = []
         size = 0
-        for r in self.results.values():
+        for r in ([] if held else self.results.values()):
             if results and size + len(r.output) > PULL_RESULT_BYTES:
                 self._fresh = True  # the rest go in the next pull, at once
                 break
             results.append(r)
             size += len(r.output)
-        req = PullRequest(node=self.host.node, slots=slots, wait_ms=WAIT_MS if slots else 0,
-                          running=list(self.running), results=results, instance=self.instance)
+        req = PullRequest(node=self.host.node, slots=slots, wait_ms=WAIT_MS if held else 0,
+                          running=list(self.running), results=results, instance=self.instance,
+                          prefetch=self.prefetch_now)
         self.pulls += 1
         try:
             msg = await self.host.connection.request(subjects.cluster(subjects.TASK, subjects.Task.PULL),
@@ -196,6 +234,7 @@ class TaskRunner:
             return
         finally:
             self.offered -= slots
+            self._held -= held
             self._wake.set()
         self._apply(reply)
 
@@ -245,6 +284,7 @@ class TaskRunner:
 
     def _arm(self, a: Attempt) -> None:
         a.start_ms = int(time.time() * 1000)
+        a.t0 = time.perf_counter()
         if a.run.timeout_s > 0:
             a.timer = asyncio.get_running_loop().call_later(a.run.timeout_s, self._time_out, a)
 
@@ -290,7 +330,8 @@ class TaskRunner:
             if self._python_queue and (self._opening is None or self._opening.done()):
                 self._opening = asyncio.get_running_loop().create_task(self._open_python())
             return
-        while self._python_queue and self._python_busy < pool.max_workers:
+        depth = 2 if self.task_s is not None and self.task_s < PIPELINE_BELOW_S else 1
+        while self._python_queue and self._python_busy < pool.max_workers * depth:
             self._python_busy += 1
             self._submit(self._python_queue.popleft(), pool)
 
@@ -328,6 +369,7 @@ class TaskRunner:
         pool.submit(job)
 
     def _job_done(self, a: Attempt, code: int, out: Any, err: FabricError | None) -> None:
+        self._timed(a)
         if a.run.kind == PYTHON:
             self._python_busy -= 1
             self._pump_python()

@@ -49,13 +49,15 @@ def now_ms() -> int:
 class Attempt:
     """One ``TaskRun`` this node holds: queued for a worker, running, or being stopped."""
 
-    __slots__ = ("run", "key", "start_ms", "worker", "kill", "timer", "timed_out", "dropped", "job", "pool")
+    __slots__ = ("run", "key", "start_ms", "t0", "worker", "kill", "timer", "timed_out", "dropped", "job", "pool")
 
     def __init__(self, run: TaskRun) -> None:
         self.run = run
         #: ``"<id>/<attempt>"``: how the pull names it (running, recorded, cancel)
         self.key = f"{run.id}/{run.attempt}"
         self.start_ms = 0
+        #: when it started (perf_counter), for the runner's estimate of how long tasks take
+        self.t0 = 0.0
         #: the pool (core id) or process (``<node>:<local>``) that runs it
         self.worker = ""
         #: stops it where it runs (None until it runs somewhere)
