@@ -83,6 +83,7 @@ from .protocol import headers as _headers
 
 __all__ = [
     "FabricError",
+    "NoResponders",
     "BadRequest",
     "InvalidFrame",
     "OutOfRange",
@@ -147,6 +148,13 @@ class Unavailable(FabricError):
 
     code = 503
     kind = "unavailable"
+
+
+class NoResponders(Unavailable):
+    """Raised when nothing listens on the subject at all (NATS "no responders"): no service of that kind
+    runs, or -- for ``fabric.task.*`` -- no scheduler is active yet (a failover). Never on the wire."""
+
+    kind = "no_responders"
 
 
 # -- compute cores (services/spawner/pools.py) --------------------------------

@@ -30,6 +30,7 @@ import logging
 import pickle
 import secrets
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Final
 import cloudpickle
 from nats.errors import MaxPayloadError
 
-from ..errors import FabricError, TaskCancelled, TaskDead, TaskFailed, TooLarge, Unavailable
+from ..errors import FabricError, NoResponders, TaskCancelled, TaskDead, TaskFailed, TooLarge, Unavailable
 from ..protocol import subjects
 from ..protocol.pytasks import TASK_PERSISTENT_TAG, encode_python_task
 from ..schema import CONTENT_TYPE_HEADER, JSON, MSGPACK, MSGPACK_CONTENT_TYPE
@@ -491,9 +492,21 @@ class TasksArea(Transport):
                             timeout: float | None = None) -> Any:
         """One msgpack request to ``fabric.task.<verb>``; its decoded reply (None when *reply_type* is None)."""
         data = MSGPACK.encode(msg)
+        deadline = time.monotonic() + (timeout or self.timeout)
+        pause = 0.05
         try:
-            reply = await self.request(subjects.cluster(subjects.TASK, verb), data,
-                                       {CONTENT_TYPE_HEADER: MSGPACK_CONTENT_TYPE}, timeout=timeout)
+            while True:
+                try:
+                    reply = await self.request(subjects.cluster(subjects.TASK, verb), data,
+                                               {CONTENT_TYPE_HEADER: MSGPACK_CONTENT_TYPE}, timeout=timeout)
+                    break
+                except NoResponders:
+                    # no scheduler is active: one is starting, or a standby takes over within about two
+                    # seconds; every task request is safe to repeat (the client chose the ids)
+                    if time.monotonic() + pause > deadline:
+                        raise
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.25)
         except MaxPayloadError:
             assert self.nc is not None
             raise TooLarge(f"a task request of {len(data)} bytes is above the NATS server's max payload of "

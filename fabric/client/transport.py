@@ -33,6 +33,7 @@ from ..errors import (
     ERROR_KIND_HEADER,
     BadRequest,
     FabricError,
+    NoResponders,
     Unavailable,
     error_from_wire,
 )
@@ -222,7 +223,7 @@ class Transport:
         try:
             msg = await self.nc.request(subject, data, timeout=timeout or self.timeout, headers=headers)
         except NoRespondersError:
-            raise Unavailable(f"no service answers on {subject}") from None
+            raise NoResponders(f"no service answers on {subject}") from None
         except NatsTimeout:
             raise Unavailable(f"request on {subject} timed out after {timeout or self.timeout}s") from None
         hdrs = msg.headers

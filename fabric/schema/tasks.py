@@ -261,6 +261,8 @@ class TaskRecord(Message):
     callback_url: str = ""
     deps: list[str] = []
     notify: str = ""
+    #: the encoding of its notices: that of the submit ("json" or "msgpack")
+    notify_encoding: str = "json"
     #: where the body is: the last message on ``fabric.task.body.<body>`` in stream
     #: FABRIC_TASK_BODIES (``body`` is the task's id, or a ``map``'s prefix), and the index of
     #: this task's call there for a ``map`` (-1: the message is this task's body alone)

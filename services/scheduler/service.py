@@ -99,6 +99,8 @@ RECORD_MARGIN: Final = 64 << 10
 #: a notice (TaskDoneBatch) is cut at about this size
 NOTICE_BYTES: Final = 1 << 20
 BODY_MAX_AGE_S: Final = 7 * 24 * 3600.0
+#: a new active scheduler publishes again the notices of tasks that ended this recently
+RENOTIFY_S: Final = 30.0
 
 
 class _Pull:
@@ -150,8 +152,7 @@ class SchedulerService(FabricService):
         self._parked: list[_Pull] = []
         self._cancels: dict[str, list[str]] = {}
         self._watchers: dict[str, list[asyncio.Future[None]]] = {}
-        self._notices: dict[str, list[TaskDone]] = {}
-        self._encodings: dict[str, bool] = {}
+        self._notices: dict[tuple[str, str], list[TaskDone]] = {}
         self._events: list[TaskEvent] = []
         self._flush_scheduled = False
         self._feed_scheduled = False
@@ -217,6 +218,7 @@ class SchedulerService(FabricService):
         except Exception as exc:
             self.log.error("recovery failed: serving what was read", error=str(exc) or type(exc).__name__)
         self._subs = await self.serve_side(self._side)
+        self._schedule_flush()
         self.log.info("serving tasks", recovered=len(self.live), queued=len(self.queue),
                       took_s=round(time.monotonic() - t0, 3))
         self._schedule_feed()
@@ -260,6 +262,7 @@ class SchedulerService(FabricService):
             except Exception:
                 pass
         bodies: dict[str, bytes] = {}
+        recent = now_ms() - int(RENOTIFY_S * 1000)
         for rec, rev in records:
             task = LiveTask(rec)
             task.rev = rev
@@ -269,6 +272,10 @@ class SchedulerService(FabricService):
                 self.keys[rec.key] = rec.id
             if task.done:
                 self._keep_finished(task)
+                if rec.notify and rec.finished_ms > recent:
+                    # the last active one may have died between writing this end and publishing it:
+                    # publish it again (a client ignores a notice for a future it no longer holds)
+                    self._notices.setdefault((rec.notify, rec.notify_encoding), []).append(_done(rec))
                 continue
             body = bodies.get(rec.body)
             if body is None:
@@ -423,10 +430,10 @@ class SchedulerService(FabricService):
         rec = TaskRecord(id=task_id, kind=kind, state=SUBMITTED, priority=msg.priority,
                          resources=None if res == DEFAULT_RESOURCES else res, core=msg.core, retries=msg.retries,
                          retry_exceptions=msg.retry_exceptions, timeout_s=msg.timeout_s, key=msg.key,
-                         callback_url=msg.callback_url, deps=list(msg.deps), notify=msg.notify, body=task_id,
+                         callback_url=msg.callback_url, deps=list(msg.deps), notify=msg.notify,
+                         notify_encoding="msgpack" if req.codec is MSGPACK else "json", body=task_id,
                          created_ms=now_ms())
         task = LiveTask(rec, fn, call)
-        self._encodings[task_id] = req.codec is MSGPACK
         self._enter(task)
         assert self.writer is not None
         self.writer.save_body(task, task_id, body)
@@ -452,10 +459,10 @@ class SchedulerService(FabricService):
         for i, call in enumerate(msg.calls):
             rec = TaskRecord(id=f"{prefix}-{i}", kind=PYTHON, state=SUBMITTED, priority=msg.priority,
                              resources=shared, retries=msg.retries, retry_exceptions=msg.retry_exceptions,
-                             timeout_s=msg.timeout_s, deps=list(msg.deps), notify=msg.notify, body=prefix,
+                             timeout_s=msg.timeout_s, deps=list(msg.deps), notify=msg.notify,
+                             notify_encoding="msgpack" if req.codec is MSGPACK else "json", body=prefix,
                              body_index=i, created_ms=created)
             task = LiveTask(rec, msg.fn, call)
-            self._encodings[rec.id] = req.codec is MSGPACK
             tasks.append(task)
         assert self.writer is not None
         body_task = _BodyGroup(tasks)
@@ -689,9 +696,7 @@ class SchedulerService(FabricService):
     def _ended(self, task: LiveTask) -> None:
         """A finished task is durable: tell whoever waits, and keep it among the finished."""
         if task.rec.notify:
-            self._notices.setdefault(task.rec.notify, []).append(TaskDone(
-                id=task.id, state=task.state, result=task.rec.result, result_ref=task.rec.result_ref,
-                exit_code=task.rec.exit_code, error=task.rec.error))
+            self._notices.setdefault((task.rec.notify, task.rec.notify_encoding), []).append(_done(task.rec))
             self._schedule_flush()
         for fut in self._watchers.pop(task.id, ()):
             if not fut.done():
@@ -736,12 +741,10 @@ class SchedulerService(FabricService):
         loop = asyncio.get_running_loop()
         if events:
             loop.create_task(self._publish(cluster(TASK, Task.EVENTS), JSON.encode(TaskEventBatch(events=events))))
-        for subject, done in notices.items():
-            msgpack = self._encodings.get(done[0].id, True)
+        for (subject, encoding), done in notices.items():
+            msgpack = encoding == "msgpack"
+            codec = MSGPACK if msgpack else JSON
             for chunk in _chunks(done):
-                for d in chunk:
-                    self._encodings.pop(d.id, None)
-                codec = MSGPACK if msgpack else JSON
                 loop.create_task(self._publish(subject, codec.encode(TaskDoneBatch(done=chunk)),
                                                {CONTENT_TYPE_HEADER: MSGPACK_CONTENT_TYPE} if msgpack else None))
 
@@ -876,6 +879,11 @@ class _BodyGroup:
     def wake(self) -> None:
         for task in self.live:
             task.wake()
+
+
+def _done(rec: TaskRecord) -> TaskDone:
+    return TaskDone(id=rec.id, state=rec.state, result=rec.result, result_ref=rec.result_ref,
+                    exit_code=rec.exit_code, error=rec.error)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

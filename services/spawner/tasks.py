@@ -84,7 +84,7 @@ WAIT_MS = 1000
 #: pulls out at once (one with slots, the others reporting results or beating)
 MAX_PULLS = 4
 #: seconds a pull waits for its reply beyond the scheduler's hold
-PULL_TIMEOUT_S = 5.0
+PULL_TIMEOUT_S = 1.0
 #: how much work, in seconds, a node may hold queued beyond its running tasks: the prefetch is
 #: this window divided by how long its tasks take (1 ms tasks: 5 per slot; 1 s tasks: the floor)
 PREFETCH_WINDOW_S = 0.005
