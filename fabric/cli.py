@@ -1,4 +1,4 @@
-"""The ``fabric`` command: ``up``, ``down``, ``status``, ``nodes``, ``req`` and ``config``.
+"""The ``fabric`` command: ``up``, ``down``, ``status``, ``nodes``, ``req``, ``config``, and the task commands.
 
 ``fabric up`` runs the supervisor (:mod:`fabric.supervisor`) in the foreground,
 or with ``-d`` detached (:mod:`fabric.control`), returning once every service
@@ -6,12 +6,13 @@ answers its ADR-32 ping.  ``fabric status`` asks ``$SRV.PING|INFO|STATS`` who is
 there, and shows the nodes when a gpu-monitor runs; ``fabric nodes [--watch]``
 shows the nodes' live telemetry; ``fabric req`` is a small stand-in for ``nats req``
 that understands fabric's encodings and error headers; ``fabric config show|validate``
-shows the effective configuration or checks a file.  Every command takes
+shows the effective configuration or checks a file; ``fabric submit``, ``tasks``, ``task``
+and ``cancel`` run and follow durable tasks.  Every command takes
 ``--state-dir``, so several fabrics run side by side.
 
 One module per command: :mod:`fabric.cli_up`, :mod:`fabric.cli_down`,
 :mod:`fabric.cli_status`, :mod:`fabric.cli_nodes`, :mod:`fabric.cli_req`,
-:mod:`fabric.cli_config`, over what
+:mod:`fabric.cli_config`, :mod:`fabric.cli_tasks`, over what
 they share in :mod:`fabric.cli_common`; this module only puts them together (the
 console script ``fabric.cli:main``, and ``python -m fabric.cli``).
 """
@@ -25,6 +26,7 @@ from .cli_down import down
 from .cli_nodes import nodes
 from .cli_req import req
 from .cli_status import status
+from .cli_tasks import SUBMIT_CONTEXT, cancel, submit, task, tasks
 from .cli_up import up
 
 __all__ = ["app", "main"]
@@ -41,6 +43,9 @@ app = typer.Typer(
 # in this order in --help
 for command in (up, down, status, nodes, req):
     app.command()(command)
+app.command(context_settings=SUBMIT_CONTEXT)(submit)
+for task_command in (tasks, task, cancel):
+    app.command()(task_command)
 app.add_typer(config_app, name="config")
 
 
