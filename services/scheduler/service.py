@@ -99,6 +99,8 @@ RECORD_MARGIN: Final = 64 << 10
 #: a notice (TaskDoneBatch) is cut at about this size
 NOTICE_BYTES: Final = 1 << 20
 BODY_MAX_AGE_S: Final = 7 * 24 * 3600.0
+#: a task handed out from the queue is written ``running`` this long after (if it has not ended by then)
+RUNNING_WRITE_DELAY_S: Final = 0.05
 #: a new active scheduler publishes again the notices of tasks that ended this recently
 RENOTIFY_S: Final = 30.0
 
@@ -156,6 +158,8 @@ class SchedulerService(FabricService):
         self._events: list[TaskEvent] = []
         self._flush_scheduled = False
         self._feed_scheduled = False
+        self._late: list[LiveTask] = []
+        self._late_scheduled = False
 
     # -- the kit's hooks ---------------------------------------------------------------
 
@@ -294,6 +298,7 @@ class SchedulerService(FabricService):
         for task in list(self.live.values()):
             if task.state == WAITING:
                 self._wait_for_deps(task)
+                self._save(task)
             elif task.state == QUEUED:
                 self.queue.push(task)
             elif task.state == RUNNING:
@@ -469,7 +474,7 @@ class SchedulerService(FabricService):
         self.writer.save_body(body_task, prefix, body)  # type: ignore[arg-type]
         for task in tasks:
             self._enter(task)
-        await asyncio.gather(*(self._durable(t) for t in tasks))
+        await _all_durable(tasks)
         return MapReply(prefix=prefix, count=len(tasks))
 
     def _enter(self, task: LiveTask) -> None:
@@ -534,7 +539,6 @@ class SchedulerService(FabricService):
         node.running.add(task.id)
         number = len(task.rec.attempts) + 1
         task.rec.attempts.append(Attempt(number=number, node=node.name, start_ms=now_ms()))
-        self._save(task)
         exec_spec = None
         if task.rec.kind == PYTHON:
             payload = encode_python_task(task.fn or b"", task.call or b"", self._dep_results(task))
@@ -573,7 +577,21 @@ class SchedulerService(FabricService):
 
     def _take(self, node: Node, slots: int) -> list[TaskRun]:
         tasks = self.queue.take(node, slots, lambda t: t.state == QUEUED, self._hold)
-        return [self._start(t, node) for t in tasks]
+        runs = [self._start(t, node) for t in tasks]
+        if tasks:
+            self._late.extend(tasks)
+            if not self._late_scheduled:
+                self._late_scheduled = True
+                asyncio.get_running_loop().call_later(RUNNING_WRITE_DELAY_S, self._save_late)
+        return runs
+
+    def _save_late(self) -> None:
+        """Write the ``running`` of tasks handed out a moment ago -- most short ones have ended and been
+        written since, so their ``running`` never needs a write of its own (the attempt is in the end's)."""
+        self._late_scheduled = False
+        late, self._late = self._late, []
+        for task in late:
+            self._save(task)
 
     async def pull(self, req: Request) -> Reply:
         msg: PullRequest = req.decode(PullRequest)
@@ -879,6 +897,23 @@ class _BodyGroup:
     def wake(self) -> None:
         for task in self.live:
             task.wake()
+
+
+async def _all_durable(tasks: list[LiveTask]) -> None:
+    """Wait until every one of *tasks* is durable (one future, not one per task)."""
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    left = len(tasks)
+
+    def one() -> None:
+        nonlocal left
+        left -= 1
+        if left == 0:
+            _resolve(fut)
+
+    for task in tasks:
+        task.when_durable(one)
+    if tasks:
+        await fut
 
 
 def _done(rec: TaskRecord) -> TaskDone:

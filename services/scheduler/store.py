@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import time
 from collections.abc import Callable
 from typing import Any, Final
 
+import msgspec
 from nats.aio.client import Client as NATS
 
 from fabric.protocol.subjects import TASK, Task, cluster
@@ -43,6 +43,7 @@ WRONG_LAST_SEQUENCE: Final = 10071
 EXPECTED_LAST_SUBJECT_SEQUENCE: Final = "Nats-Expected-Last-Subject-Sequence"
 MSG_ID: Final = "Nats-Msg-Id"
 
+_ACK = msgspec.json.Decoder(dict[str, Any])
 #: an ack's outcome: (sequence, None) when stored, (0, error dict) when not
 AckCallback = Callable[[int, dict[str, Any] | None], None]
 
@@ -136,8 +137,8 @@ class Publisher:
             cb(0, {"code": int(status) if status.isdigit() else 503, "description": "no stream answered"})
             return
         try:
-            ack = json.loads(msg.data)
-        except ValueError:
+            ack = _ACK.decode(msg.data)
+        except msgspec.DecodeError:
             cb(0, {"code": 500, "description": "unreadable acknowledgement"})
             return
         err = ack.get("error")

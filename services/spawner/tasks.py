@@ -127,8 +127,10 @@ class TaskRunner:
         #: a new id per start: the scheduler learns that what the last instance ran is gone
         self.instance = ""
         self.running: dict[str, Attempt] = {}
-        #: results the scheduler has not confirmed (``recorded``): sent on every pull
+        #: results the scheduler has not confirmed (``recorded``): sent until it does
         self.results: dict[str, TaskResult] = {}
+        #: results carried by a pull that is out (not put in another until that one is answered)
+        self._sending: set[str] = set()
         self.offered = 0  # slots offered by the pulls that are out
         self._held = 0  # long polls out (at most one)
         self.pulls = 0
@@ -200,15 +202,20 @@ class TaskRunner:
         self.offered += slots
         self._held += held
         self._last_pull = time.monotonic()
-        self._fresh = False
+        if not held:  # a long poll carries no results: a result that ended meanwhile still needs its own pull
+            self._fresh = False
         results: list[TaskResult] = []
         size = 0
-        for r in ([] if held else self.results.values()):
+        for key, r in ([] if held else self.results.items()):
+            if key in self._sending:
+                continue  # a pull out now carries it: sent again only if that one does not get it recorded
             if results and size + len(r.output) > PULL_RESULT_BYTES:
                 self._fresh = True  # the rest go in the next pull, at once
                 break
             results.append(r)
             size += len(r.output)
+        keys = [f"{r.id}/{r.attempt}" for r in results]
+        self._sending.update(keys)
         req = PullRequest(node=self.host.node, slots=slots, wait_ms=WAIT_MS if held else 0,
                           running=list(self.running), results=results, instance=self.instance,
                           prefetch=self.prefetch_now)
@@ -235,8 +242,11 @@ class TaskRunner:
         finally:
             self.offered -= slots
             self._held -= held
+            self._sending.difference_update(keys)
             self._wake.set()
         self._apply(reply)
+        if any(k in self.results for k in keys):
+            self._fresh = True  # the scheduler did not record some of them: send them again
 
     def _failed(self, results: list[TaskResult]) -> None:
         self._retry_at = time.monotonic() + random.uniform(0.1, 0.2)
