@@ -533,12 +533,13 @@ class SchedulerService(FabricService):
         return gpus
 
     def _start(self, task: LiveTask, node: Node) -> TaskRun:
+        # the attempt first: the "running" event carries its number (it said 0, or the previous attempt's)
+        number = len(task.rec.attempts) + 1
+        task.rec.attempts.append(Attempt(number=number, node=node.name, start_ms=now_ms()))
         self._move(task, RUNNING, node.name)
         task.node = node.name
         task.assigned_at = task.seen_at = time.monotonic()
         node.running.add(task.id)
-        number = len(task.rec.attempts) + 1
-        task.rec.attempts.append(Attempt(number=number, node=node.name, start_ms=now_ms()))
         exec_spec = None
         if task.rec.kind == PYTHON:
             payload = encode_python_task(task.fn or b"", task.call or b"", self._dep_results(task))
