@@ -297,8 +297,8 @@ def _labels(items: list[str]) -> dict[str, str]:
 
 
 def submit(
-    argv: Annotated[list[str], typer.Argument(help="The command to run and its arguments (after `--`).",
-                                              show_default=False)],
+    argv: Annotated[list[str] | None, typer.Argument(help="The command to run and its arguments (after `--`).",
+                                                     metavar="COMMAND [ARGS]", show_default=False)] = None,
     wait: Annotated[bool, typer.Option("--wait", "-w", help="Wait for the end: print the process's standard "
                                        "output and exit with its exit code.")] = False,
     priority: Annotated[int, typer.Option("--priority", "-p", min=1, max=10, help="1..10, 10 first.")] = 5,
