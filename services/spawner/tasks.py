@@ -87,7 +87,7 @@ MAX_PULLS = 4
 PULL_TIMEOUT_S = 1.0
 #: how much work, in seconds, a node may hold queued beyond its running tasks: the prefetch is
 #: this window divided by how long its tasks take (1 ms tasks: 5 per slot; 1 s tasks: the floor)
-PREFETCH_WINDOW_S = 0.005
+PREFETCH_WINDOW_S = 0.02
 #: the most tasks a node prefetches per slot, however short they are
 MAX_PREFETCH_PER_SLOT = 64
 #: tasks shorter than this are pipelined two per pool worker (the next is on the worker's ring)
@@ -133,6 +133,8 @@ class TaskRunner:
         self._sending: set[str] = set()
         self.offered = 0  # slots offered by the pulls that are out
         self._held = 0  # long polls out (at most one)
+        self._reporting = 0  # pulls out that carry results or beat (at most one)
+        self._pulls_out = 0
         self.pulls = 0
         self.no_responders = 0
         self._fresh = False  # a result not yet sent in any pull
@@ -173,34 +175,43 @@ class TaskRunner:
         """The background loop: pull whenever there is room or news, at least every HEARTBEAT_S."""
         self.instance = secrets.token_urlsafe(9)
         self.host.log.info("task runner started", slots=self.slots, prefetch=self.prefetch, instance=self.instance)
+        loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
             now = time.monotonic()
             if now >= self._retry_at:
                 self._maybe_pull(now)
             due = max(self._retry_at, self._last_pull + HEARTBEAT_S) - now
+            # one timer per turn, not wait_for (a task per turn): the loop turns once per result
+            timer = loop.call_later(max(due, 0.005), self._wake.set)
             try:
-                await asyncio.wait_for(self._wake.wait(), max(due, 0.005))
-            except asyncio.TimeoutError:
-                pass
+                await self._wake.wait()
+            finally:
+                timer.cancel()
 
     def _maybe_pull(self, now: float) -> None:
         # One pull at a time is a long poll (slots, no results: the scheduler holds it until it has
-        # work); results go out at once in pulls of their own, which the scheduler answers as soon as
-        # it has recorded them -- a held pull must never keep a result waiting.
-        if sum(1 for t in self._inflight if t.get_name() == "pull") >= MAX_PULLS:
+        # work).  Results go out in pulls of their own, which the scheduler answers as soon as it has
+        # recorded them -- a held pull must never keep a result waiting -- one such pull at a time:
+        # results that end while it is out go together in the next (few large pulls under load, a
+        # pull per result when tasks come one by one).
+        if self._pulls_out >= MAX_PULLS:
             return
-        free = max(self.capacity - len(self.running) - self.offered, 0)
-        if self._fresh:
+        # a task whose result the scheduler has not received yet still holds its place there
+        unsent = len(self.results) - len(self._sending)
+        free = max(self.capacity - len(self.running) - unsent - self.offered, 0)
+        if self._fresh and not self._reporting:
             self._spawn(self._pull(free, held=False), "pull")
         elif free and not self._held:
             self._spawn(self._pull(free, held=True), "pull")
-        elif now - self._last_pull >= HEARTBEAT_S:
+        elif now - self._last_pull >= HEARTBEAT_S and not self._reporting:
             self._spawn(self._pull(0, held=False), "pull")
 
     async def _pull(self, slots: int, held: bool) -> None:
         self.offered += slots
         self._held += held
+        self._reporting += not held
+        self._pulls_out += 1
         self._last_pull = time.monotonic()
         if not held:  # a long poll carries no results: a result that ended meanwhile still needs its own pull
             self._fresh = False
@@ -242,6 +253,8 @@ class TaskRunner:
         finally:
             self.offered -= slots
             self._held -= held
+            self._reporting -= not held
+            self._pulls_out -= 1
             self._sending.difference_update(keys)
             self._wake.set()
         self._apply(reply)
