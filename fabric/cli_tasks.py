@@ -337,7 +337,11 @@ def submit(
     async def send(nc: Any) -> SubmitReply:
         return await _request(nc, Task.SUBMIT, req, SubmitReply)
 
-    reply = _run(url, send)
+    try:
+        reply = _run(url, send)
+    except KeyboardInterrupt:
+        # the id was minted here: the user can look it up whether or not the scheduler got it
+        fail(f"interrupted: task {req.id} may or may not have been submitted", f"`fabric task {req.id}` tells")
     if not wait:
         sys.stdout.write(reply.id + "\n")
         return
