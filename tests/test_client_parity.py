@@ -57,7 +57,8 @@ NOT_COROUTINES: dict[type, set[str]] = {AsyncFabricClient: {"progress"}}
 
 ALL = [
     "__version__", "FabricClient", "AsyncFabricClient", "RemoteBuffer", "AsyncRemoteBuffer", "RemoteProcess",
-    "AsyncRemoteProcess", "Core", "AsyncCore", "Out", "TaskFuture", "Resources", "as_completed", "wait", "schema", "Limits", "Sandbox", "ExitInfo", "FabricError",
+    "AsyncRemoteProcess", "Core", "AsyncCore", "Out", "TaskFuture", "Resources", "as_completed", "wait", "schema",
+    "Limits", "Sandbox", "ExitInfo", "FabricError",
     "BadRequest", "InvalidFrame", "OutOfRange", "PermissionDenied", "NotFound", "UnknownHandle", "StaleHandle",
     "UnknownProcess", "ExecutableNotFound", "Conflict", "DoubleFree", "TooLarge", "Infeasible", "NotEnforceable",
     "WrongArchitecture", "CoreLoadFailed", "QuotaExceeded", "InternalError", "CorruptionDetected", "JobError",
