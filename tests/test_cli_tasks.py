@@ -245,9 +245,9 @@ def test_tasks_json_lines_and_the_table(up: tuple[Path, str]) -> None:
     assert res.returncode == 0, res.stderr
     lines = [json.loads(line) for line in res.stdout.splitlines()]
     # the newest three, one record a line, oldest first
-    assert [r["id"] for r in lines] == ids
-    assert all(r["state"] == "succeeded" and r["kind"] == "exec" for r in lines)
-    assert [base64.b64decode(r["result"]) for r in lines] == [b"0\n", b"1\n", b"2\n"]
+    assert [r["id"] for r in lines] == ids, res.stdout
+    assert all(r["state"] == "succeeded" and r["kind"] == "exec" for r in lines), res.stdout
+    assert [base64.b64decode(r["result"]) for r in lines] == [b"0\n", b"1\n", b"2\n"], res.stdout
     only = fabric("tasks", state_dir, "--json", "--state", "failed", "--limit", "10000")
     assert only.returncode == 0 and only.stdout, only.stderr
     assert {json.loads(line)["state"] for line in only.stdout.splitlines()} == {"failed"}
@@ -255,7 +255,7 @@ def test_tasks_json_lines_and_the_table(up: tuple[Path, str]) -> None:
     assert table.returncode == 0, table.stderr
     for header in ("id", "kind", "state", "prio", "node", "attempts", "age", "ran"):
         assert header in table.stdout
-    assert all(task_id in table.stdout for task_id in ids)
+    assert all(task_id in table.stdout for task_id in ids), table.stdout
     bad = fabric("tasks", state_dir, "--state", "sleeping")
     assert bad.returncode == 2 and "unknown state" in bad.stderr
 
