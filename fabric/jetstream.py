@@ -32,12 +32,14 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, KeyValueConfig, StreamConfig
+from nats.js.api import ConsumerConfig, KeyValueConfig, ObjectStoreConfig, StreamConfig
 
 __all__ = [
     "JetStreamResource",
     "Stream",
     "KeyValueBucket",
+    "ObjectStoreBucket",
+    "task_results_bucket",
     "Consumer",
     "JetStreamKeeper",
     "JetStreamAbsent",
@@ -105,6 +107,24 @@ class KeyValueBucket:
     async def ensure(self, js: JetStreamContext) -> bool:
         return await _create_if_missing(lambda: js.key_value(self.config.bucket),
                                         lambda: js.create_key_value(self.config),
+                                        nats.js.errors.BucketNotFoundError, ALREADY_IN_USE)
+
+
+@dataclass(frozen=True)
+class ObjectStoreBucket:
+    """An object store bucket, created with *config* when missing."""
+
+    config: ObjectStoreConfig
+
+    @property
+    def label(self) -> str:
+        return f"object store {self.config.bucket}"
+
+    async def ensure(self, js: JetStreamContext) -> bool:
+        bucket = self.config.bucket
+        assert bucket is not None
+        return await _create_if_missing(lambda: js.object_store(bucket),
+                                        lambda: js.create_object_store(bucket, self.config),
                                         nats.js.errors.BucketNotFoundError, ALREADY_IN_USE)
 
 
@@ -277,3 +297,19 @@ class JetStreamKeeper:
 def _transient(exc: nats.js.errors.APIError) -> bool:
     """503 (no meta leader yet, JetStream starting), 5xx, or a timeout-ish answer: worth retrying."""
     return isinstance(exc, nats.js.errors.ServiceUnavailableError) or (exc.code or 0) >= 500
+
+
+def task_results_bucket() -> ObjectStoreBucket:
+    """The object store of large task results (fabric.schema.tasks.RESULTS_BUCKET).
+
+    The spawners write a result above ``INLINE_RESULT_MAX`` there (the node that ran the
+    task), the scheduler records its name, a client reads it; it expires after
+    ``RESULTS_TTL_S`` unless released sooner.  File storage: a result outlives restarts
+    like the record that names it.  Declared by the spawner and the scheduler alike.
+    """
+    from nats.js.api import StorageType
+
+    from .schema.tasks import RESULTS_BUCKET, RESULTS_TTL_S
+
+    return ObjectStoreBucket(ObjectStoreConfig(bucket=RESULTS_BUCKET, ttl=RESULTS_TTL_S, storage=StorageType.FILE,
+                                               description="fabric task results too large for their record"))

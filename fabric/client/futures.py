@@ -107,6 +107,17 @@ class TaskFuture(TaskRef):
             return False
         return self.client._run(self.aio.cancel())
 
+    def release(self) -> bool:
+        """Delete the stored copy of a large result now (this future keeps its value); True if there was one.
+
+        A result too large for the task's record lives in the object store
+        ``fabric_task_results`` until released -- here, when the future is garbage-collected,
+        or after 24 hours.  Release it once no other client will read it (``fc.task(id)``).
+        """
+        if self.client is None or not self.aio._ref:
+            return False
+        return bool(self.client._run(self.aio.release()))
+
     def add_done_callback(self, fn: Callable[[TaskFuture], Any]) -> None:
         """Run ``fn(self)`` once the task has ended: now (in this thread) if it has, else in the loop thread."""
         self.aio._on_done(lambda: fn(self))

@@ -31,6 +31,7 @@ import pickle
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Final
 import cloudpickle
 from nats.errors import MaxPayloadError
 
-from ..errors import FabricError, NoResponders, TaskCancelled, TaskDead, TaskFailed, TooLarge, Unavailable
+from ..errors import FabricError, NoResponders, NotFound, TaskCancelled, TaskDead, TaskFailed, TooLarge, Unavailable
 from ..protocol import subjects
 from ..protocol.pytasks import TASK_PERSISTENT_TAG, encode_python_task
 from ..schema import CONTENT_TYPE_HEADER, JSON, MSGPACK, MSGPACK_CONTENT_TYPE
@@ -50,6 +51,7 @@ from ..schema.tasks import (
     EXEC,
     FAILED,
     PYTHON,
+    RESULTS_BUCKET,
     SUCCEEDED,
     TERMINAL,
     ExecSpec,
@@ -227,7 +229,7 @@ class AsyncTaskFuture(TaskRef):
     """
 
     __slots__ = ("_id", "kind", "_client", "_state", "_value", "_exc", "_callbacks", "_event", "_waiters",
-                 "_sent")
+                 "_sent", "_ref", "__weakref__")
 
     def __init__(self, client: TasksArea | None, task_id: str, kind: str = PYTHON) -> None:
         self._id = task_id
@@ -241,6 +243,8 @@ class AsyncTaskFuture(TaskRef):
         self._waiters: list[asyncio.Future[None]] = []
         #: set once the scheduler answered the submit (or refused it): dependents wait for it
         self._sent: asyncio.Event | None = None
+        #: the stored object holding a large result (released with the future, or by its TTL)
+        self._ref = ""
 
     @property
     def id(self) -> str:
@@ -297,6 +301,18 @@ class AsyncTaskFuture(TaskRef):
         if self._client is None:
             raise Unavailable("this future belongs to no client")
         return await self._client.cancel(self)
+
+    async def release(self) -> bool:
+        """Delete the stored copy of a large result now (this future keeps its value); True if there was one.
+
+        A result too large for the task's record lives in the object store
+        ``fabric_task_results`` until released -- here, when the future is garbage-collected,
+        or after 24 hours.  Release it once no other client will read it (``fc.task(id)``).
+        """
+        ref, self._ref = self._ref, ""
+        if not ref or self._client is None:
+            return False
+        return await self._client._release_result(ref)
 
     async def _wait(self, timeout: float | None) -> None:
         if self._state != PENDING:
@@ -356,7 +372,7 @@ class AsyncTaskFuture(TaskRef):
         if done.state not in TERMINAL:
             return
         if done.state == SUCCEEDED and done.result_ref and not done.result and self._client is not None:
-            self._client._spawn(self._client._fetch_result(self))
+            self._client._spawn(self._client._fetch_result(self, done.result_ref))
             return
         if done.state != SUCCEEDED:
             self._fail_or_cancel(done)
@@ -434,6 +450,7 @@ class TasksArea(Transport):
             if self._notify_subject is None:
                 if self.nc is None:
                     raise Unavailable("client is not connected: use 'async with' or call connect()")
+                self._tasks_loop = asyncio.get_running_loop()  # where a finalizer hands releases to
                 subject = self.nc.new_inbox() + ".tasks"
                 await self.nc.subscribe(subject, cb=self._on_task_done)
                 self._notify_subject = subject
@@ -568,19 +585,53 @@ class TasksArea(Transport):
             if rec.state in TERMINAL:
                 fut._finish(_record_done(rec))
 
-    async def _fetch_result(self, fut: AsyncTaskFuture) -> None:
-        """A succeeded task whose result is not inline in its TaskDone: the record's."""
+    async def _fetch_result(self, fut: AsyncTaskFuture, ref: str = "") -> None:
+        """A succeeded task whose result is not inline in its TaskDone: the stored object *ref* (from the
+        record when the notice did not name one)."""
         try:
-            rec = await self.task(fut.id)
+            if not ref:
+                rec = await self.task(fut.id)
+                if not rec.result_ref:
+                    fut._finish(TaskDone(id=rec.id, state=rec.state, result=rec.result, exit_code=rec.exit_code,
+                                         error=rec.error))
+                    return
+                ref = rec.result_ref
+            data = await self._read_result(ref)
         except Exception as exc:  # noqa: BLE001 - the future carries it
             fut._fail(exc)
             return
-        if not rec.result and rec.result_ref and rec.result_size:
-            fut._fail(FabricError(f"task {fut.id}'s result ({rec.result_size} bytes) is stored as "
-                                  f"{rec.result_ref!r}, which this client cannot fetch", task=fut.id))
-            return
-        fut._finish(TaskDone(id=rec.id, state=rec.state, result=rec.result, exit_code=rec.exit_code,
-                             error=rec.error))
+        fut._ref = ref
+        weakref.finalize(fut, self._release_later, ref)
+        fut._finish(TaskDone(id=fut.id, state=SUCCEEDED, result=data))
+
+    async def _read_result(self, ref: str) -> bytes:
+        if self.nc is None:
+            raise Unavailable("client is not connected: use 'async with' or call connect()")
+        try:
+            store = await self.nc.jetstream().object_store(RESULTS_BUCKET)
+            return (await store.get(ref)).data or b""
+        except Exception as exc:
+            raise NotFound(f"the stored result {ref!r} is gone (released, or older than its 24 h TTL): {exc}",
+                           ref=ref) from None
+
+    async def _release_result(self, ref: str) -> bool:
+        if self.nc is None or self.nc.is_closed:
+            return False
+        try:
+            store = await self.nc.jetstream().object_store(RESULTS_BUCKET)
+            await store.delete(ref)
+        except Exception:  # already gone: released by another client, or expired
+            return False
+        return True
+
+    def _release_later(self, ref: str) -> None:
+        """A future holding a stored result was garbage-collected: delete the object (best effort)."""
+        loop = getattr(self, "_tasks_loop", None)
+        if loop is not None and loop.is_running() and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(lambda: self._spawn(self._release_result(ref)))
+            except RuntimeError:  # the loop closed meanwhile: the TTL releases it
+                pass
 
     async def _submit_request(self, req: SubmitRequest, kind: str, deps: Sequence[AsyncTaskFuture] = ()) \
             -> AsyncTaskFuture:

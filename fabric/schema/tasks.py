@@ -339,6 +339,9 @@ class TaskRun(Message):
     timeout_s: float = 0.0
     gpus: list[int] = []
     opencl_device: str = ""
+    #: dependencies whose results are stored objects, not in ``payload``: task id -> object name in
+    #: ``fabric_task_results`` (the node fetches them and adds them to the FPY1 frame)
+    dep_refs: dict[str, str] = {}
 
 
 class TaskResult(Message):
@@ -358,6 +361,10 @@ class TaskResult(Message):
     worker: str = ""
     start_ms: int = 0
     end_ms: int = 0
+    #: a large output is not inline: it is the object ``output_ref`` of the object store
+    #: ``fabric_task_results`` (``output`` is then empty), ``output_size`` bytes
+    output_ref: str = ""
+    output_size: UInt = 0
 
 
 class PullRequest(Message):
@@ -390,5 +397,9 @@ class PullReply(Message):
     cancel: list[str] = []
 
 
-#: the largest result kept inline in a TaskRecord (bigger ones go to the object store)
+#: the largest result kept inline in a TaskRecord; a bigger one is stored in the object store
+#: RESULTS_BUCKET by the node that produced it, under ``<id>.<attempt>``
 INLINE_RESULT_MAX: Final = 64 << 10
+RESULTS_BUCKET: Final = "fabric_task_results"
+#: how long a stored result is kept when nobody releases it (the bucket's TTL)
+RESULTS_TTL_S: Final = 24 * 3600.0

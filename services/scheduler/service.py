@@ -36,7 +36,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 
 from fabric.errors import BadRequest, Conflict, Infeasible, NotFound, TooLarge, Unavailable
-from fabric.jetstream import JetStreamResource, KeyValueBucket
+from fabric.jetstream import JetStreamResource, KeyValueBucket, task_results_bucket
 from fabric.jetstream import Stream as StreamResource
 from fabric.protocol.pytasks import decode_python_task, encode_python_task
 from fabric.protocol.subjects import TASK, Task, cluster
@@ -108,12 +108,14 @@ RENOTIFY_S: Final = 30.0
 class _Pull:
     """A node's pull held until work arrives (the long poll)."""
 
-    __slots__ = ("node", "slots", "runs", "future")
+    __slots__ = ("node", "slots", "runs", "room", "future")
 
-    def __init__(self, node: Node, slots: int) -> None:
+    def __init__(self, node: Node, slots: int, room: int) -> None:
         self.node = node
         self.slots = slots
         self.runs: list[TaskRun] = []
+        #: bytes the reply may still carry
+        self.room = room
         self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def wake(self) -> None:
@@ -181,6 +183,7 @@ class SchedulerService(FabricService):
             KeyValueBucket(KeyValueConfig(bucket=TASK_BUCKET, history=1, storage=StorageType.FILE,
                                           description="fabric task records (scheduler)")),
             lease_mod.bucket(),
+            task_results_bucket(),
         ]
 
     async def on_jetstream(self, js: JetStreamContext | None) -> None:
@@ -514,9 +517,15 @@ class SchedulerService(FabricService):
 
     def _runnable(self, task: LiveTask) -> None:
         """*task* may run: hand it to a node that is asking, or queue it."""
+        if task.state == RUNNING:
+            # a retry (lost, crashed, timed out, retry_exceptions) is queued first: handing it straight to a held
+            # pull was running -> running, an IllegalTransition that killed the sweep or the pull that reported it
+            self._move(task, QUEUED)
         for pull in self._parked:
             if len(pull.runs) < pull.slots and pull.node.lacks(task.rec.resources or DEFAULT_RESOURCES) is None:
-                if self._hold(task, pull.node) is not None:
+                size = self._size(task)
+                if (size <= pull.room or not pull.runs) and self._hold(task, pull.node) is not None:
+                    pull.room -= size
                     pull.runs.append(self._start(task, pull.node))
                     pull.wake()
                     return
@@ -541,23 +550,31 @@ class SchedulerService(FabricService):
         task.assigned_at = task.seen_at = time.monotonic()
         node.running.add(task.id)
         exec_spec = None
+        dep_refs: dict[str, str] = {}
         if task.rec.kind == PYTHON:
-            payload = encode_python_task(task.fn or b"", task.call or b"", self._dep_results(task))
+            inline, dep_refs = self._dep_results(task)
+            payload = encode_python_task(task.fn or b"", task.call or b"", inline)
         elif task.rec.kind == EXEC:
             payload = b""
             exec_spec = MSGPACK.decode(task.call or b"", ExecSpec)
         else:
             payload = task.call or b""
         return TaskRun(id=task.id, attempt=number, kind=task.rec.kind, payload=payload, core=task.rec.core,
-                       exec=exec_spec, timeout_s=task.rec.timeout_s, gpus=[i for i, _, _ in task.gpus])
+                       exec=exec_spec, timeout_s=task.rec.timeout_s, gpus=[i for i, _, _ in task.gpus],
+                       dep_refs=dep_refs)
 
-    def _dep_results(self, task: LiveTask) -> list[tuple[str, bytes]]:
-        out = []
+    def _dep_results(self, task: LiveTask) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
+        """The results of *task*'s dependencies: inline ones, and the names of stored ones."""
+        inline: list[tuple[str, bytes]] = []
+        stored: dict[str, str] = {}
         for dep_id in task.rec.deps:
             dep = self.live.get(dep_id) or self.finished.get(dep_id)
             if dep is not None and dep.state == SUCCEEDED:
-                out.append((dep_id, dep.rec.result))
-        return out
+                if dep.rec.result_ref:
+                    stored[dep_id] = dep.rec.result_ref
+                else:
+                    inline.append((dep_id, dep.rec.result))
+        return inline, stored
 
     def _schedule_feed(self) -> None:
         if not self._feed_scheduled:
@@ -571,20 +588,39 @@ class SchedulerService(FabricService):
             room = pull.slots - len(pull.runs)
             if room <= 0 or not len(self.queue):
                 continue
-            runs = self._take(pull.node, room)
+            runs, pull.room = self._take(pull.node, room, pull.room, first=not pull.runs)
             if runs:
                 pull.runs.extend(runs)
                 pull.wake()
 
-    def _take(self, node: Node, slots: int) -> list[TaskRun]:
-        tasks = self.queue.take(node, slots, lambda t: t.state == QUEUED, self._hold)
+    @staticmethod
+    def _size(task: LiveTask) -> int:
+        """About how many bytes *task* adds to a pull's reply."""
+        return len(task.fn or b"") + len(task.call or b"") + 256 + (
+            sum(len(d) for d in task.rec.deps) * 64 if task.rec.deps else 0)
+
+    def _take(self, node: Node, slots: int, room: int, first: bool = True) -> tuple[list[TaskRun], int]:
+        """Up to *slots* queued tasks for *node* whose bodies fit *room* bytes (one always, when *first*)."""
+        budget: list[Any] = [room, first]
+
+        def hold(task: LiveTask, n: Node) -> Any:
+            size = self._size(task)
+            if size > budget[0] and not budget[1]:
+                return None  # the reply is full: the rest wait for the next pull
+            held = self._hold(task, n)
+            if held is not None:
+                budget[0] -= size
+                budget[1] = False
+            return held
+
+        tasks = self.queue.take(node, slots, lambda t: t.state == QUEUED, hold)
         runs = [self._start(t, node) for t in tasks]
         if tasks:
             self._late.extend(tasks)
             if not self._late_scheduled:
                 self._late_scheduled = True
                 asyncio.get_running_loop().call_later(RUNNING_WRITE_DELAY_S, self._save_late)
-        return runs
+        return runs, int(budget[0])
 
     def _save_late(self) -> None:
         """Write the ``running`` of tasks handed out a moment ago -- most short ones have ended and been
@@ -605,9 +641,10 @@ class SchedulerService(FabricService):
             waits = [self._result(node, r) for r in msg.results]
             await asyncio.gather(*waits)
             recorded = [f"{r.id}/{r.attempt}" for r in msg.results]
-        runs = self._take(node, msg.slots) if msg.slots else []
+        room = self._limit()
+        runs, room = self._take(node, msg.slots, room) if msg.slots else ([], room)
         if not runs and not msg.results and msg.slots and msg.wait_ms and not self._cancels.get(node.name):
-            pull = _Pull(node, msg.slots)
+            pull = _Pull(node, msg.slots, room)
             self._parked.append(pull)
             try:
                 await asyncio.wait_for(asyncio.shield(pull.future), msg.wait_ms / 1000)
@@ -640,7 +677,14 @@ class SchedulerService(FabricService):
         att.worker = r.worker
         self._release(task)
         if r.outcome == "ok" and (r.exit_code == 0 or task.rec.kind == PYTHON):
-            if len(r.output) > self._limit():
+            if r.output_ref:  # stored by the node as an object (too large for the record)
+                att.outcome = SUCCEEDED
+                task.rec.result = b""
+                task.rec.result_ref = r.output_ref
+                task.rec.result_size = r.output_size
+                task.rec.exit_code = r.exit_code
+                self._finish(task, SUCCEEDED)
+            elif len(r.output) > self._limit():
                 att.outcome = "error"
                 self._finish(task, FAILED, TaskError(code=413, kind="too_large", message=(
                     f"the result of {len(r.output)} bytes exceeds the limit of {self._limit()}: "

@@ -24,7 +24,10 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from nats.js import JetStreamContext
+
 from fabric.errors import BadRequest
+from fabric.jetstream import JetStreamResource, task_results_bucket
 from fabric.protocol import subjects
 from fabric.schema import (
     KillReply,
@@ -118,6 +121,13 @@ class SpawnerService(FabricService):
         await self.cores.start(self.connection)
         self.log.info("spawner ready", cgroup=str(self.cgroups) if self.cgroups else self.cgroup_reason,
                       enforceable=self._enforceable()[0])
+
+    def jetstream_resources(self) -> Sequence[JetStreamResource]:
+        # the task runner stores results too large for a task record there
+        return [task_results_bucket()]
+
+    async def on_jetstream(self, js: JetStreamContext | None) -> None:
+        self.runner.js = js
 
     async def on_serving(self) -> None:
         self.background(self.runner.run, name="task-runner")

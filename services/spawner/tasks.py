@@ -51,12 +51,13 @@ from fabric.errors import (
     JobTimeout,
     NotFound,
     TooLarge,
+    Unavailable,
     error_from_wire,
 )
 from fabric.protocol import subjects
 from fabric.protocol.cores import OPENCL_CORE, PYTHON_CORE
 from fabric.protocol.headers import CONTENT_TYPE_HEADER, ERROR_CODE_HEADER, ERROR_HEADER, ERROR_KIND_HEADER
-from fabric.protocol.pytasks import decode_python_task
+from fabric.protocol.pytasks import decode_python_task, encode_python_task
 from fabric.schema import MSGPACK, MSGPACK_CONTENT_TYPE, LoadCoreRequest, SpawnRequest
 from fabric.schema.tasks import (
     CORE,
@@ -64,6 +65,7 @@ from fabric.schema.tasks import (
     INLINE_RESULT_MAX,
     OPENCL,
     PYTHON,
+    RESULTS_BUCKET,
     PullReply,
     PullRequest,
     TaskResult,
@@ -123,6 +125,8 @@ class TaskRunner:
         self.prefetch = min(max(prefetch, 0), self.slots)
         #: how long a task takes here, smoothed (None until one has run)
         self.task_s: float | None = None
+        #: JetStream, for large results (set by the spawner once it is there; None without it)
+        self.js: Any = None
         self._timed_at = 0.0
         #: a new id per start: the scheduler learns that what the last instance ran is gone
         self.instance = ""
@@ -289,6 +293,9 @@ class TaskRunner:
         try:
             if run.kind == PYTHON:
                 decode_python_task(run.payload)  # a malformed frame is refused here, not in a worker
+                if run.dep_refs:  # dependencies whose results are stored objects: fetched first
+                    self._spawn(self._fetch_deps(a), "deps")
+                    return
                 self._python_queue.append(a)
                 self._pump_python()
             elif run.kind == CORE:
@@ -321,15 +328,57 @@ class TaskRunner:
         if a.timer is not None:
             a.timer.cancel()
             a.timer = None
+        if len(result.output) > INLINE_RESULT_MAX and not result.output_ref:
+            # too large for a record: stored as an object first (the attempt stays listed meanwhile)
+            self._spawn(self._store(a, result), "store")
+            return
         if self.running.get(a.key) is a:
             del self.running[a.key]
-        if len(result.output) > PULL_RESULT_BYTES:  # a result too big to report; the object store is not there yet
-            result = a.result(ERROR, exit_code=result.exit_code, error=task_error(TooLarge(
-                f"task {a.run.id}: its output of {len(result.output)} bytes is more than a pull carries "
-                f"({PULL_RESULT_BYTES})")))
         self.results[a.key] = result
         self._fresh = True
         self._wake.set()
+
+    async def _fetch_deps(self, a: Attempt) -> None:
+        """Add the stored results of a task's dependencies to its FPY1 frame, then queue it."""
+        try:
+            if self.js is None:
+                raise Unavailable("this NATS has no JetStream to read them from")
+            store = await self.js.object_store(RESULTS_BUCKET)
+            frame = decode_python_task(a.run.payload)
+            deps = [(k, bytes(v)) for k, v in frame.deps.items()]
+            for task_id, name in a.run.dep_refs.items():
+                deps.append((task_id, (await store.get(name)).data or b""))
+            a.run.payload = encode_python_task(bytes(frame.fn), bytes(frame.call), deps)
+        except Exception as exc:  # noqa: BLE001 - the node cannot run it: say why
+            if not a.dropped:
+                self._finish(a, a.result(REFUSED, error=task_error(
+                    exc if isinstance(exc, FabricError) else Unavailable(
+                        f"task {a.run.id}: a dependency's stored result is unreadable: {exc}"))))
+            return
+        if not a.dropped:
+            self._python_queue.append(a)
+            self._pump_python()
+
+    async def _store(self, a: Attempt, result: TaskResult) -> None:
+        """Put a large output in the object store RESULTS_BUCKET; the result then names it."""
+        name = f"{a.run.id}.{a.run.attempt}"
+        size = len(result.output)
+        try:
+            if self.js is None:
+                raise Unavailable("this NATS has no JetStream to store it in")
+            store = await self.js.object_store(RESULTS_BUCKET)
+            await store.put(name, result.output)
+        except Exception as exc:  # noqa: BLE001 - the task fails with why, the node goes on
+            self.host.log.warning("a task result could not be stored", task=a.run.id, error=str(exc))
+            result = a.result(ERROR, exit_code=result.exit_code, error=task_error(TooLarge(
+                f"task {a.run.id}: its output of {size} bytes is too large for its record and could not be "
+                f"stored: {exc}")))
+        else:
+            result.output = b""
+            result.output_ref = name
+            result.output_size = size
+        if not a.dropped:
+            self._finish(a, result)
 
     def _cancel(self, key: str) -> None:
         a = self.running.pop(key, None)
