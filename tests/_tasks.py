@@ -1,0 +1,185 @@
+"""Helpers for the task layer's integration and fault tests (tests/test_tasks.py, tests/test_tasks_faults.py).
+
+A *node* here is what ``fabric up`` starts on a machine for tasks: a spawner (its task
+runner pulls ``fabric.task.pull``) and a gpu-monitor (it puts the node's record, labels
+and custom resources in the registry, where the scheduler reads its capacity).
+:func:`start_node` and :func:`start_scheduler` start them in this process, on the
+test's loop; :class:`Procs` starts them as processes of their own
+(``python -m fabric.services.<name>``) for the tests that kill one with SIGKILL, and
+stops only the PIDs it started.  :func:`ask` is a raw NATS request in JSON, as a
+client in another language sends it (docs/protocol.md "Tasks").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fabric.protocol.headers import CONTENT_TYPE_HEADER, ERROR_CODE_HEADER, ERROR_HEADER
+from fabric.schema import JSON
+from fabric.schema.tasks import TaskRecord
+from tests._nats import env_with_repo
+
+
+@dataclass
+class Node:
+    """The in-process services of one node."""
+
+    name: str
+    services: list[Any]
+
+    @property
+    def spawner(self) -> Any:
+        return self.services[0]
+
+    async def stop(self) -> None:
+        for svc in reversed(self.services):
+            await svc.stop()
+
+
+def settings(url: str, node: str, state: Path, *, slots: int | None = None, labels: dict[str, str] | None = None,
+             resources: dict[str, float] | None = None) -> Any:
+    from fabric.config.model import FabricConfig, TasksConfig
+    from fabric.service import ServiceSettings
+
+    config = FabricConfig(tasks=TasksConfig(labels=labels or {}, resources=resources or {}, slots=slots))
+    return ServiceSettings(nats_url=url, node=node, state_dir=state, config=config)
+
+
+async def start_node(url: str, state: Path, *, name: str = "", slots: int | None = None, prefetch: int = 1,
+                     labels: dict[str, str] | None = None, resources: dict[str, float] | None = None) -> Node:
+    """A spawner and a gpu-monitor for node *name* (random when empty); returns once both serve."""
+    from fabric.services.gpu_monitor import GpuMonitorService
+    from fabric.services.spawner import SpawnerService
+
+    name = name or f"n-{secrets.token_hex(3)}"
+    cfg = settings(url, name, state / name, slots=slots, labels=labels, resources=resources)
+    services = [SpawnerService(cfg, task_prefetch=prefetch), GpuMonitorService(cfg)]
+    node = Node(name, [])
+    try:
+        for svc in services:
+            await svc.start()
+            node.services.append(svc)
+    except BaseException:
+        await node.stop()
+        raise
+    return node
+
+
+async def start_scheduler(url: str, state: Path, name: str = "") -> Any:
+    from fabric.services.scheduler import SchedulerService
+
+    name = name or f"s-{secrets.token_hex(3)}"
+    svc = SchedulerService(settings(url, name, state / name))
+    await svc.start()
+    return svc
+
+
+# -- raw requests (JSON), as a client in another language makes them ---------------------------------------------
+
+
+@dataclass
+class Answer:
+    """A reply: its JSON body, or its error code and message."""
+
+    body: Any = None
+    code: int = 0
+    error: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+async def ask(nc: Any, verb: str, body: Any, timeout: float = 30.0) -> Answer:
+    """Request ``fabric.task.<verb>`` with *body* (a dict, JSON-encoded; bytes as they are)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    msg = await nc.request(f"fabric.task.{verb}", data, timeout=timeout,
+                           headers={CONTENT_TYPE_HEADER: "application/json"})
+    headers = dict(msg.headers or {})
+    if ERROR_HEADER in headers:
+        return Answer(code=int(headers.get(ERROR_CODE_HEADER, "0")), error=headers[ERROR_HEADER], headers=headers)
+    return Answer(body=json.loads(msg.data) if msg.data else None, headers=headers)
+
+
+async def record(nc: Any, task_id: str) -> TaskRecord:
+    answer = await ask(nc, "get", {"id": task_id})
+    assert answer.code == 0, answer
+    return JSON.decode(json.dumps(answer.body), TaskRecord)
+
+
+async def ended(nc: Any, task_id: str, within: float = 60.0) -> TaskRecord:
+    """The task's record once it has ended (``fabric.task.wait``, asked again until *within* passes)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        left = max(deadline - loop.time(), 0.0)
+        try:
+            answer = await ask(nc, "wait", {"id": task_id, "timeout_s": min(left, 30.0)}, timeout=min(left, 30) + 5)
+        except Exception:  # no responders: a scheduler failing over, or NATS restarting
+            answer = Answer(code=-1)
+        if answer.code == 0:
+            rec = JSON.decode(json.dumps(answer.body), TaskRecord)
+            if rec.state in ("succeeded", "failed", "cancelled", "dead"):
+                return rec
+        assert loop.time() < deadline, f"task {task_id} did not end within {within} s: {answer}"
+        await asyncio.sleep(0.1)
+
+
+# -- services as processes of their own (for kill -9) ---------------------------------------------------------------
+
+
+class Procs:
+    """Service processes this test started; :meth:`stop_all` ends only those (by PID)."""
+
+    def __init__(self, url: str, root: Path) -> None:
+        self.url = url
+        self.root = root
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, service: str, node: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        state = self.root / node
+        state.mkdir(parents=True, exist_ok=True)
+        full = env_with_repo()
+        full.update(env or {})
+        log = open(state / f"{service}.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", f"fabric.services.{service}", "--nats-url", self.url,
+                                 "--node", node, "--state-dir", str(state)],
+                                env=full, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def start_node(self, node: str, env: dict[str, str] | None = None) -> list[subprocess.Popen[bytes]]:
+        return [self.start("spawner", node, env), self.start("gpu_monitor", node, env)]
+
+    @staticmethod
+    def kill9(proc: subprocess.Popen[bytes]) -> None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            # a spawner's pool workers are in its session: end any it left behind (ours alone)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.procs.clear()
+
+    def log(self, node: str, service: str) -> str:
+        path = self.root / node / f"{service}.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
