@@ -461,7 +461,9 @@ class PlayedScheduler:
         else:
             self.values[task_id] = value
             result = pickle.dumps(value)
-            big = isinstance(value, bytes) and len(value) > 1000  # "stored": the TaskDone names it only
+            big = isinstance(value, bytes) and len(value) > 1000  # stored, as a node stores a large result
+            if big:
+                await self._store(f"ref-{task_id}", result)
             done = TaskDone(id=task_id, state="succeeded", result=b"" if big else result,
                             result_ref=f"ref-{task_id}" if big else "")
             self.records[task_id] = msgspec.structs.replace(self.records[task_id], state="succeeded", result=result)
@@ -473,6 +475,19 @@ class PlayedScheduler:
                 self.cond.notify_all()
         else:
             await self.nc.publish(notify, MSGPACK.encode(TaskDoneBatch(done=[done])))
+
+    async def _store(self, name: str, data: bytes) -> None:
+        """Put *data* in the results object store, as the node that ran a task does with a large result."""
+        from nats.js.errors import BucketNotFoundError
+
+        from fabric.schema.tasks import RESULTS_BUCKET
+
+        js = self.nc.jetstream()
+        try:
+            store = await js.object_store(RESULTS_BUCKET)
+        except BucketNotFoundError:
+            store = await js.create_object_store(RESULTS_BUCKET)
+        await store.put(name, data)
 
     async def _get(self, msg: Any) -> None:
         req = MSGPACK.decode(msg.data, TaskRequest)
@@ -618,8 +633,10 @@ def test_a_key_returns_the_existing_task_and_a_large_result_is_fetched(played: P
     played.release([first.id])
     assert first.result(timeout=30) == 36
     played.hold = False
-    big = client.submit(bytes, 5000)  # a TaskDone without the result inline: read from fabric.task.get
+    big = client.submit(bytes, 5000)  # a TaskDone naming a stored result: read from the object store
     assert big.result(timeout=30) == bytes(5000)
+    assert big.release() is True and big.release() is False  # deleted once; the future keeps its value
+    assert big.result(timeout=1) == bytes(5000)
 
 
 def test_pending_futures_fail_when_the_client_closes(played: PlayedScheduler, nats_url: str) -> None:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 from ..errors import BadRequest, FabricError, Unavailable
 from ..handles import parse_cached as parse
 from ..protocol import wire
 from ..schema import CoreInfo, ExitInfo
+from ..schema.tasks import PYTHON, Resources
 from .aio import AsyncFabricClient
 from .buffers import AsyncRemoteBuffer, BufferRef, _token
 from .cores import AsyncCore
@@ -229,7 +230,24 @@ class FabricClient:
 
     # -- durable tasks: generated; a TaskFuture is the thread-safe face of the async one --------
 
-    submit = sync_method(_A.submit, _task_future)
+    def submit(self, fn: Callable[..., Any], /, *args: Any, resources: Resources | None = None, priority: int = 5,
+               retries: int = 3, retry_exceptions: bool = False, timeout: float | None = None, key: str = "",
+               **kwargs: Any) -> TaskFuture:
+        # Pickled here, in the caller's thread, and handed to the loop without waiting for it: a
+        # submit costs the caller no round trip to the loop thread (the result is what it waits for).
+        if self._loop is None:
+            raise Unavailable("client is not connected: use 'with FabricClient(...)' or call connect()")
+        if self._aio._notify_subject is None:  # the first submit subscribes to the notices: it waits for that
+            return TaskFuture(self, self._run(self._aio.submit(
+                fn, *args, resources=resources, priority=priority, retries=retries,
+                retry_exceptions=retry_exceptions, timeout=timeout, key=key, **kwargs)))
+        req, deps = self._aio._python_request(fn, args, kwargs, resources, priority, retries, retry_exceptions,
+                                              timeout, key)
+        afut = AsyncTaskFuture(self._aio, req.id, PYTHON)
+        self._loop.call_soon_threadsafe(self._aio._launch, req, afut, deps)
+        return TaskFuture(self, afut)
+
+    submit.__doc__ = _A.submit.__doc__
     submit_core = sync_method(_A.submit_core, _task_future)
     submit_exec = sync_method(_A.submit_exec, _task_future)
     map = sync_method(_A.map, _task_futures)

@@ -633,10 +633,11 @@ class TasksArea(Transport):
             except RuntimeError:  # the loop closed meanwhile: the TTL releases it
                 pass
 
-    async def _submit_request(self, req: SubmitRequest, kind: str, deps: Sequence[AsyncTaskFuture] = ()) \
-            -> AsyncTaskFuture:
+    async def _submit_request(self, req: SubmitRequest, kind: str, deps: Sequence[AsyncTaskFuture] = (),
+                              fut: AsyncTaskFuture | None = None) -> AsyncTaskFuture:
         req.notify = await self._task_notify()
-        fut = AsyncTaskFuture(self, req.id, kind)
+        if fut is None:
+            fut = AsyncTaskFuture(self, req.id, kind)
         await self._slots().acquire()  # back pressure: at most SUBMITS_IN_FLIGHT unanswered submits
         self._register(fut)
         self._spawn(self._send_submit(req, fut, list(deps)))
@@ -663,11 +664,35 @@ class TasksArea(Transport):
         ``functools.partial``.  A refused submit (bad input 400, too large 413, infeasible
         resources 422, no scheduler 503) raises from the future's result.
         """
+        req, deps = self._python_request(fn, args, kwargs, resources, priority, retries, retry_exceptions, timeout,
+                                         key)
+        return await self._submit_request(req, PYTHON, deps)
+
+    def _python_request(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                        resources: Resources | None, priority: int, retries: int, retry_exceptions: bool,
+                        timeout: float | None, key: str) -> tuple[SubmitRequest, list[AsyncTaskFuture]]:
+        """The submit request of a python call and the futures it depends on (no loop needed: any thread)."""
         call, deps = pickle_call(args, kwargs)
         payload = encode_python_task(cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL), call)
         req = SubmitRequest(kind=PYTHON, id=new_task_id(), payload=payload, key=key, deps=list(deps),
                             **self._options(resources, priority, retries, retry_exceptions, timeout))
-        return await self._submit_request(req, PYTHON, [ref._async_future() for ref in deps.values()])
+        return req, [ref._async_future() for ref in deps.values()]
+
+    def _launch(self, req: SubmitRequest, fut: AsyncTaskFuture, deps: list[AsyncTaskFuture]) -> None:
+        """Submit *req* for *fut*, a future made in another thread (the sync client's submit): runs in the loop."""
+        async def go() -> None:
+            try:
+                req.notify = await self._task_notify()
+                await self._slots().acquire()
+                self._register(fut)
+            except Exception as exc:  # noqa: BLE001 - not connected, closed: the future carries it
+                fut._fail(exc)
+                return
+            # sent from this very task, not one more: a request the caller makes after this submit
+            # (fc.task(id)) reaches the scheduler after it, as it would have from the async client
+            await self._send_submit(req, fut, deps)
+
+        self._spawn(go())
 
     async def submit_core(self, core: str, data: Any, *, resources: Resources | None = None, priority: int = 5,
                           retries: int = 3, timeout: float | None = None, key: str = "") -> AsyncTaskFuture:
