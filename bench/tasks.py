@@ -551,6 +551,98 @@ def run_section(name: str, fn: Callable[[], dict[str, Any]], results: dict[str, 
         traceback.print_exc(file=sys.stderr)
 
 
+# The floor of the design, measured with bare nats-py (uvloop), no fabric code: a "scheduler"
+# process that, per task, writes a record to a JetStream KV bucket (awaiting the ack), asks a
+# "node" process to run it (one request/reply), writes the result record (awaiting the ack) and
+# then answers the client.  That is the least a durable task costs over NATS from Python -- two
+# JetStream round trips and two request/reply hops, each through nats-server -- without any
+# queue, placement, pulling, pickling or warm worker.
+FLOOR_NODE = r"""
+import asyncio, sys, uvloop, nats
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    async def run(msg):
+        await msg.respond(b"r")
+    await nc.subscribe("bench.floor.run", cb=run)
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+uvloop.run(main())
+"""
+FLOOR_SCHEDULER = r"""
+import asyncio, sys, uvloop, nats
+from nats.js.api import KeyValueConfig, StorageType
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    js = nc.jetstream()
+    kv = await js.create_key_value(KeyValueConfig(bucket="bench_floor", history=1, storage=StorageType.FILE))
+    n = 0
+    async def submit(msg):
+        nonlocal n
+        n += 1
+        key = f"t{n}"
+        rev = await kv.create(key, b"queued")             # durable before it runs
+        out = await nc.request("bench.floor.run", msg.data, timeout=5)
+        await kv.update(key, b"succeeded:" + out.data, last=rev)  # the result, compare-and-swap
+        await msg.respond(out.data)
+    async def on_submit(msg):
+        asyncio.ensure_future(submit(msg))  # requests run side by side, as a service's do
+    await nc.subscribe("bench.floor.submit", cb=on_submit)
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+uvloop.run(main())
+"""
+
+
+def floor_section(tmp: Path, n_seq: int) -> dict[str, Any]:
+    """The bare durable chain's sequential p50 (see FLOOR_SCHEDULER), on a nats-server of its own."""
+    import socket
+
+    import nats as nats_mod
+    import uvloop
+
+    from fabric.nats_server import find_binary
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = tmp / "floor-js"
+    server = subprocess.Popen([find_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"nats://127.0.0.1:{port}"
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        time.sleep(0.5)
+        for script in (FLOOR_NODE, FLOOR_SCHEDULER):
+            proc = subprocess.Popen([sys.executable, "-c", script, url], stdout=subprocess.PIPE, text=True)
+            procs.append(proc)
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError("a floor process did not start")
+
+        async def measure() -> list[float]:
+            nc = await nats_mod.connect(url)
+            try:
+                for _ in range(50):
+                    await nc.request("bench.floor.submit", b"x", timeout=5)
+                out = []
+                for _ in range(n_seq):
+                    t0 = time.perf_counter()
+                    await nc.request("bench.floor.submit", b"x", timeout=5)
+                    out.append(time.perf_counter() - t0)
+                return out
+            finally:
+                await nc.close()
+
+        samples = uvloop.run(measure())
+        return {"floor_durable_chain_rtt_p50_us": p50_us(samples)}
+    finally:
+        for proc in procs:
+            stop_process(proc)
+        stop_process(server)
+
+
 def peers() -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -563,7 +655,7 @@ def peers() -> dict[str, Any]:
     return out
 
 
-SECTIONS = ("fabric", "ray", "dask", "memory", "failover")
+SECTIONS = ("fabric", "ray", "dask", "floor", "memory", "failover")
 
 
 def main() -> None:
@@ -624,6 +716,8 @@ def main() -> None:
                     system.close()
                 except Exception as exc:
                     log(f"closing {name}: {exc!r}")
+        if "floor" in only:
+            run_section("floor", lambda: floor_section(tmp, n_seq), results, errors)
         if not missing and "memory" in only:
             run_section("memory", lambda: memory_section(tmp, n_queued), results, errors)
         if not missing and "failover" in only:
@@ -641,6 +735,9 @@ def main() -> None:
         "durable_vs_core_map": ratio("fabric_tasks_per_s", "fabric_core_map_tasks_per_s"),
         "fabric_up_vs_ray_init": ratio("ray_init_s", "fabric_up_ready_s"),
         "first_task_vs_ray": ratio("ray_init_to_first_task_s", "fabric_up_to_first_task_s"),
+        # what the design's floor (bare nats-py, two JetStream writes and two hops) allows against Ray
+        "floor_rtt_vs_ray": ratio("ray_task_rtt_p50_us", "floor_durable_chain_rtt_p50_us"),
+        "task_rtt_vs_floor": ratio("floor_durable_chain_rtt_p50_us", "fabric_task_rtt_p50_us"),
     }
     for name, target in TARGETS.items():
         v = ratios[name]
