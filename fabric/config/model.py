@@ -122,6 +122,8 @@ class TasksConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     resources: dict[str, Annotated[float, Meta(ge=0, le=1_000_000)]] = msgspec.field(default_factory=dict)
     #: tasks this node runs at once (the spawner's task pool); default: its logical CPUs
     slots: Annotated[int, Meta(ge=1, le=4096)] | None = None
+    #: how long the record of an ended task is kept (the scheduler writes its end with this TTL)
+    retention_s: Annotated[float, Meta(ge=1, le=365 * 24 * 3600)] = 86400.0
 
 
 class FabricConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

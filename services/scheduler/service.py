@@ -198,7 +198,7 @@ class SchedulerService(FabricService):
     async def on_serving(self) -> None:
         self.pub = Publisher(self.connection)
         await self.pub.open()
-        self.writer = RecordWriter(self.pub, self.log, self._conflict)
+        self.writer = RecordWriter(self.pub, self.log, self._conflict, self.settings.config.tasks.retention_s)
         self.background(self.pub.run, name="publisher")
         self.background(self.lease.run, name="lease")
         self.background(self._sweep, name="sweep")

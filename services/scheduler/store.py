@@ -42,6 +42,8 @@ ACK_TIMEOUT_S: Final = 5.0
 WRONG_LAST_SEQUENCE: Final = 10071
 EXPECTED_LAST_SUBJECT_SEQUENCE: Final = "Nats-Expected-Last-Subject-Sequence"
 MSG_ID: Final = "Nats-Msg-Id"
+#: a message's own time to live (ADR-43; the KV bucket's stream allows it), in seconds
+MSG_TTL: Final = "Nats-TTL"
 
 _ACK = msgspec.json.Decoder(dict[str, Any])
 #: an ack's outcome: (sequence, None) when stored, (0, error dict) when not
@@ -151,8 +153,11 @@ class Publisher:
 class RecordWriter:
     """Keeps each task's KV entry in step with memory: coalesced compare-and-swap writes."""
 
-    def __init__(self, publisher: Publisher, log: Any, on_conflict: Callable[[machine.Task], None]) -> None:
+    def __init__(self, publisher: Publisher, log: Any, on_conflict: Callable[[machine.Task], None],
+                 retention_s: float = 86400.0) -> None:
         self.pub = publisher
+        #: an ended task's record is written with this TTL (Nats-TTL): JetStream removes it after
+        self.ended_ttl = {MSG_TTL: str(max(1, int(retention_s)))}
         self.log = log
         #: called when a compare-and-swap lost: someone else wrote the task (another scheduler)
         self.on_conflict = on_conflict
@@ -199,4 +204,7 @@ class RecordWriter:
             # transient (a restarting server, no ack): try again shortly
             asyncio.get_running_loop().call_later(0.1, self.save, task)
 
-        self.pub.publish(kv_subject(task.id), data, {EXPECTED_LAST_SUBJECT_SEQUENCE: str(task.rev)}, acked)
+        headers = {EXPECTED_LAST_SUBJECT_SEQUENCE: str(task.rev)}
+        if task.done:
+            headers.update(self.ended_ttl)
+        self.pub.publish(kv_subject(task.id), data, headers, acked)
