@@ -524,3 +524,116 @@ async def test_the_runner_pool_is_listed_beside_a_clients_python_pool(sched: Sch
 
 if sys.platform != "linux":  # pragma: no cover
     pytest.skip("the spawner runs on Linux", allow_module_level=True)
+
+
+# -- GPU pinning (issue 14): the scheduler's TaskRun.gpus / opencl_device hold for python and opencl ----------
+
+
+def _cuda_env() -> str | None:
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def _pinned_pools(node: SpawnerService) -> list[Any]:
+    return [p for p in node.cores.pools.values() if "CUDA_VISIBLE_DEVICES" in p.worker_env]
+
+
+async def _unload_pinned(node: SpawnerService) -> None:
+    for p in _pinned_pools(node):
+        await node.cores.unload(Request("unload", None, JSON.encode(CoreRequest(core=p.id))))
+
+
+async def test_a_python_task_with_gpus_sees_only_them(sched: Scheduler, node: SpawnerService) -> None:
+    pinned = py(_cuda_env)
+    pinned.gpus = [1, 3]
+    plain = py(_cuda_env)
+    sched.add(pinned, plain)
+    try:
+        r = await sched.result(pinned.id)
+        assert (r.outcome, pickle.loads(r.output)) == ("ok", "1,3"), r
+        # a task without GPUs keeps the shared pool and the spawner's own environment
+        r = await sched.result(plain.id)
+        assert (r.outcome, pickle.loads(r.output)) == ("ok", os.environ.get("CUDA_VISIBLE_DEVICES")), r
+        pools = _pinned_pools(node)
+        assert [p.worker_env for p in pools] == [{"CUDA_VISIBLE_DEVICES": "1,3"}]
+        assert sched.results[f"{pinned.id}/1"].worker == pools[0].id != sched.results[f"{plain.id}/1"].worker
+        # the same set again: the same pool, warm
+        again = py(_cuda_env)
+        again.gpus = [1, 3]
+        sched.add(again)
+        r = await sched.result(again.id)
+        assert (pickle.loads(r.output), r.worker) == ("1,3", pools[0].id)
+    finally:
+        await _unload_pinned(node)
+
+
+async def test_gpu_sets_keep_only_a_few_pinned_pools(sched: Scheduler, node: SpawnerService) -> None:
+    from fabric.services.spawner.tasks_gpu import MAX_GPU_POOLS
+
+    try:
+        for i in range(MAX_GPU_POOLS + 1):
+            t = py(_cuda_env)
+            t.gpus = [i]
+            sched.add(t)
+            r = await sched.result(t.id)
+            assert (r.outcome, pickle.loads(r.output)) == ("ok", str(i)), r
+            assert len(_pinned_pools(node)) <= MAX_GPU_POOLS
+        # the idle pool of an older set made room for the newest one
+        assert {"CUDA_VISIBLE_DEVICES": str(MAX_GPU_POOLS)} in [p.worker_env for p in _pinned_pools(node)]
+    finally:
+        await _unload_pinned(node)
+
+
+def _vadd_job(**device: Any) -> bytes:
+    from fabric.opencl import InArg, JobHeader, OutArg, encode_job
+
+    a = np.arange(4, dtype=np.float32)
+    header = JobHeader(source=VADD, kernel="vadd", global_size=[4], **device,
+                       args=[InArg("<f4", [4], 0, 16), InArg("<f4", [4], 16, 16), OutArg("<f4", [4])])
+    return bytes(encode_job(header, [(0, a), (16, a)]))
+
+
+async def test_an_opencl_task_runs_on_the_device_it_was_given(sched: Scheduler, node: SpawnerService) -> None:
+    pytest.importorskip("pyopencl")
+    from fabric.opencl import decode_error, decode_result
+
+    sched.add(TaskRun(id="cl-pin", attempt=1, kind="opencl", gpus=[0], opencl_device=f"{node.node}:cl:0:0",
+                      payload=_vadd_job()))
+    r = await sched.result("cl-pin", within=60)
+    if r.outcome == "refused" and r.error is not None and r.error.kind == "core_load_failed":
+        pytest.skip(f"no OpenCL here: {r.error.message}")
+    assert r.outcome == "ok", r
+    head, data = decode_result(r.output)
+    assert (head.device.platform, head.device.device) == (0, 0)
+    out = head.outputs[0]
+    assert np.frombuffer(bytes(data[out.offset:out.offset + out.nbytes]), np.float32).tolist() == [0, 2, 4, 6]
+    # a device this node lacks: the job fails there, it does not run on another device
+    sched.add(TaskRun(id="cl-absent", attempt=1, kind="opencl", gpus=[0], opencl_device=f"{node.node}:cl:0:97",
+                      payload=_vadd_job()))
+    r = await sched.result("cl-absent", within=60)
+    assert r.outcome == "error", r
+    rec = decode_error(r.output)
+    assert rec is not None and rec.kind == "unknown_device" and "0:97" in rec.message, r
+    pool = node.cores.by_name.get("fabric.opencl")
+    assert pool is not None
+    await node.cores.unload(Request("unload", None, JSON.encode(CoreRequest(core=pool.id))))
+
+
+async def test_an_opencl_task_that_cannot_be_pinned_is_refused(sched: Scheduler, node: SpawnerService) -> None:
+    runs = {
+        # GPUs given, but none has an OpenCL device paired: not run on whatever device the job prefers
+        "cl-unpaired": (TaskRun(id="cl-unpaired", attempt=1, kind="opencl", gpus=[2], payload=_vadd_job()),
+                        "unknown_device", "none of them has an OpenCL device"),
+        "cl-elsewhere": (TaskRun(id="cl-elsewhere", attempt=1, kind="opencl", gpus=[0],
+                                 opencl_device="another-node:cl:0:0", payload=_vadd_job()),
+                         "unknown_device", f"is not on node {node.node}"),
+        "cl-conflict": (TaskRun(id="cl-conflict", attempt=1, kind="opencl", gpus=[0],
+                                opencl_device=f"{node.node}:cl:0:1", payload=_vadd_job(platform=0, device=0)),
+                        "bad_request", "asks for OpenCL device 0:0"),
+        "cl-badid": (TaskRun(id="cl-badid", attempt=1, kind="opencl", gpus=[0], opencl_device="gpu",
+                             payload=_vadd_job()), "bad_request", "<node>:cl:<platform>:<device>"),
+    }
+    sched.add(*(run for run, _, _ in runs.values()))
+    for task_id, (_, kind, words) in runs.items():
+        r = await sched.result(task_id)
+        assert r.outcome == "refused" and r.error is not None, r
+        assert r.error.kind == kind and words in r.error.message, r

@@ -34,8 +34,9 @@ def _arch(name: str) -> str:
 class Node:
     """One node's capacity and what the tasks running on it hold."""
 
-    __slots__ = ("name", "cpus", "mem", "arch", "os", "labels", "custom", "gpu_mem", "used_cpus", "used_mem",
-                 "gpu_share", "gpu_mem_used", "used_custom", "running", "record_at", "pulled_at", "prefetch")
+    __slots__ = ("name", "cpus", "mem", "arch", "os", "labels", "custom", "gpu_mem", "gpu_opencl", "used_cpus",
+                 "used_mem", "gpu_share", "gpu_mem_used", "used_custom", "running", "record_at", "pulled_at",
+                 "prefetch")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -46,6 +47,8 @@ class Node:
         self.labels: dict[str, str] = {}
         self.custom: dict[str, float] = {}
         self.gpu_mem: list[int] = []
+        #: each GPU's OpenCL device ids (Gpu.opencl_ids): a task given GPUs runs its OpenCL job on the first's
+        self.gpu_opencl: list[list[str]] = []
         self.used_cpus = 0.0
         self.used_mem = 0
         self.gpu_share: list[float] = []
@@ -66,6 +69,7 @@ class Node:
         self.labels = dict(rec.labels)
         self.custom = dict(rec.resources)
         self.gpu_mem = [max(g.memory_total, 0) for g in rec.gpus]
+        self.gpu_opencl = [list(g.opencl_ids) for g in rec.gpus]
         while len(self.gpu_share) < len(self.gpu_mem):
             self.gpu_share.append(0.0)
             self.gpu_mem_used.append(0)
@@ -136,6 +140,12 @@ class Node:
             self.gpu_share[i] += share
             self.gpu_mem_used[i] += mem
         return gpus
+
+    def opencl_device(self, gpus: list[tuple[int, float, int]]) -> str:
+        """The OpenCL device id of the first of *gpus* (taken here), "" when it has none paired."""
+        if gpus and gpus[0][0] < len(self.gpu_opencl) and self.gpu_opencl[gpus[0][0]]:
+            return self.gpu_opencl[gpus[0][0]][0]
+        return ""
 
     def give_back(self, res: Resources, gpus: list[tuple[int, float, int]]) -> None:
         self.used_cpus = max(0.0, self.used_cpus - res.cpus)

@@ -87,6 +87,8 @@ class Pool:
         self.unload_after_s = req.unload_after_s
         self.external = req.external
         self.listen_host = req.listen_host
+        #: what each new worker's environment adds (set by CoreManager.internal_pool)
+        self.worker_env: dict[str, str] = {}
         self.ready = asyncio.Event()  # set when the load finished, whether it worked or not
         self.draining = False  # replaced: no new jobs; closes once the queued and running ones are done
         self.replaced_by = ""
@@ -194,7 +196,7 @@ class Pool:
     # -- workers ----------------------------------------------------------------
 
     def spec(self) -> WorkerSpec:
-        return WorkerSpec(core=self.id, name=self.name, library=self.library)
+        return WorkerSpec(core=self.id, name=self.name, library=self.library, env=tuple(self.worker_env.items()))
 
     def start_worker(self) -> asyncio.Task[Worker | None]:
         host = self.host

@@ -46,11 +46,13 @@ class Job:
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a new worker is told: the core's id (for logs), name and library bytes."""
+    """What a new worker is told: the core's id (for logs), name and library bytes, and what its
+    environment adds (the task runner's pools pinned to GPUs: CUDA_VISIBLE_DEVICES from the start)."""
 
     core: str
     name: str
     library: bytes
+    env: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -312,7 +312,7 @@ class RingWorker(Worker):
             # a job frame is its 33-byte header plus the data, in one record
             self.max_job = self.prod.max_record - 64
             # lets the gpu-monitor name the core a GPU-holding worker process belongs to
-            env = {**os.environ, CORE_ID_ENV: spec.core}
+            env = {**os.environ, **dict(spec.env), CORE_ID_ENV: spec.core}
             # -P, and the spawner's own working directory (the state directory under `fabric up`)
             launch = module_launch("fabric.services.spawner.worker", ["--ring-in", self.path_in, "--ring-out",
                                    self.path_out, "--spin-us", str(self.env.worker_spin_us)], cwd=None, env=env)

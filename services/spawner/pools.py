@@ -282,14 +282,16 @@ class CoreManager:
         return pool.info(self.node)
 
     async def internal_pool(self, name: str, *, min_workers: int = 1, max_workers: int = 4,
-                            time_limit_s: float = 0.0, shared: bool = False) -> Pool:
+                            time_limit_s: float = 0.0, shared: bool = False, env: dict[str, str] | None = None,
+                            unload_after_s: float = 0.0) -> Pool:
         """A pool of the built-in core *name* for the spawner's own use (the task runner).
 
         ``shared``: the node's pool of that name (listed under it, reused by a load with the
         same settings, one load of it at a time); otherwise a pool of its own, listed by
         ``list`` with its id but never found by name, so a client's load of the same
-        core is not refused for other settings.  CoreLoadFailed when its first worker
-        does not start.
+        core is not refused for other settings.  ``env``: added to each worker's environment
+        from its start (a pool pinned to GPUs); ``unload_after_s``: retired after that long
+        without a job.  CoreLoadFailed when its first worker does not start.
         """
         if shared:
             live = self.by_name.get(name)
@@ -298,7 +300,9 @@ class CoreManager:
                 if self.by_name.get(name) is live and not live.broken:
                     return live
         pool = Pool(self, f"t{secrets.token_hex(6)}", LoadCoreRequest(
-            name=name, min_workers=min_workers, max_workers=max_workers, time_limit_s=time_limit_s))
+            name=name, min_workers=min_workers, max_workers=max_workers, time_limit_s=time_limit_s,
+            unload_after_s=unload_after_s))
+        pool.worker_env = dict(env or {})
         self.pools[pool.id] = pool
         if shared:
             self.by_name[name] = pool

@@ -18,9 +18,11 @@ by :mod:`.tasks_results`):
   starts with ``t``, never found by name, so a client's ``fabric.python`` pool lives
   beside it).  The pool is started by the first python task; the runner hands it at most
   one task per worker, so a task never waits on a ring behind another one, and the
-  prefetched ones wait here.
+  prefetched ones wait here.  A task given GPUs runs on a pool of its GPU set instead,
+  whose workers have ``CUDA_VISIBLE_DEVICES`` from their start (:mod:`.tasks_gpu`).
 * ``core``: one job for the node's live pool of that core name (none: refused, 404).
-* ``opencl``: an FCLJ frame for the node's ``fabric.opencl`` pool, loaded on first use.
+* ``opencl``: an FCLJ frame for the node's ``fabric.opencl`` pool, loaded on first use;
+  with ``TaskRun.opencl_device`` its header is pinned to that device (:func:`.tasks_gpu.pin_opencl`).
 * ``exec``: a process started as ``fabric.proc.spawn`` starts one (the spawner's
   :meth:`start_process`); its stdout tail is the output.  ``TaskRun.gpus`` become its
   ``CUDA_VISIBLE_DEVICES``.
@@ -75,6 +77,7 @@ from fabric.schema.tasks import (
 from .pool_types import Job
 from .pools import CoreManager, Pool
 from .procs import ManagedProcess, ProcessTable
+from .tasks_gpu import GpuPythonPools, pin_opencl
 from .tasks_results import ERROR, REFUSED, Attempt, exit_result, job_result, task_error
 
 __all__ = ["TaskRunner", "RunnerHost", "HEARTBEAT_S", "MAX_PULLS"]
@@ -151,6 +154,8 @@ class TaskRunner:
         self._python_queue: deque[Attempt] = deque()
         self._python_busy = 0
         self._job_ids = 0
+        #: python tasks given GPUs: a pool per GPU set (made on first use)
+        self._gpu = GpuPythonPools(host.cores, host.log, self.slots, self._submit, self._finish)
 
     @property
     def capacity(self) -> int:
@@ -296,14 +301,14 @@ class TaskRunner:
                 if run.dep_refs:  # dependencies whose results are stored objects: fetched first
                     self._spawn(self._fetch_deps(a), "deps")
                     return
-                self._python_queue.append(a)
-                self._pump_python()
+                self._queue_python(a)
             elif run.kind == CORE:
                 pool = self.host.cores.by_name.get(run.core)
                 if pool is None:
                     raise NotFound(f"no core {run.core!r} is loaded on node {self.host.node}", core=run.core)
                 self._submit(a, pool)
             elif run.kind == OPENCL:
+                pin_opencl(run, self.host.node)  # on the device it was given, or refused
                 self._spawn(self._run_opencl(a), "opencl")
             elif run.kind == EXEC:
                 self._run_exec(a)
@@ -356,8 +361,7 @@ class TaskRunner:
                         f"task {a.run.id}: a dependency's stored result is unreadable: {exc}"))))
             return
         if not a.dropped:
-            self._python_queue.append(a)
-            self._pump_python()
+            self._queue_python(a)
 
     async def _store(self, a: Attempt, result: TaskResult) -> None:
         """Put a large output in the object store RESULTS_BUCKET; the result then names it."""
@@ -390,11 +394,20 @@ class TaskRunner:
             a.timer = None
         if a in self._python_queue:
             self._python_queue.remove(a)
+        elif self._gpu.drop(a):
+            pass
         elif a.kill is not None:
             a.kill()
         self._wake.set()
 
     # -- pool jobs: python, core, opencl ---------------------------------------------------
+
+    def _queue_python(self, a: Attempt) -> None:
+        if a.run.gpus:  # CUDA_VISIBLE_DEVICES holds from a worker's start: a pool of its GPU set
+            self._gpu.queue(a)
+            return
+        self._python_queue.append(a)
+        self._pump_python()
 
     def _pump_python(self) -> None:
         pool = self._python
@@ -442,7 +455,9 @@ class TaskRunner:
 
     def _job_done(self, a: Attempt, code: int, out: Any, err: FabricError | None) -> None:
         self._timed(a)
-        if a.run.kind == PYTHON:
+        if a.run.kind == PYTHON and a.run.gpus:
+            self._gpu.done(a)
+        elif a.run.kind == PYTHON:
             self._python_busy -= 1
             self._pump_python()
         if a.dropped:
@@ -488,7 +503,7 @@ class TaskRunner:
         """The spawner stops: stop every attempt (the scheduler sees a new instance next time), end the pulls."""
         for a in list(self.running.values()):
             self._cancel(a.key)
-        tasks = list(self._inflight) + ([self._opening] if self._opening is not None else [])
+        tasks = list(self._inflight) + ([self._opening] if self._opening is not None else []) + self._gpu.openings()
         for t in tasks:
             t.cancel()
         if tasks:
