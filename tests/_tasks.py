@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nats.errors import NoRespondersError
+
 from fabric.protocol.headers import CONTENT_TYPE_HEADER, ERROR_CODE_HEADER, ERROR_HEADER
 from fabric.schema import JSON
 from fabric.schema.tasks import TaskRecord
@@ -97,10 +99,13 @@ class Answer:
 
 
 async def ask(nc: Any, verb: str, body: Any, timeout: float = 30.0) -> Answer:
-    """Request ``fabric.task.<verb>`` with *body* (a dict, JSON-encoded; bytes as they are)."""
+    """Request ``fabric.task.<verb>`` with *body* (a dict, JSON-encoded; bytes as they are); no responders: 503."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    msg = await nc.request(f"fabric.task.{verb}", data, timeout=timeout,
-                           headers={CONTENT_TYPE_HEADER: "application/json"})
+    try:
+        msg = await nc.request(f"fabric.task.{verb}", data, timeout=timeout,
+                               headers={CONTENT_TYPE_HEADER: "application/json"})
+    except NoRespondersError:  # no scheduler is active: as the Python client says it
+        return Answer(code=503, error="no responders")
     headers = dict(msg.headers or {})
     if ERROR_HEADER in headers:
         return Answer(code=int(headers.get(ERROR_CODE_HEADER, "0")), error=headers[ERROR_HEADER], headers=headers)
@@ -134,8 +139,26 @@ async def ended(nc: Any, task_id: str, within: float = 60.0) -> TaskRecord:
 # -- services as processes of their own (for kill -9) ---------------------------------------------------------------
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below *pid* (``/proc/<pid>/task/*/children``), depth first."""
+    out: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            kids = [int(k) for k in children.read_text().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            out.append(kid)
+            out.extend(_descendants(kid))
+    return out
+
+
 class Procs:
-    """Service processes this test started; :meth:`stop_all` ends only those (by PID)."""
+    """Service processes this test started; :meth:`stop_all` ends only those (by PID).
+
+    They stay in the test's process group: a spawner running inside the test process (:func:`start_node`) takes a
+    child of another group for an orphan it adopted, and kills it.
+    """
 
     def __init__(self, url: str, root: Path) -> None:
         self.url = url
@@ -150,7 +173,7 @@ class Procs:
         log = open(state / f"{service}.log", "ab")
         proc = subprocess.Popen([sys.executable, "-m", f"fabric.services.{service}", "--nats-url", self.url,
                                  "--node", node, "--state-dir", str(state)],
-                                env=full, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                env=full, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self.procs.append(proc)
         return proc
@@ -160,10 +183,18 @@ class Procs:
 
     @staticmethod
     def kill9(proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL *proc*; then its descendants (a spawner's pool workers), which a real crash would orphan."""
+        below = _descendants(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
+        for pid in below:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def stop_all(self) -> None:
+        """SIGTERM each (a spawner stops its own workers), SIGKILL what has not ended 15 s later."""
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -173,12 +204,13 @@ class Procs:
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(10)
-            # a spawner's pool workers are in its session: end any it left behind (ours alone)
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         self.procs.clear()
+
+    def logs(self) -> str:
+        """The tail of every log of the processes started, for a failing assertion's message."""
+        codes = ", ".join(f"{p.args[2]} {p.args[6]} pid {p.pid}: {p.poll()}" for p in self.procs)
+        return f"exit codes: {codes}\n" + "\n".join(f"== {path}\n{path.read_text(errors='replace')[-2000:]}"
+                                                   for path in self.root.glob("*/*.log"))
 
     def log(self, node: str, service: str) -> str:
         path = self.root / node / f"{service}.log"
