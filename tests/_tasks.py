@@ -125,7 +125,8 @@ async def ended(nc: Any, task_id: str, within: float = 60.0) -> TaskRecord:
     while True:
         left = max(deadline - loop.time(), 0.0)
         try:
-            answer = await ask(nc, "wait", {"id": task_id, "timeout_s": min(left, 30.0)}, timeout=min(left, 30) + 5)
+            # short waits: one whose reply a failover or a NATS restart loses costs only this long
+            answer = await ask(nc, "wait", {"id": task_id, "timeout_s": min(left, 2.0)}, timeout=min(left, 2.0) + 2)
         except Exception:  # no responders: a scheduler failing over, or NATS restarting
             answer = Answer(code=-1)
         if answer.code == 0:

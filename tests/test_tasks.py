@@ -324,6 +324,27 @@ async def test_work_stealing_the_fast_node_does_most(fab: Fabric, tmp_path: Path
         await slow.stop()
 
 
+async def test_a_node_stopped_cleanly_is_given_no_more_tasks(fab: Fabric, tmp_path: Path,
+                                                            afc: AsyncFabricClient) -> None:
+    """Its gpu-monitor leaves the registry first; its spawner's last long poll may still be held by the scheduler,
+    and a task handed to it would be lost (a second attempt, 3 s later)."""
+    here = Resources(labels={"pool": "g"})
+    stay = await start_node(fab.url, tmp_path, name="stay", slots=1, labels={"pool": "g"})
+    gone = await start_node(fab.url, tmp_path, name="gone", slots=1, labels={"pool": "g"})
+    try:
+        await _registered(fab, "stay", "gone")
+        assert await (await afc.submit(square, 2, resources=Resources(node="gone"))).result(timeout=60) == 4
+        await gone.stop()  # the node is idle: its runner had a pull held at the scheduler
+        # one at a time: "stay" pulls again after each, behind the pull "gone" left held
+        for i in range(4):
+            f = await afc.submit(square, i, resources=here)
+            assert await f.result(timeout=60) == i * i
+            rec = await afc.task(f.id)
+            assert [a.node for a in rec.attempts] == ["stay"], rec
+    finally:
+        await stay.stop()
+
+
 # -- UDCS and idempotency over plain NATS ----------------------------------------------------------------------------
 
 
