@@ -166,7 +166,6 @@ async def _active_scheduler_pid(nc: Any, procs: Procs) -> int:
         await asyncio.sleep(0.1)
 
 
-@pytest.mark.slow
 async def test_kill_9_of_the_active_scheduler_under_load_loses_no_task(own_server: dict[str, NatsServer],
                                                                      procs: Procs, tmp_path: Path) -> None:
     url = own_server["server"].url
@@ -196,7 +195,6 @@ async def test_kill_9_of_the_active_scheduler_under_load_loses_no_task(own_serve
         await node.stop()
 
 
-@pytest.mark.slow
 async def test_kill_9_of_a_spawner_running_a_long_task_runs_it_again(own_server: dict[str, NatsServer],
                                                                      procs: Procs, tmp_path: Path) -> None:
     url = own_server["server"].url
@@ -226,7 +224,6 @@ async def test_kill_9_of_a_spawner_running_a_long_task_runs_it_again(own_server:
         await sched.stop()
 
 
-@pytest.mark.slow
 async def test_kill_9_of_nats_server_with_queued_tasks(own_server: dict[str, NatsServer], tmp_path: Path) -> None:
     server = own_server["server"]
     sched = await start_scheduler(server.url, tmp_path)
@@ -250,7 +247,6 @@ async def test_kill_9_of_nats_server_with_queued_tasks(own_server: dict[str, Nat
         await sched.stop()
 
 
-@pytest.mark.slow
 async def test_a_fabric_stopped_and_started_again_resumes_its_queued_tasks(own_server: dict[str, NatsServer],
                                                                           tmp_path: Path) -> None:
     url = own_server["server"].url
