@@ -193,7 +193,7 @@ def test_fabric_up_from_the_source_tree_and_elsewhere_after_a_non_editable_insta
         modules_run = {name: psutil.Process(rec["pid"]).cmdline() for name, rec in state["services"].items()}
         assert {name: argv[argv.index("-m") + 1] for name, argv in modules_run.items()} == {
             "allocator": "fabric.services.allocator", "spawner": "fabric.services.spawner",
-            "gpu-monitor": "fabric.services.gpu_monitor"}
+            "gpu-monitor": "fabric.services.gpu_monitor", "scheduler": "fabric.services.scheduler"}
         client = _run([str(py), "-c", _CLIENT, state["nats_url"]], cwd=elsewhere, env=env)
         assert client.returncode == 0, client.stdout + client.stderr
         seen = json.loads(client.stdout.strip().splitlines()[-1])
