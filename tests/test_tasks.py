@@ -440,3 +440,24 @@ async def test_bad_input_is_refused_and_the_scheduler_still_serves(raw: Any, afc
     answer = await ask(raw, "submit", {"kind": "exec", "exec": {"argv": ["echo", "still"]}})
     assert (await ended(raw, answer.body["id"])).result == b"still\n"
 
+
+
+async def test_a_node_runs_big_tasks_one_at_a_time_even_with_a_deep_prefetch(fab: Fabric, afc: AsyncFabricClient,
+                                                                             tmp_path: Path) -> None:
+    """A node that has just run many short tasks prefetches deeply, so the scheduler may hand it several tasks that
+    each ask for all its CPUs; the node then runs them one at a time (their CPUs must fit its slots), not side by
+    side in its two workers."""
+    node = await start_node(fab.url, tmp_path, name="deep", slots=2, labels={"pool": "deep"})
+    try:
+        await _registered(fab, "deep")
+        cpus = fab.scheduler.nodes.by_name["deep"].cpus
+        here = Resources(labels={"pool": "deep"})
+        warm = await afc.map(square, range(300), resources=here)  # short tasks: the prefetch grows
+        assert await afc.gather(warm) == [i * i for i in range(300)]
+        big = Resources(cpus=cpus, labels={"pool": "deep"})
+        futs = [await afc.submit(nap, 0.3, i, resources=big) for i in range(4)]
+        assert await afc.gather(futs) == list(range(4))
+        spans = [((a := (await afc.task(f.id)).attempts[-1]).start_ms, a.end_ms) for f in futs]
+        assert _overlaps(spans) == 1, spans  # start_ms: when it started on the node
+    finally:
+        await node.stop()

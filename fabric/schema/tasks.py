@@ -339,6 +339,8 @@ class TaskRun(Message):
     timeout_s: float = 0.0
     gpus: list[int] = []
     opencl_device: str = ""
+    #: the CPUs it asked for (Resources.cpus): a node runs tasks at once only while their CPUs fit its slots
+    cpus: float = 1.0
     #: dependencies whose results are stored objects, not in ``payload``: task id -> object name in
     #: ``fabric_task_results`` (the node fetches them and adds them to the FPY1 frame)
     dep_refs: dict[str, str] = {}

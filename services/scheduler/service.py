@@ -562,7 +562,8 @@ class SchedulerService(FabricService):
             payload = task.call or b""
         return TaskRun(id=task.id, attempt=number, kind=task.rec.kind, payload=payload, core=task.rec.core,
                        exec=exec_spec, timeout_s=task.rec.timeout_s, gpus=[i for i, _, _ in task.gpus],
-                       opencl_device=node.opencl_device(task.gpus), dep_refs=dep_refs)
+                       opencl_device=node.opencl_device(task.gpus), dep_refs=dep_refs,
+                       cpus=(task.rec.resources or DEFAULT_RESOURCES).cpus)
 
     def _dep_results(self, task: LiveTask) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
         """The results of *task*'s dependencies: inline ones, and the names of stored ones."""
@@ -679,6 +680,8 @@ class SchedulerService(FabricService):
             fut.set_result(None)  # stale or repeated: already recorded (or the attempt was abandoned)
             return fut
         att.end_ms = r.end_ms or now_ms()
+        if r.start_ms:  # when it really started on the node (a prefetched task waits there first)
+            att.start_ms = r.start_ms
         att.worker = r.worker
         self._release(task)
         if r.outcome == "ok" and (r.exit_code == 0 or task.rec.kind == PYTHON):
@@ -909,11 +912,17 @@ class SchedulerService(FabricService):
             await asyncio.sleep(0.5)
             if not self.lease.active:
                 continue
-            self.nodes.expire(self.ttl_s)
+            try:
+                self.nodes.expire(self.ttl_s)
+            except Exception as exc:  # a bug must not end lost-task detection for good
+                self.log.error("node expiry failed", error=repr(exc))
             now = time.monotonic()
             for task in [t for t in self.live.values() if t.state == RUNNING]:
                 if now - max(task.seen_at, task.assigned_at) > LOST_S:
-                    self._lost(task, f"node {task.node} stopped reporting it for {LOST_S:g} s")
+                    try:
+                        self._lost(task, f"node {task.node} stopped reporting it for {LOST_S:g} s")
+                    except Exception as exc:  # one task's bug is logged; the sweep goes on with the others
+                        self.log.error("lost-task handling failed", task=task.id, exc_info=exc)
 
     def _lost(self, task: LiveTask, why: str) -> None:
         att = task.attempt

@@ -152,7 +152,9 @@ class TaskRunner:
         self._python: Pool | None = None
         self._opening: asyncio.Task[None] | None = None
         self._python_queue: deque[Attempt] = deque()
-        self._python_busy = 0
+        #: CPUs (at least 1 a task) of the python jobs handed to the shared pool, and how many ask for more than 1
+        self._python_busy = 0.0
+        self._python_big = 0
         self._job_ids = 0
         #: python tasks given GPUs: a pool per GPU set (made on first use)
         self._gpu = GpuPythonPools(host.cores, host.log, self.slots, self._submit, self._finish)
@@ -166,7 +168,15 @@ class TaskRunner:
         """The prefetch for tasks as long as the recent ones: about PREFETCH_WINDOW_S of work, bounded."""
         if self.task_s is None:
             return self.prefetch
-        window = int(self.slots * PREFETCH_WINDOW_S / max(self.task_s, 1e-6))
+        estimate = self.task_s
+        if self.running:
+            # a task running longer than the estimate is news the estimate has not heard yet: the
+            # prefetch shrinks at once, so a long task does not sit on tasks queued behind it (which
+            # more urgent ones submitted later would then have to wait for)
+            started = [a.t0 for a in self.running.values() if a.t0]
+            if started:
+                estimate = max(estimate, time.perf_counter() - min(started))
+        window = int(self.slots * PREFETCH_WINDOW_S / max(estimate, 1e-6))
         return max(self.prefetch, min(window, self.slots * MAX_PREFETCH_PER_SLOT))
 
     def _timed(self, a: Attempt) -> None:
@@ -208,15 +218,16 @@ class TaskRunner:
             return
         # a task whose result the scheduler has not received yet still holds its place there
         unsent = len(self.results) - len(self._sending)
-        free = max(self.capacity - len(self.running) - unsent - self.offered, 0)
+        prefetch = self.prefetch_now
+        free = max(self.slots + prefetch - len(self.running) - unsent - self.offered, 0)
         if self._fresh and not self._reporting:
-            self._spawn(self._pull(free, held=False), "pull")
+            self._spawn(self._pull(free, held=False, prefetch=prefetch), "pull")
         elif free and not self._held:
-            self._spawn(self._pull(free, held=True), "pull")
+            self._spawn(self._pull(free, held=True, prefetch=prefetch), "pull")
         elif now - self._last_pull >= HEARTBEAT_S and not self._reporting:
-            self._spawn(self._pull(0, held=False), "pull")
+            self._spawn(self._pull(0, held=False, prefetch=prefetch), "pull")
 
-    async def _pull(self, slots: int, held: bool) -> None:
+    async def _pull(self, slots: int, held: bool, prefetch: int) -> None:
         self.offered += slots
         self._held += held
         self._reporting += not held
@@ -238,7 +249,7 @@ class TaskRunner:
         self._sending.update(keys)
         req = PullRequest(node=self.host.node, slots=slots, wait_ms=WAIT_MS if held else 0,
                           running=list(self.running), results=results, instance=self.instance,
-                          prefetch=self.prefetch_now)
+                          prefetch=prefetch)
         self.pulls += 1
         try:
             msg = await self.host.connection.request(subjects.cluster(subjects.TASK, subjects.Task.PULL),
@@ -416,9 +427,17 @@ class TaskRunner:
                 self._opening = asyncio.get_running_loop().create_task(self._open_python())
             return
         depth = 2 if self.task_s is not None and self.task_s < PIPELINE_BELOW_S else 1
-        while self._python_queue and self._python_busy < pool.max_workers * depth:
-            self._python_busy += 1
-            self._submit(self._python_queue.popleft(), pool)
+        while self._python_queue:
+            weight = _cpu_weight(self._python_queue[0])
+            # tasks run at once only while their CPUs fit the slots (a task asking for more runs alone);
+            # short single-CPU tasks are pipelined two a worker unless a bigger task is in
+            cap = pool.max_workers * (depth if weight == 1 and not self._python_big else 1)
+            if self._python_busy and self._python_busy + weight > cap:
+                break
+            a = self._python_queue.popleft()
+            self._python_busy += weight
+            self._python_big += weight > 1
+            self._submit(a, pool)
 
     async def _open_python(self) -> None:
         self._python = None
@@ -458,7 +477,9 @@ class TaskRunner:
         if a.run.kind == PYTHON and a.run.gpus:
             self._gpu.done(a)
         elif a.run.kind == PYTHON:
-            self._python_busy -= 1
+            weight = _cpu_weight(a)
+            self._python_busy = max(0.0, self._python_busy - weight)
+            self._python_big -= weight > 1
             self._pump_python()
         if a.dropped:
             return
@@ -508,6 +529,11 @@ class TaskRunner:
             t.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _cpu_weight(a: Attempt) -> float:
+    """How much of the slots a task takes while it runs: its CPUs, at least one worker's worth."""
+    return max(1.0, a.run.cpus)
 
 
 def _stop_job(pool: Pool, job: Job, timeout_s: float, done: Any, a: Attempt) -> None:
