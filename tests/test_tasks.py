@@ -291,7 +291,7 @@ async def test_cpus_are_accounted_per_node(fab: Fabric, afc: AsyncFabricClient, 
         for f in futs:
             att = (await afc.task(f.id)).attempts[0]
             per_node.setdefault(att.node, []).append((att.start_ms, att.end_ms))
-        # start_ms: handed to the node; end_ms: ended there.  Held at once: within (CPUs + prefetch) / want
+        # start_ms: started on the node; end_ms: ended there.  At once: within (CPUs + prefetch) / want
         for name, spans in per_node.items():
             assert _overlaps(spans) <= int((cpus[name] + 1) // want), (name, spans)
         assert set(per_node) == {"c1", "c2"}  # the work did spread over both
