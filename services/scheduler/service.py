@@ -99,6 +99,8 @@ RECORD_MARGIN: Final = 64 << 10
 #: a notice (TaskDoneBatch) is cut at about this size
 NOTICE_BYTES: Final = 1 << 20
 BODY_MAX_AGE_S: Final = 7 * 24 * 3600.0
+#: state changes are published on fabric.task.events at most this often, in batches
+EVENTS_EVERY_S: Final = 0.05
 #: a task handed out from the queue is written ``running`` this long after (if it has not ended by then)
 RUNNING_WRITE_DELAY_S: Final = 0.05
 #: a new active scheduler publishes again the notices of tasks that ended this recently
@@ -159,6 +161,7 @@ class SchedulerService(FabricService):
         self._notices: dict[tuple[str, str], list[TaskDone]] = {}
         self._events: list[TaskEvent] = []
         self._flush_scheduled = False
+        self._events_scheduled = False
         self._feed_scheduled = False
         self._late: list[LiveTask] = []
         self._late_scheduled = False
@@ -797,21 +800,31 @@ class SchedulerService(FabricService):
         self._events.append(TaskEvent(id=task.id, state=task.state, prev=prev, time_ms=task.rec.updated_ms or
                                       task.rec.created_ms, node=node or task.node,
                                       attempt=att.number if att else 0))
-        self._schedule_flush()
+        self._schedule_events()
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    def _flush(self) -> None:
-        """Publish the events and notices gathered during this loop iteration."""
-        self._flush_scheduled = False
+    def _schedule_events(self) -> None:
+        if not self._events_scheduled:
+            self._events_scheduled = True
+            asyncio.get_running_loop().call_later(EVENTS_EVERY_S, self._flush_events)
+
+    def _flush_events(self) -> None:
+        """Publish the state changes of the last EVENTS_EVERY_S as one batch (a live feed, not a hot path)."""
+        self._events_scheduled = False
         events, self._events = self._events, []
+        if events:
+            asyncio.get_running_loop().create_task(
+                self._publish(cluster(TASK, Task.EVENTS), JSON.encode(TaskEventBatch(events=events))))
+
+    def _flush(self) -> None:
+        """Publish the notices gathered during this loop iteration (a client waits for them)."""
+        self._flush_scheduled = False
         notices, self._notices = self._notices, {}
         loop = asyncio.get_running_loop()
-        if events:
-            loop.create_task(self._publish(cluster(TASK, Task.EVENTS), JSON.encode(TaskEventBatch(events=events))))
         for (subject, encoding), done in notices.items():
             msgpack = encoding == "msgpack"
             codec = MSGPACK if msgpack else JSON
