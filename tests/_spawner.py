@@ -1,4 +1,5 @@
-"""Helpers for the spawner tests: pid checks, the teardown accounting, a spawner as its own process.
+"""Helpers for the spawner tests: pid checks, the teardown accounting, a spawner as its own process,
+the processes a fabric under a state directory started (``processes_using``, for the CLI tests).
 
 The fixtures that use them are in conftest.py.
 """
@@ -37,6 +38,18 @@ async def gone(pid: int, within: float = 5.0) -> bool:
             return True
         await asyncio.sleep(0.02)
     return False
+
+
+def processes_using(state_dir: Path) -> list[psutil.Process]:
+    """Live processes whose command line names *state_dir* (what a fabric there started)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and str(state_dir) in " ".join(proc.info["cmdline"] or []):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
 
 
 def open_fds() -> dict[int, str]:

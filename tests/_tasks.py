@@ -4,7 +4,8 @@ A *node* here is what ``fabric up`` starts on a machine for tasks: a spawner (it
 runner pulls ``fabric.task.pull``) and a gpu-monitor (it puts the node's record, labels
 and custom resources in the registry, where the scheduler reads its capacity).
 :func:`start_node` and :func:`start_scheduler` start them in this process, on the
-test's loop; :class:`Procs` starts them as processes of their own
+test's loop, and :func:`one_node_fabric` a whole one-node fabric (spawner, gpu-monitor,
+scheduler) for the tests of other modules that need one; :class:`Procs` starts them as processes of their own
 (``python -m fabric.services.<name>``) for the tests that kill one with SIGKILL, and
 stops only the PIDs it started.  :func:`ask` is a raw NATS request in JSON, as a
 client in another language sends it (docs/protocol.md "Tasks").
@@ -19,6 +20,8 @@ import secrets
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +77,31 @@ async def start_node(url: str, state: Path, *, name: str = "", slots: int | None
         await node.stop()
         raise
     return node
+
+
+@asynccontextmanager
+async def one_node_fabric(url: str, state: Path, *, prefix: str = "tasks", config: Any = None) -> AsyncIterator[str]:
+    """A one-node fabric in this process on the JetStream server *url*: a spawner, a gpu-monitor (the node's
+    record) and a scheduler, with *config* (a FabricConfig) if given; yields the node's name (*prefix*-random)."""
+    from fabric.config import FabricConfig
+    from fabric.service import ServiceSettings
+    from fabric.services.gpu_monitor import GpuMonitorService
+    from fabric.services.scheduler import SchedulerService
+    from fabric.services.spawner import SpawnerService
+
+    node = f"{prefix}-{secrets.token_hex(3)}"
+    services = [cls(ServiceSettings(nats_url=url, node=node, state_dir=state / cls.__name__,
+                                    config=config or FabricConfig()))
+                for cls in (SpawnerService, GpuMonitorService, SchedulerService)]
+    started = []
+    try:
+        for svc in services:
+            await svc.start()
+            started.append(svc)
+        yield node
+    finally:
+        for svc in reversed(started):
+            await svc.stop()
 
 
 async def start_scheduler(url: str, state: Path, name: str = "") -> Any:

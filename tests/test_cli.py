@@ -27,6 +27,7 @@ import psutil
 import pytest
 
 from tests._nats import env_with_repo
+from tests._spawner import processes_using
 
 pytestmark = pytest.mark.slow
 
@@ -67,17 +68,6 @@ def alive(pid: int) -> bool:
     except psutil.NoSuchProcess:
         return False
 
-
-def processes_using(state_dir: Path) -> list[psutil.Process]:
-    """Live processes whose command line names *state_dir* (what a fabric there started)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        try:
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and str(state_dir) in " ".join(proc.info["cmdline"] or []):
-                found.append(proc)
-        except psutil.Error:
-            pass
-    return found
 
 
 def wait_until_gone(state_dir: Path, timeout: float = 5.0) -> list[psutil.Process]:

@@ -25,10 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from tests._nats import env_with_repo
+from tests._spawner import processes_using
 
 pytestmark = pytest.mark.slow
 
@@ -74,17 +74,6 @@ def ended(state_dir: Path, task_id: str, deadline_s: float = 60) -> dict[str, An
             return rec
         time.sleep(0.1)
 
-
-def processes_using(state_dir: Path) -> list[psutil.Process]:
-    """Live processes whose command line names *state_dir* (what the fabric there started)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        try:
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and str(state_dir) in " ".join(proc.info["cmdline"] or []):
-                found.append(proc)
-        except psutil.Error:
-            pass
-    return found
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import asyncio
 import hashlib
 import importlib.util
 import json
-import secrets
 import struct
 import sys
 import zlib
@@ -38,24 +37,10 @@ TASKS = Path(__file__).resolve().parent.parent / "examples" / "tasks"
 @pytest.fixture(scope="module")
 async def fabric_url(js_server: Any, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
     """A one-node fabric: spawner, gpu-monitor and scheduler on the module's JetStream server."""
-    from fabric.service import ServiceSettings
-    from fabric.services.gpu_monitor import GpuMonitorService
-    from fabric.services.scheduler import SchedulerService
-    from fabric.services.spawner import SpawnerService
+    from tests._tasks import one_node_fabric
 
-    node = f"examples-{secrets.token_hex(3)}"
-    state = tmp_path_factory.mktemp("examples-state")
-    services = [cls(ServiceSettings(nats_url=js_server.url, node=node, state_dir=state / cls.__name__))
-                for cls in (SpawnerService, GpuMonitorService, SchedulerService)]
-    started = []
-    try:
-        for svc in services:
-            await svc.start()
-            started.append(svc)
+    async with one_node_fabric(js_server.url, tmp_path_factory.mktemp("examples-state"), prefix="examples"):
         yield js_server.url
-    finally:
-        for svc in reversed(started):
-            await svc.stop()
 
 
 async def run_example(name: str, url: str, *args: str) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,23 +27,10 @@ NODE_DIR = Path(__file__).resolve().parent / "node"
 @pytest.fixture
 async def one_node(js_server: Any, tmp_path: Path) -> AsyncIterator[tuple[str, str]]:
     """A one-node fabric with the real scheduler (its node registered by a gpu-monitor, run by a spawner)."""
-    from fabric.service import ServiceSettings
-    from fabric.services.gpu_monitor import GpuMonitorService
-    from fabric.services.scheduler import SchedulerService
-    from fabric.services.spawner import SpawnerService
+    from tests._tasks import one_node_fabric
 
-    node = f"nodetasks-{secrets.token_hex(3)}"
-    services = [cls(ServiceSettings(nats_url=js_server.url, node=node, state_dir=tmp_path / cls.__name__))
-                for cls in (SpawnerService, GpuMonitorService, SchedulerService)]
-    started = []
-    try:
-        for svc in services:
-            await svc.start()
-            started.append(svc)
+    async with one_node_fabric(js_server.url, tmp_path, prefix="nodetasks") as node:
         yield js_server.url, node
-    finally:
-        for svc in reversed(started):
-            await svc.stop()
 
 
 async def test_node_js_client_submits_an_exec_task_in_udcs_shape(one_node: tuple[str, str]) -> None:

@@ -21,6 +21,7 @@ import pickle
 import secrets
 import struct
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,8 @@ async def test_replies_go_through_the_loop_when_the_link_is_down(fc: AsyncFabric
     link = host.cores.link
     assert link is not None
     link.up = False  # as after a lost connection, before the watchdog reconnects it
+    # and keep the watchdog from reconnecting it in the middle of this test (its tick comes every second)
+    host.cores.lane._retry_link_at = time.monotonic() + 60
     try:
         before = link.published
         assert await core.run(b"via the loop") == b"via the loop"
@@ -212,6 +215,7 @@ async def test_replies_go_through_the_loop_when_the_link_is_down(fc: AsyncFabric
         assert link.published == before
     finally:
         link.up = True
+        host.cores.lane._retry_link_at = 0.0
 
 
 async def test_load_on_any_node(fc: AsyncFabricClient, host: CoreHost, lib: Any) -> None:

@@ -697,25 +697,10 @@ async def test_the_async_client(played: PlayedScheduler, nats_url: str) -> None:
 @pytest.fixture
 async def scheduled(js_server: Any, tmp_path: Any) -> Any:
     """A one-node fabric with the real scheduler (its node registered by a gpu-monitor, run by a spawner)."""
-    import secrets
+    from tests._tasks import one_node_fabric
 
-    from fabric.service import ServiceSettings
-    from fabric.services.gpu_monitor import GpuMonitorService
-    from fabric.services.scheduler import SchedulerService
-    from fabric.services.spawner import SpawnerService
-
-    node = f"tasks-{secrets.token_hex(3)}"
-    services = [cls(ServiceSettings(nats_url=js_server.url, node=node, state_dir=tmp_path / cls.__name__))
-                for cls in (SpawnerService, GpuMonitorService, SchedulerService)]
-    started = []
-    try:
-        for svc in services:
-            await svc.start()
-            started.append(svc)
+    async with one_node_fabric(js_server.url, tmp_path):
         yield js_server.url
-    finally:
-        for svc in reversed(started):
-            await svc.stop()
 
 
 async def test_the_client_against_the_real_scheduler(scheduled: str) -> None:

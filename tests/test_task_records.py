@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,27 +25,15 @@ async def short_memory(js_server: Any, tmp_path: Path) -> AsyncIterator[tuple[An
     """A one-node fabric whose scheduler keeps an ended task's record RETENTION_S seconds."""
     import nats
 
-    from fabric.service import ServiceSettings
-    from fabric.services.gpu_monitor import GpuMonitorService
-    from fabric.services.scheduler import SchedulerService
-    from fabric.services.spawner import SpawnerService
+    from tests._tasks import one_node_fabric
 
-    node = f"records-{secrets.token_hex(3)}"
     config = FabricConfig(tasks=TasksConfig(retention_s=RETENTION_S))
-    services = [cls(ServiceSettings(nats_url=js_server.url, node=node, state_dir=tmp_path / cls.__name__,
-                                    config=config))
-                for cls in (SpawnerService, GpuMonitorService, SchedulerService)]
-    started = []
-    nc = await nats.connect(js_server.url)
-    try:
-        for svc in services:
-            await svc.start()
-            started.append(svc)
-        yield nc, node
-    finally:
-        await nc.close()
-        for svc in reversed(started):
-            await svc.stop()
+    async with one_node_fabric(js_server.url, tmp_path, prefix="records", config=config) as node:
+        nc = await nats.connect(js_server.url)
+        try:
+            yield nc, node
+        finally:
+            await nc.close()
 
 
 async def _req(nc: Any, verb: str, body: dict[str, Any], timeout: float = 30) -> tuple[int, dict[str, Any]]:
