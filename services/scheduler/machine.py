@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 from fabric.schema.tasks import RUNNING, TERMINAL, TRANSITIONS, Attempt, TaskRecord
 
@@ -33,7 +32,7 @@ class Task:
     """One task the active scheduler knows: its record plus the live state around it."""
 
     __slots__ = ("rec", "fn", "call", "rev", "version", "durable", "writing", "waiters", "node", "gpus",
-                 "assigned_at", "seen_at", "pending_deps", "dependents", "events", "body_durable")
+                 "assigned_at", "seen_at", "pending_deps", "dependents", "body_durable")
 
     def __init__(self, rec: TaskRecord, fn: bytes | None = None, call: bytes | None = None) -> None:
         self.rec = rec
@@ -57,8 +56,6 @@ class Task:
         #: dependencies not yet succeeded, and the tasks waiting for this one
         self.pending_deps = 0
         self.dependents: list[Task] | None = None
-        #: state changes not yet published on fabric.task.events
-        self.events: Any = None
 
     @property
     def id(self) -> str:

@@ -477,7 +477,7 @@ class SchedulerService(FabricService):
             tasks.append(task)
         assert self.writer is not None
         body_task = _BodyGroup(tasks)
-        self.writer.save_body(body_task, prefix, body)  # type: ignore[arg-type]
+        self.writer.save_body(body_task, prefix, body)
         for task in tasks:
             self._enter(task)
         await _all_durable(tasks)
@@ -842,7 +842,8 @@ class SchedulerService(FabricService):
         """A compare-and-swap on *task* lost: another scheduler moved it; this one steps back from it."""
         self.log.error("another scheduler wrote this task: this one leaves it", task=task.id)
         self.live.pop(task.id, None)
-        self._release(task) if task.node else None
+        if task.node:
+            self._release(task)
 
     async def _durable(self, task: LiveTask) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -952,22 +953,22 @@ class _BodyGroup:
     """Stands for every task of a map while their shared body is being stored."""
 
     def __init__(self, tasks: list[LiveTask]) -> None:
-        self.live = tasks
+        self.tasks = tasks
         self.id = tasks[0].rec.body if tasks else ""
         for task in tasks:
             task.body_durable = False
 
     @property
     def body_durable(self) -> bool:
-        return all(t.body_durable for t in self.live)
+        return all(t.body_durable for t in self.tasks)
 
     @body_durable.setter
     def body_durable(self, value: bool) -> None:
-        for task in self.live:
+        for task in self.tasks:
             task.body_durable = value
 
     def wake(self) -> None:
-        for task in self.live:
+        for task in self.tasks:
             task.wake()
 
 

@@ -22,7 +22,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -46,6 +46,17 @@ MSG_ID: Final = "Nats-Msg-Id"
 MSG_TTL: Final = "Nats-TTL"
 
 _ACK = msgspec.json.Decoder(dict[str, Any])
+class BodyHolder(Protocol):
+    """What waits for a body to be stored: one task, or every task of a map."""
+
+    body_durable: bool
+
+    @property
+    def id(self) -> str: ...
+
+    def wake(self) -> None: ...
+
+
 #: an ack's outcome: (sequence, None) when stored, (0, error dict) when not
 AckCallback = Callable[[int, dict[str, Any] | None], None]
 
@@ -169,8 +180,9 @@ class RecordWriter:
         if not task.writing and task.durable < task.version:
             self._write(task)
 
-    def save_body(self, task: machine.Task, body: str, data: bytes) -> None:
-        """Store a body message (deduplicated by its id); the task's waiters wait for it too."""
+    def save_body(self, task: BodyHolder, body: str, data: bytes) -> None:
+        """Store a body message (deduplicated by its id); the waiters of the task (or of every task of a
+        map: *task* stands for them all) wait for it too."""
 
         def acked(seq: int, err: dict[str, Any] | None) -> None:
             if err is not None:
