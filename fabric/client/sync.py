@@ -237,7 +237,9 @@ class FabricClient:
         # submit costs the caller no round trip to the loop thread (the result is what it waits for).
         if self._loop is None:
             raise Unavailable("client is not connected: use 'with FabricClient(...)' or call connect()")
-        if self._aio._notify_subject is None:  # the first submit subscribes to the notices: it waits for that
+        if self._aio._notify_subject is None or resources is not None:
+            # the first submit subscribes to the notices, and one naming resources waits for the scheduler's
+            # answer (it raises Infeasible at once when no node could ever run it): both go through the loop
             return TaskFuture(self, self._run(self._aio.submit(
                 fn, *args, resources=resources, priority=priority, retries=retries,
                 retry_exceptions=retry_exceptions, timeout=timeout, key=key, **kwargs)))

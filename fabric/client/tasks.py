@@ -229,7 +229,7 @@ class AsyncTaskFuture(TaskRef):
     """
 
     __slots__ = ("_id", "kind", "_client", "_state", "_value", "_exc", "_callbacks", "_event", "_waiters",
-                 "_sent", "_ref", "__weakref__")
+                 "_sent", "_ref", "_refused", "__weakref__")
 
     def __init__(self, client: TasksArea | None, task_id: str, kind: str = PYTHON) -> None:
         self._id = task_id
@@ -245,6 +245,8 @@ class AsyncTaskFuture(TaskRef):
         self._sent: asyncio.Event | None = None
         #: the stored object holding a large result (released with the future, or by its TTL)
         self._ref = ""
+        #: why the scheduler refused the submit (400, 404, 413, 422, 503), if it did
+        self._refused: BaseException | None = None
 
     @property
     def id(self) -> str:
@@ -556,6 +558,7 @@ class TasksArea(Transport):
             reply: SubmitReply = await self._task_request(subjects.Task.SUBMIT, req, SubmitReply)
         except Exception as exc:  # noqa: BLE001 - a refused submit is the future's exception
             self._forget(fut)
+            fut._refused = exc
             fut._fail(exc)
             return
         finally:
@@ -641,6 +644,12 @@ class TasksArea(Transport):
         await self._slots().acquire()  # back pressure: at most SUBMITS_IN_FLIGHT unanswered submits
         self._register(fut)
         self._spawn(self._send_submit(req, fut, list(deps)))
+        if req.resources is not None and fut._sent is not None:
+            # a task that names resources may be one no node could ever run: the scheduler says so
+            # (422) within a round trip, and the submit raises it here rather than from result()
+            await fut._sent.wait()
+            if fut._refused is not None:
+                raise fut._refused
         return fut
 
     @staticmethod
@@ -662,7 +671,9 @@ class TasksArea(Transport):
         the task runs after it succeeded, with its value in its place, and fails if it did not.
         These option names are taken: pass a function keyword of the same name with
         ``functools.partial``.  A refused submit (bad input 400, too large 413, infeasible
-        resources 422, no scheduler 503) raises from the future's result.
+        resources 422, no scheduler 503) raises from the future's result -- and, when the task
+        names *resources*, from this call already: it waits for the scheduler's answer, so a
+        task no node could ever run raises :class:`~fabric.errors.Infeasible` at once.
         """
         req, deps = self._python_request(fn, args, kwargs, resources, priority, retries, retry_exceptions, timeout,
                                          key)
