@@ -224,6 +224,34 @@ async def test_kill_9_of_a_spawner_running_a_long_task_runs_it_again(own_server:
         await sched.stop()
 
 
+async def test_a_restarted_spawner_gets_its_lost_task_back_at_once(own_server: dict[str, NatsServer],
+                                                                  procs: Procs, tmp_path: Path) -> None:
+    """kill -9 of a node's spawner, then a new one on the same node: the new instance's first pull tells the
+    scheduler that what the old one ran is gone, and the task runs again there (not after the lost-task wait)."""
+    url = own_server["server"].url
+    sched = await start_scheduler(url, tmp_path)
+    spawner, _monitor = procs.start_node("r1")
+    nc = await nats.connect(url)
+    try:
+        await _wait_nodes(sched, "r1", logs=procs.logs)
+        answer = await _submit_until_acknowledged(nc, python_body(nap, 1.0, "again", id="restart-1"))
+        assert answer["id"] == "restart-1"
+        deadline = time.monotonic() + 30
+        while (await ask(nc, "get", {"id": "restart-1"})).body["state"] != "running":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        procs.kill9(spawner)
+        procs.start("spawner", "r1")
+        rec = await ended(nc, "restart-1", within=60)
+        assert rec.state == "succeeded" and pickle.loads(rec.result) == "again", rec
+        first, last = rec.attempts[0], rec.attempts[-1]
+        assert first.outcome == "lost" and "restarted" in first.error, rec  # told by the new instance
+        assert last.outcome == "succeeded" and last.node == "r1", rec
+    finally:
+        await nc.close()
+        await sched.stop()
+
+
 async def test_kill_9_of_nats_server_with_queued_tasks(own_server: dict[str, NatsServer], tmp_path: Path) -> None:
     server = own_server["server"]
     sched = await start_scheduler(server.url, tmp_path)

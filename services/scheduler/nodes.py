@@ -36,7 +36,7 @@ class Node:
 
     __slots__ = ("name", "cpus", "mem", "arch", "os", "labels", "custom", "gpu_mem", "gpu_opencl", "used_cpus",
                  "used_mem", "gpu_share", "gpu_mem_used", "used_custom", "running", "record_at", "pulled_at",
-                 "prefetch")
+                 "prefetch", "instance")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -60,6 +60,8 @@ class Node:
         self.pulled_at = 0.0
         #: tasks the node queues itself beyond its CPUs (it says so in each pull)
         self.prefetch = 0
+        #: the task runner's instance id (a new one when the node's spawner restarted)
+        self.instance = ""
 
     def update(self, rec: NodeRecord) -> None:
         self.cpus = float(rec.host.cpu_cores or 1)

@@ -644,6 +644,13 @@ class SchedulerService(FabricService):
         node = self.nodes.get(msg.node)
         node.pulled_at = time.monotonic()
         node.prefetch = msg.prefetch
+        if msg.instance and msg.instance != node.instance:
+            if node.instance:
+                # the node's spawner restarted: what its last instance was running is gone with it
+                # (run again now, not after LOST_S without a listing)
+                for task in [t for t in self.live.values() if t.state == RUNNING and t.node == node.name]:
+                    self._lost(task, f"node {node.name} restarted (its spawner is a new instance)")
+            node.instance = msg.instance
         self._heartbeat(node, msg.running)
         recorded: list[str] = []
         if msg.results:
