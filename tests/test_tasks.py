@@ -460,3 +460,33 @@ async def test_a_node_runs_big_tasks_one_at_a_time_even_with_a_deep_prefetch(fab
         assert _overlaps(spans) == 1, spans  # start_ms: when it started on the node
     finally:
         await node.stop()
+
+
+async def test_a_core_task_goes_only_where_its_core_is_loaded(fab: Fabric, afc: AsyncFabricClient,
+                                                              tmp_path: Path, raw: Any) -> None:
+    """Two new nodes, the echo core loaded on one: every ``core`` task runs there (a node's pulls say which cores
+    it has); a core no node has loaded is 422 at submit, naming it."""
+    from fabric.errors import Infeasible
+    from tests._cores import TEST_CORES, build_core
+
+    lib = build_core(TEST_CORES / "echo.c", tmp_path / "lib")
+    nodes = [await start_node(fab.url, tmp_path, name=name, labels={"pool": "cores"}) for name in ("ca", "cb")]
+    try:
+        await _registered(fab, "ca", "cb")
+        core = await afc.load_core("echo", str(lib), node="ca")
+        try:
+            deadline = time.monotonic() + 10  # the next pulls of both nodes say what they have
+            while "echo" not in fab.scheduler.nodes.by_name["ca"].cores:
+                assert time.monotonic() < deadline, "node ca never reported its core"
+                await asyncio.sleep(0.05)
+            here = Resources(labels={"pool": "cores"})
+            futs = [await afc.submit_core("echo", f"job {i}".encode(), resources=here) for i in range(12)]
+            assert await afc.gather(futs) == [f"job {i}".encode() for i in range(12)]
+            assert {(await afc.task(f.id)).attempts[-1].node for f in futs} == {"ca"}
+            with pytest.raises(Infeasible, match="core 'no-such-core'"):
+                await afc.submit_core("no-such-core", b"x", resources=here)
+        finally:
+            await core.unload()
+    finally:
+        for node in nodes:
+            await node.stop()

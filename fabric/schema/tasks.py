@@ -388,6 +388,8 @@ class PullRequest(Message):
     #: how many tasks beyond its logical CPUs the node queues itself (its prefetch): the scheduler
     #: accounts ``cpus`` against the node's CPUs plus this; the node never runs more than its slots at once
     prefetch: Annotated[int, Meta(ge=0, le=1 << 20)] = 0
+    #: the names of the compute cores loaded on the node: ``core`` tasks go only where theirs is
+    cores: Annotated[list[str], Meta(max_length=4096)] = []
 
 
 class PullReply(Message):

@@ -36,7 +36,7 @@ class Node:
 
     __slots__ = ("name", "cpus", "mem", "arch", "os", "labels", "custom", "gpu_mem", "gpu_opencl", "used_cpus",
                  "used_mem", "gpu_share", "gpu_mem_used", "used_custom", "running", "record_at", "pulled_at",
-                 "prefetch", "instance")
+                 "prefetch", "instance", "cores")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -62,6 +62,8 @@ class Node:
         self.prefetch = 0
         #: the task runner's instance id (a new one when the node's spawner restarted)
         self.instance = ""
+        #: the compute cores loaded on the node (its last pull says), for ``core`` tasks
+        self.cores: frozenset[str] = frozenset()
 
     def update(self, rec: NodeRecord) -> None:
         self.cpus = float(rec.host.cpu_cores or 1)
@@ -79,10 +81,13 @@ class Node:
 
     # -- what it can ever run -------------------------------------------------------
 
-    def lacks(self, res: Resources) -> str | None:
-        """The first requirement this node can never meet, or None when it could run the task."""
+    def lacks(self, res: Resources, core: str = "") -> str | None:
+        """The first requirement this node can never meet, or None when it could run the task (a ``core``
+        task: also needs its compute core loaded here, as the node's last pull said)."""
         if res.node and res.node != self.name:
             return f"node={res.node}"
+        if core and core not in self.cores:
+            return f"core {core!r} (not loaded on node {self.name})"
         if res.cpus > self.cpus + _EPS:
             return f"cpus={res.cpus:g} (node {self.name} has {self.cpus:g})"
         if res.mem > self.mem:
@@ -160,11 +165,11 @@ class Node:
                 self.gpu_mem_used[i] = max(0, self.gpu_mem_used[i] - mem)
 
 
-def unmet(nodes: list[Node], res: Resources) -> str | None:
-    """None when some node could run a task needing *res*; else what no node has, for the 422 message."""
+def unmet(nodes: list[Node], res: Resources, core: str = "") -> str | None:
+    """None when some node could run a task needing *res* (and *core*); else what no node has, for the 422."""
     reasons = []
     for node in nodes:
-        why = node.lacks(res)
+        why = node.lacks(res, core)
         if why is None:
             return None
         reasons.append(why)

@@ -15,15 +15,20 @@ from collections.abc import Callable
 from typing import Any
 
 from fabric.schema import MSGPACK
-from fabric.schema.tasks import Resources
+from fabric.schema.tasks import CORE, Resources
 
 from .machine import Task
 from .nodes import Node
 
-__all__ = ["TaskQueue", "class_key"]
+__all__ = ["TaskQueue", "class_key", "needed_core"]
 
 #: the Resources of a task that names none
 DEFAULT_RESOURCES = Resources()
+
+
+def needed_core(task: Task) -> str:
+    """The compute core a node must have loaded to run *task* ("" for every kind but ``core``)."""
+    return task.rec.core if task.rec.kind == CORE else ""
 
 
 def class_key(res: Resources | None) -> bytes:
@@ -32,12 +37,14 @@ def class_key(res: Resources | None) -> bytes:
 
 
 class _Class:
-    __slots__ = ("key", "priority", "res", "tasks")
+    __slots__ = ("key", "priority", "res", "core", "tasks")
 
-    def __init__(self, key: bytes, priority: int, res: Resources) -> None:
+    def __init__(self, key: bytes, priority: int, res: Resources, core: str) -> None:
         self.key = key
         self.priority = priority
         self.res = res
+        #: a ``core`` task's compute core: only a node with that core loaded runs the class
+        self.core = core
         #: (arrival number, task); cancelled tasks are skipped when they reach the head
         self.tasks: deque[tuple[int, Task]] = deque()
 
@@ -46,7 +53,7 @@ class TaskQueue:
     """Runnable tasks by priority and class; :meth:`take` hands a node what it can run."""
 
     def __init__(self) -> None:
-        self._classes: dict[tuple[int, bytes], _Class] = {}
+        self._classes: dict[tuple[int, bytes, str], _Class] = {}
         self._by_priority: dict[int, list[_Class]] = {}
         self._arrival = itertools.count()
         self.size = 0
@@ -57,10 +64,11 @@ class TaskQueue:
     def push(self, task: Task, front: bool = False) -> None:
         """Queue *task* (a retried one goes to the front of its class)."""
         res = task.rec.resources
-        key = (task.rec.priority, class_key(res))
+        core = needed_core(task)
+        key = (task.rec.priority, class_key(res), core)
         cls = self._classes.get(key)
         if cls is None:
-            cls = self._classes[key] = _Class(key[1], key[0], res or DEFAULT_RESOURCES)
+            cls = self._classes[key] = _Class(key[1], key[0], res or DEFAULT_RESOURCES, core)
             self._by_priority.setdefault(key[0], []).append(cls)
         if front:
             cls.tasks.appendleft((-1, task))
@@ -77,7 +85,7 @@ class TaskQueue:
         """
         out: list[Task] = []
         for priority in sorted(self._by_priority, reverse=True):
-            classes = [c for c in self._by_priority[priority] if node.lacks(c.res) is None]
+            classes = [c for c in self._by_priority[priority] if node.lacks(c.res, c.core) is None]
             while classes and len(out) < limit:
                 best: _Class | None = None
                 for cls in classes:

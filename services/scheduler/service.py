@@ -85,7 +85,7 @@ from . import lease as lease_mod
 from .machine import Task as LiveTask
 from .machine import move, now_ms
 from .nodes import Node, Nodes, unmet
-from .queue import DEFAULT_RESOURCES, TaskQueue
+from .queue import DEFAULT_RESOURCES, TaskQueue, needed_core
 from .store import BODY_STREAM, TASK_BUCKET, Publisher, RecordWriter, body_subject
 
 __all__ = ["SchedulerService", "LOST_S"]
@@ -99,6 +99,9 @@ RECORD_MARGIN: Final = 64 << 10
 #: a notice (TaskDoneBatch) is cut at about this size
 NOTICE_BYTES: Final = 1 << 20
 BODY_MAX_AGE_S: Final = 7 * 24 * 3600.0
+#: a core task whose core no node lists waits this long for the nodes' next pulls, then is refused (422) --
+#: unless a node has not pulled that recently (its cores unknown): then it queues for a node with its core
+CORES_FRESH_S: Final = 2.5
 #: state changes are published on fabric.task.events at most this often, in batches
 EVENTS_EVERY_S: Final = 0.05
 #: a task handed out from the queue is written ``running`` this long after (if it has not ended by then)
@@ -384,10 +387,22 @@ class SchedulerService(FabricService):
             raise BadRequest("an exec task needs exec.argv (or UDCS binary/args)")
         return spec
 
-    async def _check_feasible(self, res: Resources) -> None:
+    async def _check_feasible(self, res: Resources, core: str = "") -> None:
         if not self.nodes.live():  # a fabric that is starting: its nodes' first heartbeats are on their way
             await self.nodes.wait_for_any(self.ttl_s)
-        why = unmet(self.nodes.live(), res)
+        live = self.nodes.live()
+        if core and unmet(live, res, core) is not None and unmet(live, res) is None:
+            # no node says it has the core, yet: one may have loaded it a moment ago (a node lists its
+            # cores in each pull, at least every second) -- wait for the pulls before refusing
+            deadline = time.monotonic() + CORES_FRESH_S
+            while time.monotonic() < deadline and unmet(self.nodes.live(), res, core) is not None:
+                await asyncio.sleep(0.05)
+            live = self.nodes.live()
+            if any(time.monotonic() - n.pulled_at > CORES_FRESH_S for n in live):
+                # a node has not pulled lately (this scheduler just took over): which cores it has is not
+                # known, so the task is judged by its resources and waits for a node with the core
+                core = ""
+        why = unmet(live, res, core)
         if why is None:
             return
         if not self.nodes.live():
@@ -431,7 +446,7 @@ class SchedulerService(FabricService):
         if len(body) > self._limit():
             raise TooLarge(f"a task body of {len(body)} bytes exceeds the limit of {self._limit()}: pass large "
                            f"inputs by reference (write them to remote memory and pass the handle)")
-        await self._check_feasible(res)
+        await self._check_feasible(res, msg.core if kind == CORE else "")
         await self._check_deps(msg.deps)
         known = self._existing(msg.id, msg.key)  # a duplicate may have arrived while this one awaited
         if known is not None:
@@ -526,7 +541,7 @@ class SchedulerService(FabricService):
             self._move(task, QUEUED)
         for pull in self._parked:
             if len(pull.runs) < pull.slots and pull.node.record_at > 0 and \
-                    pull.node.lacks(task.rec.resources or DEFAULT_RESOURCES) is None:  # record_at: see _take
+                    pull.node.lacks(task.rec.resources or DEFAULT_RESOURCES, needed_core(task)) is None:  # see _take
                 size = self._size(task)
                 if (size <= pull.room or not pull.runs) and self._hold(task, pull.node) is not None:
                     pull.room -= size
@@ -644,6 +659,7 @@ class SchedulerService(FabricService):
         node = self.nodes.get(msg.node)
         node.pulled_at = time.monotonic()
         node.prefetch = msg.prefetch
+        node.cores = frozenset(msg.cores)
         if msg.instance and msg.instance != node.instance:
             if node.instance:
                 # the node's spawner restarted: what its last instance was running is gone with it

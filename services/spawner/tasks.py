@@ -249,7 +249,9 @@ class TaskRunner:
         self._sending.update(keys)
         req = PullRequest(node=self.host.node, slots=slots, wait_ms=WAIT_MS if held else 0,
                           running=list(self.running), results=results, instance=self.instance,
-                          prefetch=prefetch)
+                          prefetch=prefetch,
+                          cores=[name for name, pool in self.host.cores.by_name.items()
+                                 if not (pool.closed or pool.draining or pool.broken)])
         self.pulls += 1
         try:
             msg = await self.host.connection.request(subjects.cluster(subjects.TASK, subjects.Task.PULL),
