@@ -215,7 +215,23 @@ def settled_rss(pid: int, max_s: float = 30.0) -> int:
 # -- the systems -----------------------------------------------------------------------
 
 
-class Fabric:
+class Warmed:
+    """A system under test: ``rtt()`` runs one no-op task to its result, ``map(n)`` n of them."""
+
+    def rtt(self) -> None:
+        raise NotImplementedError
+
+    def map(self, n: int) -> None:
+        raise NotImplementedError
+
+    def warm(self) -> None:
+        """200 sequential tasks and a map of 1,000, before anything is measured."""
+        for _ in range(200):
+            self.rtt()
+        self.map(1000)
+
+
+class Fabric(Warmed):
     """``fabric up`` with the scheduler, a sync client, and the node's Python pool for ``Core.map``."""
 
     def __init__(self, state: Path) -> None:
@@ -232,12 +248,6 @@ class Fabric:
             self.close()
             raise
         self.first_task_s = time.perf_counter() - t0  # as Ray's: from the start to the first result
-
-    def warm(self) -> None:
-        for _ in range(200):
-            self.fc.submit(noop).result(timeout=30)
-        for f in self.fc.map(noop, range(1000)):
-            f.result(timeout=60)
 
     def rtt(self) -> None:
         self.fc.submit(noop).result(timeout=30)
@@ -272,7 +282,7 @@ class Fabric:
             fabric_down(self.state)
 
 
-class Ray:
+class Ray(Warmed):
     def __init__(self) -> None:
         import ray
 
@@ -284,11 +294,6 @@ class Ray:
         ray.get(self.f.remote())
         self.first_task_s = time.perf_counter() - t0
 
-    def warm(self) -> None:
-        for _ in range(200):
-            self.rtt()
-        self.map(1000)
-
     def rtt(self) -> None:
         self.ray.get(self.f.remote())
 
@@ -299,7 +304,7 @@ class Ray:
         self.ray.shutdown()
 
 
-class Dask:
+class Dask(Warmed):
     def __init__(self) -> None:
         from dask.distributed import Client, LocalCluster
 
@@ -310,11 +315,6 @@ class Dask:
         self.start_s = time.perf_counter() - t0
         self.client.submit(noop, pure=False).result()
         self.first_task_s = time.perf_counter() - t0
-
-    def warm(self) -> None:
-        for _ in range(200):
-            self.rtt()
-        self.map(1000)
 
     def rtt(self) -> None:
         self.client.submit(noop, pure=False).result()

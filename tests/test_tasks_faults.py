@@ -60,6 +60,14 @@ def python_body(fn: Any, *args: Any, **extra: Any) -> dict[str, Any]:
     return {"kind": "python", "payload": base64.b64encode(frame).decode(), **extra}
 
 
+async def _until_running(nc: Any, task_id: str, within: float = 30.0) -> None:
+    """Return once task *task_id* is running (a node has it)."""
+    deadline = time.monotonic() + within
+    while (await ask(nc, "get", {"id": task_id})).body["state"] != "running":
+        assert time.monotonic() < deadline, f"task {task_id} never ran"
+        await asyncio.sleep(0.05)
+
+
 async def _wait_nodes(scheduler: Any, *names: str, logs: Any = str) -> None:
     deadline = time.monotonic() + 30
     while not set(names) <= {n.name for n in scheduler.nodes.live()}:
@@ -206,10 +214,7 @@ async def test_kill_9_of_a_spawner_running_a_long_task_runs_it_again(own_server:
         await _wait_nodes(sched, "k1", logs=procs.logs)
         answer = await _submit_until_acknowledged(nc, python_body(nap, 2.0, "slept", id="long-1"))
         assert answer["id"] == "long-1"
-        deadline = time.monotonic() + 30
-        while (await ask(nc, "get", {"id": "long-1"})).body["state"] != "running":
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+        await _until_running(nc, "long-1")
         procs.kill9(spawner)
         other = await start_node(url, tmp_path, name="k2", slots=1)
         rec = await ended(nc, "long-1", within=60)
@@ -236,10 +241,7 @@ async def test_a_restarted_spawner_gets_its_lost_task_back_at_once(own_server: d
         await _wait_nodes(sched, "r1", logs=procs.logs)
         answer = await _submit_until_acknowledged(nc, python_body(nap, 1.0, "again", id="restart-1"))
         assert answer["id"] == "restart-1"
-        deadline = time.monotonic() + 30
-        while (await ask(nc, "get", {"id": "restart-1"})).body["state"] != "running":
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+        await _until_running(nc, "restart-1")
         procs.kill9(spawner)
         procs.start("spawner", "r1")
         rec = await ended(nc, "restart-1", within=60)
