@@ -123,6 +123,7 @@ async def test_submit_result_exception_and_a_map_of_2000_through_the_blocking_cl
     assert out["value"] == 49
     rec: TaskRecord = out["rec"]
     assert rec.state == "succeeded" and rec.kind == "python" and len(rec.attempts) == 1
+    assert rec.exit_code is None  # a python task has none (docs/protocol.md, TaskRecord)
     att = rec.attempts[0]
     assert att.outcome == "succeeded" and att.node in fab.nodes and att.worker
     assert 0 < att.start_ms <= att.end_ms and rec.finished_ms >= att.end_ms

@@ -716,7 +716,7 @@ class SchedulerService(FabricService):
                 task.rec.result = b""
                 task.rec.result_ref = r.output_ref
                 task.rec.result_size = r.output_size
-                task.rec.exit_code = r.exit_code
+                task.rec.exit_code = _exit_code(task, r)
                 self._finish(task, SUCCEEDED)
             elif len(r.output) > self._limit():
                 att.outcome = "error"
@@ -727,13 +727,13 @@ class SchedulerService(FabricService):
                 att.outcome = SUCCEEDED
                 task.rec.result = r.output
                 task.rec.result_size = len(r.output)
-                task.rec.exit_code = r.exit_code
+                task.rec.exit_code = _exit_code(task, r)
                 self._finish(task, SUCCEEDED)
         elif r.outcome in ("ok", "error"):
             att.outcome = "error"
             err = r.error or TaskError(code=500, kind="job_failed", message=f"exit code {r.exit_code}")
             att.error = err.message
-            task.rec.exit_code = r.exit_code
+            task.rec.exit_code = _exit_code(task, r)
             if task.rec.retry_exceptions and task.rec.failures < task.rec.retries:
                 task.rec.failures += 1
                 self._runnable(task)
@@ -1010,6 +1010,11 @@ async def _all_durable(tasks: list[LiveTask]) -> None:
         task.when_durable(one)
     if tasks:
         await fut
+
+
+def _exit_code(task: LiveTask, r: TaskResult) -> int | None:
+    """A core job's or a process's exit code; None for the kinds that have none (docs/protocol.md TaskRecord)."""
+    return r.exit_code if task.rec.kind in (CORE, EXEC) else None
 
 
 def _done(rec: TaskRecord) -> TaskDone:
