@@ -476,6 +476,8 @@ class TaskRunner:
 
     def _job_done(self, a: Attempt, code: int, out: Any, err: FabricError | None) -> None:
         self._timed(a)
+        # the result (its end time) first: the next task, started just below, must not seem to overlap it
+        result = None if a.dropped else job_result(a, code, out, err)
         if a.run.kind == PYTHON and a.run.gpus:
             self._gpu.done(a)
         elif a.run.kind == PYTHON:
@@ -483,9 +485,8 @@ class TaskRunner:
             self._python_busy = max(0.0, self._python_busy - weight)
             self._python_big -= weight > 1
             self._pump_python()
-        if a.dropped:
-            return
-        self._finish(a, job_result(a, code, out, err))
+        if result is not None:
+            self._finish(a, result)
 
     # -- processes: exec ----------------------------------------------------------------
 
