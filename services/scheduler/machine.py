@@ -12,12 +12,13 @@ devices it holds while running, who waits for it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
 from fabric.schema.tasks import RUNNING, TERMINAL, TRANSITIONS, Attempt, TaskRecord
 
-__all__ = ["Task", "IllegalTransition", "move", "now_ms"]
+__all__ = ["Task", "IllegalTransition", "move", "now_ms", "resolve", "all_durable", "BodyGroup"]
 
 
 class IllegalTransition(RuntimeError):
@@ -105,3 +106,48 @@ def move(task: Task, state: str) -> str:
     if prev == RUNNING and state != RUNNING:
         task.node = ""
     return prev
+
+
+def resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def all_durable(tasks: list[Task]) -> None:
+    """Wait until every one of *tasks* is durable (one future, not one per task)."""
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    left = len(tasks)
+
+    def one() -> None:
+        nonlocal left
+        left -= 1
+        if left == 0:
+            resolve(fut)
+
+    for task in tasks:
+        task.when_durable(one)
+    if tasks:
+        await fut
+
+
+class BodyGroup:
+    """Stands for every task of a map while their shared body is being stored."""
+
+    def __init__(self, tasks: list[Task]) -> None:
+        self.tasks = tasks
+        self.id = tasks[0].rec.body if tasks else ""
+        for task in tasks:
+            task.body_durable = False
+
+    @property
+    def body_durable(self) -> bool:
+        return all(t.body_durable for t in self.tasks)
+
+    @body_durable.setter
+    def body_durable(self, value: bool) -> None:
+        for task in self.tasks:
+            task.body_durable = value
+
+    def wake(self) -> None:
+        for task in self.tasks:
+            task.wake()

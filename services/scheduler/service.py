@@ -41,21 +41,18 @@ from fabric.jetstream import Stream as StreamResource
 from fabric.protocol.pytasks import decode_python_task, encode_python_task
 from fabric.protocol.subjects import TASK, Task, cluster
 from fabric.schema import CONTENT_TYPE_HEADER, JSON, MSGPACK, MSGPACK_CONTENT_TYPE
-from fabric.schema.processes import NativeExec
 from fabric.schema.tasks import (
     CANCELLED,
     CORE,
     DEAD,
     EXEC,
     FAILED,
-    KINDS,
     OPENCL,
     PYTHON,
     QUEUED,
     RUNNING,
     SUBMITTED,
     SUCCEEDED,
-    UDCS_TYPES,
     WAITING,
     Attempt,
     ExecSpec,
@@ -82,8 +79,9 @@ from fabric.schema.tasks import (
 from fabric.service import Endpoint, FabricService, Reply, Request, ServiceSettings
 
 from . import lease as lease_mod
+from .admission import exec_spec_of, kind_of, resources_of
+from .machine import BodyGroup, all_durable, move, now_ms, resolve
 from .machine import Task as LiveTask
-from .machine import move, now_ms
 from .nodes import Node, Nodes, unmet
 from .queue import DEFAULT_RESOURCES, TaskQueue, needed_core
 from .store import BODY_STREAM, TASK_BUCKET, Publisher, RecordWriter, body_subject
@@ -335,58 +333,6 @@ class SchedulerService(FabricService):
     def _limit(self) -> int:
         return max(1024, self.connection.max_payload - RECORD_MARGIN)
 
-    def _resources(self, msg: SubmitRequest) -> Resources:
-        res = msg.resources or Resources()
-        req = msg.requirements
-        changes: dict[str, Any] = {}
-        if req is not None:
-            if req.min_memory_gb:
-                changes["mem"] = max(res.mem, int(req.min_memory_gb * (1 << 30)))
-            if req.gpu_required and res.gpus == 0:
-                changes["gpus"] = 1.0
-            if req.architecture:
-                changes["arch"] = req.architecture
-        if msg.architecture and not res.arch and "arch" not in changes:
-            changes["arch"] = msg.architecture
-        if msg.os and not res.os:
-            changes["os"] = msg.os
-        if not changes:
-            return res
-        fields = {f: getattr(res, f) for f in res.__struct_fields__}
-        fields.update(changes)
-        return Resources(**fields)
-
-    def _kind(self, msg: SubmitRequest) -> str:
-        kind = msg.kind.lower()
-        if msg.type:
-            udcs = UDCS_TYPES.get(msg.type.upper())
-            if udcs is None:
-                raise BadRequest(f"unknown task type {msg.type!r}: fabric runs {', '.join(sorted(UDCS_TYPES))} "
-                                 f"(or name a kind: {', '.join(KINDS)})")
-            if kind and kind != udcs:
-                raise BadRequest(f"kind {msg.kind!r} contradicts type {msg.type!r} (which is kind {udcs!r})")
-            kind = udcs
-        if not kind:
-            raise BadRequest(f"a task needs a kind ({', '.join(KINDS)}) or a UDCS type "
-                             f"({', '.join(sorted(UDCS_TYPES))})")
-        if kind not in KINDS:
-            raise BadRequest(f"unknown task kind {msg.kind!r}: one of {', '.join(KINDS)}")
-        return kind
-
-    def _exec_spec(self, msg: SubmitRequest) -> ExecSpec:
-        spec = msg.exec
-        if msg.binary is not None:
-            import hashlib
-
-            native = NativeExec(sha256=hashlib.sha256(msg.binary).hexdigest(), data=msg.binary,
-                                architecture=msg.architecture, os=msg.os or "linux")
-            spec = ExecSpec(argv=["program", *(msg.args or [])], env=msg.environment, native=native)
-        elif spec is None and msg.args:
-            spec = ExecSpec(argv=list(msg.args), env=msg.environment)
-        if spec is None or not spec.argv:
-            raise BadRequest("an exec task needs exec.argv (or UDCS binary/args)")
-        return spec
-
     async def _check_feasible(self, res: Resources, core: str = "") -> None:
         if not self.nodes.live():  # a fabric that is starting: its nodes' first heartbeats are on their way
             await self.nodes.wait_for_any(self.ttl_s)
@@ -425,8 +371,8 @@ class SchedulerService(FabricService):
         if known is not None:
             await self._durable(known)
             return SubmitReply(id=known.id, state=known.state, existing=True)
-        kind = self._kind(msg)
-        res = self._resources(msg)
+        kind = kind_of(msg)
+        res = resources_of(msg)
         body: bytes
         fn: bytes | None = None
         call: bytes
@@ -436,7 +382,7 @@ class SchedulerService(FabricService):
                 raise BadRequest("a python task's frame carries no dependency results: list the ids in deps")
             body, fn, call = msg.payload, bytes(parsed.fn), bytes(parsed.call)
         elif kind == EXEC:
-            body = call = MSGPACK.encode(self._exec_spec(msg))
+            body = call = MSGPACK.encode(exec_spec_of(msg))
         else:
             if kind == CORE and not msg.core:
                 raise BadRequest("a core task names its compute core (core)")
@@ -491,11 +437,11 @@ class SchedulerService(FabricService):
             task = LiveTask(rec, msg.fn, call)
             tasks.append(task)
         assert self.writer is not None
-        body_task = _BodyGroup(tasks)
+        body_task = BodyGroup(tasks)
         self.writer.save_body(body_task, prefix, body)
         for task in tasks:
             self._enter(task)
-        await _all_durable(tasks)
+        await all_durable(tasks)
         return MapReply(prefix=prefix, count=len(tasks))
 
     def _enter(self, task: LiveTask) -> None:
@@ -750,7 +696,7 @@ class SchedulerService(FabricService):
             att.error = r.error.message if r.error else r.outcome
             self._system_failure(task, r.outcome, att.error)
         self._save(task)
-        task.when_durable(lambda: _resolve(fut))
+        task.when_durable(lambda: resolve(fut))
         return fut
 
     def _release(self, task: LiveTask) -> None:
@@ -870,7 +816,7 @@ class SchedulerService(FabricService):
 
     async def _durable(self, task: LiveTask) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        task.when_durable(lambda: _resolve(fut))
+        task.when_durable(lambda: resolve(fut))
         await fut
 
     # -- reading and cancelling ----------------------------------------------------------------
@@ -972,46 +918,6 @@ class SchedulerService(FabricService):
         self._save(task)
 
 
-class _BodyGroup:
-    """Stands for every task of a map while their shared body is being stored."""
-
-    def __init__(self, tasks: list[LiveTask]) -> None:
-        self.tasks = tasks
-        self.id = tasks[0].rec.body if tasks else ""
-        for task in tasks:
-            task.body_durable = False
-
-    @property
-    def body_durable(self) -> bool:
-        return all(t.body_durable for t in self.tasks)
-
-    @body_durable.setter
-    def body_durable(self, value: bool) -> None:
-        for task in self.tasks:
-            task.body_durable = value
-
-    def wake(self) -> None:
-        for task in self.tasks:
-            task.wake()
-
-
-async def _all_durable(tasks: list[LiveTask]) -> None:
-    """Wait until every one of *tasks* is durable (one future, not one per task)."""
-    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    left = len(tasks)
-
-    def one() -> None:
-        nonlocal left
-        left -= 1
-        if left == 0:
-            _resolve(fut)
-
-    for task in tasks:
-        task.when_durable(one)
-    if tasks:
-        await fut
-
-
 def _exit_code(task: LiveTask, r: TaskResult) -> int | None:
     """A core job's or a process's exit code; None for the kinds that have none (docs/protocol.md TaskRecord)."""
     return r.exit_code if task.rec.kind in (CORE, EXEC) else None
@@ -1020,11 +926,6 @@ def _exit_code(task: LiveTask, r: TaskResult) -> int | None:
 def _done(rec: TaskRecord) -> TaskDone:
     return TaskDone(id=rec.id, state=rec.state, result=rec.result, result_ref=rec.result_ref,
                     exit_code=rec.exit_code, error=rec.error)
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 def _dep_error(dep: LiveTask) -> TaskError:
