@@ -26,6 +26,7 @@ from typing import Any, Final, Protocol
 
 import msgspec
 from nats.aio.client import Client as NATS
+from nats.js.api import Header
 
 from fabric.protocol.subjects import TASK, Task, cluster
 from fabric.schema import MSGPACK
@@ -40,10 +41,11 @@ TASK_BUCKET: Final = "fabric_tasks"
 ACK_TIMEOUT_S: Final = 5.0
 #: JetStream's error code for "wrong last sequence" (a compare-and-swap that lost)
 WRONG_LAST_SEQUENCE: Final = 10071
-EXPECTED_LAST_SUBJECT_SEQUENCE: Final = "Nats-Expected-Last-Subject-Sequence"
-MSG_ID: Final = "Nats-Msg-Id"
+# JetStream's own headers, as nats-py names them
+EXPECTED_LAST_SUBJECT_SEQUENCE: Final = Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value
+MSG_ID: Final = Header.MSG_ID.value
 #: a message's own time to live (ADR-43; the KV bucket's stream allows it), in seconds
-MSG_TTL: Final = "Nats-TTL"
+MSG_TTL: Final = Header.MSG_TTL.value
 
 _ACK = msgspec.json.Decoder(dict[str, Any])
 class BodyHolder(Protocol):
