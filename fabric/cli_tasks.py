@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -330,7 +329,9 @@ def submit(
     except BadRequest as exc:
         _bad_input(exc.message)
     resources = Resources(cpus=cpus, mem=mem_bytes, gpus=gpus, node=node or "", labels=_labels(label or []))
-    req = SubmitRequest(kind=EXEC, id=secrets.token_urlsafe(16), exec=ExecSpec(argv=list(argv)), priority=priority,
+    from .client.tasks import new_task_id  # the client's ids (lazily: the CLI starts without cloudpickle)
+
+    req = SubmitRequest(kind=EXEC, id=new_task_id(), exec=ExecSpec(argv=list(argv)), priority=priority,
                         resources=resources, retries=retries, timeout_s=float(timeout), key=key or "")
     url, _ = find_nats_url(nats_url, state_of(state_dir))
 

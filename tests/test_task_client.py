@@ -728,3 +728,15 @@ async def test_the_client_against_the_real_scheduler(scheduled: str) -> None:
         assert (await fc.task(sleeper.id)).state == "cancelled"
         with pytest.raises(TaskCancelled):
             await sleeper.result(timeout=60)
+
+
+@pytest.mark.unit
+def test_a_minted_task_id_never_reads_as_a_command_line_option() -> None:
+    """``fabric task <id>`` and ``fabric cancel <id>`` take the id as an argument: one starting with "-" was taken
+    for an option (seen in CI: ``No such option: -9Wril...``)."""
+    from fabric.client.tasks import new_task_id
+
+    ids = [new_task_id() for _ in range(2000)]
+    assert all(i[0].isalpha() for i in ids), [i for i in ids if not i[0].isalpha()][:3]
+    assert all(len(i) <= 64 and all(c.isalnum() or c in "_-" for c in i) for i in ids)
+    assert len(set(ids)) == len(ids)

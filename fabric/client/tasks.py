@@ -96,8 +96,11 @@ _LOCK = threading.Lock()
 
 
 def new_task_id() -> str:
-    """A fresh task id: 22 random url-safe characters (``[A-Za-z0-9_-]``, 128 bits)."""
-    return secrets.token_urlsafe(16)
+    """A fresh task id: ``t`` and 22 random url-safe characters (``[A-Za-z0-9_-]``, 128 bits).
+
+    It starts with a letter, so it never reads as an option on a command line (``fabric task <id>``).
+    """
+    return "t" + secrets.token_urlsafe(16)
 
 
 def new_map_prefix() -> str:
