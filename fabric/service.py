@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -51,7 +52,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 import structlog
 from nats.aio.client import Client as NATS
@@ -445,6 +446,38 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
+#: the cyclic collector's first threshold in a service (CPython's default is 700)
+GC_GEN0_THRESHOLD: Final = 20_000
+
+
+def tune_gc(gen0: int = GC_GEN0_THRESHOLD) -> bool:
+    """Collect cycles less often, and never walk what was loaded at start.
+
+    A service allocates a few container objects per message and keeps many alive for
+    a while (the scheduler holds every queued task).  At CPython's default a young
+    collection runs every 700 allocations and pushes the live ones towards the old
+    generation, whose full collections then walk everything -- measured on the
+    scheduler, that was about a fifth of its CPU per task (perf: gc_collect_main,
+    visit_decref, visit_reachable).  ``gc.freeze()`` moves the objects made at import
+    into a generation the collector never scans; 20,000 keeps young collections rare
+    while still bounding cyclic garbage.  Only the service processes do this (a library
+    must not retune its host's collector); ``FABRIC_GC_GEN0=0`` leaves the defaults.
+    Returns whether it applied.
+    """
+    env = os.environ.get("FABRIC_GC_GEN0")
+    if env is not None:
+        try:
+            gen0 = int(env)
+        except ValueError:
+            return False
+    if gen0 <= 0:
+        return False
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(gen0, gen1, gen2)
+    return True
+
+
 def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 128 << 20) -> bool:
     """Keep message-sized buffers on the heap instead of mapping and unmapping them.
 
@@ -489,6 +522,7 @@ def main(service_cls: type[FabricService], argv: Sequence[str] | None = None) ->
     if loaded.file is not None:
         log.info("configuration read", file=str(loaded.file))
     tune_malloc()
+    tune_gc()
 
     async def run() -> None:
         await service_cls(settings).serve_forever()

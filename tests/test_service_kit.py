@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import subprocess
+import sys
 
 import msgspec
 import nats
@@ -152,6 +155,23 @@ def test_tune_malloc_applies_on_glibc_and_yields_to_the_environment(monkeypatch)
     assert tune_malloc() is (platform.libc_ver()[0] == "glibc")
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
     assert tune_malloc() is False
+
+
+@pytest.mark.unit
+def test_tune_gc_freezes_and_raises_the_first_threshold_and_yields_to_the_environment():
+    """In a fresh interpreter each time: tune_gc changes the process's collector for good."""
+    probe = ("import gc, sys; from fabric.service import tune_gc; applied = tune_gc(); "
+             "print(applied, gc.get_threshold()[0], gc.get_freeze_count() > 0)")
+    env = {k: v for k, v in os.environ.items() if k != "FABRIC_GC_GEN0"}
+
+    def run(**extra: str) -> str:
+        return subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True,
+                              text=True, timeout=60, check=True).stdout.split()
+
+    assert run() == ["True", "20000", "True"]
+    assert run(FABRIC_GC_GEN0="5000") == ["True", "5000", "True"]
+    assert run(FABRIC_GC_GEN0="0") == ["False", "700", "False"]  # CPython's default kept
+    assert run(FABRIC_GC_GEN0="lots") == ["False", "700", "False"]
 
 
 async def test_unknown_content_type_is_refused_naming_the_accepted_ones(kit, nc):

@@ -120,17 +120,53 @@ class Publisher:
                 pass
             self._wake.clear()
             out, self._out = self._out, []
-            for subject, data, reply, headers in out:
-                try:
-                    await self.nc.publish(subject, data, reply=reply, headers=headers)
-                except Exception as exc:  # connection closed or reconnecting buffer full: fail it, it is retried
-                    self._fail(int(reply.rsplit(".", 1)[1]), str(exc) or type(exc).__name__)
+            if out and self.nc.is_connected:
+                await self._send_all(out)
+            else:  # nats-py buffers them while it reconnects (or says why it cannot)
+                for subject, data, reply, headers in out:
+                    try:
+                        await self.nc.publish(subject, data, reply=reply, headers=headers)
+                    except Exception as exc:  # connection closed or reconnecting buffer full: fail it, it is retried
+                        self._fail(int(reply.rsplit(".", 1)[1]), str(exc) or type(exc).__name__)
             now = time.monotonic()
             if now - last_sweep > 0.5:
                 last_sweep = now
                 late = [seq for seq, (t, _) in self._pending.items() if now - t > ACK_TIMEOUT_S]
                 for seq in late:
                     self._fail(seq, "no acknowledgement")
+
+    async def _send_all(self, out: list[tuple[str, bytes, str, dict[str, str] | None]]) -> None:
+        """Hand every queued publish to nats-py as one protocol buffer.
+
+        ``nc.publish`` costs about 10 µs of Python a message (header checks, formatting, a
+        flush check), and the scheduler sends two or three a task: here the PUB/HPUB lines
+        are formatted together and handed over once.  Subjects are the scheduler's own
+        (task ids match ``TaskIdStr``) and header values are numbers and ids, so nothing
+        here needs nats-py's checks.  nats-py is pinned to 2.16.x, whose pending buffer and
+        flusher this uses (as the service kit uses its ``$SRV`` handlers).
+        """
+        nc = self.nc
+        parts: list[bytes] = []
+        size = 0
+        for subject, data, reply, headers in out:
+            if headers:
+                hdr = ("NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
+                parts.append(f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + len(data)}\r\n".encode())
+                parts.append(hdr)
+            else:
+                parts.append(f"PUB {subject} {reply} {len(data)}\r\n".encode())
+            parts.append(data)
+            parts.append(b"\r\n")
+            size += len(data)
+        try:
+            nc.stats["out_msgs"] += len(out)
+            nc.stats["out_bytes"] += size
+            await nc._send_command(b"".join(parts))
+            if nc._flush_queue is not None and nc._flush_queue.empty():
+                await nc._flush_pending()
+        except Exception as exc:  # the connection went away meanwhile: fail them, they are retried
+            for _, _, reply, _ in out:
+                self._fail(int(reply.rsplit(".", 1)[1]), str(exc) or type(exc).__name__)
 
     def _fail(self, seq: int, why: str) -> None:
         entry = self._pending.pop(seq, None)
