@@ -222,6 +222,10 @@ class FabricService:
     async def on_serving(self) -> None:
         """Called once the endpoints subscribe, before the service answers ``$SRV.PING`` (announce it here)."""
 
+    async def on_stopping(self) -> None:
+        """Called after in-flight requests finished, while the background tasks still run: last work that
+        needs them (the scheduler writes what only memory holds through its publisher loop)."""
+
     async def on_stop(self) -> None:
         """Called after in-flight requests finished and the background tasks ended, before the connection drains."""
 
@@ -269,6 +273,10 @@ class FabricService:
             done, pending = await asyncio.wait(set(self._tasks), timeout=self.settings.drain_timeout_s)
             for task in pending:
                 task.cancel()
+        try:
+            await self.on_stopping()
+        except Exception as exc:  # the stop goes on: what follows releases what others wait for
+            self.log.error("on_stopping failed", error=str(exc) or type(exc).__name__)
         # after the requests (one may wait on what a loop does), before on_stop (which closes what loops use)
         await self.tasks.stop()
         await self.on_stop()

@@ -26,7 +26,8 @@ from fabric.schema.tasks import (
     Resources,
     TaskRecord,
 )
-from fabric.services.scheduler.machine import IllegalTransition, Task, move
+from fabric.services.scheduler.machine import BodyGroup, IllegalTransition, Task, move
+from fabric.services.scheduler.maps import MapBook
 from fabric.services.scheduler.nodes import Node, unmet
 from fabric.services.scheduler.queue import TaskQueue
 
@@ -185,3 +186,53 @@ def test_unmet_names_what_no_node_has() -> None:
     assert "arch=arm64 (node a is x86_64)" in (unmet(nodes, Resources(arch="arm64")) or "")
     assert unmet(nodes, Resources(arch="amd64")) is None  # an alias of x86_64
     assert unmet([], Resources()) == "no node is registered"
+
+
+# -- maps recorded lazily: the checkpoint (services/scheduler/maps.py) ------------------------------------------------
+
+
+def _group(n: int) -> BodyGroup:
+    return BodyGroup([Task(TaskRecord(id=f"m-{i}", kind="python", state="submitted", body="m", body_index=i))
+                      for i in range(n)])
+
+
+def test_the_checkpoint_never_passes_a_map_with_a_task_unrecorded() -> None:
+    book = MapBook()
+    assert book.checkpoint() == 1  # nothing stored: read from the first body
+    a, b = _group(2), _group(1)
+    book.sending_body(a)
+    assert book.checkpoint() == 1
+    book.stored(a, 5)  # stored at 5 (single tasks' bodies took 1..4)
+    book.sending_body(b)
+    assert book.checkpoint() == 5
+    book.stored(b, 6)
+    book.recorded(b.tasks[0])  # b settles: a still holds the checkpoint
+    assert book.checkpoint() == 5 and 6 not in book.unsettled
+    book.recorded(a.tasks[0])
+    assert book.checkpoint() == 5
+    book.recorded(a.tasks[1])
+    assert book.checkpoint() == 7 and not book.unsettled  # everything recorded: past the last body
+    assert all(t.group is None for t in a.tasks + b.tasks)
+
+
+def test_a_body_being_sent_holds_the_checkpoint_at_what_it_can_be_stored_as() -> None:
+    """A retried body may be stored under an earlier sequence (deduplicated): the checkpoint waits for it."""
+    book = MapBook()
+    a, b = _group(1), _group(1)
+    book.sending_body(a)  # could be stored at 1 or later
+    book.sending_body(b)
+    book.stored(b, 3)
+    book.recorded(b.tasks[0])
+    assert book.checkpoint() == 1  # a is still being sent
+    book.recorded(a.tasks[0])  # its task ended before its body's ack came
+    book.stored(a, 2)
+    assert book.checkpoint() == 4 and not book.unsettled
+
+
+def test_a_map_task_recorded_before_its_body_is_stored_does_not_hold_the_checkpoint() -> None:
+    book = MapBook()
+    g = _group(1)
+    book.sending_body(g)
+    book.recorded(g.tasks[0])
+    book.stored(g, 9)
+    assert not book.unsettled and book.checkpoint() == 10

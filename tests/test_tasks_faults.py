@@ -40,6 +40,11 @@ def nap(seconds: float, value: Any = None) -> Any:
     return value
 
 
+def nap_square(x: int) -> int:
+    time.sleep(0.3)
+    return x * x
+
+
 def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -203,6 +208,119 @@ async def test_kill_9_of_the_active_scheduler_under_load_loses_no_task(own_serve
         await node.stop()
 
 
+async def _registered(nc: Any, node: str, within: float = 30.0) -> None:
+    """Return once *node* is in the node registry (KV ``fabric_nodes``)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            await (await nc.jetstream().key_value("fabric_nodes")).get(node)
+            return
+        except Exception:
+            assert time.monotonic() < deadline, f"node {node} never registered"
+            await asyncio.sleep(0.1)
+
+
+def map_body(fn: Any, args: list[Any], prefix: str, **extra: Any) -> dict[str, Any]:
+    """A map of kind python as raw JSON (each call pickled, base64), as any client may send it."""
+    import base64
+
+    return {"fn": base64.b64encode(cloudpickle.dumps(fn)).decode(), "prefix": prefix,
+            "calls": [base64.b64encode(pickle.dumps(((a,), {}))).decode() for a in args], **extra}
+
+
+async def _records_of(nc: Any, ids: list[str]) -> dict[str, Any]:
+    """The KV records (decoded) that exist for *ids*, read from the bucket itself."""
+    from nats.js.errors import KeyNotFoundError
+
+    from fabric.schema import MSGPACK
+    from fabric.schema.tasks import TaskRecord
+
+    kv = await nc.jetstream().key_value("fabric_tasks")
+    out: dict[str, Any] = {}
+    for task_id in ids:
+        try:
+            entry = await kv.get(task_id)
+        except KeyNotFoundError:
+            continue
+        out[task_id] = MSGPACK.decode(entry.value, TaskRecord)
+    return out
+
+
+async def test_kill_9_of_the_active_scheduler_right_after_a_map_rebuilds_its_tasks_from_the_body(
+        own_server: dict[str, NatsServer], procs: Procs, tmp_path: Path) -> None:
+    """A map's queued tasks have no KV record yet (services/scheduler/maps.py): only their body holds them.  The
+    standby that takes over reads the bodies from the checkpoint on and runs each such task once."""
+    url = own_server["server"].url
+    schedulers = {p.pid: p for p in (procs.start("scheduler", "m1"), procs.start("scheduler", "m2"))}
+    nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    node: Node | None = None
+    try:
+        active = await _active_scheduler_pid(nc, procs)
+        procs.start("gpu_monitor", "m9")  # a registered node without a spawner: nothing pulls, so
+        await _registered(nc, "m9")
+        # every task stays queued.  An earlier map waits past LAZY_S, so its tasks have records (and the
+        # checkpoint moves past its body); the next one's tasks have none when the scheduler dies
+        early = [f"early-{i}" for i in range(5)]
+        answer = await ask(nc, "map", map_body(square, list(range(5)), "early"))
+        assert answer.code == 0, answer
+        deadline = time.monotonic() + 30
+        while len(await _records_of(nc, early)) < len(early):
+            assert time.monotonic() < deadline, procs.logs()
+            await asyncio.sleep(0.2)
+        ids = [f"late-{i}" for i in range(40)]
+        answer = await ask(nc, "map", map_body(square, list(range(40)), "late", priority=7, retries=1))
+        assert answer.code == 0 and answer.body["count"] == 40, answer
+        procs.kill9(schedulers[active])
+        unrecorded = set(ids) - set(await _records_of(nc, ids))
+        assert unrecorded, "every task of the map had a record when its scheduler died: nothing to rebuild"
+        node = await start_node(url, tmp_path, name="m3", slots=2)
+        for i, task_id in enumerate(early + ids):
+            rec = await ended(nc, task_id, within=90)
+            assert rec.state == "succeeded" and pickle.loads(rec.result) == (i % 5 if i < 5 else i - 5) ** 2, rec
+            assert [a.outcome for a in rec.attempts] == ["succeeded"], rec  # each ran once
+        late = await _records_of(nc, ids)
+        assert all(r.priority == 7 and r.retries == 1 and r.body == "late" and r.body_index == i
+                   for i, r in enumerate(late[t] for t in ids)), late  # rebuilt as submitted
+        standby = next(p for pid, p in schedulers.items() if pid != active)
+        log = procs.log(str(standby.args[6]), "scheduler")
+        reads = [json.loads(line) for line in log.splitlines() if '"map bodies read"' in line]
+        assert [r["rebuilt"] for r in reads] == [len(unrecorded)], log  # the ones without a record, from the body
+    finally:
+        await nc.close()
+        if node is not None:
+            await node.stop()
+
+
+async def test_a_map_task_that_waits_gets_its_record_within_the_lazy_window(own_server: dict[str, NatsServer],
+                                                                           procs: Procs, tmp_path: Path) -> None:
+    """Queued map tasks are written once they have waited LAZY_S; the checkpoint then moves past their body."""
+    from fabric.services.scheduler import maps as maps_mod
+
+    url = own_server["server"].url
+    sched = await start_scheduler(url, tmp_path)
+    procs.start("gpu_monitor", "w9")  # registered, but no spawner pulls: the tasks wait
+    nc = await nats.connect(url)
+    try:
+        await _wait_nodes(sched, "w9", logs=procs.logs)
+        ids = [f"wait-{i}" for i in range(10)]
+        answer = await ask(nc, "map", map_body(square, list(range(10)), "wait"))
+        assert answer.code == 0, answer
+        deadline = time.monotonic() + maps_mod.LAZY_S + 20
+        while len(found := await _records_of(nc, ids)) < len(ids):
+            assert time.monotonic() < deadline, f"records of {sorted(found)} only"
+            await asyncio.sleep(0.2)
+        assert {r.state for r in found.values()} == {"queued"}, found
+        kv = await nc.jetstream().key_value(maps_mod.STATE_BUCKET)
+        info = await nc.jetstream().stream_info("FABRIC_TASK_BODIES")
+        deadline = time.monotonic() + 10
+        while await maps_mod.read_checkpoint(kv) <= info.state.last_seq:
+            assert time.monotonic() < deadline, "the checkpoint never moved past the settled map's body"
+            await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+        await sched.stop()
+
+
 async def test_kill_9_of_a_spawner_running_a_long_task_runs_it_again(own_server: dict[str, NatsServer],
                                                                      procs: Procs, tmp_path: Path) -> None:
     url = own_server["server"].url
@@ -298,6 +416,33 @@ async def test_a_fabric_stopped_and_started_again_resumes_its_queued_tasks(own_s
             assert rec.state == "succeeded" and pickle.loads(rec.result) == i, rec
         attempts = [len((await ask(nc, "get", {"id": t})).body["attempts"]) for t in ids]
         assert attempts[-1] == 1, attempts  # the last one waited in the queue through the restart
+    finally:
+        await nc.close()
+        await node.stop()
+        await sched.stop()
+
+
+async def test_a_clean_stop_records_every_map_task_and_a_restart_resumes_them(own_server: dict[str, NatsServer],
+                                                                             tmp_path: Path) -> None:
+    """fabric down with a map's tasks queued (no records yet): the stopping scheduler writes them first."""
+    url = own_server["server"].url
+    sched = await start_scheduler(url, tmp_path, name="sched")
+    node = await start_node(url, tmp_path, name="c1", slots=1, prefetch=0)
+    nc = await nats.connect(url)
+    try:
+        await _wait_nodes(sched, "c1")
+        ids = [f"c-{i}" for i in range(6)]
+        answer = await ask(nc, "map", map_body(nap_square, list(range(6)), "c"))
+        assert answer.code == 0, answer
+        await node.stop()
+        await sched.stop()  # well within LAZY_S of the map: the stop itself gives the waiting ones records
+        found = await _records_of(nc, ids)
+        assert sorted(found) == ids, sorted(found)
+        sched = await start_scheduler(url, tmp_path, name="sched")
+        node = await start_node(url, tmp_path, name="c1", slots=1, prefetch=0)
+        for i, task_id in enumerate(ids):
+            rec = await ended(nc, task_id, within=60)
+            assert rec.state == "succeeded" and pickle.loads(rec.result) == i * i, rec
     finally:
         await nc.close()
         await node.stop()

@@ -177,6 +177,18 @@ class MapRequest(Message):
     notify: ShortStr = ""
 
 
+class MapBody(MapRequest):
+    """A map as the scheduler stores it (stream ``FABRIC_TASK_BODIES``, header ``Fabric-Map``).
+
+    The request with its ``prefix`` filled in, when it was accepted, and how its notices
+    are encoded: everything needed to rebuild its tasks, which have no KV record until
+    their first change (docs/protocol.md "Where tasks live").
+    """
+
+    created_ms: UInt = 0
+    notify_encoding: str = "json"
+
+
 class SubmitReply(Message):
     """The reply of ``submit``: the task's id and state (``existing``: the id or key named a task already)."""
 

@@ -33,7 +33,7 @@ class Task:
     """One task the active scheduler knows: its record plus the live state around it."""
 
     __slots__ = ("rec", "fn", "call", "rev", "version", "durable", "writing", "waiters", "node", "gpus",
-                 "assigned_at", "seen_at", "pending_deps", "dependents", "body_durable")
+                 "assigned_at", "seen_at", "pending_deps", "dependents", "body_durable", "group")
 
     def __init__(self, rec: TaskRecord, fn: bytes | None = None, call: bytes | None = None) -> None:
         self.rec = rec
@@ -57,6 +57,8 @@ class Task:
         #: dependencies not yet succeeded, and the tasks waiting for this one
         self.pending_deps = 0
         self.dependents: list[Task] | None = None
+        #: the map whose body holds this task while it has no KV record yet (None once it has one)
+        self.group: BodyGroup | None = None
 
     @property
     def id(self) -> str:
@@ -131,13 +133,19 @@ async def all_durable(tasks: list[Task]) -> None:
 
 
 class BodyGroup:
-    """Stands for every task of a map while their shared body is being stored."""
+    """Stands for every task of a map while their shared body is being stored, and until
+    each of them has a KV record of its own (:mod:`.maps`)."""
 
     def __init__(self, tasks: list[Task]) -> None:
         self.tasks = tasks
         self.id = tasks[0].rec.body if tasks else ""
+        #: the body's sequence in the stream (0 until it is stored)
+        self.seq = 0
+        #: tasks whose first KV record is not written yet
+        self.unwritten = len(tasks)
         for task in tasks:
             task.body_durable = False
+            task.group = self
 
     @property
     def body_durable(self) -> bool:

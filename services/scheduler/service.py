@@ -9,7 +9,8 @@ How the parts fit:
   (400 bad input, 422 when no registered node could ever run it, :mod:`.nodes`), and
   written to JetStream by :mod:`.store`: its body to stream FABRIC_TASK_BODIES, its
   :class:`~fabric.schema.tasks.TaskRecord` to KV bucket ``fabric_tasks``.  The reply
-  waits until both are stored.
+  waits until both are stored -- a map's tasks get their records later, their body
+  holds them until then (:mod:`.maps`).
 * It waits for its dependencies, then joins the :mod:`.queue` -- or goes straight to a
   node that is already asking for work.  Nodes pull (``fabric.task.pull``): a spawner
   asks for as many tasks as it has free slots and reports results on the same
@@ -20,7 +21,8 @@ How the parts fit:
 * Fault tolerance: a running task whose node stops listing it (its heartbeat, in
   every pull) for :data:`LOST_S` is run again; system failures (crash, timeout, node
   lost) use up ``retries``, then the task is ``dead``.  A new active scheduler
-  rebuilds everything from the KV bucket and the body stream.
+  rebuilds everything from the KV bucket and the body stream (the map bodies from the
+  checkpoint on, for the tasks with no record yet).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from fabric.schema.tasks import (
     Attempt,
     ExecSpec,
     ListRequest,
+    MapBody,
     MapReply,
     MapRequest,
     PullReply,
@@ -79,6 +82,7 @@ from fabric.schema.tasks import (
 from fabric.service import Endpoint, FabricService, Reply, Request, ServiceSettings
 
 from . import lease as lease_mod
+from . import maps as maps_mod
 from .admission import exec_spec_of, kind_of, resources_of
 from .machine import BodyGroup, all_durable, move, now_ms, resolve
 from .machine import Task as LiveTask
@@ -141,6 +145,7 @@ class SchedulerService(FabricService):
         self.ttl_s = settings.config.telemetry.node_ttl_s
         self.js: JetStreamContext | None = None
         self.task_kv: Any = None
+        self.state_kv: Any = None
         self.pub: Publisher | None = None
         self.writer: RecordWriter | None = None
         self._side = [self.cluster_endpoint(TASK, verb, handler) for verb, handler in (
@@ -166,6 +171,7 @@ class SchedulerService(FabricService):
         self._feed_scheduled = False
         self._late: list[LiveTask] = []
         self._late_scheduled = False
+        self.maps = maps_mod.MapBook()
 
     # -- the kit's hooks ---------------------------------------------------------------
 
@@ -187,6 +193,7 @@ class SchedulerService(FabricService):
             KeyValueBucket(KeyValueConfig(bucket=TASK_BUCKET, history=1, storage=StorageType.FILE,
                                           description="fabric task records (scheduler)")),
             lease_mod.bucket(),
+            maps_mod.state_bucket(),
             task_results_bucket(),
         ]
 
@@ -196,14 +203,17 @@ class SchedulerService(FabricService):
             self.log.error("the scheduler needs JetStream: tasks are not served until it is available")
             return
         self.task_kv = await js.key_value(TASK_BUCKET)
+        self.state_kv = await js.key_value(maps_mod.STATE_BUCKET)
         self.lease.attach(await js.key_value(lease_mod.LEASE_BUCKET))
         await self.nodes.follow(js)
 
     async def on_serving(self) -> None:
         self.pub = Publisher(self.connection)
         await self.pub.open()
-        self.writer = RecordWriter(self.pub, self.log, self._conflict, self.settings.config.tasks.retention_s)
+        self.writer = RecordWriter(self.pub, self.log, self._conflict, self.settings.config.tasks.retention_s,
+                                   on_first_record=self.maps_recorded)
         self.background(self.pub.run, name="publisher")
+        self.background(self._checkpoints, name="checkpoints")
         self.background(self.lease.run, name="lease")
         self.background(self._sweep, name="sweep")
         # ready (for fabric up) once serving tasks, or once another scheduler is known to serve them
@@ -211,6 +221,10 @@ class SchedulerService(FabricService):
             await asyncio.wait_for(self.lease.settled.wait(), lease_mod.LEASE_S * 4)
         except TimeoutError:
             self.log.warning("no scheduler lease settled yet: starting as a standby")
+
+    async def on_stopping(self) -> None:
+        if self.lease.active and self.writer is not None:
+            await self._settle_maps()
 
     async def on_stop(self) -> None:
         await self.lease.release()
@@ -315,6 +329,40 @@ class SchedulerService(FabricService):
                 task.gpus = node.take(task.rec.resources or DEFAULT_RESOURCES) or []
                 node.running.add(task.id)
                 task.assigned_at = task.seen_at = time.monotonic()  # its node has LOST_S to list it
+        await self._recover_maps({rec.id for rec, _ in records})
+
+    async def _recover_maps(self, known: set[str]) -> None:
+        """Rebuild, from their bodies, the map tasks that have no record yet (maps.py)."""
+        assert self.js is not None
+        start = await maps_mod.read_checkpoint(self.state_kv) if self.state_kv is not None else 0
+        info = await self.js.stream_info(BODY_STREAM)
+        self.maps.last_seq = info.state.last_seq or 0
+        oldest = now_ms() - int(self.settings.config.tasks.retention_s * 1000)
+        rebuilt = left = bodies = 0
+        loop = asyncio.get_running_loop()
+        async for seq, body in maps_mod.read_map_bodies(self.js, start):
+            bodies += 1
+            if body is None:
+                self.log.error("an unreadable map body was skipped", seq=seq)
+                continue
+            tasks = _map_tasks(body, body.prefix, body.created_ms, body.notify_encoding, known)
+            if not tasks:
+                continue
+            if body.created_ms < oldest:
+                # its ended tasks' records may have expired: running them again would be wrong
+                left += len(tasks)
+                continue
+            group = BodyGroup(tasks)
+            for task in tasks:
+                task.body_durable = True
+            self.maps.stored(group, seq)
+            for task in tasks:
+                self._enter(task)
+            loop.call_later(maps_mod.LAZY_S, self._record_map, group)
+            rebuilt += len(tasks)
+        self.log.info("map bodies read", since=start, bodies=bodies, rebuilt=rebuilt)
+        if left:
+            self.log.error("map tasks older than tasks.retention_s had no record: left unrun", tasks=left)
 
     def _split_body(self, task: LiveTask, body: bytes) -> None:
         """Keep what a task needs to run from its stored body."""
@@ -419,30 +467,75 @@ class SchedulerService(FabricService):
         first = self.live.get(f"{prefix}-0") or self.finished.get(f"{prefix}-0")
         if first is not None:  # a repeated map: the same tasks
             return MapReply(prefix=prefix, count=len(msg.calls))
-        body = MSGPACK.encode(MapRequest(fn=msg.fn, calls=msg.calls, prefix=prefix))
+        created = now_ms()
+        encoding = "msgpack" if req.codec is MSGPACK else "json"
+        # the whole request: the body alone rebuilds its tasks until they have records (maps.py)
+        body = MSGPACK.encode(MapBody(
+            fn=msg.fn, calls=msg.calls, prefix=prefix, priority=msg.priority, resources=msg.resources,
+            retries=msg.retries, retry_exceptions=msg.retry_exceptions, timeout_s=msg.timeout_s, deps=msg.deps,
+            notify=msg.notify, created_ms=created, notify_encoding=encoding))
         if len(body) > self._limit():
             raise TooLarge(f"a map batch of {len(body)} bytes exceeds the limit of {self._limit()}: "
                            f"send fewer calls per batch")
         await self._check_feasible(res)
         await self._check_deps(msg.deps)
-        created = now_ms()
-        shared = None if res == DEFAULT_RESOURCES else res
-        tasks = []
-        for i, call in enumerate(msg.calls):
-            rec = TaskRecord(id=f"{prefix}-{i}", kind=PYTHON, state=SUBMITTED, priority=msg.priority,
-                             resources=shared, retries=msg.retries, retry_exceptions=msg.retry_exceptions,
-                             timeout_s=msg.timeout_s, deps=list(msg.deps), notify=msg.notify,
-                             notify_encoding="msgpack" if req.codec is MSGPACK else "json", body=prefix,
-                             body_index=i, created_ms=created)
-            task = LiveTask(rec, msg.fn, call)
-            tasks.append(task)
+        tasks = _map_tasks(msg, prefix, created, encoding)
         assert self.writer is not None
-        body_task = BodyGroup(tasks)
-        self.writer.save_body(body_task, prefix, body)
+        group = BodyGroup(tasks)
+        self.maps.sending_body(group)
+        self.writer.save_body(group, prefix, body, {maps_mod.MAP_HEADER: str(len(tasks))},
+                              on_stored=lambda seq: self._map_stored(group, seq))
         for task in tasks:
             self._enter(task)
         await all_durable(tasks)
         return MapReply(prefix=prefix, count=len(tasks))
+
+    # -- maps: recorded lazily (maps.py) ---------------------------------------------------
+
+    def _map_stored(self, group: BodyGroup, seq: int) -> None:
+        self.maps.stored(group, seq)
+        if group.unwritten > 0:
+            asyncio.get_running_loop().call_later(maps_mod.LAZY_S, self._record_map, group)
+
+    def _record_map(self, group: BodyGroup) -> None:
+        """Write a record for each task of *group* that has none yet (it has waited LAZY_S)."""
+        assert self.writer is not None
+        for task in group.tasks:
+            if task.group is group and self.live.get(task.id) is task:
+                self.writer.write(task)
+
+    def maps_recorded(self, task: LiveTask) -> None:
+        self.maps.recorded(task)
+
+    async def _checkpoints(self) -> None:
+        """Write the map-body checkpoint when it moved (at most every CHECKPOINT_EVERY_S)."""
+        while True:
+            await asyncio.sleep(maps_mod.CHECKPOINT_EVERY_S)
+            await self._save_checkpoint()
+
+    async def _save_checkpoint(self) -> None:
+        if not self.lease.active or self.state_kv is None:
+            return
+        book = self.maps
+        seq = book.checkpoint()
+        if seq == book.saved:
+            return
+        try:
+            await maps_mod.write_checkpoint(self.state_kv, seq, self.lease.instance)
+        except Exception as exc:
+            self.log.debug("map checkpoint not written", error=str(exc) or type(exc).__name__)
+            return
+        if book is self.maps:  # still the same term
+            book.saved = seq
+
+    async def _settle_maps(self, timeout_s: float = 2.0) -> None:
+        """A clean stop: give every map task without a record one, then write the checkpoint."""
+        for group in list(self.maps.unsettled.values()):
+            self._record_map(group)
+        deadline = time.monotonic() + timeout_s
+        while self.maps.unsettled and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await self._save_checkpoint()
 
     def _enter(self, task: LiveTask) -> None:
         """A new task enters: it waits for its dependencies, or runs now, or queues."""
@@ -762,6 +855,13 @@ class SchedulerService(FabricService):
 
     def _save(self, task: LiveTask) -> None:
         assert self.writer is not None
+        if task.group is not None and task.rev == 0 and not task.writing and not task.rec.attempts and \
+                task.state in _HELD_BY_BODY:
+            # a map's task that has not run yet: its body holds it (maps.py); a record comes at its
+            # first run or end, or when it has waited LAZY_S
+            task.durable = task.version
+            task.wake()
+            return
         self.writer.save(task)
 
     def _event(self, task: LiveTask, prev: str, node: str = "") -> None:
@@ -811,6 +911,7 @@ class SchedulerService(FabricService):
         """A compare-and-swap on *task* lost: another scheduler moved it; this one steps back from it."""
         self.log.error("another scheduler wrote this task: this one leaves it", task=task.id)
         self.live.pop(task.id, None)
+        self.maps.recorded(task)  # its map no longer waits for it here
         if task.node:
             self._release(task)
 
@@ -916,6 +1017,28 @@ class SchedulerService(FabricService):
         self._release(task)
         self._system_failure(task, "lost", why)
         self._save(task)
+
+
+#: the states in which a map's task needs no record of its own yet (its body holds it)
+_HELD_BY_BODY: Final = frozenset({SUBMITTED, QUEUED, WAITING})
+
+
+def _map_tasks(msg: MapRequest, prefix: str, created: int, encoding: str,
+               skip: Any = frozenset()) -> list[LiveTask]:
+    """The tasks of a map (those whose ids are not in *skip*), new: state submitted."""
+    res = msg.resources or Resources()
+    shared = None if res == DEFAULT_RESOURCES else res
+    tasks = []
+    for i, call in enumerate(msg.calls):
+        task_id = f"{prefix}-{i}"
+        if task_id in skip:
+            continue
+        rec = TaskRecord(id=task_id, kind=PYTHON, state=SUBMITTED, priority=msg.priority, resources=shared,
+                         retries=msg.retries, retry_exceptions=msg.retry_exceptions, timeout_s=msg.timeout_s,
+                         deps=list(msg.deps), notify=msg.notify, notify_encoding=encoding, body=prefix,
+                         body_index=i, created_ms=created)
+        tasks.append(LiveTask(rec, msg.fn, call))
+    return tasks
 
 
 def _exit_code(task: LiveTask, r: TaskResult) -> int | None:

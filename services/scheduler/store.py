@@ -203,8 +203,11 @@ class RecordWriter:
     """Keeps each task's KV entry in step with memory: coalesced compare-and-swap writes."""
 
     def __init__(self, publisher: Publisher, log: Any, on_conflict: Callable[[machine.Task], None],
-                 retention_s: float = 86400.0) -> None:
+                 retention_s: float = 86400.0,
+                 on_first_record: Callable[[machine.Task], None] | None = None) -> None:
         self.pub = publisher
+        #: called when a task's first record is stored (a map's task leaves its body's care, :mod:`.maps`)
+        self.on_first_record = on_first_record
         #: an ended task's record is written with this TTL (Nats-TTL): JetStream removes it after
         self.ended_ttl = {MSG_TTL: str(max(1, int(retention_s)))}
         self.log = log
@@ -218,19 +221,29 @@ class RecordWriter:
         if not task.writing and task.durable < task.version:
             self._write(task)
 
-    def save_body(self, task: BodyHolder, body: str, data: bytes) -> None:
+    def write(self, task: machine.Task) -> None:
+        """Write *task*'s record now, even if memory holds nothing newer (unless a write is in flight)."""
+        if not task.writing:
+            self._write(task)
+
+    def save_body(self, task: BodyHolder, body: str, data: bytes, headers: dict[str, str] | None = None,
+                  on_stored: Callable[[int], None] | None = None) -> None:
         """Store a body message (deduplicated by its id); the waiters of the task (or of every task of a
-        map: *task* stands for them all) wait for it too."""
+        map: *task* stands for them all) wait for it too.  *on_stored* gets the body's stream sequence."""
+        headers = {**(headers or {}), MSG_ID: body}
 
         def acked(seq: int, err: dict[str, Any] | None) -> None:
             if err is not None:
                 self.log.warning("task body not stored, retrying", task=task.id, error=err.get("description"))
-                asyncio.get_running_loop().call_later(0.1, self.save_body, task, body, data)
+                asyncio.get_running_loop().call_later(0.1, self.pub.publish, body_subject(body), data, headers,
+                                                      acked)
                 return
+            if on_stored is not None:
+                on_stored(seq)
             task.body_durable = True
             task.wake()
 
-        self.pub.publish(body_subject(body), data, {MSG_ID: body}, acked)
+        self.pub.publish(body_subject(body), data, headers, acked)
 
     def _write(self, task: machine.Task) -> None:
         task.writing = True
@@ -241,7 +254,10 @@ class RecordWriter:
         def acked(seq: int, err: dict[str, Any] | None) -> None:
             task.writing = False
             if err is None:
+                first = task.rev == 0
                 task.rev = seq
+                if first and self.on_first_record is not None:
+                    self.on_first_record(task)
                 task.durable = version
                 task.wake()
                 self.save(task)  # changes made while this write was in flight
