@@ -30,14 +30,16 @@ import pytest
 from fabric.protocol import subjects
 from fabric.protocol.pytasks import (
     TASK_PERSISTENT_TAG,
+    decode_batch_results,
     decode_python_error,
+    encode_batch,
     encode_python_task,
 )
 from fabric.schema import JSON, MSGPACK, CoreRequest
 from fabric.schema.tasks import ExecSpec, PullReply, PullRequest, TaskResult, TaskRun
 from fabric.service import Request, ServiceSettings
 from fabric.services.spawner import SpawnerService
-from fabric.services.spawner.tasks import MAX_PREFETCH_PER_SLOT
+from fabric.services.spawner.tasks import MAX_PREFETCH_PER_SLOT, MAX_TASKS_PER_JOB
 from fabric.services.spawner.worker_core import PythonCore
 from tests._cores import TEST_CORES, build_core
 from tests._wait import until
@@ -153,6 +155,22 @@ def test_python_core_still_runs_the_plain_job_format() -> None:
     assert (code, pickle.loads(out)) == (0, 3)
     code, out = PythonCore().run(cloudpickle.dumps((lambda: 1 / 0, (), {})))
     assert code == 1 and pickle.loads(out)[0] == "ZeroDivisionError"
+
+
+@pytest.mark.unit
+def test_python_core_runs_a_batch_each_task_on_its_own() -> None:
+    def boom() -> None:
+        raise KeyError("k")
+
+    code, out = PythonCore().run(encode_batch([frame(lambda: 1), frame(boom), frame(lambda x: x * 3, 5)]))
+    assert code == 0
+    outs = decode_batch_results(out)
+    assert [o.code for o in outs] == [0, 1, 0]
+    assert pickle.loads(outs[0].out) == 1 and pickle.loads(outs[2].out) == 15
+    assert decode_python_error(outs[1].out).type == "KeyError"
+    assert all(o.micros >= 0 for o in outs)
+    code, out = PythonCore().run(b"FPYB\x05\x00\x00\x00")  # five frames announced, none there
+    assert code == 1 and decode_python_error(out).type == "InvalidFrame"
 
 
 # -- the runner, with a test scheduler ------------------------------------------------------
@@ -637,3 +655,43 @@ async def test_an_opencl_task_that_cannot_be_pinned_is_refused(sched: Scheduler,
         r = await sched.result(task_id)
         assert r.outcome == "refused" and r.error is not None, r
         assert r.error.kind == kind and words in r.error.message, r
+
+
+async def _warm_short(sched: Scheduler) -> None:
+    """Run tiny tasks until the runner's estimate says tasks are short (then it batches them)."""
+    runs = [py(lambda: 0) for _ in range(20)]
+    sched.add(*runs)
+    for t in runs:
+        await sched.result(t.id)
+
+
+async def test_tiny_tasks_go_to_a_worker_several_a_job(sched: Scheduler, node: SpawnerService) -> None:
+    await _warm_short(sched)
+    runner = node.runner
+    jobs_before = runner._job_ids
+    runs = [py(lambda i=i: i * i) for i in range(200)]
+    sched.add(*runs)
+    for i, t in enumerate(runs):
+        r = await sched.result(t.id)
+        assert r.outcome == "ok" and pickle.loads(r.output) == i * i, r
+        assert r.start_ms <= r.end_ms, r
+    jobs = runner._job_ids - jobs_before
+    assert 200 / MAX_TASKS_PER_JOB <= jobs < 200, jobs  # batched, and never more than MAX_TASKS_PER_JOB a job
+    assert not sched.violations, sched.violations
+
+
+async def test_a_task_that_kills_its_batchs_worker_is_found_alone(sched: Scheduler, node: SpawnerService) -> None:
+    """The batch's worker dies: each of its tasks runs again alone, so only the killer reports a crash."""
+    await _warm_short(sched)
+    runs = [py(lambda i=i: i) for i in range(30)]
+    killer = py(lambda: os._exit(7))
+    runs.insert(10, killer)
+    sched.add(*runs)
+    for t in runs:
+        r = await sched.result(t.id)
+        if t is killer:
+            assert r.outcome == "crashed" and r.error is not None and r.error.kind == "worker_crashed", r
+        else:
+            assert r.outcome == "ok", r
+    crashed = [r for r in sched.received if r.outcome == "crashed"]
+    assert [r.id for r in crashed] == [killer.id], crashed  # reported once, by itself

@@ -20,6 +20,16 @@ without unpickling what user code produced::
     "FPYE" | type_len u32 | message_len u32 | traceback_len u32 | exc_len u32
            | type | message | traceback (UTF-8) | exc (the pickled exception, or empty)
 
+Inside a node (never on NATS), the task runner may hand a pool worker several short
+tasks as one job, and get their outputs back as one -- so a ``fc.map`` of tiny calls
+pays for a ring round trip per batch, not per task::
+
+    "FPYB" | count u32 | count x (frame_len u32 | one FPY1 frame)
+    "FPYR" | count u32 | count x (code u8 | 3 zero bytes | micros u32 | out_len u32 | out)
+
+``code`` and ``out`` are each task's own (0 and a pickle, or 1 and an FPYE frame);
+``micros`` is how long it ran.
+
 Part of :mod:`fabric.protocol` (stdlib and fabric.errors only).
 """
 
@@ -30,11 +40,17 @@ from typing import Any, Final, NamedTuple
 
 from .reader import Reader, as_bytes_view
 
-__all__ = ["PY_TASK_MAGIC", "PY_ERROR_MAGIC", "TASK_PERSISTENT_TAG", "MAX_DEPS", "PythonTask", "PythonError",
-           "encode_python_task", "decode_python_task", "encode_python_error", "decode_python_error"]
+__all__ = ["PY_TASK_MAGIC", "PY_ERROR_MAGIC", "PY_BATCH_MAGIC", "PY_RESULTS_MAGIC", "TASK_PERSISTENT_TAG", "MAX_DEPS",
+           "MAX_BATCH", "PythonTask", "PythonError", "BatchOutput", "encode_python_task", "decode_python_task",
+           "encode_python_error", "decode_python_error", "encode_batch", "decode_batch", "encode_batch_results",
+           "decode_batch_results"]
 
 PY_TASK_MAGIC: Final = b"FPY1"
 PY_ERROR_MAGIC: Final = b"FPYE"
+PY_BATCH_MAGIC: Final = b"FPYB"
+PY_RESULTS_MAGIC: Final = b"FPYR"
+#: the most tasks in one FPYB frame
+MAX_BATCH: Final = 4096
 #: the first element of the persistent id that stands for another task's result
 TASK_PERSISTENT_TAG: Final = "fabric.task"
 #: the most dependencies one task may have (SubmitRequest.deps)
@@ -43,6 +59,8 @@ MAX_DEPS: Final = 4096
 _HEAD = struct.Struct("<II")
 _DEP = struct.Struct("<HQ")
 _ERR = struct.Struct("<IIII")
+_U32 = struct.Struct("<I")
+_OUT = struct.Struct("<B3xII")
 
 
 class PythonTask(NamedTuple):
@@ -51,6 +69,14 @@ class PythonTask(NamedTuple):
     fn: memoryview
     deps: dict[str, memoryview]
     call: memoryview
+
+
+class BatchOutput(NamedTuple):
+    """One task's output in an FPYR frame."""
+
+    code: int
+    micros: int
+    out: memoryview
 
 
 class PythonError(NamedTuple):
@@ -104,3 +130,47 @@ def decode_python_error(data: Any) -> PythonError:
     exc = bytes(r.take(lens[3], "exc"))
     r.end()
     return PythonError(t, m, tb, exc)
+
+
+def encode_batch(frames: list[Any]) -> bytes:
+    """One FPYB frame of FPY1 frames."""
+    parts: list[Any] = [PY_BATCH_MAGIC, _U32.pack(len(frames))]
+    for frame in frames:
+        parts += [_U32.pack(as_bytes_view(frame).nbytes), frame]
+    return b"".join(parts)
+
+
+def decode_batch(data: Any) -> list[memoryview]:
+    """The FPY1 frames of an FPYB frame (InvalidFrame if malformed)."""
+    r = Reader(data, "python batch frame")
+    r.magic(PY_BATCH_MAGIC)
+    (count,) = r.unpack(_U32, "count")
+    r.count(count, MAX_BATCH, "count")
+    frames = []
+    for i in range(count):
+        (n,) = r.unpack(_U32, f"frame {i} length")
+        frames.append(r.take(n, f"frame {i}"))
+    r.end()
+    return frames
+
+
+def encode_batch_results(outputs: list[tuple[int, int, Any]]) -> bytes:
+    """One FPYR frame of ``(code, micros, out)``."""
+    parts: list[Any] = [PY_RESULTS_MAGIC, _U32.pack(len(outputs))]
+    for code, micros, out in outputs:
+        parts += [_OUT.pack(code, min(max(micros, 0), 0xFFFFFFFF), as_bytes_view(out).nbytes), out]
+    return b"".join(parts)
+
+
+def decode_batch_results(data: Any) -> list[BatchOutput]:
+    """The outputs of an FPYR frame (InvalidFrame if malformed)."""
+    r = Reader(data, "python batch results frame")
+    r.magic(PY_RESULTS_MAGIC)
+    (count,) = r.unpack(_U32, "count")
+    r.count(count, MAX_BATCH, "count")
+    outputs = []
+    for i in range(count):
+        code, micros, n = r.unpack(_OUT, f"output {i} header")
+        outputs.append(BatchOutput(code, micros, r.take(n, f"output {i}")))
+    r.end()
+    return outputs

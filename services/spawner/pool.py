@@ -87,8 +87,10 @@ class Pool:
         self.unload_after_s = req.unload_after_s
         self.external = req.external
         self.listen_host = req.listen_host
-        #: what each new worker's environment adds (set by CoreManager.internal_pool)
+        #: what each new worker's environment adds, and its spins if not the node's (set by
+        #: CoreManager.internal_pool)
         self.worker_env: dict[str, str] = {}
+        self.pool_env: PoolEnv | None = None
         self.ready = asyncio.Event()  # set when the load finished, whether it worked or not
         self.draining = False  # replaced: no new jobs; closes once the queued and running ones are done
         self.replaced_by = ""
@@ -201,7 +203,7 @@ class Pool:
     def start_worker(self) -> asyncio.Task[Worker | None]:
         host = self.host
         w = RingWorker(self, self.spec(), next(self._seq), ring_prefix=host.ring_prefix, link=host.link,
-                       env=host.env, children=host.children)
+                       env=self.pool_env or host.env, children=host.children)
         self.workers.append(w)
         self.workers_started += 1
         task = asyncio.get_running_loop().create_task(self._start_worker(w))

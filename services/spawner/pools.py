@@ -283,7 +283,7 @@ class CoreManager:
 
     async def internal_pool(self, name: str, *, min_workers: int = 1, max_workers: int = 4,
                             time_limit_s: float = 0.0, shared: bool = False, env: dict[str, str] | None = None,
-                            unload_after_s: float = 0.0) -> Pool:
+                            unload_after_s: float = 0.0, spins: tuple[float, float] | None = None) -> Pool:
         """A pool of the built-in core *name* for the spawner's own use (the task runner).
 
         ``shared``: the node's pool of that name (listed under it, reused by a load with the
@@ -291,7 +291,10 @@ class CoreManager:
         ``list`` with its id but never found by name, so a client's load of the same
         core is not refused for other settings.  ``env``: added to each worker's environment
         from its start (a pool pinned to GPUs); ``unload_after_s``: retired after that long
-        without a job.  CoreLoadFailed when its first worker does not start.
+        without a job; ``spins``: caps on its reader and worker spins in µs (a pool fed by
+        the task runner gets its jobs in batches, over NATS: a long spin only takes CPU from
+        the processes the next batch comes through).  CoreLoadFailed when its first worker
+        does not start.
         """
         if shared:
             live = self.by_name.get(name)
@@ -303,6 +306,8 @@ class CoreManager:
             name=name, min_workers=min_workers, max_workers=max_workers, time_limit_s=time_limit_s,
             unload_after_s=unload_after_s))
         pool.worker_env = dict(env or {})
+        if spins is not None:
+            pool.pool_env = self.env.capped(*spins)
         self.pools[pool.id] = pool
         if shared:
             self.by_name[name] = pool

@@ -17,8 +17,13 @@ by :mod:`.tasks_results`):
   ``max_workers`` = the slots, listed by ``fabric.core.<node>.list`` under an id that
   starts with ``t``, never found by name, so a client's ``fabric.python`` pool lives
   beside it).  The pool is started by the first python task; the runner hands it at most
-  one task per worker, so a task never waits on a ring behind another one, and the
-  prefetched ones wait here.  A task given GPUs runs on a pool of its GPU set instead,
+  one job per worker (two while tasks are short), so a task never waits long on a ring
+  behind another one, and the prefetched ones wait here.  While tasks take under a
+  millisecond, several queued ones without a timeout go to a worker as one job (an
+  FPYB frame, :data:`MAX_TASKS_PER_JOB` at most): a map of tiny calls pays for a ring
+  round trip per batch, not per task.  If that worker dies, each task of the batch
+  runs again alone (not counted against its retries), so a task that kills its worker
+  is found and accounted by itself.  A task given GPUs runs on a pool of its GPU set instead,
   whose workers have ``CUDA_VISIBLE_DEVICES`` from their start (:mod:`.tasks_gpu`).
 * ``core``: one job for the node's live pool of that core name (none: refused, 404).
 * ``opencl``: an FCLJ frame for the node's ``fabric.opencl`` pool, loaded on first use;
@@ -50,16 +55,18 @@ from fabric.errors import (
     BadRequest,
     FabricError,
     InternalError,
+    InvalidFrame,
     JobTimeout,
     NotFound,
     TooLarge,
     Unavailable,
+    WorkerCrashed,
     error_from_wire,
 )
 from fabric.protocol import subjects
 from fabric.protocol.cores import OPENCL_CORE, PYTHON_CORE
 from fabric.protocol.headers import CONTENT_TYPE_HEADER, ERROR_CODE_HEADER, ERROR_HEADER, ERROR_KIND_HEADER
-from fabric.protocol.pytasks import decode_python_task, encode_python_task
+from fabric.protocol.pytasks import decode_batch_results, decode_python_task, encode_batch, encode_python_task
 from fabric.schema import MSGPACK, MSGPACK_CONTENT_TYPE, LoadCoreRequest, SpawnRequest
 from fabric.schema.tasks import (
     CORE,
@@ -74,7 +81,7 @@ from fabric.schema.tasks import (
     TaskRun,
 )
 
-from .pool_types import Job
+from .pool_types import TASK_POOL_SPINS, Job
 from .pools import CoreManager, Pool
 from .procs import ManagedProcess, ProcessTable
 from .tasks_gpu import GpuPythonPools, pin_opencl
@@ -97,6 +104,8 @@ PREFETCH_WINDOW_S = 0.02
 MAX_PREFETCH_PER_SLOT = 64
 #: tasks shorter than this are pipelined two per pool worker (the next is on the worker's ring)
 PIPELINE_BELOW_S = 0.001
+#: the most short tasks handed to one pool worker as one job (an FPYB frame)
+MAX_TASKS_PER_JOB = 16
 #: the most result bytes one pull carries (the rest go in the next one)
 PULL_RESULT_BYTES = 512 << 10
 _HEADERS = {CONTENT_TYPE_HEADER: MSGPACK_CONTENT_TYPE}
@@ -181,12 +190,15 @@ class TaskRunner:
 
     def _timed(self, a: Attempt) -> None:
         if a.t0:
-            now = time.perf_counter()
-            took = now - a.t0
-            # after an idle second the next tasks may be another kind: start the estimate afresh
-            stale = self.task_s is None or now - self._timed_at > 1.0
-            self.task_s = took if stale or self.task_s is None else 0.8 * self.task_s + 0.2 * took
-            self._timed_at = now
+            self._took(time.perf_counter() - a.t0)
+
+    def _took(self, took: float) -> None:
+        """A task took *took* seconds: the estimate follows it."""
+        now = time.perf_counter()
+        # after an idle second the next tasks may be another kind: start the estimate afresh
+        stale = self.task_s is None or now - self._timed_at > 1.0
+        self.task_s = took if stale or self.task_s is None else 0.8 * self.task_s + 0.2 * took
+        self._timed_at = now
 
     # -- the pull loop ----------------------------------------------------------------
 
@@ -428,15 +440,25 @@ class TaskRunner:
             if self._python_queue and (self._opening is None or self._opening.done()):
                 self._opening = asyncio.get_running_loop().create_task(self._open_python())
             return
-        depth = 2 if self.task_s is not None and self.task_s < PIPELINE_BELOW_S else 1
-        while self._python_queue:
-            weight = _cpu_weight(self._python_queue[0])
+        short = self.task_s is not None and self.task_s < PIPELINE_BELOW_S
+        queue = self._python_queue
+        while queue:
+            weight = _cpu_weight(queue[0])
             # tasks run at once only while their CPUs fit the slots (a task asking for more runs alone);
             # short single-CPU tasks are pipelined two a worker unless a bigger task is in
-            cap = pool.max_workers * (depth if weight == 1 and not self._python_big else 1)
+            cap = pool.max_workers * (2 if short and weight == 1 and not self._python_big else 1)
             if self._python_busy and self._python_busy + weight > cap:
                 break
-            a = self._python_queue.popleft()
+            if short and len(queue) > 1 and _batchable(queue[0]) and _batchable(queue[1]):
+                # the queue spread over the jobs that may run at once, at most MAX_TASKS_PER_JOB each
+                size = min(MAX_TASKS_PER_JOB, -(-len(queue) // cap))
+                batch = [queue.popleft()]
+                while queue and len(batch) < size and _batchable(queue[0]):
+                    batch.append(queue.popleft())
+                self._python_busy += 1
+                self._submit_batch(batch, pool)
+                continue
+            a = queue.popleft()
             self._python_busy += weight
             self._python_big += weight > 1
             self._submit(a, pool)
@@ -444,7 +466,8 @@ class TaskRunner:
     async def _open_python(self) -> None:
         self._python = None
         try:
-            self._python = await self.host.cores.internal_pool(PYTHON_CORE, min_workers=1, max_workers=self.slots)
+            self._python = await self.host.cores.internal_pool(PYTHON_CORE, min_workers=1, max_workers=self.slots,
+                                                               spins=TASK_POOL_SPINS)
         except FabricError as exc:
             self.host.log.warning("task runner: the python pool did not start", error=exc.message)
             while self._python_queue:
@@ -473,6 +496,60 @@ class TaskRunner:
         a.kill = lambda: _stop_job(pool, job, a.run.timeout_s, self._job_done, a)
         self._arm(a)
         pool.submit(job)
+
+    def _submit_batch(self, batch: list[Attempt], pool: Pool) -> None:
+        self._job_ids += 1
+        job = Job(self._job_ids, encode_batch([a.run.payload for a in batch]),
+                  lambda code, out, err: self._batch_done(batch, code, out, err))
+
+        def kill() -> None:  # a cancel of one of them: the others run again
+            if job in pool.queue:  # not started: taken back
+                pool.queue.remove(job)
+                self._batch_done(batch, 0, b"", JobTimeout("a task of the batch was cancelled", core=pool.id))
+                return
+            for w in pool.workers:
+                if job.id in w.outstanding:
+                    w.time_out(0.0)  # the pool fails the job with JobTimeout and replaces the worker
+                    return
+
+        for a in batch:
+            a.job, a.pool, a.worker, a.kill = job, pool, pool.id, kill
+            self._arm(a)
+        pool.submit(job)
+
+    def _batch_done(self, batch: list[Attempt], code: int, out: Any, err: FabricError | None) -> None:
+        """An FPYB job ended: each task's result from its FPYR entry -- or, if the worker died (or was
+        killed for a cancel), each task not cancelled queued again to run alone."""
+        self._python_busy = max(0.0, self._python_busy - 1.0)
+        outputs = None
+        if err is None and code == 0:
+            try:
+                outputs = decode_batch_results(out)
+                if len(outputs) != len(batch):
+                    raise InvalidFrame(f"{len(outputs)} outputs for a batch of {len(batch)}")
+            except InvalidFrame as exc:
+                err = InternalError(f"the Python worker's batch results are malformed: {exc.message}")
+        if outputs is None and isinstance(err, (WorkerCrashed, JobTimeout)):
+            for a in reversed(batch):
+                if not a.dropped:
+                    a.alone = a.alone or isinstance(err, WorkerCrashed)
+                    a.start_ms, a.t0 = 0, 0.0
+                    self._python_queue.appendleft(a)
+        elif outputs is None:
+            for a in batch:
+                if not a.dropped:
+                    self._finish(a, job_result(a, code, out, err))
+        else:
+            start_ms, spent = batch[0].start_ms, 0
+            for a, o in zip(batch, outputs, strict=True):
+                a.start_ms = start_ms + spent // 1000
+                spent += o.micros
+                self._took(o.micros / 1e6)
+                if not a.dropped:
+                    result = job_result(a, o.code, o.out, None)
+                    result.end_ms = start_ms + spent // 1000
+                    self._finish(a, result)
+        self._pump_python()
 
     def _job_done(self, a: Attempt, code: int, out: Any, err: FabricError | None) -> None:
         self._timed(a)
@@ -532,6 +609,13 @@ class TaskRunner:
             t.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _batchable(a: Attempt) -> bool:
+    """May run in a batch with others: one CPU, no GPUs, no timeout (a batch is killed as one), not
+    singled out by a batch whose worker died."""
+    run = a.run
+    return run.cpus <= 1 and not run.timeout_s and not run.gpus and not a.alone
 
 
 def _cpu_weight(a: Attempt) -> float:

@@ -30,6 +30,7 @@ from fabric.errors import BadRequest, FabricError, UnknownDevice
 from fabric.protocol.cores import PYTHON_CORE
 from fabric.schema.tasks import TaskRun
 
+from .pool_types import TASK_POOL_SPINS
 from .pools import CoreManager, Pool
 from .tasks_results import REFUSED, Attempt, task_error
 
@@ -140,7 +141,8 @@ class GpuPythonPools:
         visible = cuda_visible(list(lane.gpus))
         try:
             lane.pool = await self.cores.internal_pool(PYTHON_CORE, min_workers=1, max_workers=self.slots,
-                                                       env={_CUDA: visible}, unload_after_s=UNLOAD_AFTER_S)
+                                                       env={_CUDA: visible}, unload_after_s=UNLOAD_AFTER_S,
+                                                       spins=TASK_POOL_SPINS)
         except FabricError as exc:
             self.log.warning("task runner: a GPU-pinned python pool did not start", gpus=visible,
                              error=exc.message)

@@ -49,7 +49,8 @@ def now_ms() -> int:
 class Attempt:
     """One ``TaskRun`` this node holds: queued for a worker, running, or being stopped."""
 
-    __slots__ = ("run", "key", "start_ms", "t0", "worker", "kill", "timer", "timed_out", "dropped", "job", "pool")
+    __slots__ = ("run", "key", "start_ms", "t0", "worker", "kill", "timer", "timed_out", "dropped", "job", "pool",
+                 "alone")
 
     def __init__(self, run: TaskRun) -> None:
         self.run = run
@@ -70,6 +71,8 @@ class Attempt:
         #: the pool job and its pool (python, core, opencl)
         self.job: Any = None
         self.pool: Any = None
+        #: runs in a job of its own: its batch's worker died, and it may be why
+        self.alone = False
 
     def result(self, outcome: str, *, output: bytes = b"", exit_code: int = 0,
                error: TaskError | None = None) -> TaskResult:

@@ -26,13 +26,22 @@ import ctypes
 import io
 import os
 import pickle
+import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fabric.protocol.cores import BUILTIN_CORES, OPENCL_CORE, PYTHON_CORE
-from fabric.protocol.pytasks import PY_TASK_MAGIC, TASK_PERSISTENT_TAG, decode_python_task, encode_python_error
+from fabric.protocol.pytasks import (
+    PY_BATCH_MAGIC,
+    PY_TASK_MAGIC,
+    TASK_PERSISTENT_TAG,
+    decode_batch,
+    decode_python_task,
+    encode_batch_results,
+    encode_python_error,
+)
 
 from .core_api import API_VERSION, CoreError
 
@@ -194,8 +203,11 @@ class PythonCore:
         self.fns: OrderedDict[bytes, Any] = OrderedDict()
 
     def run(self, data: bytes | bytearray | memoryview) -> tuple[int, bytes]:
-        if bytes(data[:4]) == PY_TASK_MAGIC:
+        magic = bytes(data[:4])
+        if magic == PY_TASK_MAGIC:
             return self.run_task(data)
+        if magic == PY_BATCH_MAGIC:
+            return self.run_batch(data)
         try:
             fn, args, kwargs = pickle.loads(data)
             result: Any = fn(*args, **kwargs)
@@ -218,6 +230,20 @@ class PythonCore:
             if isinstance(exc, KeyboardInterrupt):
                 raise
             return 1, encode_python_error(type(exc).__name__, _text(exc), traceback.format_exc(), _pickled(exc))
+
+    def run_batch(self, data: bytes | bytearray | memoryview) -> tuple[int, bytes]:
+        """An FPYB frame: each task in turn, ``(0, FPYR frame)`` of their own outputs (``(1, FPYE)`` if malformed)."""
+        try:
+            frames = decode_batch(data)
+        except Exception as exc:
+            return 1, encode_python_error(type(exc).__name__, _text(exc), traceback.format_exc())
+        outputs = []
+        clock = time.perf_counter
+        for frame in frames:
+            t0 = clock()
+            code, out = self.run_task(frame)
+            outputs.append((code, int((clock() - t0) * 1e6), out))
+        return 0, encode_batch_results(outputs)
 
     def _function(self, raw: memoryview) -> Any:
         key = bytes(raw)
