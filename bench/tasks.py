@@ -735,8 +735,9 @@ def main() -> None:
         "durable_vs_core_map": ratio("fabric_tasks_per_s", "fabric_core_map_tasks_per_s"),
         "fabric_up_vs_ray_init": ratio("ray_init_s", "fabric_up_ready_s"),
         "first_task_vs_ray": ratio("ray_init_to_first_task_s", "fabric_up_to_first_task_s"),
-        # what the design's floor (bare nats-py, two JetStream writes and two hops) allows against Ray
+        # what the design's floor (bare nats-py, two JetStream writes and two hops) allows against Ray and Dask
         "floor_rtt_vs_ray": ratio("ray_task_rtt_p50_us", "floor_durable_chain_rtt_p50_us"),
+        "floor_rtt_vs_dask": ratio("dask_task_rtt_p50_us", "floor_durable_chain_rtt_p50_us"),
         "task_rtt_vs_floor": ratio("floor_durable_chain_rtt_p50_us", "fabric_task_rtt_p50_us"),
     }
     for name, target in TARGETS.items():

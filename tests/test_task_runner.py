@@ -27,12 +27,15 @@ import cloudpickle
 import numpy as np
 import pytest
 
+from fabric.errors import InvalidFrame
 from fabric.protocol import subjects
 from fabric.protocol.pytasks import (
     TASK_PERSISTENT_TAG,
+    check_python_task,
     decode_batch_results,
     decode_python_error,
     encode_batch,
+    encode_batch_results,
     encode_python_task,
 )
 from fabric.schema import JSON, MSGPACK, CoreRequest
@@ -171,6 +174,21 @@ def test_python_core_runs_a_batch_each_task_on_its_own() -> None:
     assert all(o.micros >= 0 for o in outs)
     code, out = PythonCore().run(b"FPYB\x05\x00\x00\x00")  # five frames announced, none there
     assert code == 1 and decode_python_error(out).type == "InvalidFrame"
+
+
+@pytest.mark.unit
+def test_the_batch_and_header_checks_refuse_malformed_frames() -> None:
+    good = frame(lambda: 1)
+    check_python_task(good)
+    for bad in (b"", b"FPY1", b"FPYX" + good[4:], good[:4] + (len(good)).to_bytes(4, "little") + good[8:],
+                good[:8] + (5000).to_bytes(4, "little") + good[12:]):
+        with pytest.raises(InvalidFrame):
+            check_python_task(bad)
+    results = encode_batch_results([(0, 12, b"abc"), (1, 0, b"")])
+    assert [(o.code, o.micros, bytes(o.out)) for o in decode_batch_results(results)] == [(0, 12, b"abc"), (1, 0, b"")]
+    for bad in (results[:-1], results + b"x", results[:4] + (9).to_bytes(4, "little") + results[8:], results[:9]):
+        with pytest.raises(InvalidFrame):
+            decode_batch_results(bad)
 
 
 # -- the runner, with a test scheduler ------------------------------------------------------

@@ -709,8 +709,7 @@ class SchedulerService(FabricService):
         self._heartbeat(node, msg.running)
         recorded: list[str] = []
         if msg.results:
-            waits = [self._result(node, r) for r in msg.results]
-            await asyncio.gather(*waits)
+            await self._results(node, msg.results)
             recorded = [f"{r.id}/{r.attempt}" for r in msg.results]
         room = self._limit()
         runs, room = self._take(node, msg.slots, room) if msg.slots else ([], room)
@@ -737,13 +736,17 @@ class SchedulerService(FabricService):
 
     # -- results ----------------------------------------------------------------------------
 
-    def _result(self, node: Node, r: TaskResult) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def _results(self, node: Node, results: list[TaskResult]) -> None:
+        """Record *results*; return once every one of them is durable (one future for them all)."""
+        recorded = [task for task in (self._result(node, r) for r in results) if task is not None]
+        await all_durable(recorded)
+
+    def _result(self, node: Node, r: TaskResult) -> LiveTask | None:
+        """Apply one result; the task whose record must become durable, or None (stale or repeated)."""
         task = self.live.get(r.id)
         att = task.attempt if task is not None else None
         if task is None or task.state != RUNNING or att is None or att.number != r.attempt or att.node != node.name:
-            fut.set_result(None)  # stale or repeated: already recorded (or the attempt was abandoned)
-            return fut
+            return None  # stale or repeated: already recorded (or the attempt was abandoned)
         att.end_ms = r.end_ms or now_ms()
         if r.start_ms:  # when it really started on the node (a prefetched task waits there first)
             att.start_ms = r.start_ms
@@ -789,8 +792,7 @@ class SchedulerService(FabricService):
             att.error = r.error.message if r.error else r.outcome
             self._system_failure(task, r.outcome, att.error)
         self._save(task)
-        task.when_durable(lambda: resolve(fut))
-        return fut
+        return task
 
     def _release(self, task: LiveTask) -> None:
         """The resources a running task held on its node go back."""

@@ -66,7 +66,13 @@ from fabric.errors import (
 from fabric.protocol import subjects
 from fabric.protocol.cores import OPENCL_CORE, PYTHON_CORE
 from fabric.protocol.headers import CONTENT_TYPE_HEADER, ERROR_CODE_HEADER, ERROR_HEADER, ERROR_KIND_HEADER
-from fabric.protocol.pytasks import decode_batch_results, decode_python_task, encode_batch, encode_python_task
+from fabric.protocol.pytasks import (
+    check_python_task,
+    decode_batch_results,
+    decode_python_task,
+    encode_batch,
+    encode_python_task,
+)
 from fabric.schema import MSGPACK, MSGPACK_CONTENT_TYPE, LoadCoreRequest, SpawnRequest
 from fabric.schema.tasks import (
     CORE,
@@ -322,7 +328,7 @@ class TaskRunner:
         self.running[a.key] = a
         try:
             if run.kind == PYTHON:
-                decode_python_task(run.payload)  # a malformed frame is refused here, not in a worker
+                check_python_task(run.payload)  # a malformed frame is refused here (its worker decodes the rest)
                 if run.dep_refs:  # dependencies whose results are stored objects: fetched first
                     self._spawn(self._fetch_deps(a), "deps")
                     return
