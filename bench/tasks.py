@@ -330,16 +330,36 @@ class Dask(Warmed):
 # -- sections ----------------------------------------------------------------------------
 
 
+#: before each timed window the machine must be this idle (percent of all CPUs), or SETTLE_MAX_S must pass
+SETTLE_BELOW_PERCENT = 25.0
+SETTLE_MAX_S = 5.0
+
+
+def settle() -> float:
+    """Wait until the machine is about idle: the system timed before may still be cleaning up (Dask releasing
+    10,000 futures, Ray's workers collecting), and that would be charged to whichever system runs next.
+    The same wait precedes every system's window; returns how long it took."""
+    import psutil
+
+    t0 = time.perf_counter()
+    while psutil.cpu_percent(interval=0.2) > SETTLE_BELOW_PERCENT and time.perf_counter() - t0 < SETTLE_MAX_S:
+        pass
+    return time.perf_counter() - t0
+
+
 def compare(systems: dict[str, Any], n_seq: int, n_tasks: int, rounds: int) -> dict[str, Any]:
-    """Sequential RTT windows and map rounds, alternating between the systems (order rotating)."""
+    """Sequential RTT windows and map rounds, alternating between the systems (order rotating), each
+    after the machine settled (:func:`settle`)."""
     names = list(systems)
     p50s: dict[str, list[float]] = {k: [] for k in names}
     rates: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
+            settle()
             p50s[name].append(p50_us(timed_calls(systems[name].rtt, n_seq)))
         for name in order:
+            settle()
             t0 = time.perf_counter()
             systems[name].map(n_tasks)
             rates[name].append(n_tasks / (time.perf_counter() - t0))

@@ -107,7 +107,7 @@ CORES_FRESH_S: Final = 2.5
 #: state changes are published on fabric.task.events at most this often, in batches
 EVENTS_EVERY_S: Final = 0.05
 #: a task handed out from the queue is written ``running`` this long after (if it has not ended by then)
-RUNNING_WRITE_DELAY_S: Final = 0.05
+RUNNING_WRITE_DELAY_S: Final = 0.25
 #: a new active scheduler publishes again the notices of tasks that ended this recently
 RENOTIFY_S: Final = 30.0
 

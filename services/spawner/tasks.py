@@ -107,7 +107,7 @@ PULL_TIMEOUT_S = 1.0
 #: this window divided by how long its tasks take (1 ms tasks: 5 per slot; 1 s tasks: the floor)
 PREFETCH_WINDOW_S = 0.02
 #: the most tasks a node prefetches per slot, however short they are
-MAX_PREFETCH_PER_SLOT = 64
+MAX_PREFETCH_PER_SLOT = 256
 #: tasks shorter than this are pipelined two per pool worker (the next is on the worker's ring)
 PIPELINE_BELOW_S = 0.001
 #: the most short tasks handed to one pool worker as one job (an FPYB frame)
