@@ -13,6 +13,8 @@ workers x 1 thread), times each start, warms each one, then measures:
   result, Ray ``[f.remote(i) ...]`` + ``ray.get``, Dask ``client.map`` + ``gather``, and
   ``Core.map`` on the same fabric's built-in Python pool (``fabric.python``, no
   scheduler, nothing durable: what durability costs); alternating rounds, medians.
+  Every timed window starts once the machine has settled (:func:`settle`: under 25 %
+  CPU, at most 5 s), so one system's clean-up is not charged to the next.
 * ``memory``: a second ``fabric up`` with no spawner (``--services gpu-monitor,scheduler``)
   so tasks stay queued; the scheduler's RSS (psutil) before and after N queued no-op
   tasks (100,000; ``--quick`` 20,000); bytes per queued task.
@@ -499,6 +501,7 @@ def failover_section(tmp: Path) -> dict[str, Any]:
                 lock = threading.Lock()
                 stop = threading.Event()
                 submitted: list[float] = []
+                futures: list[Any] = []
 
                 def record(t_sub: float) -> Callable[[Any], None]:
                     def cb(f: Any) -> None:
@@ -511,7 +514,9 @@ def failover_section(tmp: Path) -> dict[str, Any]:
                     while not stop.is_set():
                         t_sub = time.monotonic()
                         submitted.append(t_sub)
-                        fc.submit(noop).add_done_callback(record(t_sub))
+                        fut = fc.submit(noop)
+                        futures.append(fut)
+                        fut.add_done_callback(record(t_sub))
                         time.sleep(max(0.0, STREAM_EVERY_S - (time.monotonic() - t_sub)))
 
                 streamer = threading.Thread(target=stream, daemon=True)
@@ -531,7 +536,19 @@ def failover_section(tmp: Path) -> dict[str, Any]:
                     time.sleep(0.01)
                 stop.set()
                 streamer.join(5)
-                time.sleep(2.0)  # the last tasks' results
+                # the last tasks' results: every one ends, or what it is after 15 s is reported
+                settle_by = time.monotonic() + 15.0
+                while time.monotonic() < settle_by and not all(f.done() for f in futures):
+                    time.sleep(0.05)
+                late: list[str] = []
+                for f in futures:
+                    if not f.done():
+                        try:
+                            rec = fc.task(f.id)
+                            late.append(f"{f.id}: {rec.state}, attempts "
+                                        f"{[(a.node, a.outcome) for a in rec.attempts]}")
+                        except Exception as exc:  # noqa: BLE001 - reported, not raised
+                            late.append(f"{f.id}: unreadable ({exc!r})"[:200])
         finally:
             stop_process(standby)
     with lock:
@@ -557,7 +574,9 @@ def failover_section(tmp: Path) -> dict[str, Any]:
             "failover_submits_refused_until_s": max((sub for sub, _, e in got if "no service answers" in e),
                                                     default=t_kill) - t_kill,
             "failover_tasks_submitted": len(submitted), "failover_tasks_failed": len(errs),
-            "failover_unfinished": len(submitted) - len(got), "failover_error_sample": errs[:3]}
+            "failover_unfinished": len(submitted) - len(got), "failover_error_sample": errs[:3],
+            # tasks whose future had not ended 15 s after the stream stopped, with their records
+            "failover_late": late[:5]}
 
 
 def run_section(name: str, fn: Callable[[], dict[str, Any]], results: dict[str, Any],

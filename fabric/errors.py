@@ -84,6 +84,7 @@ from .protocol import headers as _headers
 __all__ = [
     "FabricError",
     "NoResponders",
+    "RequestTimedOut",
     "BadRequest",
     "InvalidFrame",
     "OutOfRange",
@@ -155,6 +156,14 @@ class NoResponders(Unavailable):
     runs, or -- for ``fabric.task.*`` -- no scheduler is active yet (a failover). Never on the wire."""
 
     kind = "no_responders"
+
+
+class RequestTimedOut(Unavailable):
+    """Raised when a request got no reply in time: the service may have died holding it (a scheduler killed
+    mid-request).  A request that is safe to repeat (every ``fabric.task.*`` one) is sent again. Never on the
+    wire."""
+
+    kind = "request_timed_out"
 
 
 # -- compute cores (services/spawner/pools.py) --------------------------------

@@ -447,3 +447,34 @@ async def test_a_clean_stop_records_every_map_task_and_a_restart_resumes_them(ow
         await nc.close()
         await node.stop()
         await sched.stop()
+
+
+async def test_a_submit_held_by_a_scheduler_that_dies_is_sent_again_to_the_next(own_server: dict[str, NatsServer],
+                                                                               procs: Procs, tmp_path: Path) -> None:
+    """The active scheduler takes the submit and dies before answering: the client asks again after
+    ATTEMPT_S (not after its whole timeout), the standby now active answers, the task runs once."""
+    from fabric.client.tasks import ATTEMPT_S
+
+    url = own_server["server"].url
+    schedulers = {p.pid: p for p in (procs.start("scheduler", "h1"), procs.start("scheduler", "h2"))}
+    node = await start_node(url, tmp_path, name="h3", slots=1)
+    nc = await nats.connect(url)
+    try:
+        active = await _active_scheduler_pid(nc, procs)
+        async with AsyncFabricClient(url, local=False, timeout=60) as fc:
+            assert await (await fc.submit(square, 2)).result(timeout=60) == 4
+            os.kill(active, signal.SIGSTOP)  # it still holds its subscription: the next submit goes to it
+            t0 = time.monotonic()
+            f = await fc.submit(square, 9)  # answered in the background
+            await asyncio.sleep(0.5)
+            assert not f.done()
+            while await _active_scheduler_pid(nc, procs) == active:  # the standby takes the lapsed lease
+                await asyncio.sleep(0.1)
+            procs.kill9(schedulers[active])
+            assert await f.result(timeout=60) == 81
+            assert time.monotonic() - t0 < ATTEMPT_S + 20, "the held submit waited out the whole timeout"
+            rec = await fc.task(f.id)
+            assert [a.outcome for a in rec.attempts] == ["succeeded"], rec
+    finally:
+        await nc.close()
+        await node.stop()

@@ -39,7 +39,17 @@ from typing import TYPE_CHECKING, Any, Final
 import cloudpickle
 from nats.errors import MaxPayloadError
 
-from ..errors import FabricError, NoResponders, NotFound, TaskCancelled, TaskDead, TaskFailed, TooLarge, Unavailable
+from ..errors import (
+    FabricError,
+    NoResponders,
+    NotFound,
+    RequestTimedOut,
+    TaskCancelled,
+    TaskDead,
+    TaskFailed,
+    TooLarge,
+    Unavailable,
+)
 from ..protocol import subjects
 from ..protocol.pytasks import TASK_PERSISTENT_TAG, encode_python_task
 from ..schema import CONTENT_TYPE_HEADER, JSON, MSGPACK, MSGPACK_CONTENT_TYPE
@@ -88,6 +98,10 @@ BODY_HEADROOM: Final = 64 << 10
 CATCH_UP_IN_FLIGHT: Final = 64
 #: and how many times each asks while no scheduler answers (0.2 s apart)
 CATCH_UP_TRIES: Final = 50
+#: how long a task request (but ``wait``) waits for its reply before it is sent again: a scheduler killed while
+#: holding it never answers, and the standby that takes over (about 2 s) answers the same request (ids are the
+#: client's, so a repeat is the same task)
+ATTEMPT_S: Final = 5.0
 #: how long one ``fabric.task.wait`` request asks the scheduler to hold (the protocol's most is 300)
 _FOLLOW_WAIT_S: Final = 30.0
 
@@ -514,13 +528,19 @@ class TasksArea(Transport):
                             timeout: float | None = None) -> Any:
         """One msgpack request to ``fabric.task.<verb>``; its decoded reply (None when *reply_type* is None)."""
         data = MSGPACK.encode(msg)
-        deadline = time.monotonic() + (timeout or self.timeout)
+        total = timeout or self.timeout
+        deadline = time.monotonic() + total
+        # a scheduler that dies holding the request never answers it: ask again after ATTEMPT_S (a wait is a
+        # long poll with its own hold, so it keeps the whole timeout)
+        attempt_s = total if verb == subjects.Task.WAIT else min(total, ATTEMPT_S)
         pause = 0.05
         try:
             while True:
                 try:
+                    left = deadline - time.monotonic()
                     reply = await self.request(subjects.cluster(subjects.TASK, verb), data,
-                                               {CONTENT_TYPE_HEADER: MSGPACK_CONTENT_TYPE}, timeout=timeout)
+                                               {CONTENT_TYPE_HEADER: MSGPACK_CONTENT_TYPE},
+                                               timeout=max(min(attempt_s, left), 0.001))
                     break
                 except NoResponders:
                     # no scheduler is active: one is starting, or a standby takes over within about two
@@ -529,6 +549,9 @@ class TasksArea(Transport):
                         raise
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 0.25)
+                except RequestTimedOut:
+                    if time.monotonic() >= deadline - 0.001:
+                        raise
         except MaxPayloadError:
             assert self.nc is not None
             raise TooLarge(f"a task request of {len(data)} bytes is above the NATS server's max payload of "

@@ -34,6 +34,7 @@ from ..errors import (
     BadRequest,
     FabricError,
     NoResponders,
+    RequestTimedOut,
     Unavailable,
     error_from_wire,
 )
@@ -225,7 +226,7 @@ class Transport:
         except NoRespondersError:
             raise NoResponders(f"no service answers on {subject}") from None
         except NatsTimeout:
-            raise Unavailable(f"request on {subject} timed out after {timeout or self.timeout}s") from None
+            raise RequestTimedOut(f"request on {subject} timed out after {timeout or self.timeout}s") from None
         hdrs = msg.headers
         if hdrs and ERROR_CODE_HEADER in hdrs:
             raise error_from_wire(hdrs[ERROR_CODE_HEADER], hdrs.get(ERROR_HEADER, ""), hdrs.get(ERROR_KIND_HEADER))
