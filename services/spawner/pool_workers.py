@@ -367,8 +367,12 @@ class RingWorker(Worker):
                                         code, data = parse_result(f.payload)
                                     except ValueError:
                                         code = -1
-                                    if code == 0 and link.publish(job.reply, data):
+                                    if code == 0:
+                                        # marked first: the caller may ask for the pool's stats as soon as
+                                        # the reply is out, and they count a replied job as done
                                         job.replied = True
+                                        if not link.publish(job.reply, data):
+                                            job.replied = False
                         self._received += 1
                         if len(batch) >= 1024:
                             break
