@@ -268,7 +268,7 @@ class FabricService:
             return
         self._stopping.set()
         if self._micro is not None:
-            await self._micro.stop()
+            await self._bounded(self._micro.stop(), "unsubscribing the endpoints")
         if self._tasks:
             done, pending = await asyncio.wait(set(self._tasks), timeout=self.settings.drain_timeout_s)
             for task in pending:
@@ -278,11 +278,19 @@ class FabricService:
         except Exception as exc:  # the stop goes on: what follows releases what others wait for
             self.log.error("on_stopping failed", error=str(exc) or type(exc).__name__)
         # after the requests (one may wait on what a loop does), before on_stop (which closes what loops use)
-        await self.tasks.stop()
+        await self._bounded(self.tasks.stop(), "ending the background tasks")
         await self.on_stop()
         if self.nc is not None:
-            await close_connection(self.nc)
+            await self._bounded(close_connection(self.nc), "draining the connection")
         self.log.info("service stopped")
+
+    async def _bounded(self, step: Awaitable[None], what: str) -> None:
+        """One step of :meth:`stop`, given at most ``drain_timeout_s``: a stop must end.  A step past it is
+        logged (which one hung is what to look into) and the stop goes on."""
+        try:
+            await asyncio.wait_for(step, self.settings.drain_timeout_s)
+        except TimeoutError:
+            self.log.error("stop: a step took too long; going on", step=what, timeout_s=self.settings.drain_timeout_s)
 
     async def __aenter__(self) -> FabricService:
         await self.start()

@@ -483,8 +483,9 @@ class SchedulerService(FabricService):
         assert self.writer is not None
         group = BodyGroup(tasks)
         self.maps.sending_body(group)
+        book = self.maps  # this term's: an ack that comes after the term ended is not the next one's
         self.writer.save_body(group, prefix, body, {maps_mod.MAP_HEADER: str(len(tasks))},
-                              on_stored=lambda seq: self._map_stored(group, seq))
+                              on_stored=lambda seq: self._map_stored(book, group, seq))
         for task in tasks:
             self._enter(task)
         await all_durable(tasks)
@@ -492,8 +493,10 @@ class SchedulerService(FabricService):
 
     # -- maps: recorded lazily (maps.py) ---------------------------------------------------
 
-    def _map_stored(self, group: BodyGroup, seq: int) -> None:
-        self.maps.stored(group, seq)
+    def _map_stored(self, book: maps_mod.MapBook, group: BodyGroup, seq: int) -> None:
+        if book is not self.maps:
+            return
+        book.stored(group, seq)
         if group.unwritten > 0:
             asyncio.get_running_loop().call_later(maps_mod.LAZY_S, self._record_map, group)
 
