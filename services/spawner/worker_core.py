@@ -177,10 +177,11 @@ class CCore:
 
 
 class PythonCore:
-    """The built-in core: a ``python`` task's FPY1 frame, or ``cloudpickle.dumps((fn, args, kwargs))``.
+    """The built-in core: a ``python`` task's FPY1 frame, a batch of them (FPYB), or
+    ``cloudpickle.dumps((fn, args, kwargs))``.
 
-    The two job formats are told apart by the first four bytes (``FPY1``, which no pickle
-    starts with: a pickle of protocol 2 or later starts with ``0x80``).
+    The job formats are told apart by the first four bytes (``FPY1``, ``FPYB``, which no
+    pickle starts with: a pickle of protocol 2 or later starts with ``0x80``).
 
     * FPY1 (a task of the scheduler, docs/protocol.md "Python tasks: FPY1 and FPYE"): the
       function is unpickled once per worker and kept (:data:`FN_CACHE` of them, keyed by
@@ -189,6 +190,8 @@ class PythonCore:
       dependency's unpickled result.  Output: ``pickle.dumps(result)`` with exit code 0;
       when anything raises, exit code 1 and an FPYE frame (never a pickle: the spawner
       reads it without unpickling user objects).
+    * FPYB (several FPY1 frames as one job, from the node's task runner): each runs in turn;
+      output one FPYR frame of their own codes, run times and outputs, exit code 0.
     * the plain job of ``Core.call``: output ``pickle.dumps(result)`` with exit code 0;
       when anything raises (unpickling the job, the function, pickling its result)
       ``pickle.dumps((type_name, message, traceback_text))`` with exit code 1.
