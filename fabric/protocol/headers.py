@@ -37,7 +37,9 @@ STREAM_HEADER: Final = "Fabric-Stream"
 PROC_HEADER: Final = "Fabric-Proc"
 #: the chunk's sequence number
 SEQ_HEADER: Final = "Fabric-Seq"
+#: on a map's body in stream FABRIC_TASK_BODIES: how many tasks it holds (docs/protocol.md "Where tasks live")
+MAP_HEADER: Final = "Fabric-Map"
 
 #: every header name of the contract (tests/test_layering.py: no module outside fabric.protocol spells one)
 ALL_HEADERS: Final = (ERROR_HEADER, ERROR_CODE_HEADER, ERROR_KIND_HEADER, CONTENT_TYPE_HEADER, REQUEST_ID_HEADER,
-                      EXIT_CODE_HEADER, STREAM_HEADER, PROC_HEADER, SEQ_HEADER)
+                      EXIT_CODE_HEADER, STREAM_HEADER, PROC_HEADER, SEQ_HEADER, MAP_HEADER)

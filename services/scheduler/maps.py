@@ -34,6 +34,7 @@ import msgspec
 from nats.js.api import KeyValueConfig, StorageType
 
 from fabric.jetstream import KeyValueBucket
+from fabric.protocol.headers import MAP_HEADER
 from fabric.schema import MSGPACK
 from fabric.schema.tasks import MapBody
 
@@ -41,11 +42,9 @@ from .machine import BodyGroup
 from .machine import Task as LiveTask
 from .store import BODY_STREAM, body_subject
 
-__all__ = ["MapBook", "MAP_HEADER", "LAZY_S", "CHECKPOINT_EVERY_S", "STATE_BUCKET", "CHECKPOINT_KEY",
+__all__ = ["MapBook", "LAZY_S", "CHECKPOINT_EVERY_S", "STATE_BUCKET", "CHECKPOINT_KEY",
            "state_bucket", "read_checkpoint", "write_checkpoint", "read_map_bodies"]
 
-#: the header that marks a body as a map's (its value: how many tasks)
-MAP_HEADER: Final = "Fabric-Map"
 #: a map task still without a record this long after its body was stored gets one
 LAZY_S: Final = 2.0
 #: the checkpoint is written at most this often (when it moved)

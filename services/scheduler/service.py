@@ -40,6 +40,7 @@ from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConf
 from fabric.errors import BadRequest, Conflict, Infeasible, NotFound, TooLarge, Unavailable
 from fabric.jetstream import JetStreamResource, KeyValueBucket, task_results_bucket
 from fabric.jetstream import Stream as StreamResource
+from fabric.protocol.headers import MAP_HEADER
 from fabric.protocol.pytasks import decode_python_task, encode_python_task
 from fabric.protocol.subjects import TASK, Task, cluster
 from fabric.schema import CONTENT_TYPE_HEADER, JSON, MSGPACK, MSGPACK_CONTENT_TYPE
@@ -484,7 +485,7 @@ class SchedulerService(FabricService):
         group = BodyGroup(tasks)
         self.maps.sending_body(group)
         book = self.maps  # this term's: an ack that comes after the term ended is not the next one's
-        self.writer.save_body(group, prefix, body, {maps_mod.MAP_HEADER: str(len(tasks))},
+        self.writer.save_body(group, prefix, body, {MAP_HEADER: str(len(tasks))},
                               on_stored=lambda seq: self._map_stored(book, group, seq))
         for task in tasks:
             self._enter(task)
