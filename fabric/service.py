@@ -287,10 +287,15 @@ class FabricService:
     async def _bounded(self, step: Awaitable[None], what: str) -> None:
         """One step of :meth:`stop`, given at most ``drain_timeout_s``: a stop must end.  A step past it is
         logged (which one hung is what to look into) and the stop goes on."""
-        try:
-            await asyncio.wait_for(step, self.settings.drain_timeout_s)
-        except TimeoutError:
-            self.log.error("stop: a step took too long; going on", step=what, timeout_s=self.settings.drain_timeout_s)
+        task = asyncio.ensure_future(step)
+        # asyncio.wait, not wait_for: wait_for waits for the step to take its cancellation, which a stuck
+        # step (a loop that swallows it, a subscription drain that never empties) may never do
+        done, _ = await asyncio.wait({task}, timeout=self.settings.drain_timeout_s)
+        if task in done:
+            task.result()
+            return
+        task.cancel()
+        self.log.error("stop: a step took too long; going on", step=what, timeout_s=self.settings.drain_timeout_s)
 
     async def __aenter__(self) -> FabricService:
         await self.start()
@@ -462,8 +467,9 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
-#: the cyclic collector's first threshold in a service (CPython's default is 700)
+#: the cyclic collector's first threshold in a service (CPython's default is 700), and its variable
 GC_GEN0_THRESHOLD: Final = 20_000
+GC_GEN0_ENV: Final = "FABRIC_GC_GEN0"
 
 
 def tune_gc(gen0: int = GC_GEN0_THRESHOLD) -> bool:
@@ -480,7 +486,7 @@ def tune_gc(gen0: int = GC_GEN0_THRESHOLD) -> bool:
     must not retune its host's collector); ``FABRIC_GC_GEN0=0`` leaves the defaults.
     Returns whether it applied.
     """
-    env = os.environ.get("FABRIC_GC_GEN0")
+    env = os.environ.get(GC_GEN0_ENV)
     if env is not None:
         try:
             gen0 = int(env)

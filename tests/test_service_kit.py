@@ -313,3 +313,25 @@ async def test_a_publish_without_reply_is_served_and_not_answered(kit, nc):
     stats = json.loads((await nc.request(f"$SRV.STATS.kit-test.{ping['id']}", b"", timeout=2)).data)
     assert {e["name"]: e["num_requests"] for e in stats["endpoints"]}["fast"] == 2
     assert [ev for _, ev, _ in log.events if ev == "reply not sent"] == []
+
+
+async def test_a_stop_ends_even_when_a_background_loop_will_not(nats_url, tmp_path):
+    """Each step of a stop gets at most drain_timeout_s: a loop that swallows its cancellation cannot hang it."""
+    svc = KitService(ServiceSettings(nats_url=nats_url, node=f"k{secrets.token_hex(3)}", state_dir=tmp_path,
+                                     drain_timeout_s=1.0))
+    await svc.start()
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not release.is_set():
+            try:
+                await asyncio.sleep(0.1)
+            except asyncio.CancelledError:
+                pass  # a bug: it ignores its cancellation
+
+    svc.background(stubborn, name="stubborn")
+    try:
+        await asyncio.wait_for(svc.stop(), 15)  # before the bound: it never returned
+    finally:
+        release.set()
+        await asyncio.sleep(0.3)  # the loop ends itself now
