@@ -309,7 +309,8 @@ def task_results_bucket() -> ObjectStoreBucket:
     """
     from nats.js.api import StorageType
 
-    from .schema.tasks import RESULTS_BUCKET, RESULTS_TTL_S
+    from .protocol.streams import RESULTS_BUCKET
+    from .schema.tasks import RESULTS_TTL_S
 
     return ObjectStoreBucket(ObjectStoreConfig(bucket=RESULTS_BUCKET, ttl=RESULTS_TTL_S, storage=StorageType.FILE,
                                                description="fabric task results too large for their record"))

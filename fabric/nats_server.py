@@ -104,8 +104,12 @@ def check_port(host: str, port: int) -> None:
             raise
 
 
-def write_config(state: StateDir, *, host: str, port: int, node: str) -> Path:
-    """Write ``<state>/nats/nats.conf`` and return its path."""
+def write_config(state: StateDir, *, host: str, port: int, node: str, auth: bool = False) -> Path:
+    """Write ``<state>/nats/nats.conf`` (0600) and return its path.
+
+    *auth*: the server lets in only the users of ``users.conf`` beside it
+    (:class:`fabric.auth.AuthRealm` writes it; a SIGHUP reloads it).
+    """
     state.ensure()
     store = state.nats_dir / "jetstream"
     store.mkdir(mode=0o700, exist_ok=True)
@@ -122,11 +126,14 @@ def write_config(state: StateDir, *, host: str, port: int, node: str) -> Path:
             "jetstream {",
             f"  store_dir: {json.dumps(str(store))}",
             "}",
+            # relative to this file; the users and their permissions (fabric/protocol/permissions.py)
+            *(['include "users.conf"'] if auth else []),
             "",
         ]
     )
     conf = state.nats_dir / "nats.conf"
     conf.write_text(text)
+    os.chmod(conf, 0o600)
     return conf
 
 

@@ -52,6 +52,8 @@ class FabricState(msgspec.Struct, kw_only=True):
     nats_url: str  # what local clients and services connect to
     join_url: str  # what another machine passes to ``fabric up --nats-url``
     embedded_nats: bool = True
+    #: the admin credentials file with auth on; "" with auth off (``fabric up --no-auth``)
+    credentials: str = ""
     host: str | None = None
     port: int | None = None
     supervisor_pid: int
@@ -128,6 +130,16 @@ class StateDir:
     @property
     def nats_dir(self) -> Path:
         return self.path / "nats"
+
+    @property
+    def auth_dir(self) -> Path:
+        """Keys, credentials and the users table (mode 0700): fabric/auth.py."""
+        return self.path / "auth"
+
+    @property
+    def admin_credentials(self) -> Path:
+        """The credentials of this fabric's operator, which the CLI and a local client use by default."""
+        return self.auth_dir / "admin.creds"
 
     def log_file(self, name: str) -> Path:
         return self.logs_dir / f"{name}.log"

@@ -480,7 +480,7 @@ class PlayedScheduler:
         """Put *data* in the results object store, as the node that ran a task does with a large result."""
         from nats.js.errors import BucketNotFoundError
 
-        from fabric.schema.tasks import RESULTS_BUCKET
+        from fabric.protocol.streams import RESULTS_BUCKET
 
         js = self.nc.jetstream()
         try:

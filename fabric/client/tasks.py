@@ -52,6 +52,7 @@ from ..errors import (
 )
 from ..protocol import subjects
 from ..protocol.pytasks import TASK_PERSISTENT_TAG, encode_python_task
+from ..protocol.streams import RESULTS_BUCKET
 from ..schema import CONTENT_TYPE_HEADER, JSON, MSGPACK, MSGPACK_CONTENT_TYPE
 from ..schema.processes import Limits, Sandbox
 from ..schema.tasks import (
@@ -61,7 +62,6 @@ from ..schema.tasks import (
     EXEC,
     FAILED,
     PYTHON,
-    RESULTS_BUCKET,
     SUCCEEDED,
     TERMINAL,
     ExecSpec,

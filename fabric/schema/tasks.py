@@ -416,6 +416,6 @@ class PullReply(Message):
 #: the largest result kept inline in a TaskRecord; a bigger one is stored in the object store
 #: RESULTS_BUCKET by the node that produced it, under ``<id>.<attempt>``
 INLINE_RESULT_MAX: Final = 64 << 10
-RESULTS_BUCKET: Final = "fabric_task_results"
+
 #: how long a stored result is kept when nobody releases it (the bucket's TTL)
 RESULTS_TTL_S: Final = 24 * 3600.0

@@ -32,12 +32,13 @@ from nats.js.api import KeyValueConfig, StorageType
 
 from fabric.errors import UnknownNode
 from fabric.jetstream import KeyValueBucket
+from fabric.protocol.streams import REGISTRY_BUCKET
 from fabric.protocol.subjects import telemetry
 from fabric.schema import JSON, NodeRecord
 
 __all__ = ["NodeRegistry", "bucket", "BUCKET", "DEFAULT_TTL_S", "STALE_INTERVALS", "telemetry_subject"]
 
-BUCKET = "fabric_nodes"
+BUCKET = REGISTRY_BUCKET
 #: how long a node's last heartbeat stays in the registry (the bucket's max_age)
 DEFAULT_TTL_S = 5.0
 #: a record older than this many of its node's intervals is "stale"

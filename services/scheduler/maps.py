@@ -35,6 +35,7 @@ from nats.js.api import KeyValueConfig, StorageType
 
 from fabric.jetstream import KeyValueBucket
 from fabric.protocol.headers import MAP_HEADER
+from fabric.protocol.streams import STATE_BUCKET
 from fabric.schema import MSGPACK
 from fabric.schema.tasks import MapBody
 
@@ -49,7 +50,7 @@ __all__ = ["MapBook", "LAZY_S", "CHECKPOINT_EVERY_S", "STATE_BUCKET", "CHECKPOIN
 LAZY_S: Final = 2.0
 #: the checkpoint is written at most this often (when it moved)
 CHECKPOINT_EVERY_S: Final = 0.5
-STATE_BUCKET: Final = "fabric_scheduler_state"
+
 CHECKPOINT_KEY: Final = "maps"
 
 

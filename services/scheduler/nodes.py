@@ -16,12 +16,13 @@ import math
 import time
 from typing import Any, Final
 
+from fabric.protocol.streams import REGISTRY_BUCKET
 from fabric.schema import JSON, NodeRecord
 from fabric.schema.tasks import Resources
 
 __all__ = ["Node", "Nodes", "unmet", "REGISTRY_BUCKET"]
 
-REGISTRY_BUCKET: Final = "fabric_nodes"
+
 _ARCH_ALIASES: Final = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
 _EPS: Final = 1e-9
 

@@ -28,6 +28,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.js.api import Header
 
+from fabric.protocol.streams import BODY_STREAM, TASK_BUCKET
 from fabric.protocol.subjects import TASK, Task, cluster
 from fabric.schema import MSGPACK
 
@@ -35,8 +36,6 @@ from . import machine
 
 __all__ = ["Publisher", "RecordWriter", "BODY_STREAM", "TASK_BUCKET", "body_subject", "ACK_TIMEOUT_S"]
 
-BODY_STREAM: Final = "FABRIC_TASK_BODIES"
-TASK_BUCKET: Final = "fabric_tasks"
 #: how long an ack may take before the write counts as failed and is tried again
 ACK_TIMEOUT_S: Final = 5.0
 #: JetStream's error code for "wrong last sequence" (a compare-and-swap that lost)

@@ -73,6 +73,7 @@ from fabric.protocol.pytasks import (
     encode_batch,
     encode_python_task,
 )
+from fabric.protocol.streams import RESULTS_BUCKET
 from fabric.schema import MSGPACK, MSGPACK_CONTENT_TYPE, LoadCoreRequest, SpawnRequest
 from fabric.schema.tasks import (
     CORE,
@@ -80,7 +81,6 @@ from fabric.schema.tasks import (
     INLINE_RESULT_MAX,
     OPENCL,
     PYTHON,
-    RESULTS_BUCKET,
     PullReply,
     PullRequest,
     TaskResult,

@@ -1,0 +1,34 @@
+"""The JetStream names of the contract: every stream, KV bucket and object store fabric keeps.
+
+Spelled once here so that the services that own them, the client that reads some of
+them, and the permission table (:mod:`fabric.protocol.permissions`, which must grant each
+role exactly the JetStream API subjects of the resources it uses) agree.  docs/state.md
+says what each one holds.  Part of :mod:`fabric.protocol` (stdlib only).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: stream of task bodies (subjects ``fabric.task.body.<id>``), written by the scheduler
+BODY_STREAM: Final = "FABRIC_TASK_BODIES"
+#: KV of task records (key: the task id), written by the active scheduler with compare-and-swap
+TASK_BUCKET: Final = "fabric_tasks"
+#: KV holding the scheduler lease (memory): which instance is active
+LEASE_BUCKET: Final = "fabric_scheduler"
+#: KV of the active scheduler's own state (the map checkpoint)
+STATE_BUCKET: Final = "fabric_scheduler_state"
+#: KV of node records (memory; key: the node name), one written by each node's gpu-monitor
+REGISTRY_BUCKET: Final = "fabric_nodes"
+#: object store of task results too large for a message (24 h TTL)
+RESULTS_BUCKET: Final = "fabric_task_results"
+
+
+def kv_stream(bucket: str) -> str:
+    """The stream behind KV bucket *bucket* (``KV_<bucket>``): what JetStream API subjects name."""
+    return f"KV_{bucket}"
+
+
+def object_stream(bucket: str) -> str:
+    """The stream behind object store *bucket* (``OBJ_<bucket>``)."""
+    return f"OBJ_{bucket}"
