@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from .config import Loaded
 
 __all__ = ["out", "err", "console", "StateDirOption", "NatsUrlOption", "ServicesOption", "ConfigFileOption", "fail",
-           "escape", "state_of", "state_flag", "parse_services", "find_nats_url", "connect", "load_config_or_fail"]
+           "escape", "state_of", "state_flag", "parse_services", "find_nats_url", "connect", "load_config_or_fail",
+           "CliNats", "credentials_for"]
 
 # soft wrap: a long path or URL stays on one line (and copy-pastable) when piped
 out = Console(highlight=False, soft_wrap=True)
@@ -99,8 +100,17 @@ def parse_services(raw: str | None) -> dict[str, str]:
     return {n: known[n] for n in dict.fromkeys(names)}
 
 
+# the state dir of the command now running (one per process), as find_nats_url() resolved it
+_command_state: StateDir | None = None
+
+
 def find_nats_url(nats_url: str | None, state: StateDir) -> tuple[str, FabricState | None]:
-    """The NATS to talk to (``--nats-url``, else the running fabric's) and the running fabric, if any."""
+    """The NATS to talk to (``--nats-url``, else the running fabric's) and the running fabric, if any.
+
+    *state* is also where :func:`connect` then finds the admin credentials.
+    """
+    global _command_state
+    _command_state = state
     running = state.running()
     if nats_url:
         return nats_url, running
@@ -128,16 +138,70 @@ def load_config_or_fail(config_file: Path | None, flags: dict[str, tuple[str, An
         raise typer.Exit(1) from None
 
 
-async def connect(url: str) -> Any:
-    """A NATS connection for one command: no reconnects, no error chatter; fails cleanly if NATS is not there."""
+class CliNats:
+    """A command's NATS connection: requests go out in the user form of its credentials (an admin's: plain)."""
+
+    def __init__(self, nc: Any, user: str | None) -> None:
+        self.nc = nc
+        self.user = user
+
+    def subject(self, subject: str) -> str:
+        from .protocol.permissions import user_subject
+
+        return user_subject(self.user, subject) if self.user and subject.startswith("fabric.") else subject
+
+    async def request(self, subject: str, payload: bytes = b"", timeout: float = 2.0,
+                      headers: dict[str, str] | None = None) -> Any:
+        return await self.nc.request(self.subject(subject), payload, timeout=timeout, headers=headers)
+
+    def __getattr__(self, name: str) -> Any:  # subscribe, close, flush...: the connection's own
+        return getattr(self.nc, name)
+
+
+def credentials_for(state: StateDir | None) -> Any:
+    """The credentials a command connects with: ``$FABRIC_CREDENTIALS``, else the admin's of *state*; or None."""
+    import os
+
+    from .credentials import CREDENTIALS_ENV, CredentialsError, read_credentials
+
+    path = os.environ.get(CREDENTIALS_ENV) or None
+    if path is None:
+        admin = (state or _command_state or StateDir(default_state_dir())).admin_credentials
+        path = str(admin) if admin.is_file() else None
+    if path is None:
+        return None
+    try:
+        return read_credentials(path)
+    except CredentialsError as exc:
+        fail(str(exc), f"check ${CREDENTIALS_ENV}, or the state dir's auth/admin.creds")
+
+
+async def connect(url: str, state: StateDir | None = None) -> CliNats:
+    """A NATS connection for one command: no reconnects, no error chatter; fails cleanly if NATS is not there.
+
+    It authenticates with :func:`credentials_for` (*state*: the fabric's state dir, the default one without).
+    """
     import nats
+
+    from .protocol.permissions import ADMIN
 
     async def quiet(*_: Any) -> None:
         return None
 
+    creds = credentials_for(state)
+    auth = creds.connect_options() if creds is not None else {}
     try:
-        return await nats.connect(url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0,
-                                  error_cb=quiet, disconnected_cb=quiet, closed_cb=quiet, name="fabric-cli")
+        nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0,
+                                error_cb=quiet, disconnected_cb=quiet, closed_cb=quiet, name="fabric-cli", **auth)
     except Exception as exc:
-        fail(f"cannot connect to NATS at {url}: {exc or type(exc).__name__}",
+        text = str(exc) or type(exc).__name__
+        if "authorization violation" in text.lower():
+            if creds is None:
+                fail(f"NATS at {url} requires credentials",
+                     "set $FABRIC_CREDENTIALS to a credentials file (`fabric user add NAME` issues them), or pass "
+                     "the --state-dir of the fabric whose admin you are")
+            fail(f"NATS at {url} refused the credentials of user {creds.user!r} ({creds.path})",
+                 "the user was removed, or the file belongs to another fabric")
+        fail(f"cannot connect to NATS at {url}: {text}",
              "is the fabric up? (`fabric status --state-dir ...`, or check --nats-url)")
+    return CliNats(nc, creds.user if creds is not None and creds.role != ADMIN else None)

@@ -74,6 +74,12 @@ def up(
         "--resources", show_default=False,
         help="Custom resources this node declares for tasks: a JSON object ('{\"licence\": 2}') or "
              "NAME=AMOUNT,... Config: tasks.resources (none).")] = None,
+    auth: Annotated[bool | None, typer.Option(
+        "--auth/--no-auth", show_default=False,
+        help="Require credentials on the embedded nats-server, with per-role permissions (docs/security.md). "
+             "Config: up.auth (on).")] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Allow --no-auth on an address other machines can reach.")] = False,
     config_file: ConfigFileOption = None,
 ) -> None:
     """Start NATS (unless --nats-url) and the services, supervised; foreground unless -d.
@@ -105,6 +111,7 @@ def up(
         "up.grace_s": ("--grace", grace),
         "tasks.labels": ("--labels", _pairs("--labels", labels)),
         "tasks.resources": ("--resources", _resources(resources)),
+        "up.auth": ("--auth/--no-auth", auth),
     })
     for warning in loaded.warnings:  # a deprecated variable: the services log it too
         err.print(f"[yellow]warning:[/] {escape(warning)}")
@@ -136,6 +143,12 @@ def up(
             fail(f"the last fabric in {state.path} lost its supervisor but left processes running: {', '.join(left)}",
                  f"stop them with `fabric down{state_flag(state)}`, then `fabric up` again")
 
+    from .nats_server import is_loopback
+
+    if not nats_url and not cfg.up.auth and not is_loopback(host) and not insecure:
+        fail(f"refusing to listen on {host} without auth: anyone who reaches port {cfg.nats.port} could run "
+             "programs on this machine as this user",
+             "drop --no-auth (clients then need credentials: `fabric user add NAME`), or say --insecure")
     binary = None
     port = cfg.nats.port
     if not nats_url:
@@ -156,6 +169,7 @@ def up(
         state=state, node=node, services=modules, external_nats_url=nats_url, host=host, port=port,
         nats_binary=binary, ready_timeout=timeout, grace=grace,
         config_file=loaded.file if config_file is not None else None, log_level=cfg.log_level,
+        auth=cfg.up.auth and not nats_url,
     )
     if detach:
         _up_detached(config, lock_fd, t0)
@@ -267,7 +281,14 @@ def _print_ready(st: FabricState, t0: float, state: StateDir, *, detached: bool)
     out.print(f"[bold green]fabric ready[/] in {seconds:.2f} s — node [bold]{st.node}[/], services: {services}")
     where = f"embedded nats-server, pid {st.nats.pid}" if st.embedded_nats and st.nats else "joined"
     out.print(f"  NATS URL  {st.nats_url}  ({where})")
-    out.print(f"  join      fabric up --nats-url {st.join_url}")
+    if st.credentials:
+        out.print(f"  auth      on: admin credentials {st.credentials} (found by the CLI and local clients); "
+                  "`fabric user add NAME` for others")
+    elif st.embedded_nats:
+        out.print("  auth      [bold yellow]off[/] (--no-auth): anyone who reaches the NATS port runs programs here")
+    out.print(f"  join      fabric up --nats-url {st.join_url}"
+              + ("  (needs the other machine's services to authenticate: join tokens come with clustering)"
+                 if st.credentials else ""))
     if st.embedded_nats and st.host and is_loopback(st.host):
         out.print(f"            (nats-server listens on {st.host} only: "
                   "start with --host 0.0.0.0 so other machines can join)")

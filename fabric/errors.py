@@ -10,7 +10,9 @@ stable *kind* string below) so a client can raise the exact class::
     │   ├── KernelBuildFailed        400  kernel_build_failed  an OpenCL kernel does not compile (carries the build log)
     │   ├── InvalidFrame             400  invalid_frame a binary frame is truncated or hostile
     │   └── OutOfRange               400  out_of_range  offset/length fall outside the block
-    ├── PermissionDenied             403  denied        the handle does not permit this (read-only)
+    ├── Unauthenticated              401  unauthenticated  NATS refused the connection's credentials (client-side)
+    ├── PermissionDenied             403  denied        not the caller's to do: a read-only handle, another user's task,
+    │                                                   a subject its role may not publish to
     ├── NotFound                     404  not_found     the id or subject is unknown
     │   ├── UnknownHandle            404  unknown_handle  never issued here, forged, or unknown segment
     │   ├── StaleHandle              404  stale_handle  the block was freed (use after free)
@@ -89,6 +91,7 @@ __all__ = [
     "InvalidFrame",
     "OutOfRange",
     "PermissionDenied",
+    "Unauthenticated",
     "NotFound",
     "UnknownHandle",
     "StaleHandle",
@@ -131,10 +134,19 @@ ERROR_KIND_HEADER = _headers.ERROR_KIND_HEADER
 
 
 class PermissionDenied(FabricError):
-    """Raised when the handle does not permit the operation (a write with a read-only handle)."""
+    """Raised when the caller may not do this: a write with a read-only handle, another user's task or
+    process, a subject the caller's role may not publish to (the message names it)."""
 
     code = 403
     kind = "denied"
+
+
+class Unauthenticated(FabricError):
+    """Raised when NATS refuses the connection: no credentials where they are required, or credentials it
+    does not know (a removed user, another fabric's file).  Client-side: no service sends it."""
+
+    code = 401
+    kind = "unauthenticated"
 
 
 class Infeasible(FabricError):

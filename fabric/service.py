@@ -62,9 +62,11 @@ from nats.micro.service import ServiceConfig
 
 from ._version import __version__
 from .config import DEFAULT_NATS_URL, ConfigError, FabricConfig, Loaded, default_node, load_config
+from .credentials import Credentials, CredentialsError, read_credentials
 from .errors import BadRequest, FabricError, InternalError, error_headers
 from .jetstream import JetStreamKeeper, JetStreamResource
 from .logs import configure_logging
+from .protocol.permissions import inbox_prefix, service_user
 from .protocol.subjects import valid_node_name
 from .schema import CONTENT_TYPE_HEADER, FRAME_CONTENT_TYPE, MSGPACK, MSGPACK_CONTENT_TYPE, ErrorReply, error_info
 from .service_endpoint import (
@@ -75,6 +77,7 @@ from .service_endpoint import (
     Request,
     cluster_endpoint,
     node_endpoint,
+    with_user_forms,
 )
 from .service_micro import MicroService
 from .service_nats import close as close_connection
@@ -98,6 +101,8 @@ class ServiceSettings:
     #: the effective configuration (:mod:`fabric.config`): each service reads its section
     #: from here (``config.mem``, ``config.telemetry``...), never from the environment
     config: FabricConfig = field(default_factory=FabricConfig)
+    #: the credentials file the service authenticates with (its role's, from ``fabric up``); None: no auth
+    credentials: Path | None = None
 
     def __post_init__(self) -> None:
         if not valid_node_name(self.node):
@@ -119,6 +124,9 @@ class FabricService:
         self.settings = settings
         self.node = settings.node
         self.log = structlog.get_logger(service=self.name, node=self.node)
+        #: who the service is on NATS (CredentialsError here if the file is unusable), or None without auth
+        self.credentials: Credentials | None = (
+            read_credentials(settings.credentials) if settings.credentials is not None else None)
         self.nc: NATS | None = None
         self._micro: MicroService | None = None
         self._endpoints: list[Endpoint] = []
@@ -148,6 +156,15 @@ class FabricService:
         """The endpoint ``fabric.<area>.<verb>`` any instance answers (queue group), named *name* (default *verb*)."""
         return cluster_endpoint(area, verb, handler, name=name)
 
+    def nats_auth(self) -> dict[str, Any]:
+        """The ``nats.connect`` options that authenticate as this service (none without credentials).
+
+        Its inbox is its node's (``_INBOX._<service>.<node>``): the only one its permissions let it read.
+        """
+        if self.credentials is None:
+            return {}
+        return self.credentials.connect_options(inbox_prefix(service_user(self.name, self.node)))
+
     def background(self, fn: LoopFunction, *, name: str) -> asyncio.Task[None]:
         """Run ``fn()`` beside the endpoints until it returns or the service stops (:mod:`fabric.service_tasks`).
 
@@ -165,7 +182,9 @@ class FabricService:
         at start.  Requests go through the same dispatch as the kit's endpoints
         (encodings, errors in headers, the concurrency bound, the counters); list the
         same :class:`Endpoint` values in :meth:`side_endpoints` so ``$SRV.INFO/STATS``
-        show them.  Unsubscribe the returned subscriptions to stop serving.
+        show them, with their user forms (:func:`~fabric.service_endpoint.with_user_forms`:
+        the kit serves exactly what it is given).  Unsubscribe the returned subscriptions
+        to stop serving.
         """
         subs = []
         for ep in endpoints:
@@ -234,7 +253,7 @@ class FabricService:
     async def start(self) -> None:
         # after a reconnect the server may be a restarted one that lost memory-backed streams: ensure them again
         self.nc = await connect(self.settings.nats_url, f"{self.name}@{self.node}", self.log,
-                                on_reconnect=self.jetstream_lost)
+                                on_reconnect=self.jetstream_lost, auth=self.nats_auth())
         resources = self.jetstream_resources()
         if resources:
             self.jetstream = JetStreamKeeper(self.nc, resources, self.on_jetstream, self.log)
@@ -249,8 +268,9 @@ class FabricService:
         )
         micro.kit_endpoints = self._endpoints
         micro.side_endpoints = tuple(self.side_endpoints())
-        # endpoints first, $SRV verbs last: a service that answers PING serves every subject it lists
-        for ep in self.endpoints():
+        # endpoints first, $SRV verbs last: a service that answers PING serves every subject it lists;
+        # each in its plain form and, where users reach it, its user form (fabric.u.*.…)
+        for ep in with_user_forms(self.endpoints()):
             self._endpoints.append(ep)
             await micro.add_endpoint(
                 name=ep.name, subject=ep.subject, queue_group=ep.queue_group, handler=self._dispatcher(ep)
@@ -444,9 +464,11 @@ def parse_settings(argv: Sequence[str] | None, service_name: str,
     parser.add_argument("--node", help="node name (default: node, else the host's short name, sanitized)")
     parser.add_argument("--state-dir", help="state directory (default: state_dir, else the per-user state dir)")
     parser.add_argument("--config", type=Path, help="configuration file (default: <state-dir>/fabric.toml)")
+    parser.add_argument("--credentials", help="credentials file to authenticate with (default: nats.credentials)")
     args = parser.parse_args(argv)
     loaded = load_config(config_file=args.config, environ=environ, flags={
         "nats.url": ("--nats-url", args.nats_url),
+        "nats.credentials": ("--credentials", args.credentials),
         "node": ("--node", args.node),
         "state_dir": ("--state-dir", args.state_dir),
     })
@@ -455,7 +477,8 @@ def parse_settings(argv: Sequence[str] | None, service_name: str,
         settings = ServiceSettings(nats_url=cfg.nats.url or DEFAULT_NATS_URL,
                                    node=cfg.node or default_node(),
                                    state_dir=Path(cfg.state_dir) if cfg.state_dir else default_state_dir(),
-                                   config=cfg)
+                                   config=cfg,
+                                   credentials=Path(cfg.nats.credentials) if cfg.nats.credentials else None)
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits
@@ -545,6 +568,13 @@ def main(service_cls: type[FabricService], argv: Sequence[str] | None = None) ->
         log.info("configuration read", file=str(loaded.file))
     tune_malloc()
     tune_gc()
+
+    if settings.credentials is not None:
+        try:
+            read_credentials(settings.credentials)  # a bad file ends the start here, said on stderr
+        except CredentialsError as exc:
+            print(f"{service_cls.name}: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
 
     async def run() -> None:
         await service_cls(settings).serve_forever()

@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from nats.micro.service import EndpointStats
 
 from .protocol.headers import REQUEST_ID_HEADER
+from .protocol.permissions import split_user, user_subject
 from .protocol.subjects import QUEUE_GROUP, cluster, node_scoped
 from .protocol.wire import MAGIC as FRAME_MAGIC  # a body that starts with it is a frame
 from .schema import CONTENT_TYPE_HEADER, FRAME_CONTENT_TYPE, JSON, MSGPACK, MSGPACK_CONTENT_TYPE, Codec
 
-__all__ = ["Request", "Reply", "Endpoint", "Handler", "node_endpoint", "cluster_endpoint",
+__all__ = ["Request", "Reply", "Endpoint", "Handler", "node_endpoint", "cluster_endpoint", "with_user_forms",
            "REQUEST_ID_HEADER", "FRAME_MAGIC", "ACCEPTED_CONTENT_TYPES"]
+
+_USER_FORM = "fabric.u."
 
 
 
@@ -35,14 +38,19 @@ ACCEPTED_CONTENT_TYPES = (JSON.content_type, MSGPACK_CONTENT_TYPE, FRAME_CONTENT
 class Request:
     """One incoming request: its subject, headers, raw data and the codec it asked for.
 
+    ``caller`` is the user who sent it, read from the user form of the subject
+    (``fabric.u.<user>.…``), which with auth on NATS lets only that user publish; None
+    for the plain form, which with auth on only admins (and services) may publish:
+    a trusted caller, acting for nobody in particular (:mod:`fabric.protocol.permissions`).
     ``refusal`` is why the kit answers 400 without calling the handler (a
     ``Content-Type`` it does not know), or None.
     """
 
-    __slots__ = ("subject", "headers", "data", "codec", "is_frame", "request_id", "refusal")
+    __slots__ = ("subject", "headers", "data", "codec", "is_frame", "request_id", "refusal", "caller")
 
     def __init__(self, subject: str, headers: dict[str, str] | None, data: bytes) -> None:
         self.subject = subject
+        self.caller = split_user(subject)[0] if subject.startswith(_USER_FORM) else None
         self.headers = headers
         self.data = data
         ctype = headers.get(CONTENT_TYPE_HEADER) if headers else None
@@ -86,6 +94,9 @@ class Endpoint:
     queue_group: str = QUEUE_GROUP
     #: whether the handler takes binary frames; the kit answers 400 to a frame sent to one that does not
     frames: bool = False
+    #: whether users reach it too, on its user form (:func:`with_user_forms`); False for what only
+    #: services and admins may ask (the nodes' ``fabric.task.pull``)
+    users: bool = True
     # per-endpoint statistics of the real work (not just the dispatch)
     num_requests: int = 0
     num_errors: int = 0
@@ -119,6 +130,22 @@ class Endpoint:
             last_error=self.last_error,
             data={"in_flight": self.in_flight},
         )
+
+
+def with_user_forms(endpoints: Sequence[Endpoint]) -> list[Endpoint]:
+    """*endpoints*, each followed by its user form where users reach it.
+
+    The user form of ``fabric.mem.alloc`` is ``fabric.u.*.mem.alloc``, named
+    ``alloc-user``: the same handler, on its own subscription and counters, so
+    ``$SRV.STATS`` tells the two apart.
+    """
+    out: list[Endpoint] = []
+    for ep in endpoints:
+        out.append(ep)
+        if ep.users:
+            out.append(Endpoint(f"{ep.name}-user", user_subject("*", ep.subject), ep.handler,
+                                queue_group=ep.queue_group, frames=ep.frames, users=False))
+    return out
 
 
 def node_endpoint(area: str, node: str, verb: str, handler: Handler, *, name: str | None = None,

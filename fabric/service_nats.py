@@ -54,9 +54,10 @@ def connect_options(name: str, log: Any, on_reconnect: Callable[[], None] | None
     }
 
 
-async def connect(url: str, name: str, log: Any, on_reconnect: Callable[[], None] | None = None) -> NATS:
-    """Connect to *url* with :func:`connect_options`."""
-    return await nats.connect(url, **connect_options(name, log, on_reconnect))
+async def connect(url: str, name: str, log: Any, on_reconnect: Callable[[], None] | None = None,
+                  auth: dict[str, Any] | None = None) -> NATS:
+    """Connect to *url* with :func:`connect_options`, plus *auth* (a credentials file's options)."""
+    return await nats.connect(url, **connect_options(name, log, on_reconnect), **(auth or {}))
 
 
 async def close(nc: NATS) -> None:

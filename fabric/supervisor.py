@@ -47,6 +47,7 @@ from typing import Any
 
 from .discovery import probe_services
 from .launch import SERVICE_MODULES_ENV, module_launch
+from .protocol.permissions import SERVICE_ROLES
 from .state import FabricState, ProcessRecord, StateDir
 
 __all__ = ["SERVICES", "SupervisorConfig", "Supervisor", "service_modules", "rotate_log"]
@@ -99,6 +100,8 @@ class SupervisorConfig:
     config_file: Path | None = None
     #: the configuration's log_level, for the supervisor's own log
     log_level: str = "info"
+    #: auth on the embedded nats-server: every service gets its role's credentials (fabric.auth)
+    auth: bool = False
 
 
 class Child:
@@ -289,11 +292,20 @@ class Supervisor:
         # every child runs in the state directory (absolute, like every path it is given)
         cwd = str(state.path)
         names: list[str] = []
+        env.pop("FABRIC_NATS_CREDENTIALS", None)  # each service gets its own, on its command line
+        realm = None
         if cfg.external_nats_url is None:
             from .nats_server import server_command, write_config
 
             assert cfg.nats_binary is not None
-            conf = write_config(state, host=cfg.host, port=cfg.port, node=cfg.node)
+            if cfg.auth:
+                from .auth import AuthRealm
+
+                realm = AuthRealm(state, cfg.node)
+                realm.ensure(url=self.state.join_url)
+                realm.render()
+                self.state.credentials = str(realm.admin_credentials)
+            conf = write_config(state, host=cfg.host, port=cfg.port, node=cfg.node, auth=realm is not None)
             names.append("nats-server")
             binary = os.path.abspath(cfg.nats_binary)
             self.nats = Child("nats-server", server_command(binary, conf), state.log_file("nats-server"), env, cwd)
@@ -301,7 +313,11 @@ class Supervisor:
         if cfg.config_file is not None:
             args += ["--config", str(cfg.config_file)]
         for name, module in cfg.services.items():
-            launch = module_launch(module, args, cwd=cwd, env=env, python=cfg.python)
+            own = args
+            if realm is not None and name in SERVICE_ROLES:
+                # a path, never the key itself: a command line is visible to every local user (ps)
+                own = [*args, "--credentials", str(realm.service_credentials(name))]
+            launch = module_launch(module, own, cwd=cwd, env=env, python=cfg.python)
             assert launch.cwd is not None
             self.services[name] = Child(name, launch.argv, state.log_file(name), launch.env, launch.cwd)
             names.append(name)
@@ -381,7 +397,7 @@ class Supervisor:
                     nc = await nats.connect(
                         self.nats_url, name=f"fabric-supervisor@{self.config.node}", connect_timeout=1,
                         allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.1,
-                        error_cb=self._on_nats_error,
+                        error_cb=self._on_nats_error, **self._auth(),
                     )
                 except Exception as exc:
                     if time.time() > t_end:
@@ -406,6 +422,14 @@ class Supervisor:
                  nats_url=self.nats_url)
         if self.on_ready is not None:
             self.on_ready(self.state)
+
+    def _auth(self) -> dict[str, Any]:
+        """The probe's credentials: the admin's, with auth on."""
+        if not self.state.credentials:
+            return {}
+        from .credentials import read_credentials
+
+        return read_credentials(self.state.credentials).connect_options()
 
     async def _on_nats_error(self, exc: Exception) -> None:
         self.log("debug", "nats error", error=f"{type(exc).__name__}: {exc}")

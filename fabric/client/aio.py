@@ -9,6 +9,7 @@ The sync :class:`~fabric.client.FabricClient` is generated from this class
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,9 @@ class AsyncFabricClient(MemoryArea, ProcessesArea, CoresArea, NodesArea, TasksAr
     (the quota account of the blocks it allocates) to the user name; *timeout* is
     per request, in seconds; ``local=False`` turns the local fast path off;
     reads of more than *read_chunk_size* bytes travel as concurrent chunks.
+    *credentials* is a credentials file (``fabric user add`` writes one); by default
+    ``$FABRIC_CREDENTIALS``, else the admin credentials of the fabric running here, else
+    none (a fabric without auth).  Its URL is the default *url* after ``$FABRIC_NATS_URL``.
     """
 
     def __init__(
@@ -43,8 +47,10 @@ class AsyncFabricClient(MemoryArea, ProcessesArea, CoresArea, NodesArea, TasksAr
         local: bool = True,
         name: str = "fabric-client",
         read_chunk_size: int = DEFAULT_READ_CHUNK_SIZE,
+        credentials: str | os.PathLike[str] | None = None,
     ) -> None:
-        super().__init__(url, owner=owner, timeout=timeout, name=name, read_chunk_size=read_chunk_size)
+        super().__init__(url, owner=owner, timeout=timeout, name=name, read_chunk_size=read_chunk_size,
+                         credentials=credentials)
         self._init_memory(local)
         self._init_tasks()
         self._opencl: OpenCLRunner | None = None  # made by the first kernel (it imports numpy)

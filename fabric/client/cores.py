@@ -86,8 +86,11 @@ class AsyncCore:
         self.id = info.core
         self.node = info.node
         self.name = info.name
-        self._run_subject = subjects.node_scoped(subjects.CORE, info.node, subjects.Core.RUN) + "." + info.core
-        self._map_subject = subjects.node_scoped(subjects.CORE, info.node, subjects.Core.MAP) + "." + info.core
+        # the job lane's hot path sends on these directly (no Transport.request): spelled once, in the client's form
+        self._run_subject = client.subject(
+            subjects.node_scoped(subjects.CORE, info.node, subjects.Core.RUN) + "." + info.core)
+        self._map_subject = client.subject(
+            subjects.node_scoped(subjects.CORE, info.node, subjects.Core.MAP) + "." + info.core)
 
     def __repr__(self) -> str:
         return f"AsyncCore(name={self.name!r}, core={self.id!r}, node={self.node!r})"

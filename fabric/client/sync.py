@@ -11,6 +11,7 @@ where the data is), the buffer's slicing, a process's blocking line iterators.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
@@ -77,9 +78,10 @@ class FabricClient:
 
     def __init__(self, url: str | None = None, *, owner: str | None = None, timeout: float = 10.0,
                  local: bool = True, name: str = "fabric-client",
-                 read_chunk_size: int = DEFAULT_READ_CHUNK_SIZE) -> None:
+                 read_chunk_size: int = DEFAULT_READ_CHUNK_SIZE,
+                 credentials: str | os.PathLike[str] | None = None) -> None:
         self._aio = AsyncFabricClient(url, owner=owner, timeout=timeout, local=local, name=name,
-                                      read_chunk_size=read_chunk_size)
+                                      read_chunk_size=read_chunk_size, credentials=credentials)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 

@@ -1,5 +1,14 @@
 """The client's transport: connecting to NATS, one request with its typed error, URL discovery.
 
+Identity: with credentials (``credentials=``, ``$FABRIC_CREDENTIALS``, or the admin
+credentials of the fabric running here: :func:`fabric.credentials.find_credentials`)
+the client authenticates as their user; a user of role ``client`` sends every request
+in its user form ``fabric.u.<user>.…`` and reads replies in ``_INBOX.<user>``, the only
+subjects NATS lets it use (:mod:`fabric.protocol.permissions`), so the services know
+who asks.  A request the server refuses for permissions raises
+:class:`~fabric.errors.PermissionDenied` naming the subject, at once rather than at
+the timeout; a refused connection raises :class:`~fabric.errors.Unauthenticated`.
+
 Every area of the client (memory, processes, cores, nodes, OpenCL) sends its requests
 through :class:`Transport`: :meth:`Transport.request` maps NATS failures and error
 replies (docs/protocol.md "Errors") onto :mod:`fabric.errors`, :meth:`Transport._call`
@@ -27,6 +36,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from ..config.model import DEFAULT_NATS_URL
+from ..credentials import Credentials, CredentialsError, find_credentials
 from ..errors import (
     ERROR_CODE_HEADER,
     ERROR_HEADER,
@@ -34,11 +44,14 @@ from ..errors import (
     BadRequest,
     FabricError,
     NoResponders,
+    PermissionDenied,
     RequestTimedOut,
+    Unauthenticated,
     Unavailable,
     error_from_wire,
 )
 from ..protocol import subjects
+from ..protocol.permissions import ADMIN, user_subject
 from ..schema import JSON
 
 T = TypeVar("T")
@@ -53,6 +66,8 @@ DEFAULT_READ_CHUNK_SIZE = 128 * 1024
 CHUNKS_IN_FLIGHT = 8
 
 log = logging.getLogger("fabric.client")
+# the cancel message of a request the server refused for permissions (Transport._on_error)
+_DENIED = "fabric: permissions violation"
 
 
 # nats-py prints a traceback for every connection error unless given callbacks: a
@@ -99,19 +114,21 @@ def _arguments_checked(fn: Callable[P, R]) -> Callable[P, R]:
     return checked
 
 
-def default_url() -> str:
+def default_url(credentials: Credentials | None = None) -> str:
     """Where a client connects when given no URL.
 
-    ``$FABRIC_NATS_URL`` first; else the NATS of the fabric that ``fabric up`` runs
-    in the default state directory on this machine (whatever port it got); else
-    ``nats://127.0.0.1:4222``.  (The variable is the configuration's ``nats.url``,
-    docs/config.md; a client reads only that one.)
+    ``$FABRIC_NATS_URL`` first; else the URL in the *credentials* file; else the NATS
+    of the fabric that ``fabric up`` runs in the default state directory on this
+    machine (whatever port it got); else ``nats://127.0.0.1:4222``.  (The variable is
+    the configuration's ``nats.url``, docs/config.md; a client reads only that one.)
     """
     from ..config.keys import env_name
 
     env = os.environ.get(env_name("nats.url"))
     if env:
         return env
+    if credentials is not None and credentials.url:
+        return credentials.url
     try:
         from ..state import StateDir, default_state_dir
 
@@ -155,15 +172,53 @@ class Transport:
     """One NATS connection and the request plumbing every area of the client uses."""
 
     def __init__(self, url: str | None, *, owner: str | None, timeout: float, name: str,
-                 read_chunk_size: int) -> None:
+                 read_chunk_size: int, credentials: str | os.PathLike[str] | None = None) -> None:
         if isinstance(read_chunk_size, bool) or not isinstance(read_chunk_size, int) or read_chunk_size < 4096:
             raise BadRequest(f"read_chunk_size must be an int of at least 4096 bytes, got {read_chunk_size!r}")
-        self.url = url or default_url()
+        try:
+            #: who the client is on NATS (None: no credentials, a fabric without auth)
+            self.credentials: Credentials | None = find_credentials(credentials)
+        except CredentialsError as exc:
+            raise Unauthenticated(str(exc)) from None
+        #: the user whose user form every request takes (None: the plain form, an admin's or without auth)
+        self.user: str | None = (self.credentials.user if self.credentials is not None
+                                 and self.credentials.role != ADMIN else None)
+        self.url = url or default_url(self.credentials)
         self.owner = owner if owner is not None else _default_owner()
         self.timeout = timeout
         self.name = name
         self.read_chunk_size = read_chunk_size
         self.nc: NATS | None = None
+        # with credentials: the requests in flight, by task, so a permissions violation fails them at once
+        self._in_flight: dict[asyncio.Task[Any], str] = {}
+        self._denied: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._refused: str | None = None
+
+    def subject(self, subject: str) -> str:
+        """The subject this client sends a request for *subject* on: its user form, with a user."""
+        if self.user is not None and subject.startswith("fabric."):
+            return user_subject(self.user, subject)
+        return subject
+
+    async def _on_error(self, exc: Exception) -> None:
+        """nats-py's error callback: permissions violations fail their requests; refusals end the connect."""
+        text = str(exc)
+        if "permissions violation" in text:
+            # nats-py lower-cases the server's message: 'nats: permissions violation for publish to "x"'
+            subject = text.rpartition(" to ")[2].strip().strip('"')
+            kind = "subscribe to" if "subscription" in text else "publish to"
+            who = f"user {self.credentials.user!r}" if self.credentials is not None else "this connection"
+            self._denied[subject] = f"permission denied: {who} may not {kind} {subject!r} (docs/security.md)"
+            while len(self._denied) > 64:
+                self._denied.popitem(last=False)
+            log.warning("%s", self._denied[subject])
+            for task, sent in list(self._in_flight.items()):
+                if sent.lower() == subject:
+                    task.cancel(msg=_DENIED)
+            return
+        if "authorization violation" in text.lower() or "authentication" in text.lower():
+            self._refused = text
+        await _log_nats_error(exc)
 
     async def _connect(self) -> None:
         if self.nc is None:
@@ -171,20 +226,36 @@ class Transport:
             # not kill long-lived clients), but nats-py applies the same setting to the
             # first connect, which would then wait forever for a server that is not
             # there: bound the first connect by the client's timeout.
+            auth = self.credentials.connect_options() if self.credentials is not None else {}
             try:
                 self.nc = await asyncio.wait_for(
                     nats.connect(self.url, name=self.name, connect_timeout=min(self.timeout, 2.0),
                                  max_reconnect_attempts=-1, allow_reconnect=True,
-                                 reconnect_time_wait=0.25, error_cb=_log_nats_error,
-                                 disconnected_cb=_log_disconnect, reconnected_cb=self._reconnected),
+                                 reconnect_time_wait=0.25, error_cb=self._on_error,
+                                 disconnected_cb=_log_disconnect, reconnected_cb=self._reconnected, **auth),
                     timeout=self.timeout)
             except asyncio.TimeoutError:
+                if self._refused is not None:
+                    raise self._unauthenticated() from None
                 raise Unavailable(
                     f"cannot connect to NATS at {self.url} within {self.timeout:g}s: nothing answers there. "
                     "Start fabric with `fabric up`, or pass the URL of a running one "
                     "(FabricClient(url) or $FABRIC_NATS_URL)") from None
             except Exception as exc:
+                if self._refused is not None or "authorization violation" in str(exc).lower():
+                    raise self._unauthenticated() from None
                 raise Unavailable(f"cannot connect to NATS at {self.url}: {exc}") from None
+
+    def _unauthenticated(self) -> Unauthenticated:
+        if self.credentials is None:
+            return Unauthenticated(
+                f"NATS at {self.url} requires credentials: pass FabricClient(credentials='NAME.creds') or set "
+                "$FABRIC_CREDENTIALS (`fabric user add NAME` issues them; on a fabric machine the admin's are "
+                "found by themselves)")
+        where = f" ({self.credentials.path})" if self.credentials.path else ""
+        return Unauthenticated(
+            f"NATS at {self.url} refused the credentials of user {self.credentials.user!r}{where}: "
+            "the user was removed, or the file belongs to another fabric")
 
     async def _reconnected(self) -> None:
         await _log_reconnect()
@@ -221,12 +292,30 @@ class Transport:
         """Send one request; return the reply message or raise the typed error it carries."""
         if self.nc is None:
             raise Unavailable("client is not connected: use 'async with' or call connect()")
+        if self.user is not None and subject.startswith("fabric."):
+            subject = user_subject(self.user, subject)
+        task = asyncio.current_task() if self.credentials is not None else None
+        if task is not None:
+            self._in_flight[task] = subject
         try:
             msg = await self.nc.request(subject, data, timeout=timeout or self.timeout, headers=headers)
         except NoRespondersError:
             raise NoResponders(f"no service answers on {subject}") from None
         except NatsTimeout:
+            denied = self._denied.get(subject.lower())
+            if denied is not None:
+                raise PermissionDenied(denied) from None
             raise RequestTimedOut(f"request on {subject} timed out after {timeout or self.timeout}s") from None
+        except asyncio.CancelledError as exc:
+            denied = self._denied.get(subject.lower())
+            if task is None or denied is None or _DENIED not in exc.args:
+                raise
+            if hasattr(task, "uncancel"):  # 3.11+: the task is not being cancelled any more
+                task.uncancel()
+            raise PermissionDenied(denied) from None
+        finally:
+            if task is not None:
+                self._in_flight.pop(task, None)
         hdrs = msg.headers
         if hdrs and ERROR_CODE_HEADER in hdrs:
             raise error_from_wire(hdrs[ERROR_CODE_HEADER], hdrs.get(ERROR_HEADER, ""), hdrs.get(ERROR_KIND_HEADER))

@@ -60,6 +60,7 @@ UNSET_MEANS: dict[str, str] = {
     "state_dir": "the per-user state dir",
     "nats.url": "fabric up starts its own",
     "nats.server": "the one installed with fabric, else $PATH",
+    "nats.credentials": "none: connect without auth",
     "up.services": "every known one",
     "mem.capacity": "a quarter of the RAM",
     "tasks.slots": "the logical CPUs",
@@ -75,6 +76,8 @@ class NatsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     port: Port = 4222
     #: the nats-server binary ``fabric up`` runs (default: the one installed with fabric, else $PATH)
     server: str | None = None
+    #: the credentials file a service connects with (``fabric up`` gives each service its own)
+    credentials: str | None = None
 
 
 class UpConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -84,6 +87,8 @@ class UpConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     ready_timeout_s: Annotated[float, Meta(ge=0.1, le=3600)] = 30.0
     #: how long services get to drain when the fabric stops
     grace_s: Annotated[float, Meta(ge=0, le=3600)] = 10.0
+    #: nkey authentication and per-role permissions on the embedded nats-server (docs/security.md)
+    auth: bool = True
 
 
 class MemConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

@@ -81,6 +81,7 @@ from fabric.schema.tasks import (
     WaitRequest,
 )
 from fabric.service import Endpoint, FabricService, Reply, Request, ServiceSettings
+from fabric.service_endpoint import with_user_forms
 
 from . import lease as lease_mod
 from . import maps as maps_mod
@@ -149,9 +150,11 @@ class SchedulerService(FabricService):
         self.state_kv: Any = None
         self.pub: Publisher | None = None
         self.writer: RecordWriter | None = None
-        self._side = [self.cluster_endpoint(TASK, verb, handler) for verb, handler in (
+        side = [self.cluster_endpoint(TASK, verb, handler) for verb, handler in (
             (Task.SUBMIT, self.submit), (Task.MAP, self.map), (Task.GET, self.get), (Task.WAIT, self.wait),
             (Task.CANCEL, self.cancel), (Task.LIST, self.list), (Task.PULL, self.pull))]
+        side[-1].users = False  # the nodes' pull: a result reported there is trusted, so no user reaches it
+        self._side = with_user_forms(side)
         self._subs: list[Any] = []
         self._reset()
 

@@ -43,6 +43,7 @@ from fabric.protocol import subjects
 from fabric.protocol.headers import EXIT_CODE_HEADER
 from fabric.protocol.jobframes import decode_job_batch, encode_job_results, results_frame_size
 from fabric.service import Endpoint, node_endpoint
+from fabric.service_endpoint import with_user_forms
 
 from .pool import Pool
 from .pool_reply import REPLY_HEADROOM, ReplyLink, reply_limit
@@ -52,13 +53,20 @@ __all__ = ["JobLane", "fit_results"]
 
 
 
+def _lane_only(req: Any) -> None:
+    raise AssertionError("the job lane serves core run/map itself (JobLane.open)")
+
+
 class JobLane:
     """The job lane of one manager: its NATS connection and reply link, the run/map handlers."""
 
-    def __init__(self, node: str, log: Any, nats_url: str, lookup: Callable[[str], Pool]) -> None:
+    def __init__(self, node: str, log: Any, nats_url: str, lookup: Callable[[str], Pool],
+                 seed: str | None = None) -> None:
         self.node = node
         self.log = log
         self.nats_url = nats_url
+        #: the spawner's nkey seed, for the reply link's own connection (None without auth)
+        self._seed = seed
         #: the pool of a core id (NotFound when there is none)
         self._pool = lookup
         self.link: ReplyLink | None = None
@@ -68,22 +76,28 @@ class JobLane:
         self._sends: set[asyncio.Task[Any]] = set()
         self._retry_link_at = 0.0
         # served on the lane (open()), counted here, listed in $SRV (the manager's side_endpoints)
-        self._run_ep = node_endpoint(subjects.CORE, node, subjects.Core.RUN, self._on_run, name="core-run",
+        # (the kit never calls their handlers: open() subscribes them with _on_run/_on_map)
+        self._run_ep = node_endpoint(subjects.CORE, node, subjects.Core.RUN, _lane_only, name="core-run",
                                      wildcard=True)
-        self._map_ep = node_endpoint(subjects.CORE, node, subjects.Core.MAP, self._on_map, name="core-map",
+        self._map_ep = node_endpoint(subjects.CORE, node, subjects.Core.MAP, _lane_only, name="core-map",
                                      wildcard=True)
 
+        #: both, in their plain and user forms: what open() subscribes, each counting its own requests
+        self._endpoints = with_user_forms([self._run_ep, self._map_ep])
+
     def endpoints(self) -> list[Endpoint]:
-        return [self._run_ep, self._map_ep]
+        return self._endpoints
 
     async def open(self, nc: NATS) -> None:
         """Open the reply link (before any worker starts), then subscribe on *nc*: the hosting
         service's connection, which the lane uses but never closes."""
         self.nc = nc
         # the reader threads hold on to this link for good; tend_link() reconnects it
-        self.link = ReplyLink(self.nats_url, f"spawner-replies@{self.node}", self.log)
+        self.link = ReplyLink(self.nats_url, f"spawner-replies@{self.node}", self.log, seed=self._seed)
         await asyncio.get_running_loop().run_in_executor(None, self.link.connect)
-        for ep, cb in ((self._run_ep, self._on_run), (self._map_ep, self._on_map)):
+        for ep in self._endpoints:
+            on_msg = self._on_run if ep.name.startswith(self._run_ep.name) else self._on_map
+            cb = functools.partial(on_msg, ep)
             # far above the kit's defaults: a map client keeps thousands of jobs in flight, and a
             # slow-consumer drop here would lose jobs on the connection every endpoint shares
             self._subs.append(await nc.subscribe(ep.subject, queue=ep.queue_group, cb=cb,
@@ -160,25 +174,25 @@ class JobLane:
     def _send_error(self, subject: str, exc: FabricError) -> None:
         self._send(subject, b"", error_headers(exc))
 
-    async def _on_run(self, msg: Any) -> None:
+    async def _on_run(self, ep: Endpoint, msg: Any) -> None:
         """``fabric.core.<node>.run.<core>``: the body is the job's input; the reply its output."""
         t0 = time.perf_counter_ns()
         reply = msg.reply
         try:
             pool = self._pool(msg.subject.rpartition(".")[2])
         except FabricError as exc:
-            self._run_ep.record(t0, exc.message)
+            ep.record(t0, exc.message)
             self._send_error(reply, exc)
             return
         link = self.link
         direct = reply.encode() if reply and link is not None and link.up else None
         job = Job(next(self._job_ids), msg.data, _noop, direct)
-        job.done = functools.partial(self._run_done, job, reply, pool, t0)
+        job.done = functools.partial(self._run_done, ep, job, reply, pool, t0)
         pool.submit(job)
 
-    def _run_done(self, job: Job, reply: str, pool: Pool, t0: int, code: int, out: Any,
+    def _run_done(self, ep: Endpoint, job: Job, reply: str, pool: Pool, t0: int, code: int, out: Any,
                   err: FabricError | None) -> None:
-        self._run_ep.record(t0, err.message if err is not None else
+        ep.record(t0, err.message if err is not None else
                             f"exit code {code}" if code != 0 else None)
         if job.replied:
             return
@@ -194,7 +208,7 @@ class JobLane:
         else:
             self._send(reply, out)
 
-    async def _on_map(self, msg: Any) -> None:
+    async def _on_map(self, ep: Endpoint, msg: Any) -> None:
         """``fabric.core.<node>.map.<core>``: a job batch frame in, a job results frame out."""
         t0 = time.perf_counter_ns()
         reply = msg.reply
@@ -202,17 +216,17 @@ class JobLane:
             pool = self._pool(msg.subject.rpartition(".")[2])
             items = decode_job_batch(msg.data)
         except FabricError as exc:
-            self._map_ep.record(t0, exc.message)
+            ep.record(t0, exc.message)
             self._send_error(reply, exc)
             return
         n = len(items)
         results: list[tuple[int, int, Any]] = [(0, 0, b"")] * n
         if not n:
-            self._map_ep.record(t0)
+            ep.record(t0)
             self._send(reply, encode_job_results(results))
             return
         left = [n]
-        map_ep = self._map_ep
+        map_ep = ep
 
         def send(subject: str, data: bytes | None) -> None:
             if data is None:  # even the 413s of the jobs that do not fit do not fit (a huge batch)

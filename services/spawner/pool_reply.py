@@ -14,10 +14,12 @@ that is down -- goes the ordinary way, through the service's nats-py client.
 The link speaks just enough of the NATS client protocol: read ``INFO``, send
 ``CONNECT`` and ``PING``, wait for ``PONG``; a small thread answers the server's
 ``PING`` s, takes a new ``INFO`` (a config reload) and notices ``-ERR`` and EOF.
-Credentials: those of the URL, presented exactly as nats-py presents them for the
-service's own connection (``nats://user:pass@host`` as user and password,
-``nats://token@host`` as a token, both as written, not percent-decoded), so the link
-authenticates whenever the service does; that is all ``fabric up --nats-url`` offers.
+Credentials: the service's nkey when it has one (auth on, the default of ``fabric up``:
+the server's ``nonce`` signed with the seed, as nats-py signs it), else those of the
+URL, presented exactly as nats-py presents them for the service's own connection
+(``nats://user:pass@host`` as user and password, ``nats://token@host`` as a token, both
+as written, not percent-decoded), so the link authenticates whenever the service does.
+The link only publishes replies, which the spawner's permissions allow (``_INBOX.>``).
 A server that wants TLS (``tls_required`` in its ``INFO``, or a ``tls://`` URL), a
 ``ws://`` URL, or one that refuses the credentials (``-ERR 'Authorization Violation'``):
 the link gives up for good (:attr:`ReplyLink.usable`), says so once in the log, and
@@ -33,6 +35,7 @@ as it does for any reply of that size (docs/protocol.md, "Compute cores").
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import threading
@@ -50,6 +53,19 @@ REPLY_HEADROOM = 4096
 DEFAULT_MAX_PAYLOAD = 1 << 20
 
 
+def _nkey_auth(seed: str, nonce: str | None) -> dict[str, str]:
+    """The CONNECT fields of nkey authentication: the public key, and the server's nonce signed (base64)."""
+    import nkeys
+
+    if not nonce:
+        raise ConnectionError("the server sent no nonce to sign: it does not take nkeys")
+    kp = nkeys.from_seed(bytearray(seed.encode()))
+    try:
+        return {"nkey": bytes(kp.public_key).decode(), "sig": base64.b64encode(kp.sign(nonce.encode())).decode()}
+    finally:
+        kp.wipe()
+
+
 def reply_limit(max_payload: int) -> int:
     """The largest job output (or ``map`` results frame) a reply may carry under *max_payload*."""
     return max(max_payload - REPLY_HEADROOM, 0)
@@ -58,8 +74,10 @@ def reply_limit(max_payload: int) -> int:
 class ReplyLink:
     """``publish(subject, data)`` from any thread; False when the link is down (use the slow path)."""
 
-    def __init__(self, url: str, name: str, log: Any) -> None:
+    def __init__(self, url: str, name: str, log: Any, seed: str | None = None) -> None:
         self.url = url
+        #: the nkey seed the service authenticates with (``SU…``), or None
+        self._seed = seed
         self.name = name
         self.log = log
         self.up = False
@@ -101,7 +119,9 @@ class ReplyLink:
                                     "headers": True, "no_responders": True}
             # as nats-py does for the service's connection (Client._connect_command): the URL's
             # user and password, or its user part alone as a token, not percent-decoded
-            if u.username and u.password is not None:
+            if self._seed is not None:
+                opts.update(_nkey_auth(self._seed, info.get("nonce")))
+            elif u.username and u.password is not None:
                 opts["user"], opts["pass"] = u.username, u.password
             elif u.username:
                 opts["auth_token"] = u.username

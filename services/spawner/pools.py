@@ -100,7 +100,7 @@ class CoreManager:
     """
 
     def __init__(self, node: str, log: Any, nats_url: str, env: PoolEnv | None = None,
-                 tasks: BackgroundTasks | None = None) -> None:
+                 tasks: BackgroundTasks | None = None, seed: str | None = None) -> None:
         self.node = node
         self.log = log
         self.nats_url = nats_url
@@ -117,7 +117,7 @@ class CoreManager:
         self.tasks = tasks if tasks is not None else BackgroundTasks(log)
         self._ticker: asyncio.Task[None] | None = None
         self.ring_prefix = ring_prefix()
-        self.lane = JobLane(node, log, nats_url, self._pool)
+        self.lane = JobLane(node, log, nats_url, self._pool, seed=seed)
 
     @property
     def link(self) -> ReplyLink | None:

@@ -79,7 +79,8 @@ class SpawnerService(FabricService):
         self.table: ProcessTable | None = None
         # fabric.core.*: warm pools of compute cores; their watchdog is one of this service's background tasks
         self.cores = CoreManager(self.node, self.log, settings.nats_url, tasks=self.tasks,
-                                 env=PoolEnv.from_config(settings.config.pool))
+                                 env=PoolEnv.from_config(settings.config.pool),
+                                 seed=self.credentials.seed if self.credentials is not None else None)
         # fabric.task.pull: runs the scheduler's tasks here (started once the endpoints serve)
         self.runner = TaskRunner(self, slots=task_slots if task_slots is not None else settings.config.tasks.slots,
                                  prefetch=task_prefetch)
