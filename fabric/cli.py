@@ -7,12 +7,13 @@ there, and shows the nodes when a gpu-monitor runs; ``fabric nodes [--watch]``
 shows the nodes' live telemetry; ``fabric req`` is a small stand-in for ``nats req``
 that understands fabric's encodings and error headers; ``fabric config show|validate``
 shows the effective configuration or checks a file; ``fabric submit``, ``tasks``, ``task``
-and ``cancel`` run and follow durable tasks.  Every command takes
+and ``cancel`` run and follow durable tasks; ``fabric user add|rm|list`` manages who may
+connect (auth is on by default).  Every command takes
 ``--state-dir``, so several fabrics run side by side.
 
 One module per command: :mod:`fabric.cli_up`, :mod:`fabric.cli_down`,
 :mod:`fabric.cli_status`, :mod:`fabric.cli_nodes`, :mod:`fabric.cli_req`,
-:mod:`fabric.cli_config`, :mod:`fabric.cli_tasks`, over what
+:mod:`fabric.cli_config`, :mod:`fabric.cli_tasks`, :mod:`fabric.cli_users`, over what
 they share in :mod:`fabric.cli_common`; this module only puts them together (the
 console script ``fabric.cli:main``, and ``python -m fabric.cli``).
 """
@@ -28,6 +29,7 @@ from .cli_req import req
 from .cli_status import status
 from .cli_tasks import SUBMIT_CONTEXT, cancel, submit, task, tasks
 from .cli_up import up
+from .cli_users import users_app
 
 __all__ = ["app", "main"]
 
@@ -47,6 +49,7 @@ app.command(context_settings=SUBMIT_CONTEXT)(submit)
 for task_command in (tasks, task, cancel):
     app.command()(task_command)
 app.add_typer(config_app, name="config")
+app.add_typer(users_app, name="user")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -77,7 +77,7 @@ def up(
     auth: Annotated[bool | None, typer.Option(
         "--auth/--no-auth", show_default=False,
         help="Require credentials on the embedded nats-server, with per-role permissions (docs/security.md). "
-             "Config: up.auth (on).")] = None,
+             "Config: up.auth (off until join tokens land).")] = None,
     insecure: Annotated[bool, typer.Option(
         "--insecure", help="Allow --no-auth on an address other machines can reach.")] = False,
     config_file: ConfigFileOption = None,
@@ -285,13 +285,14 @@ def _print_ready(st: FabricState, t0: float, state: StateDir, *, detached: bool)
         out.print(f"  auth      on: admin credentials {st.credentials} (found by the CLI and local clients); "
                   "`fabric user add NAME` for others")
     elif st.embedded_nats:
-        out.print("  auth      [bold yellow]off[/] (--no-auth): anyone who reaches the NATS port runs programs here")
+        out.print("  auth      [bold yellow]off[/]: anyone who reaches the NATS port runs programs here "
+                  "(`fabric up --auth` requires credentials: docs/security.md)")
     out.print(f"  join      fabric up --nats-url {st.join_url}"
               + ("  (needs the other machine's services to authenticate: join tokens come with clustering)"
                  if st.credentials else ""))
     if st.embedded_nats and st.host and is_loopback(st.host):
-        out.print(f"            (nats-server listens on {st.host} only: "
-                  "start with --host 0.0.0.0 so other machines can join)")
+        out.print(f"            (nats-server listens on {st.host} only: other machines join one started with "
+                  "--host 0.0.0.0 --insecure, which lets anyone who reaches the port run programs here)")
     out.print(f"  logs      {st.logs_dir}/")
     flag = state_flag(state)
     if detached:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from tests._nats import creds_for
+
 if TYPE_CHECKING:
     from fabric import AsyncFabricClient
     from fabric.services.spawner import SpawnerService
@@ -96,6 +98,7 @@ async def all_ended(spawner: SpawnerService) -> None:
 def start_spawner_process(nats_url: str, node: str, state: Path) -> subprocess.Popen[bytes]:
     """``python -m fabric.services.spawner`` as a child of the test (its output discarded); see wait_ready."""
     return subprocess.Popen([PY, "-m", "fabric.services.spawner", "--nats-url", nats_url, "--node", node,
+                             "--credentials", str(creds_for("spawner")),
                              "--state-dir", str(state)], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 

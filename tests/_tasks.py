@@ -31,7 +31,7 @@ from nats.errors import NoRespondersError
 from fabric.protocol.headers import CONTENT_TYPE_HEADER, ERROR_CODE_HEADER, ERROR_HEADER
 from fabric.schema import JSON
 from fabric.schema.tasks import TaskRecord
-from tests._nats import env_with_repo
+from tests._nats import creds_for, env_with_repo
 
 
 @dataclass
@@ -50,13 +50,14 @@ class Node:
             await svc.stop()
 
 
-def settings(url: str, node: str, state: Path, *, slots: int | None = None, labels: dict[str, str] | None = None,
-             resources: dict[str, float] | None = None) -> Any:
+def settings(url: str, node: str, state: Path, role: str, *, slots: int | None = None,
+             labels: dict[str, str] | None = None, resources: dict[str, float] | None = None) -> Any:
+    """The settings of the *role* service of *node*, with its role's credentials."""
     from fabric.config.model import FabricConfig, TasksConfig
     from fabric.service import ServiceSettings
 
     config = FabricConfig(tasks=TasksConfig(labels=labels or {}, resources=resources or {}, slots=slots))
-    return ServiceSettings(nats_url=url, node=node, state_dir=state, config=config)
+    return ServiceSettings(nats_url=url, node=node, state_dir=state, config=config, credentials=creds_for(role))
 
 
 async def start_node(url: str, state: Path, *, name: str = "", slots: int | None = None, prefetch: int = 1,
@@ -66,8 +67,10 @@ async def start_node(url: str, state: Path, *, name: str = "", slots: int | None
     from fabric.services.spawner import SpawnerService
 
     name = name or f"n-{secrets.token_hex(3)}"
-    cfg = settings(url, name, state / name, slots=slots, labels=labels, resources=resources)
-    services = [SpawnerService(cfg, task_prefetch=prefetch), GpuMonitorService(cfg)]
+    services = [SpawnerService(settings(url, name, state / name, "spawner", slots=slots, labels=labels,
+                                        resources=resources), task_prefetch=prefetch),
+                GpuMonitorService(settings(url, name, state / name, "gpu-monitor", slots=slots, labels=labels,
+                                           resources=resources))]
     node = Node(name, [])
     try:
         for svc in services:
@@ -90,7 +93,7 @@ async def one_node_fabric(url: str, state: Path, *, prefix: str = "tasks", confi
     from fabric.services.spawner import SpawnerService
 
     node = f"{prefix}-{secrets.token_hex(3)}"
-    services = [cls(ServiceSettings(nats_url=url, node=node, state_dir=state / cls.__name__,
+    services = [cls(ServiceSettings(credentials=creds_for(cls), nats_url=url, node=node, state_dir=state / cls.__name__,
                                     config=config or FabricConfig()))
                 for cls in (SpawnerService, GpuMonitorService, SchedulerService)]
     started = []
@@ -108,7 +111,7 @@ async def start_scheduler(url: str, state: Path, name: str = "") -> Any:
     from fabric.services.scheduler import SchedulerService
 
     name = name or f"s-{secrets.token_hex(3)}"
-    svc = SchedulerService(settings(url, name, state / name))
+    svc = SchedulerService(settings(url, name, state / name, "scheduler"))
     await svc.start()
     return svc
 
@@ -201,7 +204,8 @@ class Procs:
         full.update(env or {})
         log = open(state / f"{service}.log", "ab")
         proc = subprocess.Popen([sys.executable, "-m", f"fabric.services.{service}", "--nats-url", self.url,
-                                 "--node", node, "--state-dir", str(state)],
+                                 "--node", node, "--state-dir", str(state),
+                                 "--credentials", str(creds_for(service.replace("_", "-")))],
                                 env=full, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self.procs.append(proc)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests import _nats
-from tests._nats import SERVER_FIXTURES, NatsServer, start_nats
+from tests._nats import SERVER_FIXTURES, NatsServer, connect, creds_for, realm, start_nats
 from tests._spawner import all_ended, no_fds_leaked, open_fds
 
 if TYPE_CHECKING:
@@ -75,10 +75,9 @@ def js_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
 
 @pytest.fixture
 async def nc(nats_url: str) -> AsyncIterator[nats.NATS]:
-    """A plain NATS connection to the session's server (for raw requests, as a non-fabric client)."""
-    import nats
-
-    conn = await nats.connect(nats_url)
+    """A raw NATS connection to the session's server (raw requests as a non-Python client would send them),
+    as the admin: plain subjects, a trusted caller."""
+    conn = await connect(nats_url)
     yield conn
     await conn.close()
 
@@ -96,7 +95,8 @@ async def allocator(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> 
 
     state = tmp_path_factory.mktemp("state")
     node = f"test-{secrets.token_hex(3)}"
-    svc = AllocatorService(ServiceSettings(nats_url=nats_url, node=node, state_dir=state), capacity=256 << 20)
+    svc = AllocatorService(ServiceSettings(credentials=creds_for(AllocatorService),
+                                           nats_url=nats_url, node=node, state_dir=state), capacity=256 << 20)
     await svc.start()
     yield svc
     await svc.stop()
@@ -120,7 +120,7 @@ async def mem_accounting(allocator: object) -> AsyncIterator[object]:
 async def aclient(nats_url: str, allocator: object) -> AsyncIterator[object]:
     from fabric import AsyncFabricClient
 
-    async with AsyncFabricClient(nats_url, local=False) as fc:
+    async with AsyncFabricClient(nats_url, local=False, credentials=realm().client) as fc:
         yield fc
 
 
@@ -131,7 +131,8 @@ async def spawner(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> As
     from fabric.services.spawner import SpawnerService
 
     state = tmp_path_factory.mktemp("spawner-state")
-    svc = SpawnerService(ServiceSettings(nats_url=nats_url, node=f"sp-{secrets.token_hex(3)}", state_dir=state))
+    svc = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService),
+                                         nats_url=nats_url, node=f"sp-{secrets.token_hex(3)}", state_dir=state))
     await svc.start()
     yield svc
     await svc.stop()
@@ -143,7 +144,7 @@ async def fc(nats_url: str, spawner: SpawnerService) -> AsyncIterator[AsyncFabri
     from fabric import AsyncFabricClient
 
     fds_before = open_fds()
-    async with AsyncFabricClient(nats_url, local=False) as client:
+    async with AsyncFabricClient(nats_url, local=False, credentials=realm().client) as client:
         yield client
     # teardown accounting: nothing of the test's processes still runs, no pipe or pidfd leaked
     await all_ended(spawner)

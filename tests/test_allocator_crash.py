@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 
 from fabric import DoubleFree, FabricClient, StaleHandle
-from tests._nats import env_with_repo
+from tests._nats import creds_for, env_with_repo
 
 
 def start_allocator(url: str, node: str, state: Path, log: Path) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "fabric.services.allocator", "--nats-url", url, "--node", node,
+         "--credentials", str(creds_for("allocator")),
          "--state-dir", str(state)],
         stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env_with_repo(),
     )

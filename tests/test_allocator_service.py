@@ -14,7 +14,6 @@ import json
 import os
 
 import msgspec
-import nats
 import pytest
 
 from fabric import (
@@ -32,12 +31,13 @@ from fabric import (
 )
 from fabric.errors import OutOfMemory
 from fabric_ext import wire
+from tests._nats import connect, creds_for
 
 pytestmark = pytest.mark.usefixtures("mem_accounting")
 
 
 async def raw(nats_url: str, subject: str, data: bytes, headers: dict[str, str] | None = None):
-    nc = await nats.connect(nats_url)
+    nc = await connect(nats_url)
     try:
         return await nc.request(subject, data, headers=headers, timeout=5)
     finally:
@@ -209,7 +209,8 @@ async def test_large_reads_travel_in_concurrent_chunks(nats_url, allocator):
         assert fc.read_chunk == 4096
         buf = await fc.rmalloc(len(data))
         await fc.rwrite(buf, data)
-        reads = next(ep for ep in allocator._endpoints if ep.name == "read")
+        # the tests' client is a client-role user: its reads arrive on the user form (fabric.u.*.mem.<node>.read)
+        reads = next(ep for ep in allocator._endpoints if ep.name == "read-user")
         before = reads.num_requests
         assert await fc.rread(buf) == data  # a few of the chunk requests in flight at a time
         assert reads.num_requests - before == -(-len(data) // 4096)  # 74: one per chunk
@@ -402,7 +403,7 @@ async def test_srv_discovery_and_stats(nats_url, allocator, aclient):
     buf = await aclient.rmalloc(8)
     await aclient.rread(buf, 8)
     await aclient.rfree(buf)
-    nc = await nats.connect(nats_url)
+    nc = await connect(nats_url)
     try:
         ping = json.loads((await nc.request("$SRV.PING.allocator", b"", timeout=2)).data)
         assert ping["name"] == "allocator" and ping["metadata"]["node"]
@@ -420,8 +421,8 @@ async def test_local_fast_path_skips_the_bus(nats_url, allocator):
     async with AsyncFabricClient(nats_url, local=True) as fc:
         buf = await fc.rmalloc(4096)
         await fc.rwrite(buf, b"local")  # first use attaches the segment
-        read_ep = next(e for e in allocator._endpoints if e.name == "read")
-        write_ep = next(e for e in allocator._endpoints if e.name == "write")
+        read_ep = next(e for e in allocator._endpoints if e.name == "read-user")  # the client's form
+        write_ep = next(e for e in allocator._endpoints if e.name == "write-user")
         before = (read_ep.num_requests, write_ep.num_requests)
         for _ in range(20):
             await fc.rwrite(buf, b"LOCAL", offset=100)
@@ -496,7 +497,8 @@ async def test_owner_quota_through_the_bus(nats_url, tmp_path):
     from fabric.service import ServiceSettings
     from fabric.services.allocator import AllocatorService
 
-    svc = AllocatorService(ServiceSettings(nats_url=nats_url, node="quota-node", state_dir=tmp_path),
+    svc = AllocatorService(ServiceSettings(credentials=creds_for(AllocatorService),
+                                           nats_url=nats_url, node="quota-node", state_dir=tmp_path),
                            capacity=16 << 20, quotas={"capped": 1000})
     await svc.start()
     try:

@@ -29,6 +29,7 @@ import pytest
 from fabric import schema
 from fabric.schema import INT_MAX
 from fabric_ext import wire
+from tests._nats import connect
 
 #: request struct -> (the endpoints that decode it, a minimal body the oversized value goes into).
 #: ``{mem}`` is the allocator's node, ``{proc}`` the spawner's.  The bodies are valid apart from the
@@ -143,7 +144,7 @@ def test_the_walk_finds_nested_and_listed_fields():
 # module-scoped, unlike conftest's nc: one connection serves the hundreds of parametrized cases
 @pytest.fixture(scope="module")
 async def nc(nats_url: str) -> AsyncIterator[nats.NATS]:
-    conn = await nats.connect(nats_url)
+    conn = await connect(nats_url)
     yield conn
     await conn.close()
 

@@ -34,7 +34,8 @@ pytestmark = pytest.mark.slow
 
 def _env(**extra: str) -> dict[str, str]:
     env = env_with_repo()
-    for name in ("FABRIC_NATS_URL", "FABRIC_STATE_DIR", "FABRIC_NODE"):
+    # FABRIC_CREDENTIALS too: a command aimed at a test's `fabric up` uses that fabric's admin credentials
+    for name in ("FABRIC_NATS_URL", "FABRIC_STATE_DIR", "FABRIC_NODE", "FABRIC_CREDENTIALS"):
         env.pop(name, None)
     env["FABRIC_MEM_CAPACITY"] = str(16 << 20)  # keep each test arena small
     env.update(extra)

@@ -37,7 +37,8 @@ ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 def _env() -> dict[str, str]:
     env = env_with_repo()
-    for name in ("FABRIC_NATS_URL", "FABRIC_STATE_DIR", "FABRIC_NODE"):
+    # FABRIC_CREDENTIALS too: a command aimed at a test's `fabric up` uses that fabric's admin credentials
+    for name in ("FABRIC_NATS_URL", "FABRIC_STATE_DIR", "FABRIC_NODE", "FABRIC_CREDENTIALS"):
         env.pop(name, None)
     return env
 

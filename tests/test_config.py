@@ -45,7 +45,7 @@ def _load(state_dir: Path, environ: dict[str, str] | None = None, config_file: P
 def _clean_env(**extra: str) -> dict[str, str]:
     """The test process's environment for a subprocess, without any FABRIC_* configuration of its own."""
     env = {k: v for k, v in env_with_repo().items()
-           if not (k.startswith("FABRIC_") and k not in NOT_CONFIG_ENV)}
+           if not (k.startswith("FABRIC_") and k not in NOT_CONFIG_ENV) and k != "FABRIC_CREDENTIALS"}
     env.update(extra)
     return env
 

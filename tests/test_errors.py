@@ -24,7 +24,8 @@ from fabric.errors import (
 
 pytestmark = pytest.mark.unit  # no server, no service process: `pytest -m unit`
 
-CODES = {400, 403, 404, 409, 413, 422, 429, 500, 503, 507}
+# 401 is the client's own (NATS refused its credentials): no service sends it
+CODES = {400, 401, 403, 404, 409, 413, 422, 429, 500, 503, 507}
 
 
 def test_every_design_code_has_a_class():
@@ -77,7 +78,8 @@ def test_public_surface():
     """The package's public face (httpx habit: a test guards __all__)."""
     expected = {
         "__version__", "FabricClient", "AsyncFabricClient", "RemoteBuffer", "AsyncRemoteBuffer", "schema",
-        "FabricError", "BadRequest", "InvalidFrame", "OutOfRange", "PermissionDenied", "NotFound",
+        "FabricError", "BadRequest", "InvalidFrame", "OutOfRange", "PermissionDenied", "Unauthenticated",
+        "NotFound",
         "UnknownHandle", "StaleHandle", "Conflict", "DoubleFree", "TooLarge", "Infeasible", "QuotaExceeded",
         "InternalError", "CorruptionDetected", "Unavailable", "OutOfMemory",
         "Core", "AsyncCore", "CoreLoadFailed", "JobError", "JobFailed", "WorkerCrashed", "JobTimeout",

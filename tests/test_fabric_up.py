@@ -21,7 +21,7 @@ import pytest
 
 from fabric import BadRequest, DoubleFree, FabricClient, StaleHandle
 from fabric.handles import parse
-from tests._nats import env_with_repo
+from tests._nats import env_for_fabric, env_with_repo
 
 REPO = Path(__file__).resolve().parent.parent
 NODE_DIR = REPO / "tests" / "node"
@@ -29,7 +29,7 @@ NODE_DIR = REPO / "tests" / "node"
 
 def fabric(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fabric.cli", *args], capture_output=True, text=True,
-                          env=env_with_repo(), timeout=timeout)
+                          env=env_for_fabric(env_with_repo()), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,10 @@ def test_node_js_client_speaks_the_json_protocol(up):
     node = shutil.which("node")
     if node is None or not (NODE_DIR / "node_modules" / "@nats-io" / "transport-node").exists():
         pytest.fail("Node.js client not installed: scripts/test.sh runs `npm ci` in tests/node")
+    # as the fabric's admin (tests/node/fabric_auth.mjs reads $FABRIC_CREDENTIALS): not the test realm's client
+    env = {**os.environ, "FABRIC_CREDENTIALS": up["credentials"]}
     out = subprocess.run([node, str(NODE_DIR / "mem_client.mjs"), up["nats_url"]], capture_output=True,
-                         text=True, timeout=60)
+                         text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen["ok"] is True and seen["node"] == up["node"]
@@ -69,7 +71,7 @@ def allocator_pid(state_dir: str) -> int | None:
 
 def test_kill_9_allocator_under_fabric_up_keeps_every_handle(up):
     url = up["nats_url"]
-    with FabricClient(url, local=False) as fc:
+    with FabricClient(url, local=False, credentials=up["credentials"]) as fc:
         blocks = []
         for size in (0, 1, 1000, 65536, 3 << 20):
             buf = fc.rmalloc(size)
@@ -104,7 +106,7 @@ def test_kill_9_allocator_under_fabric_up_keeps_every_handle(up):
 
 
 def test_sync_client_remote_buffer(up):
-    with FabricClient(up["nats_url"], local=False) as fc:
+    with FabricClient(up["nats_url"], local=False, credentials=up["credentials"]) as fc:
         with fc.rmalloc(16) as buf:
             assert len(buf) == 16 and str(buf) == buf.handle
             buf[0:5] = b"hello"
@@ -128,14 +130,14 @@ def test_sync_client_remote_buffer(up):
 
 
 def test_sync_client_local_fast_path(up):
-    with FabricClient(up["nats_url"]) as fc:
+    with FabricClient(up["nats_url"], credentials=up["credentials"]) as fc:
         buf = fc.rmalloc(1 << 16)
         fc.rwrite(buf, b"first")  # attaches the segment
         parts = parse(buf.handle)
         assert fc.aio._local.view(parts) is not None, "local fast path not taken on the allocator's host"
         fc.rwrite(buf, b"x" * 1000, offset=500)
         assert fc.rread(buf, 1000, offset=500) == b"x" * 1000
-        with FabricClient(up["nats_url"], local=False) as remote:
+        with FabricClient(up["nats_url"], local=False, credentials=up["credentials"]) as remote:
             assert remote.rread(buf.handle, 5) == b"first"
         ro = fc.rshare(buf)
         assert fc.rread(ro, 5) == b"first"  # read-only handles use the bus
@@ -156,11 +158,12 @@ def test_example_script_runs(up):
 
 
 def test_client_without_url_finds_the_fabric_running_here(up, monkeypatch):
-    """FabricClient() with no URL reaches the fabric that `fabric up` runs in the default state dir."""
+    """FabricClient() with no URL reaches the fabric that `fabric up` runs in the default state dir, as its admin."""
     import fabric.state
     from fabric.client import default_url
 
     monkeypatch.delenv("FABRIC_NATS_URL", raising=False)
+    monkeypatch.delenv("FABRIC_CREDENTIALS", raising=False)  # the admin's, found in the state dir
     monkeypatch.setattr(fabric.state, "default_state_dir", lambda: Path(up["state_dir"]))
     assert default_url() == up["nats_url"]
     with FabricClient() as fc:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from fabric import FabricClient
-from tests._nats import env_with_repo
+from tests._nats import env_for_fabric, env_with_repo
 
 RECOVERY_S = 15.0
 NODE_TTL_S = 5.0  # the registry's default TTL: a node whose entries stopped is gone after it
@@ -30,7 +30,7 @@ NODE_TTL_S = 5.0  # the registry's default TTL: a node whose entries stopped is 
 
 def fabric(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fabric.cli", *args], capture_output=True, text=True,
-                          env=env_with_repo(), timeout=timeout)
+                          env=env_for_fabric(env_with_repo()), timeout=timeout)
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from fabric.service import ServiceSettings
 from fabric.services.gpu_monitor.registry import BUCKET
 from fabric.services.gpu_monitor.service import GpuMonitorService
 from fabric.services.spawner import SpawnerService
-from tests._nats import NatsServer, start_nats
+from tests._nats import NatsServer, creds_for, start_nats
 from tests._wait import until as _until
 
 INTERVAL = 0.2
@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 async def monitor(js_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GpuMonitorService]:
     state = tmp_path_factory.mktemp("gm-state")
-    svc = GpuMonitorService(ServiceSettings(nats_url=js_server.url, node=f"gm-{secrets.token_hex(3)}",
+    svc = GpuMonitorService(ServiceSettings(credentials=creds_for(GpuMonitorService),
+                                            nats_url=js_server.url, node=f"gm-{secrets.token_hex(3)}",
                                             state_dir=state), interval_s=INTERVAL, ttl_s=TTL)
     await svc.start()
     yield svc
@@ -66,6 +67,7 @@ def _monitor_process(url: str, node: str, state: Path, **env: str) -> subprocess
                  "PYTHONPATH": str(REPO)})
     full.update(env)
     return subprocess.Popen([sys.executable, "-m", "fabric.services.gpu_monitor", "--nats-url", url, "--node", node,
+                             "--credentials", str(creds_for("gpu-monitor")),
                              "--state-dir", str(state)], env=full, stdout=subprocess.DEVNULL,
                             stderr=open(state / "monitor.log", "wb"))
 
@@ -236,7 +238,8 @@ async def test_a_killed_node_turns_stale_then_leaves_the_registry(fc: AsyncFabri
 async def test_a_clean_stop_leaves_the_registry_at_once(fc: AsyncFabricClient, js_server: NatsServer,
                                                        tmp_path: Path) -> None:
     node = f"gm-clean-{secrets.token_hex(2)}"
-    svc = GpuMonitorService(ServiceSettings(nats_url=js_server.url, node=node, state_dir=tmp_path),
+    svc = GpuMonitorService(ServiceSettings(credentials=creds_for(GpuMonitorService),
+                                            nats_url=js_server.url, node=node, state_dir=tmp_path),
                             interval_s=INTERVAL, ttl_s=TTL)
     await svc.start()
     try:
@@ -253,7 +256,8 @@ async def test_a_clean_stop_leaves_the_registry_at_once(fc: AsyncFabricClient, j
 async def test_without_jetstream_the_registry_follows_heartbeats(tmp_path: Path) -> None:
     server = start_nats(tmp_path / "nats", jetstream=False)
     node = f"gm-nojs-{secrets.token_hex(2)}"
-    svc = GpuMonitorService(ServiceSettings(nats_url=server.url, node=node, state_dir=tmp_path),
+    svc = GpuMonitorService(ServiceSettings(credentials=creds_for(GpuMonitorService),
+                                            nats_url=server.url, node=node, state_dir=tmp_path),
                             interval_s=INTERVAL, ttl_s=TTL)
     try:
         await svc.start()
@@ -276,7 +280,8 @@ async def test_fake_gpus_show_their_fabric_processes(js_server: NatsServer, moni
     from tests._fakenvml import build_fake_nvml
 
     libdir = build_fake_nvml(tmp_path / "fakenvml")
-    spawner = SpawnerService(ServiceSettings(nats_url=js_server.url, node=f"gm-gpu-{secrets.token_hex(2)}",
+    spawner = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService),
+                                             nats_url=js_server.url, node=f"gm-gpu-{secrets.token_hex(2)}",
                                              state_dir=tmp_path / "spawner"))
     await spawner.start()
     node = spawner.node  # the monitor of the spawner's node

@@ -13,7 +13,6 @@ import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import nats
 import pytest
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, KeyValueConfig, StorageType, StreamConfig
@@ -21,7 +20,7 @@ from nats.js.errors import BucketNotFoundError
 
 from fabric.jetstream import Consumer, JetStreamResource, KeyValueBucket, Stream
 from fabric.service import Endpoint, FabricService, Request, ServiceSettings
-from tests._nats import NatsServer, start_nats
+from tests._nats import NatsServer, connect, creds_for, start_nats
 from tests._wait import until_back as until
 
 BUCKET = "kit_live"
@@ -66,14 +65,15 @@ def server(tmp_path: Path) -> Iterator[NatsServer]:
 
 @pytest.fixture
 async def keeper(server: NatsServer, tmp_path: Path) -> AsyncIterator[Keeper]:
-    svc = Keeper(ServiceSettings(nats_url=server.url, node=f"k{secrets.token_hex(3)}", state_dir=tmp_path))
+    svc = Keeper(ServiceSettings(credentials=creds_for(Keeper),
+                                 nats_url=server.url, node=f"k{secrets.token_hex(3)}", state_dir=tmp_path))
     await svc.start()
     yield svc
     await svc.stop()
 
 
 async def bucket_exists(url: str) -> bool:
-    nc = await nats.connect(url)
+    nc = await connect(url)
     try:
         await nc.jetstream().key_value(BUCKET)
         return True
@@ -93,7 +93,7 @@ def restart(server: NatsServer) -> None:
 async def test_resources_exist_before_the_service_starts_serving(keeper: Keeper, server: NatsServer) -> None:
     assert keeper.contexts and keeper.contexts[0] is not None
     assert keeper.jetstream is not None and keeper.jetstream.available is True
-    nc = await nats.connect(server.url)
+    nc = await connect(server.url)
     try:
         js = nc.jetstream()
         assert (await (await js.key_value(BUCKET)).status()).ttl == 5.0
@@ -119,7 +119,7 @@ async def test_a_restarted_nats_server_gets_the_memory_bucket_back(keeper: Keepe
 
 
 async def test_a_resource_reported_lost_is_recreated(keeper: Keeper, server: NatsServer) -> None:
-    nc = await nats.connect(server.url)
+    nc = await connect(server.url)
     try:
         await nc.jetstream().delete_key_value(BUCKET)
         assert not await bucket_exists(server.url)
@@ -130,11 +130,12 @@ async def test_a_resource_reported_lost_is_recreated(keeper: Keeper, server: Nat
 
 
 async def test_an_existing_bucket_keeps_its_own_limits(server: NatsServer, tmp_path: Path) -> None:
-    nc = await nats.connect(server.url)
+    nc = await connect(server.url)
     try:
         await nc.jetstream().create_key_value(KeyValueConfig(bucket=BUCKET, history=1, ttl=9.0,
                                                              storage=StorageType.MEMORY))
-        svc = Keeper(ServiceSettings(nats_url=server.url, node=f"k{secrets.token_hex(3)}", state_dir=tmp_path))
+        svc = Keeper(ServiceSettings(credentials=creds_for(Keeper),
+                                     nats_url=server.url, node=f"k{secrets.token_hex(3)}", state_dir=tmp_path))
         await svc.start()
         try:
             assert svc.jetstream is not None and svc.jetstream.available is True
@@ -148,12 +149,13 @@ async def test_an_existing_bucket_keeps_its_own_limits(server: NatsServer, tmp_p
 async def test_without_jetstream_the_service_runs_and_is_told_so(tmp_path: Path) -> None:
     plain = start_nats(tmp_path / "plain", jetstream=False)
     try:
-        svc = Keeper(ServiceSettings(nats_url=plain.url, node=f"k{secrets.token_hex(3)}", state_dir=tmp_path))
+        svc = Keeper(ServiceSettings(credentials=creds_for(Keeper),
+                                     nats_url=plain.url, node=f"k{secrets.token_hex(3)}", state_dir=tmp_path))
         await svc.start()
         try:
             assert svc.contexts == [None]
             assert svc.jetstream is not None and svc.jetstream.available is False
-            nc = await nats.connect(plain.url)
+            nc = await connect(plain.url)
             try:
                 assert (await nc.request(f"kit.{svc.node}.ping", b"", timeout=5)).data == b"pong"
             finally:

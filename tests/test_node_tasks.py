@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +22,18 @@ from typing import Any
 
 import pytest
 
+from tests._nats import realm
+
 NODE_DIR = Path(__file__).resolve().parent / "node"
+
+
+def _client_env() -> dict[str, str]:
+    """The Node.js client's environment: $FABRIC_CREDENTIALS names the tests' admin, since
+    it also watches fabric.task.events, which only admins may subscribe to (docs/security.md);
+    tests/node/fabric_auth.mjs applies the credentials."""
+    env = dict(os.environ)
+    env["FABRIC_CREDENTIALS"] = str(realm().admin)
+    return env
 
 
 @pytest.fixture
@@ -40,7 +52,7 @@ async def test_node_js_client_submits_an_exec_task_in_udcs_shape(one_node: tuple
         pytest.fail("Node.js client not installed: scripts/test.sh runs `npm ci` in tests/node")
     # the services serve on this loop: run node without blocking it
     proc = await asyncio.create_subprocess_exec(node, str(NODE_DIR / "tasks_client.mjs"), url, node_name,
-                                                cwd=NODE_DIR, stdout=asyncio.subprocess.PIPE,
+                                                cwd=NODE_DIR, env=_client_env(), stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, err.decode() + out.decode()

@@ -48,7 +48,7 @@ from fabric.opencl import (
 )
 from fabric.schema import CpuLive, Gpu, HostInfo, NodeRecord, OpenCLDevice, OpenCLState
 from fabric.service import ServiceSettings
-from tests._nats import NatsServer, start_nats
+from tests._nats import NatsServer, creds_for, start_nats
 
 pytest.importorskip("pyopencl")
 
@@ -99,7 +99,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
 async def spawner(server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
     from fabric.services.spawner import SpawnerService
 
-    svc = SpawnerService(ServiceSettings(nats_url=server.url, node=f"cl-{secrets.token_hex(3)}",
+    svc = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService),
+                                         nats_url=server.url, node=f"cl-{secrets.token_hex(3)}",
                                          state_dir=tmp_path_factory.mktemp("cl-spawner")))
     await svc.start()
     yield svc
@@ -111,7 +112,8 @@ async def monitor(server: NatsServer, spawner: Any, tmp_path_factory: pytest.Tem
     """The gpu-monitor of the spawner's node: run_opencl places jobs by its records."""
     from fabric.services.gpu_monitor.service import GpuMonitorService
 
-    svc = GpuMonitorService(ServiceSettings(nats_url=server.url, node=spawner.node,
+    svc = GpuMonitorService(ServiceSettings(credentials=creds_for(GpuMonitorService),
+                                            nats_url=server.url, node=spawner.node,
                                             state_dir=tmp_path_factory.mktemp("cl-monitor")),
                             interval_s=0.5, ttl_s=5.0)
     await svc.start()
@@ -427,7 +429,8 @@ async def test_without_a_gpu_monitor_any_spawner_runs_it(tmp_path: Path) -> None
     from fabric.services.spawner import SpawnerService
 
     server = start_nats(tmp_path / "nats")
-    svc = SpawnerService(ServiceSettings(nats_url=server.url, node=f"clf-{secrets.token_hex(3)}",
+    svc = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService),
+                                         nats_url=server.url, node=f"clf-{secrets.token_hex(3)}",
                                          state_dir=tmp_path / "state"))
     await svc.start()
     try:

@@ -348,3 +348,52 @@ def test_state_dir_modes(tmp_path: Path) -> None:
     srv = Server(tmp_path)
     assert stat.S_IMODE(os.stat(srv.conf).st_mode) == 0o600
     assert stat.S_IMODE(srv.realm.admin_credentials.stat().st_mode) == 0o600
+
+
+def test_fabric_up_with_auth_end_to_end(tmp_path: Path) -> None:
+    """fabric up --auth; `fabric user add` a client who allocates, spawns and runs a task in their user form;
+    anonymous clients are refused; `fabric user rm` cuts the user off without a restart."""
+    import json
+    import sys
+
+    from fabric import FabricClient, Unauthenticated
+
+    env = {k: v for k, v in os.environ.items() if k not in ("FABRIC_CREDENTIALS", "FABRIC_NATS_URL")}
+    env["FABRIC_MEM_CAPACITY"] = str(16 << 20)
+    state = tmp_path / "fab"
+
+    def fabric(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fabric.cli", *args, "--state-dir", str(state)], env=env,
+                              capture_output=True, text=True, timeout=90)
+
+    up = subprocess.run([sys.executable, "-m", "fabric.cli", "up", "-d", "--auth", "--nats-port", "0",
+                         "--state-dir", str(state)], env=env, capture_output=True, text=True, timeout=90)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        st = json.loads((state / "state.json").read_text())
+        assert st["credentials"] == str(state / "auth" / "admin.creds")
+        status = fabric("status")  # the CLI finds the admin credentials in the state dir
+        assert status.returncode == 0 and "4/4" in status.stdout, status.stdout + status.stderr
+        added = fabric("user", "add", "alice", "-o", str(tmp_path / "alice.creds"))
+        assert added.returncode == 0 and "reloaded" in added.stdout, added.stdout + added.stderr
+        with FabricClient(st["nats_url"], credentials=tmp_path / "alice.creds", local=False) as fc:
+            assert fc._aio.user == "alice"
+            buf = fc.rmalloc(64)
+            fc.rwrite(buf, b"alice's")
+            assert fc.rread(buf, 7) == b"alice's"
+            fc.rfree(buf)
+            assert fc.rspawn(["echo", "hi"]).wait().stdout == b"hi\n"
+            assert fc.submit(sum, [1, 2, 3]).result(timeout=60) == 6
+        with pytest.raises(Unauthenticated, match="requires credentials"), \
+                FabricClient(st["nats_url"], credentials=None, timeout=5):
+            pass
+        removed = fabric("user", "rm", "alice")
+        assert removed.returncode == 0, removed.stdout + removed.stderr
+        with pytest.raises(Unauthenticated, match="refused the credentials of user 'alice'"), \
+                FabricClient(st["nats_url"], credentials=tmp_path / "alice.creds", timeout=5):
+            pass
+        listed = fabric("user", "list", "--json")
+        assert [u["name"] for u in json.loads(listed.stdout)] == ["admin"]
+    finally:
+        down = fabric("down", "--purge")
+        assert down.returncode == 0, down.stdout + down.stderr

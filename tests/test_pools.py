@@ -45,6 +45,7 @@ from fabric.service import Endpoint, FabricService, ServiceSettings
 from fabric.services.spawner.pools import CoreManager
 from fabric_ext import wire
 from tests._cores import EXAMPLES, TEST_CORES, build_core, build_worker, mandel_ref
+from tests._nats import creds_for
 from tests._wait import until_holds as _until
 
 
@@ -92,7 +93,8 @@ def lib(core_dir: Path) -> Any:
 @pytest.fixture(scope="module")
 async def host(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[CoreHost]:
     node = f"pool-{secrets.token_hex(3)}"
-    svc = CoreHost(ServiceSettings(nats_url=nats_url, node=node, state_dir=tmp_path_factory.mktemp("state")))
+    svc = CoreHost(ServiceSettings(credentials=creds_for(CoreHost),
+                                   nats_url=nats_url, node=node, state_dir=tmp_path_factory.mktemp("state")))
     await svc.start()
     yield svc
     await svc.stop()
@@ -745,7 +747,8 @@ async def small_host(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
 
     server = start_nats(tmp_path_factory.mktemp("nats-1mib"), max_payload="1MB", jetstream=False)
     try:
-        svc = CoreHost(ServiceSettings(nats_url=server.url, node=f"pool-{secrets.token_hex(3)}",
+        svc = CoreHost(ServiceSettings(credentials=creds_for(CoreHost),
+                                       nats_url=server.url, node=f"pool-{secrets.token_hex(3)}",
                                        state_dir=tmp_path_factory.mktemp("state-1mib")))
         await svc.start()
         try:
@@ -812,7 +815,8 @@ async def test_spawner_service_serves_cores(nats_url: str, tmp_path: Path, lib: 
     """The real SpawnerService hosts the CoreManager: load any-node, run, map, stop cleans up."""
     from fabric.services.spawner import SpawnerService
 
-    svc = SpawnerService(ServiceSettings(nats_url=nats_url, node=f"spc-{secrets.token_hex(3)}", state_dir=tmp_path))
+    svc = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService),
+                                         nats_url=nats_url, node=f"spc-{secrets.token_hex(3)}", state_dir=tmp_path))
     await svc.start()
     try:
         async with AsyncFabricClient(nats_url, local=False) as client:

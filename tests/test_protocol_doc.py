@@ -22,7 +22,7 @@ import pytest
 from fabric.schema import JSON, NodeRecord
 from fabric.service import ServiceSettings
 from fabric.services.gpu_monitor.service import GpuMonitorService
-from tests._nats import NatsServer
+from tests._nats import NatsServer, connect, creds_for
 
 INTERVAL = 0.2
 
@@ -30,7 +30,7 @@ INTERVAL = 0.2
 # differs from conftest's nc: it connects to this module's own js_server, not the shared one
 @pytest.fixture
 async def nc(js_server: NatsServer) -> AsyncIterator[nats.NATS]:
-    conn = await nats.connect(js_server.url)
+    conn = await connect(js_server.url)
     yield conn
     await conn.close()
 
@@ -44,7 +44,8 @@ async def msg_get(nc: nats.NATS, node: str) -> dict:
 
 async def test_registry_without_a_kv_library(js_server, nc, tmp_path):
     node = f"doc-{secrets.token_hex(3)}"
-    svc = GpuMonitorService(ServiceSettings(nats_url=js_server.url, node=node, state_dir=tmp_path),
+    svc = GpuMonitorService(ServiceSettings(credentials=creds_for(GpuMonitorService),
+                                            nats_url=js_server.url, node=node, state_dir=tmp_path),
                             interval_s=INTERVAL, ttl_s=2.0)
     await svc.start()
     try:
@@ -93,22 +94,33 @@ async def test_the_services_serve_exactly_the_verbs_the_contract_names_and_the_d
     from fabric.services.spawner import SpawnerService
 
     node = f"verbs-{secrets.token_hex(3)}"
-    services = [AllocatorService(ServiceSettings(nats_url=js_server.url, node=node, state_dir=tmp_path / "a"),
+    services = [AllocatorService(ServiceSettings(credentials=creds_for(AllocatorService),
+                                                 nats_url=js_server.url, node=node, state_dir=tmp_path / "a"),
                                  capacity=16 << 20),
-                SpawnerService(ServiceSettings(nats_url=js_server.url, node=node, state_dir=tmp_path / "s")),
-                GpuMonitorService(ServiceSettings(nats_url=js_server.url, node=node, state_dir=tmp_path / "g")),
-                SchedulerService(ServiceSettings(nats_url=js_server.url, node=node, state_dir=tmp_path / "t"))]
+                SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService),
+                                               nats_url=js_server.url, node=node, state_dir=tmp_path / "s")),
+                GpuMonitorService(ServiceSettings(credentials=creds_for(GpuMonitorService),
+                                                  nats_url=js_server.url, node=node, state_dir=tmp_path / "g")),
+                SchedulerService(ServiceSettings(credentials=creds_for(SchedulerService),
+                                                 nats_url=js_server.url, node=node, state_dir=tmp_path / "t"))]
     for svc in services:
         await svc.start()
     try:
         served: dict[str, set[str]] = {}
         doc_subjects: set[str] = set()
+        plain: set[str] = set()
+        user_forms: set[str] = set()
         for name in ("allocator", "spawner", "gpu-monitor", "scheduler"):
             ping = json.loads((await nc.request(f"$SRV.PING.{name}", b"", timeout=5)).data)
             info = json.loads((await nc.request(f"$SRV.INFO.{name}.{ping['id']}", b"", timeout=5)).data)
             for ep in info["endpoints"]:
                 tokens = ep["subject"].split(".")
                 assert tokens[0] == subjects.PREFIX, ep
+                if tokens[1] == "u":  # the user form: any user (fabric.u.*.<area>...), protocol.md "Connecting"
+                    assert tokens[2] == "*", ep
+                    user_forms.add(".".join([tokens[0], *tokens[3:]]))
+                    continue
+                plain.add(ep["subject"])
                 area = tokens[1]
                 scoped = tokens[2] == node
                 verb = tokens[3] if scoped else tokens[2]
@@ -124,5 +136,7 @@ async def test_the_services_serve_exactly_the_verbs_the_contract_names_and_the_d
         assert isinstance(allocator, AllocatorService)
         Arena(allocator.prefix, allocator.capacity).destroy()
     assert served == {area: set(verbs) for area, verbs in subjects.REQUEST_VERBS.items()}
+    # every endpoint has its user form, but the nodes' pull (results reported there are trusted)
+    assert user_forms == plain - {"fabric.task.pull"}
     doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
     assert len(doc_subjects) >= 30 and sorted(s for s in doc_subjects if s not in doc) == []

@@ -15,6 +15,7 @@ import pytest
 
 from fabric.errors import Conflict
 from fabric.service import Endpoint, FabricService, Request, ServiceSettings
+from tests._nats import creds_for
 
 
 class Echo(msgspec.Struct):
@@ -59,7 +60,8 @@ class KitService(FabricService):
 
 @pytest.fixture
 async def kit(nats_url, tmp_path):
-    svc = KitService(ServiceSettings(nats_url=nats_url, node=f"k{secrets.token_hex(3)}", state_dir=tmp_path,
+    svc = KitService(ServiceSettings(credentials=creds_for(KitService),
+                                     nats_url=nats_url, node=f"k{secrets.token_hex(3)}", state_dir=tmp_path,
                                      max_concurrency=4))
     await svc.start()
     yield svc
@@ -126,7 +128,8 @@ async def test_stats_count_real_work(kit, nc):
 
 
 async def test_stop_drains_in_flight_requests(nats_url, tmp_path, nc):
-    svc = KitService(ServiceSettings(nats_url=nats_url, node=f"d{secrets.token_hex(3)}", state_dir=tmp_path))
+    svc = KitService(ServiceSettings(credentials=creds_for(KitService),
+                                     nats_url=nats_url, node=f"d{secrets.token_hex(3)}", state_dir=tmp_path))
     await svc.start()
     # precondition: this connection reaches the new service (one full round trip)
     assert json.loads((await nc.request(f"kit.{svc.node}.fast", b'{"text": "up"}', timeout=5)).data)["text"] == "up"
@@ -247,7 +250,8 @@ class LoopService(KitService):
 async def test_background_tasks_log_failures_and_end_after_requests_before_on_stop(nats_url, tmp_path, nc):
     from tests._wait import until
 
-    svc = LoopService(ServiceSettings(nats_url=nats_url, node=f"b{secrets.token_hex(3)}", state_dir=tmp_path))
+    svc = LoopService(ServiceSettings(credentials=creds_for(LoopService),
+                                      nats_url=nats_url, node=f"b{secrets.token_hex(3)}", state_dir=tmp_path))
     svc.tasks.log = log = _LogRecorder()
     await svc.start()
     assert await until(lambda: asyncio.sleep(0, svc.ticks > 1 and svc.crasher.done()))
@@ -278,7 +282,8 @@ def test_endpoint_helpers_spell_the_contract_subjects(tmp_path):
     assert (ep.name, ep.subject, ep.frames) == ("core-run", "fabric.core.n1.run.*", False)
     ep = cluster_endpoint("mem", "alloc", handler, name="alloc-any")
     assert (ep.name, ep.subject, ep.queue_group) == ("alloc-any", "fabric.mem.alloc", "fabric")
-    svc = KitService(ServiceSettings(nats_url="nats://x:1", node="n2", state_dir=tmp_path))
+    svc = KitService(ServiceSettings(credentials=creds_for(KitService),
+                                     nats_url="nats://x:1", node="n2", state_dir=tmp_path))
     assert svc.node_endpoint("proc", "kill", handler).subject == "fabric.proc.n2.kill"
     assert svc.cluster_endpoint("nodes", "list", handler).subject == "fabric.nodes.list"
 
@@ -317,7 +322,8 @@ async def test_a_publish_without_reply_is_served_and_not_answered(kit, nc):
 
 async def test_a_stop_ends_even_when_a_background_loop_will_not(nats_url, tmp_path):
     """Each step of a stop gets at most drain_timeout_s: a loop that swallows its cancellation cannot hang it."""
-    svc = KitService(ServiceSettings(nats_url=nats_url, node=f"k{secrets.token_hex(3)}", state_dir=tmp_path,
+    svc = KitService(ServiceSettings(credentials=creds_for(KitService),
+                                     nats_url=nats_url, node=f"k{secrets.token_hex(3)}", state_dir=tmp_path,
                                      drain_timeout_s=1.0))
     await svc.start()
     release = asyncio.Event()

@@ -17,7 +17,6 @@ import secrets
 import signal
 from pathlib import Path
 
-import nats
 import pytest
 
 from fabric import (
@@ -31,11 +30,12 @@ from fabric import (
 )
 from fabric.service import ServiceSettings
 from fabric.services.spawner import SpawnerService
+from tests._nats import connect, creds_for
 from tests._spawner import PY, gone, pid_alive
 
 
 async def raw(nats_url: str, subject: str, data: bytes):
-    nc = await nats.connect(nats_url)
+    nc = await connect(nats_url)
     try:
         return await nc.request(subject, data, timeout=5)
     finally:
@@ -271,7 +271,7 @@ async def test_cluster_subject_spawns_anywhere(nats_url, spawner, fc):
 
 async def test_per_process_subject_streams_to_others(nats_url, fc):
     proc = await fc.rspawn(["sh", "-c", "read x; echo got $x"], stdin_open=True)
-    nc = await nats.connect(nats_url)
+    nc = await connect(nats_url)
     got: list[tuple[str, bytes]] = []
     done = asyncio.Event()
 
@@ -290,7 +290,8 @@ async def test_per_process_subject_streams_to_others(nats_url, fc):
 
 
 async def test_spawner_stop_kills_every_group(nats_url, tmp_path):
-    svc = SpawnerService(ServiceSettings(nats_url=nats_url, node=f"stop-{secrets.token_hex(3)}", state_dir=tmp_path))
+    svc = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService),
+                                         nats_url=nats_url, node=f"stop-{secrets.token_hex(3)}", state_dir=tmp_path))
     await svc.start()
     try:
         async with AsyncFabricClient(nats_url, local=False) as client:

@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import nats
 import psutil
 import pytest
 
@@ -35,6 +34,7 @@ from fabric import (
     Sandbox,
     WrongArchitecture,
 )
+from tests._nats import connect, creds_for
 from tests._spawner import start_spawner_process, wait_ready
 
 PY = sys.executable
@@ -169,7 +169,7 @@ def elf_bytes() -> bytes:
 
 
 async def raw_spawn(nats_url: str, node: str, body: dict) -> tuple[dict, dict]:
-    nc = await nats.connect(nats_url)
+    nc = await connect(nats_url)
     try:
         msg = await nc.request(f"fabric.proc.{node}.spawn", json.dumps(body).encode(), timeout=10)
     finally:
@@ -311,7 +311,8 @@ async def test_out_of_descriptors_is_503_and_the_spawner_keeps_serving(nats_url,
 
     node = f"fds-{secrets.token_hex(3)}"
     spawner = subprocess.Popen(
-        [PY, "-m", "fabric.services.spawner", "--nats-url", nats_url, "--node", node, "--state-dir", str(tmp_path)],
+        [PY, "-m", "fabric.services.spawner", "--nats-url", nats_url, "--node", node, "--state-dir", str(tmp_path),
+         "--credentials", str(creds_for("spawner"))],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96)))
     try:

@@ -11,12 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from tests._nats import realm
+
 NODE_DIR = Path(__file__).resolve().parent / "node"
+
+
+def _client_env() -> dict[str, str]:
+    """The Node.js client's environment: $FABRIC_CREDENTIALS names the tests' admin, since
+    it also reads the node's output wildcard fabric.proc.<node>.out.>, which only admins may
+    subscribe to (docs/security.md); tests/node/fabric_auth.mjs applies the credentials."""
+    env = dict(os.environ)
+    env["FABRIC_CREDENTIALS"] = str(realm().admin)
+    return env
 
 
 async def test_node_js_client_spawns_and_streams(nats_url, spawner):
@@ -25,7 +37,7 @@ async def test_node_js_client_spawns_and_streams(nats_url, spawner):
         pytest.fail("Node.js client not installed: scripts/test.sh runs `npm ci` in tests/node")
     # the spawner serves on this loop: run node without blocking it
     proc = await asyncio.create_subprocess_exec(node, str(NODE_DIR / "spawn_client.mjs"), nats_url, spawner.node,
-                                                cwd=NODE_DIR, stdout=asyncio.subprocess.PIPE,
+                                                cwd=NODE_DIR, env=_client_env(), stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 
 from fabric import FabricClient, Limits
-from tests._nats import env_with_repo
+from tests._nats import env_for_fabric, env_with_repo
 from tests._spawner import pid_alive
 
 PY = sys.executable
@@ -27,7 +27,7 @@ GRANDCHILD = ("import os, time\nif os.fork() == 0:\n    time.sleep(300)\n    os.
 
 def fabric(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fabric.cli", *args], capture_output=True, text=True,
-                          env=env_with_repo(), timeout=timeout)
+                          env=env_for_fabric(env_with_repo()), timeout=timeout)
 
 
 def wait_gone(pids: list[int], within: float = 10.0) -> list[int]:

@@ -56,6 +56,7 @@ from fabric.schema.tasks import (
     TaskRequest,
     WaitRequest,
 )
+from tests._nats import connect
 
 
 def square(x: int) -> int:
@@ -367,9 +368,8 @@ class PlayedScheduler:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
 
     async def _start(self) -> None:
-        import nats
 
-        self.nc = await nats.connect(self.url, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
+        self.nc = await connect(self.url, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
         verbs = {subjects.Task.SUBMIT: self._submit, subjects.Task.MAP: self._map, subjects.Task.GET: self._get,
                  subjects.Task.CANCEL: self._cancel, subjects.Task.WAIT: self._wait}
 

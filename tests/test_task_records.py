@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from fabric.config import FabricConfig, TasksConfig
+from tests._nats import connect
 
 RETENTION_S = 2.0
 
@@ -23,13 +24,12 @@ RETENTION_S = 2.0
 @pytest.fixture
 async def short_memory(js_server: Any, tmp_path: Path) -> AsyncIterator[tuple[Any, str]]:
     """A one-node fabric whose scheduler keeps an ended task's record RETENTION_S seconds."""
-    import nats
 
     from tests._tasks import one_node_fabric
 
     config = FabricConfig(tasks=TasksConfig(retention_s=RETENTION_S))
     async with one_node_fabric(js_server.url, tmp_path, prefix="records", config=config) as node:
-        nc = await nats.connect(js_server.url)
+        nc = await connect(js_server.url)
         try:
             yield nc, node
         finally:

@@ -22,14 +22,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 
 from fabric import AsyncFabricClient, FabricClient, Resources, as_completed
 from fabric.errors import NotFound, TaskFailed
 from fabric.schema import JSON
 from fabric.schema.tasks import TERMINAL, TRANSITIONS, TaskEventBatch, TaskRecord
-from tests._nats import NatsServer
+from tests._nats import NatsServer, connect
 from tests._tasks import Node, ask, ended, start_node, start_scheduler
 
 
@@ -76,7 +75,7 @@ async def fab(js_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture
 async def raw(fab: Fabric) -> AsyncIterator[Any]:
-    conn = await nats.connect(fab.url)
+    conn = await connect(fab.url)
     yield conn
     await conn.close()
 

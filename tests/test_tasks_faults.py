@@ -27,7 +27,7 @@ import pytest
 from fabric import AsyncFabricClient
 from fabric.errors import TaskDead
 from fabric.protocol.pytasks import encode_python_task
-from tests._nats import NatsServer, start_nats
+from tests._nats import NatsServer, connect, start_nats
 from tests._tasks import Node, Procs, ask, ended, start_node, start_scheduler
 
 
@@ -184,7 +184,7 @@ async def test_kill_9_of_the_active_scheduler_under_load_loses_no_task(own_serve
     url = own_server["server"].url
     schedulers = {p.pid: p for p in (procs.start("scheduler", "s1"), procs.start("scheduler", "s2"))}
     node = await start_node(url, tmp_path, name="w1", slots=2)
-    nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    nc = await connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
     try:
         active = await _active_scheduler_pid(nc, procs)
         assert active in schedulers, (active, list(schedulers))
@@ -252,7 +252,7 @@ async def test_kill_9_of_the_active_scheduler_right_after_a_map_rebuilds_its_tas
     standby that takes over reads the bodies from the checkpoint on and runs each such task once."""
     url = own_server["server"].url
     schedulers = {p.pid: p for p in (procs.start("scheduler", "m1"), procs.start("scheduler", "m2"))}
-    nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    nc = await connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
     node: Node | None = None
     try:
         active = await _active_scheduler_pid(nc, procs)
@@ -299,7 +299,7 @@ async def test_a_map_task_that_waits_gets_its_record_within_the_lazy_window(own_
     url = own_server["server"].url
     sched = await start_scheduler(url, tmp_path)
     procs.start("gpu_monitor", "w9")  # registered, but no spawner pulls: the tasks wait
-    nc = await nats.connect(url)
+    nc = await connect(url)
     try:
         await _wait_nodes(sched, "w9", logs=procs.logs)
         ids = [f"wait-{i}" for i in range(10)]
@@ -327,7 +327,7 @@ async def test_kill_9_of_a_spawner_running_a_long_task_runs_it_again(own_server:
     sched = await start_scheduler(url, tmp_path)
     spawner, _monitor = procs.start_node("k1")
     other: Node | None = None
-    nc = await nats.connect(url)
+    nc = await connect(url)
     try:
         await _wait_nodes(sched, "k1", logs=procs.logs)
         answer = await _submit_until_acknowledged(nc, python_body(nap, 2.0, "slept", id="long-1"))
@@ -354,7 +354,7 @@ async def test_a_restarted_spawner_gets_its_lost_task_back_at_once(own_server: d
     url = own_server["server"].url
     sched = await start_scheduler(url, tmp_path)
     spawner, _monitor = procs.start_node("r1")
-    nc = await nats.connect(url)
+    nc = await connect(url)
     try:
         await _wait_nodes(sched, "r1", logs=procs.logs)
         answer = await _submit_until_acknowledged(nc, python_body(nap, 1.0, "again", id="restart-1"))
@@ -376,7 +376,7 @@ async def test_kill_9_of_nats_server_with_queued_tasks(own_server: dict[str, Nat
     server = own_server["server"]
     sched = await start_scheduler(server.url, tmp_path)
     node = await start_node(server.url, tmp_path, name="q1", slots=1, prefetch=0)
-    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    nc = await connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
     try:
         await _wait_nodes(sched, "q1")
         ids = [f"q-{i}" for i in range(8)]
@@ -400,7 +400,7 @@ async def test_a_fabric_stopped_and_started_again_resumes_its_queued_tasks(own_s
     url = own_server["server"].url
     sched = await start_scheduler(url, tmp_path, name="sched")
     node = await start_node(url, tmp_path, name="d1", slots=1, prefetch=0)
-    nc = await nats.connect(url)
+    nc = await connect(url)
     try:
         await _wait_nodes(sched, "d1")
         ids = [f"d-{i}" for i in range(6)]
@@ -428,7 +428,7 @@ async def test_a_clean_stop_records_every_map_task_and_a_restart_resumes_them(ow
     url = own_server["server"].url
     sched = await start_scheduler(url, tmp_path, name="sched")
     node = await start_node(url, tmp_path, name="c1", slots=1, prefetch=0)
-    nc = await nats.connect(url)
+    nc = await connect(url)
     try:
         await _wait_nodes(sched, "c1")
         ids = [f"c-{i}" for i in range(6)]
@@ -458,7 +458,7 @@ async def test_a_submit_held_by_a_scheduler_that_dies_is_sent_again_to_the_next(
     url = own_server["server"].url
     schedulers = {p.pid: p for p in (procs.start("scheduler", "h1"), procs.start("scheduler", "h2"))}
     node = await start_node(url, tmp_path, name="h3", slots=1)
-    nc = await nats.connect(url)
+    nc = await connect(url)
     try:
         active = await _active_scheduler_pid(nc, procs)
         async with AsyncFabricClient(url, local=False, timeout=60) as fc:

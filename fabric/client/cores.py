@@ -87,9 +87,9 @@ class AsyncCore:
         self.node = info.node
         self.name = info.name
         # the job lane's hot path sends on these directly (no Transport.request): spelled once, in the client's form
-        self._run_subject = client.subject(
+        self._run_subject = client._subject(
             subjects.node_scoped(subjects.CORE, info.node, subjects.Core.RUN) + "." + info.core)
-        self._map_subject = client.subject(
+        self._map_subject = client._subject(
             subjects.node_scoped(subjects.CORE, info.node, subjects.Core.MAP) + "." + info.core)
 
     def __repr__(self) -> str:

@@ -193,8 +193,9 @@ class Transport:
         self._in_flight: dict[asyncio.Task[Any], str] = {}
         self._denied: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._refused: str | None = None
+        self._connecting: asyncio.Future[NATS] | None = None
 
-    def subject(self, subject: str) -> str:
+    def _subject(self, subject: str) -> str:
         """The subject this client sends a request for *subject* on: its user form, with a user."""
         if self.user is not None and subject.startswith("fabric."):
             return user_subject(self.user, subject)
@@ -218,6 +219,8 @@ class Transport:
             return
         if "authorization violation" in text.lower() or "authentication" in text.lower():
             self._refused = text
+            if self.nc is None and self._connecting is not None and not self._connecting.done():
+                self._connecting.cancel()
         await _log_nats_error(exc)
 
     async def _connect(self) -> None:
@@ -227,13 +230,18 @@ class Transport:
             # first connect, which would then wait forever for a server that is not
             # there: bound the first connect by the client's timeout.
             auth = self.credentials.connect_options() if self.credentials is not None else {}
+            # a refusal (no or unknown credentials) is final: the connect ends at once (see _on_error)
+            self._connecting = asyncio.ensure_future(
+                nats.connect(self.url, name=self.name, connect_timeout=min(self.timeout, 2.0),
+                             max_reconnect_attempts=-1, allow_reconnect=True,
+                             reconnect_time_wait=0.25, error_cb=self._on_error,
+                             disconnected_cb=_log_disconnect, reconnected_cb=self._reconnected, **auth))
             try:
-                self.nc = await asyncio.wait_for(
-                    nats.connect(self.url, name=self.name, connect_timeout=min(self.timeout, 2.0),
-                                 max_reconnect_attempts=-1, allow_reconnect=True,
-                                 reconnect_time_wait=0.25, error_cb=self._on_error,
-                                 disconnected_cb=_log_disconnect, reconnected_cb=self._reconnected, **auth),
-                    timeout=self.timeout)
+                self.nc = await asyncio.wait_for(self._connecting, timeout=self.timeout)
+            except asyncio.CancelledError:
+                if self._refused is None:
+                    raise
+                raise self._unauthenticated() from None
             except asyncio.TimeoutError:
                 if self._refused is not None:
                     raise self._unauthenticated() from None

@@ -95,6 +95,8 @@ NOT_CONFIG_ENV: tuple[str, ...] = (
     PROC_ENV, CORE_ID_ENV, MARKER_ENV, STAGING_ENV, SERVICE_MODULES_ENV,
     # setup.py's build switches (read at build time, never by fabric)
     "FABRIC_DEBUG", "FABRIC_SANITIZE",
+    # the client's credentials file (fabric.credentials.CREDENTIALS_ENV): not a service setting
+    "FABRIC_CREDENTIALS",
 )
 
 

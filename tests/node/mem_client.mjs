@@ -1,15 +1,18 @@
 // A client written only from docs/protocol.md: remote memory over NATS with JSON.
-// Usage: node mem_client.mjs NATS_URL
+// Usage: [FABRIC_CREDENTIALS=alice.creds] node mem_client.mjs NATS_URL
 // Prints one JSON line with what it observed; exits non-zero on any surprise.
 import { connect } from "@nats-io/transport-node";
+import { fabricConnectOptions } from "./fabric_auth.mjs";
 
 const url = process.argv[2];
-const nc = await connect({ servers: url });
+// with auth on: the credentials in $FABRIC_CREDENTIALS, requests in the user's form (fabric_auth.mjs)
+const fab = fabricConnectOptions(url);
+const nc = await connect(fab.options);
 const enc = new TextEncoder();
 const dec = new TextDecoder();
 
 async function call(subject, body) {
-  const msg = await nc.request(subject, enc.encode(JSON.stringify(body)), { timeout: 5000 });
+  const msg = await nc.request(fab.subject(subject), enc.encode(JSON.stringify(body)), { timeout: 5000 });
   const code = msg.headers?.get("Nats-Service-Error-Code");
   if (code) {
     return { error: { code: Number(code), text: msg.headers.get("Nats-Service-Error"), kind: msg.headers.get("Fabric-Error") } };

@@ -1,16 +1,19 @@
 // A client written only from docs/protocol.md: remote processes over NATS with JSON.
-// Usage: node spawn_client.mjs NATS_URL NODE
+// Usage: [FABRIC_CREDENTIALS=alice.creds] node spawn_client.mjs NATS_URL NODE
 // Prints one JSON line with what it observed; exits non-zero on any surprise.
-import { connect } from "@nats-io/transport-node";
+import { connect, createInbox } from "@nats-io/transport-node";
+import { fabricConnectOptions } from "./fabric_auth.mjs";
 
 const [url, node] = process.argv.slice(2);
-const nc = await connect({ servers: url });
+// with auth on: the credentials in $FABRIC_CREDENTIALS, requests in the user's form (fabric_auth.mjs)
+const fab = fabricConnectOptions(url);
+const nc = await connect(fab.options);
 const enc = new TextEncoder();
 const dec = new TextDecoder();
 const b64 = (s) => Buffer.from(s, "base64").toString();
 
 async function call(subject, body, timeout = 10000) {
-  const msg = await nc.request(subject, enc.encode(JSON.stringify(body)), { timeout });
+  const msg = await nc.request(fab.subject(subject), enc.encode(JSON.stringify(body)), { timeout });
   const code = msg.headers?.get("Nats-Service-Error-Code");
   if (code) {
     return { error: { code: Number(code), text: msg.headers.get("Nats-Service-Error"), kind: msg.headers.get("Fabric-Error") } };
@@ -27,8 +30,8 @@ function check(cond, what) {
 
 const out = {};
 
-// 1. stream the output: subscribe to our own subject first, then spawn with stream_to
-const inbox = `_INBOX.spawn.${Math.random().toString(36).slice(2)}`;
+// 1. stream the output: subscribe to our own subject (in our inbox) first, then spawn with stream_to
+const inbox = createInbox(fab.inbox);
 const sub = nc.subscribe(inbox);
 const got = { stdout: "", stderr: "", seqs: [], exit: null };
 const done = (async () => {
@@ -122,7 +125,7 @@ function checkEcho(e, id, how) {
 out.immediate = { stream_to: 0, wildcard: 0 };
 // 6a. stream_to: our own subject, subscribed before the spawn (same connection: the server has it first)
 for (let i = 0; i < ROUNDS; i++) {
-  const subject = `_INBOX.echo.${Math.random().toString(36).slice(2)}`;
+  const subject = createInbox(fab.inbox);
   const s = nc.subscribe(subject);
   const exitOf = collector(s, (m) => m.headers.get("Fabric-Proc"));
   const r = await call(`fabric.proc.${node}.spawn`, { argv: ["echo", "hi"], stream_to: subject, announce: false });

@@ -1,13 +1,16 @@
 // A client written only from docs/protocol.md ("Tasks", "Conventions"): durable tasks over NATS with JSON.
-// Usage: node tasks_client.mjs NATS_URL NODE
+// Usage: [FABRIC_CREDENTIALS=alice.creds] node tasks_client.mjs NATS_URL NODE
 // Submits a NATIVE_EXEC task in UDCS's body shape, waits for it, watches fabric.task.events, lists tasks,
 // and checks the documented errors (400, 422, 404: headers and JSON bodies).
 // Prints one JSON line with what it observed; exits non-zero on any surprise.
 import { connect } from "@nats-io/transport-node";
 import os from "node:os";
+import { fabricConnectOptions } from "./fabric_auth.mjs";
 
 const [url, node] = process.argv.slice(2);
-const nc = await connect({ servers: url });
+// with auth on: the credentials in $FABRIC_CREDENTIALS, requests in the user's form (fabric_auth.mjs)
+const fab = fabricConnectOptions(url);
+const nc = await connect(fab.options);
 const enc = new TextEncoder();
 const dec = new TextDecoder();
 
@@ -24,7 +27,7 @@ async function call(subject, body, timeout = 10000) {
   for (let attempt = 0; ; attempt++) {
     let msg;
     try {
-      msg = await nc.request(subject, enc.encode(JSON.stringify(body)), { timeout });
+      msg = await nc.request(fab.subject(subject), enc.encode(JSON.stringify(body)), { timeout });
     } catch (err) {
       const noResponders = String(err?.code) === "503" || /no responders/i.test(String(err?.message));
       if (noResponders && attempt < 100) {

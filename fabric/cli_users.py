@@ -1,0 +1,119 @@
+"""``fabric user add|rm|list``: the people who may use this fabric, changed without a restart.
+
+The table and the files are :class:`fabric.auth.AuthRealm`'s (``<state>/auth``).  A change
+rewrites ``users.conf``; when the fabric runs, its nats-server checks the whole config
+(``nats-server -t``) and reloads it (SIGHUP): an added user can connect at once, a removed
+user's connections close at once, nobody else notices.  Without a running fabric the
+change takes effect at the next ``fabric up``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .auth import AuthError, AuthRealm
+from .cli_common import StateDirOption, console, escape, fail, out, state_of
+from .state import FabricState, StateDir
+
+__all__ = ["users_app"]
+
+users_app = typer.Typer(help="Manage who may use this fabric (auth on): add, remove and list users.",
+                        no_args_is_help=True)
+
+
+def _realm(state: StateDir) -> tuple[AuthRealm, FabricState | None]:
+    from .config import default_node
+
+    running = state.running()
+    if not state.auth_dir.is_dir():
+        fail(f"no auth in {state.path}: the fabric there was never started with auth on",
+             "`fabric up` (auth is on by default) creates it")
+    last = running or state.read()
+    return AuthRealm(state, last.node if last is not None else default_node()), running
+
+
+def _apply(realm: AuthRealm, running: FabricState | None) -> str:
+    """Reload the running fabric's nats-server; say what happened."""
+    if running is None or running.nats is None or running.nats.pid is None or not running.credentials:
+        realm.render()
+        return "the fabric is not running: the change applies at the next `fabric up`"
+    binary = running.nats.command[0] if running.nats.command else "nats-server"
+    try:
+        realm.reload(binary, realm.state.nats_dir / "nats.conf", running.nats.pid)
+    except AuthError as exc:
+        fail(str(exc), "the running server keeps its users; fix users.json, then run the command again")
+    except OSError as exc:
+        fail(f"cannot reload nats-server (pid {running.nats.pid}): {exc.strerror or exc}")
+    return f"nats-server (pid {running.nats.pid}) reloaded: in effect now"
+
+
+@users_app.command("add")
+def add(
+    name: Annotated[str, typer.Argument(help="The user's name: letters, digits, '_' and '-'.")],
+    role: Annotated[str, typer.Option("--role", help="client (its own things only) or admin (everything).")
+                    ] = "client",
+    out_path: Annotated[Path | None, typer.Option("--out", "-o", show_default=False,
+                                                  help="Where to write the credentials (default: ./NAME.creds).")
+                        ] = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Create a user and write their credentials file (hand it over like a private key)."""
+    state = state_of(state_dir)
+    realm, running = _realm(state)
+    target = (out_path or Path(f"{name}.creds")).absolute()
+    if target.exists():
+        fail(f"{target} exists", "pass --out PATH, or remove the file")
+    from .nats_server import is_loopback
+
+    # the URL the user reaches the fabric at: another machine's when it listens beyond loopback
+    url = None if running is None else running.nats_url if is_loopback(running.host or "") else running.join_url
+    try:
+        creds = realm.add_user(name, role, target, url=url)
+    except AuthError as exc:
+        fail(str(exc))
+    said = _apply(realm, running)
+    out.print(f"user [bold]{escape(name)}[/] ({role}) added; credentials in {escape(str(target))} (mode 0600)")
+    out.print(f"  {said}")
+    out.print(f"  use       FabricClient(credentials={str(target)!r})  or  FABRIC_CREDENTIALS={escape(str(target))}")
+    if creds.role != "admin":
+        out.print(f"  subjects  fabric.u.{name}.… (docs/protocol.md, \"Connecting\")")
+
+
+@users_app.command("rm")
+def rm(
+    name: Annotated[str, typer.Argument(help="The user to remove.")],
+    state_dir: StateDirOption = None,
+) -> None:
+    """Remove a user: their connections close now, their credentials stop working."""
+    state = state_of(state_dir)
+    realm, running = _realm(state)
+    try:
+        realm.remove_user(name)
+    except AuthError as exc:
+        fail(str(exc))
+    out.print(f"user [bold]{escape(name)}[/] removed; {_apply(realm, running)}")
+
+
+@users_app.command("list")
+def list_users(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
+    state_dir: StateDirOption = None,
+) -> None:
+    """The users of this fabric: name, role, public key, when added."""
+    from rich.table import Table
+
+    state = state_of(state_dir)
+    realm, _ = _realm(state)
+    users = realm.users()
+    if as_json:
+        out.print_json(json.dumps([{"name": u.name, "role": u.role, "nkey": u.nkey, "created": u.created}
+                                   for u in users]))
+        return
+    table = Table("user", "role", "nkey", "added")
+    for u in users:
+        table.add_row(u.name, u.role, u.nkey, u.created)
+    console().print(table)
