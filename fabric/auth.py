@@ -5,7 +5,10 @@
 * ``admin.creds`` -- the operator's credentials (the CLI and a local client use them);
 * ``services/<role>.creds`` -- one nkey user per service of this node;
 * ``users.json`` -- the people: name, role, public key (never a seed: a user's seed
-  exists only in the credentials file handed to them).
+  exists only in the credentials file handed to them); and the nodes that joined with
+  a join token: each one's service keys and its operator's (public keys too);
+* ``join.creds`` -- the identity inside the join token (``fabric join-token``), which
+  may only ask to join.
 
 :meth:`AuthRealm.render` writes ``<state>/nats/users.conf`` from them and the role
 table (:mod:`fabric.protocol.permissions`); nats.conf ``include``s it.  A change
@@ -25,10 +28,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from .credentials import Credentials, CredentialsError, new_seed, public_key, read_credentials, write_credentials
 from .protocol.permissions import (
     ADMIN,
+    JOINER,
+    JOINER_USER,
     SERVICE_ROLES,
     USER_ROLES,
     UserEntry,
@@ -39,7 +45,8 @@ from .protocol.permissions import (
 )
 from .state import StateDir
 
-__all__ = ["AuthRealm", "UserRecord", "AuthError", "ADMIN_USER"]
+__all__ = ["AuthRealm", "UserRecord", "NodeRecord", "AuthError", "ADMIN_USER", "TOKEN_PREFIX", "make_token",
+           "token_seed"]
 
 #: the operator's user name (``fabric up`` creates it)
 ADMIN_USER = "admin"
@@ -57,6 +64,36 @@ class UserRecord:
     role: str
     nkey: str
     created: str
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A node that joined with a join token: its services' public keys and its operator's."""
+
+    node: str
+    services: dict[str, str]
+    admin: str
+    joined: str
+
+
+#: how a join token starts (the version of its format): ``fabric1.<nkey seed>``
+TOKEN_PREFIX = "fabric1."
+
+
+def make_token(seed: str) -> str:
+    return TOKEN_PREFIX + seed
+
+
+def token_seed(token: str) -> str:
+    """The joiner seed inside *token*; AuthError if it is not a join token."""
+    token = token.strip()
+    seed = token[len(TOKEN_PREFIX):] if token.startswith(TOKEN_PREFIX) else ""
+    try:
+        public_key(seed)
+    except CredentialsError:
+        raise AuthError("not a fabric join token (it starts with fabric1.): copy it again from "
+                        "`fabric join-token` on a machine of the fabric") from None
+    return seed
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -120,18 +157,68 @@ class AuthRealm:
 
     # -- the users table --------------------------------------------------------------------
 
-    def users(self) -> list[UserRecord]:
-        """The people, by name."""
+    def _raw(self) -> dict[str, Any]:
         try:
             raw = json.loads(self.users_file.read_text())
         except FileNotFoundError:
-            return []
-        return sorted((UserRecord(name=n, **fields) for n, fields in raw.get("users", {}).items()),
+            return {}
+        return raw if isinstance(raw, dict) else {}
+
+    def users(self) -> list[UserRecord]:
+        """The people, by name."""
+        return sorted((UserRecord(name=n, **fields) for n, fields in self._raw().get("users", {}).items()),
                       key=lambda u: u.name)
 
-    def _save(self, users: list[UserRecord]) -> None:
-        body = {"users": {u.name: {"role": u.role, "nkey": u.nkey, "created": u.created} for u in users}}
+    def nodes(self) -> list[NodeRecord]:
+        """The nodes that joined with a join token, by name."""
+        return sorted((NodeRecord(node=n, **fields) for n, fields in self._raw().get("nodes", {}).items()),
+                      key=lambda r: r.node)
+
+    def _save(self, users: list[UserRecord], nodes: list[NodeRecord] | None = None) -> None:
+        body = {"users": {u.name: {"role": u.role, "nkey": u.nkey, "created": u.created} for u in users},
+                "nodes": {r.node: {"services": r.services, "admin": r.admin, "joined": r.joined}
+                          for r in (self.nodes() if nodes is None else nodes)}}
         _write_private(self.users_file, json.dumps(body, indent=2) + "\n")
+
+    def add_node(self, node: str, services: dict[str, str], admin: str) -> bool:
+        """Let node *node* in with these public keys; False if it had joined with the very same ones.
+
+        AuthError for an invalid request, or a name another machine (other keys) or this node holds.
+        """
+        from .protocol.subjects import valid_node_name
+
+        if not valid_node_name(node):
+            raise AuthError(f"invalid node name {node!r}: use 1 to 64 letters, digits, '_' and '-'")
+        if set(services) != set(SERVICE_ROLES):
+            raise AuthError(f"a joining node names a key for each service role: {', '.join(SERVICE_ROLES)}")
+        for key in (*services.values(), admin):
+            if not (isinstance(key, str) and len(key) == 56 and key.startswith("U")):
+                raise AuthError(f"not an nkey user public key: {key!r}")
+        if node == self.node:
+            raise AuthError(f"node name {node!r} is this node's: start the other machine with another --node")
+        known = {r.node: r for r in self.nodes()}
+        old = known.get(node)
+        if old is not None:
+            if old.services == services and old.admin == admin:
+                return False
+            raise AuthError(f"node {node!r} already joined from another machine (other keys): start this one "
+                            "with another --node")
+        known[node] = NodeRecord(node, dict(services), admin, _now())
+        self._save(self.users(), list(known.values()))
+        return True
+
+    # -- the join token ---------------------------------------------------------------------
+
+    @property
+    def join_credentials(self) -> Path:
+        return self.dir / "join.creds"
+
+    def join_token(self, *, rotate: bool = False) -> str:
+        """The join token of this fabric (made on first use); *rotate*: a new one, the old one stops working."""
+        if rotate or not self._readable(self.join_credentials):
+            write_credentials(self.join_credentials, user=JOINER_USER, role=JOINER, seed=new_seed(),
+                              by="fabric join-token")
+        return make_token(read_credentials(self.join_credentials).seed)
 
     def _put(self, record: UserRecord) -> None:
         users = [u for u in self.users() if u.name != record.name]
@@ -165,12 +252,20 @@ class AuthRealm:
     # -- users.conf -------------------------------------------------------------------------
 
     def entries(self) -> Iterator[UserEntry]:
-        """Everyone the server lets in: this node's services, then the people."""
+        """Everyone the server lets in: this node's services, the joined nodes', the people, the join token."""
         for role in SERVICE_ROLES:
             creds = read_credentials(self.service_credentials(role))
             yield UserEntry(creds.user, role, creds.nkey, permissions(role, node=self.node))
+        for r in self.nodes():
+            for role, key in sorted(r.services.items()):
+                yield UserEntry(service_user(role, r.node), role, key, permissions(role, node=r.node))
+            # the joined machine's supervisor and CLI (its readiness probe, `fabric status` there)
+            yield UserEntry(f"admin of node {r.node}", ADMIN, r.admin, None)
         for u in self.users():
             yield UserEntry(u.name, u.role, u.nkey, permissions(u.role, user=u.name))
+        if self._readable(self.join_credentials):
+            creds = read_credentials(self.join_credentials)
+            yield UserEntry("the join token", JOINER, creds.nkey, permissions(JOINER))
 
     def render(self) -> Path:
         """Write ``<state>/nats/users.conf`` (0600) and return its path."""

@@ -29,7 +29,7 @@ from .cli_req import req
 from .cli_status import status
 from .cli_tasks import SUBMIT_CONTEXT, cancel, submit, task, tasks
 from .cli_up import up
-from .cli_users import users_app
+from .cli_users import join_token, users_app
 
 __all__ = ["app", "main"]
 
@@ -50,6 +50,7 @@ for task_command in (tasks, task, cancel):
     app.command()(task_command)
 app.add_typer(config_app, name="config")
 app.add_typer(users_app, name="user")
+app.command("join-token")(join_token)
 
 
 def main(argv: list[str] | None = None) -> None:

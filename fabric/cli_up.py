@@ -77,9 +77,12 @@ def up(
     auth: Annotated[bool | None, typer.Option(
         "--auth/--no-auth", show_default=False,
         help="Require credentials on the embedded nats-server, with per-role permissions (docs/security.md). "
-             "Config: up.auth (off until join tokens land).")] = None,
+             "Config: up.auth (on).")] = None,
     insecure: Annotated[bool, typer.Option(
         "--insecure", help="Allow --no-auth on an address other machines can reach.")] = False,
+    token: Annotated[str | None, typer.Option(
+        "--token", envvar="FABRIC_JOIN_TOKEN", show_default=False,
+        help="With --nats-url: join that fabric (auth on) with its join token (`fabric join-token` there).")] = None,
     config_file: ConfigFileOption = None,
 ) -> None:
     """Start NATS (unless --nats-url) and the services, supervised; foreground unless -d.
@@ -165,11 +168,17 @@ def up(
         except OSError as exc:
             fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", "check --host")
 
+    joined = False
+    if nats_url:
+        joined = _join(nats_url, token, state, node)
+    elif token:
+        fail("--token joins another fabric: give its NATS with --nats-url")
+
     config = SupervisorConfig(
         state=state, node=node, services=modules, external_nats_url=nats_url, host=host, port=port,
         nats_binary=binary, ready_timeout=timeout, grace=grace,
         config_file=loaded.file if config_file is not None else None, log_level=cfg.log_level,
-        auth=cfg.up.auth and not nats_url,
+        auth=joined or (cfg.up.auth and not nats_url),
     )
     if detach:
         _up_detached(config, lock_fd, t0)
@@ -183,6 +192,54 @@ def up(
         code = asyncio.run(sup.run())
         os.close(lock_fd)
         raise typer.Exit(code)
+
+
+def _join(url: str, token: str | None, state: StateDir, node: str) -> bool:
+    """Before anything starts: join the fabric at *url* with *token* (True), or check it needs none (False).
+
+    A refused join, or a fabric that wants credentials when no token was given, ends
+    the start here with the reason: nothing is left half-started.
+    """
+    from .auth import AuthRealm
+    from .errors import FabricError
+
+    if token is None:
+        needs = asyncio.run(_requires_credentials(url))
+        if needs:
+            fail(f"the fabric at {url} requires credentials (auth on)",
+                 "get its join token on one of its machines with `fabric join-token`, then "
+                 f"`fabric up --nats-url {url} --token TOKEN`")
+        return False
+    from .join import request_join
+
+    realm = AuthRealm(state, node)
+    realm.ensure(url=url)  # this node's own keys: only their public halves travel
+    try:
+        reply = asyncio.run(request_join(url, token, realm))
+    except FabricError as exc:
+        fail(f"cannot join the fabric at {url}: {exc.message}")
+    err.print(f"joined the fabric at {escape(url)} as node {reply.node}"
+              + ("" if reply.new else " (again: same keys)"))
+    return True
+
+
+async def _requires_credentials(url: str) -> bool:
+    """Whether the NATS at *url* refuses a connection without credentials (False if it is not there: the
+    supervisor then reports what it finds)."""
+    import nats
+
+    seen: list[str] = []
+
+    async def quiet(exc: Exception) -> None:
+        seen.append(str(exc))
+
+    try:
+        nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0,
+                                error_cb=quiet, name="fabric-up-check")
+    except Exception as exc:
+        return "authorization violation" in " ".join([str(exc), *seen]).lower()
+    await nc.close()
+    return False
 
 
 def _pairs(flag: str, raw: str | None) -> dict[str, str] | None:
@@ -285,14 +342,15 @@ def _print_ready(st: FabricState, t0: float, state: StateDir, *, detached: bool)
         out.print(f"  auth      on: admin credentials {st.credentials} (found by the CLI and local clients); "
                   "`fabric user add NAME` for others")
     elif st.embedded_nats:
-        out.print("  auth      [bold yellow]off[/]: anyone who reaches the NATS port runs programs here "
-                  "(`fabric up --auth` requires credentials: docs/security.md)")
-    out.print(f"  join      fabric up --nats-url {st.join_url}"
-              + ("  (needs the other machine's services to authenticate: join tokens come with clustering)"
-                 if st.credentials else ""))
+        out.print("  auth      [bold yellow]off[/] (--no-auth): anyone who reaches the NATS port runs programs here")
+    if st.credentials and st.embedded_nats:
+        out.print(f"  join      fabric up --nats-url {st.join_url} --token TOKEN  "
+                  f"(TOKEN: `fabric join-token{state_flag(state)}`)")
+    else:
+        out.print(f"  join      fabric up --nats-url {st.join_url}")
     if st.embedded_nats and st.host and is_loopback(st.host):
-        out.print(f"            (nats-server listens on {st.host} only: other machines join one started with "
-                  "--host 0.0.0.0 --insecure, which lets anyone who reaches the port run programs here)")
+        out.print(f"            (nats-server listens on {st.host} only: start with --host 0.0.0.0 so other "
+                  "machines can join)")
     out.print(f"  logs      {st.logs_dir}/")
     flag = state_flag(state)
     if detached:

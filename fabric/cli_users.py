@@ -16,10 +16,10 @@ from typing import Annotated
 import typer
 
 from .auth import AuthError, AuthRealm
-from .cli_common import StateDirOption, console, escape, fail, out, state_of
+from .cli_common import StateDirOption, console, err, escape, fail, out, state_of
 from .state import FabricState, StateDir
 
-__all__ = ["users_app"]
+__all__ = ["users_app", "join_token"]
 
 users_app = typer.Typer(help="Manage who may use this fabric (auth on): add, remove and list users.",
                         no_args_is_help=True)
@@ -117,3 +117,24 @@ def list_users(
     for u in users:
         table.add_row(u.name, u.role, u.nkey, u.created)
     console().print(table)
+
+
+def join_token(
+    rotate: Annotated[bool, typer.Option("--rotate", help="Make a new token; the old one stops working.")] = False,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Print the token another machine joins this fabric with: fabric up --nats-url URL --token TOKEN.
+
+    Whoever holds it can add a node (its services, and its operator as an admin): hand it
+    only to machines you run, and --rotate it when one should no longer join.
+    """
+    state = state_of(state_dir)
+    realm, running = _realm(state)
+    fresh = rotate or not realm.join_credentials.is_file()
+    token = realm.join_token(rotate=rotate)
+    if fresh:
+        said = _apply(realm, running)
+        err.print(f"a new join token; {said}")
+    url = running.join_url if running is not None else "nats://THIS-MACHINE:PORT"
+    err.print(f"on the other machine: fabric up --nats-url {url} --token TOKEN")
+    out.print(token)

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .protocol.permissions import ADMIN, CLIENT, SERVICE_ROLES, USER_ROLES, inbox_prefix
+from .protocol.permissions import ADMIN, CLIENT, JOINER, SERVICE_ROLES, USER_ROLES, inbox_prefix
 
 __all__ = ["Credentials", "CredentialsError", "CREDENTIALS_ENV", "new_seed", "public_key", "write_credentials",
            "read_credentials", "find_credentials"]
@@ -109,7 +109,7 @@ def public_key(seed: str) -> str:
 def write_credentials(path: Path, *, user: str, role: str, seed: str, url: str | None = None,
                       ca_pem: str | None = None, by: str = "fabric") -> Path:
     """Write a credentials file (mode 0600, replaced atomically) and return its path."""
-    if role not in (*USER_ROLES, *SERVICE_ROLES):
+    if role not in (*USER_ROLES, *SERVICE_ROLES, JOINER):
         raise CredentialsError(f"unknown role {role!r}")
     nkey = public_key(seed)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -197,6 +197,9 @@ class Supervisor:
         self._log: Any = None
         self._logger = logger
         self._early_log: list[tuple[str, str, dict[str, Any]]] = []
+        # with auth on an embedded server: (realm, nats-server binary, its config) for answering joins
+        self._joins: tuple[Any, str, Path] | None = None
+        self._join_nc: Any = None
         cfg = config
         if cfg.external_nats_url:
             url = join = cfg.external_nats_url
@@ -294,6 +297,12 @@ class Supervisor:
         names: list[str] = []
         env.pop("FABRIC_NATS_CREDENTIALS", None)  # each service gets its own, on its command line
         realm = None
+        if cfg.external_nats_url is not None and cfg.auth:
+            # a node that joined with a token (fabric.join): its keys were made, and let in, before this start
+            from .auth import AuthRealm
+
+            realm = AuthRealm(state, cfg.node)
+            self.state.credentials = str(realm.admin_credentials)
         if cfg.external_nats_url is None:
             from .nats_server import server_command, write_config
 
@@ -306,6 +315,8 @@ class Supervisor:
                 realm.render()
                 self.state.credentials = str(realm.admin_credentials)
             conf = write_config(state, host=cfg.host, port=cfg.port, node=cfg.node, auth=realm is not None)
+            if realm is not None:
+                self._joins = (realm, os.path.abspath(cfg.nats_binary), conf)
             names.append("nats-server")
             binary = os.path.abspath(cfg.nats_binary)
             self.nats = Child("nats-server", server_command(binary, conf), state.log_file("nats-server"), env, cwd)
@@ -420,6 +431,7 @@ class Supervisor:
         self._write_state()
         self.log("info", "fabric ready", seconds=round(self.state.ready_at - self.state.started_at, 3),
                  nats_url=self.nats_url)
+        await self._serve_joins()
         if self.on_ready is not None:
             self.on_ready(self.state)
 
@@ -505,8 +517,31 @@ class Supervisor:
             self.log("info", "stop requested", signal=signal.Signals(sig).name)
         self._stop.set()
 
+    async def _serve_joins(self) -> None:
+        """Answer fabric.join.request (fabric.join) for as long as the fabric runs: auth on, embedded NATS."""
+        if self._joins is None or self._join_nc is not None:
+            return
+        import nats
+
+        from .join import JoinResponder
+
+        realm, binary, conf = self._joins
+        nats_pid = lambda: self.nats.pid if self.nats is not None else None  # noqa: E731 - read at each join
+        try:
+            self._join_nc = await nats.connect(
+                self.nats_url, name=f"fabric-supervisor-joins@{self.config.node}", allow_reconnect=True,
+                max_reconnect_attempts=-1, reconnect_time_wait=0.25, error_cb=self._on_nats_error, **self._auth())
+            await JoinResponder(realm, binary, conf, nats_pid, self.log).start(self._join_nc)
+        except Exception as exc:  # the fabric works without it; joins are refused until a restart
+            self.log("error", "cannot answer join requests", error=str(exc) or type(exc).__name__)
+
     async def _shutdown(self, code: int) -> int:
         self.stopping = True
+        if self._join_nc is not None:
+            try:
+                await self._join_nc.close()
+            except Exception:  # closing: nothing left to do with it
+                pass
         if self.state.phase != "failed":
             self.state.phase = "stopping"
         self._write_state()

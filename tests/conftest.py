@@ -23,6 +23,10 @@ from tests import _nats
 from tests._nats import SERVER_FIXTURES, NatsServer, connect, creds_for, realm, start_nats
 from tests._spawner import all_ended, no_fds_leaked, open_fds
 
+# the tests' clients are a client-role user of the session's servers, as a user of a fabric with auth on is:
+# a FabricClient(url) without credentials= finds these (fabric.credentials.find_credentials)
+_nats.use_client_credentials()
+
 if TYPE_CHECKING:
     from collections.abc import Generator
 

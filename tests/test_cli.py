@@ -198,9 +198,23 @@ def test_status_with_a_second_node_joined(running: tuple[Path, str], tmp_path: P
     node = state["node"]
     other = tmp_path / "other"
     try:
+        # auth is on: without the fabric's join token the other node is refused, and nothing starts there
         res = fabric("up", other, "-d", "--nats-url", state["nats_url"], "--node", "other-node",
                      "--services", "allocator")
+        assert res.returncode == 1 and "requires credentials" in res.stderr and "fabric join-token" in res.stderr
+        assert not (other / "state.json").exists()
+        res = fabric("up", other, "-d", "--nats-url", state["nats_url"], "--node", "other-node",
+                     "--services", "allocator", "--token", "fabric1.SUAAAA")
+        assert res.returncode == 1 and "not a fabric join token" in res.stderr, res.stderr
+        token = fabric("join-token", state_dir)
+        assert token.returncode == 0 and token.stdout.startswith("fabric1.S"), token.stdout + token.stderr
+        res = fabric("up", other, "-d", "--nats-url", state["nats_url"], "--node", node,
+                     "--services", "allocator", "--token", token.stdout.strip())
+        assert res.returncode == 1 and "this node's" in res.stderr, res.stderr  # the fabric's own name: 409
+        res = fabric("up", other, "-d", "--nats-url", state["nats_url"], "--node", "other-node",
+                     "--services", "allocator", "--token", token.stdout.strip())
         assert res.returncode == 0, res.stdout + res.stderr
+        assert "joined the fabric" in res.stderr
         res = fabric("status", state_dir)
         assert res.returncode == 0, res.stderr
         _, rows = first_table(res.stdout)
@@ -253,7 +267,7 @@ def test_opencl_job_through_the_public_client(running: tuple[Path, str]) -> None
     a = np.random.default_rng(7).random(100_000, dtype=np.float32)
     b = np.arange(a.size, dtype=np.float32)
     mine = f"/dev/shm/fabric-stage-{os.getpid()}-*"
-    with FabricClient(state["nats_url"]) as fc:
+    with FabricClient(state["nats_url"], credentials=state["credentials"]) as fc:
         c, = fc.opencl(vadd, "vadd", a.size, [a, b, fabric.Out(a.size, np.float32)])
         np.testing.assert_array_equal(c, a + b)
         # the device it ran on is the one the node record lists (PoCL's CPU device here)

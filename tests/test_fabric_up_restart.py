@@ -60,14 +60,16 @@ def eventually(what: str, check: Callable[[], Any], deadline: float, logs: Path)
     pytest.fail(f"{what}: not within {RECOVERY_S:g}s of the kill (last error: {last!r}); logs: {tails}")
 
 
-def registry_entry(nats_url: str, node: str) -> dict[str, Any] | None:
+def registry_entry(nats_url: str, node: str, credentials: str) -> dict[str, Any] | None:
     """The node's record straight from the KV bucket's stream, as a client without a KV library reads it."""
     import asyncio
 
     import nats
 
+    from fabric.credentials import read_credentials
+
     async def read() -> dict[str, Any] | None:
-        nc = await nats.connect(nats_url, allow_reconnect=False)
+        nc = await nats.connect(nats_url, allow_reconnect=False, **read_credentials(credentials).connect_options())
         try:
             req = json.dumps({"last_by_subj": f"$KV.fabric_nodes.{node}"}).encode()
             msg = await nc.request("$JS.API.STREAM.MSG.GET.KV_fabric_nodes", req, timeout=2)
@@ -82,7 +84,7 @@ def registry_entry(nats_url: str, node: str) -> dict[str, Any] | None:
 def test_kill_9_of_nats_server_under_fabric_up_recovers_everything(up: dict[str, Any]) -> None:
     url, node, logs = up["nats_url"], up["node"], Path(up["logs_dir"])
     nats_pid = up["nats"]["pid"]
-    with FabricClient(url, local=False, timeout=2.0) as fc:
+    with FabricClient(url, local=False, timeout=2.0, credentials=up["credentials"]) as fc:
         buf = fc.rmalloc(4096)
         data = os.urandom(4096)
         fc.rwrite(buf, data)
@@ -107,7 +109,7 @@ def test_kill_9_of_nats_server_under_fabric_up_recovers_everything(up: dict[str,
         # recreated bucket again.  Wait past the TTL, so an entry only a dead watcher remembers has expired.
         time.sleep(max(0.0, killed + NODE_TTL_S + 0.5 - time.monotonic()))
         entry = eventually("the node's entry in a recreated fabric_nodes bucket",
-                           lambda: registry_entry(url, node), deadline, logs)
+                           lambda: registry_entry(url, node, up["credentials"]), deadline, logs)
         assert entry["subject"] == f"$KV.fabric_nodes.{node}"
 
         def listed() -> bool:

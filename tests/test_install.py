@@ -161,7 +161,9 @@ def test_fabric_up_from_the_source_tree_and_elsewhere_after_a_non_editable_insta
         assert arenas and all(path.startswith(purelib) for path in arenas), arenas
 
         # a client and a warm worker (started by the spawner) import the installed packages too
-        client = _run([str(py), "-c", _CLIENT, state["nats_url"]], cwd=tmp_path, env=env)
+        # auth is on: the client authenticates as the fabric's admin (fabric status --json names the file)
+        client = _run([str(py), "-c", _CLIENT, state["nats_url"]], cwd=tmp_path,
+                      env={**env, "FABRIC_CREDENTIALS": state["credentials"]})
         assert client.returncode == 0, client.stdout + client.stderr
         seen = json.loads(client.stdout.strip().splitlines()[-1])
         assert seen["read"] == "installed"
@@ -194,7 +196,8 @@ def test_fabric_up_from_the_source_tree_and_elsewhere_after_a_non_editable_insta
         assert {name: argv[argv.index("-m") + 1] for name, argv in modules_run.items()} == {
             "allocator": "fabric.services.allocator", "spawner": "fabric.services.spawner",
             "gpu-monitor": "fabric.services.gpu_monitor", "scheduler": "fabric.services.scheduler"}
-        client = _run([str(py), "-c", _CLIENT, state["nats_url"]], cwd=elsewhere, env=env)
+        client = _run([str(py), "-c", _CLIENT, state["nats_url"]], cwd=elsewhere,
+                      env={**env, "FABRIC_CREDENTIALS": state["credentials"]})
         assert client.returncode == 0, client.stdout + client.stderr
         seen = json.loads(client.stdout.strip().splitlines()[-1])
         assert seen["read"] == "installed"

@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import stat
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import nats
 import pytest
 
-from fabric.auth import ADMIN_USER, AuthError, AuthRealm
+from fabric.auth import ADMIN_USER, AuthError
 from fabric.credentials import CredentialsError, new_seed, public_key, read_credentials, write_credentials
-from fabric.nats_server import find_binary, free_port, write_config
 from fabric.protocol import permissions as perms
 from fabric.protocol.subjects import Mem, cluster, node_scoped
-from fabric.state import StateDir
+from tests._auth import Server
 
 
 def matches(pattern: str, subject: str) -> bool:
@@ -169,33 +168,6 @@ def test_bad_credentials_files_say_why(tmp_path: Path) -> None:
 # -- against a real server -----------------------------------------------------------------------
 
 
-class Server:
-    def __init__(self, tmp: Path) -> None:
-        self.state = StateDir(tmp / "state")
-        self.state.ensure()
-        self.realm = AuthRealm(self.state, "n1")
-        self.realm.ensure()
-        self.realm.render()
-        self.port = free_port("127.0.0.1")
-        self.conf = write_config(self.state, host="127.0.0.1", port=self.port, node="n1", auth=True)
-        self.binary = find_binary()
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not any(self.state.nats_dir.glob("*.ports")):
-            assert time.monotonic() < deadline, "nats-server did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
     srv = Server(tmp_path)
@@ -247,7 +219,7 @@ def test_rendered_config_passes_nats_server_check(tmp_path: Path) -> None:
     assert stat.S_IMODE(srv.state.auth_dir.stat().st_mode) == 0o700
     for role in perms.SERVICE_ROLES:
         assert stat.S_IMODE(srv.realm.service_credentials(role).stat().st_mode) == 0o600
-    assert "SU" not in srv.realm.users_file.read_text()  # public keys only
+    assert re.findall(r"\bS[A-Z2-7]{57}\b", srv.realm.users_file.read_text()) == []  # public keys only, no seed
 
 
 async def test_anonymous_and_unknown_keys_are_refused(server: Server, conns: list[Conn]) -> None:
@@ -350,7 +322,7 @@ def test_state_dir_modes(tmp_path: Path) -> None:
     assert stat.S_IMODE(srv.realm.admin_credentials.stat().st_mode) == 0o600
 
 
-def test_fabric_up_with_auth_end_to_end(tmp_path: Path) -> None:
+def test_fabric_up_with_auth_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """fabric up --auth; `fabric user add` a client who allocates, spawns and runs a task in their user form;
     anonymous clients are refused; `fabric user rm` cuts the user off without a restart."""
     import json
@@ -358,6 +330,7 @@ def test_fabric_up_with_auth_end_to_end(tmp_path: Path) -> None:
 
     from fabric import FabricClient, Unauthenticated
 
+    monkeypatch.delenv("FABRIC_CREDENTIALS", raising=False)  # this process's clients: only what they are given
     env = {k: v for k, v in os.environ.items() if k not in ("FABRIC_CREDENTIALS", "FABRIC_NATS_URL")}
     env["FABRIC_MEM_CAPACITY"] = str(16 << 20)
     state = tmp_path / "fab"

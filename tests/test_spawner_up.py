@@ -53,7 +53,7 @@ def test_fabric_up_runs_the_spawner_and_down_leaves_no_process(tmp_path: Path) -
     state = json.loads((tmp_path / "state.json").read_text())
     stopped = False
     try:
-        with FabricClient(state["nats_url"], local=False) as fc:
+        with FabricClient(state["nats_url"], local=False, credentials=state["credentials"]) as fc:
             ex = fc.rrun(["echo", "from fabric up"])  # the cluster subject: any spawner
             assert ex.stdout == b"from fabric up\n"
             # kill -9 of the spawner: the supervisor restarts it, the new one kills the orphan

@@ -87,9 +87,8 @@ class UpConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     ready_timeout_s: Annotated[float, Meta(ge=0.1, le=3600)] = 30.0
     #: how long services get to drain when the fabric stops
     grace_s: Annotated[float, Meta(ge=0, le=3600)] = 10.0
-    #: nkey authentication and per-role permissions on the embedded nats-server (docs/security.md);
-    #: off by default until other machines can join a fabric with auth on (join tokens)
-    auth: bool = False
+    #: nkey authentication and per-role permissions on the embedded nats-server (docs/security.md)
+    auth: bool = True
 
 
 class MemConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

@@ -17,7 +17,9 @@ The roles:
   services read an identity NATS authenticated from the subject, never a typed name),
   subscribes only to its own inbox ``_INBOX.<user>.>`` and to the telemetry
   heartbeats; no service subject, no other inbox, no task pull, no JetStream write;
-* **admin**: the operator of the fabric -- everything, like root on the nodes.
+* **admin**: the operator of the fabric -- everything, like root on the nodes;
+* **joiner**: the identity of a join token (``fabric join-token``): may only ask to
+  join, on ``fabric.join.request``.
 
 The two forms of a request subject: the plain one, ``fabric.<area>…`` (docs/protocol.md),
 which with auth on only services and admins may publish (the caller is trusted: the
@@ -45,10 +47,24 @@ from .streams import (
     kv_stream,
     object_stream,
 )
-from .subjects import CORE, MEM, NODES, PREFIX, PROC, SRV_PREFIX, SRV_VERBS, TASK, TELEMETRY, Proc, Task
+from .subjects import (
+    CORE,
+    JOIN_REQUEST,
+    MEM,
+    NODES,
+    PREFIX,
+    PROC,
+    SRV_PREFIX,
+    SRV_VERBS,
+    TASK,
+    TELEMETRY,
+    Proc,
+    Task,
+)
 
 __all__ = [
     "ALLOCATOR", "SPAWNER", "SCHEDULER", "GPU_MONITOR", "SERVICE_ROLES", "CLIENT", "ADMIN", "USER_ROLES",
+    "JOINER", "JOINER_USER",
     "USER_TOKEN", "INBOX", "Permissions", "UserEntry", "valid_user_name", "service_user", "inbox_prefix",
     "user_subject", "split_user", "permissions", "render_users",
 ]
@@ -61,6 +77,9 @@ GPU_MONITOR: Final = "gpu-monitor"
 SERVICE_ROLES: Final = (ALLOCATOR, SPAWNER, SCHEDULER, GPU_MONITOR)
 CLIENT: Final = "client"
 ADMIN: Final = "admin"
+#: the identity of a join token: may only ask to join (``fabric.join.request``)
+JOINER: Final = "joiner"
+JOINER_USER: Final = "_joiner"
 #: the roles a person's credentials may have (``fabric user add --role``)
 USER_ROLES: Final = (CLIENT, ADMIN)
 
@@ -192,6 +211,8 @@ def permissions(role: str, *, user: str = "", node: str = "") -> Permissions | N
     """The permissions of *user* in *role*, or of the *role* service on *node*; None for an admin (everything)."""
     if role == ADMIN:
         return None
+    if role == JOINER:  # a join token: it can ask to join, and read the answer, nothing else
+        return Permissions(publish=(JOIN_REQUEST,), subscribe=(_inbox(JOINER_USER),))
     if role == CLIENT:
         if not valid_user_name(user):
             raise ValueError(f"invalid user name {user!r}: letters, digits, '_' and '-', not starting with '_'")

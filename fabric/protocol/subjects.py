@@ -116,6 +116,10 @@ REQUEST_VERBS: Final = {
     TASK: frozenset(v for k, v in vars(Task).items() if k.isupper() and k not in ("EVENTS", "BODY")),
 }
 
+#: where a machine asks to join this fabric as a node (``fabric up --nats-url URL --token T``): answered by
+#: the supervisor of the fabric that issued the token, and publishable only with the token's identity
+JOIN_REQUEST: Final = "fabric.join.request"
+
 #: the ADR-32 discovery verbs every service answers
 SRV_PREFIX: Final = "$SRV"
 SRV_VERBS: Final = ("PING", "INFO", "STATS")

@@ -187,6 +187,8 @@ class MapBody(MapRequest):
 
     created_ms: UInt = 0
     notify_encoding: str = "json"
+    #: the user who submitted it (with auth on: the authenticated caller; "" for a trusted one)
+    owner: str = ""
 
 
 class SubmitReply(Message):
@@ -273,6 +275,9 @@ class TaskRecord(Message):
     callback_url: str = ""
     deps: list[str] = []
     notify: str = ""
+    #: the user who submitted it: with auth on, the authenticated caller, who alone (and admins) may get, wait
+    #: for, cancel and list it; "" for a trusted caller (an admin, a service, a fabric without auth)
+    owner: str = ""
     #: the encoding of its notices: that of the submit ("json" or "msgpack")
     notify_encoding: str = "json"
     #: where the body is: the last message on ``fabric.task.body.<body>`` in stream

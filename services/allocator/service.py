@@ -146,7 +146,9 @@ class AllocatorService(FabricService):
     def alloc(self, req: Request) -> AllocReply:
         r: AllocRequest = req.decode(AllocRequest)
         deadline = self._deadline(r.ttl_s)
-        seg, off, gen = self.arena.alloc(r.size, r.owner, deadline)
+        # the quota account: with auth on, the authenticated user's, whatever the request names
+        owner = req.caller if req.caller is not None else r.owner
+        seg, off, gen = self.arena.alloc(r.size, owner, deadline)
         return AllocReply(handle=self.signer.mint(seg, off, gen), size=r.size, node=self.node,
                           lease_deadline_ms=deadline)
 

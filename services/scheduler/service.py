@@ -82,6 +82,7 @@ from fabric.schema.tasks import (
 )
 from fabric.service import Endpoint, FabricService, Reply, Request, ServiceSettings
 from fabric.service_endpoint import with_user_forms
+from fabric.service_identity import check_owner, check_reply_subject
 
 from . import lease as lease_mod
 from . import maps as maps_mod
@@ -298,7 +299,7 @@ class SchedulerService(FabricService):
             task.durable = task.version
             task.body_durable = True
             if rec.key:
-                self.keys[rec.key] = rec.id
+                self.keys[_key(rec.owner, rec.key)] = rec.id
             if task.done:
                 self._keep_finished(task)
                 if rec.notify and rec.finished_ms > recent:
@@ -349,7 +350,7 @@ class SchedulerService(FabricService):
             if body is None:
                 self.log.error("an unreadable map body was skipped", seq=seq)
                 continue
-            tasks = _map_tasks(body, body.prefix, body.created_ms, body.notify_encoding, known)
+            tasks = _map_tasks(body, body.prefix, body.created_ms, body.notify_encoding, body.owner, known)
             if not tasks:
                 continue
             if body.created_ms < oldest:
@@ -407,19 +408,28 @@ class SchedulerService(FabricService):
             raise Unavailable("no node is registered (is a node's gpu-monitor running?): submit again when one is")
         raise Infeasible(why)
 
-    async def _check_deps(self, deps: list[str]) -> None:
+    async def _check_deps(self, deps: list[str], caller: str | None) -> None:
         for dep in deps:
-            if dep not in self.live and dep not in self.finished and await self._read(dep) is None:
+            known = self.live.get(dep) or self.finished.get(dep)
+            rec = known.rec if known is not None else await self._read(dep)
+            if rec is None:
                 raise NotFound(f"dependency {dep!r} is not a known task")
+            check_owner(caller, rec.owner, f"dependency {dep}")  # its result would be this task's input
 
-    def _existing(self, task_id: str, key: str) -> LiveTask | None:
-        if key and key in self.keys:
-            task_id = self.keys[key]
-        return self.live.get(task_id) or self.finished.get(task_id) if task_id else None
+    def _existing(self, task_id: str, key: str, owner: str) -> LiveTask | None:
+        """The task a submit names again (by id, or by its owner's idempotency key); 409 for another's id."""
+        if key and _key(owner, key) in self.keys:
+            task_id = self.keys[_key(owner, key)]
+        task = self.live.get(task_id) or self.finished.get(task_id) if task_id else None
+        if task is not None and task.rec.owner != owner:
+            raise Conflict(f"task id {task_id!r} is taken by another user's task: choose another id")
+        return task
 
     async def submit(self, req: Request) -> SubmitReply:
         msg: SubmitRequest = req.decode(SubmitRequest)
-        known = self._existing(msg.id, msg.key)
+        owner = req.caller or ""
+        check_reply_subject(req.caller, msg.notify or None, "notify")
+        known = self._existing(msg.id, msg.key, owner)
         if known is not None:
             await self._durable(known)
             return SubmitReply(id=known.id, state=known.state, existing=True)
@@ -445,8 +455,8 @@ class SchedulerService(FabricService):
             raise TooLarge(f"a task body of {len(body)} bytes exceeds the limit of {self._limit()}: pass large "
                            f"inputs by reference (write them to remote memory and pass the handle)")
         await self._check_feasible(res, msg.core if kind == CORE else "")
-        await self._check_deps(msg.deps)
-        known = self._existing(msg.id, msg.key)  # a duplicate may have arrived while this one awaited
+        await self._check_deps(msg.deps, req.caller)
+        known = self._existing(msg.id, msg.key, owner)  # a duplicate may have arrived while this one awaited
         if known is not None:
             await self._durable(known)
             return SubmitReply(id=known.id, state=known.state, existing=True)
@@ -454,7 +464,7 @@ class SchedulerService(FabricService):
         rec = TaskRecord(id=task_id, kind=kind, state=SUBMITTED, priority=msg.priority,
                          resources=None if res == DEFAULT_RESOURCES else res, core=msg.core, retries=msg.retries,
                          retry_exceptions=msg.retry_exceptions, timeout_s=msg.timeout_s, key=msg.key,
-                         callback_url=msg.callback_url, deps=list(msg.deps), notify=msg.notify,
+                         callback_url=msg.callback_url, deps=list(msg.deps), notify=msg.notify, owner=owner,
                          notify_encoding="msgpack" if req.codec is MSGPACK else "json", body=task_id,
                          created_ms=now_ms())
         task = LiveTask(rec, fn, call)
@@ -466,10 +476,14 @@ class SchedulerService(FabricService):
 
     async def map(self, req: Request) -> MapReply:
         msg: MapRequest = req.decode(MapRequest)
+        owner = req.caller or ""
+        check_reply_subject(req.caller, msg.notify or None, "notify")
         res = msg.resources or Resources()
         prefix = msg.prefix or _mint_id()
         first = self.live.get(f"{prefix}-0") or self.finished.get(f"{prefix}-0")
         if first is not None:  # a repeated map: the same tasks
+            if first.rec.owner != owner:
+                raise Conflict(f"map prefix {prefix!r} is taken by another user's tasks: choose another prefix")
             return MapReply(prefix=prefix, count=len(msg.calls))
         created = now_ms()
         encoding = "msgpack" if req.codec is MSGPACK else "json"
@@ -477,13 +491,13 @@ class SchedulerService(FabricService):
         body = MSGPACK.encode(MapBody(
             fn=msg.fn, calls=msg.calls, prefix=prefix, priority=msg.priority, resources=msg.resources,
             retries=msg.retries, retry_exceptions=msg.retry_exceptions, timeout_s=msg.timeout_s, deps=msg.deps,
-            notify=msg.notify, created_ms=created, notify_encoding=encoding))
+            notify=msg.notify, created_ms=created, notify_encoding=encoding, owner=owner))
         if len(body) > self._limit():
             raise TooLarge(f"a map batch of {len(body)} bytes exceeds the limit of {self._limit()}: "
                            f"send fewer calls per batch")
         await self._check_feasible(res)
-        await self._check_deps(msg.deps)
-        tasks = _map_tasks(msg, prefix, created, encoding)
+        await self._check_deps(msg.deps, req.caller)
+        tasks = _map_tasks(msg, prefix, created, encoding, owner)
         assert self.writer is not None
         group = BodyGroup(tasks)
         self.maps.sending_body(group)
@@ -548,7 +562,7 @@ class SchedulerService(FabricService):
         """A new task enters: it waits for its dependencies, or runs now, or queues."""
         self.live[task.id] = task
         if task.rec.key:
-            self.keys[task.rec.key] = task.id
+            self.keys[_key(task.rec.owner, task.rec.key)] = task.id
         self._event(task, "")
         if task.rec.deps:
             self._wait_for_deps(task)
@@ -953,11 +967,18 @@ class SchedulerService(FabricService):
             raise NotFound(f"no task {task_id!r}")
         return rec
 
+    async def _owned(self, req: Request, task_id: str) -> TaskRecord:
+        """The record of *task_id*, if the caller may see it: its owner, or a trusted caller (403 otherwise)."""
+        rec = await self._record(task_id)
+        check_owner(req.caller, rec.owner, f"task {task_id}")
+        return rec
+
     async def get(self, req: Request) -> TaskRecord:
-        return await self._record(req.decode(TaskRequest).id)
+        return await self._owned(req, req.decode(TaskRequest).id)
 
     async def wait(self, req: Request) -> TaskRecord:
         msg: WaitRequest = req.decode(WaitRequest)
+        await self._owned(req, msg.id)  # 404 or 403 before waiting
         task = self.live.get(msg.id)
         if task is not None and not (task.done and task.durable >= task.version):
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -970,9 +991,10 @@ class SchedulerService(FabricService):
 
     async def cancel(self, req: Request) -> TaskRecord:
         task_id = req.decode(TaskRequest).id
+        await self._owned(req, task_id)  # 404 when unknown, 403 when another user's
         task = self.live.get(task_id)
         if task is None:
-            rec = await self._record(task_id)  # 404 when unknown
+            rec = await self._record(task_id)
             raise Conflict(f"task {task_id} has already ended ({rec.state})")
         if task.done:
             raise Conflict(f"task {task_id} has already ended ({task.state})")
@@ -993,6 +1015,8 @@ class SchedulerService(FabricService):
     async def list(self, req: Request) -> TaskListReply:
         msg: ListRequest = req.decode(ListRequest)
         pool = [t.rec for t in self.live.values()] + [t.rec for t in self.finished.values()]
+        if req.caller is not None:  # a user lists their own tasks
+            pool = [r for r in pool if r.owner == req.caller]
         if msg.state:
             pool = [r for r in pool if r.state == msg.state]
         pool.sort(key=lambda r: r.created_ms, reverse=True)
@@ -1032,7 +1056,12 @@ class SchedulerService(FabricService):
 _HELD_BY_BODY: Final = frozenset({SUBMITTED, QUEUED, WAITING})
 
 
-def _map_tasks(msg: MapRequest, prefix: str, created: int, encoding: str,
+def _key(owner: str, key: str) -> str:
+    """An idempotency key is its owner's: alice's "x" and bob's "x" name different tasks."""
+    return f"{owner}\x00{key}" if owner else key
+
+
+def _map_tasks(msg: MapRequest, prefix: str, created: int, encoding: str, owner: str,
                skip: Any = frozenset()) -> list[LiveTask]:
     """The tasks of a map (those whose ids are not in *skip*), new: state submitted."""
     res = msg.resources or Resources()
@@ -1045,7 +1074,7 @@ def _map_tasks(msg: MapRequest, prefix: str, created: int, encoding: str,
         rec = TaskRecord(id=task_id, kind=PYTHON, state=SUBMITTED, priority=msg.priority, resources=shared,
                          retries=msg.retries, retry_exceptions=msg.retry_exceptions, timeout_s=msg.timeout_s,
                          deps=list(msg.deps), notify=msg.notify, notify_encoding=encoding, body=prefix,
-                         body_index=i, created_ms=created)
+                         body_index=i, created_ms=created, owner=owner)
         tasks.append(LiveTask(rec, msg.fn, call))
     return tasks
 

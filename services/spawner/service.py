@@ -44,6 +44,7 @@ from fabric.schema import (
     WaitRequest,
 )
 from fabric.service import Endpoint, FabricService, Request, ServiceSettings
+from fabric.service_identity import check_owner, check_reply_subject
 
 from . import cgroups as cgroups_mod
 from . import orphans
@@ -152,6 +153,11 @@ class SpawnerService(FabricService):
         r: SpawnRequest = req.decode(SpawnRequest)
         if r.stream_to is not None and (not _STREAM_SUBJECT.match(r.stream_to) or len(r.stream_to) > 256):
             raise BadRequest(f"stream_to {r.stream_to!r} is not a valid subject (no wildcards, no spaces)")
+        if req.caller is not None:
+            # the process is the authenticated user's, whatever the request says; and the spawner publishes its
+            # output only into that user's inbox, never onto another user's or a service's subject
+            r.owner = req.caller
+            check_reply_subject(req.caller, r.stream_to, "stream_to")
         table = self._table()
         mp, p = self.start_process(r)
         reply = SpawnReply(id=mp.id, node=self.node, pid=mp.pid, subject=mp.subject, enforced=list(p.enforced),
@@ -166,10 +172,16 @@ class SpawnerService(FabricService):
         executable = str(self.blobs.resolve(r.native)) if r.native is not None else None
         return self._table().spawn(r, p, executable), p
 
+    def _get(self, req: Request, proc_id: str) -> ManagedProcess:
+        """The process *proc_id*, if the caller may act on it: its owner, or a trusted caller (403 otherwise)."""
+        mp = self._table().get(proc_id)
+        check_owner(req.caller, mp.owner, f"process {proc_id}")
+        return mp
+
     async def wait(self, req: Request) -> ProcStatus:
         r: WaitRequest = req.decode(WaitRequest)
         table = self._table()
-        mp = table.get(r.id)
+        mp = self._get(req, r.id)
         await table.wait(mp, r.timeout_s)
         return table.status(mp)
 
@@ -177,25 +189,26 @@ class SpawnerService(FabricService):
         r: KillRequest = req.decode(KillRequest)
         sig = parse_signal(r.signal)  # a bad signal is 400 whatever the id
         table = self._table()
-        mp = table.get(r.id)
+        mp = self._get(req, r.id)
         delivered = table.signal(mp, sig)
         return KillReply(id=mp.id, delivered=delivered, state="running" if mp.running else "exited")
 
     def stdin(self, req: Request) -> StdinReply:
         r: StdinRequest = req.decode(StdinRequest)
         table = self._table()
-        return StdinReply(written=table.write_stdin(table.get(r.id), r.data, eof=r.eof))
+        return StdinReply(written=table.write_stdin(self._get(req, r.id), r.data, eof=r.eof))
 
     def status(self, req: Request) -> ProcStatus:
         table = self._table()
-        return table.status(table.get(req.decode(ProcRequest).id))
+        return table.status(self._get(req, req.decode(ProcRequest).id))
 
     def list(self, req: Request) -> ProcListReply:
         r = req.decode(ProcListRequest) if req.data else ProcListRequest()
         table = self._table()
         procs = list(table.live.values()) + (list(table.finished.values()) if r.finished else [])
-        if r.owner is not None:
-            procs = [mp for mp in procs if mp.owner == r.owner]
+        owner = req.caller if req.caller is not None else r.owner  # a user sees only their own
+        if owner is not None:
+            procs = [mp for mp in procs if mp.owner == owner]
         # no tails in a list: thousands of them would not fit one message (status has them)
         return ProcListReply(node=self.node, processes=[table.status(mp, tails=False) for mp in procs])
 

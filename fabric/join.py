@@ -1,0 +1,141 @@
+"""Joining a fabric with auth on: ``fabric up --nats-url URL --token T`` on another machine.
+
+The token (``fabric join-token`` on a machine of the fabric: ``fabric1.<nkey seed>``) is
+an identity that may do one thing: publish on ``fabric.join.request``
+(:data:`fabric.protocol.subjects.JOIN_REQUEST`).  The joining machine makes its own keys
+-- one per service, one for its operator -- and sends only their public halves with its
+node name (:class:`JoinRequest`); the supervisor of the fabric that issued the token
+(:class:`JoinResponder`) adds them to its users, has nats-server check and reload the
+configuration, and answers (:class:`JoinReply`).  The joining machine then starts its
+services with their keys.  No secret crosses the wire but the signature of a nonce.
+
+A request that cannot be granted is answered with the ADR-32 error headers: 400 for a
+malformed one, 409 for a node name another machine (other keys) or the fabric's own
+node holds.  Joining again with the same keys (a restarted node) is granted again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+
+from .auth import AuthError, AuthRealm, token_seed
+from .errors import BadRequest, Conflict, FabricError, Unauthenticated, Unavailable, error_from_wire, error_headers
+from .protocol.headers import ERROR_CODE_HEADER, ERROR_HEADER, ERROR_KIND_HEADER
+from .protocol.permissions import JOINER_USER, SERVICE_ROLES, inbox_prefix
+from .protocol.subjects import JOIN_REQUEST
+from .schema import JSON
+
+__all__ = ["JoinRequest", "JoinReply", "JoinResponder", "request_join"]
+
+
+class JoinRequest(msgspec.Struct, forbid_unknown_fields=False):
+    """What a joining node asks for: its name, and the public keys it will use."""
+
+    node: str
+    #: service role -> the public nkey its service authenticates with
+    services: dict[str, str]
+    #: the public nkey of the joining machine's operator (its supervisor's probe, its CLI)
+    admin: str
+
+
+class JoinReply(msgspec.Struct):
+    node: str
+    #: False when the node had joined before with these very keys (a restart)
+    new: bool
+
+
+class JoinResponder:
+    """Answers ``fabric.join.request`` for the fabric whose supervisor runs it (auth on, embedded NATS)."""
+
+    def __init__(self, realm: AuthRealm, binary: str, config: Any, nats_pid: Any, log: Any) -> None:
+        self.realm = realm
+        self.binary = binary
+        self.config = config
+        #: a callable: the server's pid now (the supervisor restarts it)
+        self.nats_pid = nats_pid
+        self.log = log
+        self._lock = asyncio.Lock()
+        self._sub: Any = None
+        self._nc: Any = None
+
+    async def start(self, nc: Any) -> None:
+        self._nc = nc
+        self._sub = await nc.subscribe(JOIN_REQUEST, cb=self._on_request)
+        await nc.flush()
+
+    async def _on_request(self, msg: Any) -> None:
+        try:
+            req = JSON.decode(msg.data, JoinRequest)
+            async with self._lock:  # one users.json change and reload at a time
+                new = await asyncio.to_thread(self._grant, req)
+            body, headers = JSON.encode(JoinReply(node=req.node, new=new)), None
+            self.log("info", "node joined" if new else "node joined again", node=req.node)
+        except FabricError as exc:
+            body, headers = b"", error_headers(exc)
+            self.log("warning", "join refused", error=exc.message)
+        except Exception as exc:  # a bug: refuse, keep serving
+            body, headers = b"", error_headers(FabricError(f"join failed: {type(exc).__name__}: {exc}"))
+            self.log("error", "join failed", error=str(exc))
+        if msg.reply:
+            await self._nc.publish(msg.reply, body, headers=headers)
+
+    def _grant(self, req: JoinRequest) -> bool:
+        try:
+            new = self.realm.add_node(req.node, req.services, req.admin)
+        except AuthError as exc:
+            if "already joined" in str(exc) or "this node's" in str(exc):
+                raise Conflict(str(exc)) from None
+            raise BadRequest(str(exc)) from None
+        if new:
+            pid = self.nats_pid()
+            if pid is None:
+                raise Unavailable("the fabric's nats-server is restarting: join again in a moment")
+            self.realm.reload(self.binary, self.config, pid)
+        return new
+
+
+async def request_join(url: str, token: str, realm: AuthRealm, *, timeout: float = 10.0) -> JoinReply:
+    """Ask the fabric at *url* to let this node (*realm*'s, whose keys must exist) in, with *token*.
+
+    Raises Unauthenticated for a token the fabric does not know, Unavailable when it does
+    not answer, the refusal's error (BadRequest, Conflict) otherwise.
+    """
+    import nats
+
+    from .credentials import read_credentials
+
+    try:
+        seed = token_seed(token)
+    except AuthError as exc:
+        raise BadRequest(str(exc)) from None
+    keys = {role: read_credentials(realm.service_credentials(role)).nkey for role in SERVICE_ROLES}
+    admin = read_credentials(realm.admin_credentials).nkey
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    try:
+        nc = await nats.connect(url, nkeys_seed_str=seed, inbox_prefix=inbox_prefix(JOINER_USER),
+                                connect_timeout=min(timeout, 5.0), allow_reconnect=False, max_reconnect_attempts=0,
+                                error_cb=on_error, name=f"fabric-join@{realm.node}")
+    except Exception as exc:
+        text = " ".join([str(exc), *errors]).lower()
+        if "authorization violation" in text:
+            raise Unauthenticated(f"the fabric at {url} does not know this join token: get the current one with "
+                                  "`fabric join-token` there (a rotated token replaces the old)") from None
+        raise Unavailable(f"cannot reach the fabric at {url}: {exc or type(exc).__name__}") from None
+    try:
+        msg = await nc.request(JOIN_REQUEST, JSON.encode(JoinRequest(realm.node, keys, admin)), timeout=timeout)
+    except Exception as exc:
+        raise Unavailable(f"the fabric at {url} did not answer the join request ({type(exc).__name__}): is it "
+                          "started with auth on, and is its supervisor running?") from None
+    finally:
+        await nc.close()
+    hdrs = msg.headers or {}
+    if ERROR_CODE_HEADER in hdrs:
+        raise error_from_wire(hdrs[ERROR_CODE_HEADER], hdrs.get(ERROR_HEADER, ""), hdrs.get(ERROR_KIND_HEADER))
+    return JSON.decode(msg.data, JoinReply)

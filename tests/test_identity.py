@@ -1,0 +1,138 @@
+"""Identity reaches the services: with auth on, what a user creates is theirs, and only theirs to act on.
+
+Two client-role users of the session's secured servers -- ``tester`` (the tests' default
+client) and ``other`` -- and the admin (plain subjects, trusted).  The services are real
+and in this process; the server enforces the permissions, the services the ownership
+(fabric/service_identity.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import pickle
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from fabric import AsyncFabricClient, Conflict, PermissionDenied
+from fabric.credentials import read_credentials
+from fabric.errors import NotFound
+from fabric.protocol.subjects import Proc, Task, cluster, node_scoped
+from tests._nats import NatsServer, connect, realm
+from tests._tasks import one_node_fabric
+
+
+@pytest.fixture
+async def other(nats_url: str) -> AsyncIterator[AsyncFabricClient]:
+    async with AsyncFabricClient(nats_url, local=False, credentials=realm().other) as client:
+        yield client
+
+
+async def test_processes_are_their_owners(fc: AsyncFabricClient, other: AsyncFabricClient, spawner: object,
+                                          nats_url: str) -> None:
+    assert fc.user == "tester" and other.user == "other"
+    proc = await fc.rspawn(["sleep", "30"])  # the request's owner is the client's default (user@host): not kept
+    try:
+        st = await fc.rstatus(proc)
+        assert st.owner == "tester"
+        for call in (other.rstatus(proc.id), other.rkill(proc.id), other.rwrite_stdin(proc.id, b"x"),
+                     other.rwait(proc.id, timeout=0.1)):
+            with pytest.raises(PermissionDenied, match=f"process {proc.id} belongs to another user"):
+                await call
+        node = spawner.node  # type: ignore[attr-defined]
+        assert proc.id in [p.id for p in await fc.rlist(node)]
+        assert proc.id not in [p.id for p in await other.rlist(node)]
+        # the admin (plain subjects) acts on anything
+        nc = await connect(nats_url)
+        try:
+            msg = await nc.request(node_scoped("proc", node, Proc.STATUS), json.dumps({"id": proc.id}).encode(),
+                                   timeout=5)
+            assert json.loads(msg.data)["owner"] == "tester"
+        finally:
+            await nc.close()
+    finally:
+        assert await fc.rkill(proc)
+        await fc.rwait(proc)
+
+
+async def test_stream_to_only_into_the_callers_inbox(fc: AsyncFabricClient, spawner: object) -> None:
+    node = spawner.node  # type: ignore[attr-defined]
+    for target in ("_INBOX.other.steal", "fabric.task.pull", "_INBOX.testerx.y"):
+        with pytest.raises(PermissionDenied, match="not in the caller's inbox"):
+            await fc.request(node_scoped("proc", node, Proc.SPAWN),
+                             json.dumps({"argv": ["true"], "stream_to": target}).encode())
+    # its own inbox is fine (the client's streams live there)
+    ex = await fc.rrun(["echo", "mine"], node=node)
+    assert ex.stdout == b"mine\n"
+
+
+async def test_memory_quota_account_is_the_caller(aclient: AsyncFabricClient, allocator: object) -> None:
+    buf = await aclient.rmalloc(64, owner="not-me")
+    try:
+        assert (await aclient.rstat(buf)).owner == "tester"
+    finally:
+        await aclient.rfree(buf)
+
+
+@pytest.fixture(scope="module")
+async def tasks_fabric(js_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    async with one_node_fabric(js_server.url, tmp_path_factory.mktemp("identity"), prefix="ident"):
+        yield js_server.url
+
+
+async def test_tasks_are_their_owners(tasks_fabric: str, tmp_path: Path) -> None:
+    url = tasks_fabric
+    async with AsyncFabricClient(url, credentials=realm().client) as alice, \
+            AsyncFabricClient(url, credentials=realm().other) as bob:
+        fut = await alice.submit(sum, [1, 2, 3], key="k1")
+        assert await fut == 6
+        rec = await alice.task(fut.id)
+        assert rec.owner == "tester"
+        for verb in (Task.GET, Task.CANCEL, Task.WAIT):
+            with pytest.raises(PermissionDenied, match=f"task {fut.id} belongs to another user"):
+                await bob.request(cluster("task", verb), json.dumps({"id": fut.id}).encode())
+        with pytest.raises(NotFound):  # an unknown id stays 404 (not 403): nothing to hide
+            await bob.request(cluster("task", Task.GET), json.dumps({"id": "no-such-task"}).encode())
+        ids = lambda reply: [t["id"] for t in json.loads(reply.data)["tasks"]]  # noqa: E731
+        assert fut.id in ids(await alice.request(cluster("task", Task.LIST), b"{}"))
+        assert fut.id not in ids(await bob.request(cluster("task", Task.LIST), b"{}"))
+        # idempotency keys are per user: bob's "k1" is a new task of bob's
+        bobs = await bob.submit(max, [4, 5], key="k1")
+        assert bobs.id != fut.id and await bobs == 5
+        # an explicit id another user's task holds is refused, not handed over
+        with pytest.raises(Conflict, match="taken by another user"):
+            await bob.request(cluster("task", Task.SUBMIT), json.dumps(
+                {"id": fut.id, "kind": "exec", "exec": {"argv": ["true"]}}).encode())
+        # a dependency is an input: bob cannot name alice's task
+        with pytest.raises(PermissionDenied, match=f"dependency {fut.id}"):
+            await bob.request(cluster("task", Task.SUBMIT), json.dumps(
+                {"kind": "exec", "exec": {"argv": ["true"]}, "deps": [fut.id]}).encode())
+        # notices only into the caller's inbox
+        with pytest.raises(PermissionDenied, match="notify"):
+            await bob.request(cluster("task", Task.SUBMIT), json.dumps(
+                {"kind": "exec", "exec": {"argv": ["true"]}, "notify": "_INBOX.tester.x"}).encode())
+    # the admin sees everyone's
+    admin = read_credentials(realm().admin)
+    async with AsyncFabricClient(url, credentials=admin.path) as root:
+        assert root.user is None
+        listed = json.loads((await root.request(cluster("task", Task.LIST), b'{"limit": 1000}')).data)["tasks"]
+        assert {fut.id, bobs.id} <= {t["id"] for t in listed}
+        assert (await root.task(fut.id)).owner == "tester"
+
+
+async def test_a_map_is_its_owners(tasks_fabric: str) -> None:
+    async with AsyncFabricClient(tasks_fabric, credentials=realm().client) as alice, \
+            AsyncFabricClient(tasks_fabric, credentials=realm().other) as bob:
+        futs = await alice.map(abs, [-1, -2, -3])
+        assert [await f for f in futs] == [1, 2, 3]
+        assert [(await alice.task(f.id)).owner for f in futs] == ["tester"] * 3
+        with pytest.raises(PermissionDenied):
+            await bob.task(futs[0].id)
+        prefix = futs[0].id.rsplit("-", 1)[0]
+        body = {"fn": base64.b64encode(cloudpickle.dumps(abs)).decode(),
+                "calls": [base64.b64encode(pickle.dumps(((1,), {}))).decode()], "prefix": prefix}
+        with pytest.raises(Conflict, match="taken by another user"):
+            await bob.request(cluster("task", Task.MAP), json.dumps(body).encode())
