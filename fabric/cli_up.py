@@ -213,7 +213,7 @@ def _join(url: str, token: str | None, state: StateDir, node: str) -> bool:
     from .join import request_join
 
     realm = AuthRealm(state, node)
-    realm.ensure(url=url)  # this node's own keys: only their public halves travel
+    realm.ensure()  # this node's own keys: only their public halves travel
     try:
         reply = asyncio.run(request_join(url, token, realm))
     except FabricError as exc:

@@ -311,7 +311,7 @@ class Supervisor:
                 from .auth import AuthRealm
 
                 realm = AuthRealm(state, cfg.node)
-                realm.ensure(url=self.state.join_url)
+                realm.ensure()  # no URL in the admin's file: a local client finds the running fabric's
                 realm.render()
                 self.state.credentials = str(realm.admin_credentials)
             conf = write_config(state, host=cfg.host, port=cfg.port, node=cfg.node, auth=realm is not None)

@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests._nats import env_with_repo
+from tests._nats import env_with_repo, realm
 from tests._spawner import processes_using
 
 pytestmark = pytest.mark.slow
@@ -294,8 +294,9 @@ def test_nodes_without_a_gpu_monitor_fails_clearly(running: tuple[Path, str], tm
 
     server = start_nats(tmp_path / "nats", jetstream=False)
     try:
-        res = fabric("nodes", tmp_path, "--nats-url", server.url)
-        assert res.returncode == 1 and "no gpu-monitor answers" in res.stderr
+        # as the tests' admin: that server's users are the test realm's, not a fabric's
+        res = fabric("nodes", tmp_path, "--nats-url", server.url, env=_env(FABRIC_CREDENTIALS=str(realm().admin)))
+        assert res.returncode == 1 and "no gpu-monitor answers" in res.stderr, res.stderr
     finally:
         server.stop()
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from tests._nats import env_with_repo
+from tests._nats import env_with_repo, realm
 from tests._spawner import processes_using
 
 pytestmark = pytest.mark.slow
@@ -319,7 +319,8 @@ def test_tasks_watch_json_follows_a_new_task_to_its_end(up: tuple[Path, str]) ->
 
 
 def test_without_a_scheduler_the_commands_say_so(nats_url: str) -> None:
-    res = subprocess.run(_cli("tasks", "--nats-url", nats_url), env=_env(), capture_output=True, text=True,
-                         timeout=60)
+    # as the tests' admin (plain subjects): the session server's users are the test realm's
+    env = {**_env(), "FABRIC_CREDENTIALS": str(realm().admin)}
+    res = subprocess.run(_cli("tasks", "--nats-url", nats_url), env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 1, res.stdout + res.stderr
     assert "no scheduler answers on fabric.task.list" in res.stderr

@@ -149,6 +149,7 @@ def test_sync_client_local_fast_path(up):
 def test_example_script_runs(up):
     env = env_with_repo()
     env["FABRIC_NATS_URL"] = up["nats_url"]
+    env["FABRIC_CREDENTIALS"] = up["credentials"]  # auth is on: the fabric's admin (a user's file works the same)
     out = subprocess.run([sys.executable, str(REPO / "examples" / "remote_memory.py")], capture_output=True,
                          text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr

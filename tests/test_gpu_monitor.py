@@ -136,7 +136,7 @@ async def test_the_record_is_in_the_kv_bucket(fc: AsyncFabricClient, monitor: Gp
 
 async def test_devices_in_the_udcs_shape(fc: AsyncFabricClient, monitor: GpuMonitorService) -> None:
     assert fc.nc is not None
-    msg = await fc.nc.request("fabric.nodes.devices", b"", timeout=5)  # from any client: JSON
+    msg = await fc.request("fabric.nodes.devices", b"", timeout=5)  # from any client (its user form): JSON
     doc = json.loads(msg.data)
     mine = [d for d in doc["devices"] if d["id"] == monitor.node]
     assert len(mine) == 1
@@ -153,7 +153,7 @@ async def test_devices_in_the_udcs_shape(fc: AsyncFabricClient, monitor: GpuMoni
 
 async def test_node_scoped_info_and_gpus(fc: AsyncFabricClient, monitor: GpuMonitorService) -> None:
     assert fc.nc is not None
-    msg = await fc.nc.request(f"fabric.nodes.{monitor.node}.info", b"", timeout=5)
+    msg = await fc.request(f"fabric.nodes.{monitor.node}.info", b"", timeout=5)
     rec = JSON.decode(msg.data, NodeRecord)
     assert rec.node == monitor.node and rec.seq >= 1
     gpus = await fc.gpus(monitor.node)

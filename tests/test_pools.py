@@ -40,6 +40,7 @@ from fabric import (
     NotFound,
     WorkerCrashed,
 )
+from fabric.protocol.permissions import user_subject
 from fabric.schema import decode_job_batch, decode_job_results, encode_job_batch, encode_job_results
 from fabric.service import Endpoint, FabricService, ServiceSettings
 from fabric.services.spawner.pools import CoreManager
@@ -57,7 +58,9 @@ class CoreHost(FabricService):
 
     def __init__(self, settings: ServiceSettings) -> None:
         super().__init__(settings)
-        self.cores = CoreManager(self.node, self.log, settings.nats_url)
+        # its reply link authenticates as the service does (the test realm's admin, on the secured servers)
+        self.cores = CoreManager(self.node, self.log, settings.nats_url,
+                                 seed=self.credentials.seed if self.credentials is not None else None)
 
     def endpoints(self) -> list[Endpoint]:
         return self.cores.endpoints()
@@ -824,21 +827,26 @@ async def test_spawner_service_serves_cores(nats_url: str, tmp_path: Path, lib: 
             assert core.node == svc.node
             assert await core.run(b"via spawner") == b"via spawner"
             assert await core.map([b"1", b"2"]) == [b"1", b"2"]
-            # run and map ride the pools' own subscriptions, yet $SRV lists and counts them
-            assert client.nc is not None
-            missing = await client.nc.request(f"fabric.core.{svc.node}.run.no-such-core", b"x", timeout=5)
+            # run and map ride the pools' own subscriptions, yet $SRV lists and counts them (the tests' client is a
+            # client-role user: its jobs travel on the user forms, fabric.u.tester.core.<node>.run.<core>)
+            assert client.nc is not None and client.user == "tester"
+            missing = await client.nc.request(user_subject("tester", f"fabric.core.{svc.node}.run.no-such-core"),
+                                              b"x", timeout=5)
             assert missing.headers and missing.headers.get("Nats-Service-Error-Code") == "404"
             srv_id = svc._micro.id  # type: ignore[union-attr]
             info = json.loads((await client.nc.request(f"$SRV.INFO.spawner.{srv_id}", b"", timeout=5)).data)
             subjects_by_name = {ep["name"]: ep["subject"] for ep in info["endpoints"]}
             assert subjects_by_name["core-run"] == f"fabric.core.{svc.node}.run.*"
             assert subjects_by_name["core-map"] == f"fabric.core.{svc.node}.map.*"
+            assert subjects_by_name["core-run-user"] == f"fabric.u.*.core.{svc.node}.run.*"
+            assert subjects_by_name["core-map-user"] == f"fabric.u.*.core.{svc.node}.map.*"
             stats = json.loads((await client.nc.request(f"$SRV.STATS.spawner.{srv_id}", b"", timeout=5)).data)
             by_name = {ep["name"]: ep for ep in stats["endpoints"]}
-            assert by_name["core-run"]["num_requests"] == 2 and by_name["core-run"]["num_errors"] == 1
-            assert "no-such-core" in by_name["core-run"]["last_error"]
-            assert by_name["core-map"]["num_requests"] == 1 and by_name["core-map"]["num_errors"] == 0
-            assert by_name["core-map"]["processing_time"] > 0
+            assert by_name["core-run-user"]["num_requests"] == 2 and by_name["core-run-user"]["num_errors"] == 1
+            assert "no-such-core" in by_name["core-run-user"]["last_error"]
+            assert by_name["core-map-user"]["num_requests"] == 1 and by_name["core-map-user"]["num_errors"] == 0
+            assert by_name["core-map-user"]["processing_time"] > 0
+            assert by_name["core-run"]["num_requests"] == by_name["core-map"]["num_requests"] == 0
     finally:
         await svc.stop()  # unloads every pool
     assert not svc.cores.pools and not _ring_files(svc.cores)

@@ -42,6 +42,7 @@ from fabric.errors import (
     error_headers,
 )
 from fabric.protocol import subjects
+from fabric.protocol.permissions import user_subject
 from fabric.protocol.pytasks import TASK_PERSISTENT_TAG, decode_python_task, encode_python_task
 from fabric.schema import CONTENT_TYPE_HEADER, MSGPACK, MSGPACK_CONTENT_TYPE
 from fabric.schema.tasks import (
@@ -368,15 +369,17 @@ class PlayedScheduler:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
 
     async def _start(self) -> None:
-
+        # as the admin, which may take any subject: the tests' clients send the user form (fabric.u.tester.task.*)
         self.nc = await connect(self.url, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
         verbs = {subjects.Task.SUBMIT: self._submit, subjects.Task.MAP: self._map, subjects.Task.GET: self._get,
-                 subjects.Task.CANCEL: self._cancel, subjects.Task.WAIT: self._wait}
+                 subjects.Task.CANCEL: self._cancel, subjects.Task.WAIT: self._wait,
+                 subjects.Task.RESULT: self._result, subjects.Task.RELEASE: self._release}
 
         async def serve(msg: Any) -> None:
             await verbs[msg.subject.rsplit(".", 1)[1]](msg)
 
         await self.nc.subscribe(subjects.cluster(subjects.TASK, "*"), cb=serve)
+        await self.nc.subscribe(user_subject("*", subjects.cluster(subjects.TASK, "*")), cb=serve)
 
     # -- helpers for the tests
 
@@ -466,7 +469,9 @@ class PlayedScheduler:
                 await self._store(f"ref-{task_id}", result)
             done = TaskDone(id=task_id, state="succeeded", result=b"" if big else result,
                             result_ref=f"ref-{task_id}" if big else "")
-            self.records[task_id] = msgspec.structs.replace(self.records[task_id], state="succeeded", result=result)
+            self.records[task_id] = msgspec.structs.replace(
+                self.records[task_id], state="succeeded", result=b"" if big else result,
+                result_ref=f"ref-{task_id}" if big else "", result_size=len(result))
         if self.lose:
             return
         if self.hold:
@@ -488,6 +493,36 @@ class PlayedScheduler:
         except BucketNotFoundError:
             store = await js.create_object_store(RESULTS_BUCKET)
         await store.put(name, data)
+
+    async def _result(self, msg: Any) -> None:
+        """A stored result's bytes, as the scheduler serves them (the client has no JetStream rights)."""
+        from fabric.schema.tasks import ResultChunk, ResultRequest
+        from fabric.services.scheduler.results import StoredResults
+
+        req = MSGPACK.decode(msg.data, ResultRequest)
+        rec = self.records.get(req.id)
+        if rec is None or not rec.result_ref:
+            await self._error(msg, fabric.NotFound(f"no stored result of {req.id}"))
+            return
+        stored = StoredResults()
+        stored.js = self.nc.jetstream()
+        try:
+            data = await stored.read(rec.result_ref)
+        except fabric.FabricError as exc:
+            await self._error(msg, exc)
+            return
+        await self._reply(msg, ResultChunk(data=data[req.offset:], size=len(data)))
+
+    async def _release(self, msg: Any) -> None:
+        from fabric.schema.tasks import ReleaseReply
+        from fabric.services.scheduler.results import StoredResults
+
+        req = MSGPACK.decode(msg.data, TaskRequest)
+        rec = self.records.get(req.id)
+        stored = StoredResults()
+        stored.js = self.nc.jetstream()
+        released = rec is not None and bool(rec.result_ref) and await stored.release(rec.result_ref)
+        await self._reply(msg, ReleaseReply(released=released))
 
     async def _get(self, msg: Any) -> None:
         req = MSGPACK.decode(msg.data, TaskRequest)
@@ -631,7 +666,7 @@ def test_a_key_returns_the_existing_task_and_a_large_result_is_fetched(played: P
     played.release([first.id])
     assert first.result(timeout=30) == 36
     played.hold = False
-    big = client.submit(bytes, 5000)  # a TaskDone naming a stored result: read from the object store
+    big = client.submit(bytes, 5000)  # a TaskDone naming a stored result: read through the scheduler
     assert big.result(timeout=30) == bytes(5000)
     assert big.release() is True and big.release() is False  # deleted once; the future keeps its value
     assert big.result(timeout=1) == bytes(5000)

@@ -52,7 +52,6 @@ from ..errors import (
 )
 from ..protocol import subjects
 from ..protocol.pytasks import TASK_PERSISTENT_TAG, encode_python_task
-from ..protocol.streams import RESULTS_BUCKET
 from ..schema import CONTENT_TYPE_HEADER, JSON, MSGPACK, MSGPACK_CONTENT_TYPE
 from ..schema.processes import Limits, Sandbox
 from ..schema.tasks import (
@@ -67,7 +66,10 @@ from ..schema.tasks import (
     ExecSpec,
     MapReply,
     MapRequest,
+    ReleaseReply,
     Resources,
+    ResultChunk,
+    ResultRequest,
     SubmitReply,
     SubmitRequest,
     TaskDone,
@@ -331,7 +333,7 @@ class AsyncTaskFuture(TaskRef):
         ref, self._ref = self._ref, ""
         if not ref or self._client is None:
             return False
-        return await self._client._release_result(ref)
+        return await self._client._release_result(self.id)
 
     async def _wait(self, timeout: float | None) -> None:
         if self._state != PENDING:
@@ -625,40 +627,49 @@ class TasksArea(Transport):
                                          error=rec.error))
                     return
                 ref = rec.result_ref
-            data = await self._read_result(ref)
+            data = await self._read_result(fut.id)
         except Exception as exc:  # noqa: BLE001 - the future carries it
             fut._fail(exc)
             return
         fut._ref = ref
-        weakref.finalize(fut, self._release_later, ref)
+        weakref.finalize(fut, self._release_later, fut.id)
         fut._finish(TaskDone(id=fut.id, state=SUCCEEDED, result=data))
 
-    async def _read_result(self, ref: str) -> bytes:
-        if self.nc is None:
-            raise Unavailable("client is not connected: use 'async with' or call connect()")
-        try:
-            store = await self.nc.jetstream().object_store(RESULTS_BUCKET)
-            return (await store.get(ref)).data or b""
-        except Exception as exc:
-            raise NotFound(f"the stored result {ref!r} is gone (released, or older than its 24 h TTL): {exc}",
-                           ref=ref) from None
+    async def _read_result(self, task_id: str) -> bytes:
+        """A stored (large) result, read through the scheduler in pieces that fit a reply (``fabric.task.result``:
+        a client has no JetStream rights of its own, docs/security.md)."""
+        first: ResultChunk = await self._task_request(subjects.Task.RESULT, ResultRequest(id=task_id), ResultChunk)
+        if len(first.data) >= first.size:
+            return first.data
+        out = bytearray(first.size)
+        out[:len(first.data)] = first.data
+        got = len(first.data)
+        while got < first.size:
+            piece: ResultChunk = await self._task_request(subjects.Task.RESULT,
+                                                          ResultRequest(id=task_id, offset=got), ResultChunk)
+            if not piece.data:
+                raise NotFound(f"the stored result of task {task_id} changed while it was read")
+            out[got:got + len(piece.data)] = piece.data
+            got += len(piece.data)
+        return bytes(out)
 
-    async def _release_result(self, ref: str) -> bool:
+    async def _release_result(self, task_id: str) -> bool:
+        """Delete task *task_id*'s stored result, through the scheduler (``fabric.task.release``)."""
         if self.nc is None or self.nc.is_closed:
             return False
         try:
-            store = await self.nc.jetstream().object_store(RESULTS_BUCKET)
-            await store.delete(ref)
-        except Exception:  # already gone: released by another client, or expired
+            reply: ReleaseReply = await self._task_request(subjects.Task.RELEASE, TaskRequest(id=task_id),
+                                                           ReleaseReply)
+        except Exception:  # noqa: BLE001 - gone already, or no scheduler now: the 24 h TTL releases it
             return False
-        return True
+        return reply.released
 
-    def _release_later(self, ref: str) -> None:
+    def _release_later(self, task_id: str) -> None:
         """A future holding a stored result was garbage-collected: delete the object (best effort)."""
         loop = getattr(self, "_tasks_loop", None)
         if loop is not None and loop.is_running() and not loop.is_closed():
             try:
-                loop.call_soon_threadsafe(lambda: self._spawn(self._release_result(ref)))
+                loop.call_soon_threadsafe(lambda: self._spawn(self._release_result(task_id)))
             except RuntimeError:  # the loop closed meanwhile: the TTL releases it
                 pass
 

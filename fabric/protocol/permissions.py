@@ -236,7 +236,7 @@ def permissions(role: str, *, user: str = "", node: str = "") -> Permissions | N
             subscribe=(*own, *_area(PROC, node, "spawn"), *_area(CORE, node, "load")),
         )
     if role == SCHEDULER:
-        verbs = (Task.SUBMIT, Task.MAP, Task.GET, Task.WAIT, Task.CANCEL, Task.LIST)
+        verbs = (Task.SUBMIT, Task.MAP, Task.GET, Task.WAIT, Task.CANCEL, Task.LIST, Task.RESULT, Task.RELEASE)
         return Permissions(
             publish=(_REPLIES,
                      f"{PREFIX}.{TASK}.{Task.EVENTS}", f"{PREFIX}.{TASK}.{Task.BODY}.*",

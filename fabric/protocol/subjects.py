@@ -100,6 +100,9 @@ class Task:
     WAIT: Final = "wait"
     CANCEL: Final = "cancel"
     LIST: Final = "list"
+    #: a stored (large) result's bytes, and its deletion: the client reads results through the scheduler
+    RESULT: Final = "result"
+    RELEASE: Final = "release"
     PULL: Final = "pull"
     #: ``fabric.task.events``: where state changes are published (not a request)
     EVENTS: Final = "events"

@@ -332,6 +332,31 @@ class TaskEventBatch(Message):
     events: list[TaskEvent]
 
 
+class ResultRequest(Message):
+    """``fabric.task.result``: bytes of a task's stored result (its ``result_ref``), from ``offset``.
+
+    ``length`` 0: as many as one reply carries.  Only the task's owner (or a trusted
+    caller) may read it; the client has no JetStream rights of its own.
+    """
+
+    id: TaskIdStr
+    offset: UInt = 0
+    length: UInt = 0
+
+
+class ResultChunk(Message):
+    """A piece of a stored result: ``data`` from the request's offset; ``size`` the whole result's."""
+
+    data: bytes
+    size: int
+
+
+class ReleaseReply(Message):
+    """``fabric.task.release``: whether a stored result was deleted (False: it was gone already)."""
+
+    released: bool
+
+
 class TaskListReply(Message):
     tasks: list[TaskRecord] = []
 

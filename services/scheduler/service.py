@@ -65,7 +65,10 @@ from fabric.schema.tasks import (
     MapRequest,
     PullReply,
     PullRequest,
+    ReleaseReply,
     Resources,
+    ResultChunk,
+    ResultRequest,
     SubmitReply,
     SubmitRequest,
     TaskDone,
@@ -91,6 +94,7 @@ from .machine import BodyGroup, all_durable, move, now_ms, resolve
 from .machine import Task as LiveTask
 from .nodes import Node, Nodes, unmet
 from .queue import DEFAULT_RESOURCES, TaskQueue, needed_core
+from .results import StoredResults
 from .store import BODY_STREAM, TASK_BUCKET, Publisher, RecordWriter, body_subject
 
 __all__ = ["SchedulerService", "LOST_S"]
@@ -147,13 +151,16 @@ class SchedulerService(FabricService):
         self.nodes = Nodes(self.log)
         self.ttl_s = settings.config.telemetry.node_ttl_s
         self.js: JetStreamContext | None = None
+        #: large results, read and released for their owners (results.py)
+        self.results = StoredResults()
         self.task_kv: Any = None
         self.state_kv: Any = None
         self.pub: Publisher | None = None
         self.writer: RecordWriter | None = None
         side = [self.cluster_endpoint(TASK, verb, handler) for verb, handler in (
             (Task.SUBMIT, self.submit), (Task.MAP, self.map), (Task.GET, self.get), (Task.WAIT, self.wait),
-            (Task.CANCEL, self.cancel), (Task.LIST, self.list), (Task.PULL, self.pull))]
+            (Task.CANCEL, self.cancel), (Task.LIST, self.list), (Task.RESULT, self.result),
+            (Task.RELEASE, self.release), (Task.PULL, self.pull))]
         side[-1].users = False  # the nodes' pull: a result reported there is trusted, so no user reaches it
         self._side = with_user_forms(side)
         self._subs: list[Any] = []
@@ -204,6 +211,7 @@ class SchedulerService(FabricService):
 
     async def on_jetstream(self, js: JetStreamContext | None) -> None:
         self.js = js
+        self.results.js = js
         if js is None:
             self.log.error("the scheduler needs JetStream: tasks are not served until it is available")
             return
@@ -1012,6 +1020,22 @@ class SchedulerService(FabricService):
         await self._durable(task)
         return task.rec
 
+    async def result(self, req: Request) -> ResultChunk:
+        """``fabric.task.result``: a piece of the caller's task's stored result."""
+        msg: ResultRequest = req.decode(ResultRequest)
+        rec = await self._owned(req, msg.id)
+        if not rec.result_ref:
+            raise NotFound(f"task {msg.id} has no stored result ({rec.state}; a small result is in its record)")
+        data = await self.results.read(rec.result_ref)
+        room = max(self.connection.max_payload - RESULT_HEADROOM, 1)
+        n = room if msg.length == 0 else min(msg.length, room)
+        return ResultChunk(data=data[msg.offset:msg.offset + n], size=len(data))
+
+    async def release(self, req: Request) -> ReleaseReply:
+        """``fabric.task.release``: delete the caller's task's stored result."""
+        rec = await self._owned(req, req.decode(TaskRequest).id)
+        return ReleaseReply(released=bool(rec.result_ref) and await self.results.release(rec.result_ref))
+
     async def list(self, req: Request) -> TaskListReply:
         msg: ListRequest = req.decode(ListRequest)
         pool = [t.rec for t in self.live.values()] + [t.rec for t in self.finished.values()]
@@ -1051,6 +1075,9 @@ class SchedulerService(FabricService):
         self._system_failure(task, "lost", why)
         self._save(task)
 
+
+#: bytes of a reply's max payload kept for its headers and msgpack framing (a result piece fills the rest)
+RESULT_HEADROOM: Final = 64 << 10
 
 #: the states in which a map's task needs no record of its own yet (its body holds it)
 _HELD_BY_BODY: Final = frozenset({SUBMITTED, QUEUED, WAITING})
