@@ -46,7 +46,7 @@ from .protocol.permissions import (
 from .state import StateDir
 
 __all__ = ["AuthRealm", "UserRecord", "NodeRecord", "AuthError", "ADMIN_USER", "TOKEN_PREFIX", "make_token",
-           "token_seed"]
+           "parse_token", "token_seed"]
 
 #: the operator's user name (``fabric up`` creates it)
 ADMIN_USER = "admin"
@@ -76,24 +76,35 @@ class NodeRecord:
     joined: str
 
 
-#: how a join token starts (the version of its format): ``fabric1.<nkey seed>``
+#: how a join token starts (the version of its format): ``fabric1.<nkey seed>[.<CA sha256>]``
 TOKEN_PREFIX = "fabric1."
 
 
-def make_token(seed: str) -> str:
+def make_token(seed: str, ca_pem: str | None = None) -> str:
+    if ca_pem:
+        from .pki import ca_fingerprint
+
+        return f"{TOKEN_PREFIX}{seed}.{ca_fingerprint(ca_pem)}"
     return TOKEN_PREFIX + seed
+
+
+def parse_token(token: str) -> tuple[str, str]:
+    """(joiner seed, CA fingerprint or "") of *token*; AuthError if it is not a join token."""
+    body = token.strip()[len(TOKEN_PREFIX):] if token.strip().startswith(TOKEN_PREFIX) else ""
+    seed, _, fingerprint = body.partition(".")
+    try:
+        public_key(seed)
+        if fingerprint and (len(fingerprint) != 64 or int(fingerprint, 16) < 0):
+            raise ValueError(fingerprint)
+    except (CredentialsError, ValueError):
+        raise AuthError("not a fabric join token (it starts with fabric1.): copy it again from "
+                        "`fabric join-token` on a machine of the fabric") from None
+    return seed, fingerprint
 
 
 def token_seed(token: str) -> str:
     """The joiner seed inside *token*; AuthError if it is not a join token."""
-    token = token.strip()
-    seed = token[len(TOKEN_PREFIX):] if token.startswith(TOKEN_PREFIX) else ""
-    try:
-        public_key(seed)
-    except CredentialsError:
-        raise AuthError("not a fabric join token (it starts with fabric1.): copy it again from "
-                        "`fabric join-token` on a machine of the fabric") from None
-    return seed
+    return parse_token(token)[0]
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -129,10 +140,11 @@ class AuthRealm:
     def admin_credentials(self) -> Path:
         return self.state.admin_credentials
 
-    def ensure(self, url: str | None = None) -> None:
+    def ensure(self, url: str | None = None, ca_pem: str | None = None) -> None:
         """Create what is missing: the admin (a user too) and one user per service role of this node.
 
-        Existing keys are kept, so a restarted fabric's credentials still work.
+        Existing keys are kept, so a restarted fabric's credentials still work; *ca_pem* (TLS)
+        goes into every one of these files, or out of them without TLS.
         """
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
@@ -140,12 +152,18 @@ class AuthRealm:
         if not self._readable(self.admin_credentials):
             seed = new_seed()
             write_credentials(self.admin_credentials, user=ADMIN_USER, role=ADMIN, seed=seed, url=url,
-                              by="fabric up")
+                              ca_pem=ca_pem, by="fabric up")
             self._put(UserRecord(ADMIN_USER, ADMIN, public_key(seed), _now()))
         for role in SERVICE_ROLES:
             path = self.service_credentials(role)
             if not self._readable(path):
-                write_credentials(path, user=service_user(role, self.node), role=role, seed=new_seed(), by="fabric up")
+                write_credentials(path, user=service_user(role, self.node), role=role, seed=new_seed(),
+                                  ca_pem=ca_pem, by="fabric up")
+        for path in (self.admin_credentials, *map(self.service_credentials, SERVICE_ROLES)):
+            creds = read_credentials(path)
+            if (creds.ca_pem or None) != (ca_pem or None):  # TLS turned on or off, or a new CA: same keys
+                write_credentials(path, user=creds.user, role=creds.role, seed=creds.seed, url=creds.url,
+                                  ca_pem=ca_pem, by="fabric up")
 
     @staticmethod
     def _readable(path: Path) -> bool:
@@ -213,18 +231,23 @@ class AuthRealm:
     def join_credentials(self) -> Path:
         return self.dir / "join.creds"
 
-    def join_token(self, *, rotate: bool = False) -> str:
-        """The join token of this fabric (made on first use); *rotate*: a new one, the old one stops working."""
+    def join_token(self, *, rotate: bool = False, ca_pem: str | None = None) -> str:
+        """The join token of this fabric (made on first use); *rotate*: a new one, the old one stops working.
+
+        With TLS (*ca_pem*) the token pins the CA's fingerprint: the joining machine trusts the CA
+        the fabric answers with only if it is that one.
+        """
         if rotate or not self._readable(self.join_credentials):
             write_credentials(self.join_credentials, user=JOINER_USER, role=JOINER, seed=new_seed(),
                               by="fabric join-token")
-        return make_token(read_credentials(self.join_credentials).seed)
+        return make_token(read_credentials(self.join_credentials).seed, ca_pem)
 
     def _put(self, record: UserRecord) -> None:
         users = [u for u in self.users() if u.name != record.name]
         self._save([*users, record])
 
-    def add_user(self, name: str, role: str, out: Path, *, url: str | None = None) -> Credentials:
+    def add_user(self, name: str, role: str, out: Path, *, url: str | None = None,
+                 ca_pem: str | None = None) -> Credentials:
         """Create user *name*, write its credentials to *out*; AuthError if the name is taken or invalid."""
         if not valid_user_name(name):
             raise AuthError(f"invalid user name {name!r}: letters, digits, '_' and '-' (at most 64), "
@@ -234,7 +257,7 @@ class AuthRealm:
         if any(u.name == name for u in self.users()):
             raise AuthError(f"user {name!r} exists: `fabric user rm {name}` first to issue new credentials")
         seed = new_seed()
-        write_credentials(out, user=name, role=role, seed=seed, url=url, by="fabric user add")
+        write_credentials(out, user=name, role=role, seed=seed, url=url, ca_pem=ca_pem, by="fabric user add")
         self._put(UserRecord(name, role, public_key(seed), _now()))
         return read_credentials(out)
 

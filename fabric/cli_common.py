@@ -195,6 +195,9 @@ async def connect(url: str, state: StateDir | None = None) -> CliNats:
                                 error_cb=quiet, disconnected_cb=quiet, closed_cb=quiet, name="fabric-cli", **auth)
     except Exception as exc:
         text = str(exc) or type(exc).__name__
+        if "certificate verify failed" in text.lower():
+            fail(f"NATS at {url} runs TLS with a certificate this command does not trust",
+                 "use credentials issued by that fabric ($FABRIC_CREDENTIALS): they carry its CA")
         if "authorization violation" in text.lower():
             if creds is None:
                 fail(f"NATS at {url} requires credentials",

@@ -84,6 +84,8 @@ def status(
             "node": expected_node,
             "supervisor_pid": running.supervisor_pid if running is not None else None,
             "phase": running.phase if running is not None else None,
+            # the admin credentials file with auth on (what the CLI and a local client use), else null
+            "credentials": (running.credentials or None) if running is not None else None,
             "expected": expected,
             "missing": missing,
             "ok": not missing,

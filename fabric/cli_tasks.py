@@ -448,8 +448,9 @@ async def _tasks_loop(nc: Any, url: str, request: ListRequest, watch: bool, as_j
             return  # not a batch: nothing to redraw for
         changed.set()
 
-    # subscribe before the first list: a change between the two is not missed
-    sub = await nc.subscribe(cluster(TASK, Task.EVENTS), cb=on_events)
+    # subscribe before the first list: a change between the two is not missed.  The events feed carries
+    # every user's tasks: with auth on only an admin reads it; a user's watch redraws on its idle cadence
+    sub = await nc.subscribe(cluster(TASK, Task.EVENTS), cb=on_events) if nc.user is None else None
     live: Live | None = None
     try:
         records = await fetch()
@@ -458,7 +459,11 @@ async def _tasks_loop(nc: Any, url: str, request: ListRequest, watch: bool, as_j
         else:
             live = Live(tasks_table(records, title(records)), console=console(), auto_refresh=False)
             live.start(refresh=True)
-        err.print(f"watching {cluster(TASK, Task.EVENTS)} on {url} (Ctrl-C to stop)")
+        if sub is not None:
+            err.print(f"watching {cluster(TASK, Task.EVENTS)} on {url} (Ctrl-C to stop)")
+        else:
+            err.print(f"refreshing every {WATCH_IDLE_S:g} s as user {nc.user!r} (the live events feed is the "
+                      "admin's; Ctrl-C to stop)")
         while True:
             try:
                 await asyncio.wait_for(changed.wait(), WATCH_IDLE_S)
@@ -474,7 +479,8 @@ async def _tasks_loop(nc: Any, url: str, request: ListRequest, watch: bool, as_j
     finally:
         if live is not None:
             live.stop()
-        await sub.unsubscribe()
+        if sub is not None:
+            await sub.unsubscribe()
 
 
 # -- fabric task ID / fabric cancel ID -------------------------------------------------------

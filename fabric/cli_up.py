@@ -80,6 +80,10 @@ def up(
              "Config: up.auth (on).")] = None,
     insecure: Annotated[bool, typer.Option(
         "--insecure", help="Allow --no-auth on an address other machines can reach.")] = False,
+    tls: Annotated[bool | None, typer.Option(
+        "--tls/--no-tls", show_default=False,
+        help="TLS on the embedded nats-server, with this fabric's own CA (made in the state dir). "
+             "Config: up.tls (off).")] = None,
     token: Annotated[str | None, typer.Option(
         "--token", envvar="FABRIC_JOIN_TOKEN", show_default=False,
         help="With --nats-url: join that fabric (auth on) with its join token (`fabric join-token` there).")] = None,
@@ -115,6 +119,7 @@ def up(
         "tasks.labels": ("--labels", _pairs("--labels", labels)),
         "tasks.resources": ("--resources", _resources(resources)),
         "up.auth": ("--auth/--no-auth", auth),
+        "up.tls": ("--tls/--no-tls", tls),
     })
     for warning in loaded.warnings:  # a deprecated variable: the services log it too
         err.print(f"[yellow]warning:[/] {escape(warning)}")
@@ -152,6 +157,8 @@ def up(
         fail(f"refusing to listen on {host} without auth: anyone who reaches port {cfg.nats.port} could run "
              "programs on this machine as this user",
              "drop --no-auth (clients then need credentials: `fabric user add NAME`), or say --insecure")
+    if cfg.up.tls and not cfg.up.auth and not nats_url:
+        fail("--tls comes with auth: the credentials files carry the CA clients must trust", "drop --no-auth")
     binary = None
     port = cfg.nats.port
     if not nats_url:
@@ -178,7 +185,7 @@ def up(
         state=state, node=node, services=modules, external_nats_url=nats_url, host=host, port=port,
         nats_binary=binary, ready_timeout=timeout, grace=grace,
         config_file=loaded.file if config_file is not None else None, log_level=cfg.log_level,
-        auth=joined or (cfg.up.auth and not nats_url),
+        auth=joined or (cfg.up.auth and not nats_url), tls=cfg.up.tls and not nats_url,
     )
     if detach:
         _up_detached(config, lock_fd, t0)
@@ -237,7 +244,9 @@ async def _requires_credentials(url: str) -> bool:
         nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0,
                                 error_cb=quiet, name="fabric-up-check")
     except Exception as exc:
-        return "authorization violation" in " ".join([str(exc), *seen]).lower()
+        text = " ".join([str(exc), *seen]).lower()
+        # refused, or TLS with a CA of its own (which only a token pins): either way, it takes a token
+        return "authorization violation" in text or "certificate verify failed" in text
     await nc.close()
     return False
 
@@ -341,6 +350,9 @@ def _print_ready(st: FabricState, t0: float, state: StateDir, *, detached: bool)
     if st.credentials:
         out.print(f"  auth      on: admin credentials {st.credentials} (found by the CLI and local clients); "
                   "`fabric user add NAME` for others")
+        if st.tls:
+            out.print(f"  tls       on: every connection verified against this fabric's CA ({st.state_dir}/pki/ca.pem, "
+                      "carried by every credentials file)")
     elif st.embedded_nats:
         out.print("  auth      [bold yellow]off[/] (--no-auth): anyone who reaches the NATS port runs programs here")
     if st.credentials and st.embedded_nats:

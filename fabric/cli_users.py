@@ -36,6 +36,13 @@ def _realm(state: StateDir) -> tuple[AuthRealm, FabricState | None]:
     return AuthRealm(state, last.node if last is not None else default_node()), running
 
 
+def _ca(state: StateDir, running: FabricState | None) -> str | None:
+    """The fabric's CA certificate when it runs TLS: credentials and tokens carry (a fingerprint of) it."""
+    last = running or state.read()
+    ca = state.path / "pki" / "ca.pem"
+    return ca.read_text() if last is not None and last.tls and ca.is_file() else None
+
+
 def _apply(realm: AuthRealm, running: FabricState | None) -> str:
     """Reload the running fabric's nats-server; say what happened."""
     if running is None or running.nats is None or running.nats.pid is None or not running.credentials:
@@ -72,7 +79,7 @@ def add(
     # the URL the user reaches the fabric at: another machine's when it listens beyond loopback
     url = None if running is None else running.nats_url if is_loopback(running.host or "") else running.join_url
     try:
-        creds = realm.add_user(name, role, target, url=url)
+        creds = realm.add_user(name, role, target, url=url, ca_pem=_ca(state, running))
     except AuthError as exc:
         fail(str(exc))
     said = _apply(realm, running)
@@ -131,7 +138,7 @@ def join_token(
     state = state_of(state_dir)
     realm, running = _realm(state)
     fresh = rotate or not realm.join_credentials.is_file()
-    token = realm.join_token(rotate=rotate)
+    token = realm.join_token(rotate=rotate, ca_pem=_ca(state, running))
     if fresh:
         said = _apply(realm, running)
         err.print(f"a new join token; {said}")

@@ -16,6 +16,7 @@ from the ``nkeys`` package (the one nats-py signs with).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import ssl
@@ -69,6 +70,7 @@ class Credentials:
         """A context that trusts the fabric's CA only, or None without TLS."""
         if not self.ca_pem:
             return None
+        quiet_ssl_eof_notice()
         return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=self.ca_pem)
 
     def connect_options(self, inbox_prefix: str | None = None) -> dict[str, Any]:
@@ -82,6 +84,24 @@ class Credentials:
         if ctx is not None:
             options["tls"] = ctx
         return options
+
+
+class _SslEofNotice(logging.Filter):
+    """Drops asyncio's "returning true from eof_received() has no effect when using ssl": nats-py's protocol
+    returns True there, so every TLS connection that closes logs it (nats-io/nats.py#574); nothing is wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+_ssl_eof_filter = _SslEofNotice()
+
+
+def quiet_ssl_eof_notice() -> None:
+    """Install :class:`_SslEofNotice` on the ``asyncio`` logger (once; only that one message is dropped)."""
+    log = logging.getLogger("asyncio")
+    if _ssl_eof_filter not in log.filters:
+        log.addFilter(_ssl_eof_filter)
 
 
 def new_seed() -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from .auth import AuthError, AuthRealm, token_seed
+from .auth import AuthError, AuthRealm, parse_token
 from .errors import BadRequest, Conflict, FabricError, Unauthenticated, Unavailable, error_from_wire, error_headers
 from .protocol.headers import ERROR_CODE_HEADER, ERROR_HEADER, ERROR_KIND_HEADER
 from .protocol.permissions import JOINER_USER, SERVICE_ROLES, inbox_prefix
@@ -45,13 +45,18 @@ class JoinReply(msgspec.Struct):
     node: str
     #: False when the node had joined before with these very keys (a restart)
     new: bool
+    #: the fabric's CA certificate (PEM) when it runs TLS: the joining node checks it against the fingerprint
+    #: its token pins, then trusts only it
+    ca: str = ""
 
 
 class JoinResponder:
     """Answers ``fabric.join.request`` for the fabric whose supervisor runs it (auth on, embedded NATS)."""
 
-    def __init__(self, realm: AuthRealm, binary: str, config: Any, nats_pid: Any, log: Any) -> None:
+    def __init__(self, realm: AuthRealm, binary: str, config: Any, nats_pid: Any, log: Any,
+                 ca_pem: str | None = None) -> None:
         self.realm = realm
+        self.ca_pem = ca_pem or ""
         self.binary = binary
         self.config = config
         #: a callable: the server's pid now (the supervisor restarts it)
@@ -71,7 +76,7 @@ class JoinResponder:
             req = JSON.decode(msg.data, JoinRequest)
             async with self._lock:  # one users.json change and reload at a time
                 new = await asyncio.to_thread(self._grant, req)
-            body, headers = JSON.encode(JoinReply(node=req.node, new=new)), None
+            body, headers = JSON.encode(JoinReply(node=req.node, new=new, ca=self.ca_pem)), None
             self.log("info", "node joined" if new else "node joined again", node=req.node)
         except FabricError as exc:
             body, headers = b"", error_headers(exc)
@@ -103,14 +108,24 @@ async def request_join(url: str, token: str, realm: AuthRealm, *, timeout: float
     Raises Unauthenticated for a token the fabric does not know, Unavailable when it does
     not answer, the refusal's error (BadRequest, Conflict) otherwise.
     """
+    import ssl
+
     import nats
 
     from .credentials import read_credentials
 
     try:
-        seed = token_seed(token)
+        seed, fingerprint = parse_token(token)
     except AuthError as exc:
         raise BadRequest(str(exc)) from None
+    tls: dict[str, Any] = {}
+    if fingerprint:
+        # the CA is not known yet: encrypted but unverified for this one exchange, which carries only public
+        # keys and the nonce's signature; the CA it answers with must then match the token's fingerprint
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        tls = {"tls": ctx}
     keys = {role: read_credentials(realm.service_credentials(role)).nkey for role in SERVICE_ROLES}
     admin = read_credentials(realm.admin_credentials).nkey
     errors: list[str] = []
@@ -121,9 +136,12 @@ async def request_join(url: str, token: str, realm: AuthRealm, *, timeout: float
     try:
         nc = await nats.connect(url, nkeys_seed_str=seed, inbox_prefix=inbox_prefix(JOINER_USER),
                                 connect_timeout=min(timeout, 5.0), allow_reconnect=False, max_reconnect_attempts=0,
-                                error_cb=on_error, name=f"fabric-join@{realm.node}")
+                                error_cb=on_error, name=f"fabric-join@{realm.node}", **tls)
     except Exception as exc:
         text = " ".join([str(exc), *errors]).lower()
+        if "certificate" in text:
+            raise Unauthenticated(f"the fabric at {url} runs TLS and this token pins no CA: get its current token "
+                                  "with `fabric join-token` there") from None
         if "authorization violation" in text:
             raise Unauthenticated(f"the fabric at {url} does not know this join token: get the current one with "
                                   "`fabric join-token` there (a rotated token replaces the old)") from None
@@ -138,4 +156,12 @@ async def request_join(url: str, token: str, realm: AuthRealm, *, timeout: float
     hdrs = msg.headers or {}
     if ERROR_CODE_HEADER in hdrs:
         raise error_from_wire(hdrs[ERROR_CODE_HEADER], hdrs.get(ERROR_HEADER, ""), hdrs.get(ERROR_KIND_HEADER))
-    return JSON.decode(msg.data, JoinReply)
+    reply = JSON.decode(msg.data, JoinReply)
+    if fingerprint:
+        from .pki import ca_fingerprint
+
+        if not reply.ca or ca_fingerprint(reply.ca) != fingerprint:
+            raise Unauthenticated(f"the fabric at {url} answered with a CA the join token does not pin: not the "
+                                  "fabric that issued it (or a machine in between)")
+    realm.ensure(ca_pem=reply.ca or None)  # the node's services and CLI trust that CA from now on
+    return reply

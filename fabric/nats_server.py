@@ -20,6 +20,7 @@ import shutil
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from .state import StateDir
 
@@ -104,11 +105,15 @@ def check_port(host: str, port: int) -> None:
             raise
 
 
-def write_config(state: StateDir, *, host: str, port: int, node: str, auth: bool = False) -> Path:
+def write_config(state: StateDir, *, host: str, port: int, node: str, auth: bool = False,
+                 tls: Any = None) -> Path:
     """Write ``<state>/nats/nats.conf`` (0600) and return its path.
 
     *auth*: the server lets in only the users of ``users.conf`` beside it
-    (:class:`fabric.auth.AuthRealm` writes it; a SIGHUP reloads it).
+    (:class:`fabric.auth.AuthRealm` writes it; a SIGHUP reloads it).  *tls*: a
+    :class:`fabric.pki.Pki` whose node certificate the server presents; every client
+    connection is then TLS (never ``allow_non_tls``, which would let a client that asked
+    for TLS talk plaintext).
     """
     state.ensure()
     store = state.nats_dir / "jetstream"
@@ -128,6 +133,8 @@ def write_config(state: StateDir, *, host: str, port: int, node: str, auth: bool
             "}",
             # relative to this file; the users and their permissions (fabric/protocol/permissions.py)
             *(['include "users.conf"'] if auth else []),
+            *([f"tls {{ cert_file: {json.dumps(str(tls.cert))}, key_file: {json.dumps(str(tls.key))}, "
+               f"ca_file: {json.dumps(str(tls.ca))}, timeout: 2 }}"] if tls is not None else []),
             "",
         ]
     )

@@ -54,6 +54,8 @@ class FabricState(msgspec.Struct, kw_only=True):
     embedded_nats: bool = True
     #: the admin credentials file with auth on; "" with auth off (``fabric up --no-auth``)
     credentials: str = ""
+    #: whether the embedded nats-server requires TLS (``fabric up --tls``; its CA is ``<state>/pki/ca.pem``)
+    tls: bool = False
     host: str | None = None
     port: int | None = None
     supervisor_pid: int

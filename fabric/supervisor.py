@@ -102,6 +102,8 @@ class SupervisorConfig:
     log_level: str = "info"
     #: auth on the embedded nats-server: every service gets its role's credentials (fabric.auth)
     auth: bool = False
+    #: TLS on the embedded nats-server, from the fabric's CA (fabric.pki); needs auth (credentials carry the CA)
+    tls: bool = False
 
 
 class Child:
@@ -198,7 +200,7 @@ class Supervisor:
         self._logger = logger
         self._early_log: list[tuple[str, str, dict[str, Any]]] = []
         # with auth on an embedded server: (realm, nats-server binary, its config) for answering joins
-        self._joins: tuple[Any, str, Path] | None = None
+        self._joins: tuple[Any, str, Path, str | None] | None = None
         self._join_nc: Any = None
         cfg = config
         if cfg.external_nats_url:
@@ -307,16 +309,27 @@ class Supervisor:
             from .nats_server import server_command, write_config
 
             assert cfg.nats_binary is not None
+            pki = None
+            if cfg.tls:
+                from .nats_server import outward_address
+                from .pki import Pki
+
+                pki = Pki(state.path / "pki")
+                pki.ensure(cfg.node, [cfg.host, outward_address()])
+                self.state.tls = True
             if cfg.auth:
                 from .auth import AuthRealm
 
                 realm = AuthRealm(state, cfg.node)
-                realm.ensure()  # no URL in the admin's file: a local client finds the running fabric's
+                # no URL in the admin's file: a local client finds the running fabric's
+                realm.ensure(ca_pem=pki.ca_pem() if pki is not None else None)
                 realm.render()
                 self.state.credentials = str(realm.admin_credentials)
-            conf = write_config(state, host=cfg.host, port=cfg.port, node=cfg.node, auth=realm is not None)
+            conf = write_config(state, host=cfg.host, port=cfg.port, node=cfg.node, auth=realm is not None,
+                                tls=pki)
             if realm is not None:
-                self._joins = (realm, os.path.abspath(cfg.nats_binary), conf)
+                self._joins = (realm, os.path.abspath(cfg.nats_binary), conf,
+                               pki.ca_pem() if pki is not None else None)
             names.append("nats-server")
             binary = os.path.abspath(cfg.nats_binary)
             self.nats = Child("nats-server", server_command(binary, conf), state.log_file("nats-server"), env, cwd)
@@ -525,13 +538,13 @@ class Supervisor:
 
         from .join import JoinResponder
 
-        realm, binary, conf = self._joins
+        realm, binary, conf, ca_pem = self._joins
         nats_pid = lambda: self.nats.pid if self.nats is not None else None  # noqa: E731 - read at each join
         try:
             self._join_nc = await nats.connect(
                 self.nats_url, name=f"fabric-supervisor-joins@{self.config.node}", allow_reconnect=True,
                 max_reconnect_attempts=-1, reconnect_time_wait=0.25, error_cb=self._on_nats_error, **self._auth())
-            await JoinResponder(realm, binary, conf, nats_pid, self.log).start(self._join_nc)
+            await JoinResponder(realm, binary, conf, nats_pid, self.log, ca_pem).start(self._join_nc)
         except Exception as exc:  # the fabric works without it; joins are refused until a restart
             self.log("error", "cannot answer join requests", error=str(exc) or type(exc).__name__)
 

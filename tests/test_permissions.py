@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
 import stat
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -370,3 +371,66 @@ def test_fabric_up_with_auth_end_to_end(tmp_path: Path, monkeypatch: pytest.Monk
     finally:
         down = fabric("down", "--purge")
         assert down.returncode == 0, down.stdout + down.stderr
+
+
+def test_fabric_up_with_tls_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fabric up --tls: the server presents a certificate of the fabric's own CA; credentials carry the CA, so a
+    user's client verifies it; a client without them is told why; a node joins with a token that pins the CA,
+    and a token pinning another CA is refused."""
+    import json
+    import ssl
+    import sys
+
+    from fabric import FabricClient, Unauthenticated
+    from fabric.auth import parse_token
+    from fabric.pki import ca_fingerprint
+
+    monkeypatch.delenv("FABRIC_CREDENTIALS", raising=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("FABRIC_CREDENTIALS", "FABRIC_NATS_URL")}
+    env["FABRIC_MEM_CAPACITY"] = str(16 << 20)
+    a, b = tmp_path / "a", tmp_path / "b"
+
+    def fabric(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fabric.cli", *args, "--state-dir", str(state)], env=env,
+                              capture_output=True, text=True, timeout=90)
+
+    up = fabric(a, "up", "-d", "--tls", "--nats-port", "0")
+    assert up.returncode == 0 and "tls       on" in up.stdout, up.stdout + up.stderr
+    try:
+        st = json.loads((a / "state.json").read_text())
+        assert st["tls"] is True
+        ca = (a / "pki" / "ca.pem").read_text()
+        assert stat.S_IMODE((a / "pki" / "ca-key.pem").stat().st_mode) == 0o600
+        # the server's certificate chains to the fabric's CA and names 127.0.0.1
+        host, port = st["nats_url"].rsplit("/", 1)[1].rsplit(":", 1)
+        ctx = ssl.create_default_context(cadata=ca)
+        with socket.create_connection((host, int(port)), timeout=5) as raw:
+            raw.recv(4096)  # nats-server's INFO comes in plaintext before the handshake
+            with ctx.wrap_socket(raw, server_hostname=host) as tls_sock:
+                assert tls_sock.version() in ("TLSv1.2", "TLSv1.3")
+        added = fabric(a, "user", "add", "dana", "-o", str(tmp_path / "dana.creds"))
+        assert added.returncode == 0, added.stdout + added.stderr
+        assert "BEGIN CERTIFICATE" in (tmp_path / "dana.creds").read_text()
+        with FabricClient(st["nats_url"], credentials=tmp_path / "dana.creds", local=False) as fc:
+            buf = fc.rmalloc(16)
+            fc.rwrite(buf, b"over tls")
+            assert fc.rread(buf, 8) == b"over tls"
+            fc.rfree(buf)
+            assert fc.submit(pow, 2, 5).result(timeout=60) == 32
+        with pytest.raises(Unauthenticated, match="does not trust"), FabricClient(st["nats_url"], timeout=5):
+            pass
+        token = fabric(a, "join-token").stdout.strip()
+        assert parse_token(token)[1] == ca_fingerprint(ca)
+        forged = token.rsplit(".", 1)[0] + "." + "0" * 64
+        refused = fabric(b, "up", "-d", "--nats-url", st["nats_url"], "--node", "b", "--services", "allocator",
+                         "--token", forged)
+        assert refused.returncode == 1 and "does not pin" in refused.stderr, refused.stderr
+        joined = fabric(b, "up", "-d", "--nats-url", st["nats_url"], "--node", "b", "--services", "allocator",
+                        "--token", token)
+        assert joined.returncode == 0, joined.stdout + joined.stderr
+        status = fabric(b, "status")
+        assert status.returncode == 0 and "5/5 on 2 nodes" in status.stdout, status.stdout + status.stderr
+    finally:
+        for state in (b, a):
+            if (state / "state.json").exists():
+                fabric(state, "down", "--purge")

@@ -217,7 +217,8 @@ class Transport:
                 if sent.lower() == subject:
                     task.cancel(msg=_DENIED)
             return
-        if "authorization violation" in text.lower() or "authentication" in text.lower():
+        if ("authorization violation" in text.lower() or "authentication" in text.lower()
+                or "certificate verify failed" in text.lower()):
             self._refused = text
             if self.nc is None and self._connecting is not None and not self._connecting.done():
                 self._connecting.cancel()
@@ -255,6 +256,10 @@ class Transport:
                 raise Unavailable(f"cannot connect to NATS at {self.url}: {exc}") from None
 
     def _unauthenticated(self) -> Unauthenticated:
+        if self._refused is not None and "certificate" in self._refused.lower():
+            return Unauthenticated(
+                f"NATS at {self.url} runs TLS with a certificate this client does not trust: connect with "
+                "credentials issued by that fabric (`fabric user add`), which carry its CA")
         if self.credentials is None:
             return Unauthenticated(
                 f"NATS at {self.url} requires credentials: pass FabricClient(credentials='NAME.creds') or set "

@@ -89,6 +89,8 @@ class UpConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     grace_s: Annotated[float, Meta(ge=0, le=3600)] = 10.0
     #: nkey authentication and per-role permissions on the embedded nats-server (docs/security.md)
     auth: bool = True
+    #: TLS on the embedded nats-server, with the fabric's own CA (needs auth: credentials carry the CA)
+    tls: bool = False
 
 
 class MemConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
