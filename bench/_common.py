@@ -20,8 +20,10 @@ from typing import Any
 # prints "ready" once subscribed.
 NATS_RESPONDER = r"""
 import asyncio, sys, uvloop, nats
+from fabric.credentials import find_credentials
 async def main():
-    nc = await nats.connect(sys.argv[1])
+    creds = find_credentials()  # $FABRIC_CREDENTIALS: the fabric's own, so the peer pays the same auth and TLS
+    nc = await nats.connect(sys.argv[1], **(creds.connect_options() if creds else {}))
     replies = {}
     async def cb(msg):
         size = int(msg.subject.rsplit(".", 1)[1])
@@ -35,6 +37,22 @@ async def main():
     await asyncio.Event().wait()
 uvloop.run(main())
 """
+
+
+def connect_options() -> dict[str, Any]:
+    """``nats.connect`` options of the credentials in ``$FABRIC_CREDENTIALS`` (none without): a bench's raw
+    connections authenticate (and verify TLS) as its fabric's clients do."""
+    from fabric.credentials import find_credentials
+
+    creds = find_credentials()
+    return creds.connect_options() if creds is not None else {}
+
+
+def use_fabric_credentials(state_json: dict[str, Any]) -> None:
+    """Point ``$FABRIC_CREDENTIALS`` at a ``fabric up``'s admin credentials (auth is on by default): its
+    clients, raw connections and the echo peer then authenticate like any client of that fabric."""
+    if state_json.get("credentials"):
+        os.environ["FABRIC_CREDENTIALS"] = state_json["credentials"]
 
 
 def stop_process(proc: subprocess.Popen[Any], grace_s: float = 15.0) -> None:

@@ -84,7 +84,7 @@ log = progress("bus")
 def start_nats(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     from tests._nats import start_nats as _start
 
-    server = _start(workdir)
+    server = _start(workdir, auth=False)  # the bare bus: no users (bench/secure.py measures auth and TLS)
     return server.proc, server.url
 
 

@@ -150,7 +150,7 @@ def main() -> None:
     from tests._nats import start_nats
 
     with tempfile.TemporaryDirectory(prefix="fabric-lane-bench-") as tmp:
-        server = start_nats(Path(tmp) / "nats", monitor=True)
+        server = start_nats(Path(tmp) / "nats", monitor=True, auth=False)
         nodes = {d: f"bench-{d}-{secrets.token_hex(3)}" for d in DESIGNS}
         procs = []
         for d, node in nodes.items():

@@ -47,7 +47,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench._common import NATS_RESPONDER, machine, parse_args, progress
+from bench._common import NATS_RESPONDER, connect_options, machine, parse_args, progress, use_fabric_credentials
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -122,6 +122,7 @@ def fabric_up(state: Path) -> tuple[str, float, str]:
     if out.returncode != 0:
         sys.exit(f"fabric up failed:\n{out.stdout}\n{out.stderr}")
     st = json.loads((state / "state.json").read_text())
+    use_fabric_credentials(st)
     return st["nats_url"], ready_s, st["node"]
 
 
@@ -144,7 +145,7 @@ async def async_part(url: str, redis_port: int, n: int, quick: bool) -> dict[str
     assert echo.stdout is not None
     echo.stdout.readline()
     try:
-        nc = await nats.connect(url)
+        nc = await nats.connect(url, **connect_options())
         req = b"r" * 160  # about the size of a one-item READ frame
         for _ in range(200):
             await nc.request(echo_subject, req, timeout=5)

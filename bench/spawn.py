@@ -400,7 +400,7 @@ def main() -> None:
     from tests._nats import start_nats
 
     with tempfile.TemporaryDirectory(prefix="fabric-spawn-bench-") as tmp:
-        server = start_nats(Path(tmp) / "nats")
+        server = start_nats(Path(tmp) / "nats", auth=False)
         node = f"bench-{secrets.token_hex(3)}"
         state = Path(tmp) / "state"
         state.mkdir()

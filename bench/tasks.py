@@ -55,7 +55,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import machine, progress, stop_process
+from bench._common import connect_options, machine, progress, stop_process, use_fabric_credentials
 
 log = progress("tasks")
 
@@ -126,6 +126,7 @@ def fabric_up(state: Path, services: str | None = None) -> tuple[str, float, str
     if out.returncode != 0:
         raise RuntimeError(f"fabric up failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
     st = json.loads((state / "state.json").read_text())
+    use_fabric_credentials(st)
     return st["nats_url"], ready_s, st["node"]
 
 
@@ -147,7 +148,7 @@ def service_infos(url: str, name: str, wait_s: float = 0.5) -> list[dict[str, An
     import nats
 
     async def ask() -> list[dict[str, Any]]:
-        nc = await nats.connect(url)
+        nc = await nats.connect(url, **connect_options())
         try:
             inbox = nc.new_inbox()
             sub = await nc.subscribe(inbox)
@@ -442,7 +443,7 @@ def lease_holder_pid(url: str) -> int | None:
         return None
 
     async def ask() -> int | None:
-        nc = await nats.connect(url)
+        nc = await nats.connect(url, **connect_options())
         try:
             kv = await nc.jetstream().key_value(LEASE_BUCKET)
             entry = await kv.get(LEASE_KEY)
@@ -598,8 +599,11 @@ def run_section(name: str, fn: Callable[[], dict[str, Any]], results: dict[str, 
 # queue, placement, pulling, pickling or warm worker.
 FLOOR_NODE = r"""
 import asyncio, sys, uvloop, nats
+from fabric.credentials import find_credentials
+_creds = find_credentials()  # $FABRIC_CREDENTIALS: the fabric's admin
+OPTS = _creds.connect_options() if _creds else {}
 async def main():
-    nc = await nats.connect(sys.argv[1])
+    nc = await nats.connect(sys.argv[1], **OPTS)
     async def run(msg):
         await msg.respond(b"r")
     await nc.subscribe("bench.floor.run", cb=run)
@@ -610,9 +614,12 @@ uvloop.run(main())
 """
 FLOOR_SCHEDULER = r"""
 import asyncio, sys, uvloop, nats
+from fabric.credentials import find_credentials
+_creds = find_credentials()  # $FABRIC_CREDENTIALS: the fabric's admin
+OPTS = _creds.connect_options() if _creds else {}
 from nats.js.api import KeyValueConfig, StorageType
 async def main():
-    nc = await nats.connect(sys.argv[1])
+    nc = await nats.connect(sys.argv[1], **OPTS)
     js = nc.jetstream()
     kv = await js.create_key_value(KeyValueConfig(bucket="bench_floor", history=1, storage=StorageType.FILE))
     n = 0

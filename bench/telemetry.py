@@ -150,7 +150,7 @@ async def measure_opencl_vadd(workdir: Path, quick: bool, n: int = 1_000_000) ->
         cl.enqueue_copy(queue, c, dc)
         return c
 
-    server = start_nats(workdir / "nats-opencl")
+    server = start_nats(workdir / "nats-opencl", auth=False)
     node = f"bench-cl-{secrets.token_hex(3)}"
     state = workdir / "state-opencl"
     state.mkdir()
@@ -224,7 +224,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fabric-bench-telemetry-") as tmp:
         # -- the gpu-monitor's CPU share (telemetry_cpu_vs_budget) --------------------------
         if "cpu" in only:
-            server = start_nats(Path(tmp) / "nats")
+            server = start_nats(Path(tmp) / "nats", auth=False)
             try:
                 cpu = await measure_monitor_cpu(server.url, Path(tmp), window, warmup)
             finally:

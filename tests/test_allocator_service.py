@@ -31,7 +31,7 @@ from fabric import (
 )
 from fabric.errors import OutOfMemory
 from fabric_ext import wire
-from tests._nats import connect, creds_for
+from tests._nats import connect, creds_for, realm
 
 pytestmark = pytest.mark.usefixtures("mem_accounting")
 
@@ -439,10 +439,11 @@ async def test_local_fast_path_skips_the_bus(nats_url, allocator):
 
 
 async def test_meminfo(aclient, allocator):
-    buf = await aclient.rmalloc(1000, owner="alice")
+    before = (await aclient.meminfo(allocator.node)).owners.get("tester", {}).get("in_use", 0)
+    buf = await aclient.rmalloc(1000, owner="alice")  # a user's blocks are the user's: the typed owner is ignored
     info = await aclient.meminfo(allocator.node)
     assert info.node == allocator.node and info.in_use >= 1000 and info.blocks >= 1
-    assert info.owners["alice"]["in_use"] == 1000
+    assert info.owners["tester"]["in_use"] == before + 1000 and "alice" not in info.owners
     await aclient.rfree(buf)
 
 
@@ -501,10 +502,17 @@ async def test_owner_quota_through_the_bus(nats_url, tmp_path):
 
     svc = AllocatorService(ServiceSettings(credentials=creds_for(AllocatorService),
                                            nats_url=nats_url, node="quota-node", state_dir=tmp_path),
-                           capacity=16 << 20, quotas={"capped": 1000})
+                           capacity=16 << 20, quotas={"capped": 1000, "tester": 1000})
     await svc.start()
     try:
-        async with AsyncFabricClient(nats_url, local=False, owner="capped") as fc:
+        # a user's quota account is the user, whatever owner the client names
+        async with AsyncFabricClient(nats_url, local=False, owner="other") as user:
+            held = await user.rmalloc(600, node="quota-node")
+            with pytest.raises(QuotaExceeded, match="tester"):
+                await user.rmalloc(600, node="quota-node")
+            await user.rfree(held)
+        # a trusted caller (the admin: plain subjects) names the owner it accounts to
+        async with AsyncFabricClient(nats_url, local=False, owner="capped", credentials=realm().admin) as fc:
             a = await fc.rmalloc(600, node="quota-node")
             with pytest.raises(QuotaExceeded) as exc:
                 await fc.rmalloc(600, node="quota-node")
