@@ -121,6 +121,22 @@ def creds_for(service: Any) -> Path:
     return realm().services[name] if name in perms.SERVICE_ROLES else realm().admin
 
 
+def trusted_config(config: Any = None) -> Any:
+    """*config* (a FabricConfig; the defaults without) with ``proc.client_user = "root"``: the test suite runs as
+    root and spawns this interpreter (under /root here) as its client user, which ``nobody`` -- the default
+    -- may not execute.  tests/test_identity.py checks the default itself."""
+    import msgspec
+
+    from fabric.config import FabricConfig, ProcConfig
+
+    base = config if config is not None else FabricConfig()
+    return msgspec.structs.replace(base, proc=ProcConfig(client_user="root"))
+
+
+#: the environment variable that does the same for a spawner started as its own process
+TRUSTED_ENV = {"FABRIC_PROC_CLIENT_USER": "root"}
+
+
 def admin_options() -> dict[str, Any]:
     """``nats.connect`` options of the admin: a trusted peer that sends plain subjects."""
     return read_credentials(realm().admin).connect_options()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from tests._nats import creds_for
+from tests._nats import TRUSTED_ENV, creds_for
 
 if TYPE_CHECKING:
     from fabric import AsyncFabricClient
@@ -100,7 +100,7 @@ def start_spawner_process(nats_url: str, node: str, state: Path) -> subprocess.P
     return subprocess.Popen([PY, "-m", "fabric.services.spawner", "--nats-url", nats_url, "--node", node,
                              "--credentials", str(creds_for("spawner")),
                              "--state-dir", str(state)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env={**os.environ, **TRUSTED_ENV})
 
 
 async def wait_ready(fc: AsyncFabricClient, node: str, timeout_s: float = 20.0) -> None:

@@ -31,7 +31,7 @@ from nats.errors import NoRespondersError
 from fabric.protocol.headers import CONTENT_TYPE_HEADER, ERROR_CODE_HEADER, ERROR_HEADER
 from fabric.schema import JSON
 from fabric.schema.tasks import TaskRecord
-from tests._nats import creds_for, env_with_repo
+from tests._nats import TRUSTED_ENV, creds_for, env_with_repo, trusted_config
 
 
 @dataclass
@@ -57,7 +57,8 @@ def settings(url: str, node: str, state: Path, role: str, *, slots: int | None =
     from fabric.service import ServiceSettings
 
     config = FabricConfig(tasks=TasksConfig(labels=labels or {}, resources=resources or {}, slots=slots))
-    return ServiceSettings(nats_url=url, node=node, state_dir=state, config=config, credentials=creds_for(role))
+    return ServiceSettings(nats_url=url, node=node, state_dir=state, config=trusted_config(config),
+                           credentials=creds_for(role))
 
 
 async def start_node(url: str, state: Path, *, name: str = "", slots: int | None = None, prefetch: int = 1,
@@ -94,7 +95,7 @@ async def one_node_fabric(url: str, state: Path, *, prefix: str = "tasks", confi
 
     node = f"{prefix}-{secrets.token_hex(3)}"
     services = [cls(ServiceSettings(credentials=creds_for(cls), nats_url=url, node=node, state_dir=state / cls.__name__,
-                                    config=config or FabricConfig()))
+                                    config=trusted_config(config or FabricConfig())))
                 for cls in (SpawnerService, GpuMonitorService, SchedulerService)]
     started = []
     try:
@@ -206,7 +207,7 @@ class Procs:
         proc = subprocess.Popen([sys.executable, "-m", f"fabric.services.{service}", "--nats-url", self.url,
                                  "--node", node, "--state-dir", str(state),
                                  "--credentials", str(creds_for(service.replace("_", "-")))],
-                                env=full, stdout=log, stderr=subprocess.STDOUT)
+                                env={**full, **TRUSTED_ENV}, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self.procs.append(proc)
         return proc

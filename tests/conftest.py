@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests import _nats
-from tests._nats import SERVER_FIXTURES, NatsServer, connect, creds_for, realm, start_nats
+from tests._nats import SERVER_FIXTURES, NatsServer, connect, creds_for, realm, start_nats, trusted_config
 from tests._spawner import all_ended, no_fds_leaked, open_fds
 
 # the tests' clients are a client-role user of the session's servers, as a user of a fabric with auth on is:
@@ -135,7 +135,7 @@ async def spawner(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> As
     from fabric.services.spawner import SpawnerService
 
     state = tmp_path_factory.mktemp("spawner-state")
-    svc = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService),
+    svc = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService), config=trusted_config(),
                                          nats_url=nats_url, node=f"sp-{secrets.token_hex(3)}", state_dir=state))
     await svc.start()
     yield svc

@@ -28,7 +28,7 @@ from fabric.service import ServiceSettings
 from fabric.services.gpu_monitor.registry import BUCKET
 from fabric.services.gpu_monitor.service import GpuMonitorService
 from fabric.services.spawner import SpawnerService
-from tests._nats import NatsServer, creds_for, start_nats
+from tests._nats import NatsServer, creds_for, start_nats, trusted_config
 from tests._wait import until as _until
 
 INTERVAL = 0.2
@@ -280,7 +280,7 @@ async def test_fake_gpus_show_their_fabric_processes(js_server: NatsServer, moni
     from tests._fakenvml import build_fake_nvml
 
     libdir = build_fake_nvml(tmp_path / "fakenvml")
-    spawner = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService),
+    spawner = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService), config=trusted_config(),
                                              nats_url=js_server.url, node=f"gm-gpu-{secrets.token_hex(2)}",
                                              state_dir=tmp_path / "spawner"))
     await spawner.start()

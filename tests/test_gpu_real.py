@@ -15,7 +15,7 @@ import pytest
 from fabric.gpupair import canonical_bus_id, pair
 from fabric.services.gpu_monitor.nvml import NvmlProbe
 from fabric.services.gpu_monitor.opencl_probe import probe as opencl_probe
-from tests._nats import creds_for
+from tests._nats import creds_for, trusted_config
 
 
 def _real_nvml_error() -> str:
@@ -106,7 +106,7 @@ async def test_an_opencl_job_runs_on_the_gpu_and_nvml_sees_its_worker(tmp_path: 
 
     server = start_nats(tmp_path / "nats")
     node = f"gpu-{secrets.token_hex(3)}"
-    spawner = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService),
+    spawner = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService), config=trusted_config(),
                                              nats_url=server.url, node=node, state_dir=tmp_path / "sp"))
     monitor = GpuMonitorService(ServiceSettings(credentials=creds_for(GpuMonitorService),
                                                 nats_url=server.url, node=node, state_dir=tmp_path / "mon"),

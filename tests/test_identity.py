@@ -136,3 +136,35 @@ async def test_a_map_is_its_owners(tasks_fabric: str) -> None:
                 "calls": [base64.b64encode(pickle.dumps(((1,), {}))).decode()], "prefix": prefix}
         with pytest.raises(Conflict, match="taken by another user"):
             await bob.request(cluster("task", Task.MAP), json.dumps(body).encode())
+
+
+async def test_a_users_processes_do_not_run_as_root(nats_url: str, tmp_path: Path) -> None:
+    """With the default proc.client_user, a spawner running as root runs a user's processes as ``nobody``,
+    without setuid gains, and refuses a user's sandbox.user of its own; an admin's run as the spawner."""
+    import os
+    import pwd
+    import secrets
+
+    from fabric.schema import Sandbox
+    from fabric.service import ServiceSettings
+    from fabric.services.spawner import SpawnerService
+    from tests._nats import creds_for
+
+    svc = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService), nats_url=nats_url,
+                                         node=f"uid-{secrets.token_hex(3)}", state_dir=tmp_path))
+    await svc.start()
+    try:
+        async with AsyncFabricClient(nats_url, local=False, credentials=realm().client) as user, \
+                AsyncFabricClient(nats_url, local=False, credentials=realm().admin) as admin:
+            mine = await user.rrun(["/bin/sh", "-c", "id -u; grep NoNewPrivs /proc/self/status"], node=svc.node)
+            uid, nnp = mine.stdout.decode().split("\n")[:2]
+            root = await admin.rrun(["id", "-u"], node=svc.node)
+            if os.geteuid() == 0:
+                assert int(uid) == pwd.getpwnam("nobody").pw_uid and nnp.split() == ["NoNewPrivs:", "1"]
+                assert root.stdout == b"0\n"
+                with pytest.raises(PermissionDenied, match="runs processes only as 'nobody'"):
+                    await user.rspawn(["true"], node=svc.node, sandbox=Sandbox(user="root"))
+            else:  # a spawner that is not root runs everyone's processes as itself: none as root
+                assert int(uid) == os.geteuid() and root.stdout == f"{os.geteuid()}\n".encode()
+    finally:
+        await svc.stop()

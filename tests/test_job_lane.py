@@ -26,7 +26,7 @@ from fabric.service import ServiceSettings
 from fabric.services.spawner import SpawnerService
 from fabric.services.spawner.pool_reply import ReplyLink
 from tests._cores import TEST_CORES, build_core
-from tests._nats import NatsServer, creds_for, start_nats
+from tests._nats import NatsServer, creds_for, start_nats, trusted_config
 from tests._wait import until_holds
 
 
@@ -34,7 +34,7 @@ from tests._wait import until_holds
 async def spawner_on(url: str, state: Path) -> AsyncIterator[SpawnerService]:
     """A real spawner in this process on *url* (stopped, gracefully, on the way out)."""
     state.mkdir(parents=True, exist_ok=True)
-    svc = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService),
+    svc = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService), config=trusted_config(),
                                          nats_url=url, node=f"lane-{secrets.token_hex(3)}", state_dir=state))
     await svc.start()
     try:

@@ -48,7 +48,7 @@ from fabric.opencl import (
 )
 from fabric.schema import CpuLive, Gpu, HostInfo, NodeRecord, OpenCLDevice, OpenCLState
 from fabric.service import ServiceSettings
-from tests._nats import NatsServer, creds_for, start_nats
+from tests._nats import NatsServer, creds_for, start_nats, trusted_config
 
 pytest.importorskip("pyopencl")
 
@@ -99,7 +99,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
 async def spawner(server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
     from fabric.services.spawner import SpawnerService
 
-    svc = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService),
+    svc = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService), config=trusted_config(),
                                          nats_url=server.url, node=f"cl-{secrets.token_hex(3)}",
                                          state_dir=tmp_path_factory.mktemp("cl-spawner")))
     await svc.start()
@@ -429,7 +429,7 @@ async def test_without_a_gpu_monitor_any_spawner_runs_it(tmp_path: Path) -> None
     from fabric.services.spawner import SpawnerService
 
     server = start_nats(tmp_path / "nats")
-    svc = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService),
+    svc = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService), config=trusted_config(),
                                          nats_url=server.url, node=f"clf-{secrets.token_hex(3)}",
                                          state_dir=tmp_path / "state"))
     await svc.start()

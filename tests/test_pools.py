@@ -46,7 +46,7 @@ from fabric.service import Endpoint, FabricService, ServiceSettings
 from fabric.services.spawner.pools import CoreManager
 from fabric_ext import wire
 from tests._cores import EXAMPLES, TEST_CORES, build_core, build_worker, mandel_ref
-from tests._nats import creds_for
+from tests._nats import creds_for, trusted_config
 from tests._wait import until_holds as _until
 
 
@@ -818,7 +818,7 @@ async def test_spawner_service_serves_cores(nats_url: str, tmp_path: Path, lib: 
     """The real SpawnerService hosts the CoreManager: load any-node, run, map, stop cleans up."""
     from fabric.services.spawner import SpawnerService
 
-    svc = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService),
+    svc = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService), config=trusted_config(),
                                          nats_url=nats_url, node=f"spc-{secrets.token_hex(3)}", state_dir=tmp_path))
     await svc.start()
     try:

@@ -22,7 +22,7 @@ import pytest
 from fabric.schema import JSON, NodeRecord
 from fabric.service import ServiceSettings
 from fabric.services.gpu_monitor.service import GpuMonitorService
-from tests._nats import NatsServer, connect, creds_for
+from tests._nats import NatsServer, connect, creds_for, trusted_config
 
 INTERVAL = 0.2
 
@@ -97,7 +97,7 @@ async def test_the_services_serve_exactly_the_verbs_the_contract_names_and_the_d
     services = [AllocatorService(ServiceSettings(credentials=creds_for(AllocatorService),
                                                  nats_url=js_server.url, node=node, state_dir=tmp_path / "a"),
                                  capacity=16 << 20),
-                SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService),
+                SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService), config=trusted_config(),
                                                nats_url=js_server.url, node=node, state_dir=tmp_path / "s")),
                 GpuMonitorService(ServiceSettings(credentials=creds_for(GpuMonitorService),
                                                   nats_url=js_server.url, node=node, state_dir=tmp_path / "g")),

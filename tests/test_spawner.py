@@ -30,7 +30,7 @@ from fabric import (
 )
 from fabric.service import ServiceSettings
 from fabric.services.spawner import SpawnerService
-from tests._nats import connect, creds_for
+from tests._nats import connect, creds_for, trusted_config
 from tests._spawner import PY, gone, pid_alive
 
 
@@ -290,7 +290,7 @@ async def test_per_process_subject_streams_to_others(nats_url, fc):
 
 
 async def test_spawner_stop_kills_every_group(nats_url, tmp_path):
-    svc = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService),
+    svc = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService), config=trusted_config(),
                                          nats_url=nats_url, node=f"stop-{secrets.token_hex(3)}", state_dir=tmp_path))
     await svc.start()
     try:

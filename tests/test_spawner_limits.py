@@ -34,7 +34,7 @@ from fabric import (
     Sandbox,
     WrongArchitecture,
 )
-from tests._nats import connect, creds_for
+from tests._nats import TRUSTED_ENV, connect, creds_for
 from tests._spawner import start_spawner_process, wait_ready
 
 PY = sys.executable
@@ -313,7 +313,7 @@ async def test_out_of_descriptors_is_503_and_the_spawner_keeps_serving(nats_url,
     spawner = subprocess.Popen(
         [PY, "-m", "fabric.services.spawner", "--nats-url", nats_url, "--node", node, "--state-dir", str(tmp_path),
          "--credentials", str(creds_for("spawner"))],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **TRUSTED_ENV},
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96)))
     try:
         async with AsyncFabricClient(nats_url, local=False, timeout=10) as fc:

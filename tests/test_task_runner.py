@@ -45,7 +45,7 @@ from fabric.services.spawner import SpawnerService
 from fabric.services.spawner.tasks import MAX_PREFETCH_PER_SLOT, MAX_TASKS_PER_JOB
 from fabric.services.spawner.worker_core import PythonCore
 from tests._cores import TEST_CORES, build_core
-from tests._nats import creds_for
+from tests._nats import creds_for, trusted_config
 from tests._wait import until
 
 # -- building frames as a client would ---------------------------------------------------
@@ -292,7 +292,7 @@ PREFETCH = 1
 async def node(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SpawnerService]:
     """A spawner of this module's own: one task slot and one prefetched task (the counts the tests check)."""
     state: Path = tmp_path_factory.mktemp("runner-state")
-    svc = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService),
+    svc = SpawnerService(ServiceSettings(credentials=creds_for(SpawnerService), config=trusted_config(),
                                          nats_url=nats_url, node=f"tr-{secrets.token_hex(3)}", state_dir=state),
                          task_slots=SLOTS, task_prefetch=PREFETCH)
     await svc.start()

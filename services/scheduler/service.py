@@ -649,7 +649,7 @@ class SchedulerService(FabricService):
         return TaskRun(id=task.id, attempt=number, kind=task.rec.kind, payload=payload, core=task.rec.core,
                        exec=exec_spec, timeout_s=task.rec.timeout_s, gpus=[i for i, _, _ in task.gpus],
                        opencl_device=node.opencl_device(task.gpus), dep_refs=dep_refs,
-                       cpus=(task.rec.resources or DEFAULT_RESOURCES).cpus)
+                       cpus=(task.rec.resources or DEFAULT_RESOURCES).cpus, owner=task.rec.owner)
 
     def _dep_results(self, task: LiveTask) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
         """The results of *task*'s dependencies: inline ones, and the names of stored ones."""

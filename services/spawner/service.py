@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import builtins
 import functools
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import msgspec
 from nats.js import JetStreamContext
 
-from fabric.errors import BadRequest
+from fabric.errors import BadRequest, PermissionDenied
 from fabric.jetstream import JetStreamResource, task_results_bucket
 from fabric.protocol import subjects
 from fabric.schema import (
@@ -36,6 +38,7 @@ from fabric.schema import (
     ProcListRequest,
     ProcRequest,
     ProcStatus,
+    Sandbox,
     SpawnerInfoReply,
     SpawnReply,
     SpawnRequest,
@@ -158,6 +161,7 @@ class SpawnerService(FabricService):
             # output only into that user's inbox, never onto another user's or a service's subject
             r.owner = req.caller
             check_reply_subject(req.caller, r.stream_to, "stream_to")
+            r.sandbox = self.user_sandbox(req.caller, r.sandbox)
         table = self._table()
         mp, p = self.start_process(r)
         reply = SpawnReply(id=mp.id, node=self.node, pid=mp.pid, subject=mp.subject, enforced=list(p.enforced),
@@ -165,6 +169,18 @@ class SpawnerService(FabricService):
         if r.wait_s > 0:
             reply.exit = table.fit(await table.wait(mp, r.wait_s))
         return reply
+
+    def user_sandbox(self, caller: str, sandbox: Sandbox | None) -> Sandbox | None:
+        """A user's process runs as ``proc.client_user`` (default ``nobody``), without setuid gains, when
+        this spawner is root: only a trusted caller (an admin, a service) runs code as root."""
+        client_user = self.settings.config.proc.client_user
+        if os.geteuid() != 0 or client_user in ("", "root"):  # not root, or the operator trusts users with root
+            return sandbox
+        if sandbox is not None and sandbox.user not in (None, client_user):
+            raise PermissionDenied(f"sandbox.user {sandbox.user!r}: user {caller!r} runs processes only as "
+                                   f"{client_user!r} on this node (proc.client_user; an admin may choose)")
+        base = sandbox if sandbox is not None else Sandbox()
+        return msgspec.structs.replace(base, user=client_user, no_new_privs=True)
 
     def start_process(self, r: SpawnRequest) -> tuple[ManagedProcess, Plan]:
         """Start *r* as ``fabric.proc.spawn`` does (the task runner's ``exec`` tasks come here too)."""

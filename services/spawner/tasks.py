@@ -130,6 +130,8 @@ class RunnerHost(Protocol):
 
     def start_process(self, r: SpawnRequest) -> tuple[ManagedProcess, Any]: ...
 
+    def user_sandbox(self, caller: str, sandbox: Any) -> Any: ...
+
 
 class TaskRunner:
     """The pull loop of one spawner and the attempts it holds (see the module docstring)."""
@@ -582,6 +584,9 @@ class TaskRunner:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in a.run.gpus)
         req = SpawnRequest(argv=spec.argv, env=env or None, cwd=spec.cwd, stdin=spec.stdin, limits=spec.limits,
                            sandbox=spec.sandbox, native=spec.native, announce=False, tail_bytes=INLINE_RESULT_MAX)
+        if a.run.owner:  # a user's task: as a user's process, never as root
+            req.sandbox = self.host.user_sandbox(a.run.owner, req.sandbox)
+            req.owner = a.run.owner
         try:
             mp, _ = self.host.start_process(req)
         except FabricError:
