@@ -122,19 +122,19 @@ def creds_for(service: Any) -> Path:
 
 
 def trusted_config(config: Any = None) -> Any:
-    """*config* (a FabricConfig; the defaults without) with ``proc.client_user = "root"``: the test suite runs as
+    """*config* (a FabricConfig; the defaults without) with ``sandbox.client_user = "root"``: the test suite runs as
     root and spawns this interpreter (under /root here) as its client user, which ``nobody`` -- the default
     -- may not execute.  tests/test_identity.py checks the default itself."""
     import msgspec
 
-    from fabric.config import FabricConfig, ProcConfig
+    from fabric.config import FabricConfig, SandboxConfig
 
     base = config if config is not None else FabricConfig()
-    return msgspec.structs.replace(base, proc=ProcConfig(client_user="root"))
+    return msgspec.structs.replace(base, sandbox=SandboxConfig(client_user="root"))
 
 
 #: the environment variable that does the same for a spawner started as its own process
-TRUSTED_ENV = {"FABRIC_PROC_CLIENT_USER": "root"}
+TRUSTED_ENV = {"FABRIC_SANDBOX_CLIENT_USER": "root"}
 
 
 def admin_options() -> dict[str, Any]:

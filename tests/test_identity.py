@@ -139,7 +139,7 @@ async def test_a_map_is_its_owners(tasks_fabric: str) -> None:
 
 
 async def test_a_users_processes_do_not_run_as_root(nats_url: str, tmp_path: Path) -> None:
-    """With the default proc.client_user, a spawner running as root runs a user's processes as ``nobody``,
+    """With the default sandbox.client_user, a spawner running as root runs a user's processes as ``nobody``,
     without setuid gains, and refuses a user's sandbox.user of its own; an admin's run as the spawner."""
     import os
     import pwd

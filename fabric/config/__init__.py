@@ -21,14 +21,15 @@ from .model import (
     MemConfig,
     NatsConfig,
     PoolConfig,
+    SandboxConfig,
     TasksConfig,
     TelemetryConfig,
-    ProcConfig,
     UpConfig,
     default_node,
 )
 from .sources import ConfigError, ConfigIssue
 
-__all__ = ["FabricConfig", "NatsConfig", "UpConfig", "ProcConfig", "MemConfig", "PoolConfig", "TelemetryConfig", "TasksConfig",
+__all__ = ["FabricConfig", "NatsConfig", "UpConfig", "SandboxConfig", "MemConfig", "PoolConfig", "TelemetryConfig",
+           "TasksConfig",
            "DEFAULT_NATS_URL", "KEYS", "DEPRECATED_ENV", "env_name", "CONFIG_FILE_NAME", "Loaded", "load_config",
            "validate_file", "check_section", "ConfigError", "ConfigIssue", "default_node"]

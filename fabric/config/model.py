@@ -133,7 +133,7 @@ class TasksConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     retention_s: Annotated[float, Meta(ge=1, le=365 * 24 * 3600)] = 86400.0
 
 
-class ProcConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+class SandboxConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     #: the OS user that processes of client-role users run as, when the spawner runs as root ("root": as the
     #: spawner, trusting every fabric user with root on the node)
     client_user: Annotated[str, Meta(max_length=64)] = "nobody"
@@ -149,7 +149,7 @@ class FabricConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
     log_level: LogLevel = "info"
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
     up: UpConfig = msgspec.field(default_factory=UpConfig)
-    proc: ProcConfig = msgspec.field(default_factory=ProcConfig)
+    sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
     mem: MemConfig = msgspec.field(default_factory=MemConfig)
     pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)

@@ -386,7 +386,7 @@ class TaskRun(Message):
     #: dependencies whose results are stored objects, not in ``payload``: task id -> object name in
     #: ``fabric_task_results`` (the node fetches them and adds them to the FPY1 frame)
     dep_refs: dict[str, str] = {}
-    #: the task's owner (TaskRecord.owner): an ``exec`` task of a user runs as ``proc.client_user``
+    #: the task's owner (TaskRecord.owner): an ``exec`` task of a user runs as ``sandbox.client_user``
     owner: str = ""
 
 

@@ -171,14 +171,14 @@ class SpawnerService(FabricService):
         return reply
 
     def user_sandbox(self, caller: str, sandbox: Sandbox | None) -> Sandbox | None:
-        """A user's process runs as ``proc.client_user`` (default ``nobody``), without setuid gains, when
+        """A user's process runs as ``sandbox.client_user`` (default ``nobody``), without setuid gains, when
         this spawner is root: only a trusted caller (an admin, a service) runs code as root."""
-        client_user = self.settings.config.proc.client_user
+        client_user = self.settings.config.sandbox.client_user
         if os.geteuid() != 0 or client_user in ("", "root"):  # not root, or the operator trusts users with root
             return sandbox
         if sandbox is not None and sandbox.user not in (None, client_user):
             raise PermissionDenied(f"sandbox.user {sandbox.user!r}: user {caller!r} runs processes only as "
-                                   f"{client_user!r} on this node (proc.client_user; an admin may choose)")
+                                   f"{client_user!r} on this node (sandbox.client_user; an admin may choose)")
         base = sandbox if sandbox is not None else Sandbox()
         return msgspec.structs.replace(base, user=client_user, no_new_privs=True)
 
