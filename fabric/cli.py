@@ -13,7 +13,7 @@ connect (auth is on by default).  Every command takes
 
 One module per command: :mod:`fabric.cli_up`, :mod:`fabric.cli_down`,
 :mod:`fabric.cli_status`, :mod:`fabric.cli_nodes`, :mod:`fabric.cli_req`,
-:mod:`fabric.cli_config`, :mod:`fabric.cli_tasks`, :mod:`fabric.cli_users`, over what
+:mod:`fabric.cli_config`, :mod:`fabric.cli_tasks`, :mod:`fabric.cli_users`, :mod:`fabric.cli_keys`, over what
 they share in :mod:`fabric.cli_common`; this module only puts them together (the
 console script ``fabric.cli:main``, and ``python -m fabric.cli``).
 """
@@ -24,6 +24,7 @@ import typer
 
 from .cli_config import config_app
 from .cli_down import down
+from .cli_keys import keys_app, sign
 from .cli_nodes import nodes
 from .cli_req import req
 from .cli_status import status
@@ -51,6 +52,8 @@ for task_command in (tasks, task, cancel):
 app.add_typer(config_app, name="config")
 app.add_typer(users_app, name="user")
 app.command("join-token")(join_token)
+app.add_typer(keys_app, name="keys")
+app.command()(sign)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -127,10 +127,10 @@ def trusted_config(config: Any = None) -> Any:
     -- may not execute.  tests/test_identity.py checks the default itself."""
     import msgspec
 
-    from fabric.config import FabricConfig, SandboxConfig
+    from fabric.config import FabricConfig
 
     base = config if config is not None else FabricConfig()
-    return msgspec.structs.replace(base, sandbox=SandboxConfig(client_user="root"))
+    return msgspec.structs.replace(base, sandbox=msgspec.structs.replace(base.sandbox, client_user="root"))
 
 
 #: the environment variable that does the same for a spawner started as its own process

@@ -36,6 +36,9 @@ class AsyncFabricClient(MemoryArea, ProcessesArea, CoresArea, NodesArea, TasksAr
     *credentials* is a credentials file (``fabric user add`` writes one); by default
     ``$FABRIC_CREDENTIALS``, else the admin credentials of the fabric running here, else
     none (a fabric without auth).  Its URL is the default *url* after ``$FABRIC_NATS_URL``.
+    *signing_key* (default ``$FABRIC_SIGNING_KEY``): a private key from ``fabric keys create``;
+    the client signs the code it sends with it (Python tasks, core libraries, native
+    executables), which a node with ``sandbox.require_signed`` demands (fabric.signing).
     """
 
     def __init__(
@@ -48,9 +51,10 @@ class AsyncFabricClient(MemoryArea, ProcessesArea, CoresArea, NodesArea, TasksAr
         name: str = "fabric-client",
         read_chunk_size: int = DEFAULT_READ_CHUNK_SIZE,
         credentials: str | os.PathLike[str] | None = None,
+        signing_key: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(url, owner=owner, timeout=timeout, name=name, read_chunk_size=read_chunk_size,
-                         credentials=credentials)
+                         credentials=credentials, signing_key=signing_key)
         self._init_memory(local)
         self._init_tasks()
         self._opencl: OpenCLRunner | None = None  # made by the first kernel (it imports numpy)

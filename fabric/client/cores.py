@@ -9,6 +9,7 @@ pickled function on the Python worker.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -43,6 +44,7 @@ from ..schema import (
     decode_job_results,
     encode_job_batch,
 )
+from ..signing import file_message
 from .transport import Transport, _in_flight
 
 if TYPE_CHECKING:
@@ -240,9 +242,12 @@ class CoresArea(Transport):
         if isinstance(library, (str, os.PathLike)):
             with open(library, "rb") as fh:
                 library = fh.read()
-        req = LoadCoreRequest(name=name, library=bytes(library), min_workers=min_workers, max_workers=max_workers,
+        library = bytes(library)
+        req = LoadCoreRequest(name=name, library=library, min_workers=min_workers, max_workers=max_workers,
                               time_limit_s=time_limit, idle_s=idle, external=external, replace=replace,
-                              unload_after_s=unload_after or 0.0)
+                              unload_after_s=unload_after or 0.0,
+                              signature=self._sign(file_message(hashlib.sha256(library).hexdigest()))
+                              if library else "")
         subject = (subjects.node_scoped(subjects.CORE, node, subjects.Core.LOAD) if node
                    else subjects.cluster(subjects.CORE, subjects.Core.LOAD))
         reply = await self.request(subject, MSGPACK.encode(req), {CONTENT_TYPE_HEADER: MSGPACK_CONTENT_TYPE},

@@ -37,6 +37,7 @@ from ..schema import (
     StdinRequest,
     WaitRequest,
 )
+from ..signing import file_message
 from .transport import FRAME_OVERHEAD, Transport
 
 if TYPE_CHECKING:
@@ -246,6 +247,8 @@ class ProcessesArea(Transport):
         subject = (subjects.node_scoped(subjects.PROC, node, subjects.Proc.SPAWN) if node
                    else subjects.cluster(subjects.PROC, subjects.Proc.SPAWN))
         native = req.native
+        if native is not None and not native.signature:
+            native.signature = self._sign(file_message(native.sha256))  # "" without a signing key
         if native is not None and native.data is not None and self.nc is not None \
                 and len(native.data) * 4 // 3 + FRAME_OVERHEAD > self.nc.max_payload:
             raise TooLarge(f"a {len(native.data)}-byte executable does not fit one request (base64 in JSON) under "

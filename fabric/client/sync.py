@@ -79,9 +79,11 @@ class FabricClient:
     def __init__(self, url: str | None = None, *, owner: str | None = None, timeout: float = 10.0,
                  local: bool = True, name: str = "fabric-client",
                  read_chunk_size: int = DEFAULT_READ_CHUNK_SIZE,
-                 credentials: str | os.PathLike[str] | None = None) -> None:
+                 credentials: str | os.PathLike[str] | None = None,
+                 signing_key: str | os.PathLike[str] | None = None) -> None:
         self._aio = AsyncFabricClient(url, owner=owner, timeout=timeout, local=local, name=name,
-                                      read_chunk_size=read_chunk_size, credentials=credentials)
+                                      read_chunk_size=read_chunk_size, credentials=credentials,
+                                      signing_key=signing_key)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 

@@ -78,6 +78,7 @@ from ..schema.tasks import (
     TaskRequest,
     WaitRequest,
 )
+from ..signing import map_message, python_message
 from .transport import FRAME_OVERHEAD, Transport
 
 if TYPE_CHECKING:
@@ -723,6 +724,7 @@ class TasksArea(Transport):
         call, deps = pickle_call(args, kwargs)
         payload = encode_python_task(cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL), call)
         req = SubmitRequest(kind=PYTHON, id=new_task_id(), payload=payload, key=key, deps=list(deps),
+                            signature=self._sign(python_message(payload)),
                             **self._options(resources, priority, retries, retry_exceptions, timeout))
         return req, [ref._async_future() for ref in deps.values()]
 
@@ -795,6 +797,7 @@ class TasksArea(Transport):
             prefix = new_map_prefix()
             futs = [AsyncTaskFuture(self, f"{prefix}-{i}", PYTHON) for i in range(len(batch))]
             req = MapRequest(fn=fn_bytes, calls=batch, prefix=prefix, deps=list(batch_deps), notify=notify,
+                             signature=self._sign(map_message(fn_bytes, batch)),
                              **options)
             deps = list(batch_deps.values())
             batch, batch_deps, size = [], {}, 0

@@ -172,7 +172,8 @@ class Transport:
     """One NATS connection and the request plumbing every area of the client uses."""
 
     def __init__(self, url: str | None, *, owner: str | None, timeout: float, name: str,
-                 read_chunk_size: int, credentials: str | os.PathLike[str] | None = None) -> None:
+                 read_chunk_size: int, credentials: str | os.PathLike[str] | None = None,
+                 signing_key: str | os.PathLike[str] | None = None) -> None:
         if isinstance(read_chunk_size, bool) or not isinstance(read_chunk_size, int) or read_chunk_size < 4096:
             raise BadRequest(f"read_chunk_size must be an int of at least 4096 bytes, got {read_chunk_size!r}")
         try:
@@ -184,6 +185,11 @@ class Transport:
         self.user: str | None = (self.credentials.user if self.credentials is not None
                                  and self.credentials.role != ADMIN else None)
         self.url = url or default_url(self.credentials)
+        from ..signing import SIGNING_KEY_ENV, SigningKey, load_key
+
+        key_path = signing_key or os.environ.get(SIGNING_KEY_ENV) or None
+        #: the key this client signs its code with (fabric.signing), or None
+        self.signing_key: SigningKey | None = load_key(key_path) if key_path else None
         self.owner = owner if owner is not None else _default_owner()
         self.timeout = timeout
         self.name = name
@@ -194,6 +200,10 @@ class Transport:
         self._denied: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._refused: str | None = None
         self._connecting: asyncio.Future[NATS] | None = None
+
+    def _sign(self, message: bytes) -> str:
+        """*message* signed with the client's signing key (base64), "" without one."""
+        return self.signing_key.sign(message) if self.signing_key is not None else ""
 
     def _subject(self, subject: str) -> str:
         """The subject this client sends a request for *subject* on: its user form, with a user."""

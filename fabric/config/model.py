@@ -137,6 +137,10 @@ class SandboxConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_
     #: the OS user that processes of client-role users run as, when the spawner runs as root ("root": as the
     #: spawner, trusting every fabric user with root on the node)
     client_user: Annotated[str, Meta(max_length=64)] = "nobody"
+    #: run only signed code: native executables, compute core libraries, Python tasks (fabric.signing)
+    require_signed: bool = False
+    #: the public keys (base64 ed25519, from ``fabric keys create``) whose signatures count
+    trusted_keys: list[Annotated[str, Meta(pattern=r"^[A-Za-z0-9+/]{43}=$")]] = msgspec.field(default_factory=list)
 
 
 class FabricConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

@@ -45,6 +45,9 @@ class LoadCoreRequest(Message):
     replace: bool = False
     #: the spawner unloads the pool after this many seconds without a job; 0 = never
     unload_after_s: Annotated[float, Meta(ge=0, le=365 * 24 * 3600)] = 0.0
+    #: ed25519 signature (base64) of the library's digest by a trusted key, where the node requires one
+    #: (``sandbox.require_signed``; fabric.signing)
+    signature: Annotated[str, Meta(max_length=128)] = ""
 
 
 class CoreInfo(Message):

@@ -65,6 +65,9 @@ class NativeExec(Message):
     architecture: str = ""
     os: str = "linux"
     data: bytes | None = None
+    #: ed25519 signature (base64) of the file's digest by a trusted key: required where the node says
+    #: ``sandbox.require_signed`` (fabric.signing; ``fabric sign FILE``)
+    signature: Annotated[str, Meta(max_length=128)] = ""
 
 
 class SpawnRequest(Message):

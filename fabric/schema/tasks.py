@@ -149,6 +149,9 @@ class SubmitRequest(Message):
     deps: Annotated[list[TaskIdStr], Meta(max_length=4096)] = []
     #: a subject where the scheduler publishes this task's :class:`TaskDone` when it ends
     notify: ShortStr = ""
+    #: a ``python`` task's ed25519 signature (base64) of its payload by a trusted key, where the fabric requires
+    #: one (``sandbox.require_signed``; fabric.signing)
+    signature: Annotated[str, Meta(max_length=128)] = ""
     # UDCS NATIVE_EXEC fields
     binary: bytes | None = None
     args: list[str] | None = None
@@ -175,6 +178,8 @@ class MapRequest(Message):
     timeout_s: TaskSeconds = 0.0
     deps: Annotated[list[TaskIdStr], Meta(max_length=4096)] = []
     notify: ShortStr = ""
+    #: ed25519 signature (base64) of the function and every call by a trusted key, where required (fabric.signing)
+    signature: Annotated[str, Meta(max_length=128)] = ""
 
 
 class MapBody(MapRequest):

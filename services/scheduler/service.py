@@ -86,6 +86,7 @@ from fabric.schema.tasks import (
 from fabric.service import Endpoint, FabricService, Reply, Request, ServiceSettings
 from fabric.service_endpoint import with_user_forms
 from fabric.service_identity import check_owner, check_reply_subject
+from fabric.signing import map_message, python_message, require
 
 from . import lease as lease_mod
 from . import maps as maps_mod
@@ -447,6 +448,8 @@ class SchedulerService(FabricService):
         fn: bytes | None = None
         call: bytes
         if kind == PYTHON:
+            box = self.settings.config.sandbox
+            require(box.require_signed, box.trusted_keys, python_message(msg.payload), msg.signature, "python task")
             parsed = decode_python_task(msg.payload)
             if parsed.deps:
                 raise BadRequest("a python task's frame carries no dependency results: list the ids in deps")
@@ -485,6 +488,8 @@ class SchedulerService(FabricService):
     async def map(self, req: Request) -> MapReply:
         msg: MapRequest = req.decode(MapRequest)
         owner = req.caller or ""
+        box = self.settings.config.sandbox
+        require(box.require_signed, box.trusted_keys, map_message(msg.fn, msg.calls), msg.signature, "map")
         check_reply_subject(req.caller, msg.notify or None, "notify")
         res = msg.resources or Resources()
         prefix = msg.prefix or _mint_id()
@@ -499,7 +504,7 @@ class SchedulerService(FabricService):
         body = MSGPACK.encode(MapBody(
             fn=msg.fn, calls=msg.calls, prefix=prefix, priority=msg.priority, resources=msg.resources,
             retries=msg.retries, retry_exceptions=msg.retry_exceptions, timeout_s=msg.timeout_s, deps=msg.deps,
-            notify=msg.notify, created_ms=created, notify_encoding=encoding, owner=owner))
+            notify=msg.notify, created_ms=created, notify_encoding=encoding, owner=owner, signature=msg.signature))
         if len(body) > self._limit():
             raise TooLarge(f"a map batch of {len(body)} bytes exceeds the limit of {self._limit()}: "
                            f"send fewer calls per batch")

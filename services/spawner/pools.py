@@ -70,12 +70,13 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from fabric.errors import BadRequest, Conflict, CoreLoadFailed, NotFound
+from fabric.errors import BadRequest, Conflict, CoreLoadFailed, NotFound, PermissionDenied
 from fabric.protocol import subjects
 from fabric.protocol.cores import BUILTIN_CORES, OPENCL_CORE, PYTHON_CORE
 from fabric.schema import CoreInfo, CoreListReply, CoreRequest, LoadCoreRequest
 from fabric.service import Endpoint, Request, cluster_endpoint, node_endpoint
 from fabric.service_tasks import BackgroundTasks
+from fabric.signing import file_message, require
 
 from .job_lane import JobLane, fit_results
 from .pool import Pool, library_digest
@@ -118,6 +119,9 @@ class CoreManager:
         self._ticker: asyncio.Task[None] | None = None
         self.ring_prefix = ring_prefix()
         self.lane = JobLane(node, log, nats_url, self._pool, seed=seed)
+        #: sandbox.require_signed and sandbox.trusted_keys: a core library must be signed (fabric.signing)
+        self.require_signed = False
+        self.trusted_keys: list[str] = []
 
     @property
     def link(self) -> ReplyLink | None:
@@ -222,6 +226,14 @@ class CoreManager:
         if body.min_workers > body.max_workers:
             raise BadRequest(f"min_workers ({body.min_workers}) exceeds max_workers ({body.max_workers})")
         digest = library_digest(body.library, body.name)
+        if body.library:
+            require(self.require_signed, self.trusted_keys, file_message(digest), body.signature,
+                    f"core {body.name!r} (library sha256 {digest})")
+        elif body.name == PYTHON_CORE and self.require_signed and req.caller is not None:
+            # its jobs are unsigned pickles, and a pool is shared by name: with signing on, a user's Python
+            # runs only as tasks, each signed
+            raise PermissionDenied(f"this node runs only signed code (sandbox.require_signed): core {PYTHON_CORE!r} "
+                                   "takes unsigned Python; submit signed tasks instead")
         while True:
             live = self.by_name.get(body.name)
             if live is None:

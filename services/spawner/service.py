@@ -48,6 +48,7 @@ from fabric.schema import (
 )
 from fabric.service import Endpoint, FabricService, Request, ServiceSettings
 from fabric.service_identity import check_owner, check_reply_subject
+from fabric.signing import file_message, require
 
 from . import cgroups as cgroups_mod
 from . import orphans
@@ -85,6 +86,8 @@ class SpawnerService(FabricService):
         self.cores = CoreManager(self.node, self.log, settings.nats_url, tasks=self.tasks,
                                  env=PoolEnv.from_config(settings.config.pool),
                                  seed=self.credentials.seed if self.credentials is not None else None)
+        self.cores.require_signed = settings.config.sandbox.require_signed
+        self.cores.trusted_keys = list(settings.config.sandbox.trusted_keys)
         # fabric.task.pull: runs the scheduler's tasks here (started once the endpoints serve)
         self.runner = TaskRunner(self, slots=task_slots if task_slots is not None else settings.config.tasks.slots,
                                  prefetch=task_prefetch)
@@ -184,6 +187,10 @@ class SpawnerService(FabricService):
 
     def start_process(self, r: SpawnRequest) -> tuple[ManagedProcess, Plan]:
         """Start *r* as ``fabric.proc.spawn`` does (the task runner's ``exec`` tasks come here too)."""
+        if r.native is not None:
+            box = self.settings.config.sandbox
+            require(box.require_signed, box.trusted_keys, file_message(r.native.sha256), r.native.signature,
+                    f"native executable sha256 {r.native.sha256}")
         p = plan(r.limits, r.sandbox, self.caps, self.cgroups, self.cgroup_reason, strict=r.strict)
         executable = str(self.blobs.resolve(r.native)) if r.native is not None else None
         return self._table().spawn(r, p, executable), p
