@@ -20,6 +20,7 @@ import pytest
 from fabric import AsyncFabricClient, Conflict, PermissionDenied
 from fabric.credentials import read_credentials
 from fabric.errors import NotFound
+from fabric.protocol.permissions import user_subject
 from fabric.protocol.subjects import Proc, Task, cluster, node_scoped
 from tests._nats import NatsServer, connect, realm
 from tests._tasks import one_node_fabric
@@ -168,3 +169,32 @@ async def test_a_users_processes_do_not_run_as_root(nats_url: str, tmp_path: Pat
                 assert int(uid) == os.geteuid() and root.stdout == f"{os.geteuid()}\n".encode()
     finally:
         await svc.stop()
+
+
+async def test_a_users_cores_are_its_own(fc: AsyncFabricClient, other: AsyncFabricClient, spawner: object,
+                                         build_dir: Path) -> None:
+    """A warm pool belongs to whoever loaded it: another user's load of the same name is another pool, and it may
+    neither run jobs on, nor read, nor unload, nor replace the first."""
+    from tests._cores import TEST_CORES, build_core
+
+    node = spawner.node  # type: ignore[attr-defined]
+    so = build_core(TEST_CORES / "echo.c", build_dir)
+    mine = await fc.load_core("echo-owned", so, node=node)
+    try:
+        theirs = await other.load_core("echo-owned", so, node=node)  # not reused: another user's pool
+        try:
+            assert theirs.id != mine.id and not theirs.info.reused
+            assert await theirs.run(b"x") == b"x"
+            run = user_subject("other", f"fabric.core.{node}.run.{mine.id}")
+            reply = await other.nc.request(run, b"stolen", timeout=5)  # type: ignore[union-attr]
+            assert reply.headers and reply.headers["Nats-Service-Error-Code"] == "403"
+            for call in (other.request(f"fabric.core.{node}.stats", json.dumps({"core": mine.id}).encode()),
+                         other.request(f"fabric.core.{node}.unload", json.dumps({"core": mine.id}).encode())):
+                with pytest.raises(PermissionDenied, match="belongs to another user"):
+                    await call
+            assert [c.core for c in (await other.cores(node)).cores] == [theirs.id]
+            assert await mine.run(b"still mine") == b"still mine"
+        finally:
+            await theirs.unload()
+    finally:
+        await mine.unload()

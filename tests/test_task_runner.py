@@ -45,7 +45,7 @@ from fabric.services.spawner import SpawnerService
 from fabric.services.spawner.tasks import MAX_PREFETCH_PER_SLOT, MAX_TASKS_PER_JOB
 from fabric.services.spawner.worker_core import PythonCore
 from tests._cores import TEST_CORES, build_core
-from tests._nats import creds_for, trusted_config
+from tests._nats import creds_for, realm, trusted_config
 from tests._wait import until
 
 # -- building frames as a client would ---------------------------------------------------
@@ -452,8 +452,9 @@ async def test_a_core_task_runs_on_the_nodes_pool_of_that_name(sched: Scheduler,
         core = await fc.load_core(name, build_core(TEST_CORES / "echo.c", build_dir), node=node.node)
         bad = await fc.load_core(f"{name}-nz", build_core(TEST_CORES / "nonzero.c", build_dir), node=node.node)
         try:
-            sched.add(TaskRun(id="c-echo", attempt=1, kind="core", core=name, payload=b"echo me"),
-                      TaskRun(id="c-nz", attempt=1, kind="core", core=f"{name}-nz", payload=b"x"))
+            # core tasks of the user who loaded the pools (a user's pools are the user's)
+            sched.add(TaskRun(id="c-echo", attempt=1, kind="core", core=name, payload=b"echo me", owner="tester"),
+                      TaskRun(id="c-nz", attempt=1, kind="core", core=f"{name}-nz", payload=b"x", owner="tester"))
             r = await sched.result("c-echo")
             assert (r.outcome, r.output, r.worker) == ("ok", b"echo me", core.id)
             r = await sched.result("c-nz")
@@ -547,13 +548,18 @@ async def test_the_runner_pool_is_listed_beside_a_clients_python_pool(sched: Sch
     t = py(lambda: 1)
     sched.add(t)
     await sched.result(t.id)
-    async with AsyncFabricClient(nats_url, local=False) as fc:
+    async with AsyncFabricClient(nats_url, local=False) as fc, \
+            AsyncFabricClient(nats_url, local=False, credentials=realm().admin) as admin:
         core = await fc.load_core("fabric.python", b"", node=node.node, max_workers=2)
         assert not core.info.reused
         assert await core.call(lambda: 7) == 7
-        listed = {c.core: c for c in (await fc.cores(node.node)).cores}
+        # the node's pools as its operator sees them: the user's, and the runner's own beside it
+        listed = {c.core: c for c in (await admin.cores(node.node)).cores}
+        assert core.id in listed
         ours = [c for c in listed.values() if c.name == "fabric.python" and c.core != core.id]
         assert len(ours) == 1 and ours[0].core.startswith("t") and ours[0].max_workers == SLOTS
+        # a user sees only the pools it loaded
+        assert [c.core for c in (await fc.cores(node.node)).cores] == [core.id]
         await core.unload()
     t2 = py(lambda: 2)
     sched.add(t2)

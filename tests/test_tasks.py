@@ -26,6 +26,7 @@ import pytest
 
 from fabric import AsyncFabricClient, FabricClient, Resources, as_completed
 from fabric.errors import NotFound, TaskFailed
+from fabric.protocol.cores import pool_key
 from fabric.schema import JSON
 from fabric.schema.tasks import TERMINAL, TRANSITIONS, TaskEventBatch, TaskRecord
 from tests._nats import NatsServer, connect
@@ -476,7 +477,7 @@ async def test_a_core_task_goes_only_where_its_core_is_loaded(fab: Fabric, afc: 
         core = await afc.load_core("echo", str(lib), node="ca")
         try:
             deadline = time.monotonic() + 10  # the next pulls of both nodes say what they have
-            while "echo" not in fab.scheduler.nodes.by_name["ca"].cores:
+            while pool_key("tester", "echo") not in fab.scheduler.nodes.by_name["ca"].cores:  # the user's pool
                 assert time.monotonic() < deadline, "node ca never reported its core"
                 await asyncio.sleep(0.05)
             here = Resources(labels={"pool": "cores"})

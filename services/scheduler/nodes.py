@@ -88,7 +88,8 @@ class Node:
         if res.node and res.node != self.name:
             return f"node={res.node}"
         if core and core not in self.cores:
-            return f"core {core!r} (not loaded on node {self.name})"
+            owner, _, name = core.rpartition("\x00")  # pool_key: a user's pools are the user's
+            return f"core {name!r} (not loaded on node {self.name}{' by ' + owner if owner else ''})"
         if res.cpus > self.cpus + _EPS:
             return f"cpus={res.cpus:g} (node {self.name} has {self.cpus:g})"
         if res.mem > self.mem:

@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from fabric.protocol.cores import pool_key
 from fabric.schema import MSGPACK
 from fabric.schema.tasks import CORE, Resources
 
@@ -27,8 +28,8 @@ DEFAULT_RESOURCES = Resources()
 
 
 def needed_core(task: Task) -> str:
-    """The compute core a node must have loaded to run *task* ("" for every kind but ``core``)."""
-    return task.rec.core if task.rec.kind == CORE else ""
+    """The pool a node must have loaded to run *task* ("" for every kind but ``core``): its core, of its owner."""
+    return pool_key(task.rec.owner, task.rec.core) if task.rec.kind == CORE else ""
 
 
 def class_key(res: Resources | None) -> bytes:

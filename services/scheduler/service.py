@@ -40,6 +40,7 @@ from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConf
 from fabric.errors import BadRequest, Conflict, Infeasible, NotFound, TooLarge, Unavailable
 from fabric.jetstream import JetStreamResource, KeyValueBucket, task_results_bucket
 from fabric.jetstream import Stream as StreamResource
+from fabric.protocol.cores import pool_key
 from fabric.protocol.headers import MAP_HEADER
 from fabric.protocol.pytasks import decode_python_task, encode_python_task
 from fabric.protocol.subjects import TASK, Task, cluster
@@ -465,7 +466,7 @@ class SchedulerService(FabricService):
         if len(body) > self._limit():
             raise TooLarge(f"a task body of {len(body)} bytes exceeds the limit of {self._limit()}: pass large "
                            f"inputs by reference (write them to remote memory and pass the handle)")
-        await self._check_feasible(res, msg.core if kind == CORE else "")
+        await self._check_feasible(res, pool_key(owner, msg.core) if kind == CORE else "")
         await self._check_deps(msg.deps, req.caller)
         known = self._existing(msg.id, msg.key, owner)  # a duplicate may have arrived while this one awaited
         if known is not None:

@@ -42,6 +42,7 @@ from fabric.errors import FabricError, JobFailed, TooLarge, error_headers
 from fabric.protocol import subjects
 from fabric.protocol.headers import EXIT_CODE_HEADER
 from fabric.protocol.jobframes import decode_job_batch, encode_job_results, results_frame_size
+from fabric.protocol.permissions import split_user
 from fabric.service import Endpoint, node_endpoint
 from fabric.service_endpoint import with_user_forms
 
@@ -53,6 +54,11 @@ __all__ = ["JobLane", "fit_results"]
 
 
 
+def _caller(subject: str) -> str | None:
+    """The user of a job's user-form subject (``fabric.u.<user>.core.<node>.run.<core>``), None for the plain form."""
+    return split_user(subject)[0] if subject.startswith("fabric.u.") else None
+
+
 def _lane_only(req: Any) -> None:
     raise AssertionError("the job lane serves core run/map itself (JobLane.open)")
 
@@ -60,7 +66,7 @@ def _lane_only(req: Any) -> None:
 class JobLane:
     """The job lane of one manager: its NATS connection and reply link, the run/map handlers."""
 
-    def __init__(self, node: str, log: Any, nats_url: str, lookup: Callable[[str], Pool],
+    def __init__(self, node: str, log: Any, nats_url: str, lookup: Callable[[str, str | None], Pool],
                  seed: str | None = None) -> None:
         self.node = node
         self.log = log
@@ -179,7 +185,7 @@ class JobLane:
         t0 = time.perf_counter_ns()
         reply = msg.reply
         try:
-            pool = self._pool(msg.subject.rpartition(".")[2])
+            pool = self._pool(msg.subject.rpartition(".")[2], _caller(msg.subject))
         except FabricError as exc:
             ep.record(t0, exc.message)
             self._send_error(reply, exc)
@@ -213,7 +219,7 @@ class JobLane:
         t0 = time.perf_counter_ns()
         reply = msg.reply
         try:
-            pool = self._pool(msg.subject.rpartition(".")[2])
+            pool = self._pool(msg.subject.rpartition(".")[2], _caller(msg.subject))
             items = decode_job_batch(msg.data)
         except FabricError as exc:
             ep.record(t0, exc.message)

@@ -28,7 +28,7 @@ from fabric.errors import (
     NotFound,
     Unavailable,
 )
-from fabric.protocol.cores import PYTHON_CORE
+from fabric.protocol.cores import PYTHON_CORE, pool_key
 from fabric.schema import CoreInfo, LoadCoreRequest
 
 from .pool_reply import ReplyLink
@@ -74,9 +74,13 @@ def library_digest(library: bytes, name: str = PYTHON_CORE) -> str:
 class Pool:
     """The warm workers of one loaded core, its job queue and its statistics."""
 
-    def __init__(self, host: PoolHost, core_id: str, req: LoadCoreRequest) -> None:
+    def __init__(self, host: PoolHost, core_id: str, req: LoadCoreRequest, owner: str = "") -> None:
         self.host = host
         self.id = core_id
+        #: the user who loaded it ("" for a trusted caller): only they (and trusted callers) use it
+        self.owner = owner
+        #: its name in the manager's by_name (fabric.protocol.cores.pool_key)
+        self.key = pool_key(owner, req.name)
         self.name = req.name
         self.library = bytes(req.library)
         self.digest = library_digest(self.library, req.name)

@@ -72,7 +72,7 @@ from nats.aio.client import Client as NATS
 
 from fabric.errors import BadRequest, Conflict, CoreLoadFailed, NotFound, PermissionDenied
 from fabric.protocol import subjects
-from fabric.protocol.cores import BUILTIN_CORES, OPENCL_CORE, PYTHON_CORE
+from fabric.protocol.cores import BUILTIN_CORES, OPENCL_CORE, PYTHON_CORE, pool_key
 from fabric.schema import CoreInfo, CoreListReply, CoreRequest, LoadCoreRequest
 from fabric.service import Endpoint, Request, cluster_endpoint, node_endpoint
 from fabric.service_tasks import BackgroundTasks
@@ -197,8 +197,8 @@ class CoreManager:
     def _forget(self, pool: Pool) -> None:
         if self.pools.get(pool.id) is pool:
             del self.pools[pool.id]
-        if self.by_name.get(pool.name) is pool:
-            del self.by_name[pool.name]
+        if self.by_name.get(pool.key) is pool:
+            del self.by_name[pool.key]
 
     def _retire(self, pool: Pool, why: str) -> None:
         """Unload *pool* in the background (drained, or idle past ``unload_after_s``)."""
@@ -208,10 +208,14 @@ class CoreManager:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    def _pool(self, core_id: str) -> Pool:
+    def _pool(self, core_id: str, caller: str | None = None) -> Pool:
+        """Pool *core_id*, if *caller* may use it: its owner, or a trusted caller (403 otherwise)."""
         pool = self.pools.get(core_id)
         if pool is None:
             raise NotFound(f"no core {core_id!r} on node {self.node}", core=core_id)
+        if caller is not None and pool.owner != caller:
+            raise PermissionDenied(f"core {core_id} ({pool.name!r}) belongs to another user: {caller!r} may use "
+                                   "only the cores it loaded")
         return pool
 
     # -- control endpoints --------------------------------------------------------
@@ -234,8 +238,10 @@ class CoreManager:
             # runs only as tasks, each signed
             raise PermissionDenied(f"this node runs only signed code (sandbox.require_signed): core {PYTHON_CORE!r} "
                                    "takes unsigned Python; submit signed tasks instead")
+        owner = req.caller or ""
+        key = pool_key(owner, body.name)  # a user's pools are the user's: another user's load is another pool
         while True:
-            live = self.by_name.get(body.name)
+            live = self.by_name.get(key)
             if live is None:
                 break
             if not live.ready.is_set():  # another load of this name is starting it: wait for its outcome
@@ -259,11 +265,11 @@ class CoreManager:
             info = live.info(self.node)
             info.reused = True
             return info
-        old = self.by_name.get(body.name)  # replace=True: drained once the new pool is up
+        old = self.by_name.get(key)  # replace=True: drained once the new pool is up
         core_id = f"c{secrets.token_hex(6)}"
-        pool = Pool(self, core_id, body)
+        pool = Pool(self, core_id, body, owner=owner)
         self.pools[core_id] = pool
-        self.by_name[body.name] = pool
+        self.by_name[key] = pool
         try:
             # the first worker proves the library loads; the others start beside it
             first = pool.start_worker()
@@ -278,8 +284,8 @@ class CoreManager:
                 await pool.listen(body.listen_host)
         except BaseException:
             self._forget(pool)
-            if old is not None and self.pools.get(old.id) is old and body.name not in self.by_name:
-                self.by_name[body.name] = old  # the replacement failed: the old pool stays
+            if old is not None and self.pools.get(old.id) is old and key not in self.by_name:
+                self.by_name[key] = old  # the replacement failed: the old pool stays
             pool.ready.set()
             await pool.close()
             raise
@@ -341,14 +347,15 @@ class CoreManager:
         return pool
 
     def list(self, req: Request) -> CoreListReply:
-        return CoreListReply(node=self.node, cores=[p.info(self.node) for p in self.pools.values()])
+        return CoreListReply(node=self.node, cores=[p.info(self.node) for p in self.pools.values()
+                                                    if req.caller is None or p.owner == req.caller])
 
     def stats(self, req: Request) -> CoreInfo:
-        return self._pool(req.decode(CoreRequest).core).info(self.node)
+        return self._pool(req.decode(CoreRequest).core, req.caller).info(self.node)
 
     async def unload(self, req: Request) -> CoreInfo:
         core_id = req.decode(CoreRequest).core
-        pool = self._pool(core_id)
+        pool = self._pool(core_id, req.caller)
         self._forget(pool)
         info = pool.info(self.node)
         await pool.close()

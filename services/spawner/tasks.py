@@ -64,7 +64,7 @@ from fabric.errors import (
     error_from_wire,
 )
 from fabric.protocol import subjects
-from fabric.protocol.cores import OPENCL_CORE, PYTHON_CORE
+from fabric.protocol.cores import OPENCL_CORE, PYTHON_CORE, pool_key
 from fabric.protocol.headers import CONTENT_TYPE_HEADER, ERROR_CODE_HEADER, ERROR_HEADER, ERROR_KIND_HEADER
 from fabric.protocol.pytasks import (
     check_python_task,
@@ -336,7 +336,7 @@ class TaskRunner:
                     return
                 self._queue_python(a)
             elif run.kind == CORE:
-                pool = self.host.cores.by_name.get(run.core)
+                pool = self.host.cores.by_name.get(pool_key(run.owner, run.core))  # the task owner's pool
                 if pool is None:
                     raise NotFound(f"no core {run.core!r} is loaded on node {self.host.node}", core=run.core)
                 self._submit(a, pool)
