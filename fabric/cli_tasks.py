@@ -448,9 +448,10 @@ async def _tasks_loop(nc: Any, url: str, request: ListRequest, watch: bool, as_j
             return  # not a batch: nothing to redraw for
         changed.set()
 
-    # subscribe before the first list: a change between the two is not missed.  The events feed carries
-    # every user's tasks: with auth on only an admin reads it; a user's watch redraws on its idle cadence
-    sub = await nc.subscribe(cluster(TASK, Task.EVENTS), cb=on_events) if nc.user is None else None
+    # subscribe before the first list: a change between the two is not missed.  The whole feed carries every
+    # user's tasks (an admin's to read); a user follows its own, on its user form
+    feed = nc.subject(cluster(TASK, Task.EVENTS))
+    sub = await nc.subscribe(feed, cb=on_events)
     live: Live | None = None
     try:
         records = await fetch()
@@ -459,11 +460,7 @@ async def _tasks_loop(nc: Any, url: str, request: ListRequest, watch: bool, as_j
         else:
             live = Live(tasks_table(records, title(records)), console=console(), auto_refresh=False)
             live.start(refresh=True)
-        if sub is not None:
-            err.print(f"watching {cluster(TASK, Task.EVENTS)} on {url} (Ctrl-C to stop)")
-        else:
-            err.print(f"refreshing every {WATCH_IDLE_S:g} s as user {nc.user!r} (the live events feed is the "
-                      "admin's; Ctrl-C to stop)")
+        err.print(f"watching {feed} on {url} (Ctrl-C to stop)")
         while True:
             try:
                 await asyncio.wait_for(changed.wait(), WATCH_IDLE_S)
@@ -479,8 +476,7 @@ async def _tasks_loop(nc: Any, url: str, request: ListRequest, watch: bool, as_j
     finally:
         if live is not None:
             live.stop()
-        if sub is not None:
-            await sub.unsubscribe()
+        await sub.unsubscribe()
 
 
 # -- fabric task ID / fabric cancel ID -------------------------------------------------------

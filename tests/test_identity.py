@@ -22,6 +22,7 @@ from fabric.credentials import read_credentials
 from fabric.errors import NotFound
 from fabric.protocol.permissions import user_subject
 from fabric.protocol.subjects import Proc, Task, cluster, node_scoped
+from fabric.schema import JSON
 from tests._nats import NatsServer, connect, realm
 from tests._tasks import one_node_fabric
 
@@ -198,3 +199,29 @@ async def test_a_users_cores_are_its_own(fc: AsyncFabricClient, other: AsyncFabr
             await theirs.unload()
     finally:
         await mine.unload()
+
+
+async def test_a_user_follows_its_own_task_events(tasks_fabric: str) -> None:
+    """The whole events feed is the admins'; a user gets its own tasks' events on fabric.u.<user>.task.events."""
+    import asyncio
+
+    from fabric.schema.tasks import TaskEventBatch
+
+    async with AsyncFabricClient(tasks_fabric, credentials=realm().client) as alice, \
+            AsyncFabricClient(tasks_fabric, credentials=realm().other) as bob:
+        seen: list[str] = []
+
+        async def on_events(msg: object) -> None:
+            seen.extend(e.id for e in JSON.decode(msg.data, TaskEventBatch).events)  # type: ignore[attr-defined]
+
+        assert alice.nc is not None
+        await alice.nc.subscribe(user_subject("tester", cluster("task", Task.EVENTS)), cb=on_events)
+        await alice.nc.flush()
+        mine = await alice.submit(abs, -4)
+        theirs = await bob.submit(abs, -5)
+        assert await mine == 4 and await theirs == 5
+        for _ in range(100):
+            if mine.id in seen:
+                break
+            await asyncio.sleep(0.05)
+        assert mine.id in seen and theirs.id not in seen

@@ -74,6 +74,8 @@ def test_client_reaches_only_its_own_forms() -> None:
                    "$JS.API.STREAM.PURGE.OBJ_fabric_task_results", "fabric.telemetry.n1"):
         assert not allowed(p.publish, denied), denied
     assert allowed(p.subscribe, "_INBOX.alice.x.y")
+    assert allowed(p.subscribe, "fabric.u.alice.task.events")  # its own tasks' events
+    assert not allowed(p.subscribe, "fabric.u.bob.task.events")
     for denied in ("_INBOX.bob.x", "_INBOX.>", "fabric.u.*.mem.alloc", "fabric.mem.alloc", "fabric.task.pull",
                    "fabric.task.events", "fabric.proc.n1.out.3", "$SRV.PING"):
         assert not allowed(p.subscribe, denied), denied

@@ -218,7 +218,8 @@ def permissions(role: str, *, user: str = "", node: str = "") -> Permissions | N
             raise ValueError(f"invalid user name {user!r}: letters, digits, '_' and '-', not starting with '_'")
         return Permissions(
             publish=(f"{_USER_PREFIX}{user}.>", f"{SRV_PREFIX}.>", _JS_INFO, *_js_read(kv_stream(REGISTRY_BUCKET))),
-            subscribe=(_inbox(user), f"{PREFIX}.{TELEMETRY}.*"),
+            # its own task events (the scheduler splits the feed by owner); the telemetry heartbeats
+            subscribe=(_inbox(user), f"{_USER_PREFIX}{user}.{TASK}.{Task.EVENTS}", f"{PREFIX}.{TELEMETRY}.*"),
         )
     if role not in SERVICE_ROLES:
         raise ValueError(f"unknown role {role!r}: one of {', '.join((*SERVICE_ROLES, *USER_ROLES))}")
@@ -239,7 +240,8 @@ def permissions(role: str, *, user: str = "", node: str = "") -> Permissions | N
         verbs = (Task.SUBMIT, Task.MAP, Task.GET, Task.WAIT, Task.CANCEL, Task.LIST, Task.RESULT, Task.RELEASE)
         return Permissions(
             publish=(_REPLIES,
-                     f"{PREFIX}.{TASK}.{Task.EVENTS}", f"{PREFIX}.{TASK}.{Task.BODY}.*",
+                     f"{PREFIX}.{TASK}.{Task.EVENTS}", f"{_USER_PREFIX}*.{TASK}.{Task.EVENTS}",
+                     f"{PREFIX}.{TASK}.{Task.BODY}.*",
                      _JS_INFO, *_js_own(BODY_STREAM), *_kv_own(TASK_BUCKET), *_kv_own(LEASE_BUCKET),
                      *_kv_own(STATE_BUCKET), *_objects_own(RESULTS_BUCKET), *_js_read(kv_stream(REGISTRY_BUCKET))),
             subscribe=(*own, *_forms(*(f"{PREFIX}.{TASK}.{v}" for v in verbs)),

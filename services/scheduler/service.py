@@ -42,6 +42,7 @@ from fabric.jetstream import JetStreamResource, KeyValueBucket, task_results_buc
 from fabric.jetstream import Stream as StreamResource
 from fabric.protocol.cores import pool_key
 from fabric.protocol.headers import MAP_HEADER
+from fabric.protocol.permissions import user_subject
 from fabric.protocol.pytasks import decode_python_task, encode_python_task
 from fabric.protocol.subjects import TASK, Task, cluster
 from fabric.schema import CONTENT_TYPE_HEADER, JSON, MSGPACK, MSGPACK_CONTENT_TYPE
@@ -922,9 +923,19 @@ class SchedulerService(FabricService):
         """Publish the state changes of the last EVENTS_EVERY_S as one batch (a live feed, not a hot path)."""
         self._events_scheduled = False
         events, self._events = self._events, []
-        if events:
-            asyncio.get_running_loop().create_task(
-                self._publish(cluster(TASK, Task.EVENTS), JSON.encode(TaskEventBatch(events=events))))
+        if not events:
+            return
+        loop = asyncio.get_running_loop()
+        loop.create_task(self._publish(cluster(TASK, Task.EVENTS), JSON.encode(TaskEventBatch(events=events))))
+        # and each user's own, on its user form (the whole feed is the admins'): fabric.u.<owner>.task.events
+        mine: dict[str, list[TaskEvent]] = {}
+        for e in events:
+            task = self.live.get(e.id) or self.finished.get(e.id)
+            if task is not None and task.rec.owner:
+                mine.setdefault(task.rec.owner, []).append(e)
+        for owner, own in mine.items():
+            loop.create_task(self._publish(user_subject(owner, cluster(TASK, Task.EVENTS)),
+                                           JSON.encode(TaskEventBatch(events=own))))
 
     def _flush(self) -> None:
         """Publish the notices gathered during this loop iteration (a client waits for them)."""
