@@ -11,7 +11,8 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from importlib.metadata import version
 from typing import Any
 
@@ -37,6 +38,16 @@ async def main():
     await asyncio.Event().wait()
 uvloop.run(main())
 """
+
+
+async def atimed(fn: Callable[[], Awaitable[Any]], n: int) -> list[float]:
+    """*n* sequential awaits of ``fn()``, each one's seconds."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await fn()
+        out.append(time.perf_counter() - t0)
+    return out
 
 
 def connect_options() -> dict[str, Any]:

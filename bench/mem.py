@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench._common import NATS_RESPONDER, connect_options, machine, parse_args, progress, use_fabric_credentials
+from bench._common import atimed as atimed_loop
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -71,15 +72,6 @@ def timed_loop(fn: Callable[[], Any], n: int) -> list[float]:
     for _ in range(n):
         t0 = time.perf_counter()
         fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-async def atimed_loop(fn: Callable[[], Any], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        await fn()
         out.append(time.perf_counter() - t0)
     return out
 

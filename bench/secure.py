@@ -31,8 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench._common import NATS_RESPONDER, machine, parse_args, progress
+from bench._common import atimed as timed
 
 MODES = {"plain": ["--no-auth"], "auth": [], "tls": ["--tls"]}
 KIB = 1024
@@ -51,15 +50,6 @@ def fabric(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env["FABRIC_MEM_CAPACITY"] = str(64 << 20)
     return subprocess.run([sys.executable, "-m", "fabric.cli", *args, "--state-dir", str(state)], env=env,
                           capture_output=True, text=True, timeout=120)
-
-
-async def timed(fn: Callable[[], Awaitable[Any]], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        await fn()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def p50_us(xs: list[float]) -> float:
