@@ -19,7 +19,7 @@ import pytest
 
 from fabric import AsyncFabricClient, Conflict, PermissionDenied
 from fabric.credentials import read_credentials
-from fabric.errors import NotFound
+from fabric.errors import NoResponders, NotFound
 from fabric.protocol.permissions import user_subject
 from fabric.protocol.subjects import Proc, Task, cluster, node_scoped
 from fabric.schema import JSON
@@ -225,3 +225,15 @@ async def test_a_user_follows_its_own_task_events(tasks_fabric: str) -> None:
                 break
             await asyncio.sleep(0.05)
         assert mine.id in seen and theirs.id not in seen
+
+
+async def test_a_permission_violation_is_a_clear_error(fc: AsyncFabricClient, nats_url: str) -> None:
+    """A subject the user's role may not publish to: PermissionDenied naming the user and the subject (nats-server
+    refuses the publish and tells the connection), and the connection goes on serving."""
+    with pytest.raises(PermissionDenied) as info:
+        await fc.request("$KV.fabric_tasks.someone-elses", b"forged", timeout=30)
+    assert "user 'tester' may not publish to '$kv.fabric_tasks.someone-elses'" in info.value.message
+    assert info.value.code == 403
+    assert fc.nc is not None and fc.nc.is_connected
+    with pytest.raises(NoResponders, match="no service answers"):  # the same connection, a legal subject
+        await fc.request("fabric.nodes.nosuchnode.info", b"{}", timeout=5)
