@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,14 @@ class UserRecord:
     role: str
     nkey: str
     created: str
+    #: when the user stops being let in (ISO 8601 UTC), "" for never
+    expires: str = ""
+
+    def expired(self, now: datetime | None = None) -> bool:
+        if not self.expires:
+            return False
+        return datetime.strptime(self.expires, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc) <= (
+            now or datetime.now(timezone.utc))
 
 
 @dataclass(frozen=True)
@@ -193,7 +201,8 @@ class AuthRealm:
                       key=lambda r: r.node)
 
     def _save(self, users: list[UserRecord], nodes: list[NodeRecord] | None = None) -> None:
-        body = {"users": {u.name: {"role": u.role, "nkey": u.nkey, "created": u.created} for u in users},
+        body = {"users": {u.name: {"role": u.role, "nkey": u.nkey, "created": u.created,
+                                   **({"expires": u.expires} if u.expires else {})} for u in users},
                 "nodes": {r.node: {"services": r.services, "admin": r.admin, "joined": r.joined}
                           for r in (self.nodes() if nodes is None else nodes)}}
         _write_private(self.users_file, json.dumps(body, indent=2) + "\n")
@@ -247,8 +256,11 @@ class AuthRealm:
         self._save([*users, record])
 
     def add_user(self, name: str, role: str, out: Path, *, url: str | None = None,
-                 ca_pem: str | None = None) -> Credentials:
-        """Create user *name*, write its credentials to *out*; AuthError if the name is taken or invalid."""
+                 ca_pem: str | None = None, ttl_s: float | None = None) -> Credentials:
+        """Create user *name*, write its credentials to *out*; AuthError if the name is taken or invalid.
+
+        *ttl_s*: the user is let in for that long (the supervisor drops it at the end: :meth:`expire`).
+        """
         if not valid_user_name(name):
             raise AuthError(f"invalid user name {name!r}: letters, digits, '_' and '-' (at most 64), "
                             "not starting with '_'")
@@ -258,8 +270,21 @@ class AuthRealm:
             raise AuthError(f"user {name!r} exists: `fabric user rm {name}` first to issue new credentials")
         seed = new_seed()
         write_credentials(out, user=name, role=role, seed=seed, url=url, ca_pem=ca_pem, by="fabric user add")
-        self._put(UserRecord(name, role, public_key(seed), _now()))
+        expires = ""
+        if ttl_s is not None:
+            if ttl_s <= 0:
+                raise AuthError("--ttl must be positive")
+            expires = (datetime.now(timezone.utc) + timedelta(seconds=ttl_s)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self._put(UserRecord(name, role, public_key(seed), _now(), expires))
         return read_credentials(out)
+
+    def expire(self) -> list[str]:
+        """Drop the users whose time is up from the table; their names (the caller reloads the server)."""
+        users = self.users()
+        gone = [u.name for u in users if u.expired()]
+        if gone:
+            self._save([u for u in users if u.name not in gone])
+        return gone
 
     def remove_user(self, name: str) -> UserRecord:
         """Remove user *name* from the table (its credentials stop working at the next reload)."""
@@ -285,7 +310,8 @@ class AuthRealm:
             # the joined machine's supervisor and CLI (its readiness probe, `fabric status` there)
             yield UserEntry(f"admin of node {r.node}", ADMIN, r.admin, None)
         for u in self.users():
-            yield UserEntry(u.name, u.role, u.nkey, permissions(u.role, user=u.name))
+            if not u.expired():  # an expired user is not let in, even before the table drops it
+                yield UserEntry(u.name, u.role, u.nkey, permissions(u.role, user=u.name))
         if self._readable(self.join_credentials):
             creds = read_credentials(self.join_credentials)
             yield UserEntry("the join token", JOINER, creds.nkey, permissions(JOINER))

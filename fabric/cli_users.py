@@ -36,6 +36,19 @@ def _realm(state: StateDir) -> tuple[AuthRealm, FabricState | None]:
     return AuthRealm(state, last.node if last is not None else default_node()), running
 
 
+def _duration(text: str) -> float:
+    """``90s``, ``30m``, ``12h``, ``7d`` (or plain seconds) in seconds; fails clearly otherwise."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    raw = text.strip().lower()
+    try:
+        value = float(raw[:-1]) * units[raw[-1]] if raw and raw[-1] in units else float(raw)
+    except ValueError:
+        fail(f"--ttl {text!r} is not a duration", "use 90s, 30m, 12h or 7d")
+    if value <= 0:
+        fail(f"--ttl {text!r} must be positive")
+    return value
+
+
 def _ca(state: StateDir, running: FabricState | None) -> str | None:
     """The fabric's CA certificate when it runs TLS: credentials and tokens carry (a fingerprint of) it."""
     last = running or state.read()
@@ -66,6 +79,8 @@ def add(
     out_path: Annotated[Path | None, typer.Option("--out", "-o", show_default=False,
                                                   help="Where to write the credentials (default: ./NAME.creds).")
                         ] = None,
+    ttl: Annotated[str | None, typer.Option("--ttl", show_default=False,
+                                            help="Let the user in for this long only: 90s, 30m, 12h, 7d.")] = None,
     state_dir: StateDirOption = None,
 ) -> None:
     """Create a user and write their credentials file (hand it over like a private key)."""
@@ -79,7 +94,8 @@ def add(
     # the URL the user reaches the fabric at: another machine's when it listens beyond loopback
     url = None if running is None else running.nats_url if is_loopback(running.host or "") else running.join_url
     try:
-        creds = realm.add_user(name, role, target, url=url, ca_pem=_ca(state, running))
+        creds = realm.add_user(name, role, target, url=url, ca_pem=_ca(state, running),
+                               ttl_s=_duration(ttl) if ttl is not None else None)
     except AuthError as exc:
         fail(str(exc))
     said = _apply(realm, running)
@@ -117,12 +133,13 @@ def list_users(
     realm, _ = _realm(state)
     users = realm.users()
     if as_json:
-        out.print_json(json.dumps([{"name": u.name, "role": u.role, "nkey": u.nkey, "created": u.created}
-                                   for u in users]))
+        out.print_json(json.dumps([{"name": u.name, "role": u.role, "nkey": u.nkey, "created": u.created,
+                                    "expires": u.expires or None} for u in users]))
         return
-    table = Table("user", "role", "nkey", "added")
+    table = Table("user", "role", "nkey", "added", "expires")
     for u in users:
-        table.add_row(u.name, u.role, u.nkey, u.created)
+        table.add_row(u.name, u.role, u.nkey, u.created, (u.expires + (" (expired)" if u.expired() else ""))
+                      if u.expires else "never")
     console().print(table)
 
 

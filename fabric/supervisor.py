@@ -50,7 +50,10 @@ from .launch import SERVICE_MODULES_ENV, module_launch
 from .protocol.permissions import SERVICE_ROLES
 from .state import FabricState, ProcessRecord, StateDir
 
-__all__ = ["SERVICES", "SupervisorConfig", "Supervisor", "service_modules", "rotate_log"]
+__all__ = ["SERVICES", "SupervisorConfig", "Supervisor", "service_modules", "rotate_log", "USER_EXPIRY_EVERY_S"]
+
+#: how often the supervisor drops users whose TTL ended (seconds)
+USER_EXPIRY_EVERY_S = 10
 
 #: every service ``fabric up`` knows: ADR-32 service name -> module run with ``python -P -m``
 SERVICES: dict[str, str] = {
@@ -512,9 +515,26 @@ class Supervisor:
 
     async def _poll_children(self) -> None:
         # SIGCHLD does the work; this only covers a signal lost in a race
+        ticks = 0
         while True:
             await asyncio.sleep(1.0)
             self._reap()
+            ticks += 1
+            if ticks % USER_EXPIRY_EVERY_S == 0:
+                await self._expire_users()
+
+    async def _expire_users(self) -> None:
+        """Users added with a TTL (``fabric user add --ttl``) are dropped when it ends, and the server reloaded."""
+        if self._joins is None or self.nats is None or self.nats.pid is None:
+            return
+        realm, binary, conf, _ = self._joins
+        try:
+            gone = await asyncio.to_thread(realm.expire)
+            if gone:
+                await asyncio.to_thread(realm.reload, binary, conf, self.nats.pid)
+                self.log("info", "users expired", users=gone)
+        except Exception as exc:  # the users stay until the next try; the fabric goes on
+            self.log("error", "user expiry failed", error=str(exc) or type(exc).__name__)
 
     def _children(self) -> list[Child]:
         return list(self.services.values()) + ([self.nats] if self.nats is not None else [])

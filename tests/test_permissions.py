@@ -436,3 +436,29 @@ def test_fabric_up_with_tls_end_to_end(tmp_path: Path, monkeypatch: pytest.Monke
         for state in (b, a):
             if (state / "state.json").exists():
                 fabric(state, "down", "--purge")
+
+
+async def test_an_expired_user_is_cut_off(server: Server, conns: list[Conn], tmp_path: Path) -> None:
+    """fabric user add --ttl: past it the user is not rendered any more, the supervisor's expiry drops it from the
+    table, and the reload closes its connection; a user without a TTL stays."""
+    temp = server.realm.add_user("temp", "client", tmp_path / "temp.creds", ttl_s=1.0)
+    stays = server.realm.add_user("stays", "client", tmp_path / "stays.creds")
+    assert server.proc is not None
+    server.realm.reload(server.binary, server.conf, server.proc.pid)
+    await asyncio.sleep(0.3)
+    t, s = Conn(), Conn()
+    conns += [t, s]
+    tnc = await t.open(server.url, **temp.connect_options())
+    snc = await s.open(server.url, **stays.connect_options())
+    await asyncio.sleep(1.2)
+    assert [u.name for u in server.realm.users() if u.expired()] == ["temp"]
+    assert "temp" not in [e.name for e in server.realm.entries()]  # not let in, even before it is dropped
+    assert server.realm.expire() == ["temp"] and server.realm.expire() == []
+    server.realm.reload(server.binary, server.conf, server.proc.pid)
+    for _ in range(100):
+        if tnc.is_closed:
+            break
+        await asyncio.sleep(0.05)
+    assert tnc.is_closed and snc.is_connected
+    with pytest.raises(AuthError, match="positive"):
+        server.realm.add_user("never", "client", tmp_path / "never.creds", ttl_s=0)

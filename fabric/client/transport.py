@@ -278,7 +278,7 @@ class Transport:
         where = f" ({self.credentials.path})" if self.credentials.path else ""
         return Unauthenticated(
             f"NATS at {self.url} refused the credentials of user {self.credentials.user!r}{where}: "
-            "the user was removed, or the file belongs to another fabric")
+            "the user was removed or expired, or the file belongs to another fabric")
 
     async def _reconnected(self) -> None:
         await _log_reconnect()
