@@ -474,6 +474,25 @@ def active_scheduler_pid(url: str, supervised_pid: int) -> tuple[int, str]:
     return supervised_pid, "started first (neither metadata nor the lease says which is active)"
 
 
+def join_as(state: Path, url: str, node: str, node_dir: Path) -> Path:
+    """Join node *node* (its keys in *node_dir*) to the fabric of *state* with its join token; its scheduler's
+    credentials file."""
+    import asyncio
+
+    from fabric.auth import AuthRealm
+    from fabric.join import request_join
+    from fabric.state import StateDir
+
+    out = subprocess.run(fabric_cmd("join-token", "--state-dir", str(state)), capture_output=True, text=True,
+                         env=fabric_env(), timeout=60)
+    if out.returncode != 0:
+        raise RuntimeError(f"fabric join-token failed: {out.stderr}")
+    realm = AuthRealm(StateDir(node_dir), node)
+    realm.ensure()
+    asyncio.run(request_join(url, out.stdout.strip(), realm))
+    return realm.service_credentials("scheduler")
+
+
 def failover_section(tmp: Path) -> dict[str, Any]:
     from fabric import FabricClient
     from fabric.launch import module_launch
@@ -484,9 +503,10 @@ def failover_section(tmp: Path) -> dict[str, Any]:
         supervised_pid = int(st["services"][SCHEDULER]["pid"])
         standby_dir = tmp / "standby"
         standby_dir.mkdir()
-        launch = module_launch("fabric.services.scheduler",
-                               ["--nats-url", url, "--node", f"{node}-standby", "--state-dir", str(standby_dir)],
-                               cwd=standby_dir, env=fabric_env())
+        args = ["--nats-url", url, "--node", f"{node}-standby", "--state-dir", str(standby_dir)]
+        if st.get("credentials"):  # auth on: the standby's node joins with the fabric's token, as another machine would
+            args += ["--credentials", str(join_as(state, url, f"{node}-standby", standby_dir))]
+        launch = module_launch("fabric.services.scheduler", args, cwd=standby_dir, env=fabric_env())
         standby = subprocess.Popen(launch.argv, cwd=launch.cwd, env=launch.env, stdout=subprocess.DEVNULL,
                                    stderr=open(standby_dir / "scheduler.log", "wb"))
         try:
