@@ -116,3 +116,25 @@ async def test_cores_and_native_executables_run_only_signed(signed_fabric: tuple
                 await fc.rspawn(["true"], node=node, executable=true)
             with pytest.raises(PermissionDenied, match="takes unsigned Python"):
                 await fc.load_python_core(node=node)
+
+
+async def test_a_udcs_native_exec_body_is_signed_in_its_own_field(signed_fabric: tuple[str, str],
+                                                                   keys: tuple[Path, Path]) -> None:
+    """UDCS's NATIVE_EXEC body carries the binary itself: its signature is the file's (``fabric sign``), in the
+    body's ``signature`` field; without it the submit is refused at once."""
+    import base64
+    import json
+
+    from fabric.protocol.subjects import Task, cluster
+
+    url, _ = signed_fabric
+    binary = Path("/bin/true").read_bytes()
+    body = {"type": "NATIVE_EXEC", "binary": base64.b64encode(binary).decode(), "args": []}
+    async with AsyncFabricClient(url) as fc:
+        with pytest.raises(PermissionDenied, match="native executable"):
+            await fc.request(cluster("task", Task.SUBMIT), json.dumps(body).encode())
+        body["signature"] = load_key(keys[0]).sign(file_message(hashlib.sha256(binary).hexdigest()))
+        reply = json.loads((await fc.request(cluster("task", Task.SUBMIT), json.dumps(body).encode())).data)
+        rec = json.loads((await fc.request(cluster("task", Task.WAIT), json.dumps(
+            {"id": reply["id"], "timeout_s": 30}).encode(), timeout=40)).data)
+        assert rec["state"] == "succeeded" and rec["exit_code"] == 0, rec

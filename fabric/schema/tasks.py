@@ -149,8 +149,8 @@ class SubmitRequest(Message):
     deps: Annotated[list[TaskIdStr], Meta(max_length=4096)] = []
     #: a subject where the scheduler publishes this task's :class:`TaskDone` when it ends
     notify: ShortStr = ""
-    #: a ``python`` task's ed25519 signature (base64) of its payload by a trusted key, where the fabric requires
-    #: one (``sandbox.require_signed``; fabric.signing)
+    #: where the fabric requires signed code (``sandbox.require_signed``; fabric.signing): a ``python`` task's
+    #: ed25519 signature (base64) of its payload, or a UDCS ``binary``'s of the file (as ``fabric sign`` prints)
     signature: Annotated[str, Meta(max_length=128)] = ""
     # UDCS NATIVE_EXEC fields
     binary: bytes | None = None

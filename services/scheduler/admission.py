@@ -62,8 +62,9 @@ def exec_spec_of(msg: SubmitRequest) -> ExecSpec:
     """An exec task's process: ``exec``, or UDCS's ``binary`` (stored on the node) / ``args``."""
     spec = msg.exec
     if msg.binary is not None:
+        # a UDCS body signs its binary in the request's own signature field (the file's, as fabric sign prints)
         native = NativeExec(sha256=hashlib.sha256(msg.binary).hexdigest(), data=msg.binary,
-                            architecture=msg.architecture, os=msg.os or "linux")
+                            architecture=msg.architecture, os=msg.os or "linux", signature=msg.signature)
         spec = ExecSpec(argv=["program", *(msg.args or [])], env=msg.environment, native=native)
     elif spec is None and msg.args:
         spec = ExecSpec(argv=list(msg.args), env=msg.environment)

@@ -88,7 +88,7 @@ from fabric.schema.tasks import (
 from fabric.service import Endpoint, FabricService, Reply, Request, ServiceSettings
 from fabric.service_endpoint import with_user_forms
 from fabric.service_identity import check_owner, check_reply_subject
-from fabric.signing import map_message, python_message, require
+from fabric.signing import file_message, map_message, python_message, require
 
 from . import lease as lease_mod
 from . import maps as maps_mod
@@ -457,7 +457,12 @@ class SchedulerService(FabricService):
                 raise BadRequest("a python task's frame carries no dependency results: list the ids in deps")
             body, fn, call = msg.payload, bytes(parsed.fn), bytes(parsed.call)
         elif kind == EXEC:
-            body = call = MSGPACK.encode(exec_spec_of(msg))
+            spec = exec_spec_of(msg)
+            if spec.native is not None:  # refused here already, not only on the node that would run it
+                box = self.settings.config.sandbox
+                require(box.require_signed, box.trusted_keys, file_message(spec.native.sha256),
+                        spec.native.signature, f"native executable sha256 {spec.native.sha256}")
+            body = call = MSGPACK.encode(spec)
         else:
             if kind == CORE and not msg.core:
                 raise BadRequest("a core task names its compute core (core)")
