@@ -19,12 +19,14 @@ connections are closed at once, the others stay (:meth:`AuthRealm.reload`).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -130,7 +132,12 @@ def _write_private(path: Path, text: str) -> None:
 
 
 class AuthRealm:
-    """The auth files of one state directory (see the module docstring)."""
+    """The auth files of one state directory (see the module docstring).
+
+    Every change of ``users.json`` reads, changes and writes it under an exclusive lock
+    (``auth/users.lock``): ``fabric user add`` in one shell, ``rm`` in another and a node
+    joining through the supervisor never lose each other's change.
+    """
 
     def __init__(self, state: StateDir, node: str) -> None:
         self.state = state
@@ -138,6 +145,16 @@ class AuthRealm:
         self.dir = state.auth_dir
         self.users_file = self.dir / "users.json"
         self.users_conf = state.nats_dir / "users.conf"
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.dir / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     # -- credentials ------------------------------------------------------------------------
 
@@ -158,10 +175,12 @@ class AuthRealm:
         os.chmod(self.dir, 0o700)
         (self.dir / "services").mkdir(mode=0o700, exist_ok=True)
         if not self._readable(self.admin_credentials):
-            seed = new_seed()
-            write_credentials(self.admin_credentials, user=ADMIN_USER, role=ADMIN, seed=seed, url=url,
+            write_credentials(self.admin_credentials, user=ADMIN_USER, role=ADMIN, seed=new_seed(), url=url,
                               ca_pem=ca_pem, by="fabric up")
-            self._put(UserRecord(ADMIN_USER, ADMIN, public_key(seed), _now()))
+        admin = read_credentials(self.admin_credentials).nkey
+        with self._locked():  # the admin is always in the table (a users.json lost or edited must not lock it out)
+            if not any(u.name == ADMIN_USER and u.nkey == admin for u in self.users()):
+                self._put(UserRecord(ADMIN_USER, ADMIN, admin, _now()))
         for role in SERVICE_ROLES:
             path = self.service_credentials(role)
             if not self._readable(path):
@@ -223,6 +242,10 @@ class AuthRealm:
                 raise AuthError(f"not an nkey user public key: {key!r}")
         if node == self.node:
             raise AuthError(f"node name {node!r} is this node's: start the other machine with another --node")
+        with self._locked():
+            return self._add_node(node, services, admin)
+
+    def _add_node(self, node: str, services: dict[str, str], admin: str) -> bool:
         known = {r.node: r for r in self.nodes()}
         old = known.get(node)
         if old is not None:
@@ -266,20 +289,29 @@ class AuthRealm:
                             "not starting with '_'")
         if role not in USER_ROLES:
             raise AuthError(f"unknown role {role!r}: {' or '.join(USER_ROLES)}")
+        with self._locked():
+            return self._add_user(name, role, out, url=url, ca_pem=ca_pem, ttl_s=ttl_s)
+
+    def _add_user(self, name: str, role: str, out: Path, *, url: str | None, ca_pem: str | None,
+                  ttl_s: float | None) -> Credentials:
         if any(u.name == name for u in self.users()):
             raise AuthError(f"user {name!r} exists: `fabric user rm {name}` first to issue new credentials")
-        seed = new_seed()
-        write_credentials(out, user=name, role=role, seed=seed, url=url, ca_pem=ca_pem, by="fabric user add")
         expires = ""
         if ttl_s is not None:
             if ttl_s <= 0:
                 raise AuthError("--ttl must be positive")
             expires = (datetime.now(timezone.utc) + timedelta(seconds=ttl_s)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        seed = new_seed()
+        write_credentials(out, user=name, role=role, seed=seed, url=url, ca_pem=ca_pem, by="fabric user add")
         self._put(UserRecord(name, role, public_key(seed), _now(), expires))
         return read_credentials(out)
 
     def expire(self) -> list[str]:
         """Drop the users whose time is up from the table; their names (the caller reloads the server)."""
+        with self._locked():
+            return self._expire()
+
+    def _expire(self) -> list[str]:
         users = self.users()
         gone = [u.name for u in users if u.expired()]
         if gone:
@@ -288,6 +320,10 @@ class AuthRealm:
 
     def remove_user(self, name: str) -> UserRecord:
         """Remove user *name* from the table (its credentials stop working at the next reload)."""
+        with self._locked():
+            return self._remove_user(name)
+
+    def _remove_user(self, name: str) -> UserRecord:
         users = self.users()
         gone = [u for u in users if u.name == name]
         if not gone:

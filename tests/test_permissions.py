@@ -20,7 +20,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from fabric.auth import ADMIN_USER, AuthError
+from fabric.auth import ADMIN_USER, AuthError, AuthRealm
 from fabric.credentials import CredentialsError, new_seed, public_key, read_credentials, write_credentials
 from fabric.protocol import permissions as perms
 from fabric.protocol.subjects import Mem, cluster, node_scoped
@@ -462,3 +462,19 @@ async def test_an_expired_user_is_cut_off(server: Server, conns: list[Conn], tmp
     assert tnc.is_closed and snc.is_connected
     with pytest.raises(AuthError, match="positive"):
         server.realm.add_user("never", "client", tmp_path / "never.creds", ttl_s=0)
+
+
+def test_users_table_changes_never_lose_each_other(tmp_path: Path) -> None:
+    """Changes from several processes at once (users added in shells, a node joining through the supervisor)
+    are serialized by the table's lock; and a users.json that was lost gets its admin back at the next start."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv = Server(tmp_path)
+    names = [f"u{i}" for i in range(12)]
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda n: AuthRealm(srv.state, "n1").add_user(n, "client", tmp_path / f"{n}.creds"), names))
+    assert sorted(u.name for u in srv.realm.users()) == sorted([ADMIN_USER, *names])
+    admin_key = read_credentials(srv.realm.admin_credentials).nkey
+    srv.realm.users_file.unlink()
+    srv.realm.ensure()
+    assert [(u.name, u.nkey) for u in srv.realm.users()] == [(ADMIN_USER, admin_key)]
