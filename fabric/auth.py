@@ -24,7 +24,6 @@ import json
 import os
 import signal
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from .protocol.permissions import (
     service_user,
     valid_user_name,
 )
-from .state import StateDir
+from .state import StateDir, write_private
 
 __all__ = ["AuthRealm", "UserRecord", "NodeRecord", "AuthError", "ADMIN_USER", "TOKEN_PREFIX", "make_token",
            "parse_token", "token_seed"]
@@ -115,20 +114,6 @@ def parse_token(token: str) -> tuple[str, str]:
 def token_seed(token: str) -> str:
     """The joiner seed inside *token*; AuthError if it is not a join token."""
     return parse_token(token)[0]
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Replace *path* atomically with *text*, mode 0600."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class AuthRealm:
@@ -224,7 +209,7 @@ class AuthRealm:
                                    **({"expires": u.expires} if u.expires else {})} for u in users},
                 "nodes": {r.node: {"services": r.services, "admin": r.admin, "joined": r.joined}
                           for r in (self.nodes() if nodes is None else nodes)}}
-        _write_private(self.users_file, json.dumps(body, indent=2) + "\n")
+        write_private(self.users_file, json.dumps(body, indent=2) + "\n")
 
     def add_node(self, node: str, services: dict[str, str], admin: str) -> bool:
         """Let node *node* in with these public keys; False if it had joined with the very same ones.
@@ -354,7 +339,7 @@ class AuthRealm:
 
     def render(self) -> Path:
         """Write ``<state>/nats/users.conf`` (0600) and return its path."""
-        _write_private(self.users_conf, render_users(self.entries()))
+        write_private(self.users_conf, render_users(self.entries()))
         return self.users_conf
 
     def reload(self, binary: str, config: Path, pid: int) -> None:

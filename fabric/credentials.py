@@ -20,13 +20,13 @@ import logging
 import os
 import re
 import ssl
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .protocol.permissions import ADMIN, CLIENT, JOINER, SERVICE_ROLES, USER_ROLES, inbox_prefix
+from .state import write_private
 
 __all__ = ["Credentials", "CredentialsError", "CREDENTIALS_ENV", "new_seed", "public_key", "write_credentials",
            "read_credentials", "find_credentials"]
@@ -148,16 +148,7 @@ def write_credentials(path: Path, *, user: str, role: str, seed: str, url: str |
     lines += ["", _SEED_BEGIN, seed, _SEED_END, ""]
     if ca_pem:
         lines += ["# the fabric's CA certificate (TLS): trust only it", ca_pem.strip(), ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("\n".join(lines))
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_private(path, "\n".join(lines))
     return path
 
 

@@ -22,6 +22,8 @@ import os
 import socket
 from pathlib import Path
 
+from .state import write_private
+
 __all__ = ["Pki", "ca_fingerprint"]
 
 _CA_DAYS = 3650
@@ -36,15 +38,6 @@ def ca_fingerprint(ca_pem: str) -> str:
 
     cert = x509.load_pem_x509_certificate(ca_pem.encode())
     return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 
 class Pki:
@@ -91,9 +84,9 @@ class Pki:
                                              data_encipherment=False, key_agreement=False, encipher_only=False,
                                              decipher_only=False), critical=True)
                 .sign(key, hashes.SHA256()))
-        _write(self.ca_key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        write_private(self.ca_key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                               serialization.NoEncryption()), 0o600)
-        _write(self.ca, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_private(self.ca, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
     def _covers(self, names: tuple[set[str], set[str]]) -> bool:
         """Whether the node certificate exists, is the CA's, covers *names* and is not near its end."""
@@ -135,9 +128,9 @@ class Pki:
                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                                       ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
                 .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
-        _write(self.key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        write_private(self.key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()), 0o600)
-        _write(self.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_private(self.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def _names(hosts: list[str]) -> tuple[set[str], set[str]]:

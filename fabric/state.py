@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,6 +82,24 @@ class FabricState(msgspec.Struct, kw_only=True):
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(FabricState)
+
+
+def write_private(path: Path, data: str | bytes, mode: int = 0o600) -> None:
+    """Replace *path* atomically with *data*, readable only as *mode* says (keys, credentials, users).
+
+    Written to a temporary file beside it, then renamed: a reader sees the old file or the
+    new one, never a half-written key.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def default_state_dir() -> Path:
