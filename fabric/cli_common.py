@@ -160,20 +160,12 @@ class CliNats:
 
 def credentials_for(state: StateDir | None) -> Any:
     """The credentials a command connects with: ``$FABRIC_CREDENTIALS``, else the admin's of *state*; or None."""
-    import os
+    from .credentials import CREDENTIALS_ENV, CredentialsError, find_credentials
 
-    from .credentials import CREDENTIALS_ENV, CredentialsError, read_credentials
-
-    path = os.environ.get(CREDENTIALS_ENV) or None
-    if path is None:
-        admin = (state or _command_state or StateDir(default_state_dir())).admin_credentials
-        path = str(admin) if admin.is_file() else None
-    if path is None:
-        return None
     try:
-        return read_credentials(path)
+        return find_credentials(state=state or _command_state)
     except CredentialsError as exc:
-        fail(str(exc), f"check ${CREDENTIALS_ENV}, or the state dir's auth/admin.creds")
+        fail(str(exc), f"check ${CREDENTIALS_ENV}")
 
 
 async def connect(url: str, state: StateDir | None = None) -> CliNats:
@@ -183,6 +175,7 @@ async def connect(url: str, state: StateDir | None = None) -> CliNats:
     """
     import nats
 
+    from .credentials import REFUSED_CREDENTIALS, UNTRUSTED_CERTIFICATE, refusal
     from .protocol.permissions import ADMIN
 
     async def quiet(*_: Any) -> None:
@@ -195,10 +188,11 @@ async def connect(url: str, state: StateDir | None = None) -> CliNats:
                                 error_cb=quiet, disconnected_cb=quiet, closed_cb=quiet, name="fabric-cli", **auth)
     except Exception as exc:
         text = str(exc) or type(exc).__name__
-        if "certificate verify failed" in text.lower():
+        why = refusal(text)
+        if why == UNTRUSTED_CERTIFICATE:
             fail(f"NATS at {url} runs TLS with a certificate this command does not trust",
                  "use credentials issued by that fabric ($FABRIC_CREDENTIALS): they carry its CA")
-        if "authorization violation" in text.lower():
+        if why == REFUSED_CREDENTIALS:
             if creds is None:
                 fail(f"NATS at {url} requires credentials",
                      "set $FABRIC_CREDENTIALS to a credentials file (`fabric user add NAME` issues them), or pass "

@@ -235,6 +235,8 @@ async def _requires_credentials(url: str) -> bool:
     supervisor then reports what it finds)."""
     import nats
 
+    from .credentials import refusal
+
     seen: list[str] = []
 
     async def quiet(exc: Exception) -> None:
@@ -244,9 +246,8 @@ async def _requires_credentials(url: str) -> bool:
         nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0,
                                 error_cb=quiet, name="fabric-up-check")
     except Exception as exc:
-        text = " ".join([str(exc), *seen]).lower()
         # refused, or TLS with a CA of its own (which only a token pins): either way, it takes a token
-        return "authorization violation" in text or "certificate verify failed" in text
+        return refusal(" ".join([str(exc), *seen])) is not None
     await nc.close()
     return False
 

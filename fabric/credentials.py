@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from .protocol.permissions import ADMIN, CLIENT, JOINER, SERVICE_ROLES, USER_ROLES, inbox_prefix
-from .state import write_private
+from .state import StateDir, write_private
 
-__all__ = ["Credentials", "CredentialsError", "CREDENTIALS_ENV", "new_seed", "public_key", "write_credentials",
+__all__ = ["Credentials", "CredentialsError", "CREDENTIALS_ENV", "refusal", "REFUSED_CREDENTIALS",
+           "UNTRUSTED_CERTIFICATE", "new_seed", "public_key", "write_credentials",
            "read_credentials", "find_credentials"]
 
 #: the environment variable naming a credentials file (client, CLI)
@@ -38,6 +39,23 @@ _SEED_BEGIN = "-----BEGIN USER NKEY SEED-----"
 _SEED_END = "------END USER NKEY SEED------"
 _CA_BLOCK = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 _FIELD = re.compile(r"^([a-z_]+):\s*(.*?)\s*$")
+
+
+#: why NATS refused a connection (:func:`refusal`)
+REFUSED_CREDENTIALS = "credentials"
+UNTRUSTED_CERTIFICATE = "certificate"
+
+
+def refusal(text: str) -> str | None:
+    """Why NATS refused a connection, read from nats-py's error text: no or unknown credentials
+    (:data:`REFUSED_CREDENTIALS`), a TLS certificate the client does not trust
+    (:data:`UNTRUSTED_CERTIFICATE`), or None when it was not a refusal (nothing answers...)."""
+    low = text.lower()
+    if "certificate verify failed" in low:
+        return UNTRUSTED_CERTIFICATE
+    if "authorization violation" in low or "authentication" in low:
+        return REFUSED_CREDENTIALS
+    return None
 
 
 class CredentialsError(ValueError):
@@ -187,20 +205,22 @@ def read_credentials(path: str | os.PathLike[str]) -> Credentials:
                        ca_pem=ca.group(0) + "\n" if ca else None, path=p)
 
 
-def find_credentials(explicit: str | os.PathLike[str] | None = None) -> Credentials | None:
-    """The credentials to connect with: *explicit*, else ``$FABRIC_CREDENTIALS``, else the local fabric's admin's.
+def find_credentials(explicit: str | os.PathLike[str] | None = None, state: StateDir | None = None
+                     ) -> Credentials | None:
+    """The credentials to connect with: *explicit*, else ``$FABRIC_CREDENTIALS``, else a local fabric's admin's.
 
     None where there are none (a fabric without auth).  The last place is
-    ``<default state dir>/auth/admin.creds``, which ``fabric up`` writes.
+    ``<state>/auth/admin.creds`` (*state*: the default state dir), which ``fabric up``
+    writes; the first two raise CredentialsError when unusable.
     """
     if explicit:
         return read_credentials(explicit)
     env = os.environ.get(CREDENTIALS_ENV)
     if env:
         return read_credentials(env)
-    from .state import StateDir, default_state_dir
+    from .state import default_state_dir  # looked up at each call: where the default state dir is may change
 
-    path = StateDir(default_state_dir()).admin_credentials
+    path = (state if state is not None else StateDir(default_state_dir())).admin_credentials
     if path.is_file():
         try:
             return read_credentials(path)

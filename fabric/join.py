@@ -112,7 +112,7 @@ async def request_join(url: str, token: str, realm: AuthRealm, *, timeout: float
 
     import nats
 
-    from .credentials import read_credentials
+    from .credentials import REFUSED_CREDENTIALS, UNTRUSTED_CERTIFICATE, read_credentials, refusal
 
     try:
         seed, fingerprint = parse_token(token)
@@ -138,11 +138,11 @@ async def request_join(url: str, token: str, realm: AuthRealm, *, timeout: float
                                 connect_timeout=min(timeout, 5.0), allow_reconnect=False, max_reconnect_attempts=0,
                                 error_cb=on_error, name=f"fabric-join@{realm.node}", **tls)
     except Exception as exc:
-        text = " ".join([str(exc), *errors]).lower()
-        if "certificate" in text:
+        why = refusal(" ".join([str(exc), *errors]))
+        if why == UNTRUSTED_CERTIFICATE:
             raise Unauthenticated(f"the fabric at {url} runs TLS and this token pins no CA: get its current token "
                                   "with `fabric join-token` there") from None
-        if "authorization violation" in text:
+        if why == REFUSED_CREDENTIALS:
             raise Unauthenticated(f"the fabric at {url} does not know this join token: get the current one with "
                                   "`fabric join-token` there (a rotated token replaces the old)") from None
         raise Unavailable(f"cannot reach the fabric at {url}: {exc or type(exc).__name__}") from None

@@ -36,7 +36,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from ..config.model import DEFAULT_NATS_URL
-from ..credentials import Credentials, CredentialsError, find_credentials
+from ..credentials import UNTRUSTED_CERTIFICATE, Credentials, CredentialsError, find_credentials, refusal
 from ..errors import (
     ERROR_CODE_HEADER,
     ERROR_HEADER,
@@ -227,8 +227,7 @@ class Transport:
                 if sent.lower() == subject:
                     task.cancel(msg=_DENIED)
             return
-        if ("authorization violation" in text.lower() or "authentication" in text.lower()
-                or "certificate verify failed" in text.lower()):
+        if refusal(text) is not None:
             self._refused = text
             if self.nc is None and self._connecting is not None and not self._connecting.done():
                 self._connecting.cancel()
@@ -261,12 +260,12 @@ class Transport:
                     "Start fabric with `fabric up`, or pass the URL of a running one "
                     "(FabricClient(url) or $FABRIC_NATS_URL)") from None
             except Exception as exc:
-                if self._refused is not None or "authorization violation" in str(exc).lower():
+                if self._refused is not None or refusal(str(exc)) is not None:
                     raise self._unauthenticated() from None
                 raise Unavailable(f"cannot connect to NATS at {self.url}: {exc}") from None
 
     def _unauthenticated(self) -> Unauthenticated:
-        if self._refused is not None and "certificate" in self._refused.lower():
+        if self._refused is not None and refusal(self._refused) == UNTRUSTED_CERTIFICATE:
             return Unauthenticated(
                 f"NATS at {self.url} runs TLS with a certificate this client does not trust: connect with "
                 "credentials issued by that fabric (`fabric user add`), which carry its CA")
