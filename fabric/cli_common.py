@@ -146,9 +146,9 @@ class CliNats:
         self.user = user
 
     def subject(self, subject: str) -> str:
-        from .protocol.permissions import user_subject
+        from .protocol.permissions import subject_for
 
-        return user_subject(self.user, subject) if self.user and subject.startswith("fabric.") else subject
+        return subject_for(self.user, subject)
 
     async def request(self, subject: str, payload: bytes = b"", timeout: float = 2.0,
                       headers: dict[str, str] | None = None) -> Any:

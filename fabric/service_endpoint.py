@@ -19,7 +19,7 @@ from typing import Any
 from nats.micro.service import EndpointStats
 
 from .protocol.headers import REQUEST_ID_HEADER
-from .protocol.permissions import split_user, user_subject
+from .protocol.permissions import caller_of, user_subject
 from .protocol.subjects import QUEUE_GROUP, cluster, node_scoped
 from .protocol.wire import MAGIC as FRAME_MAGIC  # a body that starts with it is a frame
 from .schema import CONTENT_TYPE_HEADER, FRAME_CONTENT_TYPE, JSON, MSGPACK, MSGPACK_CONTENT_TYPE, Codec
@@ -27,7 +27,6 @@ from .schema import CONTENT_TYPE_HEADER, FRAME_CONTENT_TYPE, JSON, MSGPACK, MSGP
 __all__ = ["Request", "Reply", "Endpoint", "Handler", "node_endpoint", "cluster_endpoint", "with_user_forms",
            "REQUEST_ID_HEADER", "FRAME_MAGIC", "ACCEPTED_CONTENT_TYPES"]
 
-_USER_FORM = "fabric.u."
 
 
 
@@ -50,7 +49,7 @@ class Request:
 
     def __init__(self, subject: str, headers: dict[str, str] | None, data: bytes) -> None:
         self.subject = subject
-        self.caller = split_user(subject)[0] if subject.startswith(_USER_FORM) else None
+        self.caller = caller_of(subject)
         self.headers = headers
         self.data = data
         ctype = headers.get(CONTENT_TYPE_HEADER) if headers else None

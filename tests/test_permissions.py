@@ -54,6 +54,10 @@ def test_user_forms_round_trip() -> None:
     assert perms.split_user("fabric.u.alice") == (None, "fabric.u.alice")  # no area: not a user form
     with pytest.raises(ValueError):
         perms.user_subject("alice", "$SRV.PING")
+    assert perms.caller_of(s) == "alice" and perms.caller_of("fabric.mem.alloc") is None
+    assert perms.subject_for("alice", "fabric.mem.alloc") == "fabric.u.alice.mem.alloc"
+    assert perms.subject_for(None, "fabric.mem.alloc") == "fabric.mem.alloc"  # an admin, or no auth
+    assert perms.subject_for("alice", "$SRV.PING") == "$SRV.PING"
 
 
 @pytest.mark.unit

@@ -51,7 +51,7 @@ from ..errors import (
     error_from_wire,
 )
 from ..protocol import subjects
-from ..protocol.permissions import ADMIN, user_subject
+from ..protocol.permissions import ADMIN, subject_for
 from ..schema import JSON
 
 T = TypeVar("T")
@@ -207,9 +207,7 @@ class Transport:
 
     def _subject(self, subject: str) -> str:
         """The subject this client sends a request for *subject* on: its user form, with a user."""
-        if self.user is not None and subject.startswith("fabric."):
-            return user_subject(self.user, subject)
-        return subject
+        return subject_for(self.user, subject)
 
     async def _on_error(self, exc: Exception) -> None:
         """nats-py's error callback: permissions violations fail their requests; refusals end the connect."""
@@ -314,8 +312,7 @@ class Transport:
         """Send one request; return the reply message or raise the typed error it carries."""
         if self.nc is None:
             raise Unavailable("client is not connected: use 'async with' or call connect()")
-        if self.user is not None and subject.startswith("fabric."):
-            subject = user_subject(self.user, subject)
+        subject = subject_for(self.user, subject)
         task = asyncio.current_task() if self.credentials is not None else None
         if task is not None:
             self._in_flight[task] = subject

@@ -66,7 +66,7 @@ __all__ = [
     "ALLOCATOR", "SPAWNER", "SCHEDULER", "GPU_MONITOR", "SERVICE_ROLES", "CLIENT", "ADMIN", "USER_ROLES",
     "JOINER", "JOINER_USER",
     "USER_TOKEN", "INBOX", "Permissions", "UserEntry", "valid_user_name", "service_user", "inbox_prefix",
-    "user_subject", "split_user", "permissions", "render_users",
+    "user_subject", "split_user", "caller_of", "subject_for", "permissions", "render_users",
 ]
 
 ALLOCATOR: Final = "allocator"
@@ -128,6 +128,22 @@ def split_user(subject: str) -> tuple[str | None, str]:
     if not sep or not user:
         return None, subject
     return user, _PLAIN_PREFIX + rest
+
+
+def caller_of(subject: str) -> str | None:
+    """The user a request came from: the ``<user>`` of its user form, None for the plain form (a trusted caller).
+
+    On every request's path: the plain form costs one ``startswith``.
+    """
+    return split_user(subject)[0] if subject.startswith(_USER_PREFIX) else None
+
+
+def subject_for(user: str | None, subject: str) -> str:
+    """The subject a client of *user* sends a request for *subject* on: its user form; the plain one without a
+    user (an admin, a fabric without auth), and anything that is not a fabric subject as it is (``$SRV``)."""
+    if user is None or not subject.startswith(_PLAIN_PREFIX):
+        return subject
+    return user_subject(user, subject)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from fabric.errors import FabricError, JobFailed, TooLarge, error_headers
 from fabric.protocol import subjects
 from fabric.protocol.headers import EXIT_CODE_HEADER
 from fabric.protocol.jobframes import decode_job_batch, encode_job_results, results_frame_size
-from fabric.protocol.permissions import split_user
+from fabric.protocol.permissions import caller_of
 from fabric.service import Endpoint, node_endpoint
 from fabric.service_endpoint import with_user_forms
 
@@ -52,11 +52,6 @@ from .pool_types import OUTPUT_HINT, Job
 
 __all__ = ["JobLane", "fit_results"]
 
-
-
-def _caller(subject: str) -> str | None:
-    """The user of a job's user-form subject (``fabric.u.<user>.core.<node>.run.<core>``), None for the plain form."""
-    return split_user(subject)[0] if subject.startswith("fabric.u.") else None
 
 
 def _lane_only(req: Any) -> None:
@@ -185,7 +180,7 @@ class JobLane:
         t0 = time.perf_counter_ns()
         reply = msg.reply
         try:
-            pool = self._pool(msg.subject.rpartition(".")[2], _caller(msg.subject))
+            pool = self._pool(msg.subject.rpartition(".")[2], caller_of(msg.subject))
         except FabricError as exc:
             ep.record(t0, exc.message)
             self._send_error(reply, exc)
@@ -219,7 +214,7 @@ class JobLane:
         t0 = time.perf_counter_ns()
         reply = msg.reply
         try:
-            pool = self._pool(msg.subject.rpartition(".")[2], _caller(msg.subject))
+            pool = self._pool(msg.subject.rpartition(".")[2], caller_of(msg.subject))
             items = decode_job_batch(msg.data)
         except FabricError as exc:
             ep.record(t0, exc.message)
