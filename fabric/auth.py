@@ -46,7 +46,7 @@ from .protocol.permissions import (
 )
 from .state import StateDir, write_private
 
-__all__ = ["AuthRealm", "UserRecord", "NodeRecord", "AuthError", "ADMIN_USER", "TOKEN_PREFIX", "make_token",
+__all__ = ["AuthRealm", "UserRecord", "NodeRecord", "AuthError", "AuthConflict", "ADMIN_USER", "TOKEN_PREFIX", "make_token",
            "parse_token", "token_seed"]
 
 #: the operator's user name (``fabric up`` creates it)
@@ -55,6 +55,10 @@ ADMIN_USER = "admin"
 
 class AuthError(ValueError):
     """A users-table change that cannot be made (the message says why)."""
+
+
+class AuthConflict(AuthError):
+    """... because the name is held: another machine's node, this node's own name, an existing user."""
 
 
 @dataclass(frozen=True)
@@ -226,7 +230,7 @@ class AuthRealm:
             if not (isinstance(key, str) and len(key) == 56 and key.startswith("U")):
                 raise AuthError(f"not an nkey user public key: {key!r}")
         if node == self.node:
-            raise AuthError(f"node name {node!r} is this node's: start the other machine with another --node")
+            raise AuthConflict(f"node name {node!r} is this node's: start the other machine with another --node")
         with self._locked():
             return self._add_node(node, services, admin)
 
@@ -236,7 +240,7 @@ class AuthRealm:
         if old is not None:
             if old.services == services and old.admin == admin:
                 return False
-            raise AuthError(f"node {node!r} already joined from another machine (other keys): start this one "
+            raise AuthConflict(f"node {node!r} already joined from another machine (other keys): start this one "
                             "with another --node")
         known[node] = NodeRecord(node, dict(services), admin, _now())
         self._save(self.users(), list(known.values()))
@@ -280,7 +284,7 @@ class AuthRealm:
     def _add_user(self, name: str, role: str, out: Path, *, url: str | None, ca_pem: str | None,
                   ttl_s: float | None) -> Credentials:
         if any(u.name == name for u in self.users()):
-            raise AuthError(f"user {name!r} exists: `fabric user rm {name}` first to issue new credentials")
+            raise AuthConflict(f"user {name!r} exists: `fabric user rm {name}` first to issue new credentials")
         expires = ""
         if ttl_s is not None:
             if ttl_s <= 0:

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from .auth import AuthError, AuthRealm, parse_token
+from .auth import AuthConflict, AuthError, AuthRealm, parse_token
 from .errors import BadRequest, Conflict, FabricError, Unauthenticated, Unavailable, error_from_wire, error_headers
 from .protocol.headers import ERROR_CODE_HEADER, ERROR_HEADER, ERROR_KIND_HEADER
 from .protocol.permissions import JOINER_USER, SERVICE_ROLES, inbox_prefix
@@ -90,9 +90,9 @@ class JoinResponder:
     def _grant(self, req: JoinRequest) -> bool:
         try:
             new = self.realm.add_node(req.node, req.services, req.admin)
+        except AuthConflict as exc:
+            raise Conflict(str(exc)) from None
         except AuthError as exc:
-            if "already joined" in str(exc) or "this node's" in str(exc):
-                raise Conflict(str(exc)) from None
             raise BadRequest(str(exc)) from None
         if new:
             pid = self.nats_pid()
