@@ -46,8 +46,8 @@ from .protocol.permissions import (
 )
 from .state import StateDir, write_private
 
-__all__ = ["AuthRealm", "UserRecord", "NodeRecord", "AuthError", "AuthConflict", "ADMIN_USER", "TOKEN_PREFIX", "make_token",
-           "parse_token", "token_seed"]
+__all__ = ["AuthRealm", "UserRecord", "NodeRecord", "AuthError", "AuthConflict", "ADMIN_USER", "TOKEN_PREFIX",
+           "make_token", "parse_token", "token_seed"]
 
 #: the operator's user name (``fabric up`` creates it)
 ADMIN_USER = "admin"
