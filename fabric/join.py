@@ -5,7 +5,7 @@ an identity that may do one thing: publish on ``fabric.join.request``
 (:data:`fabric.protocol.subjects.JOIN_REQUEST`).  The joining machine makes its own keys
 -- one per service, one for its operator -- and sends only their public halves with its
 node name (:class:`JoinRequest`); the supervisor of the fabric that issued the token
-(:class:`JoinResponder`) adds them to its users, has nats-server check and reload the
+(its :class:`AuthKeeper`) adds them to its users, has nats-server check and reload the
 configuration, and answers (:class:`JoinReply`).  The joining machine then starts its
 services with their keys.  No secret crosses the wire but the signature of a nonce.
 
@@ -28,7 +28,7 @@ from .protocol.permissions import JOINER_USER, SERVICE_ROLES, inbox_prefix
 from .protocol.subjects import JOIN_REQUEST
 from .schema import JSON
 
-__all__ = ["JoinRequest", "JoinReply", "JoinResponder", "request_join"]
+__all__ = ["JoinRequest", "JoinReply", "AuthKeeper", "request_join"]
 
 
 class JoinRequest(msgspec.Struct, forbid_unknown_fields=False):
@@ -50,8 +50,9 @@ class JoinReply(msgspec.Struct):
     ca: str = ""
 
 
-class JoinResponder:
-    """Answers ``fabric.join.request`` for the fabric whose supervisor runs it (auth on, embedded NATS)."""
+class AuthKeeper:
+    """The supervisor's keeper of its node's users (auth on, embedded NATS): it answers ``fabric.join.request``
+    and drops the users whose TTL ended (``fabric user add --ttl``), reloading nats-server after each change."""
 
     def __init__(self, realm: AuthRealm, binary: str, config: Any, nats_pid: Any, log: Any,
                  ca_pem: str | None = None) -> None:
@@ -67,9 +68,47 @@ class JoinResponder:
         self._nc: Any = None
 
     async def start(self, nc: Any) -> None:
+        """Answer joins on *nc* (an admin's connection), from now on."""
         self._nc = nc
         self._sub = await nc.subscribe(JOIN_REQUEST, cb=self._on_request)
         await nc.flush()
+
+    async def serve(self, url: str, name: str, options: dict[str, Any]) -> None:
+        """Connect to *url* (*options*: the admin's credentials) and :meth:`start`; logged, not raised, on failure:
+        the fabric works without it, joins are refused until a restart."""
+        import nats
+
+        async def on_error(exc: Exception) -> None:  # nats-py would print a traceback otherwise
+            self.log("debug", "nats error", error=f"{type(exc).__name__}: {exc}")
+
+        try:
+            nc = await nats.connect(url, name=name, allow_reconnect=True, max_reconnect_attempts=-1,
+                                    reconnect_time_wait=0.25, error_cb=on_error, **options)
+            await self.start(nc)
+        except Exception as exc:
+            self.log("error", "cannot answer join requests", error=str(exc) or type(exc).__name__)
+
+    async def close(self) -> None:
+        if self._nc is not None:
+            try:
+                await self._nc.close()
+            except Exception:  # closing: nothing left to do with it
+                pass
+
+    async def expire_users(self) -> None:
+        """Drop the users whose TTL ended and reload the server; logged, not raised (the next call tries again)."""
+        pid = self.nats_pid()
+        if pid is None:
+            return
+        try:
+            async with self._lock:
+                gone = await asyncio.to_thread(self.realm.expire)
+                if gone:
+                    await asyncio.to_thread(self.realm.reload, self.binary, self.config, pid)
+            if gone:
+                self.log("info", "users expired", users=gone)
+        except Exception as exc:
+            self.log("error", "user expiry failed", error=str(exc) or type(exc).__name__)
 
     async def _on_request(self, msg: Any) -> None:
         try:

@@ -202,9 +202,8 @@ class Supervisor:
         self._log: Any = None
         self._logger = logger
         self._early_log: list[tuple[str, str, dict[str, Any]]] = []
-        # with auth on an embedded server: (realm, nats-server binary, its config) for answering joins
-        self._joins: tuple[Any, str, Path, str | None] | None = None
-        self._join_nc: Any = None
+        # with auth on an embedded server: its users' keeper (joins, expiry: fabric.join)
+        self._keeper: Any = None
         cfg = config
         if cfg.external_nats_url:
             url = join = cfg.external_nats_url
@@ -331,8 +330,11 @@ class Supervisor:
             conf = write_config(state, host=cfg.host, port=cfg.port, node=cfg.node, auth=realm is not None,
                                 tls=pki)
             if realm is not None:
-                self._joins = (realm, os.path.abspath(cfg.nats_binary), conf,
-                               pki.ca_pem() if pki is not None else None)
+                from .join import AuthKeeper
+
+                self._keeper = AuthKeeper(realm, os.path.abspath(cfg.nats_binary), conf,
+                                          lambda: self.nats.pid if self.nats is not None else None, self.log,
+                                          pki.ca_pem() if pki is not None else None)
             names.append("nats-server")
             binary = os.path.abspath(cfg.nats_binary)
             self.nats = Child("nats-server", server_command(binary, conf), state.log_file("nats-server"), env, cwd)
@@ -447,7 +449,8 @@ class Supervisor:
         self._write_state()
         self.log("info", "fabric ready", seconds=round(self.state.ready_at - self.state.started_at, 3),
                  nats_url=self.nats_url)
-        await self._serve_joins()
+        if self._keeper is not None:  # joins are answered once the fabric is ready
+            await self._keeper.serve(self.nats_url, f"fabric-supervisor-joins@{self.config.node}", self._auth())
         if self.on_ready is not None:
             self.on_ready(self.state)
 
@@ -520,21 +523,8 @@ class Supervisor:
             await asyncio.sleep(1.0)
             self._reap()
             ticks += 1
-            if ticks % USER_EXPIRY_EVERY_S == 0:
-                await self._expire_users()
-
-    async def _expire_users(self) -> None:
-        """Users added with a TTL (``fabric user add --ttl``) are dropped when it ends, and the server reloaded."""
-        if self._joins is None or self.nats is None or self.nats.pid is None:
-            return
-        realm, binary, conf, _ = self._joins
-        try:
-            gone = await asyncio.to_thread(realm.expire)
-            if gone:
-                await asyncio.to_thread(realm.reload, binary, conf, self.nats.pid)
-                self.log("info", "users expired", users=gone)
-        except Exception as exc:  # the users stay until the next try; the fabric goes on
-            self.log("error", "user expiry failed", error=str(exc) or type(exc).__name__)
+            if self._keeper is not None and ticks % USER_EXPIRY_EVERY_S == 0:
+                await self._keeper.expire_users()  # fabric user add --ttl
 
     def _children(self) -> list[Child]:
         return list(self.services.values()) + ([self.nats] if self.nats is not None else [])
@@ -550,31 +540,10 @@ class Supervisor:
             self.log("info", "stop requested", signal=signal.Signals(sig).name)
         self._stop.set()
 
-    async def _serve_joins(self) -> None:
-        """Answer fabric.join.request (fabric.join) for as long as the fabric runs: auth on, embedded NATS."""
-        if self._joins is None or self._join_nc is not None:
-            return
-        import nats
-
-        from .join import JoinResponder
-
-        realm, binary, conf, ca_pem = self._joins
-        nats_pid = lambda: self.nats.pid if self.nats is not None else None  # noqa: E731 - read at each join
-        try:
-            self._join_nc = await nats.connect(
-                self.nats_url, name=f"fabric-supervisor-joins@{self.config.node}", allow_reconnect=True,
-                max_reconnect_attempts=-1, reconnect_time_wait=0.25, error_cb=self._on_nats_error, **self._auth())
-            await JoinResponder(realm, binary, conf, nats_pid, self.log, ca_pem).start(self._join_nc)
-        except Exception as exc:  # the fabric works without it; joins are refused until a restart
-            self.log("error", "cannot answer join requests", error=str(exc) or type(exc).__name__)
-
     async def _shutdown(self, code: int) -> int:
         self.stopping = True
-        if self._join_nc is not None:
-            try:
-                await self._join_nc.close()
-            except Exception:  # closing: nothing left to do with it
-                pass
+        if self._keeper is not None:
+            await self._keeper.close()
         if self.state.phase != "failed":
             self.state.phase = "stopping"
         self._write_state()
