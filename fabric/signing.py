@@ -27,9 +27,12 @@ import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import BadRequest, PermissionDenied
+
+if TYPE_CHECKING:
+    from .config.model import SandboxConfig
 
 __all__ = ["SIGNING_KEY_ENV", "create_keys", "load_key", "public_key_of", "sign", "verify", "file_message",
            "python_message", "map_message", "require", "SigningKey"]
@@ -125,10 +128,12 @@ def verify(trusted: Sequence[str], message: bytes, signature: str) -> bool:
     return False
 
 
-def require(enabled: bool, trusted: Sequence[str], message: bytes, signature: str, what: str) -> None:
-    """403 unless signing is off, or *signature* over *message* is by a trusted key."""
-    if not enabled:
+def require(policy: SandboxConfig, message: bytes, signature: str, what: str) -> None:
+    """403 unless *policy* (the node's ``sandbox`` section) requires no signature, or *signature* over *message*
+    is by one of its trusted keys."""
+    if not policy.require_signed:
         return
+    trusted = policy.trusted_keys
     if not signature:
         raise PermissionDenied(f"{what} is not signed, and this node runs only signed code "
                                "(sandbox.require_signed; `fabric sign FILE`, or a client with a signing key)")

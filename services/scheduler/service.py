@@ -450,8 +450,7 @@ class SchedulerService(FabricService):
         fn: bytes | None = None
         call: bytes
         if kind == PYTHON:
-            box = self.settings.config.sandbox
-            require(box.require_signed, box.trusted_keys, python_message(msg.payload), msg.signature, "python task")
+            require(self.settings.config.sandbox, python_message(msg.payload), msg.signature, "python task")
             parsed = decode_python_task(msg.payload)
             if parsed.deps:
                 raise BadRequest("a python task's frame carries no dependency results: list the ids in deps")
@@ -459,9 +458,8 @@ class SchedulerService(FabricService):
         elif kind == EXEC:
             spec = exec_spec_of(msg)
             if spec.native is not None:  # refused here already, not only on the node that would run it
-                box = self.settings.config.sandbox
-                require(box.require_signed, box.trusted_keys, file_message(spec.native.sha256),
-                        spec.native.signature, f"native executable sha256 {spec.native.sha256}")
+                require(self.settings.config.sandbox, file_message(spec.native.sha256), spec.native.signature,
+                        f"native executable sha256 {spec.native.sha256}")
             body = call = MSGPACK.encode(spec)
         else:
             if kind == CORE and not msg.core:
@@ -495,8 +493,7 @@ class SchedulerService(FabricService):
     async def map(self, req: Request) -> MapReply:
         msg: MapRequest = req.decode(MapRequest)
         owner = req.caller or ""
-        box = self.settings.config.sandbox
-        require(box.require_signed, box.trusted_keys, map_message(msg.fn, msg.calls), msg.signature, "map")
+        require(self.settings.config.sandbox, map_message(msg.fn, msg.calls), msg.signature, "map")
         check_reply_subject(req.caller, msg.notify or None, "notify")
         res = msg.resources or Resources()
         prefix = msg.prefix or _mint_id()

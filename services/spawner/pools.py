@@ -70,6 +70,7 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
+from fabric.config import SandboxConfig
 from fabric.errors import BadRequest, Conflict, CoreLoadFailed, NotFound, PermissionDenied
 from fabric.protocol import subjects
 from fabric.protocol.cores import BUILTIN_CORES, OPENCL_CORE, PYTHON_CORE, pool_key
@@ -119,9 +120,8 @@ class CoreManager:
         self._ticker: asyncio.Task[None] | None = None
         self.ring_prefix = ring_prefix()
         self.lane = JobLane(node, log, nats_url, self._pool, seed=seed)
-        #: sandbox.require_signed and sandbox.trusted_keys: a core library must be signed (fabric.signing)
-        self.require_signed = False
-        self.trusted_keys: list[str] = []
+        #: the node's sandbox section: whether a core library must be signed, and by whom (fabric.signing)
+        self.signing = SandboxConfig()
 
     @property
     def link(self) -> ReplyLink | None:
@@ -231,9 +231,9 @@ class CoreManager:
             raise BadRequest(f"min_workers ({body.min_workers}) exceeds max_workers ({body.max_workers})")
         digest = library_digest(body.library, body.name)
         if body.library:
-            require(self.require_signed, self.trusted_keys, file_message(digest), body.signature,
+            require(self.signing, file_message(digest), body.signature,
                     f"core {body.name!r} (library sha256 {digest})")
-        elif body.name == PYTHON_CORE and self.require_signed and req.caller is not None:
+        elif body.name == PYTHON_CORE and self.signing.require_signed and req.caller is not None:
             # its jobs are unsigned pickles, and a pool is shared by name: with signing on, a user's Python
             # runs only as tasks, each signed
             raise PermissionDenied(f"this node runs only signed code (sandbox.require_signed): core {PYTHON_CORE!r} "

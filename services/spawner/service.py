@@ -86,8 +86,7 @@ class SpawnerService(FabricService):
         self.cores = CoreManager(self.node, self.log, settings.nats_url, tasks=self.tasks,
                                  env=PoolEnv.from_config(settings.config.pool),
                                  seed=self.credentials.seed if self.credentials is not None else None)
-        self.cores.require_signed = settings.config.sandbox.require_signed
-        self.cores.trusted_keys = list(settings.config.sandbox.trusted_keys)
+        self.cores.signing = settings.config.sandbox
         # fabric.task.pull: runs the scheduler's tasks here (started once the endpoints serve)
         self.runner = TaskRunner(self, slots=task_slots if task_slots is not None else settings.config.tasks.slots,
                                  prefetch=task_prefetch)
@@ -188,8 +187,7 @@ class SpawnerService(FabricService):
     def start_process(self, r: SpawnRequest) -> tuple[ManagedProcess, Plan]:
         """Start *r* as ``fabric.proc.spawn`` does (the task runner's ``exec`` tasks come here too)."""
         if r.native is not None:
-            box = self.settings.config.sandbox
-            require(box.require_signed, box.trusted_keys, file_message(r.native.sha256), r.native.signature,
+            require(self.settings.config.sandbox, file_message(r.native.sha256), r.native.signature,
                     f"native executable sha256 {r.native.sha256}")
         p = plan(r.limits, r.sandbox, self.caps, self.cgroups, self.cgroup_reason, strict=r.strict)
         executable = str(self.blobs.resolve(r.native)) if r.native is not None else None
