@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from .cli_common import err, escape, fail, out
+from .signing import SIGNING_KEY_ENV
 
 __all__ = ["keys_app", "sign"]
 
@@ -41,7 +42,7 @@ def create(
 
 def sign(
     file: Annotated[Path, typer.Argument(help="The file to sign (a native executable, a core library).")],
-    key: Annotated[Path | None, typer.Option("--key", envvar="FABRIC_SIGNING_KEY", show_default=False,
+    key: Annotated[Path | None, typer.Option("--key", envvar=SIGNING_KEY_ENV, show_default=False,
                                              help="The private key (default: $FABRIC_SIGNING_KEY).")] = None,
 ) -> None:
     """Print FILE's signature (base64): the request's ``signature`` field for it."""

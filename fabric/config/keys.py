@@ -18,8 +18,10 @@ from typing import Any
 
 import msgspec
 
+from ..credentials import CREDENTIALS_ENV
 from ..launch import SERVICE_MODULES_ENV
 from ..protocol.env import CORE_ID_ENV, MARKER_ENV, PROC_ENV, STAGING_ENV
+from ..signing import SIGNING_KEY_ENV
 from .model import FabricConfig
 
 __all__ = ["Key", "KEYS", "SECTIONS", "DEPRECATED_ENV", "NOT_CONFIG_ENV", "env_name", "closest_env_name",
@@ -95,8 +97,8 @@ NOT_CONFIG_ENV: tuple[str, ...] = (
     PROC_ENV, CORE_ID_ENV, MARKER_ENV, STAGING_ENV, SERVICE_MODULES_ENV,
     # setup.py's build switches (read at build time, never by fabric)
     "FABRIC_DEBUG", "FABRIC_SANITIZE",
-    # the client's credentials file (fabric.credentials.CREDENTIALS_ENV): not a service setting
-    "FABRIC_CREDENTIALS",
+    # the client's credentials file and signing key: not service settings
+    CREDENTIALS_ENV, SIGNING_KEY_ENV,
 )
 
 
