@@ -37,6 +37,8 @@ from .protocol.permissions import (
     JOINER,
     JOINER_USER,
     SERVICE_ROLES,
+    SYSTEM,
+    SYSTEM_USER,
     USER_ROLES,
     UserEntry,
     permissions,
@@ -87,6 +89,8 @@ class NodeRecord:
     services: dict[str, str]
     admin: str
     joined: str
+    #: ``host:port`` of its nats-server's route listener ("" for a node whose services joined another's NATS)
+    route: str = ""
 
 
 #: how a join token starts (the version of its format): ``fabric1.<nkey seed>[.<CA sha256>]``
@@ -154,6 +158,11 @@ class AuthRealm:
     def admin_credentials(self) -> Path:
         return self.state.admin_credentials
 
+    @property
+    def system_credentials(self) -> Path:
+        """The supervisor's and ``fabric status``'s way into the system account (the servers' own reports)."""
+        return self.dir / "system.creds"
+
     def ensure(self, url: str | None = None, ca_pem: str | None = None) -> None:
         """Create what is missing: the admin (a user too) and one user per service role of this node.
 
@@ -170,12 +179,15 @@ class AuthRealm:
         with self._locked():  # the admin is always in the table (a users.json lost or edited must not lock it out)
             if not any(u.name == ADMIN_USER and u.nkey == admin for u in self.users()):
                 self._put(UserRecord(ADMIN_USER, ADMIN, admin, _now()))
+        if not self._readable(self.system_credentials):
+            write_credentials(self.system_credentials, user=SYSTEM_USER, role=SYSTEM, seed=new_seed(),
+                              ca_pem=ca_pem, by="fabric up")
         for role in SERVICE_ROLES:
             path = self.service_credentials(role)
             if not self._readable(path):
                 write_credentials(path, user=service_user(role, self.node), role=role, seed=new_seed(),
                                   ca_pem=ca_pem, by="fabric up")
-        for path in (self.admin_credentials, *map(self.service_credentials, SERVICE_ROLES)):
+        for path in (self.admin_credentials, self.system_credentials, *map(self.service_credentials, SERVICE_ROLES)):
             creds = read_credentials(path)
             if (creds.ca_pem or None) != (ca_pem or None):  # TLS turned on or off, or a new CA: same keys
                 write_credentials(path, user=creds.user, role=creds.role, seed=creds.seed, url=creds.url,
@@ -211,11 +223,15 @@ class AuthRealm:
     def _save(self, users: list[UserRecord], nodes: list[NodeRecord] | None = None) -> None:
         body = {"users": {u.name: {"role": u.role, "nkey": u.nkey, "created": u.created,
                                    **({"expires": u.expires} if u.expires else {})} for u in users},
-                "nodes": {r.node: {"services": r.services, "admin": r.admin, "joined": r.joined}
+                "nodes": {r.node: {"services": r.services, "admin": r.admin, "joined": r.joined,
+                                   **({"route": r.route} if r.route else {})}
                           for r in (self.nodes() if nodes is None else nodes)}}
+        join = self._raw().get("join")
+        if join:
+            body["join"] = join
         write_private(self.users_file, json.dumps(body, indent=2) + "\n")
 
-    def add_node(self, node: str, services: dict[str, str], admin: str) -> bool:
+    def add_node(self, node: str, services: dict[str, str], admin: str, route: str = "") -> bool:
         """Let node *node* in with these public keys; False if it had joined with the very same ones.
 
         AuthError for an invalid request, or a name another machine (other keys) or this node holds.
@@ -232,17 +248,31 @@ class AuthRealm:
         if node == self.node:
             raise AuthConflict(f"node name {node!r} is this node's: start the other machine with another --node")
         with self._locked():
-            return self._add_node(node, services, admin)
+            return self._add_node(node, services, admin, route)
 
-    def _add_node(self, node: str, services: dict[str, str], admin: str) -> bool:
+    def add_self(self, route: str) -> None:
+        """Put this node in the nodes table too, with its route address: a cluster's table names every node."""
+        services = {role: read_credentials(self.service_credentials(role)).nkey for role in SERVICE_ROLES}
+        admin = read_credentials(self.admin_credentials).nkey
+        with self._locked():
+            known = {r.node: r for r in self.nodes()}
+            old = known.get(self.node)
+            known[self.node] = NodeRecord(self.node, services, admin, old.joined if old else _now(), route)
+            self._save(self.users(), list(known.values()))
+
+    def _add_node(self, node: str, services: dict[str, str], admin: str, route: str = "") -> bool:
         known = {r.node: r for r in self.nodes()}
         old = known.get(node)
         if old is not None:
             if old.services == services and old.admin == admin:
+                if old.route == route:
+                    return False
+                known[node] = NodeRecord(node, old.services, old.admin, old.joined, route)  # now with its own NATS
+                self._save(self.users(), list(known.values()))
                 return False
             raise AuthConflict(f"node {node!r} already joined from another machine (other keys): start this one "
                             "with another --node")
-        known[node] = NodeRecord(node, dict(services), admin, _now())
+        known[node] = NodeRecord(node, dict(services), admin, _now(), route)
         self._save(self.users(), list(known.values()))
         return True
 
@@ -261,7 +291,15 @@ class AuthRealm:
         if rotate or not self._readable(self.join_credentials):
             write_credentials(self.join_credentials, user=JOINER_USER, role=JOINER, seed=new_seed(),
                               by="fabric join-token")
-        return make_token(read_credentials(self.join_credentials).seed, ca_pem)
+        creds = read_credentials(self.join_credentials)
+        with self._locked():  # in the shared table: every server of a cluster admits this node's token
+            raw = self._raw()
+            joins = dict(raw.get("join") or {})
+            if joins.get(self.node) != creds.nkey:
+                joins[self.node] = creds.nkey
+                raw["join"] = joins
+                write_private(self.users_file, json.dumps(raw, indent=2) + "\n")
+        return make_token(creds.seed, ca_pem)
 
     def _put(self, record: UserRecord) -> None:
         users = [u for u in self.users() if u.name != record.name]
@@ -325,11 +363,24 @@ class AuthRealm:
     # -- users.conf -------------------------------------------------------------------------
 
     def entries(self) -> Iterator[UserEntry]:
-        """Everyone the server lets in: this node's services, the joined nodes', the people, the join token."""
+        """Everyone the server lets in: this node's services, the joined nodes', the people, the join token.
+
+        Each key once (nats-server refuses a config naming one twice), the first entry winning: this node's own
+        files come first, so a table that names this node under another name cannot take its keys' roles.
+        """
+        seen: set[str] = set()
+        for entry in self._entries():
+            if entry.nkey not in seen:
+                seen.add(entry.nkey)
+                yield entry
+
+    def _entries(self) -> Iterator[UserEntry]:
         for role in SERVICE_ROLES:
             creds = read_credentials(self.service_credentials(role))
             yield UserEntry(creds.user, role, creds.nkey, permissions(role, node=self.node))
         for r in self.nodes():
+            if r.node == self.node:  # this node itself, in a cluster's shared table: its files are the truth
+                continue
             for role, key in sorted(r.services.items()):
                 yield UserEntry(service_user(role, r.node), role, key, permissions(role, node=r.node))
             # the joined machine's supervisor and CLI (its readiness probe, `fabric status` there)
@@ -337,14 +388,41 @@ class AuthRealm:
         for u in self.users():
             if not u.expired():  # an expired user is not let in, even before the table drops it
                 yield UserEntry(u.name, u.role, u.nkey, permissions(u.role, user=u.name))
+        joins = dict(self._raw().get("join") or {})
         if self._readable(self.join_credentials):
-            creds = read_credentials(self.join_credentials)
-            yield UserEntry("the join token", JOINER, creds.nkey, permissions(JOINER))
+            joins[self.node] = read_credentials(self.join_credentials).nkey
+        for node, key in sorted(joins.items()):
+            if isinstance(key, str):
+                yield UserEntry(f"the join token of {node}", JOINER, key, permissions(JOINER))
 
     def render(self) -> Path:
         """Write ``<state>/nats/users.conf`` (0600) and return its path."""
-        write_private(self.users_conf, render_users(self.entries()))
+        system = [read_credentials(self.system_credentials).nkey] if self._readable(self.system_credentials) else []
+        write_private(self.users_conf, render_users(self.entries(), system=system))
         return self.users_conf
+
+    # -- the cluster's shared table (fabric.users_sync) ---------------------------------------
+
+    def shared(self) -> dict[str, Any]:
+        """What every node of a cluster shares: the people (but this node's admin), the nodes, the join keys."""
+        raw = self._raw()
+        users = {k: v for k, v in (raw.get("users") or {}).items() if k != ADMIN_USER}
+        return {"users": users, "nodes": dict(raw.get("nodes") or {}), "join": dict(raw.get("join") or {})}
+
+    def adopt(self, table: dict[str, Any]) -> bool:
+        """Make the shared part of the table *table* (this node's admin stays); whether anything changed."""
+        with self._locked():
+            raw = self._raw()
+            mine = (raw.get("users") or {}).get(ADMIN_USER)
+            users = {k: v for k, v in (table.get("users") or {}).items() if k != ADMIN_USER}
+            if mine is not None:
+                users[ADMIN_USER] = mine
+            new = {"users": users, "nodes": dict(table.get("nodes") or {}), "join": dict(table.get("join") or {})}
+            old = {"users": raw.get("users") or {}, "nodes": raw.get("nodes") or {}, "join": raw.get("join") or {}}
+            if new == old:
+                return False
+            write_private(self.users_file, json.dumps(new, indent=2) + "\n")
+            return True
 
     def reload(self, binary: str, config: Path, pid: int) -> None:
         """Render, have nats-server check the config, then SIGHUP server *pid*; AuthError if the check fails.

@@ -77,6 +77,8 @@ def status(
     ]
     # the nodes, live, when a gpu-monitor runs (its registry holds every node's record)
     nodes = asyncio.run(_nodes_or_none(url)) if any(s["name"] == "gpu-monitor" for s in rows) else None
+    # the NATS cluster, for a node whose own nats-server is in one (its system-account credentials)
+    cluster = _cluster_or_none(state, running, url, wait)
     if as_json:
         doc = {
             "nats_url": url,
@@ -91,6 +93,8 @@ def status(
             "ok": not missing,
             "services": [_public(s) for s in rows],
             "nodes": [msgspec.to_builtins(r) for r in nodes] if nodes is not None else None,
+            # {name, routes: {server: [servers it routes to]}, meta_leader, meta_size}; null when not clustered
+            "cluster": cluster.to_json() if cluster is not None else None,
         }
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
@@ -103,10 +107,54 @@ def status(
                 console().print(_summary(rows, per_node))
         if nodes is not None:
             console().print(nodes_table(nodes, f"nodes ({len(nodes)})"))
+        if cluster is not None:
+            _print_cluster(cluster)
         for name in missing:
             where = f" on node {expected_node}" if expected_node else ""
             err.print(f"[bold red]missing:[/] {name}{where} did not answer $SRV.PING")
     raise typer.Exit(1 if missing else 0)
+
+
+def _cluster_or_none(state: Any, running: FabricState | None, url: str, wait: float) -> Any:
+    """The NATS cluster this node's server is in, as its servers report it; None when it is in none."""
+    from . import cluster
+    from .auth import AuthRealm
+
+    if running is None or running.nats_url != url or not running.embedded_nats or cluster.load(state) is None:
+        return None
+    creds = AuthRealm(state, running.node).system_credentials
+    if not creds.is_file():
+        return None
+    from .credentials import read_credentials
+
+    async def ask() -> Any:
+        import nats
+
+        nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False, max_reconnect_attempts=0,
+                                name="fabric-status", **read_credentials(creds).connect_options())
+        try:
+            return await cluster.cluster_view(nc, wait=wait)
+        finally:
+            await nc.close()
+
+    try:
+        return asyncio.run(ask())
+    except Exception as exc:
+        err.print(f"[yellow]warning:[/] the NATS cluster did not answer: {exc or type(exc).__name__}")
+        return None
+
+
+def _print_cluster(view: Any) -> None:
+    from rich.table import Table
+
+    table = Table("server", "routes to", "JetStream", title=f"NATS cluster {view.name} ({len(view.routes)} servers)")
+    for server in sorted(view.routes):
+        table.add_row(server, ", ".join(view.routes[server]) or "-",
+                      "meta leader" if server == view.meta_leader else "")
+    console().print(table)
+    if not view.meta_leader:
+        console().print("[bold yellow]no JetStream meta leader[/]: fewer than half of the cluster's JetStream servers "
+                        "are up (docs/security.md, \"Clusters\")")
 
 
 async def _nodes_or_none(url: str) -> list[NodeRecord] | None:

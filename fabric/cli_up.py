@@ -84,9 +84,17 @@ def up(
         "--tls/--no-tls", show_default=False,
         help="TLS on the embedded nats-server, with this fabric's own CA (made in the state dir). "
              "Config: up.tls (off).")] = None,
+    join: Annotated[str | None, typer.Option(
+        "--join", show_default=False,
+        help="Join the fabric whose NATS is at this URL as a full node: this machine runs its own nats-server, "
+             "a route peer of the others (needs --token).")] = None,
     token: Annotated[str | None, typer.Option(
         "--token", envvar="FABRIC_JOIN_TOKEN", show_default=False,
-        help="With --nats-url: join that fabric (auth on) with its join token (`fabric join-token` there).")] = None,
+        help="With --join or --nats-url: the fabric's join token (`fabric join-token` there).")] = None,
+    cluster_port: Annotated[int | None, typer.Option(
+        "--cluster-port", min=0, max=65535, show_default=False,
+        help="Route port of the embedded nats-server once clustered (0: the one it had, else a free one). "
+             "Config: nats.cluster_port.")] = None,
     config_file: ConfigFileOption = None,
 ) -> None:
     """Start NATS (unless --nats-url) and the services, supervised; foreground unless -d.
@@ -105,6 +113,17 @@ def up(
         fail(f"invalid node name {node!r}", "use 1 to 64 letters, digits, '_' and '-'")
     if nats_url and not nats_url.startswith(("nats://", "tls://", "ws://", "wss://")):
         fail(f"invalid NATS URL {nats_url!r}", "expected nats://HOST:PORT")
+    if join is not None:
+        if nats_url:
+            fail("--join and --nats-url are two ways to join: pick one",
+                 "--join runs this machine's own nats-server in the cluster; --nats-url uses the other's")
+        if not join.startswith(("nats://", "tls://")):
+            fail(f"invalid --join URL {join!r}", "expected nats://HOST:PORT (the NATS of a machine of the fabric)")
+        if not token:
+            fail("--join needs the fabric's join token: --token TOKEN (or $FABRIC_JOIN_TOKEN)",
+                 "print it on a machine of the fabric with `fabric join-token`")
+        if auth is False:
+            fail("--join comes with auth: a cluster's servers admit only their users")
     loaded = load_config_or_fail(config_file, {
         "nats.url": ("--nats-url", nats_url or None),
         "nats.port": ("--nats-port", nats_port),
@@ -120,6 +139,7 @@ def up(
         "tasks.resources": ("--resources", _resources(resources)),
         "up.auth": ("--auth/--no-auth", auth),
         "up.tls": ("--tls/--no-tls", tls),
+        "nats.cluster_port": ("--cluster-port", cluster_port),
     })
     for warning in loaded.warnings:  # a deprecated variable: the services log it too
         err.print(f"[yellow]warning:[/] {escape(warning)}")
@@ -131,7 +151,17 @@ def up(
         os.environ["FABRIC_TASKS_RESOURCES"] = ",".join(f"{k}={v!r}" for k, v in cfg.tasks.resources.items())
     state = state_of(Path(cfg.state_dir) if cfg.state_dir else None)
     modules = parse_services(",".join(cfg.up.services) if cfg.up.services is not None else None)
-    node = cfg.node if cfg.node is not None else default_node()
+    from . import cluster
+
+    member = cluster.load(state) if not cfg.nats.url else None
+    if member is not None and member.node:
+        # a node of a cluster keeps its name: its keys, routes and blocks are that node's
+        if cfg.node is not None and cfg.node != member.node:
+            fail(f"{state.path} holds node {member.node!r} of the NATS cluster {member.name}, not {cfg.node!r}",
+                 f"drop --node (or pass --node {member.node}), or use another --state-dir for a new node")
+        node = member.node
+    else:
+        node = cfg.node if cfg.node is not None else default_node()
     nats_url, host, timeout, grace = cfg.nats.url, cfg.nats.host, cfg.up.ready_timeout_s, cfg.up.grace_s
 
     try:
@@ -176,16 +206,27 @@ def up(
             fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", "check --host")
 
     joined = False
-    if nats_url:
+    use_tls = cfg.up.tls and not nats_url
+    if join is not None:
+        assert token is not None
+        use_tls = _join_cluster(join, token, state, node, host, cfg.nats.cluster_port)
+        joined = True
+    elif nats_url:
         joined = _join(nats_url, token, state, node)
     elif token:
-        fail("--token joins another fabric: give its NATS with --nats-url")
+        fail("--token joins another fabric: give its NATS with --join (or --nats-url)")
+    spec = cluster.load(state) if not nats_url else None
+    if spec is not None:
+        use_tls = spec.tls  # a cluster's routes are TLS or not for every node alike
+        if not cfg.up.auth and not joined:
+            fail(f"this node is part of the NATS cluster {spec.name}: it cannot run without auth")
 
     config = SupervisorConfig(
         state=state, node=node, services=modules, external_nats_url=nats_url, host=host, port=port,
         nats_binary=binary, ready_timeout=timeout, grace=grace,
         config_file=loaded.file if config_file is not None else None, log_level=cfg.log_level,
-        auth=joined or (cfg.up.auth and not nats_url), tls=cfg.up.tls and not nats_url,
+        auth=joined or spec is not None or (cfg.up.auth and not nats_url), tls=use_tls,
+        cluster_port=cfg.nats.cluster_port,
     )
     if detach:
         _up_detached(config, lock_fd, t0)
@@ -228,6 +269,52 @@ def _join(url: str, token: str | None, state: StateDir, node: str) -> bool:
     err.print(f"joined the fabric at {escape(url)} as node {reply.node}"
               + ("" if reply.new else " (again: same keys)"))
     return True
+
+
+def _join_cluster(url: str, token: str, state: StateDir, node: str, host: str, cluster_port: int) -> bool:
+    """``--join``: before anything starts, be let into the fabric at *url* as a route peer; whether it runs TLS.
+
+    This node's route port is fixed here (the other nodes name it); the reply brings the
+    cluster's settings, the shared users table and, with TLS, this node's certificate.
+    """
+    from . import cluster
+    from . import nats_server as ns
+    from .auth import AuthError, AuthRealm, parse_token
+    from .errors import FabricError
+    from .join import request_join
+    from .pki import Pki
+
+    try:
+        fingerprint = parse_token(token)[1]
+    except AuthError as exc:
+        fail(f"invalid join token: {exc}", "print the fabric's token with `fabric join-token` on one of its machines")
+    old = cluster.load(state)
+    port = old.port if old is not None else cluster_port or ns.free_port(host)
+    try:
+        ns.check_port(host, port)
+    except ns.PortInUse:
+        fail(f"route port {port} on {host} is already in use", "pass --cluster-port with a free port")
+    realm = AuthRealm(state, node)
+    realm.ensure()
+    pki = Pki(state.path / "pki")
+    csr = pki.request(node, [host, ns.outward_address()]) if fingerprint else ""
+    try:
+        reply = asyncio.run(request_join(url, token, realm, route=ns.route_address(host, port), csr=csr))
+    except FabricError as exc:
+        fail(f"cannot join the fabric at {url}: {exc.message}")
+    grant = reply.cluster
+    assert grant is not None
+    if fingerprint:
+        if not grant.cert:
+            fail(f"the fabric at {url} runs TLS but signed no certificate for this node")
+        pki.install(grant.cert, reply.ca)
+        realm.ensure(ca_pem=reply.ca)
+    realm.adopt(grant.table)
+    cluster.save(state, cluster.ClusterSpec(name=grant.name, password=grant.password, port=port,
+                                            tls=bool(fingerprint), node=node))
+    err.print(f"joined the fabric at {escape(url)} as node {reply.node}: this node's nats-server routes into "
+              f"cluster {grant.name} (route port {port})")
+    return bool(fingerprint)
 
 
 async def _requires_credentials(url: str) -> bool:

@@ -56,11 +56,22 @@ def _ca(state: StateDir, running: FabricState | None) -> str | None:
     return ca.read_text() if last is not None and last.tls and ca.is_file() else None
 
 
-def _apply(realm: AuthRealm, running: FabricState | None) -> str:
-    """Reload the running fabric's nats-server; say what happened."""
+def _apply(realm: AuthRealm, running: FabricState | None, keys: list[str] | None = None) -> str:
+    """Reload the running fabric's nats-server, and hand the change (table entries *keys*) to the rest of its
+    cluster; say what happened."""
     if running is None or running.nats is None or running.nats.pid is None or not running.credentials:
         realm.render()
         return "the fabric is not running: the change applies at the next `fabric up`"
+    from . import cluster
+
+    if keys and cluster.load(realm.state) is not None:
+        import asyncio
+
+        try:
+            asyncio.run(_share(realm, running, keys))
+        except Exception as exc:
+            fail(f"the change is made on this node but did not reach the cluster's other nodes: {exc}",
+                 "their JetStream needs a quorum (most nodes up): run the command again once they are")
     binary = running.nats.command[0] if running.nats.command else "nats-server"
     try:
         realm.reload(binary, realm.state.nats_dir / "nats.conf", running.nats.pid)
@@ -69,6 +80,21 @@ def _apply(realm: AuthRealm, running: FabricState | None) -> str:
     except OSError as exc:
         fail(f"cannot reload nats-server (pid {running.nats.pid}): {exc.strerror or exc}")
     return f"nats-server (pid {running.nats.pid}) reloaded: in effect now"
+
+
+async def _share(realm: AuthRealm, running: FabricState, keys: list[str]) -> None:
+    """Write the entries *keys* into the cluster's users bucket (fabric.users_sync): every node applies them."""
+    import nats
+
+    from .credentials import read_credentials
+    from .users_sync import push
+
+    nc = await nats.connect(running.nats_url, connect_timeout=5, allow_reconnect=False, max_reconnect_attempts=0,
+                            name="fabric-user", **read_credentials(running.credentials).connect_options())
+    try:
+        await push(nc.jetstream(timeout=5), realm, keys, lambda *a, **k: None)
+    finally:
+        await nc.close()
 
 
 @users_app.command("add")
@@ -98,7 +124,7 @@ def add(
                                ttl_s=_duration(ttl) if ttl is not None else None)
     except AuthError as exc:
         fail(str(exc))
-    said = _apply(realm, running)
+    said = _apply(realm, running, [f"user.{name}"])
     out.print(f"user [bold]{escape(name)}[/] ({role}) added; credentials in {escape(str(target))} (mode 0600)")
     out.print(f"  {said}")
     out.print(f"  use       FabricClient(credentials={str(target)!r})  or  FABRIC_CREDENTIALS={escape(str(target))}")
@@ -118,7 +144,7 @@ def rm(
         realm.remove_user(name)
     except AuthError as exc:
         fail(str(exc))
-    out.print(f"user [bold]{escape(name)}[/] removed; {_apply(realm, running)}")
+    out.print(f"user [bold]{escape(name)}[/] removed; {_apply(realm, running, [f'user.{name}'])}")
 
 
 @users_app.command("list")
@@ -157,7 +183,7 @@ def join_token(
     fresh = rotate or not realm.join_credentials.is_file()
     token = realm.join_token(rotate=rotate, ca_pem=_ca(state, running))
     if fresh:
-        said = _apply(realm, running)
+        said = _apply(realm, running, [f"join.{realm.node}"])
         err.print(f"a new join token; {said}")
     url = running.join_url if running is not None else "nats://THIS-MACHINE:PORT"
     err.print(f"on the other machine: fabric up --nats-url {url} --token TOKEN")

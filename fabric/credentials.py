@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .protocol.permissions import ADMIN, CLIENT, JOINER, SERVICE_ROLES, USER_ROLES, inbox_prefix
+from .protocol.permissions import ADMIN, CLIENT, JOINER, SERVICE_ROLES, SYSTEM, USER_ROLES, inbox_prefix
 from .state import StateDir, write_private
 
 __all__ = ["Credentials", "CredentialsError", "CREDENTIALS_ENV", "refusal", "REFUSED_CREDENTIALS",
@@ -147,7 +147,7 @@ def public_key(seed: str) -> str:
 def write_credentials(path: Path, *, user: str, role: str, seed: str, url: str | None = None,
                       ca_pem: str | None = None, by: str = "fabric") -> Path:
     """Write a credentials file (mode 0600, replaced atomically) and return its path."""
-    if role not in (*USER_ROLES, *SERVICE_ROLES, JOINER):
+    if role not in (*USER_ROLES, *SERVICE_ROLES, JOINER, SYSTEM):
         raise CredentialsError(f"unknown role {role!r}")
     nkey = public_key(seed)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -24,8 +24,9 @@ and it looks again after the next reconnect.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import nats.errors
@@ -33,6 +34,8 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, KeyValueConfig, ObjectStoreConfig, StreamConfig
+
+from .cluster import CLUSTERED_ENV, REPLICAS
 
 __all__ = [
     "JetStreamResource",
@@ -52,6 +55,11 @@ ALREADY_IN_USE = 10058
 CONSUMER_EXISTS = 10148
 #: ... and for "jetstream not enabled for account" (the server has it, this account does not)
 NOT_ENABLED_FOR_ACCOUNT = 10039
+
+#: ... for "no suitable peers for placement" (fewer servers up than replicas asked for)
+NO_SUITABLE_PEERS = 10005
+#: ... for "replicas > 1 not supported in non-clustered mode"
+REPLICAS_NOT_SUPPORTED = 10074
 
 API_TIMEOUT_S = 5.0
 RETRY_INITIAL_S = 0.1
@@ -90,8 +98,10 @@ class Stream:
     async def ensure(self, js: JetStreamContext) -> bool:
         name = self.config.name
         assert name is not None
-        return await _create_if_missing(lambda: js.stream_info(name), lambda: js.add_stream(self.config),
-                                        nats.js.errors.NotFoundError, ALREADY_IN_USE)
+        return await _create_if_missing(
+            lambda: js.stream_info(name),
+            lambda: _replicated(lambda r: js.add_stream(replace(self.config, num_replicas=r))),
+            nats.js.errors.NotFoundError, ALREADY_IN_USE)
 
 
 @dataclass(frozen=True)
@@ -105,9 +115,10 @@ class KeyValueBucket:
         return f"kv {self.config.bucket}"
 
     async def ensure(self, js: JetStreamContext) -> bool:
-        return await _create_if_missing(lambda: js.key_value(self.config.bucket),
-                                        lambda: js.create_key_value(self.config),
-                                        nats.js.errors.BucketNotFoundError, ALREADY_IN_USE)
+        return await _create_if_missing(
+            lambda: js.key_value(self.config.bucket),
+            lambda: _replicated(lambda r: js.create_key_value(replace(self.config, replicas=r))),
+            nats.js.errors.BucketNotFoundError, ALREADY_IN_USE)
 
 
 @dataclass(frozen=True)
@@ -123,9 +134,10 @@ class ObjectStoreBucket:
     async def ensure(self, js: JetStreamContext) -> bool:
         bucket = self.config.bucket
         assert bucket is not None
-        return await _create_if_missing(lambda: js.object_store(bucket),
-                                        lambda: js.create_object_store(bucket, self.config),
-                                        nats.js.errors.BucketNotFoundError, ALREADY_IN_USE)
+        return await _create_if_missing(
+            lambda: js.object_store(bucket),
+            lambda: _replicated(lambda r: js.create_object_store(bucket, replace(self.config, replicas=r))),
+            nats.js.errors.BucketNotFoundError, ALREADY_IN_USE)
 
 
 @dataclass(frozen=True)
@@ -146,6 +158,24 @@ class Consumer:
         return await _create_if_missing(lambda: js.consumer_info(self.stream, name),
                                         lambda: js.add_consumer(self.stream, self.config),
                                         nats.js.errors.NotFoundError, CONSUMER_EXISTS)
+
+
+async def _replicated(create: Callable[[int], Awaitable[object]]) -> object:
+    """Create with 3 replicas on a clustered node (fabric.cluster), with 1 where they cannot be placed yet.
+
+    Fewer than three JetStream servers up: the cluster refuses 3 (10005, "no suitable
+    peers"); the supervisors raise such streams to 3 once three are up
+    (:func:`fabric.cluster.raise_replicas`).  Two replicas are never used: a quorum of two
+    out of two stops at either loss, which is worse than one.
+    """
+    if not os.environ.get(CLUSTERED_ENV):
+        return await create(1)
+    try:
+        return await create(REPLICAS)
+    except nats.js.errors.APIError as exc:
+        if exc.err_code not in (NO_SUITABLE_PEERS, REPLICAS_NOT_SUPPORTED):
+            raise
+    return await create(1)
 
 
 async def _create_if_missing(lookup: Callable[[], Awaitable[object]], create: Callable[[], Awaitable[object]],

@@ -39,6 +39,23 @@ class JoinRequest(msgspec.Struct, forbid_unknown_fields=False):
     services: dict[str, str]
     #: the public nkey of the joining machine's operator (its supervisor's probe, its CLI)
     admin: str
+    #: ``host:port`` of the joining node's route listener: it runs its own nats-server, a route peer
+    #: (``fabric up --join``); "" when its services use the fabric's NATS (``fabric up --nats-url``)
+    route: str = ""
+    #: with TLS and a route: a certificate signing request (PEM) for the joining node's server
+    csr: str = ""
+
+
+class ClusterGrant(msgspec.Struct):
+    """What a node joining with its own nats-server needs to route into the cluster."""
+
+    #: the cluster's name and its route password (fabric.cluster)
+    name: str
+    password: str
+    #: the shared users table (fabric.auth.AuthRealm.shared): every node, user and join key
+    table: dict[str, Any]
+    #: the joining node's server certificate (PEM), signed by the fabric's CA, when it asked with a CSR
+    cert: str = ""
 
 
 class JoinReply(msgspec.Struct):
@@ -48,6 +65,8 @@ class JoinReply(msgspec.Struct):
     #: the fabric's CA certificate (PEM) when it runs TLS: the joining node checks it against the fingerprint
     #: its token pins, then trusts only it
     ca: str = ""
+    #: for a node that runs its own nats-server: the cluster it joins
+    cluster: ClusterGrant | None = None
 
 
 class AuthKeeper:
@@ -55,7 +74,7 @@ class AuthKeeper:
     and drops the users whose TTL ended (``fabric user add --ttl``), reloading nats-server after each change."""
 
     def __init__(self, realm: AuthRealm, binary: str, config: Any, nats_pid: Any, log: Any,
-                 ca_pem: str | None = None) -> None:
+                 ca_pem: str | None = None, supervisor: Any = None) -> None:
         self.realm = realm
         self.ca_pem = ca_pem or ""
         self.binary = binary
@@ -63,15 +82,49 @@ class AuthKeeper:
         #: a callable: the server's pid now (the supervisor restarts it)
         self.nats_pid = nats_pid
         self.log = log
+        #: the fabric.supervisor.Supervisor it serves (clustering); None in tests of the users alone
+        self.supervisor = supervisor
         self._lock = asyncio.Lock()
         self._sub: Any = None
         self._nc: Any = None
+        self._sync: Any = None
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self, nc: Any) -> None:
-        """Answer joins on *nc* (an admin's connection), from now on."""
+        """Answer joins on *nc* (an admin's connection), from now on; in a cluster, follow the shared users."""
         self._nc = nc
-        self._sub = await nc.subscribe(JOIN_REQUEST, cb=self._on_request)
+        # one answer per join, whichever node's supervisor gives it
+        self._sub = await nc.subscribe(JOIN_REQUEST, queue="fabric-join", cb=self._on_request)
         await nc.flush()
+        if self.supervisor is not None and self.supervisor.cluster is not None:
+            self.follow_users()
+
+    def follow_users(self) -> None:
+        """Keep this node's users the cluster's (fabric.users_sync)."""
+        from .users_sync import UsersSync
+
+        if self._sync is None and self._nc is not None:
+            self._sync = UsersSync(self.realm, self._reload_locked, self.log)
+            self._sync.start(self._nc)
+
+    async def _reload_locked(self) -> None:
+        pid = self.nats_pid()
+        if pid is None:
+            return
+        async with self._lock:
+            await asyncio.to_thread(self.realm.reload, self.binary, self.config, pid)
+
+    async def push(self, keys: list[str]) -> None:
+        """Write the table entries *keys* into the cluster's bucket (a change made here); logged on failure."""
+        if self.supervisor is None or self.supervisor.cluster is None or self._nc is None:
+            return
+        from .users_sync import push
+
+        try:
+            await push(self._nc.jetstream(timeout=5), self.realm, keys, self.log)
+        except Exception as exc:
+            self.log("error", "users: the change did not reach the cluster's table", keys=keys,
+                     error=str(exc) or type(exc).__name__)
 
     async def serve(self, url: str, name: str, options: dict[str, Any]) -> None:
         """Connect to *url* (*options*: the admin's credentials) and :meth:`start`; logged, not raised, on failure:
@@ -89,6 +142,10 @@ class AuthKeeper:
             self.log("error", "cannot answer join requests", error=str(exc) or type(exc).__name__)
 
     async def close(self) -> None:
+        if self._sync is not None:
+            await self._sync.stop()
+        for task in list(self._tasks):
+            task.cancel()
         if self._nc is not None:
             try:
                 await self._nc.close()
@@ -107,16 +164,35 @@ class AuthKeeper:
                     await asyncio.to_thread(self.realm.reload, self.binary, self.config, pid)
             if gone:
                 self.log("info", "users expired", users=gone)
+                await self.push([f"user.{name}" for name in gone])
         except Exception as exc:
             self.log("error", "user expiry failed", error=str(exc) or type(exc).__name__)
 
+    async def tend_replicas(self) -> None:
+        """In a cluster of three nodes or more: raise the streams still at 1 replica to 3 (fabric.cluster)."""
+        if self.supervisor is None or self.supervisor.cluster is None or self._nc is None:
+            return
+        if sum(1 for r in self.realm.nodes() if r.route) < 3:
+            return
+        from .cluster import raise_replicas
+
+        try:
+            raised = await raise_replicas(self._nc.jetstream(timeout=5), self.log)
+        except Exception as exc:  # no quorum now: the next tick tries again
+            self.log("debug", "replicas: not now", error=str(exc) or type(exc).__name__)
+            return
+        if raised:
+            self.log("info", "streams now replicated on 3 servers", streams=raised)
+
     async def _on_request(self, msg: Any) -> None:
+        forming = None
         try:
             req = JSON.decode(msg.data, JoinRequest)
             async with self._lock:  # one users.json change and reload at a time
-                new = await asyncio.to_thread(self._grant, req)
-            body, headers = JSON.encode(JoinReply(node=req.node, new=new, ca=self.ca_pem)), None
-            self.log("info", "node joined" if new else "node joined again", node=req.node)
+                new, grant, forming = await asyncio.to_thread(self._grant, req)
+            body, headers = JSON.encode(JoinReply(node=req.node, new=new, ca=self.ca_pem, cluster=grant)), None
+            self.log("info", "node joined" if new else "node joined again", node=req.node,
+                     route=req.route or None)
         except FabricError as exc:
             body, headers = b"", error_headers(exc)
             self.log("warning", "join refused", error=exc.message)
@@ -125,24 +201,63 @@ class AuthKeeper:
             self.log("error", "join failed", error=str(exc))
         if msg.reply:
             await self._nc.publish(msg.reply, body, headers=headers)
+            await self._nc.flush()
+        if headers is None:
+            keys = [f"node.{req.node}"] + ([f"node.{self.realm.node}"] if forming is not None else [])
+            if forming is not None:
+                # the first machine with its own nats-server: this node's server restarts clustered; the
+                # bucket is then made from this node's table, which has the new node already
+                task = asyncio.create_task(self._form(forming))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            else:
+                await self.push(keys)
 
-    def _grant(self, req: JoinRequest) -> bool:
+    async def _form(self, spec: Any) -> None:
+        assert self.supervisor is not None
+        await self.supervisor.become_clustered(spec)
+        self.follow_users()
+
+    def _grant(self, req: JoinRequest) -> tuple[bool, ClusterGrant | None, Any]:
+        """Let the node in: (whether it is new, what it needs to route in, the cluster this node forms now)."""
+        sup = self.supervisor
+        forming = None
+        if req.route and sup is None:
+            raise BadRequest("this fabric's nodes cannot route to each other (its NATS is not fabric's own)")
+        if req.route and (req.route == "" or ":" not in req.route):
+            raise BadRequest(f"invalid route address {req.route!r}: expected HOST:PORT")
         try:
-            new = self.realm.add_node(req.node, req.services, req.admin)
+            new = self.realm.add_node(req.node, req.services, req.admin, route=req.route)
         except AuthConflict as exc:
             raise Conflict(str(exc)) from None
         except AuthError as exc:
             raise BadRequest(str(exc)) from None
-        if new:
-            pid = self.nats_pid()
+        grant = None
+        if req.route:
+            from . import cluster
+
+            spec = sup.cluster
+            if spec is None:  # the first machine with its own server: this node starts the cluster
+                spec = forming = cluster.new_spec(sup.route_port(), sup.config.node, tls=sup.config.tls)
+                self.realm.add_self(sup.route_address(spec.port))
+            cert = sup.sign_csr(req.node, req.csr) if req.csr else ""
+            grant = ClusterGrant(name=spec.name, password=spec.password, table=self.realm.shared(), cert=cert)
+        pid = self.nats_pid()
+        if forming is None and (new or req.route):
             if pid is None:
                 raise Unavailable("the fabric's nats-server is restarting: join again in a moment")
+            if req.route and sup is not None and sup.cluster is not None:
+                sup.write_nats_config()  # the new node among this server's routes (reloadable)
             self.realm.reload(self.binary, self.config, pid)
-        return new
+        return new, grant, forming
 
 
-async def request_join(url: str, token: str, realm: AuthRealm, *, timeout: float = 10.0) -> JoinReply:
+async def request_join(url: str, token: str, realm: AuthRealm, *, timeout: float = 10.0, route: str = "",
+                       csr: str = "") -> JoinReply:
     """Ask the fabric at *url* to let this node (*realm*'s, whose keys must exist) in, with *token*.
+
+    *route*: this node's route address (it runs its own nats-server: ``fabric up --join``);
+    *csr*: with TLS, the request its server's certificate is signed from.
 
     Raises Unauthenticated for a token the fabric does not know, Unavailable when it does
     not answer, the refusal's error (BadRequest, Conflict) otherwise.
@@ -186,7 +301,8 @@ async def request_join(url: str, token: str, realm: AuthRealm, *, timeout: float
                                   "`fabric join-token` there (a rotated token replaces the old)") from None
         raise Unavailable(f"cannot reach the fabric at {url}: {exc or type(exc).__name__}") from None
     try:
-        msg = await nc.request(JOIN_REQUEST, JSON.encode(JoinRequest(realm.node, keys, admin)), timeout=timeout)
+        body = JSON.encode(JoinRequest(realm.node, keys, admin, route=route, csr=csr))
+        msg = await nc.request(JOIN_REQUEST, body, timeout=timeout)
     except Exception as exc:
         raise Unavailable(f"the fabric at {url} did not answer the join request ({type(exc).__name__}): is it "
                           "started with auth on, and is its supervisor running?") from None
@@ -203,4 +319,7 @@ async def request_join(url: str, token: str, realm: AuthRealm, *, timeout: float
             raise Unauthenticated(f"the fabric at {url} answered with a CA the join token does not pin: not the "
                                   "fabric that issued it (or a machine in between)")
     realm.ensure(ca_pem=reply.ca or None)  # the node's services and CLI trust that CA from now on
+    if route and reply.cluster is None:
+        raise Unavailable(f"the fabric at {url} let this node in but sent no cluster settings: it runs an older "
+                          "fabric; join with --nats-url instead")
     return reply

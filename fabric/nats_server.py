@@ -35,6 +35,7 @@ __all__ = [
     "server_command",
     "client_url",
     "join_url",
+    "route_address",
 ]
 
 #: the largest message the embedded server accepts (bulk frames travel raw)
@@ -106,14 +107,17 @@ def check_port(host: str, port: int) -> None:
 
 
 def write_config(state: StateDir, *, host: str, port: int, node: str, auth: bool = False,
-                 tls: Any = None) -> Path:
+                 tls: Any = None, cluster: Any = None, routes: list[str] | None = None) -> Path:
     """Write ``<state>/nats/nats.conf`` (0600) and return its path.
 
     *auth*: the server lets in only the users of ``users.conf`` beside it
     (:class:`fabric.auth.AuthRealm` writes it; a SIGHUP reloads it).  *tls*: a
     :class:`fabric.pki.Pki` whose node certificate the server presents; every client
     connection is then TLS (never ``allow_non_tls``, which would let a client that asked
-    for TLS talk plaintext).
+    for TLS talk plaintext).  *cluster*: a :class:`fabric.cluster.ClusterSpec`: the server
+    listens for routes on its port, admits only the cluster's route user (and, with *tls*,
+    only peers with a certificate of the fabric's CA), and solicits a route to each of
+    *routes* (``host:port``, the other nodes).
     """
     state.ensure()
     store = state.nats_dir / "jetstream"
@@ -133,8 +137,8 @@ def write_config(state: StateDir, *, host: str, port: int, node: str, auth: bool
             "}",
             # relative to this file; the users and their permissions (fabric/protocol/permissions.py)
             *(['include "users.conf"'] if auth else []),
-            *([f"tls {{ cert_file: {json.dumps(str(tls.cert))}, key_file: {json.dumps(str(tls.key))}, "
-               f"ca_file: {json.dumps(str(tls.ca))}, timeout: 2 }}"] if tls is not None else []),
+            *([f"tls {_tls_block(tls)}"] if tls is not None else []),
+            *(_cluster_block(cluster, host, routes or [], tls) if cluster is not None else []),
             "",
         ]
     )
@@ -142,6 +146,34 @@ def write_config(state: StateDir, *, host: str, port: int, node: str, auth: bool
     conf.write_text(text)
     os.chmod(conf, 0o600)
     return conf
+
+
+def _tls_block(tls: Any) -> str:
+    return (f"{{ cert_file: {json.dumps(str(tls.cert))}, key_file: {json.dumps(str(tls.key))}, "
+            f"ca_file: {json.dumps(str(tls.ca))}, timeout: 2 }}")
+
+
+def _cluster_block(cluster: Any, host: str, routes: list[str], tls: Any) -> list[str]:
+    from .cluster import ROUTE_USER, route_url
+
+    return [
+        "cluster {",
+        f"  name: {json.dumps(cluster.name)}",
+        f"  listen: {json.dumps(_bracket(host) + ':' + str(cluster.port))}",
+        # one user/password is all a cluster block takes; solicited routes carry them in the URL
+        f"  authorization {{ user: {json.dumps(ROUTE_USER)}, password: {json.dumps(cluster.password)} }}",
+        f"  routes: [{', '.join(json.dumps(route_url(cluster, r)) for r in routes)}]",
+        # verify is always on for routes: a peer needs a certificate of this fabric's CA
+        *([f"  tls {_tls_block(tls)}"] if tls is not None else []),
+        "}",
+    ]
+
+
+def route_address(host: str, port: int) -> str:
+    """``host:port`` other nodes reach this node's routes at (loopback stays loopback: a test's cluster)."""
+    if host in _WILDCARD:
+        host = outward_address()
+    return f"{_bracket(host)}:{port}"
 
 
 def server_command(binary: str, config: Path) -> list[str]:

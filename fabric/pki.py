@@ -21,6 +21,7 @@ import ipaddress
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 from .state import write_private
 
@@ -62,6 +63,52 @@ class Pki:
         names = _names(hosts)
         if not self._covers(names):
             self._issue(node, names)
+
+    # -- a node that joins: its key stays with it, the CA signs its request -----------------------
+
+    def request(self, node: str, hosts: list[str]) -> str:
+        """Make this node's key (kept) and a certificate signing request for *hosts* (PEM) to send."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        dns, ips = _names(hosts)
+        san = [x509.DNSName(n) for n in sorted(dns)] + [x509.IPAddress(ipaddress.ip_address(i)) for i in sorted(ips)]
+        csr = (x509.CertificateSigningRequestBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fabric node {node}")]))
+               .add_extension(x509.SubjectAlternativeName(san), critical=False)
+               .sign(key, hashes.SHA256()))
+        write_private(self.key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()), 0o600)
+        return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+    def install(self, cert_pem: str, ca_pem: str) -> None:
+        """Keep the certificate the fabric's CA signed for this node, and the CA."""
+        write_private(self.cert, cert_pem, 0o644)
+        write_private(self.ca, ca_pem, 0o644)
+
+    def sign_csr(self, node: str, csr_pem: str) -> str:
+        """A node certificate (PEM) for a joining node's request: its key and its names, this CA's signature."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem.encode())
+        except ValueError as exc:
+            raise ValueError(f"not a certificate signing request: {exc}") from None
+        if not csr.is_signature_valid:
+            raise ValueError("the certificate signing request's signature does not verify")
+        try:
+            san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            raise ValueError("the certificate signing request names no host") from None
+        names = (set(san.get_values_for_type(x509.DNSName)),
+                 {str(ip) for ip in san.get_values_for_type(x509.IPAddress)})
+        cert = self._build(node, names, csr.public_key())
+        return str(cert.public_bytes(serialization.Encoding.PEM).decode())
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -106,21 +153,29 @@ class Pki:
         return cert.issuer == ca.subject and names[0] <= dns and names[1] <= ips and fresh
 
     def _issue(self, node: str, names: tuple[set[str], set[str]]) -> None:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = self._build(node, names, key.public_key())
+        write_private(self.key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()), 0o600)
+        write_private(self.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+    def _build(self, node: str, names: tuple[set[str], set[str]], public_key: Any) -> Any:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
         ca_key = serialization.load_pem_private_key(self.ca_key.read_bytes(), password=None)
         ca = x509.load_pem_x509_certificate(self.ca.read_bytes())
-        key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.timezone.utc)
         san = [x509.DNSName(n) for n in sorted(names[0])] + [x509.IPAddress(ipaddress.ip_address(i))
                                                              for i in sorted(names[1])]
         cert = (x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fabric"),
                                          x509.NameAttribute(NameOID.COMMON_NAME, f"fabric node {node}")]))
-                .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .issuer_name(ca.subject).public_key(public_key).serial_number(x509.random_serial_number())
                 .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=_NODE_DAYS))
                 .add_extension(x509.SubjectAlternativeName(san), critical=False)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -128,9 +183,7 @@ class Pki:
                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                                       ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
                 .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
-        write_private(self.key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()), 0o600)
-        write_private(self.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        return cert
 
 
 def _names(hosts: list[str]) -> tuple[set[str], set[str]]:

@@ -57,6 +57,8 @@ class FabricState(msgspec.Struct, kw_only=True):
     credentials: str = ""
     #: whether the embedded nats-server requires TLS (``fabric up --tls``; its CA is ``<state>/pki/ca.pem``)
     tls: bool = False
+    #: the route port of the embedded nats-server once this node is part of a NATS cluster (fabric.cluster)
+    cluster_port: int | None = None
     host: str | None = None
     port: int | None = None
     supervisor_pid: int

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .cluster import CLUSTERED_ENV
 from .discovery import probe_services
 from .launch import SERVICE_MODULES_ENV, module_launch
 from .protocol.permissions import SERVICE_ROLES
@@ -67,6 +68,8 @@ BACKOFF_INITIAL_S = 0.1
 BACKOFF_MAX_S = 5.0
 BACKOFF_RESET_AFTER_S = 30.0  # an incarnation that lived this long resets the backoff
 NATS_STOP_TIMEOUT_S = 5.0
+#: how long the scheduler waits, stopped, for the JetStream copy when the first machine joins (s)
+MIGRATION_HOLD_S = 60.0
 
 
 def service_modules() -> dict[str, str]:
@@ -107,6 +110,8 @@ class SupervisorConfig:
     auth: bool = False
     #: TLS on the embedded nats-server, from the fabric's CA (fabric.pki); needs auth (credentials carry the CA)
     tls: bool = False
+    #: the route port this node's nats-server listens on once clustered (0: the one it had, else a free one)
+    cluster_port: int = 0
 
 
 class Child:
@@ -204,6 +209,17 @@ class Supervisor:
         self._early_log: list[tuple[str, str, dict[str, Any]]] = []
         # with auth on an embedded server: its users' keeper (joins, expiry: fabric.join)
         self._keeper: Any = None
+        self._realm: Any = None
+        self._pki: Any = None
+        #: this node's cluster settings (fabric.cluster); None while its nats-server runs alone
+        self.cluster: Any = None
+        if config.external_nats_url is None and config.auth:
+            from . import cluster as cluster_mod
+
+            self.cluster = cluster_mod.load(config.state)
+        #: children not to restart while the supervisor works on them (clustering)
+        self._held: set[str] = set()
+        self._migration: asyncio.Task[None] | None = None
         cfg = config
         if cfg.external_nats_url:
             url = join = cfg.external_nats_url
@@ -288,6 +304,18 @@ class Supervisor:
             for sig in stop_signals + [signal.SIGCHLD]:
                 loop.remove_signal_handler(sig)
 
+    def write_nats_config(self) -> Path:
+        """(Re)write nats.conf from what this node is now: auth, TLS, cluster and the other nodes' routes."""
+        from .nats_server import write_config
+
+        cfg, realm = self.config, self._realm
+        routes = [] if self.cluster is None or realm is None else [
+            r.route for r in realm.nodes() if r.route and r.node != cfg.node]
+        if self.cluster is not None and self.state.cluster_port != self.cluster.port:
+            self.state.cluster_port = self.cluster.port
+        return write_config(self.state_dir, host=cfg.host, port=cfg.port, node=cfg.node, auth=realm is not None,
+                            tls=self._pki, cluster=self.cluster, routes=routes)
+
     def _prepare(self) -> None:
         cfg = self.config
         state = self.state_dir
@@ -308,7 +336,7 @@ class Supervisor:
             realm = AuthRealm(state, cfg.node)
             self.state.credentials = str(realm.admin_credentials)
         if cfg.external_nats_url is None:
-            from .nats_server import server_command, write_config
+            from .nats_server import server_command
 
             assert cfg.nats_binary is not None
             pki = None
@@ -317,7 +345,8 @@ class Supervisor:
                 from .pki import Pki
 
                 pki = Pki(state.path / "pki")
-                pki.ensure(cfg.node, [cfg.host, outward_address()])
+                if pki.ca_key.is_file() or not pki.cert.is_file():  # a joined node's certificate is the CA's gift
+                    pki.ensure(cfg.node, [cfg.host, outward_address()])
                 self.state.tls = True
             if cfg.auth:
                 from .auth import AuthRealm
@@ -327,14 +356,16 @@ class Supervisor:
                 realm.ensure(ca_pem=pki.ca_pem() if pki is not None else None)
                 realm.render()
                 self.state.credentials = str(realm.admin_credentials)
-            conf = write_config(state, host=cfg.host, port=cfg.port, node=cfg.node, auth=realm is not None,
-                                tls=pki)
+            self._realm, self._pki = realm, pki
+            conf = self.write_nats_config()
+            if self.cluster is not None:
+                env[CLUSTERED_ENV] = "1"  # the services' streams get replicas (fabric.jetstream)
             if realm is not None:
                 from .join import AuthKeeper
 
                 self._keeper = AuthKeeper(realm, os.path.abspath(cfg.nats_binary), conf,
                                           lambda: self.nats.pid if self.nats is not None else None, self.log,
-                                          pki.ca_pem() if pki is not None else None)
+                                          pki.ca_pem() if pki is not None else None, supervisor=self)
             names.append("nats-server")
             binary = os.path.abspath(cfg.nats_binary)
             self.nats = Child("nats-server", server_command(binary, conf), state.log_file("nats-server"), env, cwd)
@@ -404,6 +435,96 @@ class Supervisor:
         else:
             self.state.services[child.name] = child.record
 
+    # -- clustering ------------------------------------------------------------------
+
+    def route_port(self) -> int:
+        """The port this node's server will take routes on: the configured one, else a free one."""
+        from .nats_server import free_port
+
+        return self.config.cluster_port or free_port(self.config.host)
+
+    def route_address(self, port: int) -> str:
+        from .nats_server import route_address
+
+        return route_address(self.config.host, port)
+
+    def sign_csr(self, node: str, csr: str) -> str:
+        """A certificate of this fabric's CA for a joining node's server (its CSR, PEM); "" without TLS."""
+        if self._pki is None:
+            return ""
+        return str(self._pki.sign_csr(node, csr))
+
+    async def become_clustered(self, spec: Any) -> None:
+        """The first machine joined (fabric.join): restart nats-server with *spec*'s cluster block and carry its
+        standalone JetStream into the cluster's (fabric.cluster_migrate).
+
+        The scheduler -- the one service whose state lives in JetStream -- is stopped meanwhile and started again
+        once the copy is done (or after :data:`MIGRATION_HOLD_S`, the copy then going on beside it).
+        """
+        from . import cluster as cluster_mod
+        from . import cluster_migrate
+
+        assert self.nats is not None
+        self.cluster = spec
+        cluster_mod.save(self.state_dir, spec)
+        for child in self.services.values():  # their streams get replicas from now on (fabric.jetstream)
+            child.env[CLUSTERED_ENV] = "1"
+        scheduler = self.services.get("scheduler")
+        self._held.update(["nats-server", *(["scheduler"] if scheduler is not None else [])])
+        self.log("info", "clustering: restarting nats-server with routes", cluster=spec.name, route_port=spec.port)
+        try:
+            if scheduler is not None:
+                await _terminate([scheduler], self.config.grace, self.log)
+            await _terminate([self.nats], NATS_STOP_TIMEOUT_S, self.log)
+            cluster_migrate.set_aside(self.state_dir.nats_dir)
+            if self._realm is not None:
+                self._realm.render()
+            self.write_nats_config()
+            self._held.discard("nats-server")
+            self._spawn(self.nats)
+            self._write_state()
+            copy = self._migration = asyncio.create_task(self._migrate_when_ready())
+            await asyncio.wait([copy], timeout=MIGRATION_HOLD_S)
+        finally:
+            self._held.discard("nats-server")
+            self._held.discard("scheduler")
+            if scheduler is not None and scheduler.pid is None and not self.stopping:
+                self._spawn(scheduler)
+                self._write_state()
+
+    async def _migrate_when_ready(self) -> None:
+        """Once the cluster's JetStream answers (the joining node's server is up), copy the store set aside."""
+        import nats
+
+        from . import cluster_migrate
+
+        if not cluster_migrate.pending(self.state_dir.nats_dir) or self.config.nats_binary is None:
+            return
+        nc = await nats.connect(self.nats_url, name=f"fabric-supervisor-migrate@{self.config.node}",
+                                allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.25,
+                                error_cb=self._on_nats_error, **self._auth())
+        try:
+            js = nc.jetstream(timeout=5)
+            waited = time.monotonic()
+            while True:
+                try:
+                    await js.account_info()
+                    break
+                except Exception as exc:
+                    if time.monotonic() - waited > 10:
+                        self.log("info", "clustering: waiting for the cluster's JetStream (the joining node's "
+                                 "nats-server)", error=str(exc) or type(exc).__name__)
+                        waited = time.monotonic()
+                    await asyncio.sleep(0.5)
+            copied = await cluster_migrate.migrate(self.state_dir.nats_dir, os.path.abspath(self.config.nats_binary),
+                                                   js, 1, self.log)
+            self.log("info", "clustering: JetStream carried into the cluster", streams=copied)
+        except Exception:
+            self.log("exception", "clustering: the copy of the standalone JetStream failed; it is tried again at "
+                     "the next start")
+        finally:
+            await nc.close()
+
     # -- readiness -----------------------------------------------------------------
 
     async def _wait_ready(self) -> None:
@@ -451,6 +572,11 @@ class Supervisor:
                  nats_url=self.nats_url)
         if self._keeper is not None:  # joins are answered once the fabric is ready
             await self._keeper.serve(self.nats_url, f"fabric-supervisor-joins@{self.config.node}", self._auth())
+        from . import cluster_migrate
+
+        if self.cluster is not None and cluster_migrate.pending(self.state_dir.nats_dir):
+            # stopped half-way through the copy at the last start: finish it
+            self._migration = asyncio.create_task(self._migrate_when_ready())
         if self.on_ready is not None:
             self.on_ready(self.state)
 
@@ -489,7 +615,7 @@ class Supervisor:
             uptime = time.monotonic() - child.started_mono
             child.record.pid = None
             changed = True
-            if self.stopping:
+            if self.stopping or child.name in self._held:
                 continue  # _terminate reports it
             if uptime >= BACKOFF_RESET_AFTER_S:
                 child.backoff = BACKOFF_INITIAL_S
@@ -500,7 +626,7 @@ class Supervisor:
             self._write_state()
 
     def _schedule_restart(self, child: Child) -> None:
-        if self.stopping:
+        if self.stopping or child.name in self._held:
             return
         delay = child.backoff
         child.backoff = min(child.backoff * 2, BACKOFF_MAX_S)
@@ -509,7 +635,7 @@ class Supervisor:
         child.restart_handle = asyncio.get_running_loop().call_later(delay, self._restart, child)
 
     def _restart(self, child: Child) -> None:
-        if self.stopping:
+        if self.stopping or child.name in self._held:
             return
         self._spawn(child)
         if child.proc is not None and child.pid is not None:
@@ -525,6 +651,7 @@ class Supervisor:
             ticks += 1
             if self._keeper is not None and ticks % USER_EXPIRY_EVERY_S == 0:
                 await self._keeper.expire_users()  # fabric user add --ttl
+                await self._keeper.tend_replicas()
 
     def _children(self) -> list[Child]:
         return list(self.services.values()) + ([self.nats] if self.nats is not None else [])
@@ -542,6 +669,8 @@ class Supervisor:
 
     async def _shutdown(self, code: int) -> int:
         self.stopping = True
+        if self._migration is not None:
+            self._migration.cancel()
         if self._keeper is not None:
             await self._keeper.close()
         if self.state.phase != "failed":

@@ -99,6 +99,8 @@ NOT_CONFIG_ENV: tuple[str, ...] = (
     "FABRIC_DEBUG", "FABRIC_SANITIZE",
     # the client's credentials file and signing key: not service settings
     CREDENTIALS_ENV, SIGNING_KEY_ENV,
+    # set by the supervisor of a clustered node for its services (fabric.cluster)
+    "FABRIC_CLUSTERED",
 )
 
 

@@ -74,6 +74,8 @@ class NatsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     host: str = "127.0.0.1"
     #: the port of the embedded nats-server (0: pick a free one)
     port: Port = 4222
+    #: the route port of the embedded nats-server once it is in a cluster (0: the one it had, else a free one)
+    cluster_port: Port = 0
     #: the nats-server binary ``fabric up`` runs (default: the one installed with fabric, else $PATH)
     server: str | None = None
     #: the credentials file a service connects with (``fabric up`` gives each service its own)

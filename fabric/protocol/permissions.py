@@ -64,7 +64,7 @@ from .subjects import (
 
 __all__ = [
     "ALLOCATOR", "SPAWNER", "SCHEDULER", "GPU_MONITOR", "SERVICE_ROLES", "CLIENT", "ADMIN", "USER_ROLES",
-    "JOINER", "JOINER_USER",
+    "JOINER", "JOINER_USER", "SYSTEM", "SYSTEM_USER",
     "USER_TOKEN", "INBOX", "Permissions", "UserEntry", "valid_user_name", "service_user", "inbox_prefix",
     "user_subject", "split_user", "caller_of", "subject_for", "permissions", "render_users",
 ]
@@ -80,6 +80,10 @@ ADMIN: Final = "admin"
 #: the identity of a join token: may only ask to join (``fabric.join.request``)
 JOINER: Final = "joiner"
 JOINER_USER: Final = "_joiner"
+#: a node's way into nats-server's system account (its servers' reports: routes, JetStream meta group); not in
+#: the role table: the system account is not the one fabric's subjects live in
+SYSTEM: Final = "system"
+SYSTEM_USER: Final = "_system"
 #: the roles a person's credentials may have (``fabric user add --role``)
 USER_ROLES: Final = (CLIENT, ADMIN)
 
@@ -278,9 +282,11 @@ def _list(subjects: Sequence[str]) -> str:
     return "[" + ", ".join(json.dumps(s) for s in subjects) + "]"
 
 
-def render_users(entries: Iterable[UserEntry]) -> str:
+def render_users(entries: Iterable[UserEntry], system: Iterable[str] = ()) -> str:
     """The ``authorization`` block nats-server reads (``include``d by nats.conf), one nkey user per entry.
 
+    *system*: public nkeys let into the system account ``SYS`` (declared here with ``system_account``;
+    fabric's own users stay in the global account, where its streams are).
     json.dumps quotes each string the way the NATS config parser reads it.
     """
     lines = ["# written by fabric from its role table (fabric/protocol/permissions.py); rewritten at every change",
@@ -294,5 +300,11 @@ def render_users(entries: Iterable[UserEntry]) -> str:
         lines.append(f"      publish: {{allow: {_list(e.permissions.publish)}}}")
         lines.append(f"      subscribe: {{allow: {_list(e.permissions.subscribe)}}}")
         lines.append("    }}")
-    lines += ["  ]", "}", ""]
+    lines += ["  ]", "}"]
+    keys = list(system)
+    if keys:
+        lines += ["accounts {", "  SYS {", "    users: ["]
+        lines += [f"      {{nkey: {json.dumps(k)}}}" for k in keys]
+        lines += ["    ]", "  }", "}", "system_account: SYS"]
+    lines.append("")
     return "\n".join(lines)
