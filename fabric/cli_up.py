@@ -444,8 +444,12 @@ def _print_ready(st: FabricState, t0: float, state: StateDir, *, detached: bool)
     elif st.embedded_nats:
         out.print("  auth      [bold yellow]off[/] (--no-auth): anyone who reaches the NATS port runs programs here")
     if st.credentials and st.embedded_nats:
-        out.print(f"  join      fabric up --nats-url {st.join_url} --token TOKEN  "
-                  f"(TOKEN: `fabric join-token{state_flag(state)}`)")
+        out.print(f"  join      fabric up --join {st.join_url} --token TOKEN  "
+                  f"(TOKEN: `fabric join-token{state_flag(state)}`; --nats-url instead of --join: services only, "
+                  "no nats-server of its own)")
+        if st.cluster_port:
+            out.print(f"  cluster   this nats-server takes routes on port {st.cluster_port}: `fabric status` shows the "
+                      "cluster")
     else:
         out.print(f"  join      fabric up --nats-url {st.join_url}")
     if st.embedded_nats and st.host and is_loopback(st.host):

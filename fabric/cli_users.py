@@ -173,7 +173,7 @@ def join_token(
     rotate: Annotated[bool, typer.Option("--rotate", help="Make a new token; the old one stops working.")] = False,
     state_dir: StateDirOption = None,
 ) -> None:
-    """Print the token another machine joins this fabric with: fabric up --nats-url URL --token TOKEN.
+    """Print the token another machine joins this fabric with: fabric up --join URL --token TOKEN.
 
     Whoever holds it can add a node (its services, and its operator as an admin): hand it
     only to machines you run, and --rotate it when one should no longer join.
@@ -186,5 +186,6 @@ def join_token(
         said = _apply(realm, running, [f"join.{realm.node}"])
         err.print(f"a new join token; {said}")
     url = running.join_url if running is not None else "nats://THIS-MACHINE:PORT"
-    err.print(f"on the other machine: fabric up --nats-url {url} --token TOKEN")
+    err.print(f"on the other machine: fabric up --join {url} --token TOKEN  (its own nats-server, routed to this "
+              f"one; --nats-url {url} instead: its services on this NATS)")
     out.print(token)

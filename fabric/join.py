@@ -17,6 +17,7 @@ node holds.  Joining again with the same keys (a restarted node) is granted agai
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import msgspec
@@ -93,9 +94,12 @@ class AuthKeeper:
     async def start(self, nc: Any) -> None:
         """Answer joins on *nc* (an admin's connection), from now on; in a cluster, follow the shared users."""
         self._nc = nc
-        # one answer per join, whichever node's supervisor gives it
-        self._sub = await nc.subscribe(JOIN_REQUEST, queue="fabric-join", cb=self._on_request)
-        await nc.flush()
+        sup = self.supervisor
+        if sup is None or sup.can_sign():
+            # one answer per join, whichever node's supervisor gives it; with TLS only a node holding the CA's
+            # key (the first node) can sign a joining server's certificate, so only it answers
+            self._sub = await nc.subscribe(JOIN_REQUEST, queue="fabric-join", cb=self._on_request)
+            await nc.flush()
         if self.supervisor is not None and self.supervisor.cluster is not None:
             self.follow_users()
 
@@ -224,8 +228,8 @@ class AuthKeeper:
         forming = None
         if req.route and sup is None:
             raise BadRequest("this fabric's nodes cannot route to each other (its NATS is not fabric's own)")
-        if req.route and (req.route == "" or ":" not in req.route):
-            raise BadRequest(f"invalid route address {req.route!r}: expected HOST:PORT")
+        if req.route and not _valid_route(req.route):
+            raise BadRequest(f"invalid route address {req.route[:100]!r}: expected HOST:PORT")
         try:
             new = self.realm.add_node(req.node, req.services, req.admin, route=req.route)
         except AuthConflict as exc:
@@ -240,7 +244,10 @@ class AuthKeeper:
             if spec is None:  # the first machine with its own server: this node starts the cluster
                 spec = forming = cluster.new_spec(sup.route_port(), sup.config.node, tls=sup.config.tls)
                 self.realm.add_self(sup.route_address(spec.port))
-            cert = sup.sign_csr(req.node, req.csr) if req.csr else ""
+            try:
+                cert = sup.sign_csr(req.node, req.csr) if req.csr else ""
+            except ValueError as exc:
+                raise BadRequest(f"csr: {exc}") from None
             grant = ClusterGrant(name=spec.name, password=spec.password, table=self.realm.shared(), cert=cert)
         pid = self.nats_pid()
         if forming is None and (new or req.route):
@@ -250,6 +257,14 @@ class AuthKeeper:
                 sup.write_nats_config()  # the new node among this server's routes (reloadable)
             self.realm.reload(self.binary, self.config, pid)
         return new, grant, forming
+
+
+_ROUTE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253}):([0-9]{1,5})")
+
+
+def _valid_route(route: str) -> bool:
+    m = _ROUTE.fullmatch(route)
+    return m is not None and 0 < int(m.group(1)) < 65536
 
 
 async def request_join(url: str, token: str, realm: AuthRealm, *, timeout: float = 10.0, route: str = "",
@@ -266,8 +281,9 @@ async def request_join(url: str, token: str, realm: AuthRealm, *, timeout: float
 
     import nats
 
-    from .credentials import REFUSED_CREDENTIALS, UNTRUSTED_CERTIFICATE, read_credentials, refusal
+    from .credentials import REFUSED_CREDENTIALS, UNTRUSTED_CERTIFICATE, quiet_ssl_eof_notice, read_credentials, refusal
 
+    quiet_ssl_eof_notice()
     try:
         seed, fingerprint = parse_token(token)
     except AuthError as exc:

@@ -448,6 +448,10 @@ class Supervisor:
 
         return route_address(self.config.host, port)
 
+    def can_sign(self) -> bool:
+        """Whether this node can answer every join: without TLS any node can; with it, the CA's holder."""
+        return self._pki is None or self._pki.ca_key.is_file()
+
     def sign_csr(self, node: str, csr: str) -> str:
         """A certificate of this fabric's CA for a joining node's server (its CSR, PEM); "" without TLS."""
         if self._pki is None:

@@ -17,8 +17,11 @@ checks, in order, what issue 15 parts 6 and 7 ask:
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -37,10 +40,10 @@ pytestmark = pytest.mark.slow
 NODES = ("a", "b", "c")
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[dict[str, Path]]:
     pytest.importorskip("fabric.services.allocator", reason="the allocator (and its Cython arena) is not built")
-    dirs = {n: tmp_path_factory.mktemp(f"cluster-{n}") for n in NODES}
+    dirs = {n: tmp_path / f"cluster-{n}" for n in NODES}
     try:
         yield dirs
     finally:
@@ -67,11 +70,33 @@ def _wait(what: str, check: Any, timeout: float) -> Any:
     raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
 
 
-def test_a_cluster_of_three_survives_losing_one(cluster: dict[str, Path]) -> None:
+def _check_route_port(state_dir: Path, tls: bool) -> None:
+    """What a node's route port demands of a peer before anything else: the route password, and TLS with --tls."""
+    port = read_state(state_dir)["cluster_port"]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.settimeout(3)
+        try:
+            line = s.makefile("rb").readline()
+        except TimeoutError:
+            line = b""
+    if not tls:
+        assert line.startswith(b"INFO "), line
+        info = json.loads(line[5:])
+        assert info.get("auth_required") is True and not info.get("tls_required"), info
+        return
+    assert not line.startswith(b"INFO "), line  # nothing in plaintext: a TLS handshake first
+    ctx = ssl.create_default_context(cafile=str(state_dir / "pki" / "ca.pem"))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:  # the node's certificate, from the fabric CA
+            assert s.version() in ("TLSv1.2", "TLSv1.3")
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_a_cluster_of_three_survives_losing_one(cluster: dict[str, Path], tls: bool) -> None:
     from fabric import FabricClient
 
     a, b, c = (cluster[n] for n in NODES)
-    res = _up(a, "a")
+    res = _up(a, "a", *(["--tls"] if tls else []))
     assert res.returncode == 0, res.stdout + res.stderr
     admin_a = str(a / "auth" / "admin.creds")
     with FabricClient(_url(a), credentials=admin_a) as fc:
@@ -98,6 +123,8 @@ def test_a_cluster_of_three_survives_losing_one(cluster: dict[str, Path]) -> Non
         return doc if code == 0 and full and view.get("meta_leader") else None
 
     doc = _wait("three servers routed to each other with a meta leader", clustered, 60)
+    for state_dir in (a, b, c):
+        _check_route_port(state_dir, tls)
     assert sorted(doc["cluster"]["routes"]) == ["fabric-a", "fabric-b", "fabric-c"]
     assert doc["cluster"]["meta_size"] == 3
     human = fabric("status", c)

@@ -194,3 +194,67 @@ async def test_the_token_can_do_nothing_but_ask(fab: Fabric) -> None:
     finally:
         await nc.close()
     assert len([e for e in errors if "permissions violation" in e]) == 4, errors
+
+
+@pytest.mark.unit
+def test_a_clusters_shared_table_keeps_each_node_its_own(tmp_path: Path) -> None:
+    """B adopts A's shared table (fabric/users_sync.py): A's services and the people, B's own admin and keys."""
+    from fabric.users_sync import keys_of, table_of
+
+    a = AuthRealm(StateDir(tmp_path / "a"), "a")
+    a.ensure()
+    b = joining(tmp_path, "b")
+    b_admin = read_credentials(b.admin_credentials).nkey
+    svc_b = {role: read_credentials(b.service_credentials(role)).nkey for role in perms.SERVICE_ROLES}
+    a.add_node("b", svc_b, b_admin, route="127.0.0.1:7001")
+    a.add_self("127.0.0.1:7000")
+    a.add_user("alice", "client", tmp_path / "alice.creds")
+    shared = a.shared()
+    assert "admin" not in shared["users"] and set(shared["nodes"]) == {"a", "b"}
+    assert table_of(keys_of(shared)) == shared  # the bucket's keys carry the table both ways
+    assert b.adopt(shared) is True and b.adopt(shared) is False  # a second time changes nothing
+    assert {u.name for u in b.users()} == {"admin", "alice"}
+    assert read_credentials(b.admin_credentials).nkey in {u.nkey for u in b.users() if u.name == "admin"}
+    entries = list(b.entries())
+    keys = [e.nkey for e in entries]
+    assert len(keys) == len(set(keys))  # each key once: nats-server refuses a duplicate
+    # B's own service keys carry B's roles (from its files), A's keep A's
+    assert {e.name for e in entries if e.nkey in svc_b.values()} == {
+        perms.service_user(r, "b") for r in perms.SERVICE_ROLES}
+    a_alloc = read_credentials(a.service_credentials(perms.ALLOCATOR)).nkey
+    assert [e.name for e in entries if e.nkey == a_alloc] == [perms.service_user(perms.ALLOCATOR, "a")]
+    # a removal reaches B the same way
+    a.remove_user("alice")
+    assert b.adopt(a.shared()) is True and {u.name for u in b.users()} == {"admin"}
+
+
+async def test_a_route_join_needs_a_fabric_that_runs_its_own_nats(fab: Fabric, tmp_path: Path) -> None:
+    """A join with a route (`fabric up --join`) is refused with 400 where the answering side cannot cluster."""
+    with pytest.raises(BadRequest, match="cannot route"):
+        await request_join(fab.server.url, fab.server.realm.join_token(), joining(tmp_path, "r"),
+                           route="127.0.0.1:7001")
+
+
+@pytest.mark.unit
+def test_a_joining_nodes_certificate_is_signed_from_its_request(tmp_path: Path) -> None:
+    """TLS clusters: the joining node keeps its key; the first node's CA signs its request (fabric/pki.py)."""
+    from cryptography import x509
+
+    from fabric.pki import Pki
+
+    ca = Pki(tmp_path / "a")
+    ca.ensure("a", ["127.0.0.1"])
+    joiner = Pki(tmp_path / "b")
+    csr = joiner.request("b", ["10.1.2.3", "b.example"])
+    cert_pem = ca.sign_csr("b", csr)
+    joiner.install(cert_pem, ca.ca_pem())
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    issuer = x509.load_pem_x509_certificate(ca.ca.read_bytes())
+    cert.verify_directly_issued_by(issuer)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "b.example" in san.get_values_for_type(x509.DNSName)
+    assert "10.1.2.3" in {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    assert not (tmp_path / "b" / "ca-key.pem").exists()  # the CA key stays with the first node
+    for bad in ("", "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"):
+        with pytest.raises(ValueError, match="certificate signing request"):
+            ca.sign_csr("b", bad)

@@ -482,3 +482,15 @@ def test_users_table_changes_never_lose_each_other(tmp_path: Path) -> None:
     srv.realm.users_file.unlink()
     srv.realm.ensure()
     assert [(u.name, u.nkey) for u in srv.realm.users()] == [(ADMIN_USER, admin_key)]
+
+
+@pytest.mark.unit
+def test_the_shared_users_table_is_the_admins_only() -> None:
+    """The cluster's users bucket (fabric/users_sync.py) holds every public key and node: only admins reach it."""
+    subjects = ("$KV.fabric_users.user.alice", "$JS.API.STREAM.INFO.KV_fabric_users",
+                "$JS.API.DIRECT.GET.KV_fabric_users", "$JS.API.CONSUMER.CREATE.KV_fabric_users")
+    for role in (*perms.SERVICE_ROLES, perms.CLIENT, perms.JOINER):
+        p = perms.permissions(role, node="n1", user="alice")
+        assert p is not None, role
+        for subject in subjects:
+            assert not allowed(p.publish, subject), (role, subject)
