@@ -147,7 +147,8 @@ def _cluster_or_none(state: Any, running: FabricState | None, url: str, wait: fl
 def _print_cluster(view: Any) -> None:
     from rich.table import Table
 
-    table = Table("server", "routes to", "JetStream", title=f"NATS cluster {view.name} ({len(view.routes)} servers)")
+    table = Table("server", "routes to", "JetStream", title=f"NATS cluster {view.name}",
+                  caption=f"{len(view.routes)} servers, JetStream meta group of {view.meta_size}")
     for server in sorted(view.routes):
         table.add_row(server, ", ".join(view.routes[server]) or "-",
                       "meta leader" if server == view.meta_leader else "")
