@@ -504,9 +504,14 @@ class Supervisor:
 
         if not cluster_migrate.pending(self.state_dir.nats_dir) or self.config.nats_binary is None:
             return
-        nc = await nats.connect(self.nats_url, name=f"fabric-supervisor-migrate@{self.config.node}",
-                                allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.25,
-                                error_cb=self._on_nats_error, **self._auth())
+        nc = None
+        while nc is None:  # the server was just started: it takes a moment to listen
+            try:
+                nc = await nats.connect(self.nats_url, name=f"fabric-supervisor-migrate@{self.config.node}",
+                                        allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.25,
+                                        connect_timeout=2, error_cb=self._on_nats_error, **self._auth())
+            except Exception:
+                await asyncio.sleep(0.25)
         try:
             js = nc.jetstream(timeout=5)
             waited = time.monotonic()

@@ -10,9 +10,10 @@ join or dropping an expired user) writes the keys it touched (:func:`push`); eve
 supervisor watches the bucket and applies what it sees to its own table, reloading its
 server when that changes anything (:class:`UsersSync`).
 
-The bucket is filled once, by the node that forms the cluster; a node that was down
-while a user was removed then finds the removal in the bucket (a delete marker) and
-never brings the user back.
+Each supervisor, when its watch has read the bucket, puts the entries of its own table
+the bucket has never held (the node that forms the cluster: its whole table); an entry
+the bucket holds deleted (a delete marker) stays deleted, so a node that was down while
+a user was removed never brings the user back.
 """
 
 from __future__ import annotations
@@ -114,10 +115,7 @@ class UsersSync:
         js = nc.jetstream(timeout=5)
         while True:
             try:
-                kv, made = await open_bucket(js, self.log)
-                if made:  # the first node of the cluster: the bucket starts as its table
-                    for key, value in keys_of(self.realm.shared()).items():
-                        await kv.put(key, json.dumps(value, sort_keys=True).encode())
+                kv, _ = await open_bucket(js, self.log)
                 # watched afresh each minute: a watch that a server restart left stalled recovers
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._follow(kv), REFRESH_S)
@@ -130,15 +128,19 @@ class UsersSync:
     async def _follow(self, kv: Any) -> None:
         watcher = await kv.watchall()
         entries: dict[str, Any] = {}
+        deleted: set[str] = set()
         caught_up = False
         try:
             while True:
                 entry = await watcher.updates(timeout=None)
                 if entry is None:  # the initial values are all in
                     caught_up = True
+                    await self._contribute(kv, entries, deleted)
                 elif entry.operation in ("DEL", "PURGE") or entry.value is None:
                     entries.pop(entry.key, None)
+                    deleted.add(entry.key)
                 else:
+                    deleted.discard(entry.key)
                     try:
                         entries[entry.key] = json.loads(entry.value)
                     except ValueError:
@@ -149,3 +151,11 @@ class UsersSync:
                     await self.reload()
         finally:
             await watcher.stop()
+
+    async def _contribute(self, kv: Any, entries: dict[str, Any], deleted: set[str]) -> None:
+        """Put this node's entries the bucket has never seen (the forming node's whole table; a change made
+        here while the bucket could not be written); an entry the bucket holds deleted stays deleted."""
+        for key, value in keys_of(self.realm.shared()).items():
+            if key not in entries and key not in deleted:
+                await kv.put(key, json.dumps(value, sort_keys=True).encode())
+                entries[key] = value

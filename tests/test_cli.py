@@ -128,7 +128,7 @@ def test_up_detached_reports_ready(running: tuple[Path, str]) -> None:
     print(f"time to ready: {ready.group(1)} s")
     assert float(ready.group(1)) < 10
     assert state["nats_url"] in stdout
-    assert "fabric up --nats-url nats://" in stdout and f":{state['port']}" in stdout
+    assert "fabric up --join nats://" in stdout and f":{state['port']}" in stdout
     assert str(state_dir / "logs") in stdout
     assert (state_dir / "logs" / "allocator.log").exists()
     assert (state_dir / "logs" / "nats-server.log").exists()
