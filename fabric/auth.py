@@ -182,6 +182,7 @@ class AuthRealm:
         if not self._readable(self.system_credentials):
             write_credentials(self.system_credentials, user=SYSTEM_USER, role=SYSTEM, seed=new_seed(),
                               ca_pem=ca_pem, by="fabric up")
+        self.join_token()  # made at the first start: `fabric up` prints the join command with it
         for role in SERVICE_ROLES:
             path = self.service_credentials(role)
             if not self._readable(path):

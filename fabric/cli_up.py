@@ -444,9 +444,11 @@ def _print_ready(st: FabricState, t0: float, state: StateDir, *, detached: bool)
     elif st.embedded_nats:
         out.print("  auth      [bold yellow]off[/] (--no-auth): anyone who reaches the NATS port runs programs here")
     if st.credentials and st.embedded_nats:
-        out.print(f"  join      fabric up --join {st.join_url} --token TOKEN  "
-                  f"(TOKEN: `fabric join-token{state_flag(state)}`; --nats-url instead of --join: services only, "
-                  "no nats-server of its own)")
+        token = _join_token(state, st)
+        out.print(f"  join      fabric up --join {st.join_url} --token {token or 'TOKEN'}")
+        out.print("            (the token is a secret: it lets a machine in; `fabric join-token"
+                  f"{state_flag(state)}` prints it again, --rotate replaces it; --nats-url instead of --join: "
+                  "that machine's services only)")
         if st.cluster_port:
             out.print(f"  cluster   this nats-server takes routes on port {st.cluster_port}: `fabric status` shows the "
                       "cluster")
@@ -462,6 +464,19 @@ def _print_ready(st: FabricState, t0: float, state: StateDir, *, detached: bool)
         out.print(f"  stop      fabric down{flag}")
     else:
         out.print("  stop      Ctrl-C, or fabric down" + flag)
+
+
+def _join_token(state: StateDir, st: FabricState) -> str | None:
+    """This fabric's join token (``fabric1.<seed>[.<CA fingerprint>]``), None if it cannot be read."""
+    from .auth import make_token
+    from .credentials import CredentialsError, read_credentials
+
+    try:
+        seed = read_credentials(state.auth_dir / "join.creds").seed
+        ca = state.path / "pki" / "ca.pem"
+        return make_token(seed, ca.read_text() if st.tls and ca.is_file() else None)
+    except (CredentialsError, OSError):
+        return None
 
 
 def _print_failure(st: FabricState, failing: list[str], state: StateDir) -> None:

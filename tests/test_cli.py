@@ -16,8 +16,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,33 +24,11 @@ from typing import Any
 import psutil
 import pytest
 
-from tests._nats import env_with_repo, realm
+from tests._cli import cleanup, cli_env, fabric, read_state, status_json
+from tests._nats import realm
 from tests._spawner import processes_using
 
 pytestmark = pytest.mark.slow
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = env_with_repo()
-    # FABRIC_CREDENTIALS too: a command aimed at a test's `fabric up` uses that fabric's admin credentials
-    for name in ("FABRIC_NATS_URL", "FABRIC_STATE_DIR", "FABRIC_NODE", "FABRIC_CREDENTIALS"):
-        env.pop(name, None)
-    env["FABRIC_MEM_CAPACITY"] = str(16 << 20)  # keep each test arena small
-    env.update(extra)
-    return env
-
-
-def fabric(command: str, state_dir: Path, *args: str, env: dict[str, str] | None = None,
-           input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m fabric.cli COMMAND --state-dir DIR ARGS...`` and capture its output."""
-    return subprocess.run(
-        [sys.executable, "-m", "fabric.cli", command, "--state-dir", str(state_dir), *args],
-        env=env or _env(), input=input, capture_output=True, text=True, timeout=timeout,
-    )
-
-
-def read_state(state_dir: Path) -> dict[str, Any]:
-    return json.loads((state_dir / "state.json").read_text())
 
 
 def listed_pids(state: dict[str, Any]) -> dict[str, int]:
@@ -76,23 +52,6 @@ def wait_until_gone(state_dir: Path, timeout: float = 5.0) -> list[psutil.Proces
     while (left := processes_using(state_dir)) and time.monotonic() < deadline:
         time.sleep(0.05)
     return left
-
-
-def cleanup(state_dir: Path) -> None:
-    """Stop whatever a test left running there and drop its arena's shared memory."""
-    fabric("down", state_dir, "--grace", "2")
-    for proc in processes_using(state_dir):
-        proc.kill()
-    for ident in (state_dir / "allocator").glob("*.json"):
-        prefix = json.loads(ident.read_text()).get("prefix")
-        if prefix:
-            for seg in Path("/dev/shm").glob(prefix + "*"):
-                seg.unlink(missing_ok=True)
-
-
-def status_json(state_dir: Path, *args: str) -> tuple[int, dict[str, Any]]:
-    res = fabric("status", state_dir, "--json", *args)
-    return res.returncode, json.loads(res.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +88,9 @@ def test_up_detached_reports_ready(running: tuple[Path, str]) -> None:
     assert float(ready.group(1)) < 10
     assert state["nats_url"] in stdout
     assert "fabric up --join nats://" in stdout and f":{state['port']}" in stdout
+    # the join command comes with the secret token itself (`fabric join-token` prints the same)
+    token = fabric("join-token", state_dir).stdout.strip()
+    assert token.startswith("fabric1.S") and f"--token {token}" in stdout, stdout
     assert str(state_dir / "logs") in stdout
     assert (state_dir / "logs" / "allocator.log").exists()
     assert (state_dir / "logs" / "nats-server.log").exists()
@@ -295,7 +257,7 @@ def test_nodes_without_a_gpu_monitor_fails_clearly(running: tuple[Path, str], tm
     server = start_nats(tmp_path / "nats", jetstream=False)
     try:
         # as the tests' admin: that server's users are the test realm's, not a fabric's
-        res = fabric("nodes", tmp_path, "--nats-url", server.url, env=_env(FABRIC_CREDENTIALS=str(realm().admin)))
+        res = fabric("nodes", tmp_path, "--nats-url", server.url, env=cli_env(FABRIC_CREDENTIALS=str(realm().admin)))
         assert res.returncode == 1 and "no gpu-monitor answers" in res.stderr, res.stderr
     finally:
         server.stop()
@@ -444,7 +406,7 @@ def test_port_in_use(tmp_path: Path) -> None:
 def test_service_that_never_gets_ready(tmp_path: Path) -> None:
     # json.tool rejects the service arguments and exits: the supervisor restarts
     # it with backoff until the timeout, then gives up and stops everything
-    env = _env(FABRIC_SERVICE_MODULES=json.dumps({"allocator": "json.tool"}))
+    env = cli_env(FABRIC_SERVICE_MODULES=json.dumps({"allocator": "json.tool"}))
     t0 = time.monotonic()
     res = fabric("up", tmp_path, "-d", "--nats-port", "0", "--timeout", "1", env=env)
     assert res.returncode == 1
@@ -516,7 +478,7 @@ def test_up_that_does_not_get_ready_leaves_nothing_running(needs_allocator: None
     mods.mkdir()
     (mods / "misbehaving.py").write_text(source)
     state_dir = tmp_path / "state"
-    env = _env(FABRIC_SERVICE_MODULES=json.dumps({"misbehaving": "misbehaving"}))
+    env = cli_env(FABRIC_SERVICE_MODULES=json.dumps({"misbehaving": "misbehaving"}))
     env["PYTHONPATH"] = os.pathsep.join([str(mods), env["PYTHONPATH"]])
     try:
         res = fabric("up", state_dir, "-d", "--nats-port", "0", "--services", "allocator,misbehaving", *args, env=env)

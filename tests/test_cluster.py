@@ -33,7 +33,7 @@ import nats
 import psutil
 import pytest
 
-from tests.test_cli import _env, cleanup, fabric, read_state, status_json
+from tests._cli import cleanup, cli_env, fabric, read_state, status_json
 
 pytestmark = pytest.mark.slow
 
@@ -152,7 +152,7 @@ def test_a_cluster_of_three_survives_losing_one(cluster: dict[str, Path], tls: b
 
     # a user added on A is let in by C's server; no credentials: refused
     res = subprocess.run([sys.executable, "-m", "fabric.cli", "user", "add", "alice", "--state-dir", str(a),
-                          "--out", str(a.parent / "alice.creds")], env=_env(), capture_output=True, text=True,
+                          "--out", str(a.parent / "alice.creds")], env=cli_env(), capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 0, res.stderr
 
