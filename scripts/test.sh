@@ -12,6 +12,13 @@ VPY=.venv/bin/python
 "$VPY" -m pip install --quiet --upgrade pip
 "$VPY" -m pip install --quiet -e '.[test]'
 
+# a system Python of the suite's version: the interpreter tests/test_worker_user.py runs users' workers with as
+# `nobody` (the suite's own may live where that user cannot enter, as under /root)
+PYVER=$("$VPY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+if [ ! -x "/usr/bin/python$PYVER" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq "python$PYVER-minimal" || echo "note: no python$PYVER-minimal from apt"
+fi
+
 # Node.js clients for the cross-language test (npm registry; versions pinned in package-lock.json)
 if command -v npm >/dev/null 2>&1; then
   (cd tests/node && npm ci --silent --no-audit --no-fund)

@@ -84,9 +84,11 @@ async def start_node(url: str, state: Path, *, name: str = "", slots: int | None
 
 
 @asynccontextmanager
-async def one_node_fabric(url: str, state: Path, *, prefix: str = "tasks", config: Any = None) -> AsyncIterator[str]:
+async def one_node_fabric(url: str, state: Path, *, prefix: str = "tasks", config: Any = None,
+                          trusted: bool = True) -> AsyncIterator[str]:
     """A one-node fabric in this process on the JetStream server *url*: a spawner, a gpu-monitor (the node's
-    record) and a scheduler, with *config* (a FabricConfig) if given; yields the node's name (*prefix*-random)."""
+    record) and a scheduler, with *config* (a FabricConfig) if given; yields the node's name (*prefix*-random).
+    *trusted*: its users' code runs as the spawner (trusted_config), as the suite's interpreter needs here."""
     from fabric.config import FabricConfig
     from fabric.service import ServiceSettings
     from fabric.services.gpu_monitor import GpuMonitorService
@@ -95,7 +97,8 @@ async def one_node_fabric(url: str, state: Path, *, prefix: str = "tasks", confi
 
     node = f"{prefix}-{secrets.token_hex(3)}"
     services = [cls(ServiceSettings(credentials=creds_for(cls), nats_url=url, node=node, state_dir=state / cls.__name__,
-                                    config=trusted_config(config or FabricConfig())))
+                                    config=trusted_config(config or FabricConfig()) if trusted
+                                    else config or FabricConfig()))
                 for cls in (SpawnerService, GpuMonitorService, SchedulerService)]
     started = []
     try:

@@ -611,18 +611,18 @@ async def test_a_python_task_with_gpus_sees_only_them(sched: Scheduler, node: Sp
 
 
 async def test_gpu_sets_keep_only_a_few_pinned_pools(sched: Scheduler, node: SpawnerService) -> None:
-    from fabric.services.spawner.tasks_gpu import MAX_GPU_POOLS
+    from fabric.services.spawner.tasks_lanes import MAX_LANES
 
     try:
-        for i in range(MAX_GPU_POOLS + 1):
+        for i in range(MAX_LANES + 1):
             t = py(_cuda_env)
             t.gpus = [i]
             sched.add(t)
             r = await sched.result(t.id)
             assert (r.outcome, pickle.loads(r.output)) == ("ok", str(i)), r
-            assert len(_pinned_pools(node)) <= MAX_GPU_POOLS
+            assert len(_pinned_pools(node)) <= MAX_LANES
         # the idle pool of an older set made room for the newest one
-        assert {"CUDA_VISIBLE_DEVICES": str(MAX_GPU_POOLS)} in [p.worker_env for p in _pinned_pools(node)]
+        assert {"CUDA_VISIBLE_DEVICES": str(MAX_LANES)} in [p.worker_env for p in _pinned_pools(node)]
     finally:
         await _unload_pinned(node)
 

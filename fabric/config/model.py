@@ -136,9 +136,11 @@ class TasksConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
 
 
 class SandboxConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    #: the OS user that processes of client-role users run as, when the spawner runs as root ("root": as the
-    #: spawner, trusting every fabric user with root on the node)
+    #: the OS user that processes and warm workers (cores, python and opencl tasks) of client-role users run as,
+    #: when the spawner runs as root ("root": as the spawner, trusting every fabric user with root on the node)
     client_user: Annotated[str, Meta(max_length=64)] = "nobody"
+    #: the Python interpreter client_user's workers run (default: the spawner's own); the same Python version
+    client_python: Annotated[str, Meta(max_length=4096)] = ""
     #: run only signed code: native executables, compute core libraries, Python tasks (fabric.signing)
     require_signed: bool = False
     #: the public keys (base64 ed25519, from ``fabric keys create``) whose signatures count

@@ -34,6 +34,7 @@ from fabric.schema import CoreInfo, LoadCoreRequest
 from .pool_reply import ReplyLink
 from .pool_types import Job, PoolEnv, WorkerSpec
 from .pool_workers import RingWorker, SocketWorker, Worker
+from .worker_user import RunAs
 
 __all__ = ["Pool", "PoolHost", "library_digest", "PIPELINE", "START_TIMEOUT_S", "MAX_START_FAILURES", "MAX_QUEUED"]
 
@@ -95,6 +96,8 @@ class Pool:
         #: CoreManager.internal_pool)
         self.worker_env: dict[str, str] = {}
         self.pool_env: PoolEnv | None = None
+        #: the OS user its workers run as: a client's pools run as sandbox.client_user (worker_user.py)
+        self.run_as: RunAs | None = None
         self.ready = asyncio.Event()  # set when the load finished, whether it worked or not
         self.draining = False  # replaced: no new jobs; closes once the queued and running ones are done
         self.replaced_by = ""
@@ -207,7 +210,7 @@ class Pool:
     def start_worker(self) -> asyncio.Task[Worker | None]:
         host = self.host
         w = RingWorker(self, self.spec(), next(self._seq), ring_prefix=host.ring_prefix, link=host.link,
-                       env=self.pool_env or host.env, children=host.children)
+                       env=self.pool_env or host.env, children=host.children, run_as=self.run_as)
         self.workers.append(w)
         self.workers_started += 1
         task = asyncio.get_running_loop().create_task(self._start_worker(w))

@@ -34,7 +34,7 @@ import threading
 import time
 from typing import Any, Protocol
 
-from fabric.errors import CoreLoadFailed, FabricError, JobError, JobTimeout, TooLarge, WorkerCrashed
+from fabric.errors import CoreLoadFailed, FabricError, JobError, JobTimeout, TooLarge, Unavailable, WorkerCrashed
 from fabric.launch import module_launch
 from fabric.protocol import wire
 from fabric.protocol.env import CORE_ID_ENV  # set in each ring worker's environment to its core id
@@ -43,6 +43,8 @@ from fabric_ext import ring
 from .core_api import OUTPUT_TOO_LARGE
 from .pool_reply import ReplyLink
 from .pool_types import OUTPUT_HINT, Job, PoolEnv, WorkerSpec
+from .worker_user import RunAs, cannot_run
+from .worker_user import launch as worker_launch
 
 __all__ = ["Worker", "RingWorker", "SocketWorker", "WorkerSpec", "PoolEvents", "RING_CAPACITY", "CORE_ID_ENV",
            "OUTPUT_HINT"]
@@ -275,9 +277,11 @@ class RingWorker(Worker):
     """A ``fabric.services.spawner.worker`` child process joined by two SPSC rings."""
 
     def __init__(self, events: PoolEvents, spec: WorkerSpec, seq: int, *, ring_prefix: str,
-                 link: ReplyLink | None, env: PoolEnv, children: set[int]) -> None:
+                 link: ReplyLink | None, env: PoolEnv, children: set[int], run_as: RunAs | None = None) -> None:
         super().__init__(events, spec, seq)
         base = f"{ring_prefix}-{spec.core}-{seq}"
+        #: the OS user a client's worker runs as (sandbox.client_user: worker_user.py); None: the spawner's
+        self.run_as = run_as
         #: answers successful ``run`` jobs straight from the reader thread (None: through the loop)
         self.link = link
         self.env = env
@@ -313,11 +317,25 @@ class RingWorker(Worker):
             self.max_job = self.prod.max_record - 64
             # lets the gpu-monitor name the core a GPU-holding worker process belongs to
             env = {**os.environ, **dict(spec.env), CORE_ID_ENV: spec.core}
-            # -P, and the spawner's own working directory (the state directory under `fabric up`)
-            launch = module_launch("fabric.services.spawner.worker", ["--ring-in", self.path_in, "--ring-out",
-                                   self.path_out, "--spin-us", str(self.env.worker_spin_us)], cwd=None, env=env)
-            self.proc = subprocess.Popen(launch.argv, cwd=launch.cwd, env=launch.env, stdin=subprocess.DEVNULL,
-                                         close_fds=True)
+            args = ["--ring-in", self.path_in, "--ring-out", self.path_out, "--spin-us", str(self.env.worker_spin_us)]
+            run_as = self.run_as
+            if run_as is None:
+                # -P, and the spawner's own working directory (the state directory under `fabric up`)
+                launch = module_launch("fabric.services.spawner.worker", args, cwd=None, env=env)
+                self.proc = subprocess.Popen(launch.argv, cwd=launch.cwd, env=launch.env, stdin=subprocess.DEVNULL,
+                                             close_fds=True)
+            else:
+                for path in made:  # its rings are the only files of the node it may open
+                    os.chown(path, run_as.uid, run_as.gid)
+                env.pop("PYTHONPATH", None)
+                env["HOME"] = "/"
+                try:
+                    # as that user from the exec on, in / (the state directory is not its to read)
+                    self.proc = subprocess.Popen(worker_launch(run_as, "fabric.services.spawner.worker", args),
+                                                 cwd="/", env=env, stdin=subprocess.DEVNULL, close_fds=True,
+                                                 user=run_as.uid, group=run_as.gid, extra_groups=[])
+                except PermissionError as exc:
+                    raise Unavailable(cannot_run(run_as, exc), core=spec.core) from None
         except BaseException:
             self._release()
             raise

@@ -84,6 +84,7 @@ from .pool import Pool, library_digest
 from .pool_reply import ReplyLink
 from .pool_rings import RING_GLOB, ring_prefix, sweep_rings
 from .pool_types import Job, PoolEnv
+from .worker_user import RunAs
 
 __all__ = ["CoreManager", "Pool", "Job", "PoolEnv", "PYTHON_CORE", "OPENCL_CORE",
            "library_digest", "fit_results", "sweep_rings", "RING_GLOB"]
@@ -122,6 +123,8 @@ class CoreManager:
         self.lane = JobLane(node, log, nats_url, self._pool, seed=seed)
         #: the node's sandbox section: whether a core library must be signed, and by whom (fabric.signing)
         self.signing = SandboxConfig()
+        #: the OS user a client's pools run as (sandbox.client_user: worker_user.py); None: as the spawner
+        self.client_run_as: RunAs | None = None
 
     @property
     def link(self) -> ReplyLink | None:
@@ -268,6 +271,8 @@ class CoreManager:
         old = self.by_name.get(key)  # replace=True: drained once the new pool is up
         core_id = f"c{secrets.token_hex(6)}"
         pool = Pool(self, core_id, body, owner=owner)
+        if req.caller is not None:  # a user's code: as sandbox.client_user, never as the spawner's root
+            pool.run_as = self.client_run_as
         self.pools[core_id] = pool
         self.by_name[key] = pool
         try:
@@ -301,7 +306,8 @@ class CoreManager:
 
     async def internal_pool(self, name: str, *, min_workers: int = 1, max_workers: int = 4,
                             time_limit_s: float = 0.0, shared: bool = False, env: dict[str, str] | None = None,
-                            unload_after_s: float = 0.0, spins: tuple[float, float] | None = None) -> Pool:
+                            unload_after_s: float = 0.0, spins: tuple[float, float] | None = None,
+                            owner: str = "") -> Pool:
         """A pool of the built-in core *name* for the spawner's own use (the task runner).
 
         ``shared``: the node's pool of that name (listed under it, reused by a load with the
@@ -311,24 +317,28 @@ class CoreManager:
         from its start (a pool pinned to GPUs); ``unload_after_s``: retired after that long
         without a job; ``spins``: caps on its reader and worker spins in µs (a pool fed by
         the task runner gets its jobs in batches, over NATS: a long spin only takes CPU from
-        the processes the next batch comes through).  CoreLoadFailed when its first worker
-        does not start.
+        the processes the next batch comes through); ``owner``: a user whose tasks it runs --
+        theirs alone, its workers running as ``sandbox.client_user`` (:attr:`client_run_as`).
+        CoreLoadFailed when its first worker does not start.
         """
+        key = pool_key(owner, name)
         if shared:
-            live = self.by_name.get(name)
+            live = self.by_name.get(key)
             if live is not None:
                 await live.ready.wait()
-                if self.by_name.get(name) is live and not live.broken:
+                if self.by_name.get(key) is live and not live.broken:
                     return live
         pool = Pool(self, f"t{secrets.token_hex(6)}", LoadCoreRequest(
             name=name, min_workers=min_workers, max_workers=max_workers, time_limit_s=time_limit_s,
-            unload_after_s=unload_after_s))
+            unload_after_s=unload_after_s), owner=owner)
+        if owner:
+            pool.run_as = self.client_run_as
         pool.worker_env = dict(env or {})
         if spins is not None:
             pool.pool_env = self.env.capped(*spins)
         self.pools[pool.id] = pool
         if shared:
-            self.by_name[name] = pool
+            self.by_name[key] = pool
         try:
             first = pool.start_worker()
             for _ in range(pool.min_workers - 1):

@@ -58,6 +58,7 @@ from .limits import RLIMITS, Plan, plan
 from .pools import CoreManager, PoolEnv
 from .procs import ManagedProcess, ProcessTable, TableSettings, parse_signal
 from .tasks import TaskRunner
+from .worker_user import client_run_as
 
 __all__ = ["SpawnerService"]
 
@@ -87,6 +88,12 @@ class SpawnerService(FabricService):
                                  env=PoolEnv.from_config(settings.config.pool),
                                  seed=self.credentials.seed if self.credentials is not None else None)
         self.cores.signing = settings.config.sandbox
+        try:  # a user's warm workers run as sandbox.client_user, like their processes
+            self.cores.client_run_as = client_run_as(settings.config.sandbox.client_user,
+                                                     settings.config.sandbox.client_python)
+        except KeyError:
+            raise ValueError(f"sandbox.client_user {settings.config.sandbox.client_user!r}: no such user on this "
+                             "node") from None
         # fabric.task.pull: runs the scheduler's tasks here (started once the endpoints serve)
         self.runner = TaskRunner(self, slots=task_slots if task_slots is not None else settings.config.tasks.slots,
                                  prefetch=task_prefetch)

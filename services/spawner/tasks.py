@@ -24,9 +24,12 @@ by :mod:`.tasks_results`):
   round trip per batch, not per task.  If that worker dies, each task of the batch
   runs again alone (not counted against its retries), so a task that kills its worker
   is found and accounted by itself.  A task given GPUs runs on a pool of its GPU set instead,
-  whose workers have ``CUDA_VISIBLE_DEVICES`` from their start (:mod:`.tasks_gpu`).
+  whose workers have ``CUDA_VISIBLE_DEVICES`` from their start, and a client-role user's
+  task, on a spawner that runs as root, on a pool of that user's whose workers run as
+  ``sandbox.client_user`` (:mod:`.tasks_lanes`).
 * ``core``: one job for the node's live pool of that core name (none: refused, 404).
-* ``opencl``: an FCLJ frame for the node's ``fabric.opencl`` pool, loaded on first use;
+* ``opencl``: an FCLJ frame for the node's ``fabric.opencl`` pool (a user's own, as for
+  ``python``, when their code must run as ``sandbox.client_user``), loaded on first use;
   with ``TaskRun.opencl_device`` its header is pinned to that device (:func:`.tasks_gpu.pin_opencl`).
 * ``exec``: a process started as ``fabric.proc.spawn`` starts one (the spawner's
   :meth:`start_process`); its stdout tail is the output.  ``TaskRun.gpus`` become its
@@ -90,7 +93,8 @@ from fabric.schema.tasks import (
 from .pool_types import TASK_POOL_SPINS, Job
 from .pools import CoreManager, Pool
 from .procs import ManagedProcess, ProcessTable
-from .tasks_gpu import GpuPythonPools, pin_opencl
+from .tasks_gpu import pin_opencl
+from .tasks_lanes import PythonLanes
 from .tasks_results import ERROR, REFUSED, Attempt, exit_result, job_result, task_error
 
 __all__ = ["TaskRunner", "RunnerHost", "HEARTBEAT_S", "MAX_PULLS"]
@@ -174,7 +178,7 @@ class TaskRunner:
         self._python_big = 0
         self._job_ids = 0
         #: python tasks given GPUs: a pool per GPU set (made on first use)
-        self._gpu = GpuPythonPools(host.cores, host.log, self.slots, self._submit, self._finish)
+        self._lanes = PythonLanes(host.cores, host.log, self.slots, self._submit, self._finish, self._lane_owner)
 
     @property
     def capacity(self) -> int:
@@ -427,7 +431,7 @@ class TaskRunner:
             a.timer = None
         if a in self._python_queue:
             self._python_queue.remove(a)
-        elif self._gpu.drop(a):
+        elif self._lanes.drop(a):
             pass
         elif a.kill is not None:
             a.kill()
@@ -435,9 +439,15 @@ class TaskRunner:
 
     # -- pool jobs: python, core, opencl ---------------------------------------------------
 
+    def _lane_owner(self, a: Attempt) -> str:
+        """The user whose code *a* is, when it must run as sandbox.client_user ("" when it may run as the spawner)."""
+        return a.run.owner if a.run.owner and self.host.cores.client_run_as is not None else ""
+
     def _queue_python(self, a: Attempt) -> None:
-        if a.run.gpus:  # CUDA_VISIBLE_DEVICES holds from a worker's start: a pool of its GPU set
-            self._gpu.queue(a)
+        # CUDA_VISIBLE_DEVICES holds from a worker's start: a pool of its GPU set; a user's code runs as
+        # sandbox.client_user, in workers of that user's own (tasks_lanes.py)
+        if a.run.gpus or self._lane_owner(a):
+            self._lanes.queue(a)
             return
         self._python_queue.append(a)
         self._pump_python()
@@ -487,9 +497,10 @@ class TaskRunner:
     async def _run_opencl(self, a: Attempt) -> None:
         d = LoadCoreRequest(name=OPENCL_CORE)
         try:
+            # the node's fabric.opencl pool; a user's own when their code must run as sandbox.client_user
             pool = await self.host.cores.internal_pool(OPENCL_CORE, min_workers=d.min_workers,
                                                        max_workers=d.max_workers, time_limit_s=d.time_limit_s,
-                                                       shared=True)
+                                                       shared=True, owner=self._lane_owner(a))
         except FabricError as exc:
             if not a.dropped:
                 self._finish(a, a.result(REFUSED, error=task_error(exc)))
@@ -563,8 +574,8 @@ class TaskRunner:
         self._timed(a)
         # the result (its end time) first: the next task, started just below, must not seem to overlap it
         result = None if a.dropped else job_result(a, code, out, err)
-        if a.run.kind == PYTHON and a.run.gpus:
-            self._gpu.done(a)
+        if a.run.kind == PYTHON and (a.run.gpus or self._lane_owner(a)):
+            self._lanes.done(a)
         elif a.run.kind == PYTHON:
             weight = _cpu_weight(a)
             self._python_busy = max(0.0, self._python_busy - weight)
@@ -615,7 +626,7 @@ class TaskRunner:
         """The spawner stops: stop every attempt (the scheduler sees a new instance next time), end the pulls."""
         for a in list(self.running.values()):
             self._cancel(a.key)
-        tasks = list(self._inflight) + ([self._opening] if self._opening is not None else []) + self._gpu.openings()
+        tasks = list(self._inflight) + ([self._opening] if self._opening is not None else []) + self._lanes.openings()
         for t in tasks:
             t.cancel()
         if tasks:

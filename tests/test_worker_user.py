@@ -1,0 +1,106 @@
+"""A user's code in warm workers runs as ``sandbox.client_user``, never as the spawner's root (worker_user.py).
+
+A one-node fabric in this process whose spawner runs as root (the suite does) with
+``sandbox.client_user = "nobody"``: a client-role user's ``python`` tasks and the Python
+core they load run in workers of their own, as ``nobody``, with ``no_new_privs``, and
+cannot read the node's state directory; an admin's still run as the spawner.  The
+interpreter ``nobody`` runs is ``sandbox.client_python``: here the system Python of the
+same version (the suite's own lives under /root, which ``nobody`` cannot enter); one it
+cannot run refuses the task with a message naming the setting.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from fabric import AsyncFabricClient
+from fabric.config import FabricConfig, SandboxConfig
+from fabric.errors import TaskFailed
+from tests._nats import NatsServer, realm
+from tests._tasks import one_node_fabric
+
+#: an interpreter of this Python version that any user can run (scripts/test.sh installs it where it can)
+SYSTEM_PYTHON = f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}"
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="running workers as another user needs a spawner that is root"),
+    pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason=f"no {SYSTEM_PYTHON} for the sandbox user"),
+]
+
+
+def _config(python: str) -> FabricConfig:
+    return FabricConfig(sandbox=SandboxConfig(client_user="nobody", client_python=python))
+
+
+@pytest.fixture
+async def sandboxed(js_server: NatsServer, tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    async with one_node_fabric(js_server.url, tmp_path, prefix="runas", config=_config(SYSTEM_PYTHON),
+                               trusted=False):
+        yield js_server.url, tmp_path
+
+
+def whoami() -> tuple[int, str, str]:
+    """uid, the NoNewPrivs line, and what reading the spawner's state directory does (run in the worker)."""
+    import os
+
+    with open("/proc/self/status") as f:
+        nnp = next(line.split()[1] for line in f if line.startswith("NoNewPrivs:"))
+    try:
+        secret = f"listed {len(os.listdir(os.environ['FABRIC_TEST_STATE']))}"
+    except OSError as exc:
+        secret = type(exc).__name__
+    try:
+        with open("/root/.profile", "rb"):
+            secret += ",root-readable"
+    except OSError as exc:
+        secret += f",{type(exc).__name__}"
+    return os.getuid(), nnp, secret
+
+
+async def test_a_users_python_runs_as_the_client_user(sandboxed: tuple[str, Path]) -> None:
+    url, state = sandboxed
+    nobody = pwd.getpwnam("nobody").pw_uid
+    os.environ["FABRIC_TEST_STATE"] = str(state)  # the workers inherit the spawner's environment
+    try:
+        async with AsyncFabricClient(url, credentials=realm().client) as alice, \
+                AsyncFabricClient(url, credentials=realm().admin) as admin:
+            uid, nnp, secret = await (await alice.submit(whoami))
+            assert (uid, nnp) == (nobody, "1"), (uid, nnp)
+            # neither the node's state directory (its keys) nor /root are the user's to read
+            assert secret == "PermissionError,PermissionError", secret
+            futs = await alice.map(abs, [-1, -2, -3])  # a map too: the user's lane, one task a worker
+            assert [await f for f in futs] == [1, 2, 3]
+            # an admin's task still runs as the spawner
+            uid, _, _ = await (await admin.submit(whoami))
+            assert uid == 0
+            # the Python core the user loads: its workers are the user's, as nobody
+            core = await alice.load_python_core(min_workers=1, max_workers=1)
+            try:
+                assert (await core.call(whoami))[0] == nobody
+            finally:
+                await core.unload()
+    finally:
+        os.environ.pop("FABRIC_TEST_STATE", None)
+
+
+async def test_an_interpreter_the_user_cannot_run_refuses_the_task(js_server: NatsServer, tmp_path: Path) -> None:
+    """The secure default where the interpreter is out of reach (under /root, say): refused, never run as root."""
+    hidden = tmp_path / "hidden"
+    hidden.mkdir(mode=0o700)
+    python = hidden / "python"
+    shutil.copy(SYSTEM_PYTHON, python)
+    async with one_node_fabric(js_server.url, tmp_path, prefix="runas", config=_config(str(python)),
+                               trusted=False):
+        async with AsyncFabricClient(js_server.url, credentials=realm().client) as alice:
+            fut = await alice.submit(os.getuid)
+            with pytest.raises(TaskFailed) as failed:
+                await fut
+            message = str(failed.value)
+            assert "sandbox.client_python" in message and "'nobody'" in message and str(python) in message, message
