@@ -16,7 +16,7 @@ VPY=.venv/bin/python
 # `nobody` (the suite's own may live where that user cannot enter, as under /root)
 PYVER=$("$VPY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 if [ ! -x "/usr/bin/python$PYVER" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  apt-get update -qq && apt-get install -y -qq "python$PYVER-minimal" || echo "note: no python$PYVER-minimal from apt"
+  apt-get update -qq && apt-get install -y -qq "python$PYVER" || echo "note: no python$PYVER from apt"
 fi
 
 # Node.js clients for the cross-language test (npm registry; versions pinned in package-lock.json)

@@ -23,6 +23,7 @@ import pytest
 from fabric import AsyncFabricClient
 from fabric.config import FabricConfig, SandboxConfig
 from fabric.errors import TaskFailed
+from fabric.services.spawner.worker_user import reachable
 from tests._nats import NatsServer, realm
 from tests._tasks import one_node_fabric
 
@@ -41,14 +42,16 @@ def _config(python: str) -> FabricConfig:
 
 @pytest.fixture
 async def sandboxed(js_server: NatsServer, tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
-    async with one_node_fabric(js_server.url, tmp_path, prefix="runas", config=_config(SYSTEM_PYTHON),
-                               trusted=False):
+    # sandbox.client_python left to its default: the suite's interpreter is out of nobody's reach (under /root
+    # here), so the spawner picks the system's of the same version
+    async with one_node_fabric(js_server.url, tmp_path, prefix="runas", config=_config(""), trusted=False):
         yield js_server.url, tmp_path
 
 
-def whoami() -> tuple[int, str, str]:
-    """uid, the NoNewPrivs line, and what reading the spawner's state directory does (run in the worker)."""
+def whoami() -> tuple[int, str, str, str]:
+    """uid, the NoNewPrivs line, what reading the spawner's state directory does, the interpreter (in the worker)."""
     import os
+    import sys
 
     with open("/proc/self/status") as f:
         nnp = next(line.split()[1] for line in f if line.startswith("NoNewPrivs:"))
@@ -61,7 +64,7 @@ def whoami() -> tuple[int, str, str]:
             secret += ",root-readable"
     except OSError as exc:
         secret += f",{type(exc).__name__}"
-    return os.getuid(), nnp, secret
+    return os.getuid(), nnp, secret, sys.executable
 
 
 async def test_a_users_python_runs_as_the_client_user(sandboxed: tuple[str, Path]) -> None:
@@ -71,15 +74,17 @@ async def test_a_users_python_runs_as_the_client_user(sandboxed: tuple[str, Path
     try:
         async with AsyncFabricClient(url, credentials=realm().client) as alice, \
                 AsyncFabricClient(url, credentials=realm().admin) as admin:
-            uid, nnp, secret = await (await alice.submit(whoami))
+            uid, nnp, secret, python = await (await alice.submit(whoami))
             assert (uid, nnp) == (nobody, "1"), (uid, nnp)
+            if not reachable(sys.executable, nobody, pwd.getpwnam("nobody").pw_gid):
+                assert python == SYSTEM_PYTHON, python
             # neither the node's state directory (its keys) nor /root are the user's to read
             assert secret == "PermissionError,PermissionError", secret
             futs = await alice.map(abs, [-1, -2, -3])  # a map too: the user's lane, one task a worker
             assert [await f for f in futs] == [1, 2, 3]
             # an admin's task still runs as the spawner
-            uid, _, _ = await (await admin.submit(whoami))
-            assert uid == 0
+            uid, _, _, python = await (await admin.submit(whoami))
+            assert uid == 0 and python == sys.executable
             # the Python core the user loads: its workers are the user's, as nobody
             core = await alice.load_python_core(min_workers=1, max_workers=1)
             try:
@@ -104,3 +109,20 @@ async def test_an_interpreter_the_user_cannot_run_refuses_the_task(js_server: Na
                 await fut
             message = str(failed.value)
             assert "sandbox.client_python" in message and "'nobody'" in message and str(python) in message, message
+
+
+def test_reachable_reads_the_modes_of_the_path(tmp_path: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o755)
+    tmp_path.chmod(0o755)
+    exe = open_dir / "python"
+    shutil.copy(SYSTEM_PYTHON, exe)
+    exe.chmod(0o755)
+    assert reachable(str(exe), nobody.pw_uid, nobody.pw_gid)
+    exe.chmod(0o750)  # the group's, not nobody's
+    assert not reachable(str(exe), nobody.pw_uid, nobody.pw_gid)
+    exe.chmod(0o755)
+    open_dir.chmod(0o700)  # a directory on the way nobody may not search
+    assert not reachable(str(exe), nobody.pw_uid, nobody.pw_gid)
+    assert not reachable(str(tmp_path / "absent"), nobody.pw_uid, nobody.pw_gid)

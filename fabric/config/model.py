@@ -139,7 +139,8 @@ class SandboxConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_
     #: the OS user that processes and warm workers (cores, python and opencl tasks) of client-role users run as,
     #: when the spawner runs as root ("root": as the spawner, trusting every fabric user with root on the node)
     client_user: Annotated[str, Meta(max_length=64)] = "nobody"
-    #: the Python interpreter client_user's workers run (default: the spawner's own); the same Python version
+    #: the Python interpreter client_user's workers run (default: the first of the spawner's own and the system's
+    #: of the same version that user can run); the same Python version
     client_python: Annotated[str, Meta(max_length=4096)] = ""
     #: run only signed code: native executables, compute core libraries, Python tasks (fabric.signing)
     require_signed: bool = False

@@ -8,12 +8,13 @@ tasks.  Such a worker (:class:`~.pool_workers.RingWorker` given a :class:`RunAs`
 ring files chowned to that user, is started as that user (no supplementary groups), in
 ``/`` rather than the state directory, and sets ``no_new_privs`` before it reads a job.
 
-The interpreter: ``sandbox.client_python``, else the spawner's own.  The user must be
-able to run it: one under ``/root`` (mode 0700) cannot be, and the worker is then refused
-with a message naming the setting.  A different interpreter of the same Python version
-(Debian's ``/usr/bin/python3.11`` beside a pyenv build, say) imports fabric and its
-packages from the spawner's own site directories (:func:`launch`), which that user
-must be able to read.
+The interpreter: ``sandbox.client_python``, else the first of the spawner's own and the
+system's Python of the same version (``/usr/bin/pythonX.Y``, ``/usr/local/bin/pythonX.Y``)
+that user can reach by the file modes (:func:`reachable`).  One it cannot run (under
+``/root``, mode 0700) refuses the worker with a message naming the setting.  A
+different interpreter of the same Python version (Debian's ``/usr/bin/python3.11``
+beside a pyenv build, say) imports fabric and its packages from the spawner's own site
+directories (:func:`launch`), which that user must be able to read.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from fabric.launch import SAFE_PATH_FLAG, package_root
 
 from .sandbox import resolve_user
 
-__all__ = ["RunAs", "client_run_as", "launch", "cannot_run"]
+__all__ = ["RunAs", "client_run_as", "launch", "cannot_run", "reachable"]
 
 #: run in the worker's interpreter before the worker module: the spawner's site directories (their .pth
 #: files too: an editable install's finder), the directory fabric was imported from, no_new_privs, then the module
@@ -68,7 +69,31 @@ def client_run_as(client_user: str, client_python: str) -> RunAs | None:
     if os.geteuid() != 0 or client_user in ("", "root"):
         return None
     uid, gid = resolve_user(client_user)
-    return RunAs(user=client_user, uid=uid, gid=gid, python=client_python or sys.executable)
+    if not client_python:
+        version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+        candidates = [sys.executable, f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"]
+        client_python = next((c for c in candidates if reachable(c, uid, gid)), sys.executable)
+    return RunAs(user=client_user, uid=uid, gid=gid, python=client_python)
+
+
+def reachable(path: str, uid: int, gid: int) -> bool:
+    """Whether user *uid* (group *gid*, no others) may execute *path* by the modes of it and its directories."""
+    try:
+        real = os.path.realpath(path)
+        parts = real.split(os.sep)
+        for i in range(1, len(parts)):
+            st = os.stat(os.sep.join(parts[:i]) or os.sep)
+            if not _allows(st, uid, gid, 0o1):  # search each directory
+                return False
+        st = os.stat(real)
+    except OSError:
+        return False
+    return _allows(st, uid, gid, 0o5)  # read and execute the file
+
+
+def _allows(st: os.stat_result, uid: int, gid: int, bits: int) -> bool:
+    shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
+    return (st.st_mode >> shift) & bits == bits
 
 
 def launch(run_as: RunAs, module: str, args: list[str]) -> list[str]:
