@@ -111,11 +111,21 @@ async def test_an_interpreter_the_user_cannot_run_refuses_the_task(js_server: Na
             assert "sandbox.client_python" in message and "'nobody'" in message and str(python) in message, message
 
 
-def test_reachable_reads_the_modes_of_the_path(tmp_path: Path) -> None:
+def test_reachable_reads_the_modes_of_the_path() -> None:
+    import tempfile
+
     nobody = pwd.getpwnam("nobody")
-    open_dir = tmp_path / "open"
+    top = Path(tempfile.mkdtemp(prefix="fabric-reachable-", dir="/tmp"))  # pytest's tmp_path is under a 0700 dir
+    try:
+        _check_reachable(top, nobody)
+    finally:
+        shutil.rmtree(top)
+
+
+def _check_reachable(top: Path, nobody: pwd.struct_passwd) -> None:
+    top.chmod(0o755)
+    open_dir = top / "open"
     open_dir.mkdir(mode=0o755)
-    tmp_path.chmod(0o755)
     exe = open_dir / "python"
     shutil.copy(SYSTEM_PYTHON, exe)
     exe.chmod(0o755)
@@ -125,4 +135,4 @@ def test_reachable_reads_the_modes_of_the_path(tmp_path: Path) -> None:
     exe.chmod(0o755)
     open_dir.chmod(0o700)  # a directory on the way nobody may not search
     assert not reachable(str(exe), nobody.pw_uid, nobody.pw_gid)
-    assert not reachable(str(tmp_path / "absent"), nobody.pw_uid, nobody.pw_gid)
+    assert not reachable(str(top / "absent"), nobody.pw_uid, nobody.pw_gid)
