@@ -11,6 +11,7 @@ cannot run refuses the task with a message naming the setting.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import shutil
@@ -136,3 +137,48 @@ def _check_reachable(top: Path, nobody: pwd.struct_passwd) -> None:
     open_dir.chmod(0o700)  # a directory on the way nobody may not search
     assert not reachable(str(exe), nobody.pw_uid, nobody.pw_gid)
     assert not reachable(str(top / "absent"), nobody.pw_uid, nobody.pw_gid)
+
+
+async def test_a_users_opencl_task_runs_in_a_pool_of_their_own_as_the_client_user(
+        sandboxed: tuple[str, Path]) -> None:
+    """An OpenCL kernel is the user's code too (an OpenCL CPU driver runs it in the worker): the user's own
+    fabric.opencl pool, its workers as nobody."""
+    pytest.importorskip("pyopencl")
+    import numpy as np
+    import psutil
+
+    from fabric.opencl import InArg, JobHeader, OutArg, decode_result, encode_job
+    from fabric.protocol.env import CORE_ID_ENV
+    from fabric.protocol.subjects import Task, cluster
+    from fabric.schema import JSON
+    from fabric.schema.tasks import SubmitReply, SubmitRequest
+
+    url, _ = sandboxed
+    a = np.arange(4, dtype=np.float32)
+    header = JobHeader(source="__kernel void vadd(__global const float *a, __global const float *b, "
+                              "__global float *c) { int i = get_global_id(0); c[i] = a[i] + b[i]; }",
+                       kernel="vadd", global_size=[4],
+                       args=[InArg("<f4", [4], 0, 16), InArg("<f4", [4], 16, 16), OutArg("<f4", [4])])
+    async with AsyncFabricClient(url, credentials=realm().client) as alice:
+        body = SubmitRequest(kind="opencl", payload=bytes(encode_job(header, [(0, a), (16, a)])))
+        msg = await alice.request(cluster("task", Task.SUBMIT), JSON.encode(body))  # sent as the user form
+        task_id = JSON.decode(msg.data, SubmitReply).id
+        for _ in range(600):
+            record = await alice.task(task_id)
+            if record.state not in ("queued", "running"):
+                break
+            await asyncio.sleep(0.1)
+        assert record.state == "succeeded", record.error
+        head, data = decode_result(record.result)
+        out = head.outputs[0]
+        assert np.frombuffer(bytes(data[out.offset:out.offset + out.nbytes]), np.float32).tolist() == [0, 2, 4, 6]
+        node = record.attempts[-1].node
+        [pool] = [c for c in (await alice.cores(node)).cores if c.name == "fabric.opencl"]  # the user's own
+    uids = set()
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(CORE_ID_ENV) == pool.core:
+                uids.add(proc.uids().real)
+        except psutil.Error:
+            continue
+    assert uids == {pwd.getpwnam("nobody").pw_uid}, uids

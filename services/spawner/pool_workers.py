@@ -328,7 +328,8 @@ class RingWorker(Worker):
                 for path in made:  # its rings are the only files of the node it may open
                     os.chown(path, run_as.uid, run_as.gid)
                 env.pop("PYTHONPATH", None)
-                env["HOME"] = "/"
+                env["HOME"] = run_as.home or "/"
+                env.pop("XDG_CACHE_HOME", None)
                 try:
                     # as that user from the exec on, in / (the state directory is not its to read)
                     self.proc = subprocess.Popen(worker_launch(run_as, "fabric.services.spawner.worker", args),

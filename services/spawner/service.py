@@ -58,7 +58,7 @@ from .limits import RLIMITS, Plan, plan
 from .pools import CoreManager, PoolEnv
 from .procs import ManagedProcess, ProcessTable, TableSettings, parse_signal
 from .tasks import TaskRunner
-from .worker_user import client_run_as
+from .worker_user import client_run_as, drop_home, make_home
 
 __all__ = ["SpawnerService"]
 
@@ -89,11 +89,11 @@ class SpawnerService(FabricService):
                                  seed=self.credentials.seed if self.credentials is not None else None)
         self.cores.signing = settings.config.sandbox
         try:  # a user's warm workers run as sandbox.client_user, like their processes
-            self.cores.client_run_as = client_run_as(settings.config.sandbox.client_user,
-                                                     settings.config.sandbox.client_python)
+            run_as = client_run_as(settings.config.sandbox.client_user, settings.config.sandbox.client_python)
         except KeyError:
             raise ValueError(f"sandbox.client_user {settings.config.sandbox.client_user!r}: no such user on this "
                              "node") from None
+        self._client_run_as = run_as  # its HOME is made at start (on_start), removed at stop
         # fabric.task.pull: runs the scheduler's tasks here (started once the endpoints serve)
         self.runner = TaskRunner(self, slots=task_slots if task_slots is not None else settings.config.tasks.slots,
                                  prefetch=task_prefetch)
@@ -119,6 +119,8 @@ class SpawnerService(FabricService):
         return self.cores.side_endpoints()  # core run/map: the job lane subscribes on this service's connection
 
     async def on_start(self) -> None:
+        if self._client_run_as is not None:
+            self.cores.client_run_as = make_home(self._client_run_as)
         left = orphans.reap(self.key)
         if left:
             self.log.warning("killed processes a previous spawner left behind", pids=left)
@@ -149,6 +151,7 @@ class SpawnerService(FabricService):
     async def on_stop(self) -> None:
         await self.runner.stop()
         await self.cores.stop()
+        drop_home(self.cores.client_run_as)
         if self.table is not None:
             await self.table.stop()
 

@@ -6,7 +6,9 @@ A user's *processes* already run as ``sandbox.client_user`` (default ``nobody``,
 user runs in warm workers: a core they load, their ``python`` tasks, their ``opencl``
 tasks.  Such a worker (:class:`~.pool_workers.RingWorker` given a :class:`RunAs`) gets its
 ring files chowned to that user, is started as that user (no supplementary groups), in
-``/`` rather than the state directory, and sets ``no_new_privs`` before it reads a job.
+``/`` rather than the state directory, with a HOME of that user's own (:func:`make_home`:
+an OpenCL CPU driver keeps its kernel cache there), and sets ``no_new_privs`` before it
+reads a job.
 
 The interpreter: ``sandbox.client_python``, else the first of the spawner's own and the
 system's Python of the same version (``/usr/bin/pythonX.Y``, ``/usr/local/bin/pythonX.Y``)
@@ -19,17 +21,20 @@ directories (:func:`launch`), which that user must be able to read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import site
 import sys
+import tempfile
 from dataclasses import dataclass
 
 from fabric.launch import SAFE_PATH_FLAG, package_root
 
 from .sandbox import resolve_user
 
-__all__ = ["RunAs", "client_run_as", "launch", "cannot_run", "reachable"]
+__all__ = ["RunAs", "client_run_as", "launch", "cannot_run", "reachable", "make_home", "drop_home"]
 
 #: run in the worker's interpreter before the worker module: the spawner's site directories (their .pth
 #: files too: an editable install's finder), the directory fabric was imported from, no_new_privs, then the module
@@ -57,6 +62,22 @@ class RunAs:
     uid: int
     gid: int
     python: str
+    #: the workers' HOME: a directory of that user's (0700), made by :func:`make_home`, for what libraries
+    #: cache there (an OpenCL CPU driver's compiled kernels); "" until made
+    home: str = ""
+
+
+def make_home(run_as: RunAs) -> RunAs:
+    """*run_as* with a HOME of its own: a fresh directory in the system's temporary directory, owned by the user."""
+    home = tempfile.mkdtemp(prefix=f"fabric-worker-{run_as.user}-")
+    os.chown(home, run_as.uid, run_as.gid)
+    return dataclasses.replace(run_as, home=home)
+
+
+def drop_home(run_as: RunAs | None) -> None:
+    """Remove the HOME :func:`make_home` made (the spawner stops)."""
+    if run_as is not None and run_as.home:
+        shutil.rmtree(run_as.home, ignore_errors=True)
 
 
 def client_run_as(client_user: str, client_python: str) -> RunAs | None:
