@@ -19,7 +19,7 @@ from tests._spawner import processes_using
 def cli_env(**extra: str) -> dict[str, str]:
     env = env_with_repo()
     # FABRIC_CREDENTIALS too: a command aimed at a test's `fabric up` uses that fabric's admin credentials
-    for name in ("FABRIC_NATS_URL", "FABRIC_STATE_DIR", "FABRIC_NODE", "FABRIC_CREDENTIALS"):
+    for name in ("FABRIC_NATS_URL", "FABRIC_STATE_DIR", "FABRIC_NODE", "FABRIC_CREDENTIALS", "FABRIC_JOIN_TOKEN"):
         env.pop(name, None)
     env["FABRIC_MEM_CAPACITY"] = str(16 << 20)  # keep each test arena small
     env.update(extra)

@@ -104,7 +104,9 @@ def test_a_cluster_of_three_survives_losing_one(cluster: dict[str, Path], tls: b
         assert before.result(timeout=60).output.strip() == b"before the cluster"
     token = fabric("join-token", a).stdout.strip()
 
-    # a wrong token: a clear refusal, nothing started, nothing left in B's state dir but the attempt's keys
+    # no token, a wrong token: a clear refusal, nothing started, nothing left in B's state dir but the attempt's keys
+    res = fabric("up", b, "-d", "--node", "b", "--join", _url(a))
+    assert res.returncode == 1 and "needs the fabric's join token" in res.stderr, res.stderr
     res = _up(b, "b", "--join", _url(a), "--token", "fabric1.SUAAAA")
     assert res.returncode == 1 and "not a fabric join token" in res.stderr, res.stderr
     assert not (b / "state.json").exists() and not (b / "auth" / "cluster.json").exists()
