@@ -15,6 +15,7 @@ import asyncio
 import os
 import pwd
 import shutil
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -182,3 +183,23 @@ async def test_a_users_opencl_task_runs_in_a_pool_of_their_own_as_the_client_use
         except psutil.Error:
             continue
     assert uids == {pwd.getpwnam("nobody").pw_uid}, uids
+
+
+def test_a_dead_spawners_worker_home_is_swept() -> None:
+    """A spawner killed with -9 leaves its workers' HOME behind: the next spawner's start removes it."""
+    import tempfile
+
+    from fabric.services.spawner.worker_user import HOME_PREFIX, sweep_homes
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that is gone
+    left = Path(tempfile.gettempdir()) / f"{HOME_PREFIX}{dead.pid}-x"
+    mine = Path(tempfile.gettempdir()) / f"{HOME_PREFIX}{os.getpid()}-y"
+    left.mkdir()
+    mine.mkdir()
+    try:
+        assert str(left) in sweep_homes()
+        assert not left.exists() and mine.exists()  # a live spawner's stays
+    finally:
+        shutil.rmtree(left, ignore_errors=True)
+        shutil.rmtree(mine, ignore_errors=True)

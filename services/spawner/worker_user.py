@@ -22,6 +22,7 @@ directories (:func:`launch`), which that user must be able to read.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -34,7 +35,8 @@ from fabric.launch import SAFE_PATH_FLAG, package_root
 
 from .sandbox import resolve_user
 
-__all__ = ["RunAs", "client_run_as", "launch", "cannot_run", "reachable", "make_home", "drop_home"]
+__all__ = ["RunAs", "client_run_as", "launch", "cannot_run", "reachable", "make_home", "drop_home", "sweep_homes",
+           "HOME_PREFIX"]
 
 #: run in the worker's interpreter before the worker module: the spawner's site directories (their .pth
 #: files too: an editable install's finder), the directory fabric was imported from, no_new_privs, then the module
@@ -54,6 +56,10 @@ runpy.run_module(spec["module"], run_name="__main__", alter_sys=True)
 """
 
 
+#: how a worker home's name starts (then the spawner's pid)
+HOME_PREFIX = "fabric-worker-home-"
+
+
 @dataclass(frozen=True)
 class RunAs:
     """The OS user (and its interpreter) a client's workers run as."""
@@ -68,10 +74,32 @@ class RunAs:
 
 
 def make_home(run_as: RunAs) -> RunAs:
-    """*run_as* with a HOME of its own: a fresh directory in the system's temporary directory, owned by the user."""
-    home = tempfile.mkdtemp(prefix=f"fabric-worker-{run_as.user}-")
+    """*run_as* with a HOME of its own: a fresh directory in the system's temporary directory, owned by the user.
+
+    Named ``fabric-worker-home-<spawner pid>-...``: the homes of spawners that died without
+    removing theirs (kill -9) are removed first (:func:`sweep_homes`).
+    """
+    sweep_homes()
+    home = tempfile.mkdtemp(prefix=f"{HOME_PREFIX}{os.getpid()}-")
     os.chown(home, run_as.uid, run_as.gid)
     return dataclasses.replace(run_as, home=home)
+
+
+def sweep_homes() -> list[str]:
+    """Remove the worker homes whose spawner is gone; their paths."""
+    removed = []
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), HOME_PREFIX + "*")):
+        try:
+            pid = int(os.path.basename(path)[len(HOME_PREFIX):].split("-")[0])
+            os.kill(pid, 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except PermissionError:  # alive, someone else's
+            continue
+    return removed
 
 
 def drop_home(run_as: RunAs | None) -> None:
