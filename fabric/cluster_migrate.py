@@ -27,7 +27,7 @@ from typing import Any
 
 from .nats_server import MAX_PAYLOAD, free_port
 
-__all__ = ["ASIDE", "set_aside", "pending", "migrate"]
+__all__ = ["ASIDE", "set_aside", "pending", "migrate", "copy_when_ready"]
 
 #: where the standalone store waits for its copy (beside ``jetstream``)
 ASIDE = "jetstream.standalone"
@@ -48,6 +48,46 @@ def set_aside(nats_dir: Path) -> bool:
 
 def pending(nats_dir: Path) -> bool:
     return (nats_dir / ASIDE).is_dir()
+
+
+async def copy_when_ready(url: str, options: dict[str, Any], nats_dir: Path, binary: str, log: Any) -> None:
+    """Once the cluster's JetStream answers at *url* (the joining node's server is up), :func:`migrate` into it.
+
+    *options*: ``nats.connect`` keywords (the node's admin credentials).  Logged, never raised: a copy that fails
+    is done again at the next start (the store stays aside).
+    """
+    import nats
+
+    if not pending(nats_dir):
+        return
+    nc = None
+    while nc is None:  # the server was just started: it takes a moment to listen
+        try:
+            nc = await nats.connect(url, allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.25,
+                                    connect_timeout=2, **options)
+        except Exception:
+            await asyncio.sleep(0.25)
+    try:
+        js = nc.jetstream(timeout=5)
+        waited = time.monotonic()
+        while True:
+            try:
+                await js.account_info()
+                break
+            except Exception as exc:
+                if time.monotonic() - waited > 10:
+                    log("info", "clustering: waiting for the cluster's JetStream (the joining node's nats-server)",
+                        error=str(exc) or type(exc).__name__)
+                    waited = time.monotonic()
+                await asyncio.sleep(0.5)
+        # 1 replica: the cluster has two servers now; the supervisors raise them at three (fabric.cluster)
+        copied = await migrate(nats_dir, binary, js, 1, log)
+        log("info", "clustering: JetStream carried into the cluster", streams=copied)
+    except Exception:
+        log("exception", "clustering: the copy of the standalone JetStream failed; it is tried again at the next "
+            "start")
+    finally:
+        await nc.close()
 
 
 async def migrate(nats_dir: Path, binary: str, dest: Any, replicas: int, log: Any) -> dict[str, int]:

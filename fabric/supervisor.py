@@ -497,42 +497,14 @@ class Supervisor:
                 self._write_state()
 
     async def _migrate_when_ready(self) -> None:
-        """Once the cluster's JetStream answers (the joining node's server is up), copy the store set aside."""
-        import nats
-
+        """Copy the standalone store set aside into the cluster once its JetStream answers (fabric.cluster_migrate)."""
         from . import cluster_migrate
 
-        if not cluster_migrate.pending(self.state_dir.nats_dir) or self.config.nats_binary is None:
-            return
-        nc = None
-        while nc is None:  # the server was just started: it takes a moment to listen
-            try:
-                nc = await nats.connect(self.nats_url, name=f"fabric-supervisor-migrate@{self.config.node}",
-                                        allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.25,
-                                        connect_timeout=2, error_cb=self._on_nats_error, **self._auth())
-            except Exception:
-                await asyncio.sleep(0.25)
-        try:
-            js = nc.jetstream(timeout=5)
-            waited = time.monotonic()
-            while True:
-                try:
-                    await js.account_info()
-                    break
-                except Exception as exc:
-                    if time.monotonic() - waited > 10:
-                        self.log("info", "clustering: waiting for the cluster's JetStream (the joining node's "
-                                 "nats-server)", error=str(exc) or type(exc).__name__)
-                        waited = time.monotonic()
-                    await asyncio.sleep(0.5)
-            copied = await cluster_migrate.migrate(self.state_dir.nats_dir, os.path.abspath(self.config.nats_binary),
-                                                   js, 1, self.log)
-            self.log("info", "clustering: JetStream carried into the cluster", streams=copied)
-        except Exception:
-            self.log("exception", "clustering: the copy of the standalone JetStream failed; it is tried again at "
-                     "the next start")
-        finally:
-            await nc.close()
+        if self.config.nats_binary is not None:
+            await cluster_migrate.copy_when_ready(
+                self.nats_url, {"name": f"fabric-supervisor-migrate@{self.config.node}",
+                                "error_cb": self._on_nats_error, **self._auth()},
+                self.state_dir.nats_dir, os.path.abspath(self.config.nats_binary), self.log)
 
     # -- readiness -----------------------------------------------------------------
 
