@@ -25,6 +25,7 @@ import typer
 from .cli_config import config_app
 from .cli_down import down
 from .cli_keys import keys_app, sign
+from .cli_node import node_app
 from .cli_nodes import nodes
 from .cli_req import req
 from .cli_status import status
@@ -51,6 +52,7 @@ for task_command in (tasks, task, cancel):
     app.command()(task_command)
 app.add_typer(config_app, name="config")
 app.add_typer(users_app, name="user")
+app.add_typer(node_app, name="node")
 app.command("join-token")(join_token)
 app.add_typer(keys_app, name="keys")
 app.command()(sign)

@@ -19,13 +19,13 @@ from .auth import AuthError, AuthRealm
 from .cli_common import StateDirOption, console, err, escape, fail, out, state_of
 from .state import FabricState, StateDir
 
-__all__ = ["users_app", "join_token"]
+__all__ = ["users_app", "join_token", "realm_of", "apply_change"]
 
 users_app = typer.Typer(help="Manage who may use this fabric (auth on): add, remove and list users.",
                         no_args_is_help=True)
 
 
-def _realm(state: StateDir) -> tuple[AuthRealm, FabricState | None]:
+def realm_of(state: StateDir) -> tuple[AuthRealm, FabricState | None]:
     from .config import default_node
 
     running = state.running()
@@ -56,7 +56,7 @@ def _ca(state: StateDir, running: FabricState | None) -> str | None:
     return ca.read_text() if last is not None and last.tls and ca.is_file() else None
 
 
-def _apply(realm: AuthRealm, running: FabricState | None, keys: list[str] | None = None) -> str:
+def apply_change(realm: AuthRealm, running: FabricState | None, keys: list[str] | None = None) -> str:
     """Reload the running fabric's nats-server, and hand the change (table entries *keys*) to the rest of its
     cluster; say what happened."""
     if running is None or running.nats is None or running.nats.pid is None or not running.credentials:
@@ -111,7 +111,7 @@ def add(
 ) -> None:
     """Create a user and write their credentials file (hand it over like a private key)."""
     state = state_of(state_dir)
-    realm, running = _realm(state)
+    realm, running = realm_of(state)
     target = (out_path or Path(f"{name}.creds")).absolute()
     if target.exists():
         fail(f"{target} exists", "pass --out PATH, or remove the file")
@@ -124,7 +124,7 @@ def add(
                                ttl_s=_duration(ttl) if ttl is not None else None)
     except AuthError as exc:
         fail(str(exc))
-    said = _apply(realm, running, [f"user.{name}"])
+    said = apply_change(realm, running, [f"user.{name}"])
     out.print(f"user [bold]{escape(name)}[/] ({role}) added; credentials in {escape(str(target))} (mode 0600)")
     out.print(f"  {said}")
     out.print(f"  use       FabricClient(credentials={str(target)!r})  or  FABRIC_CREDENTIALS={escape(str(target))}")
@@ -139,12 +139,12 @@ def rm(
 ) -> None:
     """Remove a user: their connections close now, their credentials stop working."""
     state = state_of(state_dir)
-    realm, running = _realm(state)
+    realm, running = realm_of(state)
     try:
         realm.remove_user(name)
     except AuthError as exc:
         fail(str(exc))
-    out.print(f"user [bold]{escape(name)}[/] removed; {_apply(realm, running, [f'user.{name}'])}")
+    out.print(f"user [bold]{escape(name)}[/] removed; {apply_change(realm, running, [f'user.{name}'])}")
 
 
 @users_app.command("list")
@@ -156,7 +156,7 @@ def list_users(
     from rich.table import Table
 
     state = state_of(state_dir)
-    realm, _ = _realm(state)
+    realm, _ = realm_of(state)
     users = realm.users()
     if as_json:
         out.print_json(json.dumps([{"name": u.name, "role": u.role, "nkey": u.nkey, "created": u.created,
@@ -179,11 +179,11 @@ def join_token(
     only to machines you run, and --rotate it when one should no longer join.
     """
     state = state_of(state_dir)
-    realm, running = _realm(state)
+    realm, running = realm_of(state)
     fresh = rotate or not realm.join_credentials.is_file()
     token = realm.join_token(rotate=rotate, ca_pem=_ca(state, running))
     if fresh:
-        said = _apply(realm, running, [f"join.{realm.node}"])
+        said = apply_change(realm, running, [f"join.{realm.node}"])
         err.print(f"a new join token; {said}")
     url = running.join_url if running is not None else "nats://THIS-MACHINE:PORT"
     err.print(f"on the other machine: fabric up --join {url} --token TOKEN  (its own nats-server, routed to this "

@@ -70,6 +70,12 @@ def _wait(what: str, check: Any, timeout: float) -> Any:
     raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``fabric ARGS...`` for the commands whose --state-dir comes after a subcommand (``fabric user add``)."""
+    return subprocess.run([sys.executable, "-m", "fabric.cli", *args], env=cli_env(), capture_output=True, text=True,
+                          timeout=60)
+
+
 def _check_route_port(state_dir: Path, tls: bool) -> None:
     """What a node's route port demands of a peer before anything else: the route password, and TLS with --tls."""
     port = read_state(state_dir)["cluster_port"]
@@ -153,9 +159,7 @@ def test_a_cluster_of_three_survives_losing_one(cluster: dict[str, Path], tls: b
         assert record.state == "succeeded", record
 
     # a user added on A is let in by C's server; no credentials: refused
-    res = subprocess.run([sys.executable, "-m", "fabric.cli", "user", "add", "alice", "--state-dir", str(a),
-                          "--out", str(a.parent / "alice.creds")], env=cli_env(), capture_output=True, text=True,
-                         timeout=60)
+    res = _cli("user", "add", "alice", "--state-dir", str(a), "--out", str(a.parent / "alice.creds"))
     assert res.returncode == 0, res.stderr
 
     def alice_in() -> bool:
@@ -195,7 +199,12 @@ def test_a_cluster_of_three_survives_losing_one(cluster: dict[str, Path], tls: b
             if pid:
                 psutil.wait_procs([psutil.Process(pid)] if psutil.pid_exists(pid) else [], timeout=5)
         t0 = time.monotonic()
-        results = [t.result(timeout=90) for t in tasks]
+        results = []
+        for t in tasks:
+            try:
+                results.append(t.result(timeout=90))
+            except Exception as exc:
+                raise AssertionError(f"task {t.id}: {exc!r}; its record: {fc.task(t.id)}") from exc
         assert all(r.exit_code == 0 for r in results), results
         print(f"all {len(tasks)} tasks done {time.monotonic() - t0:.2f} s after C was killed")
         t0 = time.monotonic()
@@ -212,6 +221,33 @@ def test_a_cluster_of_three_survives_losing_one(cluster: dict[str, Path], tls: b
         assert _wait("C's block readable again", lambda: _read_or_none(block), 30) == b"kept on c" * 10
         print(f"C restarted and its block readable again in {time.monotonic() - t0:.2f} s")
         _wait("C's server routed again", clustered, 60)
+
+    # C gone for good: `fabric node rm` refuses while it is up, then drops its keys and its JetStream peer
+    res = _cli("node", "rm", "c", "--state-dir", str(a))
+    assert res.returncode == 1 and "still up" in res.stderr, res.stdout + res.stderr
+    res = _cli("node", "rm", "a", "--state-dir", str(a))
+    assert res.returncode == 1 and "is this node" in res.stderr, res.stderr
+    assert fabric("down", c).returncode == 0
+    _wait("C's server gone from the routes", lambda: "fabric-c" not in status_json(a)[1]["cluster"]["routes"], 30)
+    res = _cli("node", "rm", "c", "--state-dir", str(a))
+    assert res.returncode == 0 and "left the cluster's meta group" in res.stdout, res.stdout + res.stderr
+    view = _wait("a meta group of two", lambda: (v := status_json(b)[1]["cluster"]) and v["meta_size"] == 2 and v, 30)
+    assert sorted(view["routes"]) == ["fabric-a", "fabric-b"]
+
+    async def c_admin_on(url: str) -> str:
+        from fabric.credentials import read_credentials
+
+        try:
+            nc = await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=3,
+                                    error_cb=_quiet, **read_credentials(c / "auth" / "admin.creds").connect_options())
+        except Exception as exc:
+            return str(exc)
+        await nc.close()
+        return "connected"
+
+    for state_dir in (a, b):  # B learns the removal from the shared table
+        _wait(f"C's keys refused by {state_dir.name}",
+              lambda s=state_dir: asyncio.run(c_admin_on(_url(s))) != "connected", 20)
 
 
 async def _quiet(exc: Exception) -> None:

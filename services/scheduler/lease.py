@@ -9,9 +9,13 @@ key is gone -- the holder stopped cleanly and deleted it, or died and the key
 expired -- it creates it (``create`` fails for all but one).  A crashed active is
 therefore replaced within about ``LEASE_S + POLL_S``.
 
-A term is not a guarantee by itself (a paused holder may not know it lost): the
-compare-and-swap on every task record is what keeps two schedulers from both moving
-a task.
+The holder keeps its term by its own clock too: a renewal that has not come back
+within :data:`TERM_FRACTION` of a lease after the last one was sent ends the term at
+once, before the key can expire and a standby take it (a JetStream whose stream leader
+died holds requests for seconds).  A term is still not a guarantee by itself (a paused
+holder may not know it lost): the compare-and-swap on every task record is what keeps
+two schedulers from both moving a task, and an active scheduler that loses one reads
+every record again (service.py ``_conflict``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ LEASE_KEY: Final = "active"
 LEASE_S: Final = 1.5
 RENEW_S: Final = 0.3
 POLL_S: Final = 0.2
+#: the holder ends its term this far into a lease it could not renew (before the key can expire: see run)
+TERM_FRACTION: Final = 0.8
 
 
 def bucket() -> KeyValueBucket:
@@ -77,16 +83,29 @@ class Lease:
                 continue
             try:
                 if self.active:
-                    self._rev = await self.kv.update(LEASE_KEY, self.value, last=self._rev)
-                    self._renewed = time.monotonic()
+                    # the term is the holder's own to keep: a renewal that has not come back before the lease
+                    # would lapse ends it here, while the request is still out -- the key expires LEASE_S after
+                    # the server wrote it, never before this deadline, so a standby takes over only once this
+                    # one has stopped (a JetStream that lost its stream leader holds a request for seconds)
+                    sent = time.monotonic()
+                    deadline = self._renewed + LEASE_S * TERM_FRACTION - sent
+                    try:
+                        self._rev = await asyncio.wait_for(self.kv.update(LEASE_KEY, self.value, last=self._rev),
+                                                           max(deadline, 0.0))
+                    except asyncio.TimeoutError:
+                        self.log.warning("scheduler lease not renewed before it would lapse: standing by")
+                        await self._end()
+                        continue
+                    self._renewed = sent
                     await self._sleep(RENEW_S)
                     continue
                 try:
                     await self.kv.get(LEASE_KEY)
                     self.settled.set()
                 except KeyNotFoundError:
+                    sent = time.monotonic()
                     self._rev = await self.kv.create(LEASE_KEY, self.value)
-                    self._renewed = time.monotonic()
+                    self._renewed = sent  # the server wrote it after this: the term ends no later than its key
                     await self._start()
                     continue
                 await self._sleep(POLL_S)

@@ -150,7 +150,10 @@ class SchedulerService(FabricService):
 
     def __init__(self, settings: ServiceSettings) -> None:
         super().__init__(settings)
-        self.lease = lease_mod.Lease(self.node, self.log, self._become_active, self._become_standby)
+        self.lease = lease_mod.Lease(self.node, self.log, self._on_term, self._on_term_end)
+        #: a term's start, end and re-reading are one at a time (the lease's callbacks and _resync)
+        self._term = asyncio.Lock()
+        self._resyncing: asyncio.Task[None] | None = None
         self.nodes = Nodes(self.log)
         self.ttl_s = settings.config.telemetry.node_ttl_s
         self.js: JetStreamContext | None = None
@@ -243,6 +246,8 @@ class SchedulerService(FabricService):
             await self._settle_maps()
 
     async def on_stop(self) -> None:
+        if self._resyncing is not None:
+            self._resyncing.cancel()
         await self.lease.release()
         await self._unserve()
         await self.nodes.stop()
@@ -958,12 +963,36 @@ class SchedulerService(FabricService):
             self.log.warning("publish failed", subject=subject, error=str(exc) or type(exc).__name__)
 
     def _conflict(self, task: LiveTask) -> None:
-        """A compare-and-swap on *task* lost: another scheduler moved it; this one steps back from it."""
+        """A compare-and-swap on *task* lost: another scheduler moved it; this one steps back from it.
+
+        If this one is the active scheduler, the other was one whose term had ended (or a write it sent
+        before it stood down landed late): once that one has surely stopped, every record is read again
+        (:meth:`_resync`), so no task is left to nobody.
+        """
         self.log.error("another scheduler wrote this task: this one leaves it", task=task.id)
         self.live.pop(task.id, None)
         self.maps.recorded(task)  # its map no longer waits for it here
         if task.node:
             self._release(task)
+        if self.lease.active and (self._resyncing is None or self._resyncing.done()):
+            self._resyncing = asyncio.get_running_loop().create_task(self._resync())
+
+    async def _resync(self) -> None:
+        await asyncio.sleep(lease_mod.LEASE_S)  # the other writer has stood down by now (lease.py)
+        async with self._term:
+            if not self.lease.active:
+                return
+            self.log.warning("reading every task record again: another scheduler wrote some during this term")
+            await self._become_standby()
+            await self._become_active()
+
+    async def _on_term(self) -> None:
+        async with self._term:
+            await self._become_active()
+
+    async def _on_term_end(self) -> None:
+        async with self._term:
+            await self._become_standby()
 
     async def _durable(self, task: LiveTask) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
