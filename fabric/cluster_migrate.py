@@ -5,9 +5,11 @@ as orphans (nats-server#5467).  So the supervisor sets the store aside before th
 restarts clustered (:func:`set_aside`), and once the cluster's JetStream answers,
 :func:`migrate` starts a private standalone server on the old store (loopback, a random
 port and token, no other user) and copies every file-backed stream across: its
-configuration (with the replicas the cluster can hold) and its messages in order, with
-their headers (message ids, KV operations, roll-ups).  Memory-backed streams (the
-scheduler lease, the node registry) are rebuilt by their services and not copied.
+configuration (with the replicas the cluster can hold) and its messages, each subject's
+in order, with their headers (message ids, KV operations, roll-ups).  Memory-backed
+streams (the scheduler lease, the node registry) are rebuilt by their services and not
+copied, nor is the scheduler's map checkpoint (it names body-stream sequences, which the
+copy renumbers: without it every map body is read back).
 
 A copy that stops half-way (the supervisor killed) is done again at the next start: the
 store stays aside until a copy has finished; KV keys and deduplicated bodies make a
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .nats_server import MAX_PAYLOAD, free_port
+from .protocol.streams import LEASE_BUCKET, LEASE_KEY, STATE_BUCKET, kv_stream
 
 __all__ = ["ASIDE", "set_aside", "pending", "migrate", "copy_when_ready"]
 
@@ -34,6 +37,13 @@ ASIDE = "jetstream.standalone"
 
 #: headers that are instructions to the server about one publish, not part of the message
 _DROP_HEADERS = ("Nats-Expected-", "Nats-TTL")
+#: messages read, then written, at once
+COPY_WINDOW = 128
+#: the scheduler lease's value while a clustering node copies (no scheduler instance)
+_MIGRATING = b'{"instance": "", "node": "", "holder": "fabric clustering: copying the standalone JetStream"}'
+#: not copied: the map checkpoint names sequences of the body stream, which the copy renumbers; without it the
+#: next active scheduler reads every map body back (docs/state.md), which is always right
+_NOT_COPIED = (kv_stream(STATE_BUCKET),)
 
 
 def set_aside(nats_dir: Path) -> bool:
@@ -80,14 +90,35 @@ async def copy_when_ready(url: str, options: dict[str, Any], nats_dir: Path, bin
                         error=str(exc) or type(exc).__name__)
                     waited = time.monotonic()
                 await asyncio.sleep(0.5)
-        # 1 replica: the cluster has two servers now; the supervisors raise them at three (fabric.cluster)
-        copied = await migrate(nats_dir, binary, js, 1, log)
+        # no scheduler may serve while the records are copied: it would read them only at its term's start
+        holding = asyncio.create_task(_hold_lease(js))
+        try:
+            # 1 replica: the cluster has two servers now; the supervisors raise them at three (fabric.cluster)
+            copied = await migrate(nats_dir, binary, js, 1, log)
+        finally:
+            holding.cancel()
+            await asyncio.gather(holding, return_exceptions=True)
+            try:  # free: the first scheduler to see it gone takes it and reads every record, the copies too
+                await (await js.key_value(LEASE_BUCKET)).delete(LEASE_KEY)
+            except Exception as exc:
+                log("debug", "clustering: the lease was not released (it lapses by itself)", error=str(exc))
         log("info", "clustering: JetStream carried into the cluster", streams=copied)
     except Exception:
         log("exception", "clustering: the copy of the standalone JetStream failed; it is tried again at the next "
             "start")
     finally:
         await nc.close()
+
+
+async def _hold_lease(js: Any) -> None:
+    """Hold the scheduler lease (services/scheduler/lease.py) until cancelled, overwriting it: a scheduler that took
+    it meanwhile (the joining node's) loses its next renewal and stands by."""
+    while True:
+        try:
+            await (await js.key_value(LEASE_BUCKET)).put(LEASE_KEY, _MIGRATING)
+        except Exception:  # the bucket is not made yet (then no scheduler serves either)
+            pass
+        await asyncio.sleep(0.25)
 
 
 async def migrate(nats_dir: Path, binary: str, dest: Any, replicas: int, log: Any) -> dict[str, int]:
@@ -127,7 +158,7 @@ async def migrate(nats_dir: Path, binary: str, dest: Any, replicas: int, log: An
             sjs = src.jetstream(timeout=10)
             for info in await sjs.streams_info():
                 cfg = info.config
-                if str(getattr(cfg.storage, "value", cfg.storage)) == "memory":
+                if str(getattr(cfg.storage, "value", cfg.storage)) == "memory" or cfg.name in _NOT_COPIED:
                     continue
                 copied[str(cfg.name)] = await _copy(sjs, dest, info, replicas, log)
         finally:
@@ -156,15 +187,29 @@ async def _copy(sjs: Any, dest: Any, info: Any, replicas: int, log: Any) -> int:
             raise
     n = 0
     first, last = info.state.first_seq, info.state.last_seq
-    for seq in range(first, last + 1) if info.state.messages else ():
+
+    async def read(seq: int) -> Any:
         try:
-            msg = await sjs.get_msg(cfg.name, seq)
+            return await sjs.get_msg(cfg.name, seq)
         except nats.js.errors.NotFoundError:
-            continue  # deleted
+            return None  # deleted
+
+    async def write(msg: Any) -> None:
         headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith(_DROP_HEADERS)}
         await dest.publish(msg.subject, msg.data or b"", headers=headers or None, stream=cfg.name)
-        n += 1
-        if n % 1000 == 0:
+
+    for start in range(first, last + 1, COPY_WINDOW) if info.state.messages else ():
+        # a window of messages read at once, then written at once -- one after the other where two share a
+        # subject, whose order is its history (a KV key's revisions)
+        msgs = [m for m in await asyncio.gather(*map(read, range(start, min(start + COPY_WINDOW, last + 1))))
+                if m is not None]
+        if len({m.subject for m in msgs}) == len(msgs):
+            await asyncio.gather(*map(write, msgs))
+        else:
+            for m in msgs:
+                await write(m)
+        before, n = n, n + len(msgs)
+        if n // 1000 != before // 1000:
             log("info", "copying stream into the cluster", stream=cfg.name, copied=n, of=info.state.messages)
     log("info", "stream copied into the cluster", stream=cfg.name, messages=n)
     return n

@@ -108,6 +108,9 @@ def test_a_cluster_of_three_survives_losing_one(cluster: dict[str, Path], tls: b
     with FabricClient(_url(a), credentials=admin_a) as fc:
         before = fc.submit_exec(["echo", "before the cluster"])
         assert before.result(timeout=60).output.strip() == b"before the cluster"
+        # running while the cluster forms (A's scheduler stops for the copy): it must still end, on record
+        during = fc.submit_exec(["sleep", "4"])
+        _wait("the long task running", lambda: fc.task(during.id).state == "running", 30)
     token = fabric("join-token", a).stdout.strip()
 
     # no token, a wrong token: a clear refusal, nothing started, nothing left in B's state dir but the attempt's keys
@@ -157,6 +160,9 @@ def test_a_cluster_of_three_survives_losing_one(cluster: dict[str, Path], tls: b
     with FabricClient(_url(c), credentials=admin_c) as fc:
         record = fc.task(before.id)
         assert record.state == "succeeded", record
+        _wait("the task that ran through the forming of the cluster ended", lambda: fc.task(during.id).state not in (
+            "queued", "running"), 60)
+        assert fc.task(during.id).state == "succeeded", fc.task(during.id)
 
     # a user added on A is let in by C's server; no credentials: refused
     res = _cli("user", "add", "alice", "--state-dir", str(a), "--out", str(a.parent / "alice.creds"))

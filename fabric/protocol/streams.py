@@ -16,6 +16,8 @@ BODY_STREAM: Final = "FABRIC_TASK_BODIES"
 TASK_BUCKET: Final = "fabric_tasks"
 #: KV holding the scheduler lease (memory): which instance is active
 LEASE_BUCKET: Final = "fabric_scheduler"
+#: the lease's key: whoever holds it is the active scheduler (a clustering node holds it while it copies)
+LEASE_KEY: Final = "active"
 #: KV of the active scheduler's own state (the map checkpoint)
 STATE_BUCKET: Final = "fabric_scheduler_state"
 #: KV of node records (memory; key: the node name), one written by each node's gpu-monitor

@@ -31,12 +31,11 @@ from typing import Any, Final
 from nats.js.api import KeyValueConfig, StorageType
 
 from fabric.jetstream import KeyValueBucket
-from fabric.protocol.streams import LEASE_BUCKET
+from fabric.protocol.streams import LEASE_BUCKET, LEASE_KEY
 
 __all__ = ["Lease", "bucket", "LEASE_BUCKET", "LEASE_S", "RENEW_S", "POLL_S"]
 
 
-LEASE_KEY: Final = "active"
 LEASE_S: Final = 1.5
 RENEW_S: Final = 0.3
 POLL_S: Final = 0.2
