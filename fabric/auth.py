@@ -282,17 +282,17 @@ class AuthRealm:
         if node == self.node:
             raise AuthError(f"{node!r} is this node: remove it from another node of the fabric")
         with self._locked():
-            known = {r.node: r for r in self.nodes()}
-            gone = known.pop(node, None)
-            if gone is None:
-                names = ", ".join(sorted(known)) or "none"
-                raise AuthError(f"no node {node!r} joined this fabric (its nodes: {names})")
-            self._save(self.users(), list(known.values()))
             raw = self._raw()
+            nodes = dict(raw.get("nodes") or {})
+            if node not in nodes:
+                names = ", ".join(sorted(nodes)) or "none"
+                raise AuthError(f"no node {node!r} joined this fabric (its nodes: {names})")
+            gone = NodeRecord(node=node, **nodes.pop(node))
+            raw["nodes"] = nodes
             joins = dict(raw.get("join") or {})
-            if joins.pop(node, None) is not None:  # its join token too
-                raw["join"] = joins
-                write_private(self.users_file, json.dumps(raw, indent=2) + "\n")
+            joins.pop(node, None)  # its join token too
+            raw["join"] = joins
+            write_private(self.users_file, json.dumps(raw, indent=2) + "\n")
             return gone
 
     # -- the join token ---------------------------------------------------------------------

@@ -168,6 +168,22 @@ def credentials_for(state: StateDir | None) -> Any:
         fail(str(exc), f"check ${CREDENTIALS_ENV}")
 
 
+async def connect_system(state: StateDir, running: FabricState) -> Any:
+    """A connection to *running*'s own nats-server in the system account (its servers' reports: routes, the
+    JetStream meta group); it raises what ``nats.connect`` raises (the callers say what it means for them)."""
+    import nats
+
+    from .auth import AuthRealm
+    from .credentials import read_credentials
+
+    async def quiet(*_: Any) -> None:  # a closed connection is the caller's to report; nats-py would print it
+        return None
+
+    creds = read_credentials(AuthRealm(state, running.node).system_credentials)
+    return await nats.connect(running.nats_url, connect_timeout=5, allow_reconnect=False, max_reconnect_attempts=0,
+                              error_cb=quiet, name="fabric-cli-system", **creds.connect_options())
+
+
 async def connect(url: str, state: StateDir | None = None) -> CliNats:
     """A NATS connection for one command: no reconnects, no error chatter; fails cleanly if NATS is not there.
 

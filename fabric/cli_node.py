@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from .auth import AuthError
-from .cli_common import StateDirOption, err, escape, fail, out, state_of
+from .cli_common import StateDirOption, connect_system, err, escape, fail, out, state_of
 from .cli_users import apply_change, realm_of
 
 __all__ = ["node_app"]
@@ -60,24 +60,10 @@ def rm(
                       f"{escape(json.dumps(answer.get('error') or answer))}")
 
 
-async def _system(state: Any, running: Any) -> Any:
-    import nats
-
-    from .auth import AuthRealm
-    from .credentials import read_credentials
-
-    async def quiet(exc: Exception) -> None:  # a closed connection is asked again; nats-py would print it
-        pass
-
-    creds = read_credentials(AuthRealm(state, running.node).system_credentials)
-    return await nats.connect(running.nats_url, connect_timeout=5, allow_reconnect=False, max_reconnect_attempts=0,
-                              name="fabric-node", error_cb=quiet, **creds.connect_options())
-
-
 async def _routed_servers(state: Any, running: Any) -> set[str]:
     from .cluster import cluster_view
 
-    nc = await _system(state, running)
+    nc = await connect_system(state, running)
     try:
         view = await cluster_view(nc)
     finally:
@@ -94,7 +80,7 @@ async def _remove_peer(state: Any, running: Any, server: str, *, within: float =
     deadline = time.monotonic() + within
     while True:
         try:
-            nc = await _system(state, running)
+            nc = await connect_system(state, running)
             try:
                 msg = await nc.request("$JS.API.SERVER.REMOVE", json.dumps({"peer": server}).encode(), timeout=5)
             finally:

@@ -27,6 +27,7 @@ from .cli_common import (
     ServicesOption,
     StateDirOption,
     connect,
+    connect_system,
     console,
     err,
     escape,
@@ -122,16 +123,11 @@ def _cluster_or_none(state: Any, running: FabricState | None, url: str, wait: fl
 
     if running is None or running.nats_url != url or not running.embedded_nats or cluster.load(state) is None:
         return None
-    creds = AuthRealm(state, running.node).system_credentials
-    if not creds.is_file():
+    if not AuthRealm(state, running.node).system_credentials.is_file():
         return None
-    from .credentials import read_credentials
 
     async def ask() -> Any:
-        import nats
-
-        nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False, max_reconnect_attempts=0,
-                                name="fabric-status", **read_credentials(creds).connect_options())
+        nc = await connect_system(state, running)
         try:
             return await cluster.cluster_view(nc, wait=wait)
         finally:

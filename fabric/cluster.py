@@ -101,7 +101,7 @@ async def raise_replicas(js: Any, log: Any) -> list[str]:
     import nats.js.errors
 
     raised: list[str] = []
-    async for info in _streams(js):
+    for info in await js.streams_info():
         cfg = info.config
         if (cfg.num_replicas or 1) >= REPLICAS:
             continue
@@ -113,11 +113,6 @@ async def raise_replicas(js: Any, log: Any) -> list[str]:
             continue
         raised.append(str(cfg.name))
     return raised
-
-
-async def _streams(js: Any) -> Any:
-    for info in await js.streams_info():
-        yield info
 
 
 # -- what `fabric status` shows -----------------------------------------------------------------

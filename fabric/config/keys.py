@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from ..cluster import CLUSTERED_ENV
 from ..credentials import CREDENTIALS_ENV
 from ..launch import SERVICE_MODULES_ENV
 from ..protocol.env import CORE_ID_ENV, MARKER_ENV, PROC_ENV, STAGING_ENV
@@ -100,7 +101,7 @@ NOT_CONFIG_ENV: tuple[str, ...] = (
     # the client's credentials file and signing key: not service settings
     CREDENTIALS_ENV, SIGNING_KEY_ENV,
     # set by the supervisor of a clustered node for its services (fabric.cluster)
-    "FABRIC_CLUSTERED",
+    CLUSTERED_ENV,
 )
 
 
