@@ -30,6 +30,7 @@ from .cli_nodes import nodes
 from .cli_req import req
 from .cli_status import status
 from .cli_tasks import SUBMIT_CONTEXT, cancel, submit, task, tasks
+from .cli_tokens import tokens_app
 from .cli_up import up
 from .cli_users import join_token, users_app
 
@@ -53,6 +54,7 @@ for task_command in (tasks, task, cancel):
 app.add_typer(config_app, name="config")
 app.add_typer(users_app, name="user")
 app.add_typer(node_app, name="node")
+app.add_typer(tokens_app, name="token")
 app.command("join-token")(join_token)
 app.add_typer(keys_app, name="keys")
 app.command()(sign)

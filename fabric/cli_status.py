@@ -89,6 +89,9 @@ def status(
             "phase": running.phase if running is not None else None,
             # the admin credentials file with auth on (what the CLI and a local client use), else null
             "credentials": (running.credentials or None) if running is not None else None,
+            # this node's HTTP gateway (dashboard, REST API, /metrics), else null; every gateway's is in its
+            # service's metadata ("url")
+            "gateway": (running.gateway_url or None) if running is not None else None,
             "expected": expected,
             "missing": missing,
             "ok": not missing,

@@ -95,6 +95,14 @@ def up(
         "--cluster-port", min=0, max=65535, show_default=False,
         help="Route port of the embedded nats-server once clustered (0: the one it had, else a free one). "
              "Config: nats.cluster_port.")] = None,
+    http_host: Annotated[str | None, typer.Option(
+        "--http-host", show_default=False,
+        help="Address the HTTP gateway listens on (beyond loopback every request needs a token). "
+             "Config: gateway.http_host (127.0.0.1).")] = None,
+    http_port: Annotated[int | None, typer.Option(
+        "--http-port", min=0, max=65535, show_default=False,
+        help="Port of the HTTP gateway (0: a free one, kept for the next start). Config: gateway.http_port (0).")
+    ] = None,
     config_file: ConfigFileOption = None,
 ) -> None:
     """Start NATS (unless --nats-url) and the services, supervised; foreground unless -d.
@@ -140,6 +148,8 @@ def up(
         "up.auth": ("--auth/--no-auth", auth),
         "up.tls": ("--tls/--no-tls", tls),
         "nats.cluster_port": ("--cluster-port", cluster_port),
+        "gateway.http_host": ("--http-host", http_host),
+        "gateway.http_port": ("--http-port", http_port),
     })
     for warning in loaded.warnings:  # a deprecated variable: the services log it too
         err.print(f"[yellow]warning:[/] {escape(warning)}")
@@ -205,6 +215,17 @@ def up(
         except OSError as exc:
             fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", "check --host")
 
+    gateway_url = ""
+    if "gateway" in modules:
+        from .gateway_addr import GatewayPortInUse, resolve
+
+        try:
+            gateway_url = resolve(state, cfg.gateway.http_host, cfg.gateway.http_port)
+        except GatewayPortInUse as exc:
+            fail(str(exc), "pass --http-port 0 to pick a free port")
+        except OSError as exc:
+            fail(f"the gateway cannot listen on {cfg.gateway.http_host}: {exc.strerror or exc}", "check --http-host")
+
     joined = False
     use_tls = cfg.up.tls and not nats_url
     if join is not None:
@@ -226,7 +247,7 @@ def up(
         nats_binary=binary, ready_timeout=timeout, grace=grace,
         config_file=loaded.file if config_file is not None else None, log_level=cfg.log_level,
         auth=joined or spec is not None or (cfg.up.auth and not nats_url), tls=use_tls,
-        cluster_port=cfg.nats.cluster_port,
+        cluster_port=cfg.nats.cluster_port, gateway_url=gateway_url,
     )
     if detach:
         _up_detached(config, lock_fd, t0)
@@ -457,6 +478,16 @@ def _print_ready(st: FabricState, t0: float, state: StateDir, *, detached: bool)
     if st.embedded_nats and st.host and is_loopback(st.host):
         out.print(f"            (nats-server listens on {st.host} only: start with --host 0.0.0.0 so other "
                   "machines can join)")
+    if st.gateway_url:
+        token_file = state.auth_dir / "operator.token"
+        try:
+            link = f"{st.gateway_url}/?token={token_file.read_text().strip()}"
+        except OSError:
+            link = st.gateway_url
+        out.print(f"  dashboard {link}")
+        out.print(f"            (the link holds this machine's operator token: read, submit, admin; REST API under "
+                  f"{st.gateway_url}/api/, OpenAPI at /schema/swagger, Prometheus at /metrics; "
+                  "`fabric token create` for others)")
     out.print(f"  logs      {st.logs_dir}/")
     flag = state_flag(state)
     if detached:

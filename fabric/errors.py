@@ -29,6 +29,7 @@ stable *kind* string below) so a client can raise the exact class::
     │   ├── WrongArchitecture        422  wrong_architecture  a native executable is for another arch/OS
     │   └── CoreLoadFailed           422  core_load_failed  a compute core's .so or worker_init is unusable
     ├── QuotaExceeded                429  quota         the owner's quota would be exceeded
+    │   └── RateLimited              429  rate_limited  too many requests from one token (the HTTP gateway)
     ├── InternalError                500  internal      a bug or an unexpected failure
     │   └── CorruptionDetected       500  corruption    a header, canary or segment is damaged
     ├── JobError                     500  job_error     a compute job did not produce a result
@@ -100,6 +101,7 @@ __all__ = [
     "TooLarge",
     "Infeasible",
     "QuotaExceeded",
+    "RateLimited",
     "InternalError",
     "CorruptionDetected",
     "Unavailable",
@@ -131,6 +133,12 @@ __all__ = [
 ERROR_HEADER = _headers.ERROR_HEADER
 ERROR_CODE_HEADER = _headers.ERROR_CODE_HEADER
 ERROR_KIND_HEADER = _headers.ERROR_KIND_HEADER
+
+
+class RateLimited(QuotaExceeded):
+    """Raised by the HTTP gateway when a token (or an address without one) sends faster than its rate."""
+
+    kind = "rate_limited"
 
 
 class PermissionDenied(FabricError):

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import os
 import signal
@@ -330,7 +331,15 @@ class FabricService:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            # a start that failed half-way (a port taken, a bad configuration found late) still releases what it
+            # made -- the connection, the loops -- so the process exits with the error instead of hanging on them
+            self.log.error("start failed: stopping", exc_info=True)
+            with contextlib.suppress(Exception):
+                await self.stop()
+            raise
         try:
             await stop.wait()
             self.log.info("signal received, draining")

@@ -61,6 +61,8 @@ class FabricState(msgspec.Struct, kw_only=True):
     cluster_port: int | None = None
     host: str | None = None
     port: int | None = None
+    #: this node's HTTP gateway (``http://HOST:PORT``); "" when the gateway does not run here
+    gateway_url: str = ""
     supervisor_pid: int
     supervisor_create_time: float = 0.0
     nats: ProcessRecord | None = None

@@ -62,6 +62,7 @@ SERVICES: dict[str, str] = {
     "spawner": "fabric.services.spawner",
     "gpu-monitor": "fabric.services.gpu_monitor",
     "scheduler": "fabric.services.scheduler",
+    "gateway": "fabric.services.gateway",
 }
 
 BACKOFF_INITIAL_S = 0.1
@@ -112,6 +113,8 @@ class SupervisorConfig:
     tls: bool = False
     #: the route port this node's nats-server listens on once clustered (0: the one it had, else a free one)
     cluster_port: int = 0
+    #: where this node's gateway listens (the CLI chose its port), recorded in the state; "" without one
+    gateway_url: str = ""
 
 
 class Child:
@@ -236,6 +239,7 @@ class Supervisor:
             embedded_nats=cfg.external_nats_url is None,
             host=None if cfg.external_nats_url else cfg.host,
             port=None if cfg.external_nats_url else cfg.port,
+            gateway_url=cfg.gateway_url if "gateway" in cfg.services else "",
             supervisor_pid=os.getpid(),
             supervisor_create_time=_create_time(os.getpid()),
             started_at=time.time(),
@@ -540,6 +544,8 @@ class Supervisor:
                 nc, self.config.node, lambda: {n: c.pid for n, c in self.services.items()},
                 timeout=max(0.0, t_end - time.time()),
             )
+            if not missing and "gateway" in self.services:
+                await self._operator_token(nc)
         finally:
             if nc is not None:
                 await nc.close()
@@ -560,6 +566,15 @@ class Supervisor:
             self._migration = asyncio.create_task(self._migrate_when_ready())
         if self.on_ready is not None:
             self.on_ready(self.state)
+
+    async def _operator_token(self, nc: Any) -> None:
+        """This machine's dashboard token (fabric.gateway_tokens), made at the first start, for the banner's link."""
+        from .gateway_tokens import ensure_operator_token
+
+        try:
+            await ensure_operator_token(nc.jetstream(timeout=5.0), self.state_dir.auth_dir, self.config.node)
+        except Exception as exc:  # the fabric runs without it: `fabric token create` makes others
+            self.log("warning", "could not make the operator's gateway token", error=str(exc) or type(exc).__name__)
 
     def _auth(self) -> dict[str, Any]:
         """The probe's credentials: the admin's, with auth on."""

@@ -56,6 +56,7 @@ from ..schema import JSON
 
 T = TypeVar("T")
 R = TypeVar("R")
+TR = TypeVar("TR", bound="Transport")
 P = ParamSpec("P")
 # room left in a message for the frame header, the item table and NATS headers
 FRAME_OVERHEAD = 4096
@@ -200,6 +201,31 @@ class Transport:
         self._denied: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._refused: str | None = None
         self._connecting: asyncio.Future[NATS] | None = None
+
+    @classmethod
+    def over_connection(cls: type[TR], nc: NATS, *, user: str | None, owner: str, timeout: float,
+                        read_chunk_size: int = DEFAULT_READ_CHUNK_SIZE) -> TR:
+        """A client over a connection someone else owns and closes, acting for *user* (None: the plain form).
+
+        For a trusted proxy -- the HTTP gateway -- that checked its caller itself and sends
+        that caller's requests on its own connection: no credentials of its own, no local
+        fast path, nothing started (an area's ``_init_*`` is the caller's to call).
+        """
+        self = cls.__new__(cls)
+        self.credentials = None
+        self.user = user
+        self.url = ""
+        self.signing_key = None
+        self.owner = owner
+        self.timeout = timeout
+        self.name = "fabric-gateway"
+        self.read_chunk_size = read_chunk_size
+        self.nc = nc
+        self._in_flight = {}
+        self._denied = collections.OrderedDict()
+        self._refused = None
+        self._connecting = None
+        return self
 
     def _sign(self, message: bytes) -> str:
         """*message* signed with the client's signing key (base64), "" without one."""

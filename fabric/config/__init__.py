@@ -18,6 +18,7 @@ from .load import CONFIG_FILE_NAME, Loaded, check_section, load_config, validate
 from .model import (
     DEFAULT_NATS_URL,
     FabricConfig,
+    GatewayConfig,
     MemConfig,
     NatsConfig,
     PoolConfig,
@@ -30,6 +31,6 @@ from .model import (
 from .sources import ConfigError, ConfigIssue
 
 __all__ = ["FabricConfig", "NatsConfig", "UpConfig", "SandboxConfig", "MemConfig", "PoolConfig", "TelemetryConfig",
-           "TasksConfig",
+           "TasksConfig", "GatewayConfig",
            "DEFAULT_NATS_URL", "KEYS", "DEPRECATED_ENV", "env_name", "CONFIG_FILE_NAME", "Loaded", "load_config",
            "validate_file", "check_section", "ConfigError", "ConfigIssue", "default_node"]

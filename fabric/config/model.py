@@ -22,6 +22,7 @@ from msgspec import Meta
 from ..protocol.subjects import NODE_NAME, sanitize_node_name
 
 __all__ = ["FabricConfig", "NatsConfig", "UpConfig", "MemConfig", "PoolConfig", "TelemetryConfig", "TasksConfig",
+           "GatewayConfig",
            "DEFAULT_NATS_URL", "LogLevel", "HINTS", "default_node"]
 
 #: the NATS a service or client connects to when nothing says otherwise
@@ -148,6 +149,29 @@ class SandboxConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_
     trusted_keys: list[Annotated[str, Meta(pattern=r"^[A-Za-z0-9+/]{43}=$")]] = msgspec.field(default_factory=list)
 
 
+#: what an HTTP caller may do (services/gateway/access.py): read state, submit work and use remote memory, or act
+#: as the fabric's admin (every user's tasks)
+Scope = Annotated[str, Meta(pattern=r"^(read|submit|admin)$")]
+
+
+class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    #: the address the HTTP gateway listens on (beyond loopback, every request needs a token)
+    http_host: str = "127.0.0.1"
+    #: its port (0: a free one, chosen at the first start and kept in the state directory)
+    http_port: Port = 0
+    #: what a request from loopback without a token may do (beyond loopback: nothing)
+    loopback_scopes: list[Scope] = msgspec.field(default_factory=lambda: ["read"])
+    #: the largest request body (bytes): a larger one is refused with 413 before it is read
+    max_body: Annotated[int, Meta(ge=1024, le=1 << 30)] = 64 << 20
+    #: requests per second each token (or each address, without one) may make, and the burst above that rate
+    rate_per_s: Annotated[float, Meta(gt=0, le=1_000_000)] = 200.0
+    burst: Annotated[int, Meta(ge=1, le=1_000_000)] = 400
+    #: origins a browser may call the API from (CORS); none by default: only the gateway's own pages
+    cors_origins: list[Annotated[str, Meta(max_length=255)]] = msgspec.field(default_factory=list)
+    #: how many events an event-stream client may fall behind before the gateway drops it
+    sse_queue: Annotated[int, Meta(ge=16, le=1_000_000)] = 1024
+
+
 class FabricConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """Everything a fabric is configured by (docs/config.md)."""
 
@@ -163,3 +187,4 @@ class FabricConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
     pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     tasks: TasksConfig = msgspec.field(default_factory=TasksConfig)
+    gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)

@@ -13,6 +13,10 @@ The roles:
   in both forms below, publish replies into
   ``_INBOX.>`` and only the few other subjects their work needs, and reach only their
   own JetStream resources (the gpu-monitor writes only its node's registry key);
+* **gateway** (one per node, the HTTP gateway): a trusted proxy -- it checks each HTTP
+  request's bearer token itself, then sends the request in the token user's user form
+  (``fabric.u.<user>.…``), or in the plain form for a token with the ``admin`` scope; it
+  reads the telemetry, every task event and ``$SRV``, and keeps the token bucket;
 * **client**: publishes requests only in its own user form ``fabric.u.<user>.…`` (so the
   services read an identity NATS authenticated from the subject, never a typed name),
   subscribes only to its own inbox ``_INBOX.<user>.>`` and to the telemetry
@@ -39,6 +43,7 @@ from typing import Final
 
 from .streams import (
     BODY_STREAM,
+    GATEWAY_BUCKET,
     LEASE_BUCKET,
     REGISTRY_BUCKET,
     RESULTS_BUCKET,
@@ -61,9 +66,10 @@ from .subjects import (
     Proc,
     Task,
 )
+from .subjects import GATEWAY as GATEWAY_AREA
 
 __all__ = [
-    "ALLOCATOR", "SPAWNER", "SCHEDULER", "GPU_MONITOR", "SERVICE_ROLES", "CLIENT", "ADMIN", "USER_ROLES",
+    "ALLOCATOR", "SPAWNER", "SCHEDULER", "GPU_MONITOR", "GATEWAY", "SERVICE_ROLES", "CLIENT", "ADMIN", "USER_ROLES",
     "JOINER", "JOINER_USER", "SYSTEM", "SYSTEM_USER",
     "USER_TOKEN", "INBOX", "Permissions", "UserEntry", "valid_user_name", "service_user", "inbox_prefix",
     "user_subject", "split_user", "caller_of", "subject_for", "permissions", "render_users",
@@ -73,8 +79,9 @@ ALLOCATOR: Final = "allocator"
 SPAWNER: Final = "spawner"
 SCHEDULER: Final = "scheduler"
 GPU_MONITOR: Final = "gpu-monitor"
+GATEWAY: Final = "gateway"
 #: the roles of the services: one nkey user per service and node
-SERVICE_ROLES: Final = (ALLOCATOR, SPAWNER, SCHEDULER, GPU_MONITOR)
+SERVICE_ROLES: Final = (ALLOCATOR, SPAWNER, SCHEDULER, GPU_MONITOR, GATEWAY)
 CLIENT: Final = "client"
 ADMIN: Final = "admin"
 #: the identity of a join token: may only ask to join (``fabric.join.request``)
@@ -266,6 +273,19 @@ def permissions(role: str, *, user: str = "", node: str = "") -> Permissions | N
                      *_kv_own(STATE_BUCKET), *_objects_own(RESULTS_BUCKET), *_js_read(kv_stream(REGISTRY_BUCKET))),
             subscribe=(*own, *_forms(*(f"{PREFIX}.{TASK}.{v}" for v in verbs)),
                        f"{PREFIX}.{TASK}.{Task.PULL}"),  # plain only: the nodes', never a user's
+        )
+    if role == GATEWAY:
+        # acts for the user a token names (its user form), or as the fabric's admin for an admin token (the plain
+        # request subjects of the areas it serves over HTTP); every service's $SRV figures; the token bucket
+        plain = (*(f"{PREFIX}.{TASK}.{v}" for v in (Task.SUBMIT, Task.GET, Task.WAIT, Task.CANCEL, Task.LIST,
+                                                      Task.RESULT, Task.RELEASE)),
+                 f"{PREFIX}.{MEM}.alloc", f"{PREFIX}.{MEM}.*.*", f"{PREFIX}.{NODES}.>")
+        return Permissions(
+            publish=(_REPLIES, f"{_USER_PREFIX}*.>", *plain, f"{SRV_PREFIX}.>", _JS_INFO,
+                     *_kv_own(GATEWAY_BUCKET), *_js_read(kv_stream(REGISTRY_BUCKET))),
+            subscribe=(*own, *_area(GATEWAY_AREA, node, "info"), f"{PREFIX}.{TELEMETRY}.*",
+                       f"{PREFIX}.{TASK}.{Task.EVENTS}",
+                       f"{_USER_PREFIX}*.{TASK}.{Task.EVENTS}"),
         )
     # gpu-monitor: heartbeats out, everyone's in (the registry); only its own node's registry key
     return Permissions(

@@ -24,6 +24,9 @@ STATE_BUCKET: Final = "fabric_scheduler_state"
 REGISTRY_BUCKET: Final = "fabric_nodes"
 #: object store of task results too large for a message (24 h TTL)
 RESULTS_BUCKET: Final = "fabric_task_results"
+#: KV of the HTTP gateway's bearer tokens (key ``token.<name>``: the token's sha256, user, scopes), written by
+#: ``fabric token create/rm`` and read by every gateway
+GATEWAY_BUCKET: Final = "fabric_gateway"
 
 
 def kv_stream(bucket: str) -> str:

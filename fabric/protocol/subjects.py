@@ -26,6 +26,7 @@ CORE: Final = "core"
 NODES: Final = "nodes"
 TASK: Final = "task"
 TELEMETRY: Final = "telemetry"
+GATEWAY: Final = "gateway"
 
 
 # The verbs of each area, as docs/protocol.md lists them: the services serve exactly these
@@ -110,6 +111,12 @@ class Task:
     BODY: Final = "body"
 
 
+class Gateway:
+    """``fabric.gateway.<verb>`` (any gateway) and ``fabric.gateway.<node>.<verb>`` (that node's HTTP gateway)."""
+
+    INFO: Final = "info"
+
+
 #: every (area, verb) a request can be sent to, for the checks that hold client, services and docs together
 REQUEST_VERBS: Final = {
     MEM: frozenset(v for k, v in vars(Mem).items() if k.isupper()),
@@ -117,6 +124,7 @@ REQUEST_VERBS: Final = {
     CORE: frozenset(v for k, v in vars(Core).items() if k.isupper()),
     NODES: frozenset(v for k, v in vars(Nodes).items() if k.isupper()),
     TASK: frozenset(v for k, v in vars(Task).items() if k.isupper() and k not in ("EVENTS", "BODY")),
+    GATEWAY: frozenset(v for k, v in vars(Gateway).items() if k.isupper()),
 }
 
 #: where a machine asks to join this fabric as a node (``fabric up --nats-url URL --token T``): answered by

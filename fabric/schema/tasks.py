@@ -130,7 +130,9 @@ class SubmitRequest(Message):
     kind: ShortStr = ""
     type: ShortStr = ""
     id: Annotated[str, Meta(max_length=64, pattern=r"^[A-Za-z0-9_-]*$")] = ""
-    payload: bytes = b""
+    #: what the kind runs (bytes: base64 in JSON); for ``exec`` / UDCS ``NATIVE_EXEC`` it may be the process
+    #: itself, an :class:`ExecSpec` object (``{"argv": [...]}``), as ``exec`` takes it
+    payload: bytes | ExecSpec = b""
     core: ShortStr = ""
     exec: ExecSpec | None = None
     priority: Priority = 5

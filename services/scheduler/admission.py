@@ -17,7 +17,7 @@ from fabric.errors import BadRequest
 from fabric.schema.processes import NativeExec
 from fabric.schema.tasks import KINDS, UDCS_TYPES, ExecSpec, Resources, SubmitRequest
 
-__all__ = ["kind_of", "resources_of", "exec_spec_of"]
+__all__ = ["kind_of", "resources_of", "exec_spec_of", "payload_of"]
 
 
 def resources_of(msg: SubmitRequest) -> Resources:
@@ -58,9 +58,21 @@ def kind_of(msg: SubmitRequest) -> str:
     return kind
 
 
+def payload_of(msg: SubmitRequest, kind: str) -> bytes:
+    """The payload bytes of a task that is not ``exec`` (a process object as payload is for exec only)."""
+    if isinstance(msg.payload, ExecSpec):
+        raise BadRequest(f"a {kind} task's payload is bytes (base64 in JSON): an object payload ({{\"argv\": ...}}) "
+                         "is an exec (NATIVE_EXEC) task's process")
+    return msg.payload
+
+
 def exec_spec_of(msg: SubmitRequest) -> ExecSpec:
-    """An exec task's process: ``exec``, or UDCS's ``binary`` (stored on the node) / ``args``."""
+    """An exec task's process: ``exec``, UDCS's ``binary`` (stored on the node) / ``args``, or an object payload."""
     spec = msg.exec
+    if isinstance(msg.payload, ExecSpec):
+        if spec is not None:
+            raise BadRequest("an exec task names its process once: in exec or in payload, not both")
+        spec = msg.payload
     if msg.binary is not None:
         # a UDCS body signs its binary in the request's own signature field (the file's, as fabric sign prints)
         native = NativeExec(sha256=hashlib.sha256(msg.binary).hexdigest(), data=msg.binary,
@@ -69,5 +81,5 @@ def exec_spec_of(msg: SubmitRequest) -> ExecSpec:
     elif spec is None and msg.args:
         spec = ExecSpec(argv=list(msg.args), env=msg.environment)
     if spec is None or not spec.argv:
-        raise BadRequest("an exec task needs exec.argv (or UDCS binary/args)")
+        raise BadRequest("an exec task needs exec.argv (or UDCS binary/args, or payload {\"argv\": [...]})")
     return spec

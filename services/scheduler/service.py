@@ -92,7 +92,7 @@ from fabric.signing import file_message, map_message, python_message, require
 
 from . import lease as lease_mod
 from . import maps as maps_mod
-from .admission import exec_spec_of, kind_of, resources_of
+from .admission import exec_spec_of, kind_of, payload_of, resources_of
 from .machine import BodyGroup, all_durable, move, now_ms, resolve
 from .machine import Task as LiveTask
 from .nodes import Node, Nodes, unmet
@@ -455,11 +455,12 @@ class SchedulerService(FabricService):
         fn: bytes | None = None
         call: bytes
         if kind == PYTHON:
-            require(self.settings.config.sandbox, python_message(msg.payload), msg.signature, "python task")
-            parsed = decode_python_task(msg.payload)
+            payload = payload_of(msg, kind)
+            require(self.settings.config.sandbox, python_message(payload), msg.signature, "python task")
+            parsed = decode_python_task(payload)
             if parsed.deps:
                 raise BadRequest("a python task's frame carries no dependency results: list the ids in deps")
-            body, fn, call = msg.payload, bytes(parsed.fn), bytes(parsed.call)
+            body, fn, call = payload, bytes(parsed.fn), bytes(parsed.call)
         elif kind == EXEC:
             spec = exec_spec_of(msg)
             if spec.native is not None:  # refused here already, not only on the node that would run it
@@ -469,9 +470,10 @@ class SchedulerService(FabricService):
         else:
             if kind == CORE and not msg.core:
                 raise BadRequest("a core task names its compute core (core)")
-            if not msg.payload and kind == OPENCL:
+            payload = payload_of(msg, kind)
+            if not payload and kind == OPENCL:
                 raise BadRequest("an opencl task's payload is its FCLJ job frame")
-            body = call = msg.payload
+            body = call = payload
         if len(body) > self._limit():
             raise TooLarge(f"a task body of {len(body)} bytes exceeds the limit of {self._limit()}: pass large "
                            f"inputs by reference (write them to remote memory and pass the handle)")
