@@ -107,7 +107,8 @@ def check_port(host: str, port: int) -> None:
 
 
 def write_config(state: StateDir, *, host: str, port: int, node: str, auth: bool = False,
-                 tls: Any = None, cluster: Any = None, routes: list[str] | None = None) -> Path:
+                 tls: Any = None, cluster: Any = None, routes: list[str] | None = None,
+                 monitor_port: int = 0) -> Path:
     """Write ``<state>/nats/nats.conf`` (0600) and return its path.
 
     *auth*: the server lets in only the users of ``users.conf`` beside it
@@ -117,7 +118,9 @@ def write_config(state: StateDir, *, host: str, port: int, node: str, auth: bool
     for TLS talk plaintext).  *cluster*: a :class:`fabric.cluster.ClusterSpec`: the server
     listens for routes on its port, admits only the cluster's route user (and, with *tls*,
     only peers with a certificate of the fabric's CA), and solicits a route to each of
-    *routes* (``host:port``, the other nodes).
+    *routes* (``host:port``, the other nodes).  *monitor_port*: the server's monitoring
+    endpoint (``/varz``, ``/routez``...: what the HTTP gateway reads) on loopback only,
+    whatever *host* is; 0: none.
     """
     state.ensure()
     store = state.nats_dir / "jetstream"
@@ -137,6 +140,7 @@ def write_config(state: StateDir, *, host: str, port: int, node: str, auth: bool
             "}",
             # relative to this file; the users and their permissions (fabric/protocol/permissions.py)
             *(['include "users.conf"'] if auth else []),
+            *([f"http: {json.dumps(f'127.0.0.1:{monitor_port}')}"] if monitor_port else []),
             *([f"tls {_tls_block(tls)}"] if tls is not None else []),
             *(_cluster_block(cluster, host, routes or [], tls) if cluster is not None else []),
             "",

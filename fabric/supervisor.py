@@ -214,6 +214,8 @@ class Supervisor:
         self._keeper: Any = None
         self._realm: Any = None
         self._pki: Any = None
+        #: the embedded nats-server's monitoring port (loopback), chosen once per supervisor; 0: none
+        self.monitor_port = 0
         #: this node's cluster settings (fabric.cluster); None while its nats-server runs alone
         self.cluster: Any = None
         if config.external_nats_url is None and config.auth:
@@ -318,7 +320,7 @@ class Supervisor:
         if self.cluster is not None and self.state.cluster_port != self.cluster.port:
             self.state.cluster_port = self.cluster.port
         return write_config(self.state_dir, host=cfg.host, port=cfg.port, node=cfg.node, auth=realm is not None,
-                            tls=self._pki, cluster=self.cluster, routes=routes)
+                            tls=self._pki, cluster=self.cluster, routes=routes, monitor_port=self.monitor_port)
 
     def _prepare(self) -> None:
         cfg = self.config
@@ -361,6 +363,11 @@ class Supervisor:
                 realm.render()
                 self.state.credentials = str(realm.admin_credentials)
             self._realm, self._pki = realm, pki
+            from .nats_server import free_port
+
+            # the server's monitoring endpoint, on loopback: the gateway's /metrics and topology read it
+            self.monitor_port = free_port("127.0.0.1")
+            env["FABRIC_GATEWAY_NATS_MONITOR_URL"] = f"http://127.0.0.1:{self.monitor_port}"
             conf = self.write_nats_config()
             if self.cluster is not None:
                 env[CLUSTERED_ENV] = "1"  # the services' streams get replicas (fabric.jetstream)

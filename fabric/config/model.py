@@ -170,6 +170,9 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_
     cors_origins: list[Annotated[str, Meta(max_length=255)]] = msgspec.field(default_factory=list)
     #: how many events an event-stream client may fall behind before the gateway drops it
     sse_queue: Annotated[int, Meta(ge=16, le=1_000_000)] = 1024
+    #: the monitoring endpoint of this node's nats-server (its figures in /metrics, its routes in the topology);
+    #: fabric up sets it for its embedded server; "": none
+    nats_monitor_url: Annotated[str, Meta(max_length=255, pattern=r"^(https?://.*)?$")] = ""
 
 
 class FabricConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

@@ -279,7 +279,8 @@ def permissions(role: str, *, user: str = "", node: str = "") -> Permissions | N
         # request subjects of the areas it serves over HTTP); every service's $SRV figures; the token bucket
         plain = (*(f"{PREFIX}.{TASK}.{v}" for v in (Task.SUBMIT, Task.GET, Task.WAIT, Task.CANCEL, Task.LIST,
                                                       Task.RESULT, Task.RELEASE)),
-                 f"{PREFIX}.{MEM}.alloc", f"{PREFIX}.{MEM}.*.*", f"{PREFIX}.{NODES}.>")
+                 f"{PREFIX}.{MEM}.alloc", f"{PREFIX}.{MEM}.*.*", f"{PREFIX}.{NODES}.>",
+                 f"{PREFIX}.{GATEWAY_AREA}.*.info")  # the other gateways: the cluster's topology
         return Permissions(
             publish=(_REPLIES, f"{_USER_PREFIX}*.>", *plain, f"{SRV_PREFIX}.>", _JS_INFO,
                      *_kv_own(GATEWAY_BUCKET), *_js_read(kv_stream(REGISTRY_BUCKET))),

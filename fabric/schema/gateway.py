@@ -26,3 +26,11 @@ class GatewayInfo(Message):
     #: tokens it knows (from the fabric_gateway bucket), and whether it has read the bucket
     tokens: int = 0
     tokens_loaded: bool = False
+    #: this node's nats-server (its server_name) and the servers it has routes to ("" and [] when the gateway
+    #: cannot read its server's monitoring endpoint); every gateway's together are the cluster's topology
+    nats_server: str = ""
+    cluster: str = ""
+    routes: list[str] = []
+    #: that server's own figures from its /varz (connections, in_msgs, out_msgs, in_bytes, out_bytes,
+    #: slow_consumers, subscriptions, mem, cpu, routes); empty without its monitoring endpoint
+    nats_figures: dict[str, float] = {}

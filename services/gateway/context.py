@@ -10,6 +10,7 @@ from litestar import Request
 from fabric.config.model import GatewayConfig
 
 from .access import Access
+from .nats_monitor import NatsMonitor
 from .upstream import Upstream
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,6 +27,7 @@ class Gateway:
     access: Access
     upstream: Upstream
     events: EventHub
+    monitor: NatsMonitor
 
 
 def gateway_of(request: Request[Any, Any, Any]) -> Gateway:

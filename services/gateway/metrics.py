@@ -24,6 +24,7 @@ from fabric.errors import FabricError
 from fabric.protocol import subjects
 from fabric.protocol.subjects import Mem, Nodes, Task
 from fabric.schema import NodeListReply, NodeRecord
+from fabric.schema.gateway import GatewayInfo
 from fabric.schema.memory import MemInfoReply
 from fabric.schema.tasks import STATES, TERMINAL, ListRequest, TaskListReply, TaskRecord
 
@@ -162,6 +163,38 @@ def _task_families(tasks: list[TaskRecord]) -> list[Metric]:
     return [by_state, depth, latency]
 
 
+#: fabric_nats_* families: (varz figure, metric name, help, counter?)
+_NATS: Final = (
+    ("connections", "connections", "Client connections open now", False),
+    ("total_connections", "connections_opened", "Client connections opened since the server started", True),
+    ("subscriptions", "subscriptions", "Subscriptions", False),
+    ("slow_consumers", "slow_consumers", "Clients the server dropped for reading too slowly", True),
+    ("in_msgs", "received_messages", "Messages received", True),
+    ("out_msgs", "sent_messages", "Messages sent", True),
+    ("in_bytes", "received_bytes", "Bytes received", True),
+    ("out_bytes", "sent_bytes", "Bytes sent", True),
+    ("mem", "resident_memory_bytes", "The server's resident memory", False),
+    ("routes", "routes", "Routes to other servers of the cluster", False),
+)
+
+
+def _nats_families(gateways: list[GatewayInfo]) -> list[Metric]:
+    out: list[Metric] = []
+    for figure, name, text, counter in _NATS:
+        fam: Metric = (CounterMetricFamily(f"fabric_nats_{name}", text, labels=["server", "node"]) if counter
+                       else GaugeMetricFamily(f"fabric_nats_{name}", text, labels=["server", "node"]))
+        for g in gateways:
+            if figure in g.nats_figures:
+                fam.add_metric([g.nats_server, g.node], g.nats_figures[figure])  # type: ignore[attr-defined]
+        out.append(fam)
+    cpu = GaugeMetricFamily("fabric_nats_cpu_ratio", "The server's CPU use, 0..1 of one CPU",
+                            labels=["server", "node"])
+    for g in gateways:
+        if "cpu" in g.nats_figures:
+            cpu.add_metric([g.nats_server, g.node], g.nats_figures["cpu"] / 100.0)
+    return [*out, cpu]
+
+
 def _mem_families(infos: list[MemInfoReply]) -> list[Metric]:
     g = {name: GaugeMetricFamily(f"fabric_mem_{name}", text, labels=["node"]) for name, text in (
         ("capacity_bytes", "The allocator's arena capacity"),
@@ -209,6 +242,10 @@ async def scrape(gw: Gateway) -> bytes:
             subjects.node_scoped(subjects.MEM, r.node, Mem.INFO), {}, MemInfoReply, timeout=2.0))
             for r in nodes.nodes))
         families += _mem_families([m for m in infos if m is not None])
+        gateways = await asyncio.gather(*(part(f"gateway {r.node}", up.trusted(
+            subjects.node_scoped(subjects.GATEWAY, r.node, subjects.Gateway.INFO), {}, GatewayInfo, timeout=2.0))
+            for r in nodes.nodes))
+        families += _nats_families([g for g in gateways if g is not None and g.nats_server])
     if tasks is not None:
         families += _task_families(tasks.tasks)
     sse = GaugeMetricFamily("fabric_gateway_event_streams", "Event-stream clients of this gateway", labels=["node"])

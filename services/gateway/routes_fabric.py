@@ -13,13 +13,14 @@ from litestar import Request, get
 
 from fabric.errors import BadRequest, FabricError
 from fabric.protocol import subjects
-from fabric.protocol.subjects import Mem, Nodes
+from fabric.protocol.subjects import Gateway, Mem, Nodes
 from fabric.schema import DevicesReply, NodeListReply, NodeRecord, NodeRequest
+from fabric.schema.gateway import GatewayInfo
 from fabric.schema.memory import MemInfoReply
 
 from .context import gateway_of
 from .problems import problems
-from .views import MemoryReply, ServicesReply, WhoAmI, services_view
+from .views import MemoryReply, ServicesReply, TopologyNode, TopologyReply, TopologyRoute, WhoAmI, services_view
 
 __all__ = ["ROUTES"]
 
@@ -80,6 +81,38 @@ async def memory(request: Request[Any, Any, Any]) -> MemoryReply:
                        unreachable=[n for n, m in zip(names, found, strict=True) if m is None])
 
 
+@get("/api/topology", tags=["fabric"], summary="Nodes, the services on each, and the NATS cluster's routes",
+     responses=_READ)
+async def topology(request: Request[Any, Any, Any]) -> TopologyReply:
+    gw = gateway_of(request)
+    gw.access.require(request, "read")
+    (infos, _), listed = await asyncio.gather(
+        gw.upstream.services(), gw.upstream.trusted(subjects.cluster(subjects.NODES, Nodes.LIST), {}, NodeListReply))
+    records = {r.node: r for r in listed.nodes}
+    by_node: dict[str, list[str]] = {}
+    for i in infos:
+        node_name = str((i.get("metadata") or {}).get("node", ""))
+        by_node.setdefault(node_name, []).append(str(i.get("name", "")))
+    names = sorted(set(records) | {n for n in by_node if n})
+
+    async def gateway(name: str) -> GatewayInfo | None:
+        try:
+            return await gw.upstream.trusted(subjects.node_scoped(subjects.GATEWAY, name, Gateway.INFO), {},
+                                             GatewayInfo, timeout=1.5)
+        except FabricError:
+            return None
+
+    gateways = dict(zip(names, await asyncio.gather(*(gateway(n) for n in names)), strict=True))
+    nodes_out = [TopologyNode(node=n, hostname=records[n].host.hostname if n in records else "",
+                              nats_server=g.nats_server if (g := gateways[n]) is not None else "",
+                              gateway_url=g.url if g is not None else "", services=sorted(by_node.get(n, [])))
+                 for n in names]
+    pairs = {tuple(sorted((g.nats_server, peer))) for g in gateways.values() if g is not None and g.nats_server
+             for peer in g.routes}
+    cluster = next((g.cluster for g in gateways.values() if g is not None and g.cluster), "")
+    return TopologyReply(cluster=cluster, nodes=nodes_out, routes=[TopologyRoute(a=a, b=b) for a, b in sorted(pairs)])
+
+
 @get("/api/whoami", tags=["access"], summary="Who the gateway takes this request for, and its scopes",
      responses=problems(401, 429))
 async def whoami(request: Request[Any, Any, Any]) -> WhoAmI:
@@ -89,4 +122,4 @@ async def whoami(request: Request[Any, Any, Any]) -> WhoAmI:
                   node=gw.node, version=gw.version)
 
 
-ROUTES = [devices, nodes, node, services, memory, whoami]
+ROUTES = [devices, nodes, node, services, memory, topology, whoami]

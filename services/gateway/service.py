@@ -35,6 +35,7 @@ from fabric.service import Endpoint, FabricService, Request, ServiceSettings
 from .access import Access
 from .context import Gateway
 from .events import EventHub
+from .nats_monitor import NatsMonitor
 from .upstream import Upstream
 
 __all__ = ["GatewayService", "listen"]
@@ -78,12 +79,18 @@ class GatewayService(FabricService):
         return [self.cluster_endpoint(subjects.GATEWAY, subjects.Gateway.INFO, self.info),
                 self.node_endpoint(subjects.GATEWAY, subjects.Gateway.INFO, self.info)]
 
-    def info(self, req: Request) -> GatewayInfo:
+    async def info(self, req: Request) -> GatewayInfo:
         assert self.gateway is not None
         access = self.gateway.access
+        varz, routez = await asyncio.gather(self.gateway.monitor.get("varz"), self.gateway.monitor.get("routez"))
+        routes = sorted({str(r.get("remote_name") or r.get("remote_id") or "")
+                         for r in (routez or {}).get("routes") or [] if isinstance(r, dict)} - {""})
         return GatewayInfo(node=self.node, url=self.url, version=__version__, loopback_only=access.loopback_only,
                            anonymous_scopes=sorted(access.anonymous.scopes), event_streams=self.gateway.events.clients,
-                           tokens=len(self.tokens), tokens_loaded=self.tokens.loaded)
+                           tokens=len(self.tokens), tokens_loaded=self.tokens.loaded,
+                           nats_server=str((varz or {}).get("server_name") or ""),
+                           cluster=str(((varz or {}).get("cluster") or {}).get("name") or ""), routes=routes,
+                           nats_figures=_figures(varz))
 
     def metadata(self) -> dict[str, str]:
         return {"url": self.url}
@@ -124,7 +131,8 @@ class GatewayService(FabricService):
         upstream = Upstream(self.connection)
         self.gateway = Gateway(node=self.node, version=__version__, config=self.config,
                                access=Access(self.tokens, self.config), upstream=upstream,
-                               events=EventHub(self.connection, upstream, self.config.sse_queue))
+                               events=EventHub(self.connection, upstream, self.config.sse_queue),
+                               monitor=NatsMonitor(self.config.nats_monitor_url))
 
     async def on_serving(self) -> None:
         import uvicorn
@@ -159,3 +167,19 @@ class GatewayService(FabricService):
                 await self._watch
         if self.sock is not None:
             self.sock.close()
+        if self.gateway is not None:
+            await self.gateway.monitor.close()
+
+
+#: the /varz figures a gateway hands on (fabric_nats_* in /metrics)
+VARZ_FIGURES = ("connections", "total_connections", "subscriptions", "slow_consumers", "in_msgs", "out_msgs",
+                "in_bytes", "out_bytes", "mem", "cpu", "routes")
+
+
+def _figures(varz: dict[str, Any] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name in VARZ_FIGURES:
+        value = (varz or {}).get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out

@@ -63,6 +63,29 @@ class WhoAmI(msgspec.Struct, kw_only=True):
     version: str
 
 
+class TopologyNode(msgspec.Struct, kw_only=True):
+    """A node: its services, its nats-server (when its gateway can read the server's monitoring endpoint)."""
+
+    node: str
+    hostname: str = ""
+    nats_server: str = ""
+    gateway_url: str = ""
+    services: list[str] = []
+
+
+class TopologyRoute(msgspec.Struct, kw_only=True):
+    """A route between two nats-servers of the cluster (server names; each pair once)."""
+
+    a: str
+    b: str
+
+
+class TopologyReply(msgspec.Struct, kw_only=True):
+    cluster: str = ""
+    nodes: list[TopologyNode]
+    routes: list[TopologyRoute] = []
+
+
 class Written(msgspec.Struct, kw_only=True):
     written: int
 
