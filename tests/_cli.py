@@ -28,9 +28,12 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def fabric(command: str, state_dir: Path, *args: str, env: dict[str, str] | None = None,
            input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m fabric.cli COMMAND --state-dir DIR ARGS...`` and capture its output."""
+    """Run ``python -m fabric.cli COMMAND --state-dir DIR ARGS...`` and capture its output.
+
+    *command* may name a subcommand too: ``"token create"``.
+    """
     return subprocess.run(
-        [sys.executable, "-m", "fabric.cli", command, "--state-dir", str(state_dir), *args],
+        [sys.executable, "-m", "fabric.cli", *command.split(), "--state-dir", str(state_dir), *args],
         env=env or cli_env(), input=input, capture_output=True, text=True, timeout=timeout,
     )
 

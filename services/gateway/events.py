@@ -90,6 +90,8 @@ class EventHub:
         self._service_clients: set[_Client] = set()
         self._services: dict[str, dict[str, str]] = {}
         self._wake = asyncio.Event()
+        self._lookup = asyncio.Lock()
+        self._looked_at = -1e9
         self.clients = 0
         self.dropped = 0
 
@@ -99,23 +101,30 @@ class EventHub:
             if not self._service_clients:
                 self._wake.clear()
                 await self._wake.wait()
+            await self._refresh()
+            await asyncio.sleep(SERVICES_EVERY_S)
+
+    async def _refresh(self) -> None:
+        """Look the services up once; tell every listening client what came and went."""
+        async with self._lookup:
+            if time.monotonic() - self._looked_at < 0.25:  # another caller just did
+                return
             try:
                 infos, _ = await self.upstream.services(window=0.5)
             except Exception as exc:  # NATS reconnecting: next round
                 log.debug("services lookup failed", error=str(exc))
-                infos = None
-            if infos is not None:
-                now = {str(i.get("id")): {"name": str(i.get("name", "")), "id": str(i.get("id", "")),
-                                          "node": str((i.get("metadata") or {}).get("node", "")),
-                                          "version": str(i.get("version", ""))} for i in infos}
-                up = [v for k, v in now.items() if k not in self._services]
-                down = [v for k, v in self._services.items() if k not in now]
-                self._services = now
-                if up or down:
-                    msg = ServerSentEventMessage(event="services", data=json.dumps({"up": up, "down": down}))
-                    for c in list(self._service_clients):
-                        c.put(msg)
-            await asyncio.sleep(SERVICES_EVERY_S)
+                return
+            self._looked_at = time.monotonic()
+            now = {str(i.get("id")): {"name": str(i.get("name", "")), "id": str(i.get("id", "")),
+                                      "node": str((i.get("metadata") or {}).get("node", "")),
+                                      "version": str(i.get("version", ""))} for i in infos}
+            up = [v for k, v in now.items() if k not in self._services]
+            down = [v for k, v in self._services.items() if k not in now]
+            self._services = now
+            if up or down:
+                msg = ServerSentEventMessage(event="services", data=json.dumps({"up": up, "down": down}))
+                for c in list(self._service_clients):
+                    c.put(msg)
 
     async def stream(self, caller: Caller, topics: set[str]) -> AsyncIterator[ServerSentEventMessage]:
         client = _Client(self.queue_size)
@@ -137,16 +146,18 @@ class EventHub:
                     feed = user_subject(caller.user, feed)
                 subs.append(await self.nc.subscribe(feed, cb=forward("tasks")))
             if "services" in topics:
+                if time.monotonic() - self._looked_at > 2 * SERVICES_EVERY_S:  # no recent view: look now
+                    await self._refresh()
                 client.put(ServerSentEventMessage(event="services", data=json.dumps(
                     {"up": list(self._services.values()), "down": [], "initial": True})))
                 self._service_clients.add(client)
                 self._wake.set()
-            yield ServerSentEventMessage(comment=f"fabric events: {', '.join(sorted(topics))}")
+            yield ServerSentEventMessage(data=None, comment=f"fabric events: {', '.join(sorted(topics))}")
             while True:
                 try:
                     item = await asyncio.wait_for(client.queue.get(), KEEPALIVE_S)
                 except asyncio.TimeoutError:
-                    yield ServerSentEventMessage(comment=f"keepalive {int(time.time())}")
+                    yield ServerSentEventMessage(data=None, comment=f"keepalive {int(time.time())}")
                     continue
                 if item is _END:
                     self.dropped += 1

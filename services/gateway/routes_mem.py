@@ -10,10 +10,12 @@ memory area (:mod:`.upstream`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from litestar import Request, Response, delete, get, post, put
-from litestar.params import Body, Parameter
+from litestar.openapi.spec import OpenAPIFormat, OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
+from litestar.params import Parameter
 
 from fabric.errors import BadRequest, Unauthenticated
 from fabric.handles import MAX_HANDLE_LEN
@@ -53,13 +55,22 @@ async def alloc(request: Request[Any, Any, Any], data: AllocBody) -> AllocReply:
                                                                 ttl_s=data.ttl_s), AllocReply)
 
 
-@put("/api/mem/{handle:str}", tags=["memory"], summary="Write the request body into the block at ?offset=",
-     responses=problems(400, 401, 403, 404, 413, 429, 503))
-async def write(request: Request[Any, Any, Any], handle: Handle,
-                data: Annotated[bytes, Body(media_type="application/octet-stream")],
-                offset: Offset = 0) -> Written:
+@dataclass
+class _RawBodyOperation(Operation):
+    """The OpenAPI operation of a route whose body is raw bytes (Litestar would describe a JSON one)."""
+
+    def __post_init__(self) -> None:
+        binary = Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY)
+        self.request_body = RequestBody(required=True, description="the bytes to write",
+                                        content={"application/octet-stream": OpenAPIMediaType(schema=binary)})
+
+
+@put("/api/mem/{handle:str}", tags=["memory"], summary="Write the request body (raw bytes) into the block at ?offset=",
+     responses=problems(400, 401, 403, 404, 413, 429, 503), operation_class=_RawBodyOperation)
+async def write(request: Request[Any, Any, Any], handle: Handle, offset: Offset = 0) -> Written:
     gw = gateway_of(request)
     caller = _caller(request, "submit")
+    data = await request.body()  # any Content-Type: the body is the bytes (413 past gateway.max_body)
     mem = gw.upstream.memory(caller)
     return Written(written=await mem.rwrite(handle, data, offset) if data else 0)
 
