@@ -79,7 +79,7 @@ def test_up_detached_reports_ready(running: tuple[Path, str]) -> None:
     assert state["phase"] == "ready"
     assert state["embedded_nats"] is True
     assert state["port"] != 4222 and state["nats_url"] == f"nats://127.0.0.1:{state['port']}"
-    assert set(state["services"]) == {"allocator", "spawner", "gpu-monitor", "scheduler"}
+    assert set(state["services"]) == {"allocator", "spawner", "gpu-monitor", "scheduler", "gateway"}
     assert all(alive(pid) for pid in listed_pids(state).values())
     # what the user is told: where NATS is, how another machine joins, where the logs are
     ready = re.search(r"fabric ready in ([0-9.]+) s", stdout)
@@ -134,8 +134,8 @@ def test_status_table(running: tuple[Path, str]) -> None:
     # one row per service instance, its endpoints summed up
     header, rows = first_table(res.stdout)
     assert header == ["service", "node", "version", "uptime", "requests", "errors", "avg latency"]
-    assert [(r[0], r[1]) for r in rows] == [("allocator", node), ("gpu-monitor", node), ("scheduler", node),
-                                            ("spawner", node)]
+    assert [(r[0], r[1]) for r in rows] == [("allocator", node), ("gateway", node), ("gpu-monitor", node),
+                                            ("scheduler", node), ("spawner", node)]
     _, doc = status_json(state_dir)
     [alloc] = [s for s in doc["services"] if s["name"] == "allocator"]
     [alloc_row] = [r for r in rows if r[0] == "allocator"]
@@ -143,7 +143,7 @@ def test_status_table(running: tuple[Path, str]) -> None:
     assert int(alloc_row[4]) == sum(ep["num_requests"] for ep in alloc["endpoints"]) >= 1
     assert int(alloc_row[5]) == sum(ep["num_errors"] for ep in alloc["endpoints"])
     assert alloc_row[6] != "-"  # it served requests: an average latency
-    assert f"services up: 4/4 on 1 node: {node} 4/4" in res.stdout
+    assert f"services up: 5/5 on 1 node: {node} 5/5" in res.stdout
     # --endpoints: today's detail, one row per endpoint of each instance
     res = fabric("status", state_dir, "--endpoints")
     assert res.returncode == 0, res.stderr
@@ -181,16 +181,18 @@ def test_status_with_a_second_node_joined(running: tuple[Path, str], tmp_path: P
         assert res.returncode == 0, res.stderr
         _, rows = first_table(res.stdout)
         assert [(r[0], r[1]) for r in rows] == sorted([("allocator", "other-node"), ("allocator", node),
-                                                      ("gpu-monitor", node), ("scheduler", node), ("spawner", node)])
+                                                      ("gateway", node), ("gpu-monitor", node), ("scheduler", node),
+                                                      ("spawner", node)])
         # every node is expected to run what `fabric up` runs; the other one runs only an allocator
-        per_node = {node: f"{node} 4/4", "other-node": "other-node 1/4 (missing spawner, gpu-monitor, scheduler)"}
-        line = "services up: 5/8 on 2 nodes: " + ", ".join(per_node[n] for n in sorted(per_node))
+        per_node = {node: f"{node} 5/5",
+                    "other-node": "other-node 1/5 (missing spawner, gpu-monitor, scheduler, gateway)"}
+        line = "services up: 6/10 on 2 nodes: " + ", ".join(per_node[n] for n in sorted(per_node))
         assert line in res.stdout
         # seen from the other node, whose own fabric runs only its allocator
         res = fabric("status", other)
         assert res.returncode == 0, res.stderr
-        per_node = {node: f"{node} 4/4", "other-node": "other-node 1/1"}
-        assert "services up: 5/5 on 2 nodes: " + ", ".join(per_node[n] for n in sorted(per_node)) in res.stdout
+        per_node = {node: f"{node} 5/5", "other-node": "other-node 1/1"}
+        assert "services up: 6/6 on 2 nodes: " + ", ".join(per_node[n] for n in sorted(per_node)) in res.stdout
     finally:
         cleanup(other)
 
@@ -266,7 +268,7 @@ def test_nodes_without_a_gpu_monitor_fails_clearly(running: tuple[Path, str], tm
 def test_status_missing_service_exits_nonzero(running: tuple[Path, str]) -> None:
     state_dir, _ = running
     code, doc = status_json(state_dir, "--node", "no-such-node")
-    assert code == 1 and doc["missing"] == ["allocator", "spawner", "gpu-monitor", "scheduler"]
+    assert code == 1 and doc["missing"] == ["allocator", "spawner", "gpu-monitor", "scheduler", "gateway"]
 
 
 def test_req_ping(running: tuple[Path, str]) -> None:
@@ -342,7 +344,7 @@ def test_killed_service_is_restarted(running: tuple[Path, str]) -> None:
 def test_down_stops_everything(running: tuple[Path, str]) -> None:
     state_dir, _ = running
     pids = listed_pids(read_state(state_dir))
-    assert set(pids) == {"supervisor", "nats-server", "allocator", "spawner", "gpu-monitor", "scheduler"}
+    assert set(pids) == {"supervisor", "nats-server", "allocator", "spawner", "gpu-monitor", "scheduler", "gateway"}
     res = fabric("down", state_dir)
     assert res.returncode == 0, res.stderr
     assert "fabric stopped" in res.stdout
@@ -368,7 +370,8 @@ def test_two_fabrics_side_by_side(needs_allocator: None, tmp_path: Path) -> None
             code, doc = status_json(state_dir)
             assert code == 0
             assert [(s["name"], s["node"]) for s in doc["services"]] == [
-                ("allocator", node), ("gpu-monitor", node), ("scheduler", node), ("spawner", node)]
+                ("allocator", node), ("gateway", node), ("gpu-monitor", node), ("scheduler", node),
+                ("spawner", node)]
         pids = list(listed_pids(sa).values()) + list(listed_pids(sb).values())
         assert fabric("down", a).returncode == 0
         assert all(alive(pid) for pid in listed_pids(sb).values()), "stopping a touched b"

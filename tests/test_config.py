@@ -215,7 +215,7 @@ def test_environment_names_follow_the_rule_and_are_unique() -> None:
         "FABRIC_MEM_CAPACITY", "FABRIC_MEM_QUOTA", "FABRIC_MEM_QUOTAS", "FABRIC_TELEMETRY_INTERVAL_S",
         "FABRIC_TELEMETRY_NODE_TTL_S", "FABRIC_POOL_READER_SPIN_US", "FABRIC_POOL_WORKER_SPIN_US",
         "FABRIC_NATS_URL", "FABRIC_NODE", "FABRIC_STATE_DIR", "FABRIC_LOG_LEVEL"}
-    assert set(SECTIONS) == {"nats", "up", "sandbox", "mem", "pool", "telemetry", "tasks"}
+    assert set(SECTIONS) == {"nats", "up", "sandbox", "mem", "pool", "telemetry", "tasks", "gateway"}
 
 
 @pytest.mark.unit

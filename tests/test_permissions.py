@@ -353,7 +353,7 @@ def test_fabric_up_with_auth_end_to_end(tmp_path: Path, monkeypatch: pytest.Monk
         st = json.loads((state / "state.json").read_text())
         assert st["credentials"] == str(state / "auth" / "admin.creds")
         status = fabric("status")  # the CLI finds the admin credentials in the state dir
-        assert status.returncode == 0 and "4/4" in status.stdout, status.stdout + status.stderr
+        assert status.returncode == 0 and "5/5" in status.stdout, status.stdout + status.stderr
         added = fabric("user", "add", "alice", "-o", str(tmp_path / "alice.creds"))
         assert added.returncode == 0 and "reloaded" in added.stdout, added.stdout + added.stderr
         with FabricClient(st["nats_url"], credentials=tmp_path / "alice.creds", local=False) as fc:
@@ -435,7 +435,7 @@ def test_fabric_up_with_tls_end_to_end(tmp_path: Path, monkeypatch: pytest.Monke
                         "--token", token)
         assert joined.returncode == 0, joined.stdout + joined.stderr
         status = fabric(b, "status")
-        assert status.returncode == 0 and "5/5 on 2 nodes" in status.stdout, status.stdout + status.stderr
+        assert status.returncode == 0 and "6/6 on 2 nodes" in status.stdout, status.stdout + status.stderr
     finally:
         for state in (b, a):
             if (state / "state.json").exists():

@@ -90,6 +90,7 @@ async def test_the_services_serve_exactly_the_verbs_the_contract_names_and_the_d
 
     from fabric.protocol import subjects
     from fabric.services.allocator import AllocatorService
+    from fabric.services.gateway import GatewayService
     from fabric.services.scheduler import SchedulerService
     from fabric.services.spawner import SpawnerService
 
@@ -102,7 +103,9 @@ async def test_the_services_serve_exactly_the_verbs_the_contract_names_and_the_d
                 GpuMonitorService(ServiceSettings(credentials=creds_for(GpuMonitorService),
                                                   nats_url=js_server.url, node=node, state_dir=tmp_path / "g")),
                 SchedulerService(ServiceSettings(credentials=creds_for(SchedulerService),
-                                                 nats_url=js_server.url, node=node, state_dir=tmp_path / "t"))]
+                                                 nats_url=js_server.url, node=node, state_dir=tmp_path / "t")),
+                GatewayService(ServiceSettings(credentials=creds_for(GatewayService),
+                                               nats_url=js_server.url, node=node, state_dir=tmp_path / "w"))]
     for svc in services:
         await svc.start()
     try:
@@ -110,7 +113,7 @@ async def test_the_services_serve_exactly_the_verbs_the_contract_names_and_the_d
         doc_subjects: set[str] = set()
         plain: set[str] = set()
         user_forms: set[str] = set()
-        for name in ("allocator", "spawner", "gpu-monitor", "scheduler"):
+        for name in ("allocator", "spawner", "gpu-monitor", "scheduler", "gateway"):
             ping = json.loads((await nc.request(f"$SRV.PING.{name}", b"", timeout=5)).data)
             info = json.loads((await nc.request(f"$SRV.INFO.{name}.{ping['id']}", b"", timeout=5)).data)
             for ep in info["endpoints"]:

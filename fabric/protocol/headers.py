@@ -40,6 +40,9 @@ SEQ_HEADER: Final = "Fabric-Seq"
 #: on a map's body in stream FABRIC_TASK_BODIES: how many tasks it holds (docs/protocol.md "Where tasks live")
 MAP_HEADER: Final = "Fabric-Map"
 
+#: on an HTTP response of the gateway's ``GET /api/tasks/{id}/result``: the task's state (docs/gateway.md)
+TASK_STATE_HEADER: Final = "Fabric-Task-State"
+
 #: every header name of the contract (tests/test_layering.py: no module outside fabric.protocol spells one)
 ALL_HEADERS: Final = (ERROR_HEADER, ERROR_CODE_HEADER, ERROR_KIND_HEADER, CONTENT_TYPE_HEADER, REQUEST_ID_HEADER,
-                      EXIT_CODE_HEADER, STREAM_HEADER, PROC_HEADER, SEQ_HEADER, MAP_HEADER)
+                      EXIT_CODE_HEADER, STREAM_HEADER, PROC_HEADER, SEQ_HEADER, MAP_HEADER, TASK_STATE_HEADER)

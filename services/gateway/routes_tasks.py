@@ -16,6 +16,7 @@ from litestar.params import Parameter
 
 from fabric.errors import Conflict, PermissionDenied
 from fabric.protocol import subjects
+from fabric.protocol.headers import EXIT_CODE_HEADER, TASK_STATE_HEADER
 from fabric.protocol.subjects import Task
 from fabric.schema.tasks import (
     TERMINAL,
@@ -103,9 +104,9 @@ async def task_result(request: Request[Any, Any, Any], task_id: TaskId,
                                      TaskRecord, timeout=wait + 5.0)
     else:
         rec = await gw.upstream.call(caller, _subject(Task.GET), TaskRequest(id=task_id), TaskRecord)
-    headers = {"Fabric-Task-State": rec.state}
+    headers = {TASK_STATE_HEADER: rec.state}
     if rec.exit_code is not None:
-        headers["Fabric-Exit-Code"] = str(rec.exit_code)
+        headers[EXIT_CODE_HEADER] = str(rec.exit_code)
     if rec.state not in TERMINAL:
         raise Conflict(f"task {task_id} has not ended ({rec.state}): ask again, or pass ?wait=SECONDS")
     if rec.state != "succeeded":
