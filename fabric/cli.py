@@ -30,7 +30,7 @@ from .cli_nodes import nodes
 from .cli_req import req
 from .cli_status import status
 from .cli_tasks import SUBMIT_CONTEXT, cancel, submit, task, tasks
-from .cli_tokens import tokens_app
+from .cli_tokens import tokens_app, webhook_secret
 from .cli_up import up
 from .cli_users import join_token, users_app
 
@@ -55,6 +55,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(users_app, name="user")
 app.add_typer(node_app, name="node")
 app.add_typer(tokens_app, name="token")
+app.command("webhook-secret")(webhook_secret)
 app.command("join-token")(join_token)
 app.add_typer(keys_app, name="keys")
 app.command()(sign)

@@ -16,7 +16,7 @@ import typer
 
 from .cli_common import NatsUrlOption, StateDirOption, connect, err, escape, fail, find_nats_url, out, state_of
 
-__all__ = ["tokens_app"]
+__all__ = ["tokens_app", "webhook_secret"]
 
 tokens_app = typer.Typer(help="Manage the HTTP gateway's bearer tokens: create, remove, list.", no_args_is_help=True)
 
@@ -108,3 +108,40 @@ def list_(
     for r in records:
         who = "admin" if not r.user else r.user
         out.print(f"{escape(r.name):24} {','.join(r.scopes):20} {escape(who):16} {r.created}", highlight=False)
+
+
+def webhook_secret(
+    rotate: Annotated[bool, typer.Option("--rotate", help="Replace the secret: receivers must take the new one.")]
+    = False,
+    nats_url: NatsUrlOption = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """The secret the gateways sign webhooks with (HMAC-SHA256; docs/gateway.md "Webhooks")."""
+    import secrets
+
+    from .protocol.streams import GATEWAY_BUCKET
+
+    key = "webhook.secret"  # services/gateway/webhooks.py SECRET_KEY
+
+    async def work(js: Any) -> str:
+        import nats.js.errors
+
+        from .gateway_tokens import open_bucket
+
+        kv = await open_bucket(js)
+        if rotate:
+            await kv.put(key, secrets.token_hex(32).encode())
+        else:
+            try:
+                await kv.create(key, secrets.token_hex(32).encode())
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass
+        entry = await kv.get(key)
+        return bytes(entry.value or b"").decode()
+
+    state = state_of(state_dir)
+    url, _ = find_nats_url(nats_url, state)
+    secret = asyncio.run(_with_js(url, state, work))
+    if rotate:
+        err.print(f"webhook secret replaced (bucket {GATEWAY_BUCKET}); every gateway signs with it from now on")
+    out.print(secret, highlight=False)

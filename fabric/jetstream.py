@@ -344,3 +344,20 @@ def task_results_bucket() -> ObjectStoreBucket:
 
     return ObjectStoreBucket(ObjectStoreConfig(bucket=RESULTS_BUCKET, ttl=RESULTS_TTL_S, storage=StorageType.FILE,
                                                description="fabric task results too large for their record"))
+
+
+def webhook_stream() -> Stream:
+    """Stream FABRIC_WEBHOOKS: the scheduler stores a notice per ended task with a callback_url, the gateways
+    deliver them (services/scheduler/webhooks.py, services/gateway/webhooks.py); both keep it in existence."""
+    from nats.js.api import RetentionPolicy, StorageType
+
+    from .protocol.streams import WEBHOOK_STREAM, WEBHOOK_SUBJECT_PREFIX
+
+    return Stream(StreamConfig(
+        name=WEBHOOK_STREAM, subjects=[f"{WEBHOOK_SUBJECT_PREFIX}.*"], storage=StorageType.FILE,
+        retention=RetentionPolicy.WORK_QUEUE, max_age=WEBHOOK_MAX_AGE_S, duplicate_window=120.0,
+        description="fabric webhooks to deliver (scheduler -> gateways)"))
+
+
+#: how long an undelivered webhook notice is kept (no gateway ran all that time: it is dropped)
+WEBHOOK_MAX_AGE_S = 7 * 24 * 3600.0

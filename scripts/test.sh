@@ -19,6 +19,11 @@ if [ ! -x "/usr/bin/python$PYVER" ] && [ "$(id -u)" = 0 ] && command -v apt-get 
   apt-get update -qq && apt-get install -y -qq "python$PYVER" || echo "note: no python$PYVER from apt"
 fi
 
+# the browser of the dashboard tests (tests/test_dashboard.py): Debian's chromium, driven by Playwright
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  bash scripts/install-browser.sh
+fi
+
 # Node.js clients for the cross-language test (npm registry; versions pinned in package-lock.json)
 if command -v npm >/dev/null 2>&1; then
   (cd tests/node && npm ci --silent --no-audit --no-fund)

@@ -31,7 +31,7 @@ from tests._cli import cleanup, fabric, read_state, status_json
 
 try:
     from playwright.sync_api import Browser, ConsoleMessage, Page, Request, Response, sync_playwright
-except ImportError:  # reported by the browser fixture, as a failure
+except ImportError:  # each test fails, saying so (need())
     sync_playwright = None  # type: ignore[assignment]
 
 pytestmark = pytest.mark.slow
@@ -128,19 +128,28 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if sync_playwright is None:
-        pytest.fail("the playwright package is missing: pip install playwright (never `playwright install`: "
-                    "the browser is Debian's chromium, scripts/install-browser.sh)", pytrace=False)
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run scripts/install-browser.sh as root (apt-get install chromium)",
-                    pytrace=False)
+def browser() -> Iterator[Browser | None]:
+    """Debian's chromium under Playwright; None where either is missing (each test then fails, saying why)."""
+    if sync_playwright is None or not CHROMIUM.exists():
+        yield None
+        return
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"], headless=True)
         try:
             yield b
         finally:
             b.close()
+
+
+def need(browser: Browser | None) -> Browser:
+    """The browser, or a failure (never a skip) that says what to install."""
+    if sync_playwright is None:
+        pytest.fail("the playwright package is missing: pip install playwright (never `playwright install`: "
+                    "the browser is Debian's chromium, scripts/install-browser.sh)", pytrace=False)
+    if browser is None:
+        pytest.fail(f"{CHROMIUM} is missing: run scripts/install-browser.sh as root (apt-get install chromium)",
+                    pytrace=False)
+    return browser
 
 
 def sel(name: str, **data: str) -> str:
@@ -158,9 +167,10 @@ def cpu_points(page: Page, node: str) -> str:
     return page.locator(f'{sel("node-card", node=node)} {sel("cpu-graph")}').get_attribute("points") or ""
 
 
-def test_dashboard_signed_in_shows_the_fabric_live_and_runs_a_task(two_nodes: TwoNodes, browser: Browser) -> None:
+def test_dashboard_signed_in_shows_the_fabric_live_and_runs_a_task(browser: Browser | None,
+                                                                   two_nodes: TwoNodes) -> None:
     started = time.monotonic()
-    context = browser.new_context(viewport=VIEWPORT)
+    context = need(browser).new_context(viewport=VIEWPORT)
     page = context.new_page()
     problems = Problems()
     problems.watch(page)
@@ -234,8 +244,8 @@ def test_dashboard_signed_in_shows_the_fabric_live_and_runs_a_task(two_nodes: Tw
         context.close()
 
 
-def test_dashboard_anonymous_shows_nodes_and_asks_for_a_token(two_nodes: TwoNodes, browser: Browser) -> None:
-    context = browser.new_context(viewport=VIEWPORT)
+def test_dashboard_anonymous_shows_nodes_and_asks_for_a_token(browser: Browser | None, two_nodes: TwoNodes) -> None:
+    context = need(browser).new_context(viewport=VIEWPORT)
     page = context.new_page()
     problems = Problems(anonymous=True)
     problems.watch(page)

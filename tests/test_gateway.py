@@ -81,7 +81,9 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gw]:
     state_dir = tmp_path_factory.mktemp("gateway")
     env = cli_env(FABRIC_GATEWAY_MAX_BODY=str(MAX_BODY), FABRIC_GATEWAY_RATE_PER_S=str(RATE),
                   FABRIC_GATEWAY_BURST=str(BURST), FABRIC_GATEWAY_SSE_QUEUE="16",
-                  FABRIC_TELEMETRY_INTERVAL_S="0.25", FABRIC_TELEMETRY_NODE_TTL_S="2")
+                  FABRIC_TELEMETRY_INTERVAL_S="0.25", FABRIC_TELEMETRY_NODE_TTL_S="2",
+                  FABRIC_GATEWAY_WEBHOOK_ATTEMPTS="3", FABRIC_GATEWAY_WEBHOOK_BACKOFF_S="0.2",
+                  FABRIC_GATEWAY_WEBHOOK_TIMEOUT_S="1.5")
     try:
         up = fabric("up", state_dir, "-d", "--nats-port", "0", "--node", "gw1", env=env, timeout=90)
         assert up.returncode == 0, up.stdout + up.stderr
@@ -355,3 +357,103 @@ def test_openapi_and_offline_docs(gw: Gw) -> None:
         assert f"/static/swagger/{asset}" in page.text  # served by the gateway: no CDN
         assert gw.get(f"/static/swagger/{asset}").status_code == 200
     assert "cdn" not in page.text.lower() and "unpkg" not in page.text.lower()
+
+
+class Receiver:
+    """A webhook receiver: a real HTTP server on loopback that answers each POST with the next of *codes*."""
+
+    def __init__(self, codes: list[int], delay: float = 0.0) -> None:
+        import http.server
+        import threading
+
+        self.codes = list(codes)
+        self.got: list[tuple[dict[str, str], bytes]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.got.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                time.sleep(delay)
+                code = outer.codes.pop(0) if len(outer.codes) > 1 else outer.codes[0]
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/done"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _callback_of(gw: Gw, token: str, task_id: str, timeout: float = 30.0) -> dict[str, Any]:
+    found: list[dict[str, Any]] = []
+
+    def done() -> bool:
+        rec = gw.get(f"/api/tasks/{task_id}", token).json()
+        if rec.get("callback"):
+            found.append(rec["callback"])
+        return bool(found)
+
+    wait_for(done, timeout, what=f"the webhook outcome of {task_id}")
+    return found[0]
+
+
+def test_webhooks_are_signed_retried_and_recorded(gw: Gw) -> None:
+    import hashlib
+    import hmac
+
+    token = gw.token("hooks")
+    secret = fabric("webhook-secret", gw.state_dir)
+    assert secret.returncode == 0 and len(secret.stdout.strip()) == 64, secret.stderr
+    key = secret.stdout.strip().encode()  # the hex text is the key, as the receiver holds it
+    flaky = Receiver([503, 200])  # down once, then up: delivered on the second try
+    try:
+        r = gw.post("/api/submit", token, json={"type": "NATIVE_EXEC", "args": ["echo", "hooked"],
+                                                "callback_url": flaky.url})
+        assert r.status_code == 201, r.text
+        task_id = r.json()["id"]
+        outcome = _callback_of(gw, token, task_id)
+        assert outcome["outcome"] == "delivered" and outcome["attempts"] == 2 and outcome["status"] == 200, outcome
+        assert len(flaky.got) == 2
+        headers, body = flaky.got[-1]
+        expected = hmac.new(key, headers["x-fabric-timestamp"].encode() + b"." + body, hashlib.sha256).hexdigest()
+        assert headers["x-fabric-signature"] == f"sha256={expected}"
+        assert headers["x-fabric-delivery"] == f"{task_id}/2" and headers["x-fabric-event"] == "task.ended"
+        assert abs(int(headers["x-fabric-timestamp"]) - time.time()) < 60
+        doc = json.loads(body)
+        assert doc["id"] == task_id and doc["state"] == "succeeded" and doc["exit_code"] == 0
+        assert doc["result_url"] == f"{gw.url}/api/tasks/{task_id}/result" and doc["result_size"] == len(b"hooked\n")
+        assert gw.get(doc["result_url"].removeprefix(gw.url), token).content == b"hooked\n"
+    finally:
+        flaky.close()
+    # a receiver that never answers in time, then a dead one: the failure is recorded, the scheduler unslowed
+    slow = Receiver([200], delay=5.0)
+    dead = Receiver([200])
+    dead.close()  # its port now refuses connections
+    try:
+        ids = {}
+        for name, url in (("slow", slow.url), ("dead", dead.url)):
+            r = gw.post("/api/submit", token, json={"kind": "exec", "exec": {"argv": ["true"]}, "callback_url": url})
+            ids[name] = r.json()["id"]
+        # meanwhile tasks keep running and ending as usual
+        for _ in range(5):
+            r = gw.post("/api/submit", token, json={"kind": "exec", "exec": {"argv": ["echo", "on"]}})
+            assert gw.get(f"/api/tasks/{r.json()['id']}/result", token, params={"wait": 30}).content == b"on\n"
+        for name in ids:
+            outcome = _callback_of(gw, token, ids[name], timeout=60)
+            assert outcome["outcome"] == "failed" and outcome["attempts"] == 3, (name, outcome)
+        assert "1.5" in _callback_of(gw, token, ids["slow"])["error"]  # no answer within the timeout
+        assert _callback_of(gw, token, ids["dead"])["status"] == 0
+    finally:
+        slow.close()
+    # a URL the gateway will not call is refused at the submit
+    for url in ("ftp://example.com/x", "http://169.254.169.254/latest/meta-data", "not a url"):
+        problem(gw.post("/api/submit", token, json={"kind": "exec", "exec": {"argv": ["true"]},
+                                                     "callback_url": url}), 400, "bad_request")

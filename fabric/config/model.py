@@ -173,6 +173,11 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_
     #: the monitoring endpoint of this node's nats-server (its figures in /metrics, its routes in the topology);
     #: fabric up sets it for its embedded server; "": none
     nats_monitor_url: Annotated[str, Meta(max_length=255, pattern=r"^(https?://.*)?$")] = ""
+    #: how many times a task's webhook is tried before it is recorded failed, the first wait between tries
+    #: (doubled each time, at most 5 minutes), and how long one try may take (s)
+    webhook_attempts: Annotated[int, Meta(ge=1, le=100)] = 8
+    webhook_backoff_s: Annotated[float, Meta(ge=0.01, le=3600)] = 1.0
+    webhook_timeout_s: Annotated[float, Meta(ge=0.1, le=300)] = 10.0
 
 
 class FabricConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

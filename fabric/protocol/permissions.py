@@ -49,6 +49,9 @@ from .streams import (
     RESULTS_BUCKET,
     STATE_BUCKET,
     TASK_BUCKET,
+    WEBHOOK_CONSUMER,
+    WEBHOOK_STREAM,
+    WEBHOOK_SUBJECT_PREFIX,
     kv_stream,
     object_stream,
 )
@@ -268,22 +271,28 @@ def permissions(role: str, *, user: str = "", node: str = "") -> Permissions | N
         return Permissions(
             publish=(_REPLIES,
                      f"{PREFIX}.{TASK}.{Task.EVENTS}", f"{_USER_PREFIX}*.{TASK}.{Task.EVENTS}",
-                     f"{PREFIX}.{TASK}.{Task.BODY}.*",
-                     _JS_INFO, *_js_own(BODY_STREAM), *_kv_own(TASK_BUCKET), *_kv_own(LEASE_BUCKET),
+                     f"{PREFIX}.{TASK}.{Task.BODY}.*", f"{WEBHOOK_SUBJECT_PREFIX}.*",
+                     _JS_INFO, *_js_own(BODY_STREAM), *_js_own(WEBHOOK_STREAM), *_kv_own(TASK_BUCKET),
+                     *_kv_own(LEASE_BUCKET),
                      *_kv_own(STATE_BUCKET), *_objects_own(RESULTS_BUCKET), *_js_read(kv_stream(REGISTRY_BUCKET))),
             subscribe=(*own, *_forms(*(f"{PREFIX}.{TASK}.{v}" for v in verbs)),
-                       f"{PREFIX}.{TASK}.{Task.PULL}"),  # plain only: the nodes', never a user's
+                       # plain only: the nodes' pull, the gateways' webhook reports -- never a user's
+                       f"{PREFIX}.{TASK}.{Task.PULL}", f"{PREFIX}.{TASK}.{Task.CALLBACK}"),
         )
     if role == GATEWAY:
         # acts for the user a token names (its user form), or as the fabric's admin for an admin token (the plain
         # request subjects of the areas it serves over HTTP); every service's $SRV figures; the token bucket
         plain = (*(f"{PREFIX}.{TASK}.{v}" for v in (Task.SUBMIT, Task.GET, Task.WAIT, Task.CANCEL, Task.LIST,
-                                                      Task.RESULT, Task.RELEASE)),
+                                                      Task.RESULT, Task.RELEASE, Task.CALLBACK)),
                  f"{PREFIX}.{MEM}.alloc", f"{PREFIX}.{MEM}.*.*", f"{PREFIX}.{NODES}.>",
                  f"{PREFIX}.{GATEWAY_AREA}.*.info")  # the other gateways: the cluster's topology
         return Permissions(
             publish=(_REPLIES, f"{_USER_PREFIX}*.>", *plain, f"{SRV_PREFIX}.>", _JS_INFO,
-                     *_kv_own(GATEWAY_BUCKET), *_js_read(kv_stream(REGISTRY_BUCKET))),
+                     *_kv_own(GATEWAY_BUCKET), *_js_read(kv_stream(REGISTRY_BUCKET)),
+                     # the webhooks to deliver: a durable pull consumer shared by every gateway
+                     *_js_own(WEBHOOK_STREAM), f"$JS.API.CONSUMER.DURABLE.CREATE.{WEBHOOK_STREAM}.{WEBHOOK_CONSUMER}",
+                     f"$JS.API.CONSUMER.MSG.NEXT.{WEBHOOK_STREAM}.{WEBHOOK_CONSUMER}",
+                     f"$JS.ACK.{WEBHOOK_STREAM}.{WEBHOOK_CONSUMER}.>"),
             subscribe=(*own, *_area(GATEWAY_AREA, node, "info"), f"{PREFIX}.{TELEMETRY}.*",
                        f"{PREFIX}.{TASK}.{Task.EVENTS}",
                        f"{_USER_PREFIX}*.{TASK}.{Task.EVENTS}"),

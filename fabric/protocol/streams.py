@@ -24,6 +24,12 @@ STATE_BUCKET: Final = "fabric_scheduler_state"
 REGISTRY_BUCKET: Final = "fabric_nodes"
 #: object store of task results too large for a message (24 h TTL)
 RESULTS_BUCKET: Final = "fabric_task_results"
+#: stream of webhooks to deliver (subjects ``fabric.webhook.<task id>``, work queue): the scheduler stores one
+#: WebhookNotice per ended task that has a callback_url, a gateway delivers it and acknowledges it
+WEBHOOK_STREAM: Final = "FABRIC_WEBHOOKS"
+WEBHOOK_SUBJECT_PREFIX: Final = "fabric.webhook"
+#: the gateways' durable pull consumer of WEBHOOK_STREAM (shared: each webhook goes to one gateway)
+WEBHOOK_CONSUMER: Final = "webhooks"
 #: KV of the HTTP gateway's bearer tokens (key ``token.<name>``: the token's sha256, user, scopes), written by
 #: ``fabric token create/rm`` and read by every gateway
 GATEWAY_BUCKET: Final = "fabric_gateway"

@@ -105,6 +105,8 @@ class Task:
     RESULT: Final = "result"
     RELEASE: Final = "release"
     PULL: Final = "pull"
+    #: a gateway reports how a task's webhook went (kept on the record); like pull, trusted callers only
+    CALLBACK: Final = "callback"
     #: ``fabric.task.events``: where state changes are published (not a request)
     EVENTS: Final = "events"
     #: ``fabric.task.body.<id>``: the subjects of stream FABRIC_TASK_BODIES (not a request)

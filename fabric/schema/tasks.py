@@ -266,6 +266,18 @@ class Attempt(Message):
     error: str = ""
 
 
+class CallbackOutcome(Message):
+    """How a task's ``callback_url`` webhook went (the HTTP gateway delivers it: docs/gateway.md "Webhooks")."""
+
+    #: "delivered" (the receiver answered 2xx) or "failed" (every attempt failed, or the URL is refused)
+    outcome: str
+    attempts: int
+    #: the receiver's last HTTP status (0: none, the connection failed)
+    status: int = 0
+    error: str = ""
+    time_ms: int = 0
+
+
 class TaskRecord(Message):
     """A task as the KV bucket ``fabric_tasks`` keeps it (key: the id); every change is a compare-and-swap."""
 
@@ -305,6 +317,8 @@ class TaskRecord(Message):
     result_size: UInt = 0
     exit_code: int | None = None
     error: TaskError | None = None
+    #: its webhook's delivery, once the gateway finished with it (None: no callback_url, or not yet)
+    callback: CallbackOutcome | None = None
 
 
 class TaskDone(Message):
@@ -337,6 +351,33 @@ class TaskEvent(Message):
 
 class TaskEventBatch(Message):
     events: list[TaskEvent]
+
+
+class WebhookNotice(Message):
+    """A task with a ``callback_url`` ended: what the scheduler stores in stream FABRIC_WEBHOOKS for a gateway
+    to deliver (subject ``fabric.webhook.<id>``, deduplicated by the task id)."""
+
+    id: str
+    state: str
+    kind: str
+    owner: str
+    callback_url: str
+    created_ms: int = 0
+    finished_ms: int = 0
+    exit_code: int | None = None
+    error: TaskError | None = None
+    result_size: int = 0
+    attempts: int = 0
+
+
+class CallbackReport(Message):
+    """``fabric.task.callback`` (gateways only): how the task's webhook went, to be kept on its record."""
+
+    id: TaskIdStr
+    outcome: Annotated[str, Meta(pattern=r"^(delivered|failed)$")]
+    attempts: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
+    status: Annotated[int, Meta(ge=0, le=999)] = 0
+    error: Annotated[str, Meta(max_length=1024)] = ""
 
 
 class ResultRequest(Message):

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Final
 
 from litestar import Request, Response, get, post
 from litestar.datastructures import Cookie
-from litestar.params import Parameter
+from litestar.params import QueryParameter
 from litestar.response import Redirect
 from litestar.static_files import create_static_files_router
 
@@ -35,7 +35,7 @@ _HEADERS: Final = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "no
 
 @get("/", include_in_schema=False, responses=problems(401))
 async def index(request: Request[Any, Any, Any],
-                token: Annotated[str | None, Parameter(max_length=128)] = None) -> Response[Any]:
+                token: Annotated[str | None, QueryParameter(max_length=128)] = None) -> Response[Any]:
     gw = gateway_of(request)
     if token is not None:
         gw.access.identify(token)  # 401 problem for a bad one: never keep a token that does not work

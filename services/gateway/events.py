@@ -31,7 +31,7 @@ from typing import Annotated, Any, Final
 
 import structlog
 from litestar import Request, get
-from litestar.params import Parameter
+from litestar.params import QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from nats.aio.client import Client as NATS
 
@@ -174,7 +174,7 @@ class EventHub:
 @get("/api/events", tags=["events"], summary="Live events (Server-Sent Events): node telemetry, task state "
      "changes, services up and down", media_type="text/event-stream", responses=problems(400, 401, 403, 429))
 async def events(request: Request[Any, Any, Any],
-                 topics: Annotated[str, Parameter(max_length=64)] = ",".join(TOPICS)) -> ServerSentEvent:
+                 topics: Annotated[str, QueryParameter(max_length=64)] = ",".join(TOPICS)) -> ServerSentEvent:
     gw = gateway_of(request)
     caller = gw.access.require(request, "read")
     wanted = {t.strip() for t in topics.split(",") if t.strip()}

@@ -10,6 +10,7 @@ import asyncio
 from typing import Any
 
 from litestar import Request, get
+from litestar.params import FromPath
 
 from fabric.errors import BadRequest, FabricError
 from fabric.protocol import subjects
@@ -44,7 +45,7 @@ async def nodes(request: Request[Any, Any, Any]) -> NodeListReply:
 
 @get("/api/nodes/{node:str}", tags=["fabric"], summary="One node's latest telemetry record",
      responses=problems(400, 401, 403, 404, 429, 503))
-async def node(request: Request[Any, Any, Any], node: str) -> NodeRecord:
+async def node(request: Request[Any, Any, Any], node: FromPath[str]) -> NodeRecord:
     gw = gateway_of(request)
     gw.access.require(request, "read")
     if not subjects.valid_node_name(node):

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from litestar import Request, Response, delete, get, post, put
 from litestar.openapi.spec import OpenAPIFormat, OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
-from litestar.params import Parameter
+from litestar.params import JSONBody, PathParameter, QueryParameter
 
 from fabric.errors import BadRequest, Unauthenticated
 from fabric.handles import MAX_HANDLE_LEN
@@ -30,8 +30,8 @@ from .views import AllocBody, Freed, Written
 
 __all__ = ["ROUTES"]
 
-Handle = Annotated[str, Parameter(min_length=1, max_length=MAX_HANDLE_LEN)]
-Offset = Annotated[int, Parameter(ge=0, le=(1 << 63) - 1)]
+Handle = Annotated[str, PathParameter(min_length=1, max_length=MAX_HANDLE_LEN)]
+Offset = Annotated[int, QueryParameter(ge=0, le=(1 << 63) - 1)]
 
 
 def _caller(request: Request[Any, Any, Any], scope: str) -> Caller:
@@ -44,7 +44,7 @@ def _caller(request: Request[Any, Any, Any], scope: str) -> Caller:
 
 @post("/api/mem", tags=["memory"], status_code=201, summary="Allocate a block (zeroed); its handle",
       responses=problems(400, 401, 403, 404, 413, 429, 503, 507))
-async def alloc(request: Request[Any, Any, Any], data: AllocBody) -> AllocReply:
+async def alloc(request: Request[Any, Any, Any], data: JSONBody[AllocBody]) -> AllocReply:
     gw = gateway_of(request)
     caller = _caller(request, "submit")
     if data.node and not subjects.valid_node_name(data.node):
@@ -79,7 +79,7 @@ async def write(request: Request[Any, Any, Any], handle: Handle, offset: Offset 
      summary="Read ?length= bytes at ?offset= (default: to the end of the block)",
      responses=problems(400, 401, 403, 404, 413, 429, 503))
 async def read(request: Request[Any, Any, Any], handle: Handle, offset: Offset = 0,
-               length: Annotated[int | None, Parameter(ge=0, le=1 << 30)] = None) -> Response[bytes]:
+               length: Annotated[int | None, QueryParameter(ge=0, le=1 << 30)] = None) -> Response[bytes]:
     gw = gateway_of(request)
     caller = _caller(request, "read")
     mem = gw.upstream.memory(caller)

@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Request, Response, delete, get, post
-from litestar.params import Parameter
+from litestar.params import JSONBody, PathParameter, QueryParameter
 
-from fabric.errors import Conflict, PermissionDenied
+from fabric.errors import BadRequest, Conflict, PermissionDenied
 from fabric.protocol import subjects
 from fabric.protocol.headers import EXIT_CODE_HEADER, TASK_STATE_HEADER
 from fabric.protocol.subjects import Task
@@ -34,11 +34,12 @@ from fabric.schema.tasks import (
 from .access import Caller
 from .context import Gateway, gateway_of
 from .problems import problems
+from .webhooks import refused
 
 __all__ = ["ROUTES"]
 
 #: task ids as the contract allows them (fabric.schema.tasks.TaskIdStr)
-TaskId = Annotated[str, Parameter(pattern=r"^[A-Za-z0-9_-]{1,80}$", max_length=80)]
+TaskId = Annotated[str, PathParameter(pattern=r"^[A-Za-z0-9_-]{1,80}$", max_length=80)]
 
 
 def _subject(verb: str) -> str:
@@ -55,19 +56,21 @@ def _reader(gw: Gateway, request: Request[Any, Any, Any]) -> Caller:
 @post("/api/submit", tags=["tasks"], status_code=201,
       summary="Submit a task (UDCS's body as it is, or fabric's own fields); 201 with its id",
       responses=problems(400, 401, 403, 404, 409, 413, 422, 429, 503))
-async def submit(request: Request[Any, Any, Any], data: SubmitRequest) -> SubmitReply:
+async def submit(request: Request[Any, Any, Any], data: JSONBody[SubmitRequest]) -> SubmitReply:
     gw = gateway_of(request)
     caller = gw.access.require(request, "submit")
     if data.notify:
         raise PermissionDenied("notify is for NATS clients; over HTTP name a callback_url, or follow /api/events")
+    if data.callback_url and (why := refused(data.callback_url)):
+        raise BadRequest(f"callback_url {data.callback_url!r} cannot be called: {why}")
     return await gw.upstream.call(caller, _subject(Task.SUBMIT), data, SubmitReply)
 
 
 @get("/api/tasks", tags=["tasks"], summary="The caller's tasks (an admin token's: everyone's), newest first",
      responses=problems(400, 401, 403, 429, 503))
 async def list_tasks(request: Request[Any, Any, Any],
-                     task_state: Annotated[str, Parameter(query="state", max_length=32, pattern=r"^[a-z]*$")] = "",
-                     limit: Annotated[int, Parameter(ge=1, le=10_000)] = 100) -> TaskListReply:
+                     task_state: Annotated[str, QueryParameter(name="state", max_length=32, pattern=r"^[a-z]*$")] = "",
+                     limit: Annotated[int, QueryParameter(ge=1, le=10_000)] = 100) -> TaskListReply:
     gw = gateway_of(request)
     caller = _reader(gw, request)
     return await gw.upstream.call(caller, _subject(Task.LIST), ListRequest(state=task_state, limit=limit),
@@ -96,7 +99,7 @@ async def cancel_task(request: Request[Any, Any, Any], task_id: TaskId) -> TaskR
              "up to S seconds for it to end",
      responses=problems(400, 401, 403, 404, 409, 429, 500, 503))
 async def task_result(request: Request[Any, Any, Any], task_id: TaskId,
-                      wait: Annotated[float, Parameter(ge=0, le=300)] = 0.0) -> Response[bytes]:
+                      wait: Annotated[float, QueryParameter(ge=0, le=300)] = 0.0) -> Response[bytes]:
     gw = gateway_of(request)
     caller = _reader(gw, request)
     if wait > 0:

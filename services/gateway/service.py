@@ -26,12 +26,13 @@ from nats.js import JetStreamContext
 
 from fabric import __version__
 from fabric.gateway_tokens import TokenTable, bucket_config
-from fabric.jetstream import JetStreamResource, KeyValueBucket
+from fabric.jetstream import JetStreamResource, KeyValueBucket, webhook_stream
 from fabric.protocol import subjects
 from fabric.protocol.streams import GATEWAY_BUCKET
 from fabric.schema.gateway import GatewayInfo
 from fabric.service import Endpoint, FabricService, Request, ServiceSettings
 
+from . import webhooks
 from .access import Access
 from .context import Gateway
 from .events import EventHub
@@ -73,6 +74,8 @@ class GatewayService(FabricService):
         self._server: Any = None
         self._http: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._deliver: asyncio.Task[None] | None = None
+        self.webhooks: webhooks.WebhookDeliverer | None = None
         self.gateway: Gateway | None = None
 
     def endpoints(self) -> Sequence[Endpoint]:
@@ -96,16 +99,33 @@ class GatewayService(FabricService):
         return {"url": self.url}
 
     def jetstream_resources(self) -> Sequence[JetStreamResource]:
-        return [KeyValueBucket(bucket_config())]
+        # the webhook stream is the scheduler's too: whichever starts first makes it, then the shared consumer
+        return [KeyValueBucket(bucket_config()), webhook_stream(), webhooks.consumer(self.config)]
 
     async def on_jetstream(self, js: JetStreamContext | None) -> None:
-        # (re)made at start and after every reconnect: follow the token bucket afresh
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._watch
+        # (re)made at start and after every reconnect: follow the token bucket and the webhooks afresh
+        for task in (self._watch, self._deliver):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._watch = self._deliver = None
         if js is not None:
             self._watch = asyncio.ensure_future(self._follow_tokens(js))
+            self._deliver = asyncio.ensure_future(self._deliver_webhooks(js))
+
+    async def _deliver_webhooks(self, js: JetStreamContext) -> None:
+        while True:
+            try:
+                self.webhooks = webhooks.WebhookDeliverer(js, Upstream(self.connection), self.config,
+                                                          lambda: self.url, __version__, self.log)
+                await self.webhooks.ensure_secret(await js.key_value(GATEWAY_BUCKET))
+                await self.webhooks.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # JetStream away, the consumer gone: again shortly
+                self.log.warning("webhook delivery stopped; again in 1 s", error=str(exc) or type(exc).__name__)
+                await asyncio.sleep(1.0)
 
     async def _follow_tokens(self, js: JetStreamContext) -> None:
         while True:
@@ -115,6 +135,9 @@ class GatewayService(FabricService):
                 async for entry in watcher:
                     if entry is None:  # the watch has read what the bucket held: tokens work from now on
                         self.tokens.loaded = True
+                        continue
+                    if entry.key == webhooks.SECRET_KEY and entry.value and self.webhooks is not None:
+                        self.webhooks.secret = bytes(entry.value)  # `fabric webhook-secret --rotate`
                         continue
                     self.tokens.apply(entry.key, entry.value if entry.operation is None else None)
             except asyncio.CancelledError:
@@ -161,10 +184,11 @@ class GatewayService(FabricService):
             await asyncio.wait({self._http}, timeout=SHUTDOWN_GRACE_S + 1.0)
 
     async def on_stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._watch
+        for task in (self._watch, self._deliver):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self.sock is not None:
             self.sock.close()
         if self.gateway is not None:

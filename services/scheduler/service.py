@@ -60,6 +60,8 @@ from fabric.schema.tasks import (
     SUCCEEDED,
     WAITING,
     Attempt,
+    CallbackOutcome,
+    CallbackReport,
     ExecSpec,
     ListRequest,
     MapBody,
@@ -92,6 +94,7 @@ from fabric.signing import file_message, map_message, python_message, require
 
 from . import lease as lease_mod
 from . import maps as maps_mod
+from . import webhooks
 from .admission import exec_spec_of, kind_of, payload_of, resources_of
 from .machine import BodyGroup, all_durable, move, now_ms, resolve
 from .machine import Task as LiveTask
@@ -166,8 +169,9 @@ class SchedulerService(FabricService):
         side = [self.cluster_endpoint(TASK, verb, handler) for verb, handler in (
             (Task.SUBMIT, self.submit), (Task.MAP, self.map), (Task.GET, self.get), (Task.WAIT, self.wait),
             (Task.CANCEL, self.cancel), (Task.LIST, self.list), (Task.RESULT, self.result),
-            (Task.RELEASE, self.release), (Task.PULL, self.pull))]
-        side[-1].users = False  # the nodes' pull: a result reported there is trusted, so no user reaches it
+            (Task.RELEASE, self.release), (Task.CALLBACK, self.callback), (Task.PULL, self.pull))]
+        # the nodes' pull (a result reported there is trusted) and the gateways' webhook reports: no user reaches them
+        side[-1].users = side[-2].users = False
         self._side = with_user_forms(side)
         self._subs: list[Any] = []
         self._reset()
@@ -213,6 +217,7 @@ class SchedulerService(FabricService):
             lease_mod.bucket(),
             maps_mod.state_bucket(),
             task_results_bucket(),
+            webhooks.stream(),
         ]
 
     async def on_jetstream(self, js: JetStreamContext | None) -> None:
@@ -322,6 +327,8 @@ class SchedulerService(FabricService):
                     # the last active one may have died between writing this end and publishing it:
                     # publish it again (a client ignores a notice for a future it no longer holds)
                     self._notices.setdefault((rec.notify, rec.notify_encoding), []).append(_done(rec))
+                if rec.callback_url and rec.callback is None and rec.finished_ms > recent and self.pub is not None:
+                    webhooks.publish(self.pub, rec, self.log)  # likewise; the stream keeps it once (its msg id)
                 continue
             body = bodies.get(rec.body)
             if body is None:
@@ -878,6 +885,8 @@ class SchedulerService(FabricService):
 
     def _ended(self, task: LiveTask) -> None:
         """A finished task is durable: tell whoever waits, and keep it among the finished."""
+        if task.rec.callback_url and task.rec.callback is None and self.pub is not None:
+            webhooks.publish(self.pub, task.rec, self.log)
         if task.rec.notify:
             self._notices.setdefault((task.rec.notify, task.rec.notify_encoding), []).append(_done(task.rec))
             self._schedule_flush()
@@ -1080,6 +1089,21 @@ class SchedulerService(FabricService):
         room = max(self.connection.max_payload - RESULT_HEADROOM, 1)
         n = room if msg.length == 0 else min(msg.length, room)
         return ResultChunk(data=data[msg.offset:msg.offset + n], size=len(data))
+
+    async def callback(self, req: Request) -> TaskRecord:
+        """``fabric.task.callback`` (gateways): keep how the task's webhook went on its record."""
+        msg: CallbackReport = req.decode(CallbackReport)
+        task = self.live.get(msg.id) or self.finished.get(msg.id)
+        if task is None:
+            raise NotFound(f"task {msg.id!r} is not held by the scheduler (ended too long ago, or unknown)")
+        if not task.done:
+            raise Conflict(f"task {msg.id} has not ended ({task.state}): its webhook cannot have been sent")
+        task.rec.callback = CallbackOutcome(outcome=msg.outcome, attempts=msg.attempts, status=msg.status,
+                                            error=msg.error, time_ms=now_ms())
+        task.version += 1
+        self._save(task)
+        await self._durable(task)
+        return task.rec
 
     async def release(self, req: Request) -> ReleaseReply:
         """``fabric.task.release``: delete the caller's task's stored result."""

@@ -142,12 +142,24 @@
     banner.classList.remove('hidden');
   }
 
-  // run fn now (or after the first period) and then every ms after it ends; returns "run it now"
+  // run fn now (or after the first period) and then ms after each run ends; returns "run it now", which
+  // during a run asks for one more right after it (never two runs at once, never two timers)
   function every(ms, fn, now = true) {
     let timer = null;
+    let running = false;
+    let again = false;
     const run = async () => {
       clearTimeout(timer);
-      try { await fn(); } finally { timer = setTimeout(run, ms); }
+      timer = null;
+      if (running) { again = true; return; }
+      running = true;
+      try {
+        await fn();
+      } finally {
+        running = false;
+        clearTimeout(timer);
+        if (again) { again = false; timer = setTimeout(run, 0); } else timer = setTimeout(run, ms);
+      }
     };
     if (now) run(); else timer = setTimeout(run, ms);
     return run;
