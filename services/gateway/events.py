@@ -42,7 +42,7 @@ from fabric.protocol.subjects import Task
 
 from .access import Caller
 from .context import gateway_of
-from .problems import problems
+from .problems import TOKEN_OR_LOOPBACK, problems
 from .upstream import Upstream
 
 __all__ = ["EventHub", "ROUTES", "TOPICS"]
@@ -172,7 +172,8 @@ class EventHub:
 
 
 @get("/api/events", tags=["events"], summary="Live events (Server-Sent Events): node telemetry, task state "
-     "changes, services up and down", media_type="text/event-stream", responses=problems(400, 401, 403, 429))
+     "changes, services up and down", media_type="text/event-stream", responses=problems(400, 401, 403, 429),
+     security=TOKEN_OR_LOOPBACK)
 async def events(request: Request[Any, Any, Any],
                  topics: Annotated[str, QueryParameter(max_length=64)] = ",".join(TOPICS)) -> ServerSentEvent:
     gw = gateway_of(request)

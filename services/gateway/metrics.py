@@ -29,7 +29,7 @@ from fabric.schema.memory import MemInfoReply
 from fabric.schema.tasks import STATES, TERMINAL, ListRequest, TaskListReply, TaskRecord
 
 from .context import Gateway, gateway_of
-from .problems import problems
+from .problems import TOKEN_OR_LOOPBACK, problems
 
 __all__ = ["ROUTES", "scrape", "TASK_BUCKETS_S"]
 
@@ -264,7 +264,7 @@ async def scrape(gw: Gateway) -> bytes:
 
 
 @get("/metrics", tags=["metrics"], media_type=CONTENT_TYPE, summary="The whole fabric in the Prometheus text format",
-     responses=problems(401, 403, 429))
+     responses=problems(401, 403, 429), security=TOKEN_OR_LOOPBACK)
 async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     gw = gateway_of(request)
     gw.access.require(request, "read")

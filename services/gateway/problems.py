@@ -20,7 +20,7 @@ from litestar.openapi.datastructures import ResponseSpec
 
 from fabric.errors import BadRequest, FabricError, InternalError, NotFound, TooLarge
 
-__all__ = ["PROBLEM_JSON", "Problem", "problem_response", "exception_handlers", "problems"]
+__all__ = ["PROBLEM_JSON", "Problem", "problem_response", "exception_handlers", "problems", "TOKEN_OR_LOOPBACK"]
 
 PROBLEM_JSON: Final = "application/problem+json"
 #: the problem type URIs: one per fabric error kind (docs/gateway.md lists them with docs/protocol.md's table)
@@ -100,6 +100,11 @@ def _on_other(request: Request[Any, Any, Any], exc: Exception) -> Response[Probl
 def exception_handlers() -> dict[type[Exception] | int, Any]:
     return {FabricError: _on_fabric, ValidationException: _on_validation, HTTPException: _on_http,
             Exception: _on_other}
+
+
+#: the OpenAPI security of routes an anonymous caller on loopback may use (``gateway.loopback_scopes``): a token,
+#: or none
+TOKEN_OR_LOOPBACK: Final[list[dict[str, list[str]]]] = [{"bearer": []}, {}]
 
 
 def problems(*codes: int) -> dict[int, ResponseSpec]:

@@ -20,7 +20,7 @@ from fabric.schema.gateway import GatewayInfo
 from fabric.schema.memory import MemInfoReply
 
 from .context import gateway_of
-from .problems import problems
+from .problems import TOKEN_OR_LOOPBACK, problems
 from .views import MemoryReply, ServicesReply, TopologyNode, TopologyReply, TopologyRoute, WhoAmI, services_view
 
 __all__ = ["ROUTES"]
@@ -29,14 +29,15 @@ _READ = problems(401, 403, 429, 503)
 
 
 @get("/api/devices", tags=["fabric"], summary="Every node as a UDCS device (UDCS's GET /api/devices shape)",
-     responses=_READ)
+     responses=_READ, security=TOKEN_OR_LOOPBACK)
 async def devices(request: Request[Any, Any, Any]) -> DevicesReply:
     gw = gateway_of(request)
     gw.access.require(request, "read")
     return await gw.upstream.trusted(subjects.cluster(subjects.NODES, Nodes.DEVICES), {}, DevicesReply)
 
 
-@get("/api/nodes", tags=["fabric"], summary="Every live node's latest telemetry record", responses=_READ)
+@get("/api/nodes", tags=["fabric"], summary="Every live node's latest telemetry record", responses=_READ,
+     security=TOKEN_OR_LOOPBACK)
 async def nodes(request: Request[Any, Any, Any]) -> NodeListReply:
     gw = gateway_of(request)
     gw.access.require(request, "read")
@@ -44,7 +45,7 @@ async def nodes(request: Request[Any, Any, Any]) -> NodeListReply:
 
 
 @get("/api/nodes/{node:str}", tags=["fabric"], summary="One node's latest telemetry record",
-     responses=problems(400, 401, 403, 404, 429, 503))
+     responses=problems(400, 401, 403, 404, 429, 503), security=TOKEN_OR_LOOPBACK)
 async def node(request: Request[Any, Any, Any], node: FromPath[str]) -> NodeRecord:
     gw = gateway_of(request)
     gw.access.require(request, "read")
@@ -54,7 +55,7 @@ async def node(request: Request[Any, Any, Any], node: FromPath[str]) -> NodeReco
 
 
 @get("/api/services", tags=["fabric"], summary="Every service instance ($SRV.INFO) with its request figures "
-     "($SRV.STATS)", responses=_READ)
+     "($SRV.STATS)", responses=_READ, security=TOKEN_OR_LOOPBACK)
 async def services(request: Request[Any, Any, Any]) -> ServicesReply:
     gw = gateway_of(request)
     gw.access.require(request, "read")
@@ -63,7 +64,7 @@ async def services(request: Request[Any, Any, Any]) -> ServicesReply:
 
 
 @get("/api/memory", tags=["memory"], summary="Each node's allocator: capacity, bytes in use, blocks, "
-     "fragmentation", responses=_READ)
+     "fragmentation", responses=_READ, security=TOKEN_OR_LOOPBACK)
 async def memory(request: Request[Any, Any, Any]) -> MemoryReply:
     gw = gateway_of(request)
     gw.access.require(request, "read")
@@ -83,7 +84,7 @@ async def memory(request: Request[Any, Any, Any]) -> MemoryReply:
 
 
 @get("/api/topology", tags=["fabric"], summary="Nodes, the services on each, and the NATS cluster's routes",
-     responses=_READ)
+     responses=_READ, security=TOKEN_OR_LOOPBACK)
 async def topology(request: Request[Any, Any, Any]) -> TopologyReply:
     gw = gateway_of(request)
     gw.access.require(request, "read")
@@ -115,7 +116,7 @@ async def topology(request: Request[Any, Any, Any]) -> TopologyReply:
 
 
 @get("/api/whoami", tags=["access"], summary="Who the gateway takes this request for, and its scopes",
-     responses=problems(401, 429))
+     responses=problems(401, 429), security=TOKEN_OR_LOOPBACK)
 async def whoami(request: Request[Any, Any, Any]) -> WhoAmI:
     gw = gateway_of(request)
     caller = gw.access.caller(request)

@@ -10,6 +10,8 @@ memory area (:mod:`.upstream`).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -17,14 +19,14 @@ from litestar import Request, Response, delete, get, post, put
 from litestar.openapi.spec import OpenAPIFormat, OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
 from litestar.params import JSONBody, PathParameter, QueryParameter
 
-from fabric.errors import BadRequest, Unauthenticated
-from fabric.handles import MAX_HANDLE_LEN
+from fabric.errors import BadRequest, FabricError, NoResponders, Unauthenticated, UnknownHandle, UnknownNode
+from fabric.handles import MAX_HANDLE_LEN, parse
 from fabric.protocol import subjects
 from fabric.protocol.subjects import Mem
 from fabric.schema.memory import AllocReply, AllocRequest, StatReply
 
 from .access import Caller
-from .context import gateway_of
+from .context import Gateway, gateway_of
 from .problems import problems
 from .views import AllocBody, Freed, Written
 
@@ -42,6 +44,25 @@ def _caller(request: Request[Any, Any, Any], scope: str) -> Caller:
     return caller
 
 
+@contextlib.asynccontextmanager
+async def _reaching(gw: Gateway, node: str, unknown: FabricError) -> AsyncIterator[None]:
+    """A request to *node*'s allocator: no responders there and no such live node is *unknown* (404), not 503."""
+    try:
+        yield
+    except NoResponders:
+        if node and not await gw.upstream.node_known(node):
+            raise unknown from None
+        raise
+
+
+def _handle(gw: Gateway, handle: str) -> contextlib.AbstractAsyncContextManager[None]:
+    try:
+        node = parse(handle).node
+    except FabricError:
+        node = ""  # the client's own parse refuses it with its error in a moment
+    return _reaching(gw, node, UnknownHandle(f"unknown handle {handle!r}: no live node {node!r} issued it"))
+
+
 @post("/api/mem", tags=["memory"], status_code=201, summary="Allocate a block (zeroed); its handle",
       responses=problems(400, 401, 403, 404, 413, 429, 503, 507))
 async def alloc(request: Request[Any, Any, Any], data: JSONBody[AllocBody]) -> AllocReply:
@@ -51,8 +72,9 @@ async def alloc(request: Request[Any, Any, Any], data: JSONBody[AllocBody]) -> A
         raise BadRequest(f"invalid node name {data.node!r}: 1 to 64 letters, digits, '_' and '-'")
     subject = (subjects.node_scoped(subjects.MEM, data.node, Mem.ALLOC) if data.node
                else subjects.cluster(subjects.MEM, Mem.ALLOC))
-    return await gw.upstream.call(caller, subject, AllocRequest(size=data.size, owner=caller.user or "",
-                                                                ttl_s=data.ttl_s), AllocReply)
+    async with _reaching(gw, data.node, UnknownNode(f"no live node {data.node!r} (GET /api/nodes lists them)")):
+        return await gw.upstream.call(caller, subject, AllocRequest(size=data.size, owner=caller.user or "",
+                                                                    ttl_s=data.ttl_s), AllocReply)
 
 
 @dataclass
@@ -72,7 +94,8 @@ async def write(request: Request[Any, Any, Any], handle: Handle, offset: Offset 
     caller = _caller(request, "submit")
     data = await request.body()  # any Content-Type: the body is the bytes (413 past gateway.max_body)
     mem = gw.upstream.memory(caller)
-    return Written(written=await mem.rwrite(handle, data, offset) if data else 0)
+    async with _handle(gw, handle):
+        return Written(written=await mem.rwrite(handle, data, offset) if data else 0)
 
 
 @get("/api/mem/{handle:str}", tags=["memory"], media_type="application/octet-stream",
@@ -83,7 +106,8 @@ async def read(request: Request[Any, Any, Any], handle: Handle, offset: Offset =
     gw = gateway_of(request)
     caller = _caller(request, "read")
     mem = gw.upstream.memory(caller)
-    return Response(content=await mem.rread(handle, length, offset), media_type="application/octet-stream")
+    async with _handle(gw, handle):
+        return Response(content=await mem.rread(handle, length, offset), media_type="application/octet-stream")
 
 
 @get("/api/mem/{handle:str}/stat", tags=["memory"], summary="The block's size, node, permission and lease",
@@ -91,7 +115,8 @@ async def read(request: Request[Any, Any, Any], handle: Handle, offset: Offset =
 async def stat(request: Request[Any, Any, Any], handle: Handle) -> StatReply:
     gw = gateway_of(request)
     caller = _caller(request, "read")
-    return await gw.upstream.memory(caller).rstat(handle)
+    async with _handle(gw, handle):
+        return await gw.upstream.memory(caller).rstat(handle)
 
 
 @delete("/api/mem/{handle:str}", tags=["memory"], status_code=200, summary="Free the block; its size",
@@ -99,7 +124,8 @@ async def stat(request: Request[Any, Any, Any], handle: Handle) -> StatReply:
 async def free(request: Request[Any, Any, Any], handle: Handle) -> Freed:
     gw = gateway_of(request)
     caller = _caller(request, "submit")
-    return Freed(freed=await gw.upstream.memory(caller).rfree(handle))
+    async with _handle(gw, handle):
+        return Freed(freed=await gw.upstream.memory(caller).rfree(handle))
 
 
 ROUTES = [alloc, write, read, stat, free]

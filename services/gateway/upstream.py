@@ -24,7 +24,9 @@ from fabric.errors import (
     ERROR_CODE_HEADER,
     ERROR_HEADER,
     ERROR_KIND_HEADER,
+    FabricError,
     NoResponders,
+    NotFound,
     RequestTimedOut,
     error_from_wire,
 )
@@ -80,6 +82,16 @@ class Upstream:
         if hdrs and ERROR_CODE_HEADER in hdrs:
             raise error_from_wire(hdrs[ERROR_CODE_HEADER], hdrs.get(ERROR_HEADER, ""), hdrs.get(ERROR_KIND_HEADER))
         return JSON.decode(reply.data, reply_type)
+
+    async def node_known(self, node: str) -> bool:
+        """Whether *node* is a live node of the registry (True when the registry cannot say: no 404 on a guess)."""
+        try:
+            await self.trusted(subjects.cluster(subjects.NODES, subjects.Nodes.GET), {"node": node}, dict, timeout=2.0)
+        except NotFound:
+            return False
+        except FabricError:
+            return True
+        return True
 
     def memory(self, caller: Caller) -> _Memory:
         mem = _Memory.over_connection(self.nc, user=None if caller.admin else caller.user,
