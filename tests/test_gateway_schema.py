@@ -81,7 +81,8 @@ def test_every_operation_answers_as_documented(target: Target) -> None:
         @given(case=op.as_strategy())
         @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def check(case: Any) -> None:
-            case.call_and_validate(base_url=target.url, headers=headers, excluded_checks=[not_a_server_error, positive_data_acceptance],
+            case.call_and_validate(base_url=target.url, headers=headers,
+                                   excluded_checks=[not_a_server_error, positive_data_acceptance],
                                    additional_checks=[no_server_error_but_documented_out_of_memory], timeout=30)
 
         check()
