@@ -10,13 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Litestar
+from litestar import Litestar, Request
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
+from litestar.enums import ParamType
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.params import BodyKwarg
 from litestar.static_files import create_static_files_router
+
+from fabric.errors import BadRequest
 
 from . import dashboard, events, metrics, routes_fabric, routes_mem, routes_tasks
 from .context import Gateway
@@ -31,6 +35,37 @@ def _swagger_dir() -> str:
     import swagger_ui_bundle  # type: ignore[import-untyped]
 
     return str(swagger_ui_bundle.swagger_ui_path)
+
+
+#: handler arguments that are never query parameters (Litestar's reserved names)
+_RESERVED = frozenset({"request", "data", "state", "scope", "headers", "cookies", "query", "socket", "body"})
+_QUERY_NAMES: dict[int, frozenset[str]] = {}
+
+
+def _query_names(handler: Any) -> frozenset[str]:
+    """The query parameters a route takes, from its signature (aliases included), computed once per route."""
+    known = _QUERY_NAMES.get(id(handler))
+    if known is None:
+        names: set[str] = set()
+        for name, field in handler.parsed_fn_signature.parameters.items():
+            kwarg = field.kwarg_definition
+            kind = getattr(kwarg, "param_type", None)
+            if name not in _RESERVED and kind in (None, ParamType.QUERY) and not isinstance(kwarg, BodyKwarg):
+                names.add(getattr(kwarg, "name", None) or name)
+        known = _QUERY_NAMES[id(handler)] = frozenset(names)
+    return known
+
+
+async def _unknown_query(request: Request[Any, Any, Any]) -> None:
+    """A query parameter the route does not take is 400: ``?lenght=5`` must not be silently ignored."""
+    if not request.query_params:
+        return
+    allowed = _query_names(request.route_handler)
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        takes = f"it takes {', '.join(sorted(allowed))}" if allowed else "it takes none"
+        raise BadRequest(f"unknown query parameter{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(repr(u[:64]) for u in unknown[:5])} for {request.url.path}: {takes}")
 
 
 def build_app(gateway: Gateway) -> Litestar:
@@ -55,6 +90,7 @@ def build_app(gateway: Gateway) -> Litestar:
     return Litestar(
         route_handlers=route_handlers,
         exception_handlers=exception_handlers(),
+        before_request=_unknown_query,
         openapi_config=openapi,
         cors_config=CORSConfig(allow_origins=list(cfg.cors_origins), allow_credentials=False)
         if cfg.cors_origins else None,
