@@ -258,6 +258,12 @@ def test_bad_input_is_a_problem_and_the_gateway_keeps_serving(gw: Gw) -> None:
     assert "'limt'" in typo["detail"] and "limit, state" in typo["detail"]
     problem(gw.get("/api/tasks", token, params={"limit": 0}), 400, "bad_request")
     problem(gw.get("/no/such/route"), 404, "not_found")
+    # CORS is closed by default: a page of another origin gets no permission to read the answer
+    cross = gw.http.get("/api/devices", headers={"Origin": "http://evil.example"})
+    assert cross.status_code == 200 and "access-control-allow-origin" not in cross.headers
+    pre = gw.http.options("/api/submit", headers={"Origin": "http://evil.example",
+                                                  "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in pre.headers
     assert gw.get("/api/whoami", token).status_code == 200  # still serving
 
 
