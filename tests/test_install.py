@@ -195,7 +195,15 @@ def test_fabric_up_from_the_source_tree_and_elsewhere_after_a_non_editable_insta
         modules_run = {name: psutil.Process(rec["pid"]).cmdline() for name, rec in state["services"].items()}
         assert {name: argv[argv.index("-m") + 1] for name, argv in modules_run.items()} == {
             "allocator": "fabric.services.allocator", "spawner": "fabric.services.spawner",
-            "gpu-monitor": "fabric.services.gpu_monitor", "scheduler": "fabric.services.scheduler"}
+            "gpu-monitor": "fabric.services.gpu_monitor", "scheduler": "fabric.services.scheduler",
+            "gateway": "fabric.services.gateway"}
+        # the installed gateway serves its dashboard and the page's assets (package data in the wheel)
+        import urllib.request
+
+        with urllib.request.urlopen(state["gateway_url"] + "/", timeout=10) as page:
+            assert page.status == 200 and b"/static/ui/app.js" in page.read()
+        with urllib.request.urlopen(state["gateway_url"] + "/static/ui/app.js", timeout=10) as js:
+            assert js.status == 200 and len(js.read()) > 1000
         client = _run([str(py), "-c", _CLIENT, state["nats_url"]], cwd=elsewhere,
                       env={**env, "FABRIC_CREDENTIALS": state["credentials"]})
         assert client.returncode == 0, client.stdout + client.stderr
