@@ -469,3 +469,44 @@ def test_webhooks_are_signed_retried_and_recorded(gw: Gw) -> None:
     for url in ("ftp://example.com/x", "http://169.254.169.254/latest/meta-data", "not a url"):
         problem(gw.post("/api/submit", token, json={"kind": "exec", "exec": {"argv": ["true"]},
                                                      "callback_url": url}), 400, "bad_request")
+
+
+def test_a_second_gateway_shares_tokens_and_answers_alike(gw: Gw) -> None:
+    """Gateways keep no state of their own: another one on the same fabric knows every token at once."""
+    import subprocess
+    import sys
+
+    state = read_state(gw.state_dir)
+    creds = gw.state_dir / "auth" / "services" / "gateway.creds"
+    env = cli_env(FABRIC_GATEWAY_HTTP_PORT="0")
+    env.pop("FABRIC_GATEWAY_NATS_MONITOR_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "fabric.services.gateway", "--nats-url", state["nats_url"],
+                             "--node", "gw1", "--state-dir", str(gw.state_dir), "--credentials", str(creds)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        urls: list[str] = []
+
+        def second_up() -> bool:
+            res = fabric("status", gw.state_dir, "--json")
+            found = [s["metadata"].get("url", "") for s in json.loads(res.stdout)["services"]
+                     if s["name"] == "gateway" and s["metadata"].get("pid") == str(proc.pid)]
+            urls[:] = [u for u in found if u]
+            return bool(urls)
+
+        wait_for(second_up, 30, what="the second gateway in $SRV")
+        other = httpx.Client(base_url=urls[0], timeout=30)
+        try:
+            token = gw.token("twice")  # made once, known to both
+            wait_for(lambda: other.get("/api/whoami", headers=_auth(token)).status_code == 200,
+                     what="the token on the second gateway")
+            r = other.post("/api/submit", headers=_auth(token), json={"kind": "exec", "exec": {"argv": ["echo", "2"]}})
+            assert r.status_code == 201, r.text
+            task_id = r.json()["id"]
+            # submitted through one gateway, read through the other
+            assert gw.get(f"/api/tasks/{task_id}/result", token, params={"wait": 30}).content == b"2\n"
+            assert [d["id"] for d in other.get("/api/devices").json()["devices"]] == ["gw1"]
+        finally:
+            other.close()
+    finally:
+        proc.terminate()
+        proc.wait(20)

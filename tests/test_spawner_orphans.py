@@ -98,10 +98,12 @@ async def test_an_orphan_whose_process_still_runs_is_left_alone_until_it_ends(fc
         await asyncio.sleep(0.02)
     assert psutil.Process(orphan).ppid() == os.getpid(), "the orphan was not reparented to the subreaper"
     # its pid is printed before `env` and then `sleep` are exec'd: while an exec is in
-    # flight its environ reads empty, so read it once it runs `sleep`
-    while psutil.Process(orphan).name() != "sleep" and time.monotonic() < deadline + 5:
+    # flight its environ reads empty -- even a moment after its name is `sleep` (the kernel
+    # names the new program before it lays out its environment) -- so read until it is there
+    env = b""
+    while (psutil.Process(orphan).name() != "sleep" or not env) and time.monotonic() < deadline + 5:
         await asyncio.sleep(0.02)
-    env = Path(f"/proc/{orphan}/environ").read_bytes()
+        env = Path(f"/proc/{orphan}/environ").read_bytes()
     assert f"FABRIC_PROC_ID={proc.id}".encode() in env.split(b"\0")
     await asyncio.sleep(3.0)  # several sweeps
     assert pid_alive(orphan), "an orphan of a process that still runs was killed"

@@ -43,6 +43,13 @@ MAP_HEADER: Final = "Fabric-Map"
 #: on an HTTP response of the gateway's ``GET /api/tasks/{id}/result``: the task's state (docs/gateway.md)
 TASK_STATE_HEADER: Final = "Fabric-Task-State"
 
+#: on a webhook's POST (docs/gateway.md "Webhooks"): what happened, which try, when, and the HMAC-SHA256 signature
+WEBHOOK_EVENT_HEADER: Final = "X-Fabric-Event"
+WEBHOOK_DELIVERY_HEADER: Final = "X-Fabric-Delivery"
+WEBHOOK_TIMESTAMP_HEADER: Final = "X-Fabric-Timestamp"
+WEBHOOK_SIGNATURE_HEADER: Final = "X-Fabric-Signature"
+
 #: every header name of the contract (tests/test_layering.py: no module outside fabric.protocol spells one)
 ALL_HEADERS: Final = (ERROR_HEADER, ERROR_CODE_HEADER, ERROR_KIND_HEADER, CONTENT_TYPE_HEADER, REQUEST_ID_HEADER,
-                      EXIT_CODE_HEADER, STREAM_HEADER, PROC_HEADER, SEQ_HEADER, MAP_HEADER, TASK_STATE_HEADER)
+                      EXIT_CODE_HEADER, STREAM_HEADER, PROC_HEADER, SEQ_HEADER, MAP_HEADER, TASK_STATE_HEADER,
+                      WEBHOOK_EVENT_HEADER, WEBHOOK_DELIVERY_HEADER, WEBHOOK_TIMESTAMP_HEADER, WEBHOOK_SIGNATURE_HEADER)

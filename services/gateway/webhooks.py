@@ -46,6 +46,13 @@ from fabric.config.model import GatewayConfig
 from fabric.errors import FabricError
 from fabric.jetstream import Consumer
 from fabric.protocol import subjects
+from fabric.protocol.headers import (
+    CONTENT_TYPE_HEADER,
+    WEBHOOK_DELIVERY_HEADER,
+    WEBHOOK_EVENT_HEADER,
+    WEBHOOK_SIGNATURE_HEADER,
+    WEBHOOK_TIMESTAMP_HEADER,
+)
 from fabric.protocol.streams import WEBHOOK_CONSUMER, WEBHOOK_STREAM, WEBHOOK_SUBJECT_PREFIX
 from fabric.protocol.subjects import Task
 from fabric.schema import JSON
@@ -191,9 +198,9 @@ class WebhookDeliverer:
     async def _post(self, notice: WebhookNotice, attempt: int) -> tuple[int, str]:
         body = payload(notice, self.gateway_url())
         ts = str(int(time.time()))
-        headers = {"Content-Type": "application/json", "X-Fabric-Event": "task.ended",
-                   "X-Fabric-Delivery": f"{notice.id}/{attempt}", "X-Fabric-Timestamp": ts,
-                   "X-Fabric-Signature": sign(self.secret, ts, body)}
+        headers = {CONTENT_TYPE_HEADER: "application/json", WEBHOOK_EVENT_HEADER: "task.ended",
+                   WEBHOOK_DELIVERY_HEADER: f"{notice.id}/{attempt}", WEBHOOK_TIMESTAMP_HEADER: ts,
+                   WEBHOOK_SIGNATURE_HEADER: sign(self.secret, ts, body)}
         try:
             r = await self._http.post(notice.callback_url, content=body, headers=headers,
                                       timeout=self.config.webhook_timeout_s)
