@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -274,5 +275,32 @@ def test_dashboard_anonymous_shows_nodes_and_asks_for_a_token(browser: Browser |
         banner.wait_for(state="visible", timeout=5_000)
         assert "unknown or removed token" in banner.inner_text()
         assert page.url == f"{two_nodes.gateway}/"
+    finally:
+        context.close()
+
+
+def test_the_api_docs_page_works_offline(browser: Browser | None, two_nodes: TwoNodes) -> None:
+    """/schema/swagger renders from the gateway's own files: every request elsewhere is refused, and it still does."""
+    context = need(browser).new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    elsewhere: list[str] = []
+
+    def only_the_gateway(route: Any) -> None:
+        if route.request.url.startswith(two_nodes.gateway):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_the_gateway)
+    try:
+        page.goto(f"{two_nodes.gateway}/schema/swagger")
+        title = page.locator(".swagger-ui .info .title")
+        title.wait_for(state="visible", timeout=15_000)
+        assert "fabric gateway" in title.inner_text()
+        page.wait_for_selector(".opblock-summary-path[data-path='/api/submit']", timeout=10_000)
+        assert elsewhere == [], elsewhere
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "api-docs.png"))
     finally:
         context.close()

@@ -2,12 +2,13 @@
 
 The OpenAPI 3.1 document (``/schema/openapi.json``) is generated from the same msgspec
 Structs the NATS services decode (fabric.schema), so HTTP and NATS cannot drift apart;
-its interactive page (``/schema/swagger``) loads Swagger UI from the gateway itself
-(the ``swagger-ui-bundle`` wheel's files), never from a CDN.
+its interactive page (``/schema/swagger``) loads Swagger UI 5 from the gateway itself
+(the ``swagger-ui-py`` wheel's files, Apache-2.0), never from a CDN.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from litestar import Litestar, Request
@@ -32,9 +33,10 @@ SWAGGER_PREFIX = "/static/swagger"
 
 
 def _swagger_dir() -> str:
-    import swagger_ui_bundle  # type: ignore[import-untyped]
+    # Swagger UI 5 (OpenAPI 3.1; swagger-ui-bundle's 4.x cannot read 3.1), as the swagger-ui-py wheel ships it
+    import swagger_ui  # type: ignore[import-untyped]
 
-    return str(swagger_ui_bundle.swagger_ui_path)
+    return str(Path(swagger_ui.__file__).parent / "static")
 
 
 #: handler arguments that are never query parameters (Litestar's reserved names)

@@ -53,7 +53,21 @@ class Upstream:
     async def request(self, caller: Caller, subject: str, data: bytes = b"{}", timeout: float | None = None,
                       headers: dict[str, str] | None = None) -> Any:
         """One request as *caller*; the reply message, or the typed error it carries."""
-        subject = subject_for(None if caller.admin else caller.user, subject)
+        return await self._send(subject_for(None if caller.admin else caller.user, subject), data, timeout, headers)
+
+    async def call(self, caller: Caller, subject: str, msg: Any, reply_type: type[T],
+                   timeout: float | None = None) -> T:
+        reply = await self.request(caller, subject, JSON.encode(msg), timeout)
+        return JSON.decode(reply.data, reply_type)
+
+    async def trusted(self, subject: str, msg: Any, reply_type: type[T], timeout: float | None = None) -> T:
+        """A request on the plain form, for the fabric-wide state every read scope shows (nodes, devices...)."""
+        reply = await self._send(subject, JSON.encode(msg), timeout)
+        return JSON.decode(reply.data, reply_type)
+
+    async def _send(self, subject: str, data: bytes, timeout: float | None,
+                    headers: dict[str, str] | None = None) -> Any:
+        """Send on *subject* as it is: the reply, or the FabricError its headers (or its absence) mean."""
         try:
             msg = await self.nc.request(subject, data, timeout=timeout or self.timeout, headers=headers)
         except NoRespondersError:
@@ -64,24 +78,6 @@ class Upstream:
         if hdrs and ERROR_CODE_HEADER in hdrs:
             raise error_from_wire(hdrs[ERROR_CODE_HEADER], hdrs.get(ERROR_HEADER, ""), hdrs.get(ERROR_KIND_HEADER))
         return msg
-
-    async def call(self, caller: Caller, subject: str, msg: Any, reply_type: type[T],
-                   timeout: float | None = None) -> T:
-        reply = await self.request(caller, subject, JSON.encode(msg), timeout)
-        return JSON.decode(reply.data, reply_type)
-
-    async def trusted(self, subject: str, msg: Any, reply_type: type[T], timeout: float | None = None) -> T:
-        """A request on the plain form, for the fabric-wide state every read scope shows (nodes, devices...)."""
-        try:
-            reply = await self.nc.request(subject, JSON.encode(msg), timeout=timeout or self.timeout)
-        except NoRespondersError:
-            raise NoResponders(f"no service answers on {subject}") from None
-        except NatsTimeout:
-            raise RequestTimedOut(f"request on {subject} timed out after {timeout or self.timeout:g}s") from None
-        hdrs = reply.headers
-        if hdrs and ERROR_CODE_HEADER in hdrs:
-            raise error_from_wire(hdrs[ERROR_CODE_HEADER], hdrs.get(ERROR_HEADER, ""), hdrs.get(ERROR_KIND_HEADER))
-        return JSON.decode(reply.data, reply_type)
 
     async def node_known(self, node: str) -> bool:
         """Whether *node* is a live node of the registry (True when the registry cannot say: no 404 on a guess)."""
