@@ -280,12 +280,16 @@ def test_rate_limit_per_token(gw: Gw) -> None:
 
 
 def test_metrics_parse_and_cover_the_fabric(gw: Gw) -> None:
+    token = gw.token("metered")
+    done = gw.post("/api/submit", token, json={"kind": "exec", "exec": {"argv": ["true"]}})
+    assert gw.get(f"/api/tasks/{done.json()['id']}/result", token, params={"wait": 30}).status_code == 200
     r = gw.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
     families = {f.name: f for f in text_string_to_metric_families(r.text)}
     for name in ("fabric_service_requests", "fabric_service_errors", "fabric_service_processing_seconds",
                  "fabric_node_up", "fabric_node_cpu_ratio", "fabric_node_memory_used_bytes", "fabric_tasks",
-                 "fabric_task_queue_depth", "fabric_task_latency_seconds", "fabric_mem_capacity_bytes",
+                 "fabric_task_queue_depth", "fabric_task_latency_seconds", "fabric_tasks_ended",
+                 "fabric_mem_capacity_bytes",
                  "fabric_mem_in_use_bytes", "fabric_nats_connections", "fabric_nats_received_messages",
                  "fabric_gateway_event_streams"):
         assert name in families, name
@@ -295,7 +299,13 @@ def test_metrics_parse_and_cover_the_fabric(gw: Gw) -> None:
     assert any(k[0] == "fabric_service_requests_total" and ("service", "scheduler") in k[1] for k in samples)
     assert samples[("fabric_nats_connections", (("node", "gw1"), ("server", "fabric-gw1")))] >= 5
     ended = samples[("fabric_task_latency_seconds_count", ())]
-    assert ended >= 1 and samples[("fabric_tasks", (("state", "succeeded"),))] >= 1
+    succeeded = samples[("fabric_tasks_ended_total", (("state", "succeeded"),))]
+    assert ended >= succeeded >= 1 and samples[("fabric_tasks", (("state", "queued"),))] >= 0
+    assert samples[("fabric_task_latency_seconds_bucket", (("le", "+Inf"),))] == ended
+    # the same figures over NATS, for an admin (services and admins only: no user form)
+    res = fabric("req", gw.state_dir, "fabric.task.stats", "{}")
+    stats = json.loads(res.stdout)
+    assert stats["ended"]["succeeded"] >= succeeded and stats["latency_counts"] == sorted(stats["latency_counts"])
     assert not any(k[0] == "fabric_scrape_error" for k in samples)
 
 

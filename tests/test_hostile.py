@@ -115,8 +115,8 @@ async def fabric_endpoints(js_server: NatsServer, tmp_path_factory: pytest.TempP
             Arena(alloc.prefix, alloc.capacity).destroy()
 
 
-#: endpoints with no user form (trusted callers only: the nodes' pull, the gateways' webhook reports)
-PLAIN_ONLY = frozenset({"fabric.task.pull", "fabric.task.callback"})
+#: endpoints with no user form (trusted callers only: the nodes' pull, the gateways' webhook reports, the figures)
+PLAIN_ONLY = frozenset({"fabric.task.pull", "fabric.task.callback", "fabric.task.stats"})
 
 
 async def test_every_endpoint_answers_hostile_input_without_crashing(fabric_endpoints: tuple[str, list[str]]

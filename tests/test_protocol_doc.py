@@ -140,6 +140,6 @@ async def test_the_services_serve_exactly_the_verbs_the_contract_names_and_the_d
         Arena(allocator.prefix, allocator.capacity).destroy()
     assert served == {area: set(verbs) for area, verbs in subjects.REQUEST_VERBS.items()}
     # every endpoint has its user form, but the nodes' pull and the gateways' webhook reports (trusted callers)
-    assert user_forms == plain - {"fabric.task.pull", "fabric.task.callback"}
+    assert user_forms == plain - {"fabric.task.pull", "fabric.task.callback", "fabric.task.stats"}
     doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
     assert len(doc_subjects) >= 30 and sorted(s for s in doc_subjects if s not in doc) == []

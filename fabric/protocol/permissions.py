@@ -277,13 +277,14 @@ def permissions(role: str, *, user: str = "", node: str = "") -> Permissions | N
                      *_kv_own(STATE_BUCKET), *_objects_own(RESULTS_BUCKET), *_js_read(kv_stream(REGISTRY_BUCKET))),
             subscribe=(*own, *_forms(*(f"{PREFIX}.{TASK}.{v}" for v in verbs)),
                        # plain only: the nodes' pull, the gateways' webhook reports -- never a user's
-                       f"{PREFIX}.{TASK}.{Task.PULL}", f"{PREFIX}.{TASK}.{Task.CALLBACK}"),
+                       f"{PREFIX}.{TASK}.{Task.PULL}", f"{PREFIX}.{TASK}.{Task.CALLBACK}",
+                       f"{PREFIX}.{TASK}.{Task.STATS}"),
         )
     if role == GATEWAY:
         # acts for the user a token names (its user form), or as the fabric's admin for an admin token (the plain
         # request subjects of the areas it serves over HTTP); every service's $SRV figures; the token bucket
         plain = (*(f"{PREFIX}.{TASK}.{v}" for v in (Task.SUBMIT, Task.GET, Task.WAIT, Task.CANCEL, Task.LIST,
-                                                      Task.RESULT, Task.RELEASE, Task.CALLBACK)),
+                                                      Task.RESULT, Task.RELEASE, Task.CALLBACK, Task.STATS)),
                  f"{PREFIX}.{MEM}.alloc", f"{PREFIX}.{MEM}.*.*", f"{PREFIX}.{NODES}.>",
                  f"{PREFIX}.{GATEWAY_AREA}.*.info")  # the other gateways: the cluster's topology
         return Permissions(

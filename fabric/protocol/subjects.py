@@ -107,6 +107,8 @@ class Task:
     PULL: Final = "pull"
     #: a gateway reports how a task's webhook went (kept on the record); like pull, trusted callers only
     CALLBACK: Final = "callback"
+    #: the active scheduler's figures (tasks by state, by priority, ended, latency); trusted callers only
+    STATS: Final = "stats"
     #: ``fabric.task.events``: where state changes are published (not a request)
     EVENTS: Final = "events"
     #: ``fabric.task.body.<id>``: the subjects of stream FABRIC_TASK_BODIES (not a request)

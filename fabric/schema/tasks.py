@@ -370,6 +370,26 @@ class WebhookNotice(Message):
     attempts: int = 0
 
 
+class TaskStatsReply(Message):
+    """``fabric.task.stats``: the active scheduler's figures (services and admins only).
+
+    ``live``: unfinished tasks by state (exact, now); ``waiting_by_priority``: those not yet running, by
+    priority; ``ended``: tasks that ended since this scheduler became active (``since_ms``), by state;
+    ``latency_*``: their submit-to-end times as a cumulative histogram (``latency_counts[i]`` ended within
+    ``latency_bounds_s[i]`` seconds), with their count and sum.
+    """
+
+    live: dict[str, int]
+    waiting_by_priority: dict[str, int]
+    ended: dict[str, int]
+    latency_bounds_s: list[float]
+    latency_counts: list[int]
+    latency_count: int
+    latency_sum_s: float
+    since_ms: int
+    instance: str = ""
+
+
 class CallbackReport(Message):
     """``fabric.task.callback`` (gateways only): how the task's webhook went, to be kept on its record."""
 

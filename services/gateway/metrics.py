@@ -2,7 +2,8 @@
 
 Each scrape asks the fabric afresh (nothing is cached between scrapes, so two gateways
 give the same answer): ``$SRV.STATS`` of every service instance, every node's latest
-telemetry record, the scheduler's task records, each node's allocator.  Names follow
+telemetry record, the active scheduler's figures (``fabric.task.stats``), each node's
+allocator and each node's gateway (its nats-server's figures).  Names follow
 Prometheus conventions (``fabric_`` prefix, base units, ``_total`` counters, ``_ratio``
 for 0..1); the families are listed in docs/gateway.md.  A part of the fabric that does
 not answer leaves its families out of that scrape (``fabric_scrape_error`` says which)
@@ -26,19 +27,15 @@ from fabric.protocol.subjects import Mem, Nodes, Task
 from fabric.schema import NodeListReply, NodeRecord
 from fabric.schema.gateway import GatewayInfo
 from fabric.schema.memory import MemInfoReply
-from fabric.schema.tasks import STATES, TERMINAL, ListRequest, TaskListReply, TaskRecord
+from fabric.schema.tasks import TaskStatsReply
 
 from .context import Gateway, gateway_of
 from .problems import TOKEN_OR_LOOPBACK, problems
 
-__all__ = ["ROUTES", "scrape", "TASK_BUCKETS_S"]
+__all__ = ["ROUTES", "scrape"]
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
-#: the task latency histogram's buckets (s): submit to end
-TASK_BUCKETS_S: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
-#: how many task records one scrape reads at most (the scheduler's list limit)
-TASKS_READ: Final = 10_000
-_QUEUED: Final = ("submitted", "queued", "waiting")
+
 
 
 class _Collected:
@@ -131,36 +128,23 @@ def _node_families(records: list[NodeRecord]) -> list[Metric]:
     return [*g.values(), *gpu.values()]
 
 
-def _task_families(tasks: list[TaskRecord]) -> list[Metric]:
-    by_state = GaugeMetricFamily("fabric_tasks", "Tasks the scheduler holds, by state (ended ones until their "
-                                 "records expire)", labels=["state"])
-    counts = dict.fromkeys(STATES, 0)
-    queue: dict[int, int] = {}
-    buckets = [0] * len(TASK_BUCKETS_S)
-    total = 0.0
-    ended = 0
-    for t in tasks:
-        counts[t.state] = counts.get(t.state, 0) + 1
-        if t.state in _QUEUED:
-            queue[t.priority] = queue.get(t.priority, 0) + 1
-        if t.state in TERMINAL and t.finished_ms and t.created_ms:
-            seconds = max(0.0, (t.finished_ms - t.created_ms) / 1000.0)
-            total += seconds
-            ended += 1
-            for i, bound in enumerate(TASK_BUCKETS_S):
-                if seconds <= bound:
-                    buckets[i] += 1
-    for state, n in counts.items():
-        by_state.add_metric([state], n)
+def _task_families(stats: TaskStatsReply) -> list[Metric]:
+    live = GaugeMetricFamily("fabric_tasks", "Unfinished tasks the active scheduler holds, by state", labels=["state"])
+    for state, n in sorted(stats.live.items()):
+        live.add_metric([state], n)
     depth = GaugeMetricFamily("fabric_task_queue_depth", "Tasks waiting to run (submitted, queued, waiting), "
                               "by priority", labels=["priority"])
-    for prio in sorted(queue):
-        depth.add_metric([str(prio)], queue[prio])
-    latency = HistogramMetricFamily("fabric_task_latency_seconds", "Submit to end of the ended tasks on record")
-    # cumulative buckets, as the text format wants them
-    cum = [(f"{b:g}", float(n)) for b, n in zip(TASK_BUCKETS_S, buckets, strict=True)]
-    latency.add_metric([], buckets=[*cum, ("+Inf", float(ended))], sum_value=total)
-    return [by_state, depth, latency]
+    for prio, n in sorted(stats.waiting_by_priority.items(), key=lambda kv: int(kv[0])):
+        depth.add_metric([prio], n)
+    ended = CounterMetricFamily("fabric_tasks_ended", "Tasks that ended since the active scheduler took over, by "
+                                "state", labels=["state"])
+    for state, n in sorted(stats.ended.items()):
+        ended.add_metric([state], n)
+    latency = HistogramMetricFamily("fabric_task_latency_seconds", "Submit to end of the tasks that ended since the "
+                                    "active scheduler took over")
+    buckets = [(f"{b:g}", float(n)) for b, n in zip(stats.latency_bounds_s, stats.latency_counts, strict=True)]
+    latency.add_metric([], buckets=[*buckets, ("+Inf", float(stats.latency_count))], sum_value=stats.latency_sum_s)
+    return [live, depth, ended, latency]
 
 
 #: fabric_nats_* families: (varz figure, metric name, help, counter?)
@@ -229,8 +213,7 @@ async def scrape(gw: Gateway) -> bytes:
 
     services_coro = up.services(window=0.25)
     nodes_coro = up.trusted(subjects.cluster(subjects.NODES, Nodes.LIST), {}, NodeListReply, timeout=2.0)
-    tasks_coro = up.trusted(subjects.cluster(subjects.TASK, Task.LIST), ListRequest(limit=TASKS_READ),
-                            TaskListReply, timeout=5.0)
+    tasks_coro = up.trusted(subjects.cluster(subjects.TASK, Task.STATS), {}, TaskStatsReply, timeout=5.0)
     svc, nodes, tasks = await asyncio.gather(part("services", services_coro), part("nodes", nodes_coro),
                                              part("tasks", tasks_coro))
     families: list[Metric] = []
@@ -247,7 +230,7 @@ async def scrape(gw: Gateway) -> bytes:
             for r in nodes.nodes))
         families += _nats_families([g for g in gateways if g is not None and g.nats_server])
     if tasks is not None:
-        families += _task_families(tasks.tasks)
+        families += _task_families(tasks)
     sse = GaugeMetricFamily("fabric_gateway_event_streams", "Event-stream clients of this gateway", labels=["node"])
     sse.add_metric([gw.node], gw.events.clients)
     dropped = CounterMetricFamily("fabric_gateway_event_streams_dropped",

@@ -85,6 +85,7 @@ from fabric.schema.tasks import (
     TaskRequest,
     TaskResult,
     TaskRun,
+    TaskStatsReply,
     WaitRequest,
 )
 from fabric.service import Endpoint, FabricService, Reply, Request, ServiceSettings
@@ -101,6 +102,7 @@ from .machine import Task as LiveTask
 from .nodes import Node, Nodes, unmet
 from .queue import DEFAULT_RESOURCES, TaskQueue, needed_core
 from .results import StoredResults
+from .stats import TaskStats
 from .store import BODY_STREAM, TASK_BUCKET, Publisher, RecordWriter, body_subject
 
 __all__ = ["SchedulerService", "LOST_S"]
@@ -169,9 +171,11 @@ class SchedulerService(FabricService):
         side = [self.cluster_endpoint(TASK, verb, handler) for verb, handler in (
             (Task.SUBMIT, self.submit), (Task.MAP, self.map), (Task.GET, self.get), (Task.WAIT, self.wait),
             (Task.CANCEL, self.cancel), (Task.LIST, self.list), (Task.RESULT, self.result),
-            (Task.RELEASE, self.release), (Task.CALLBACK, self.callback), (Task.PULL, self.pull))]
-        # the nodes' pull (a result reported there is trusted) and the gateways' webhook reports: no user reaches them
-        side[-1].users = side[-2].users = False
+            (Task.RELEASE, self.release), (Task.STATS, self.task_stats), (Task.CALLBACK, self.callback),
+            (Task.PULL, self.pull))]
+        # the nodes' pull (a result reported there is trusted), the gateways' webhook reports and the figures
+        # (they count every user's tasks): no user reaches them
+        side[-1].users = side[-2].users = side[-3].users = False
         self._side = with_user_forms(side)
         self._subs: list[Any] = []
         self._reset()
@@ -194,6 +198,7 @@ class SchedulerService(FabricService):
         self._late: list[LiveTask] = []
         self._late_scheduled = False
         self.maps = maps_mod.MapBook()
+        self.stats = TaskStats()  # a new term counts afresh (a counter reset, for Prometheus)
 
     # -- the kit's hooks ---------------------------------------------------------------
 
@@ -885,6 +890,7 @@ class SchedulerService(FabricService):
 
     def _ended(self, task: LiveTask) -> None:
         """A finished task is durable: tell whoever waits, and keep it among the finished."""
+        self.stats.record(task.rec)
         if task.rec.callback_url and task.rec.callback is None and self.pub is not None:
             webhooks.publish(self.pub, task.rec, self.log)
         if task.rec.notify:
@@ -1089,6 +1095,10 @@ class SchedulerService(FabricService):
         room = max(self.connection.max_payload - RESULT_HEADROOM, 1)
         n = room if msg.length == 0 else min(msg.length, room)
         return ResultChunk(data=data[msg.offset:msg.offset + n], size=len(data))
+
+    def task_stats(self, req: Request) -> TaskStatsReply:
+        """``fabric.task.stats``: what this scheduler holds and what ended since it became active."""
+        return self.stats.reply(self.live.values(), self.lease.instance)
 
     async def callback(self, req: Request) -> TaskRecord:
         """``fabric.task.callback`` (gateways): keep how the task's webhook went on its record."""
