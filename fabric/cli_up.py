@@ -242,6 +242,8 @@ def up(
         if not cfg.up.auth and not joined:
             fail(f"this node is part of the NATS cluster {spec.name}: it cannot run without auth")
 
+    if use_tls and gateway_url:  # the gateway serves HTTPS under the fabric's CA (the supervisor hands it the files)
+        gateway_url = "https://" + gateway_url.removeprefix("http://")
     config = SupervisorConfig(
         state=state, node=node, services=modules, external_nats_url=nats_url, host=host, port=port,
         nats_binary=binary, ready_timeout=timeout, grace=grace,

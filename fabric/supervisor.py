@@ -354,6 +354,8 @@ class Supervisor:
                 if pki.ca_key.is_file() or not pki.cert.is_file():  # a joined node's certificate is the CA's gift
                     pki.ensure(cfg.node, [cfg.host, outward_address()])
                 self.state.tls = True
+                # the HTTP gateway serves HTTPS with the same certificate: TLS on means every port of the node
+                env["FABRIC_GATEWAY_TLS_CERT"], env["FABRIC_GATEWAY_TLS_KEY"] = str(pki.cert), str(pki.key)
             if cfg.auth:
                 from .auth import AuthRealm
 

@@ -520,3 +520,29 @@ def test_a_second_gateway_shares_tokens_and_answers_alike(gw: Gw) -> None:
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_with_tls_the_gateway_serves_https_under_the_fabrics_ca(tmp_path: Path) -> None:
+    """``fabric up --tls``: every port of the node is TLS, the gateway's too, with the node's certificate."""
+    import ssl
+
+    state_dir = tmp_path / "tls"
+    try:
+        up = fabric("up", state_dir, "-d", "--nats-port", "0", "--node", "gwtls", "--tls", timeout=90)
+        assert up.returncode == 0, up.stdout + up.stderr
+        url = read_state(state_dir)["gateway_url"]
+        assert url.startswith("https://127.0.0.1:") and f"dashboard {url}/?token=" in up.stdout
+        ca = str(state_dir / "pki" / "ca.pem")
+        token = (state_dir / "auth" / "operator.token").read_text().strip()
+        with httpx.Client(base_url=url, verify=ssl.create_default_context(cafile=ca), timeout=30) as c:
+            wait_for(lambda: c.get("/api/whoami", headers=_auth(token)).status_code == 200, what="the token")
+            r = c.post("/api/submit", headers=_auth(token), json={"kind": "exec", "exec": {"argv": ["echo", "tls"]}})
+            assert r.status_code == 201, r.text
+            assert c.get(f"/api/tasks/{r.json()['id']}/result", headers=_auth(token),
+                         params={"wait": 30}).content == b"tls\n"
+        with pytest.raises(httpx.ConnectError):  # a client that does not trust the fabric's CA
+            httpx.get(f"{url}/api/whoami", timeout=10)
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on the TLS port
+            httpx.get(f"http://{url.removeprefix('https://')}/api/whoami", timeout=10)
+    finally:
+        cleanup(state_dir)

@@ -173,6 +173,10 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_
     #: the monitoring endpoint of this node's nats-server (its figures in /metrics, its routes in the topology);
     #: fabric up sets it for its embedded server; "": none
     nats_monitor_url: Annotated[str, Meta(max_length=255, pattern=r"^(https?://.*)?$")] = ""
+    #: HTTPS: the certificate and key the gateway serves with (PEM files); fabric up --tls sets them to the node's
+    #: certificate under the fabric's CA; "": plain HTTP
+    tls_cert: Annotated[str, Meta(max_length=4096)] = ""
+    tls_key: Annotated[str, Meta(max_length=4096)] = ""
     #: how many times a task's webhook is tried before it is recorded failed, the first wait between tries
     #: (doubled each time, at most 5 minutes), and how long one try may take (s)
     webhook_attempts: Annotated[int, Meta(ge=1, le=100)] = 8

@@ -150,7 +150,8 @@ class GatewayService(FabricService):
         self.sock = listen(self.config.http_host, self.config.http_port)
         host, port = self.sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        self.url = f"http://{shown}:{port}"
+        scheme = "https" if self.config.tls_cert else "http"
+        self.url = f"{scheme}://{shown}:{port}"
         upstream = Upstream(self.connection)
         self.gateway = Gateway(node=self.node, version=__version__, config=self.config,
                                access=Access(self.tokens, self.config), upstream=upstream,
@@ -166,7 +167,8 @@ class GatewayService(FabricService):
         app = build_app(self.gateway)
         config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S), server_header=False,
-                                proxy_headers=False, ws="none")
+                                proxy_headers=False, ws="none", ssl_certfile=self.config.tls_cert or None,
+                                ssl_keyfile=self.config.tls_key or None)
         self._server = uvicorn.Server(config)
         # uvicorn installs signal handlers in serve(): the kit's own handle SIGTERM, so keep them
         self._server.install_signal_handlers = lambda: None
