@@ -117,27 +117,11 @@ def webhook_secret(
     state_dir: StateDirOption = None,
 ) -> None:
     """The secret the gateways sign webhooks with (HMAC-SHA256; docs/gateway.md "Webhooks")."""
-    import secrets
-
+    from .gateway_tokens import webhook_secret as secret_of
     from .protocol.streams import GATEWAY_BUCKET
 
-    key = "webhook.secret"  # services/gateway/webhooks.py SECRET_KEY
-
     async def work(js: Any) -> str:
-        import nats.js.errors
-
-        from .gateway_tokens import open_bucket
-
-        kv = await open_bucket(js)
-        if rotate:
-            await kv.put(key, secrets.token_hex(32).encode())
-        else:
-            try:
-                await kv.create(key, secrets.token_hex(32).encode())
-            except nats.js.errors.KeyWrongLastSequenceError:
-                pass
-        entry = await kv.get(key)
-        return bytes(entry.value or b"").decode()
+        return (await secret_of(js, rotate=rotate)).decode()
 
     state = state_of(state_dir)
     url, _ = find_nats_url(nats_url, state)

@@ -191,11 +191,16 @@ class Transport:
         key_path = signing_key or os.environ.get(SIGNING_KEY_ENV) or None
         #: the key this client signs its code with (fabric.signing), or None
         self.signing_key: SigningKey | None = load_key(key_path) if key_path else None
-        self.owner = owner if owner is not None else _default_owner()
+        self._init_requests(owner if owner is not None else _default_owner(), timeout, name, read_chunk_size)
+
+    def _init_requests(self, owner: str, timeout: float, name: str, read_chunk_size: int,
+                       nc: NATS | None = None) -> None:
+        """What every client holds to send requests, whoever made its connection (:meth:`over_connection`)."""
+        self.owner = owner
         self.timeout = timeout
         self.name = name
         self.read_chunk_size = read_chunk_size
-        self.nc: NATS | None = None
+        self.nc: NATS | None = nc
         # with credentials: the requests in flight, by task, so a permissions violation fails them at once
         self._in_flight: dict[asyncio.Task[Any], str] = {}
         self._denied: collections.OrderedDict[str, str] = collections.OrderedDict()
@@ -216,15 +221,7 @@ class Transport:
         self.user = user
         self.url = ""
         self.signing_key = None
-        self.owner = owner
-        self.timeout = timeout
-        self.name = "fabric-gateway"
-        self.read_chunk_size = read_chunk_size
-        self.nc = nc
-        self._in_flight = {}
-        self._denied = collections.OrderedDict()
-        self._refused = None
-        self._connecting = None
+        self._init_requests(owner, timeout, "fabric-gateway", read_chunk_size, nc)
         return self
 
     def _sign(self, message: bytes) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 from nats.js import JetStreamContext
 
 from fabric import __version__
-from fabric.gateway_tokens import TokenTable, bucket_config
+from fabric.gateway_tokens import WEBHOOK_SECRET_KEY, TokenTable, bucket_config
 from fabric.jetstream import JetStreamResource, KeyValueBucket, webhook_stream
 from fabric.protocol import subjects
 from fabric.protocol.streams import GATEWAY_BUCKET
@@ -119,7 +119,7 @@ class GatewayService(FabricService):
             try:
                 self.webhooks = webhooks.WebhookDeliverer(js, Upstream(self.connection), self.config,
                                                           lambda: self.url, __version__, self.log)
-                await self.webhooks.ensure_secret(await js.key_value(GATEWAY_BUCKET))
+                await self.webhooks.ensure_secret()
                 await self.webhooks.run()
             except asyncio.CancelledError:
                 raise
@@ -136,7 +136,7 @@ class GatewayService(FabricService):
                     if entry is None:  # the watch has read what the bucket held: tokens work from now on
                         self.tokens.loaded = True
                         continue
-                    if entry.key == webhooks.SECRET_KEY and entry.value and self.webhooks is not None:
+                    if entry.key == WEBHOOK_SECRET_KEY and entry.value and self.webhooks is not None:
                         self.webhooks.secret = bytes(entry.value)  # `fabric webhook-secret --rotate`
                         continue
                     self.tokens.apply(entry.key, entry.value if entry.operation is None else None)

@@ -33,7 +33,6 @@ import hashlib
 import hmac
 import ipaddress
 import json
-import secrets
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -44,6 +43,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from fabric.config.model import GatewayConfig
 from fabric.errors import FabricError
+from fabric.gateway_tokens import webhook_secret
 from fabric.jetstream import Consumer
 from fabric.protocol import subjects
 from fabric.protocol.headers import (
@@ -60,10 +60,8 @@ from fabric.schema.tasks import CallbackReport, TaskRecord, WebhookNotice
 
 from .upstream import Upstream
 
-__all__ = ["WebhookDeliverer", "consumer", "payload", "sign", "SECRET_KEY", "IN_FLIGHT"]
+__all__ = ["WebhookDeliverer", "consumer", "payload", "sign", "IN_FLIGHT"]
 
-#: the key of bucket fabric_gateway that holds the webhook secret (hex)
-SECRET_KEY: Final = "webhook.secret"
 IN_FLIGHT: Final = 32
 MAX_BACKOFF_S: Final = 300.0
 #: how long a gateway may hold a notice before JetStream hands it to another (a try takes at most the timeout)
@@ -128,16 +126,9 @@ class WebhookDeliverer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._http = httpx.AsyncClient(follow_redirects=False, headers={"User-Agent": f"fabric-gateway/{version}"})
 
-    async def ensure_secret(self, kv: Any) -> None:
-        """The fabric's webhook secret: made here if no gateway made it yet (create: exactly one wins)."""
-        import nats.js.errors
-
-        try:
-            await kv.create(SECRET_KEY, secrets.token_hex(32).encode())
-        except nats.js.errors.KeyWrongLastSequenceError:
-            pass
-        entry = await kv.get(SECRET_KEY)
-        self.secret = bytes(entry.value or b"")
+    async def ensure_secret(self) -> None:
+        """The fabric's webhook secret: made here if no gateway made it yet (fabric.gateway_tokens)."""
+        self.secret = await webhook_secret(self.js)
 
     async def run(self) -> None:
         sub = await self.js.pull_subscribe_bind(WEBHOOK_CONSUMER, stream=WEBHOOK_STREAM)

@@ -38,7 +38,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 
 from fabric.errors import BadRequest, Conflict, Infeasible, NotFound, TooLarge, Unavailable
-from fabric.jetstream import JetStreamResource, KeyValueBucket, task_results_bucket
+from fabric.jetstream import JetStreamResource, KeyValueBucket, task_results_bucket, webhook_stream
 from fabric.jetstream import Stream as StreamResource
 from fabric.protocol.cores import pool_key
 from fabric.protocol.headers import MAP_HEADER
@@ -222,7 +222,7 @@ class SchedulerService(FabricService):
             lease_mod.bucket(),
             maps_mod.state_bucket(),
             task_results_bucket(),
-            webhooks.stream(),
+            webhook_stream(),  # the gateways' too: whichever starts first makes it
         ]
 
     async def on_jetstream(self, js: JetStreamContext | None) -> None:

@@ -12,20 +12,16 @@ How it went comes back on ``fabric.task.callback`` and is kept on the record
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any
 
-from fabric.jetstream import Stream, webhook_stream
 from fabric.protocol.streams import WEBHOOK_SUBJECT_PREFIX
 from fabric.schema import JSON
 from fabric.schema.tasks import TaskRecord, WebhookNotice
 
-__all__ = ["stream", "notice_of", "publish"]
+from .store import MSG_ID
 
-_MSG_ID: Final = "Nats-Msg-Id"
+__all__ = ["notice_of", "publish"]
 
-
-def stream() -> Stream:
-    return webhook_stream()
 
 
 def notice_of(rec: TaskRecord) -> WebhookNotice:
@@ -41,7 +37,7 @@ def publish(pub: Any, rec: TaskRecord, log: Any) -> None:
 
     data = JSON.encode(notice_of(rec))
     subject = f"{WEBHOOK_SUBJECT_PREFIX}.{rec.id}"
-    headers = {_MSG_ID: f"webhook-{rec.id}"}
+    headers = {MSG_ID: f"webhook-{rec.id}"}
     tries = [0]
 
     def acked(seq: int, err: dict[str, Any] | None) -> None:
