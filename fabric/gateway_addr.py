@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from .config import env_name
 from .nats_server import PortInUse, check_port, free_port
 from .state import StateDir
 
@@ -39,8 +40,8 @@ def resolve(state: StateDir, host: str, port: int) -> str:
             check_port(host, port)
         except PortInUse:
             raise GatewayPortInUse(f"the gateway's port {port} on {host} is already in use") from None
-    os.environ["FABRIC_GATEWAY_HTTP_HOST"] = host
-    os.environ["FABRIC_GATEWAY_HTTP_PORT"] = str(port)
+    os.environ[env_name("gateway.http_host")] = host
+    os.environ[env_name("gateway.http_port")] = str(port)
     shown = f"[{host}]" if ":" in host else host
     if host in ("0.0.0.0", "::"):
         from .nats_server import outward_address

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from .cluster import CLUSTERED_ENV
+from .config import env_name
 from .discovery import probe_services
 from .launch import SERVICE_MODULES_ENV, module_launch
 from .protocol.permissions import SERVICE_ROLES
@@ -355,7 +356,7 @@ class Supervisor:
                     pki.ensure(cfg.node, [cfg.host, outward_address()])
                 self.state.tls = True
                 # the HTTP gateway serves HTTPS with the same certificate: TLS on means every port of the node
-                env["FABRIC_GATEWAY_TLS_CERT"], env["FABRIC_GATEWAY_TLS_KEY"] = str(pki.cert), str(pki.key)
+                env[env_name("gateway.tls_cert")], env[env_name("gateway.tls_key")] = str(pki.cert), str(pki.key)
             if cfg.auth:
                 from .auth import AuthRealm
 
@@ -369,7 +370,7 @@ class Supervisor:
 
             # the server's monitoring endpoint, on loopback: the gateway's /metrics and topology read it
             self.monitor_port = free_port("127.0.0.1")
-            env["FABRIC_GATEWAY_NATS_MONITOR_URL"] = f"http://127.0.0.1:{self.monitor_port}"
+            env[env_name("gateway.nats_monitor_url")] = f"http://127.0.0.1:{self.monitor_port}"
             conf = self.write_nats_config()
             if self.cluster is not None:
                 env[CLUSTERED_ENV] = "1"  # the services' streams get replicas (fabric.jetstream)

@@ -455,6 +455,25 @@ def test_webhooks_are_signed_retried_and_recorded(gw: Gw) -> None:
         assert gw.get(doc["result_url"].removeprefix(gw.url), token).content == b"hooked\n"
     finally:
         flaky.close()
+    # a rotated secret signs from then on (the gateways follow the bucket)
+    rotated = fabric("webhook-secret", gw.state_dir, "--rotate")
+    assert rotated.returncode == 0 and "replaced" in rotated.stderr, rotated.stderr
+    new_key = rotated.stdout.strip().encode()
+    assert new_key != key and len(new_key) == 64
+    ok = Receiver([200])
+    try:
+        signed_by: list[bytes] = []
+        for _ in range(3):  # the first may still be signed with the old secret, if it raced the rotation
+            r = gw.post("/api/submit", token, json={"kind": "exec", "exec": {"argv": ["true"]}, "callback_url": ok.url})
+            assert _callback_of(gw, token, r.json()["id"])["outcome"] == "delivered"
+            headers, body = ok.got[-1]
+            signed_by += [k for k in (key, new_key) if headers["x-fabric-signature"] == "sha256=" + hmac.new(
+                k, headers["x-fabric-timestamp"].encode() + b"." + body, hashlib.sha256).hexdigest()]
+            if signed_by[-1:] == [new_key]:
+                break
+        assert signed_by and signed_by[-1] == new_key, "the rotated secret was not used"
+    finally:
+        ok.close()
     # a receiver that never answers in time, then a dead one: the failure is recorded, the scheduler unslowed
     slow = Receiver([200], delay=5.0)
     dead = Receiver([200])

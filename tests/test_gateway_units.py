@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+from typing import Any
 
 import msgspec
 import pytest
@@ -104,3 +105,31 @@ def test_webhook_signature_and_refused_urls() -> None:
     assert "link-local" in refused("http://169.254.169.254/latest/meta-data")
     assert "link-local" in refused("http://[fe80::1]/")
     assert refused("ftp://example.com/") and refused("not a url") and refused("http:///nohost")
+
+
+def test_the_gateway_port_is_kept_from_start_to_start(tmp_path: Any) -> None:
+    import os
+    import socket
+
+    from fabric.gateway_addr import GatewayPortInUse, resolve
+    from fabric.state import StateDir
+
+    state = StateDir(tmp_path / "s")
+    saved = {k: os.environ.get(k) for k in ("FABRIC_GATEWAY_HTTP_HOST", "FABRIC_GATEWAY_HTTP_PORT")}
+    try:
+        first = resolve(state, "127.0.0.1", 0)
+        port = int(first.rsplit(":", 1)[1])
+        assert resolve(state, "127.0.0.1", 0) == first and os.environ["FABRIC_GATEWAY_HTTP_PORT"] == str(port)
+        with socket.socket() as taken:  # another program took it meanwhile: a new free one, kept from now on
+            taken.bind(("127.0.0.1", port))
+            taken.listen(1)
+            moved = resolve(state, "127.0.0.1", 0)
+            assert moved != first and (tmp_path / "s" / "gateway.port").read_text().strip() == moved.rsplit(":")[-1]
+            with pytest.raises(GatewayPortInUse):  # a port given explicitly is never changed behind one's back
+                resolve(state, "127.0.0.1", port)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -341,3 +341,20 @@ async def test_a_stop_ends_even_when_a_background_loop_will_not(nats_url, tmp_pa
     finally:
         release.set()
         await asyncio.sleep(0.3)  # the loop ends itself now
+
+
+async def test_a_start_that_fails_half_way_releases_what_it_made(nats_url, tmp_path):
+    """serve_forever: a start that fails after connecting (a port taken, say) stops the service before it raises,
+    so the process exits with the error instead of hanging on its connection and loops."""
+
+    class FailsAtStart(KitService):
+        async def on_start(self) -> None:
+            self.background(lambda: asyncio.sleep(3600), name="a-loop")
+            raise OSError(98, "Address already in use")
+
+    svc = FailsAtStart(ServiceSettings(credentials=creds_for(KitService), nats_url=nats_url,
+                                       node=f"k{secrets.token_hex(3)}", state_dir=tmp_path))
+    with pytest.raises(OSError, match="Address already in use"):
+        await asyncio.wait_for(svc.serve_forever(), 30)
+    assert svc.nc is not None and svc.nc.is_closed, "the connection was left open"
+    assert not [t for t in asyncio.all_tasks() if t.get_name().endswith("a-loop") and not t.done()]
