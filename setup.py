@@ -65,7 +65,7 @@ setup(
     packages=PACKAGES,
     package_dir={"fabric.services": "services"},
     ext_modules=cythonize(
-        [ext("arena"), ext("wire"), ext("ring"), ext("spawn")],
+        [ext("arena"), ext("wire"), ext("ring"), ext("spawn"), ext("dataplane")],
         compiler_directives=directives,
         compile_time_env={"FABRIC_DEBUG": DEBUG},
     ),

@@ -29,6 +29,7 @@ from .cli_common import (
     state_flag,
     state_of,
 )
+from .config.keys import env_name
 from .state import FabricState, StateDir, pid_alive
 
 if TYPE_CHECKING:
@@ -225,6 +226,10 @@ def up(
             fail(str(exc), "pass --http-port 0 to pick a free port")
         except OSError as exc:
             fail(f"the gateway cannot listen on {cfg.gateway.http_host}: {exc.strerror or exc}", "check --http-host")
+
+    if "allocator" in modules and not cfg.mem.data_host:
+        # the data plane listens where this node's NATS does: reachable from exactly where NATS is
+        os.environ[env_name("mem.data_host")] = host
 
     joined = False
     use_tls = cfg.up.tls and not nats_url

@@ -357,6 +357,8 @@ class Supervisor:
                 self.state.tls = True
                 # the HTTP gateway serves HTTPS with the same certificate: TLS on means every port of the node
                 env[env_name("gateway.tls_cert")], env[env_name("gateway.tls_key")] = str(pki.cert), str(pki.key)
+                # and the allocator's data plane: TLS on means every port of the node
+                env[env_name("mem.data_tls_cert")], env[env_name("mem.data_tls_key")] = str(pki.cert), str(pki.key)
             if cfg.auth:
                 from .auth import AuthRealm
 

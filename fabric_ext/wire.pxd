@@ -22,6 +22,13 @@ cdef struct FrameHeader:
     uint64_t total                # HEADER_SIZE + items_length + payload_length
 
 
+# Validate a frame's 24-byte header at p (avail bytes readable) and fill h; raises
+# InvalidFrame / TooLarge.  Shared with the data plane's socket loops (fabric_ext.dataplane),
+# which size their buffers from it before reading the rest of a frame.
+cdef int _check_header(const char* p, Py_ssize_t avail, uint64_t max_items, uint64_t max_payload,
+                       FrameHeader* h) except -1
+
+
 cdef class _FramePayload:
     # Lends the payload section of a decoded frame.  Kept apart from Frame so the
     # memoryview a Frame caches (which references its exporter) makes no cycle.

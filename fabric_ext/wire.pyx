@@ -814,6 +814,24 @@ def encode(int kind, items, payloads=None):
     return out
 
 
+def encode_head(int kind, items):
+    """The header and item table of a frame, without its payload section; returns ``bytes``.
+
+    ``encode_head(kind, items) + b"".join(payloads) == encode(kind, items, payloads)``:
+    for a sender that writes each payload straight from where it lies (the data
+    plane's scatter-gather send), so the bytes are never copied into a frame.
+    """
+    cdef _Plan plan
+    cdef bytes out
+    try:
+        _plan_frame(&plan, kind, _as_seq(items))
+        out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(FRAME_HEADER_SIZE + plan.items_length))
+        _write_frame(&plan, PyBytes_AS_STRING(out))
+    finally:
+        _plan_release(&plan)
+    return out
+
+
 def encode_reserve(int kind, items, *, bint zero=True, bint views=True):
     """Allocate a whole frame once; return it with one writable view per item's payload slot.
 

@@ -120,11 +120,13 @@ async def mem_accounting(allocator: object) -> AsyncIterator[object]:
     assert arena.stats()["blocks"] == before, "test leaked blocks in the arena"
 
 
-@pytest.fixture
-async def aclient(nats_url: str, allocator: object) -> AsyncIterator[object]:
+@pytest.fixture(params=["data-plane", "nats"])
+async def aclient(nats_url: str, allocator: object, request: pytest.FixtureRequest) -> AsyncIterator[object]:
+    """A remote client (no local fast path), once over the allocator's data plane and once over NATS only."""
     from fabric import AsyncFabricClient
 
-    async with AsyncFabricClient(nats_url, local=False, credentials=realm().client) as fc:
+    async with AsyncFabricClient(nats_url, local=False, credentials=realm().client,
+                                 data_plane=request.param == "data-plane") as fc:
         yield fc
 
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .cores import CoresArea
+from .dataplane import enabled_by_default
 from .memory import MemoryArea
 from .nodes import NodesArea
 from .processes import ProcessesArea
@@ -39,6 +40,9 @@ class AsyncFabricClient(MemoryArea, ProcessesArea, CoresArea, NodesArea, TasksAr
     *signing_key* (default ``$FABRIC_SIGNING_KEY``): a private key from ``fabric keys create``;
     the client signs the code it sends with it (Python tasks, core libraries, native
     executables), which a node with ``sandbox.require_signed`` demands (fabric.signing).
+    *data_plane*: remote reads and writes go point to point to the node's allocator over TCP when it
+    offers that, and over NATS otherwise (:mod:`fabric.client.dataplane`); ``False`` keeps them on NATS.
+    Default: ``$FABRIC_MEM_DATA_PLANE`` (the configuration's ``mem.data_plane``), else on.
     """
 
     def __init__(
@@ -52,10 +56,11 @@ class AsyncFabricClient(MemoryArea, ProcessesArea, CoresArea, NodesArea, TasksAr
         read_chunk_size: int = DEFAULT_READ_CHUNK_SIZE,
         credentials: str | os.PathLike[str] | None = None,
         signing_key: str | os.PathLike[str] | None = None,
+        data_plane: bool | None = None,
     ) -> None:
         super().__init__(url, owner=owner, timeout=timeout, name=name, read_chunk_size=read_chunk_size,
                          credentials=credentials, signing_key=signing_key)
-        self._init_memory(local)
+        self._init_memory(local, enabled_by_default() if data_plane is None else data_plane)
         self._init_tasks()
         self._opencl: OpenCLRunner | None = None  # made by the first kernel (it imports numpy)
 

@@ -4,7 +4,9 @@ Control requests (alloc, free, realloc, stat, share, renew) are JSON; reads and
 writes are frames of :mod:`fabric_ext.wire`, split into chunks past the max payload
 (reads past ``read_chunk_size``) and sent a few at a time.  A block whose allocator
 runs on this host is read and written through the local fast path
-(:mod:`fabric.client.local`) instead.  Leased blocks are renewed by a
+(:mod:`fabric.client.local`) instead; a remote block's reads and writes go over its
+node's data plane when it serves one (:mod:`fabric.client.dataplane`), in pieces of up
+to its frame limit.  Leased blocks are renewed by a
 :class:`~fabric.leases.LeaseKeeper` the area makes on first use.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ssl
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -33,8 +36,10 @@ from ..schema import (
     RenewRequest,
     ShareReply,
     StatReply,
+    TicketReply,
 )
 from .buffers import _BUFFER_TYPES, AsyncRemoteBuffer, _check_size, _token
+from .dataplane import NATS, AsyncConnection, AsyncDataPlane, NodeRoutes
 from .local import _local_length, _LocalSegments
 from .transport import Transport, _arguments_checked, _in_flight
 
@@ -44,20 +49,49 @@ if TYPE_CHECKING:
     from .aio import AsyncFabricClient
 
 
+class _RedoOverNats(Exception):
+    """A piece sized for the data plane found it gone: the memory call starts again, over NATS."""
+
+
 class MemoryArea(Transport):
     """Remote memory: the ``r*`` calls of the async client."""
 
     _local: _LocalSegments
     _leases: LeaseKeeper | None
 
-    def _init_memory(self, local: bool) -> None:
+    def _init_memory(self, local: bool, data_plane: bool = False) -> None:
         self._local = _LocalSegments(local)
         self._leases = None  # made on first use, on the running loop
+        #: the data plane (fabric.client.dataplane): which nodes use NATS for now, shared with the sync client
+        self._dp_routes = NodeRoutes()
+        self._dp_enabled = data_plane
+        self._adp = AsyncDataPlane(self._dp_routes, self.timeout, self._tls_context) if data_plane else None
+        self._tls_ctx: ssl.SSLContext | None | bool = False  # False: not made yet
 
     async def _close_memory(self) -> None:
         if self._leases is not None:
             await self._leases.close()  # renewals stop: leased blocks lapse after their ttl
+        if self._adp is not None:
+            await self._adp.close()
         self._local.close()
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """The context a TLS data plane is trusted with: the fabric's CA, from the credentials (None: none)."""
+        if self._tls_ctx is False:
+            self._tls_ctx = self.credentials.tls_context() if self.credentials is not None else None
+        return cast("ssl.SSLContext | None", self._tls_ctx)
+
+    async def _data_ticket(self, node: str) -> TicketReply:
+        """A one-use admission to *node*'s data plane, and where it is (docs/protocol.md "Data plane")."""
+        reply = await self.request(self._mem(node, subjects.Mem.TICKET), b"{}")
+        return JSON.decode(reply.data, TicketReply)
+
+    async def _data_chunk(self, node: str) -> int | None:
+        """The most bytes one data plane request to *node* carries; None when its memory goes over NATS."""
+        if self._adp is None:
+            return None
+        conn = await self._adp.connection(node, self._data_ticket)
+        return conn.chunk if isinstance(conn, AsyncConnection) else None
 
     def _buffer(self, handle: str, size: int) -> AsyncRemoteBuffer:
         return AsyncRemoteBuffer(cast("AsyncFabricClient", self), handle, size)
@@ -135,11 +169,19 @@ class MemoryArea(Transport):
         if view is not None:
             return view.write(h.off, h.gen, offset, data)
         mv = memoryview(data).cast("B")
+        try:
+            return await self._rwrite_remote(h.node, token, mv, offset)
+        except _RedoOverNats:  # the data plane failed under a piece too large for NATS: the node is NATS-only now
+            return await self._rwrite_remote(h.node, token, mv, offset)
+
+    async def _rwrite_remote(self, node: str, token: str, mv: memoryview, offset: int) -> int:
         chunk = self.write_chunk
+        if len(mv) > chunk:
+            chunk = await self._data_chunk(node) or chunk  # the data plane takes far larger pieces
         if len(mv) <= chunk:
-            return cast(int, await self._write_frame(h.node, [(token, offset, mv)]))
+            return cast(int, await self._write_frame(node, [(token, offset, mv)]))
         return sum(await _in_flight([
-            functools.partial(self._write_frame, h.node, [(token, offset + i, mv[i:i + chunk])])
+            functools.partial(self._write_frame, node, [(token, offset + i, mv[i:i + chunk])])
             for i in range(0, len(mv), chunk)]))
 
     @_arguments_checked
@@ -152,16 +194,25 @@ class MemoryArea(Transport):
             return view.read(h.off, h.gen, offset, _local_length(length))
         if length is None and isinstance(handle, AsyncRemoteBuffer):
             length = max(handle.size - offset, 0)
+        try:
+            return await self._rread_remote(h.node, token, length, offset)
+        except _RedoOverNats:  # as in rwrite
+            return await self._rread_remote(h.node, token, length, offset)
+
+    async def _rread_remote(self, node: str, token: str, length: int | None, offset: int) -> bytes:
         chunk = self.read_chunk
         if length is not None and length > chunk:
-            return await self._read_chunked(h.node, token, offset, length, chunk)
+            chunk = await self._data_chunk(node) or chunk  # the data plane takes far larger pieces
+            if length > chunk:
+                return await self._read_chunked(node, token, offset, length, chunk)
         try:
-            return await self._read_one(h.node, token, offset, wire.TO_END if length is None else length)
+            return await self._read_one(node, token, offset, wire.TO_END if length is None else length)
         except TooLarge:
             if length is not None:
                 raise
             size = (await self.rstat(token)).size
-            return await self._read_chunked(h.node, token, offset, max(size - offset, 0), chunk)
+            chunk = await self._data_chunk(node) or chunk
+            return await self._read_chunked(node, token, offset, max(size - offset, 0), chunk)
 
     @_arguments_checked
     async def rreadv(self, items: Iterable[tuple[Any, int, int | None]], *,
@@ -224,24 +275,34 @@ class MemoryArea(Transport):
     # -- frames ----------------------------------------------------------------
 
     async def _read_frame(self, node: str, items: Sequence[tuple[str, int, int, int]], *,
-                          raise_failed: bool = True) -> list[Any]:
+                          raise_failed: bool = True, nats_ok: bool = True) -> list[Any]:
         """Items are ``(handle, offset, length, 0)``; see :meth:`_read_reply`."""
-        return await self._read_reply(node, wire.encode(wire.KIND_READ, items), raise_failed=raise_failed)
+        return await self._read_reply(node, wire.encode(wire.KIND_READ, items), raise_failed=raise_failed,
+                                      nats_ok=nats_ok)
 
     async def _read_one(self, node: str, token: str, offset: int, length: int) -> bytes:
-        return cast(bytes, (await self._read_frame(node, [(token, offset, length, 0)]))[0])
+        nats_ok = length == wire.TO_END or length <= self.read_chunk  # (to the end: NATS says when it is too large)
+        return cast(bytes, (await self._read_frame(node, [(token, offset, length, 0)], nats_ok=nats_ok))[0])
 
-    async def _read_reply(self, node: str, frame: bytes, *, raise_failed: bool = True) -> list[Any]:
+    async def _read_reply(self, node: str, frame: bytes, *, raise_failed: bool = True,
+                          nats_ok: bool = True) -> list[Any]:
         """Send a READ frame; the bytes of each item.
 
         A failed batch item raises its error (the first in item order), or with
         ``raise_failed=False`` stands in the list in place of its bytes.  A single
         item never gets a per-item status: it fails as an error reply.
         """
-        # no Content-Type header: the frame's magic says what it is, and a header-less
-        # request is a plain PUB, cheaper for nats-py and the server alike
-        reply = await self.request(self._mem(node, subjects.Mem.READ), frame)
-        payloads, statuses = wire.decode_payloads(reply.data)
+        data = await self._data_call(node, (frame,), nats_ok)
+        if data is NATS:
+            # no Content-Type header: the frame's magic says what it is, and a header-less
+            # request is a plain PUB, cheaper for nats-py and the server alike
+            data = (await self.request(self._mem(node, subjects.Mem.READ), frame)).data
+        return self._payloads(data, raise_failed)
+
+    @staticmethod
+    def _payloads(data: Any, raise_failed: bool) -> list[Any]:
+        """The items of a DATA reply: each item's bytes, or its error (raised, the first, with *raise_failed*)."""
+        payloads, statuses = wire.decode_payloads(data)
         out: list[Any] = payloads  # failed items are replaced by their errors below
         if statuses is not None:
             for i, status in enumerate(statuses):
@@ -253,15 +314,34 @@ class MemoryArea(Transport):
         return out
 
     async def _write_frame(self, node: str, items: Sequence[tuple[str, int, memoryview]], batch: bool = False) -> Any:
-        frame = wire.encode(wire.KIND_WRITE, [(t, o, len(d), 0) for t, o, d in items], [d for _t, _o, d in items])
+        table = [(t, o, len(d), 0) for t, o, d in items]
+        if self._adp is not None:
+            # the head, then each item's bytes from where they are: nothing copied into a frame
+            size = sum(n for _t, _o, n, _s in table)
+            data = await self._data_call(node, (wire.encode_head(wire.KIND_WRITE, table), *(d for _t, _o, d in items)),
+                                         size <= self.write_chunk)
+            if data is not NATS:
+                return self._acks(data, batch)
+        frame = wire.encode(wire.KIND_WRITE, table, [d for _t, _o, d in items])
         return await self._send_write_frame(node, frame, batch)
 
-    async def _send_write_frames(self, node: str, frames: Sequence[bytes]) -> list[int]:
-        return cast("list[int]", await asyncio.gather(*(self._send_write_frame(node, f) for f in frames)))
+    async def _data_call(self, node: str, parts: Sequence[Any], nats_ok: bool) -> Any:
+        """One request frame over *node*'s data plane: the reply frame, or NATS to send it there instead.
 
-    async def _send_write_frame(self, node: str, frame: bytes, batch: bool = False) -> Any:
-        reply = await self.request(self._mem(node, subjects.Mem.WRITE), frame)  # header-less, as for reads
-        got = wire.decode(reply.data)
+        *nats_ok* false: the request or its reply is larger than NATS carries (sized for the data
+        plane), so a data plane that failed under it raises :class:`_RedoOverNats` for the whole call
+        to start again in NATS-sized pieces (reads and writes are idempotent) instead.
+        """
+        if self._adp is None:
+            return NATS
+        data = await self._adp.call(node, self._data_ticket, parts)
+        if data is NATS and not nats_ok:
+            raise _RedoOverNats(node)
+        return data
+
+    @staticmethod
+    def _acks(data: Any, batch: bool) -> Any:
+        got = wire.decode(data)
         out = [error_from_wire(st, f"batch item {i} failed") if st else n
                for i, (_h, _o, n, st) in enumerate(got.items)]
         if batch:
@@ -269,6 +349,13 @@ class MemoryArea(Transport):
         if isinstance(out[0], FabricError):
             raise out[0]
         return out[0]
+
+    async def _send_write_frames(self, node: str, frames: Sequence[bytes]) -> list[int]:
+        return cast("list[int]", await asyncio.gather(*(self._send_write_frame(node, f) for f in frames)))
+
+    async def _send_write_frame(self, node: str, frame: bytes, batch: bool = False) -> Any:
+        reply = await self.request(self._mem(node, subjects.Mem.WRITE), frame)  # header-less, as for reads
+        return self._acks(reply.data, batch)
 
     async def _read_chunked(self, node: str, token: str, offset: int, length: int, chunk: int) -> bytes:
         return b"".join(await _in_flight(

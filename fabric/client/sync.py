@@ -4,8 +4,8 @@ The sync client runs an :class:`~fabric.client.AsyncFabricClient` on an event lo
 background thread.  Its methods are generated from the async ones
 (:func:`~fabric.client.twin.sync_method`: same signature with the sync types, same
 docstring); only what really differs is written here: the lifecycle of the loop, the
-memory calls that work in the caller's thread (the local fast path, and frames built
-where the data is), the buffer's slicing, a process's blocking line iterators.
+memory calls that work in the caller's thread (the local fast path, the data plane, and
+frames built where the data is), the buffer's slicing, a process's blocking line iterators.
 """
 
 from __future__ import annotations
@@ -16,14 +16,16 @@ import threading
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
-from ..errors import BadRequest, FabricError, Unavailable
+from ..errors import BadRequest, FabricError, TooLarge, Unavailable
+from ..handles import _PARSED, HandleParts
 from ..handles import parse_cached as parse
 from ..protocol import wire
-from ..schema import CoreInfo, ExitInfo
+from ..schema import CoreInfo, ExitInfo, TicketReply
 from ..schema.tasks import PYTHON, Resources
 from .aio import AsyncFabricClient
-from .buffers import AsyncRemoteBuffer, BufferRef, _token
+from .buffers import _BUFFER_TYPES, AsyncRemoteBuffer, BufferRef, _token
 from .cores import AsyncCore
+from .dataplane import NATS, SyncDataPlane
 from .futures import TaskFuture, TaskProgress
 from .local import _local_length
 from .processes import AsyncRemoteProcess, ProcessRef, _split_lines
@@ -33,6 +35,8 @@ from .twin import sync_method
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+    from fabric_ext.arena import SegmentView
 
 T = TypeVar("T")
 
@@ -72,20 +76,24 @@ _A = AsyncFabricClient
 class FabricClient:
     """The synchronous client: the async client on a private event loop in a background thread.
 
-    ``with FabricClient(url) as fc: buf = fc.rmalloc(1024)``.  Local fast-path reads and
-    writes run in the calling thread.  Thread-safe.
+    ``with FabricClient(url) as fc: buf = fc.rmalloc(1024)``.  Reads and writes run in the
+    calling thread, over the local fast path (same host) or the node's data plane (blocking
+    sockets, pooled per node); only what neither serves goes through the loop.  Thread-safe.
     """
 
     def __init__(self, url: str | None = None, *, owner: str | None = None, timeout: float = 10.0,
                  local: bool = True, name: str = "fabric-client",
                  read_chunk_size: int = DEFAULT_READ_CHUNK_SIZE,
                  credentials: str | os.PathLike[str] | None = None,
-                 signing_key: str | os.PathLike[str] | None = None) -> None:
-        self._aio = AsyncFabricClient(url, owner=owner, timeout=timeout, local=local, name=name,
-                                      read_chunk_size=read_chunk_size, credentials=credentials,
-                                      signing_key=signing_key)
+                 signing_key: str | os.PathLike[str] | None = None,
+                 data_plane: bool | None = None) -> None:
+        self._aio = aio = AsyncFabricClient(url, owner=owner, timeout=timeout, local=local, name=name,
+                                            read_chunk_size=read_chunk_size, credentials=credentials,
+                                            signing_key=signing_key, data_plane=data_plane)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        # the data plane in the caller's thread: blocking sockets, pooled per node (fabric.client.dataplane)
+        self._dp = SyncDataPlane(aio._dp_routes, timeout, aio._tls_context) if aio._dp_enabled else None
 
     @property
     def url(self) -> str:
@@ -116,6 +124,8 @@ class FabricClient:
         return self
 
     def close(self) -> None:
+        if self._dp is not None:
+            self._dp.close()
         if self._loop is not None:
             try:
                 self._run(self._aio.close())
@@ -141,6 +151,18 @@ class FabricClient:
             raise Unavailable("client is not connected: use 'with FabricClient(...)' or call connect()")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
+    def _ticket(self, node: str) -> TicketReply:
+        """A data plane ticket for *node*, asked for over NATS (on the loop: a new connection's only hop)."""
+        return self._run(self._aio._data_ticket(node))
+
+    def _view(self, h: HandleParts, token: str) -> SegmentView | None:
+        """The local fast path's segment of *h*, attaching it on first use (or learning it is remote)."""
+        aio = self._aio
+        view = aio._known_local_view(h)
+        if view is None and aio._needs_attach(h):
+            view = self._run(aio._local_view(h, token))
+        return view
+
     # -- memory: generated, but for the calls that work in the caller's thread ----
 
     rmalloc = sync_method(_A.rmalloc, _buffer, convert=_to_async)
@@ -164,13 +186,15 @@ class FabricClient:
         """Write *data* (any bytes-like object) at *offset*; returns the bytes written."""
         token = _token(handle)
         h = parse(token)
-        aio = self._aio
-        view = aio._known_local_view(h)
+        view = self._view(h, token)
         if view is not None:  # local fast path, in this thread
             return view.write(h.off, h.gen, offset, data)
         mv = memoryview(data).cast("B")
-        if aio._needs_attach(h):
-            return self._run(aio.rwrite(token, mv, offset))  # first use: attach (or learn it is remote)
+        if self._dp is not None:  # the data plane, in this thread
+            done = self._dp.call(h.node, self._ticket, lambda c: c.write_all(token, offset, mv))
+            if done is not NATS:
+                return cast(int, done)
+        aio = self._aio
         # Build the frames here, in the caller's thread: a big buffer allocated in the
         # loop thread comes from that thread's malloc arena, which glibc shrinks with
         # madvise after each free, so every large write would fault its pages in anew
@@ -192,18 +216,39 @@ class FabricClient:
         """Read *length* bytes at *offset* (``None``: to the end of the block)."""
         token = _token(handle)
         h = parse(token)
-        view = self._aio._known_local_view(h)
+        view = self._view(h, token)
         if view is not None:  # local fast path, in this thread
             return view.read(h.off, h.gen, offset, _local_length(length))
         if length is None and isinstance(handle, RemoteBuffer):
             length = max(handle.size - offset, 0)
+        if self._dp is not None:  # the data plane, in this thread
+            if length is None:
+                try:
+                    got = self._dp.call(h.node, self._ticket, lambda c: c.read(token, offset, wire.TO_END))
+                except TooLarge:  # more than one reply carries: its size, then in pieces
+                    length = max(self.rstat(token).size - offset, 0)
+                    got = NATS
+            if length is not None:
+                n = length
+                got = self._dp.call(h.node, self._ticket, lambda c: c.read_all(token, offset, n))
+            if got is not NATS:
+                return cast(bytes, got)
         return self._run(self._aio.rread(token, length, offset))
 
     @_arguments_checked
     def rreadv(self, items: Iterable[tuple[Any, int, int | None]], *,
                return_exceptions: bool = False) -> list[bytes | FabricError]:
         """Read many ``(handle, offset, length)`` items in one request per node, results in order."""
-        plan = [(_token(hd), o, n) for hd, o, n in items]  # planned here: the items may be a generator
+        # planned here: the items may be a generator
+        plan: list[tuple[Any, int, int | None]] = [(_token(hd), o, n) for hd, o, n in items]
+        if self._dp is not None:
+            # the common case (handles seen before, one node), planned and encoded in C, sent from this thread
+            fast = wire.encode_reads(plan, _PARSED, _BUFFER_TYPES)
+            if fast is not None:
+                node, frame = fast
+                got = self._dp.call(node, self._ticket, lambda c: c.request((frame,)))
+                if got is not NATS:
+                    return self._aio._payloads(got, not return_exceptions)
         return self._run(self._aio.rreadv(plan, return_exceptions=return_exceptions))
 
     @_arguments_checked
@@ -211,6 +256,18 @@ class FabricClient:
                 return_exceptions: bool = False) -> list[int | FabricError]:
         """Write many ``(handle, offset, data)`` items in one request per node; returns bytes written each."""
         plan = [(_token(hd), o, d) for hd, o, d in items]
+        if self._dp is not None and plan:
+            nodes = {parse(t).node for t, _o, _d in plan}
+            if len(nodes) == 1:  # one node: one frame from this thread
+                batch = [(t, o, memoryview(d).cast("B")) for t, o, d in plan]
+                got = self._dp.call(nodes.pop(), self._ticket, lambda c: c.write_batch(batch))
+                if got is not NATS:
+                    results = self._aio._acks(got, True)
+                    if not return_exceptions:
+                        for value in results:
+                            if isinstance(value, FabricError):
+                                raise value
+                    return cast("list[int | FabricError]", results)
         return self._run(self._aio.rwritev(plan, return_exceptions=return_exceptions))
 
     # -- compute cores, processes, nodes, OpenCL: generated ---------------------------

@@ -103,6 +103,28 @@ class MemConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only
     quota: Bytes = 0
     #: quotas per owner, owner -> bytes in use (0: unlimited)
     quotas: dict[str, Bytes] = msgspec.field(default_factory=dict)
+    #: the data plane: reads and writes point to point over TCP instead of through NATS (the allocator serves
+    #: one, clients use it); a client reads this key from $FABRIC_MEM_DATA_PLANE (docs/protocol.md "Data plane")
+    data_plane: bool = True
+    #: the address the data plane listens on ("": the node's NATS address, which fabric up passes on)
+    data_host: Annotated[str, Meta(max_length=255)] = ""
+    #: its port (0: a free one at each start; clients learn it from the ticket reply)
+    data_port: Port = 0
+    #: the largest frame one request or reply may be (a larger value travels in several)
+    data_max_frame: Annotated[int, Meta(ge=1 << 16, le=(1 << 32) - 1)] = 64 << 20
+    #: connections one user may hold open at once (each is one thread of the allocator)
+    data_connections_per_user: Annotated[int, Meta(ge=1, le=4096)] = 16
+    #: connections in all
+    data_max_connections: Annotated[int, Meta(ge=1, le=65536)] = 256
+    #: a connection idle this long between frames is closed (clients reconnect transparently)
+    data_idle_s: Annotated[float, Meta(gt=0, le=86400)] = 60.0
+    #: once a frame has started, the whole frame must arrive and its reply leave within this
+    data_frame_s: Annotated[float, Meta(gt=0, le=3600)] = 10.0
+    #: how long a ticket admits a connection after it is issued
+    data_ticket_s: Annotated[float, Meta(gt=0, le=3600)] = 60.0
+    #: TLS on the data plane: the certificate and key it serves with (fabric up --tls sets them to the node's)
+    data_tls_cert: Annotated[str, Meta(max_length=4096)] = ""
+    data_tls_key: Annotated[str, Meta(max_length=4096)] = ""
 
 
 class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

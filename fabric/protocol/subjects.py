@@ -48,6 +48,8 @@ class Mem:
     RENEW: Final = "renew"
     ATTACH: Final = "attach"
     INFO: Final = "info"
+    #: a one-use admission to the node's data plane (bytes point to point over TCP)
+    TICKET: Final = "ticket"
 
 
 class Proc:

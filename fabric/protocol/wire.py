@@ -40,6 +40,7 @@ from fabric_ext.wire import (
     decode,
     decode_payloads,
     encode,
+    encode_head,
     encode_reads,
     encode_reserve,
     frame_length,
@@ -65,7 +66,7 @@ from fabric_ext.wire import (
 __all__ = [
     "CONTENT_TYPE", "DEFAULT_MAX_ITEMS", "DEFAULT_MAX_PAYLOAD", "HEADER_SIZE", "ITEM_FIXED", "KIND_ACK", "KIND_DATA",
     "KIND_READ", "KIND_WRITE", "MAGIC", "TO_END", "VERSION", "Frame", "FrameDecoder", "decode", "decode_payloads",
-    "encode", "encode_reads", "encode_reserve", "frame_length", "read_reply_reserve",
+    "encode", "encode_head", "encode_reads", "encode_reserve", "frame_length", "read_reply_reserve",
     "V1_DEFAULT_MAX_PAYLOAD", "V1_ERROR", "V1_HEADER_SIZE", "V1_MSG_CORE", "V1_MSG_JOB", "V1_MSG_VERSION", "V1_OK",
     "V1_VERSION", "V1Decoder", "V1Frame", "V1InvalidFrame", "V1TooLarge", "v1_core", "v1_error", "v1_frame",
     "v1_job", "v1_job_header", "v1_job_result", "v1_job_result_header", "v1_ok", "v1_parse", "v1_parse_core",

@@ -142,6 +142,20 @@ class AttachReply(Message):
     hostname: str
 
 
+class TicketReply(Message):
+    """``fabric.mem.<node>.ticket``: a one-use admission to the node's data plane (docs/protocol.md "Data plane").
+
+    ``data_addr`` is ``host:port`` ("" when the node serves no data plane: use NATS);
+    with ``tls`` the connection is TLS under the fabric's CA, the ticket inside it.
+    """
+
+    ticket: str
+    expires_ms: int
+    data_addr: str
+    tls: bool = False
+    max_frame: int = 0
+
+
 class MemInfoReply(Message):
     """One node's arena statistics (``fabric.mem.info`` / ``fabric.mem.<node>.info``)."""
 
@@ -160,3 +174,6 @@ class MemInfoReply(Message):
     owners: dict[str, dict[str, int]] = {}
     #: the largest block one alloc/realloc may ask for (32 TiB); a larger size is 413 ``too_large``
     largest_block: int = 0
+    #: the node's data plane, ``host:port`` ("": it serves none) and whether it speaks TLS there
+    data_addr: str = ""
+    data_tls: bool = False

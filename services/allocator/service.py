@@ -11,7 +11,9 @@ takes a handle verifies its MAC first, so a forged or widened handle is 404
 
 Subjects (see docs/protocol.md): ``fabric.mem.alloc`` (any node, queue group) and
 ``fabric.mem.<node>.<verb>`` for everything on this node.  ``read`` and ``write``
-also take the binary frame of :mod:`fabric_ext.wire` (single items and batches).
+also take the binary frame of :mod:`fabric_ext.wire` (single items and batches),
+served by :mod:`.frames`; the same frames also come over the data plane
+(:mod:`.data_plane`, admitted by a ``ticket`` from :mod:`.tickets`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import socket
+import ssl
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,12 +29,11 @@ from typing import Any, cast
 
 import psutil
 
-from fabric.errors import BadRequest, FabricError, OutOfRange, PermissionDenied, TooLarge
+from fabric.errors import BadRequest, FabricError, TooLarge
 from fabric.handles import PERM_R, HandleParts, HandleSigner
 from fabric.hostid import boot_id
-from fabric.protocol import subjects, wire
+from fabric.protocol import subjects
 from fabric.schema import (
-    INT_MAX,
     JSON,
     AllocReply,
     AllocRequest,
@@ -49,6 +51,7 @@ from fabric.schema import (
     RenewRequest,
     ShareReply,
     StatReply,
+    TicketReply,
     WriteReply,
     WriteRequest,
     WriteResult,
@@ -59,7 +62,10 @@ from fabric.schema import (
 from fabric.service import Endpoint, FabricService, Reply, Request, ServiceSettings
 from fabric_ext.arena import MAX_BLOCK_SIZE, Arena
 
+from .data_plane import DataPlaneLimits, DataPlaneServer
+from .frames import FrameHandler
 from .identity import load_or_create
+from .tickets import TicketBook
 
 # Success frames carry no headers: the magic says what they are, and a header-less
 # reply is cheaper on both ends.  Error replies always carry the ADR-32 headers.
@@ -82,13 +88,19 @@ class AllocatorService(FabricService):
         for owner, limit in (quotas if quotas is not None else mem.quotas).items():
             self.arena.set_quota(owner, limit)
         self.signer = HandleSigner(settings.node, ident.key)
-        self._known = self.signer.known_map()  # token -> parts of handles verified here
+        self.frames = FrameHandler(self.arena, self.signer)
+        self.tickets = TicketBook(settings.node, ident.key, ttl_s=mem.data_ticket_s)
+        self.data_plane: DataPlaneServer | None = None
         self.prefix = ident.prefix
         self.boot_id = boot_id()
         self.hostname = socket.gethostname()
 
     def metadata(self) -> dict[str, str]:
-        return {"shm_prefix": self.prefix, "capacity": str(self.capacity)}
+        meta = {"shm_prefix": self.prefix, "capacity": str(self.capacity)}
+        if self.data_plane is not None:
+            meta["data_addr"] = self.data_plane.address
+            meta["data_tls"] = "true" if self.data_plane.tls is not None else "false"
+        return meta
 
     def endpoints(self) -> Sequence[Endpoint]:
         ep = functools.partial(self.node_endpoint, subjects.MEM)  # fabric.mem.<node>.<verb>
@@ -106,15 +118,29 @@ class AllocatorService(FabricService):
             ep(subjects.Mem.RENEW, self.renew),
             ep(subjects.Mem.ATTACH, self.attach),
             ep(subjects.Mem.INFO, self.info),
+            ep(subjects.Mem.TICKET, self.ticket),
         ]
 
     async def on_start(self) -> None:
         self.background(self._reap_leases, name="lease-reaper")
+        mem = self.settings.config.mem
+        if mem.data_plane and self.settings.nats_url.startswith("tls://") and not mem.data_tls_cert:
+            # a fabric that encrypts its bus must not send its bytes in the clear beside it
+            self.log.warning("data plane off: NATS is TLS here and mem.data_tls_cert is not set (clients use NATS)")
+        elif mem.data_plane:
+            self.data_plane = DataPlaneServer(
+                self.frames, self.tickets, self.log, host=mem.data_host or "127.0.0.1", port=mem.data_port,
+                limits=DataPlaneLimits.from_config(mem), tls=self._data_tls(mem.data_tls_cert, mem.data_tls_key))
+            self.data_plane.start()
+            self.log.info("data plane listening", addr=self.data_plane.address,
+                          tls=self.data_plane.tls is not None)
         stats = self.arena.stats()
         self.log.info("arena attached", prefix=self.prefix, capacity=self.capacity,
                       segments=stats["segments"], blocks=stats["blocks"])
 
     async def on_stop(self) -> None:
+        if self.data_plane is not None:  # its threads use the arena: they end before it closes
+            await asyncio.to_thread(self.data_plane.stop)
         # the lease reaper has ended (the kit stops background tasks before on_stop);
         # close, not destroy: the segments outlive this process so a restart reattaches them
         self.arena.close()
@@ -132,10 +158,16 @@ class AllocatorService(FabricService):
     # -- helpers -----------------------------------------------------------
 
     def _writable(self, token: str) -> HandleParts:
-        h = self.signer.verify(token)
-        if not h.writable:
-            raise PermissionDenied("read-only handle: this operation needs a read-write handle")
-        return h
+        return self.frames.writable(token)
+
+    @staticmethod
+    def _data_tls(cert: str, key: str) -> ssl.SSLContext | None:
+        if not cert:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(cert, key or None)
+        return ctx
 
     @staticmethod
     def _deadline(ttl_s: float) -> int:
@@ -243,89 +275,24 @@ class AllocatorService(FabricService):
     def info(self, req: Request) -> MemInfoReply:
         # the arena's typed dicts are plain dicts of the reply's fields
         stats = cast(dict[str, Any], self.arena.stats())
-        return MemInfoReply(node=self.node, **stats, largest_block=MAX_BLOCK_SIZE)
+        dp = self.data_plane
+        return MemInfoReply(node=self.node, **stats, largest_block=MAX_BLOCK_SIZE,
+                            data_addr=dp.address if dp is not None else "",
+                            data_tls=dp is not None and dp.tls is not None)
 
-    # -- frames (bulk bytes, single items and batches) ------------------------
+    def ticket(self, req: Request) -> TicketReply:
+        """A one-use admission to the data plane for the caller ("" address: this node serves none)."""
+        dp = self.data_plane
+        if dp is None:
+            return TicketReply(ticket="", expires_ms=0, data_addr="")
+        ticket, expires_ms = self.tickets.mint(req.caller)
+        return TicketReply(ticket=ticket, expires_ms=expires_ms, data_addr=dp.address, tls=dp.tls is not None,
+                           max_frame=dp.limits.max_frame)
+
+    # -- frames (bulk bytes, single items and batches): services/allocator/frames.py ----
 
     def _read_frame(self, req: Request) -> Reply:
-        frame = wire.decode(req.data)
-        if frame.kind != wire.KIND_READ:
-            raise BadRequest("the read endpoint takes READ frames")
-        return self._read_frame_fast(frame) or self._read_frame_checked(frame)
-
-    def _read_frame_fast(self, frame: Any) -> Reply | None:
-        """The common case, in two C calls: known handles, explicit lengths, no failures.
-
-        Returns None, having sent nothing, as soon as anything is unusual (a handle
-        not verified yet, a read to the end, a reply too large, any failing item);
-        the checked path then does the work item by item and reports each failure
-        precisely.
-        """
-        reserved = wire.read_reply_reserve(frame, self.connection.max_payload)
-        if reserved is None:
-            return None
-        out, at = reserved
-        try:
-            # checks every item before copying any, then copies them back to back
-            if self.arena.gather_reads(frame.items, self._known, out, at) is None:
-                return None
-        except FabricError:
-            return None
-        return Reply(out)
-
-    def _read_frame_checked(self, frame: Any) -> Reply:
-        items = frame.items
-        single = len(items) == 1
-        verify, size_of = self.signer.verify, self.arena.size  # hot loop: bind once
-        reply_items: list[tuple[bytes, int, int, int]] = []  # the DATA frame's items
-        sources: list[HandleParts | None] = []  # where each item's bytes come from
-        total = 0
-        for token, pos, length, _status in items:
-            try:
-                if pos > INT_MAX or INT_MAX < length != wire.TO_END:  # as in JSON, where the schema bounds them
-                    raise BadRequest(f"offset {pos} or length {length} is larger than {INT_MAX}")
-                h = verify(token)
-                size = size_of(h.seg, h.off, h.gen)  # also proves the block is live
-                if length == wire.TO_END:
-                    length = size - pos if pos <= size else 0
-                if pos > size or length > size - pos:
-                    raise OutOfRange(f"read of {length} bytes at offset {pos} is outside the block's {size} bytes")
-                reply_items.append((b"", pos, length, 0))
-                sources.append(h)
-                total += length
-            except FabricError as exc:
-                if single:
-                    raise
-                reply_items.append((b"", pos, 0, exc.code))
-                sources.append(None)
-        max_payload = self.connection.max_payload
-        reply_size = wire.HEADER_SIZE + wire.ITEM_FIXED * len(items) + total  # the DATA frame's exact size
-        if reply_size > max_payload:
-            raise TooLarge(f"a reply of {reply_size} bytes ({total} read) would exceed the max payload "
-                           f"({max_payload}): read in chunks")
-        # zero=False: the live items' bytes are filled right below, the failed ones are empty;
-        # views=False: the payload is the frame's last `total` bytes, items back to back
-        out, _ = wire.encode_reserve(wire.KIND_DATA, reply_items, zero=False, views=False)
-        self.arena.gather_into([(h.seg, h.off, h.gen, pos, n)
-                                for h, (_, pos, n, _st) in zip(sources, reply_items, strict=True)
-                                if h is not None], out, len(out) - total)
-        return Reply(out)
+        return Reply(self.frames.read(req.data, self.connection.max_payload))
 
     def _write_frame(self, req: Request) -> Reply:
-        frame = wire.decode(req.data)
-        if frame.kind != wire.KIND_WRITE:
-            raise BadRequest("the write endpoint takes WRITE frames")
-        acks: list[tuple[bytes, int, int, int]] = []
-        single = len(frame.items) == 1
-        for i, (token, pos, _length, _status) in enumerate(frame.items):
-            try:
-                if pos > INT_MAX:  # the arena's positions are int64: past that it would report a clamped value
-                    raise BadRequest(f"offset {pos} is larger than {INT_MAX}")
-                h = self._writable(token)
-                written = self.arena.write(h.seg, h.off, h.gen, pos, frame.data(i))
-                acks.append((b"", pos, written, 0))
-            except FabricError as exc:
-                if single:
-                    raise
-                acks.append((b"", pos, 0, exc.code))
-        return Reply(wire.encode(wire.KIND_ACK, acks))
+        return Reply(self.frames.write(req.data))
