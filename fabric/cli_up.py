@@ -228,8 +228,12 @@ def up(
             fail(f"the gateway cannot listen on {cfg.gateway.http_host}: {exc.strerror or exc}", "check --http-host")
 
     if "allocator" in modules and not cfg.mem.data_host:
-        # the data plane listens where this node's NATS does: reachable from exactly where NATS is
-        os.environ[env_name("mem.data_host")] = host
+        # the data plane listens where this node's NATS does: reachable from exactly where NATS is; a node that
+        # joined another's NATS has none of its own, so its address on the default route (never loopback: the
+        # fabric's other machines would dial their own)
+        from .nats_server import outward_address
+
+        os.environ[env_name("mem.data_host")] = outward_address() if nats_url else host
 
     joined = False
     use_tls = cfg.up.tls and not nats_url

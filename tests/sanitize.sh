@@ -19,8 +19,9 @@ trap rebuild_normal EXIT
 FABRIC_SANITIZE=1 "$PY" setup.py -q build_ext --inplace --force
 
 # every test of the Cython modules: the arena, both codecs (FBF1 and worker protocol v1), the ring, the spawn,
-# and the fuzzing of the codecs and the ring (tests/test_fuzz.py: out-of-bounds reads abort here)
-tests=(tests/test_arena.py tests/test_wire.py tests/test_worker_protocol.py tests/test_ring.py tests/test_spawn_ext.py tests/test_fuzz.py)
+# the data plane's socket loops, and the fuzzing of the codecs and the ring (tests/test_fuzz.py: out-of-bounds reads abort here)
+tests=(tests/test_arena.py tests/test_wire.py tests/test_worker_protocol.py tests/test_ring.py tests/test_spawn_ext.py tests/test_fuzz.py
+       tests/test_dataplane_ext.py)
 
 LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)" \
 ASAN_OPTIONS="detect_leaks=0:abort_on_error=1" \

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import logging
 import os
 import socket
 import ssl
 import threading
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
 
@@ -91,12 +93,41 @@ def refused_error(exc: Refused) -> FabricError:
 _CLOSING_KINDS: Final = frozenset({"invalid_frame", "too_large", "internal"})
 
 
-class NodeRoutes:
-    """Which nodes are used over NATS for now, and the one log line per node that says why."""
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
-    def __init__(self) -> None:
+
+class NodeRoutes:
+    """Which nodes are used over NATS for now, and the one log line per node that says why.
+
+    *nats_url*: the NATS this client uses.  A data plane that names a loopback address is
+    dialled only by a client whose NATS is on loopback too (on the node's own host): from
+    another host that address would be the client's own machine, and the ticket would go
+    to whatever listens there.
+    """
+
+    def __init__(self, nats_url: str = "") -> None:
         self._off: dict[str, float] = {}
         self._said: set[str] = set()
+        first = nats_url.split(",")[0].strip()
+        self.loopback_ok = not first or is_loopback(urllib.parse.urlsplit(first).hostname)
+
+    def reachable(self, node: str, addr: str) -> tuple[str, int] | None:
+        """``(host, port)`` of *addr* when this client may dial it; else says why (once) and None."""
+        try:
+            host, port = split_addr(addr)
+        except ValueError as exc:
+            self.fail(node, f"at {addr!r}", str(exc))
+            return None
+        if is_loopback(host) and not self.loopback_ok:
+            self.fail(node, f"at {addr}", "a loopback address, and this client's NATS is on another host")
+            return None
+        return host, port
 
     def usable(self, node: str) -> bool:
         until = self._off.get(node)
@@ -279,9 +310,12 @@ class SyncDataPlane:
         if not reply.data_addr:
             self.routes.serves_none(node)
             return NATS
+        where = self.routes.reachable(node, reply.data_addr)
+        if where is None:
+            return NATS
+        host, port = where
         sock: socket.socket | None = None
         try:
-            host, port = split_addr(reply.data_addr)
             sock = socket.create_connection((host, port), timeout=self.timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if reply.tls:
@@ -488,9 +522,12 @@ class AsyncDataPlane:
         if not reply.data_addr:
             self.routes.serves_none(node)
             return NATS
+        where = self.routes.reachable(node, reply.data_addr)
+        if where is None:
+            return NATS
+        host, port = where
         writer: asyncio.StreamWriter | None = None
         try:
-            host, port = split_addr(reply.data_addr)
             ctx = self._tls() if reply.tls else None
             if reply.tls and ctx is None:
                 raise ssl.SSLError("the data plane is TLS and this client has no CA to trust it with")

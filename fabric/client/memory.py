@@ -63,7 +63,7 @@ class MemoryArea(Transport):
         self._local = _LocalSegments(local)
         self._leases = None  # made on first use, on the running loop
         #: the data plane (fabric.client.dataplane): which nodes use NATS for now, shared with the sync client
-        self._dp_routes = NodeRoutes()
+        self._dp_routes = NodeRoutes(self.url)
         self._dp_enabled = data_plane
         self._adp = AsyncDataPlane(self._dp_routes, self.timeout, self._tls_context) if data_plane else None
         self._tls_ctx: ssl.SSLContext | None | bool = False  # False: not made yet

@@ -25,18 +25,22 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fabric.config.model import MemConfig
-from fabric.errors import BadRequest, FabricError, InvalidFrame, RateLimited, Unavailable
+from fabric.errors import FabricError, InvalidFrame, RateLimited, TooLarge, Unavailable
 from fabric.protocol import dataplane, wire
 
 from .frames import FrameHandler
 from .tickets import TicketBook
 
-_HANDSHAKE_S = 5.0  # from accept to a complete HELLO
+# a connection ended with an error frame is drained this long before it closes: closing with the peer's
+# bytes unread would make the kernel answer with a reset, which can destroy the error frame in flight
+_LINGER_S = 0.5
+_LINGER_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class DataPlaneLimits:
     max_connections: int = 256
     idle_s: float = 60.0
     frame_s: float = 10.0
+    handshake_s: float = 5.0  # from accept to a complete HELLO (TLS handshake included)
 
     @classmethod
     def from_config(cls, mem: MemConfig) -> DataPlaneLimits:
@@ -53,14 +58,26 @@ class DataPlaneLimits:
                    max_connections=mem.data_max_connections, idle_s=mem.data_idle_s, frame_s=mem.data_frame_s)
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
+def _recv_into(sock: socket.socket, view: memoryview, got: int, deadline: float) -> bool:
+    """Fill *view* from *got* on, all of it by *deadline* (monotonic): a deadline for the whole, not per read
+    (a peer sending a byte at a time must not hold the connection longer).  False: the peer closed first."""
+    n = len(view)
     while got < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        sock.settimeout(left)
         k = sock.recv_into(view[got:])
         if k == 0:
-            raise ConnectionResetError("the peer closed the connection")
+            return False
         got += k
+    return True
+
+
+def _recv_exactly(sock: socket.socket, n: int, deadline: float) -> bytes:
+    buf = bytearray(n)
+    if not _recv_into(sock, memoryview(buf), 0, deadline):
+        raise ConnectionResetError("the peer closed the connection")
     return bytes(buf)
 
 
@@ -161,8 +178,12 @@ class DataPlaneServer:
                                               name=f"data-plane-{peer[0]}:{peer[1]}")
                     self._conns[conn] = thread
             if full:
-                self._refuse(conn, Unavailable(f"the data plane holds {self.limits.max_connections} connections, "
-                                               "its limit (mem.data_max_connections): use NATS or retry"))
+                if self.tls is not None:  # an error frame would have to follow a TLS handshake: no thread for that
+                    self.refused += 1
+                    conn.close()
+                else:
+                    self._refuse(conn, Unavailable(f"the data plane holds {self.limits.max_connections} connections, "
+                                                   "its limit (mem.data_max_connections): use NATS or retry"))
                 continue
             thread.start()
 
@@ -176,17 +197,34 @@ class DataPlaneServer:
         finally:
             conn.close()
 
+    @staticmethod
+    def _linger(sock: socket.socket) -> None:
+        """After an error frame: say we are done sending, read what the peer still sends (a little), then close."""
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(_LINGER_S)
+            drained = 0
+            while drained < _LINGER_BYTES:
+                got = sock.recv(65536)
+                if not got:
+                    break
+                drained += len(got)
+        except (OSError, ValueError):
+            pass
+
     def _connection(self, conn: socket.socket, peer: tuple[Any, ...]) -> None:
         user: str | None = None
         reason = "refused"
         sock: socket.socket = conn
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(_HANDSHAKE_S)
+            deadline = time.monotonic() + self.limits.handshake_s  # from accept to the whole HELLO
+            conn.settimeout(self.limits.handshake_s)
             if self.tls is not None:
-                sock = self.tls.wrap_socket(conn, server_side=True)  # handshakes within the timeout above
-            ticket_len = dataplane.hello_ticket_length(_recv_exactly(sock, dataplane.HELLO_FIXED))
-            ticket = _recv_exactly(sock, ticket_len).decode("ascii", "replace")
+                # each of the TLS handshake's few reads within the limit; the HELLO after it within what is left
+                sock = self.tls.wrap_socket(conn, server_side=True)
+            ticket_len = dataplane.hello_ticket_length(_recv_exactly(sock, dataplane.HELLO_FIXED, deadline))
+            ticket = _recv_exactly(sock, ticket_len, deadline).decode("ascii", "replace")
             who = self.tickets.admit(ticket)
             with self._lock:
                 held = self._by_user.get(who, 0)
@@ -208,6 +246,7 @@ class DataPlaneServer:
             self.log.info("data plane connection refused", peer=peer[0], kind=exc.kind, reason=exc.message)
             try:
                 sock.sendall(dataplane.error_frame(exc.code, exc.kind, exc.message))
+                self._linger(sock)
             except OSError:
                 pass
         except (OSError, ssl.SSLError, UnicodeError) as exc:
@@ -226,6 +265,8 @@ class DataPlaneServer:
                         self._by_user.pop(user, None)
                 key = reason.split(":", 1)[0]
                 self.ended[key] = self.ended.get(key, 0) + 1
+            if reason in ("invalid", "handler"):  # it ended with an error frame: let the frame arrive
+                self._linger(sock)
             try:
                 sock.close()
             except OSError:
@@ -252,7 +293,11 @@ class DataPlaneServer:
             return (dataplane.error_frame(500, "internal", f"internal error: {type(exc).__name__}"),), False
 
     def _serve_tls(self, sock: socket.socket) -> str:
-        """:func:`fabric_ext.dataplane.serve` over TLS, in Python (ssl does its own I/O; it releases the GIL)."""
+        """:func:`fabric_ext.dataplane.serve` over TLS, in Python (ssl does its own I/O; it releases the GIL).
+
+        The same rules: idle between frames, one deadline for a whole frame and its reply
+        once its first byte arrived, an FDPE and the end for a header that fails its checks.
+        """
         limits = self.limits
         header = bytearray(wire.HEADER_SIZE)
         hview = memoryview(header)
@@ -264,29 +309,26 @@ class DataPlaneServer:
                 return "idle"
             if got == 0:
                 return "closed"
-            sock.settimeout(limits.frame_s)
-            while got < wire.HEADER_SIZE:
-                k = sock.recv_into(hview[got:])
-                if k == 0:
-                    return "closed"
-                got += k
+            deadline = time.monotonic() + limits.frame_s
             try:
-                total = wire.frame_length(header, max_payload=limits.max_frame)
-                if total > limits.max_frame:
-                    raise BadRequest(f"frame of {total} bytes, this data plane's limit is {limits.max_frame}")
-            except FabricError as exc:
-                sock.sendall(dataplane.error_frame(exc.code, exc.kind, exc.message))
-                return "invalid"
-            buf = bytearray(total)
-            buf[:wire.HEADER_SIZE] = header
-            view = memoryview(buf)
-            while got < total:
-                k = sock.recv_into(view[got:])
-                if k == 0:
+                if not _recv_into(sock, hview, got, deadline):
                     return "closed"
-                got += k
-            parts, keep = self._handle(view)
-            for part in parts:
-                sock.sendall(part)
+                try:
+                    total = wire.frame_length(header, max_payload=limits.max_frame)
+                    if total > limits.max_frame:
+                        raise TooLarge(f"frame of {total} bytes, this data plane's limit is {limits.max_frame}")
+                except FabricError as exc:
+                    sock.sendall(dataplane.error_frame(exc.code, exc.kind, exc.message))
+                    return "invalid"
+                buf = bytearray(total)
+                buf[:wire.HEADER_SIZE] = header
+                if not _recv_into(sock, memoryview(buf), wire.HEADER_SIZE, deadline):
+                    return "closed"
+                parts, keep = self._handle(memoryview(buf))
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                for part in parts:
+                    sock.sendall(part)
+            except TimeoutError:
+                return "timeout"
             if not keep:
                 return "handler"

@@ -123,14 +123,8 @@ class AllocatorService(FabricService):
 
     async def on_start(self) -> None:
         self.background(self._reap_leases, name="lease-reaper")
-        mem = self.settings.config.mem
-        if mem.data_plane and self.settings.nats_url.startswith("tls://") and not mem.data_tls_cert:
-            # a fabric that encrypts its bus must not send its bytes in the clear beside it
-            self.log.warning("data plane off: NATS is TLS here and mem.data_tls_cert is not set (clients use NATS)")
-        elif mem.data_plane:
-            self.data_plane = DataPlaneServer(
-                self.frames, self.tickets, self.log, host=mem.data_host or "127.0.0.1", port=mem.data_port,
-                limits=DataPlaneLimits.from_config(mem), tls=self._data_tls(mem.data_tls_cert, mem.data_tls_key))
+        self.data_plane = self._make_data_plane()
+        if self.data_plane is not None:
             self.data_plane.start()
             self.log.info("data plane listening", addr=self.data_plane.address,
                           tls=self.data_plane.tls is not None)
@@ -159,6 +153,29 @@ class AllocatorService(FabricService):
 
     def _writable(self, token: str) -> HandleParts:
         return self.frames.writable(token)
+
+    def _make_data_plane(self) -> DataPlaneServer | None:
+        """The data plane ``[mem]`` asks for (not started), or None: turned off, or TLS without a certificate."""
+        mem = self.settings.config.mem
+        if not mem.data_plane:
+            return None
+        if self._bus_is_tls() and not mem.data_tls_cert:
+            # a fabric that encrypts its bus must not send its bytes in the clear beside it
+            self.log.warning("data plane off: NATS is TLS here and mem.data_tls_cert is not set (clients use NATS)")
+            return None
+        return DataPlaneServer(self.frames, self.tickets, self.log, host=mem.data_host or "127.0.0.1",
+                               port=mem.data_port, limits=DataPlaneLimits.from_config(mem),
+                               tls=self._data_tls(mem.data_tls_cert, mem.data_tls_key))
+
+    def _bus_is_tls(self) -> bool:
+        """NATS is TLS here: a ``tls://`` URL, or credentials that carry the fabric's CA (how fabric's own say so)."""
+        if self.settings.nats_url.startswith(("tls://", "wss://")):
+            return True
+        if self.settings.credentials is None:
+            return False
+        from fabric.credentials import read_credentials
+
+        return bool(read_credentials(self.settings.credentials).ca_pem)
 
     @staticmethod
     def _data_tls(cert: str, key: str) -> ssl.SSLContext | None:
