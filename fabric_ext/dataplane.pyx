@@ -589,6 +589,29 @@ cdef class Channel:
         self._recv(PyByteArray_AS_STRING(out), <size_t>h.total, deadline, &got)
         return out
 
+    def write(self, head, data):
+        """Send a single-item WRITE, its *head* (``wire.encode_head``) then *data*, in one ``sendmsg``;
+        returns the bytes written, read from the one-item ACK reply.  A failed item raises :class:`Refused`.
+        """
+        cdef int64_t deadline = _now_ms() + self.timeout_ms
+        cdef FrameHeader h
+        cdef char item[24]
+        cdef size_t got = 0
+        cdef uint16_t status
+        self._send((head, data), deadline)
+        self._head(deadline)
+        _check_header(self.hdr, FRAME_HEADER_SIZE, 1, self._max_frame, &h)
+        if h.kind != 4 or h.item_count != 1 or h.items_length != 24:
+            raise InvalidFrame(f"a single write's reply is a one-item ACK frame (kind {h.kind}, "
+                               f"{h.item_count} items, table of {h.items_length} bytes)")
+        self._recv(item, 24, deadline, &got)
+        if fabric_load_le16(item) != 0 or fabric_load_le32(item + 4) != 0:
+            raise InvalidFrame("malformed ACK item in a single write's reply")
+        status = fabric_load_le16(item + 2)
+        if status != 0:
+            raise Refused(status, "", f"write failed with {status}")
+        return fabric_load_le64(item + 16)
+
     def read(self, frame):
         """Send a single-item READ *frame*; returns the item's bytes, received straight into them.
 

@@ -467,6 +467,16 @@ def test_connections_are_capped_per_user_and_in_all(small_server):
         s.close()
 
 
+def test_plain_form_connections_count_per_address(small_server):
+    # a `*` ticket (an admin's, or anyone's without auth) names no user: the cap applies per client address
+    socks = [admit(small_server, None)[0] for _ in range(2)]  # type: ignore[arg-type]
+    third, r = admit(small_server, None)  # type: ignore[arg-type]
+    assert r[0] == "error" and r[1][:2] == (429, "rate_limited") and "*@127.0.0.1" in r[1][2]
+    assert small_server.stats()["by_user"] == {"*@127.0.0.1": 2}
+    for s in (*socks, third):
+        s.close()
+
+
 def test_silent_and_slow_peers_are_cut_off(small_server):
     quiet = dial(small_server.address)  # never says HELLO
     t0 = time.monotonic()

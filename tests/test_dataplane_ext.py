@@ -116,6 +116,8 @@ def test_reads_and_writes_round_trip_and_the_connection_goes_on() -> None:
         assert [n for _h, _o, n, _s in ack.items] == [1000 + i for i in range(40)]
         assert wire.encode_head(wire.KIND_WRITE, items) + b"".join(parts[1:]) == wire.encode(
             wire.KIND_WRITE, items, parts[1:])
+        # a single write: head and bytes scatter-gather, the ACK read in C
+        assert ch.write(wire.encode_head(wire.KIND_WRITE, [("h", 7, 3000, 0)]), bytes(3000)) == 3000
         with pytest.raises(ValueError, match="1 to 64 buffers"):
             ch.request([b"x"] * 65)
         sock.shutdown(socket.SHUT_WR)  # the peer leaves between frames
@@ -271,6 +273,13 @@ def test_a_malformed_reply_is_invalid_not_a_crash() -> None:
                 Channel(sock, 2.0, MAX_FRAME).read(read_frame("h", 0, 1))
             conn.close()
             sock.close()
+        sock = socket.create_connection(listener.getsockname())  # a DATA frame answering a write
+        conn, _ = listener.accept()
+        conn.sendall(wire.encode(wire.KIND_DATA, [(b"", 0, 1, 0)], [b"x"]))
+        with pytest.raises(InvalidFrame, match="ACK"):
+            Channel(sock, 2.0, MAX_FRAME).write(wire.encode_head(wire.KIND_WRITE, [("h", 0, 1, 0)]), b"x")
+        conn.close()
+        sock.close()
     finally:
         listener.close()
 

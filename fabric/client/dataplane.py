@@ -207,6 +207,13 @@ class _TlsChannel:
             raise Refused(statuses[0], "", f"read failed with {statuses[0]}")
         return payloads[0]
 
+    def write(self, head: bytes, data: Any) -> int:
+        ack = wire.decode(self.request((head, data)))
+        _h, _o, written, status = ack.items[0]
+        if status:
+            raise Refused(status, "", f"write failed with {status}")
+        return written
+
 
 class SyncConnection:
     """One admitted connection of the sync client (used by one thread at a time)."""
@@ -233,12 +240,7 @@ class SyncConnection:
         return self.channel.read(wire.encode(wire.KIND_READ, [(token, offset, length, 0)]))
 
     def write(self, token: str, offset: int, data: memoryview) -> int:
-        head = wire.encode_head(wire.KIND_WRITE, [(token, offset, len(data), 0)])
-        ack = wire.decode(self.channel.request((head, data)))
-        _h, _o, written, status = ack.items[0]
-        if status:
-            raise Refused(status, "", f"write failed with {status}")
-        return written
+        return self.channel.write(wire.encode_head(wire.KIND_WRITE, [(token, offset, len(data), 0)]), data)
 
     def request(self, parts: Sequence[Any]) -> bytes | bytearray:
         return self.channel.request(parts)

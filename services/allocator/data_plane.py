@@ -35,7 +35,7 @@ from fabric.errors import FabricError, InvalidFrame, RateLimited, TooLarge, Unav
 from fabric.protocol import dataplane, wire
 
 from .frames import FrameHandler
-from .tickets import TicketBook
+from .tickets import TRUSTED_USER, TicketBook
 
 # a connection ended with an error frame is drained this long before it closes: closing with the peer's
 # bytes unread would make the kernel answer with a reset, which can destroy the error frame in flight
@@ -226,6 +226,8 @@ class DataPlaneServer:
             ticket_len = dataplane.hello_ticket_length(_recv_exactly(sock, dataplane.HELLO_FIXED, deadline))
             ticket = _recv_exactly(sock, ticket_len, deadline).decode("ascii", "replace")
             who = self.tickets.admit(ticket)
+            if who == TRUSTED_USER:  # no user to count by (an admin, a fabric without auth): count by address
+                who = f"{TRUSTED_USER}@{peer[0]}"
             with self._lock:
                 held = self._by_user.get(who, 0)
                 if held >= self.limits.per_user:
