@@ -48,6 +48,15 @@ async def test_connects_when_the_server_is_there(nats_url: str) -> None:
         assert fc.nc is not None and fc.nc.is_connected
 
 
+async def test_closing_is_not_reported_as_a_lost_connection(nats_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="fabric.client")
+    async with AsyncFabricClient(nats_url, timeout=2) as fc:
+        assert fc.nc is not None and fc.nc.is_connected
+    assert not [r for r in caplog.records if "disconnected" in r.getMessage()], caplog.text
+
+
 @pytest.mark.unit
 def test_default_url_prefers_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FABRIC_NATS_URL", "nats://10.1.2.3:4999")

@@ -77,10 +77,6 @@ async def _log_nats_error(exc: Exception) -> None:
     log.debug("nats error: %r", exc)
 
 
-async def _log_disconnect() -> None:
-    log.info("disconnected from NATS; reconnecting")
-
-
 async def _log_reconnect() -> None:
     log.info("reconnected to NATS")
 
@@ -206,6 +202,7 @@ class Transport:
         self._denied: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._refused: str | None = None
         self._connecting: asyncio.Future[NATS] | None = None
+        self._closing = False  # close() under way: the disconnect that follows is no news
 
     @classmethod
     def over_connection(cls: type[TR], nc: NATS, *, user: str | None, owner: str, timeout: float,
@@ -266,7 +263,7 @@ class Transport:
                 nats.connect(self.url, name=self.name, connect_timeout=min(self.timeout, 2.0),
                              max_reconnect_attempts=-1, allow_reconnect=True,
                              reconnect_time_wait=0.25, error_cb=self._on_error,
-                             disconnected_cb=_log_disconnect, reconnected_cb=self._reconnected, **auth))
+                             disconnected_cb=self._disconnected, reconnected_cb=self._reconnected, **auth))
             try:
                 self.nc = await asyncio.wait_for(self._connecting, timeout=self.timeout)
             except asyncio.CancelledError:
@@ -307,8 +304,14 @@ class Transport:
     def _after_reconnect(self) -> None:
         """Runs in the loop once NATS reconnected (subscriptions are back): an area catches up here."""
 
+    async def _disconnected(self) -> None:
+        """nats-py's disconnect callback: news when the connection was lost, nothing when this client closes it."""
+        if not self._closing:
+            log.info("disconnected from NATS; reconnecting")
+
     async def _disconnect(self) -> None:
         if self.nc is not None:
+            self._closing = True
             nc, self.nc = self.nc, None
             try:
                 await nc.drain()
