@@ -44,8 +44,8 @@ from fabric.services.allocator.data_plane import DataPlaneLimits, DataPlaneServe
 from fabric.services.allocator.frames import FrameHandler
 from fabric.services.allocator.tickets import TicketBook
 from fabric_ext.arena import Arena
+from tests._allocator import start_allocator, wait_ready
 from tests._nats import connect, creds_for, realm
-from tests.test_allocator_crash import start_allocator, wait_ready
 
 KIB = 1024
 
