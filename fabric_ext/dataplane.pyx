@@ -38,13 +38,14 @@ from fabric_ext.wire cimport FRAME_HEADER_SIZE, FrameHeader, _check_header
 
 from fabric_ext.errors import FabricError, InvalidFrame, TooLarge
 
-cdef extern from "fabric_endian.h":
-    uint16_t fabric_load_le16(const void* p) nogil
-    uint32_t fabric_load_le32(const void* p) nogil
-    uint64_t fabric_load_le64(const void* p) nogil
-    void fabric_store_u8(void* p, uint8_t v) nogil
-    void fabric_store_le16(void* p, uint16_t v) nogil
-    void fabric_store_le32(void* p, uint32_t v) nogil
+from fabric_ext.endian cimport (
+    fabric_load_le16,
+    fabric_load_le32,
+    fabric_load_le64,
+    fabric_store_le16,
+    fabric_store_le32,
+    fabric_store_u8,
+)
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
@@ -293,6 +294,15 @@ cdef int _wait(int fd, short events, int64_t deadline_ms, int* err) noexcept nog
         return R_ERROR
 
 
+cdef inline int _after_failure(int fd, short events, int64_t deadline_ms, int* err) noexcept nogil:
+    """After a recv or sendmsg that failed: R_OK to try again (it would have blocked, and now *fd* is
+    ready for *events*), else why to stop (R_SIGNAL for EINTR: the caller runs Python's handlers)."""
+    if errno == EAGAIN:  # (EWOULDBLOCK is EAGAIN on Linux)
+        return _wait(fd, events, deadline_ms, err)
+    err[0] = errno
+    return R_SIGNAL if errno == EINTR else R_ERROR
+
+
 cdef int _recv_exact(int fd, char* p, size_t n, int64_t deadline_ms, size_t* got, int* err) noexcept nogil:
     """Receive exactly *n* bytes into *p*; *got* counts what arrived (also on failure)."""
     cdef ssize_t r
@@ -304,16 +314,9 @@ cdef int _recv_exact(int fd, char* p, size_t n, int64_t deadline_ms, size_t* got
             continue
         if r == 0:
             return R_CLOSED
-        if errno == EAGAIN:  # (EWOULDBLOCK is EAGAIN on Linux)
-            rc = _wait(fd, POLLIN, deadline_ms, err)
-            if rc != R_OK:
-                return rc
-            continue
-        if errno == EINTR:
-            err[0] = EINTR
-            return R_SIGNAL
-        err[0] = errno
-        return R_ERROR
+        rc = _after_failure(fd, POLLIN, deadline_ms, err)
+        if rc != R_OK:
+            return rc
     return R_OK
 
 
@@ -343,16 +346,9 @@ cdef int _send_all(int fd, iovec* iov, int count, int64_t deadline_ms, size_t* s
                 iov[0].iov_base = <char*>iov[0].iov_base + k
                 iov[0].iov_len -= k
             continue
-        if errno == EAGAIN:  # (EWOULDBLOCK is EAGAIN on Linux)
-            rc = _wait(fd, POLLOUT, deadline_ms, err)
-            if rc != R_OK:
-                return rc
-            continue
-        if errno == EINTR:
-            err[0] = EINTR
-            return R_SIGNAL
-        err[0] = errno
-        return R_ERROR
+        rc = _after_failure(fd, POLLOUT, deadline_ms, err)
+        if rc != R_OK:
+            return rc
     return R_OK
 
 
@@ -571,6 +567,21 @@ cdef class Channel:
         self._recv(self.hdr, FRAME_HEADER_SIZE, deadline, &got)
         return 0
 
+    cdef int _single(self, object parts, int kind, str what, int64_t deadline, FrameHeader* h,
+                     char* item) except -1:
+        """Send a one-item request; receive its reply's header (checked: *kind*, one item, no handle) and item."""
+        cdef size_t got = 0
+        self._send(parts, deadline)
+        self._head(deadline)
+        _check_header(self.hdr, FRAME_HEADER_SIZE, 1, self._max_frame, h)
+        if h.kind != kind or h.item_count != 1 or h.items_length != 24:
+            raise InvalidFrame(f"a single {what}'s reply is a one-item {'DATA' if kind == 3 else 'ACK'} frame "
+                               f"(kind {h.kind}, {h.item_count} items, table of {h.items_length} bytes)")
+        self._recv(item, 24, deadline, &got)
+        if fabric_load_le16(item) != 0 or fabric_load_le32(item + 4) != 0:
+            raise InvalidFrame(f"malformed item in a single {what}'s reply")
+        return 0
+
     def request(self, parts):
         """Send one request frame (its buffers, in order); returns the whole FBF1 reply frame.
 
@@ -596,17 +607,8 @@ cdef class Channel:
         cdef int64_t deadline = _now_ms() + self.timeout_ms
         cdef FrameHeader h
         cdef char item[24]
-        cdef size_t got = 0
         cdef uint16_t status
-        self._send((head, data), deadline)
-        self._head(deadline)
-        _check_header(self.hdr, FRAME_HEADER_SIZE, 1, self._max_frame, &h)
-        if h.kind != 4 or h.item_count != 1 or h.items_length != 24:
-            raise InvalidFrame(f"a single write's reply is a one-item ACK frame (kind {h.kind}, "
-                               f"{h.item_count} items, table of {h.items_length} bytes)")
-        self._recv(item, 24, deadline, &got)
-        if fabric_load_le16(item) != 0 or fabric_load_le32(item + 4) != 0:
-            raise InvalidFrame("malformed ACK item in a single write's reply")
+        self._single((head, data), 4, "write", deadline, &h, item)
         status = fabric_load_le16(item + 2)
         if status != 0:
             raise Refused(status, "", f"write failed with {status}")
@@ -625,16 +627,10 @@ cdef class Channel:
         cdef uint16_t status
         cdef uint64_t length
         cdef bytes out
-        self._send((frame,), deadline)
-        self._head(deadline)
-        _check_header(self.hdr, FRAME_HEADER_SIZE, 1, self._max_frame, &h)
-        if h.kind != 3 or h.item_count != 1 or h.items_length != 24:
-            raise InvalidFrame(f"a single read's reply is a one-item DATA frame (kind {h.kind}, "
-                               f"{h.item_count} items, table of {h.items_length} bytes)")
-        self._recv(item, 24, deadline, &got)
+        self._single((frame,), 3, "read", deadline, &h, item)
         status = fabric_load_le16(item + 2)
         length = fabric_load_le64(item + 16)
-        if fabric_load_le16(item) != 0 or fabric_load_le32(item + 4) != 0 or length != h.payload_length:
+        if length != h.payload_length:
             raise InvalidFrame("malformed DATA item in a single read's reply")
         if status != 0:
             if length != 0:

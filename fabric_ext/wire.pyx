@@ -45,16 +45,17 @@ from libc.string cimport memcmp, memcpy, memset
 
 from fabric_ext.errors import InvalidFrame, TooLarge
 
-cdef extern from "fabric_endian.h":
-    uint8_t fabric_load_u8(const void* p) nogil
-    uint16_t fabric_load_le16(const void* p) nogil
-    uint32_t fabric_load_le32(const void* p) nogil
-    uint64_t fabric_load_le64(const void* p) nogil
-    void fabric_store_u8(void* p, uint8_t v) nogil
-    void fabric_store_le16(void* p, uint16_t v) nogil
-    void fabric_store_le32(void* p, uint32_t v) nogil
-    void fabric_store_le64(void* p, uint64_t v) nogil
-    void FABRIC_ASSERT(bint cond) nogil
+from fabric_ext.endian cimport (
+    FABRIC_ASSERT,
+    fabric_load_le16,
+    fabric_load_le32,
+    fabric_load_le64,
+    fabric_load_u8,
+    fabric_store_le16,
+    fabric_store_le32,
+    fabric_store_le64,
+    fabric_store_u8,
+)
 
 cdef extern from *:
     """

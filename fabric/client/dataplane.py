@@ -117,6 +117,17 @@ class NodeRoutes:
         first = nats_url.split(",")[0].strip()
         self.loopback_ok = not first or is_loopback(urllib.parse.urlsplit(first).hostname)
 
+    def destination(self, node: str, reply: TicketReply | FabricError) -> tuple[str, int] | None:
+        """Where a ticket *reply* says to dial; None (said once why) when the node's memory goes over NATS:
+        no ticket (the error asking for one), or no data plane there, or one this client may not dial."""
+        if isinstance(reply, FabricError):
+            self.fail(node, "gave no ticket", reply.message)
+            return None
+        if not reply.data_addr:
+            self.serves_none(node)
+            return None
+        return self.reachable(node, reply.data_addr)
+
     def reachable(self, node: str, addr: str) -> tuple[str, int] | None:
         """``(host, port)`` of *addr* when this client may dial it; else says why (once) and None."""
         try:
@@ -145,6 +156,22 @@ class NodeRoutes:
         if node not in self._said:
             self._said.add(node)
             log.info("node %s serves no data plane: its memory goes over NATS", node)
+
+
+def _ask(ticket: Callable[[str], TicketReply], node: str) -> TicketReply | FabricError:
+    """A ticket for *node*, or the error asking for one gave (no ticket endpoint: an older allocator; no answer)."""
+    try:
+        return ticket(node)
+    except FabricError as exc:
+        return exc
+
+
+async def _ask_async(ticket: Callable[[str], Awaitable[TicketReply]], node: str) -> TicketReply | FabricError:
+    """:func:`_ask` for the async client."""
+    try:
+        return await ticket(node)
+    except FabricError as exc:
+        return exc
 
 
 # -- the sync client's connections ------------------------------------------------------------
@@ -304,16 +331,8 @@ class SyncDataPlane:
         conn.close()
 
     def _open(self, node: str, ticket: Callable[[str], TicketReply]) -> SyncConnection | _UseNats:
-        try:
-            reply = ticket(node)
-        except FabricError as exc:  # no ticket endpoint (an older allocator), or no answer
-            self.routes.fail(node, "gave no ticket", exc.message)
-            return NATS
-        if not reply.data_addr:
-            self.routes.serves_none(node)
-            return NATS
-        where = self.routes.reachable(node, reply.data_addr)
-        if where is None:
+        reply = _ask(ticket, node)
+        if (where := self.routes.destination(node, reply)) is None or isinstance(reply, FabricError):
             return NATS
         host, port = where
         sock: socket.socket | None = None
@@ -516,16 +535,8 @@ class AsyncDataPlane:
             del self._opening[node]
 
     async def _open(self, node: str, ticket: Callable[[str], Awaitable[TicketReply]]) -> AsyncConnection | _UseNats:
-        try:
-            reply = await ticket(node)
-        except FabricError as exc:
-            self.routes.fail(node, "gave no ticket", exc.message)
-            return NATS
-        if not reply.data_addr:
-            self.routes.serves_none(node)
-            return NATS
-        where = self.routes.reachable(node, reply.data_addr)
-        if where is None:
+        reply = await _ask_async(ticket, node)
+        if (where := self.routes.destination(node, reply)) is None or isinstance(reply, FabricError):
             return NATS
         host, port = where
         writer: asyncio.StreamWriter | None = None
