@@ -227,13 +227,8 @@ def up(
         except OSError as exc:
             fail(f"the gateway cannot listen on {cfg.gateway.http_host}: {exc.strerror or exc}", "check --http-host")
 
-    if "allocator" in modules and not cfg.mem.data_host:
-        # the data plane listens where this node's NATS does: reachable from exactly where NATS is; a node that
-        # joined another's NATS has none of its own, so its address on the default route (never loopback: the
-        # fabric's other machines would dial their own)
-        from .nats_server import outward_address
-
-        os.environ[env_name("mem.data_host")] = outward_address() if nats_url else host
+    if "allocator" in modules and cfg.mem.data_plane:
+        _data_plane_address(state, cfg.mem.data_host, cfg.mem.data_port, host if not nats_url else None)
 
     joined = False
     use_tls = cfg.up.tls and not nats_url
@@ -531,3 +526,26 @@ def _print_tail(state: StateDir, name: str) -> None:
     tail = state.tail(name, 20)
     err.print(f"--- last lines of {state.log_file(name)} ---")
     err.print(escape(tail) if tail else "(empty)")
+
+
+def _data_plane_address(state: StateDir, data_host: str, data_port: int, nats_host: str | None) -> None:
+    """Where the allocator's data plane listens, handed to it as ``$FABRIC_MEM_DATA_HOST/PORT``.
+
+    The host: ``mem.data_host``, else where this node's NATS listens (reachable from exactly where
+    NATS is), else -- a node that joined another machine's NATS has none of its own -- its address
+    on the default route (never loopback: the fabric's other machines would dial their own).  The
+    port: ``mem.data_port``, else one kept from start to start (:mod:`fabric.kept_ports`).
+    """
+    from .kept_ports import keep_port
+    from .nats_server import PortInUse, check_port, outward_address
+
+    host = data_host or nats_host or outward_address()
+    os.environ[env_name("mem.data_host")] = host
+    if data_port:
+        try:
+            check_port(host, data_port)
+        except PortInUse:
+            fail(f"the data plane's port {data_port} on {host} is already in use",
+                 "set mem.data_port = 0 (a free one, kept from start to start) or free the port")
+        return
+    os.environ[env_name("mem.data_port")] = str(keep_port(state, "data", host))

@@ -1,7 +1,7 @@
 """Where ``fabric up`` has this node's HTTP gateway listen: the configured port, or one kept from start to start.
 
 ``gateway.http_port = 0`` (the default) means "a free port": chosen at the first start
-and kept in ``<state>/gateway.port``, so the dashboard's address -- bookmarked, in a
+and kept in ``<state>/gateway.port`` (:mod:`fabric.kept_ports`), so the dashboard's address -- bookmarked, in a
 Prometheus scrape config -- stays the same across restarts; a kept port that another
 program took meanwhile is replaced by a new free one (and said so in the banner's URL).
 The chosen port reaches the gateway process as ``$FABRIC_GATEWAY_HTTP_PORT``.
@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 
 from .config import env_name
-from .nats_server import PortInUse, check_port, free_port
+from .kept_ports import keep_port
+from .nats_server import PortInUse, check_port
 from .state import StateDir
 
 __all__ = ["resolve", "GatewayPortInUse", "PORT_FILE"]
@@ -26,15 +27,8 @@ class GatewayPortInUse(RuntimeError):
 
 def resolve(state: StateDir, host: str, port: int) -> str:
     """The gateway's URL; sets ``$FABRIC_GATEWAY_HTTP_HOST/PORT`` for the services ``fabric up`` starts."""
-    kept = state.path / PORT_FILE
     if port == 0:
-        try:
-            port = int(kept.read_text().strip())
-            check_port(host, port)
-        except (OSError, ValueError, PortInUse):
-            port = free_port(host)
-        state.path.mkdir(parents=True, exist_ok=True)
-        kept.write_text(f"{port}\n")
+        port = keep_port(state, PORT_FILE.removesuffix(".port"), host)
     else:
         try:
             check_port(host, port)

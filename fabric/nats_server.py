@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +87,32 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def free_port(host: str) -> int:
-    """A port that is free on *host* right now (the kernel's pick)."""
-    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+# ports this process chose before their servers bind them, and for what: fabric up picks several (NATS, the
+# gateway, the data plane...) before it starts anything, and the kernel may hand the same free port out twice
+_PROMISED: dict[tuple[str, int], str] = {}
+
+
+def promised_elsewhere(host: str, port: int, purpose: str = "") -> bool:
+    """*port* was already chosen in this process for another purpose (any, for an anonymous *purpose*)."""
+    held = _PROMISED.get((host, port))
+    return held is not None and (held != purpose or not purpose)
+
+
+def promise(host: str, port: int, purpose: str = "") -> None:
+    _PROMISED[(host, port)] = purpose
+
+
+def free_port(host: str, purpose: str = "", avoid: Collection[int] = ()) -> int:
+    """A port that is free on *host* right now (the kernel's pick): never one in *avoid*, nor one this
+    process already chose for another purpose (:func:`promised_elsewhere`)."""
+    for _ in range(64):
+        with socket.socket(_family(host), socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in avoid and not promised_elsewhere(host, port, purpose):
+            break
+    promise(host, port, purpose)
+    return port
 
 
 def check_port(host: str, port: int) -> None:

@@ -371,7 +371,9 @@ class Supervisor:
             from .nats_server import free_port
 
             # the server's monitoring endpoint, on loopback: the gateway's /metrics and topology read it
-            self.monitor_port = free_port("127.0.0.1")
+            # not a port fabric up already promised to a service that has yet to bind it (a detached supervisor
+            # is another process: it learns them from the environment it hands on)
+            self.monitor_port = free_port("127.0.0.1", avoid=_promised_ports(env))
             env[env_name("gateway.nats_monitor_url")] = f"http://127.0.0.1:{self.monitor_port}"
             conf = self.write_nats_config()
             if self.cluster is not None:
@@ -739,3 +741,14 @@ def rotate_log(log: Path) -> None:
         os.replace(log, log.with_name(log.name + ".1"))
     except FileNotFoundError:
         pass
+
+
+def _promised_ports(env: dict[str, str]) -> set[int]:
+    """The ports ``fabric up`` chose for the services (gateway, data plane), from their environment."""
+    out = set()
+    for key in ("gateway.http_port", "mem.data_port"):
+        try:
+            out.add(int(env.get(env_name(key), "0")))
+        except ValueError:
+            pass
+    return out - {0}

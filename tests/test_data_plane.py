@@ -690,3 +690,59 @@ def test_a_tls_fabric_without_a_certificate_serves_no_data_plane(tmp_path):
         assert made is not None and made.tls is None and made.host == "127.0.0.1"
     finally:
         plain.arena.destroy()
+
+
+# -- under fabric up -----------------------------------------------------------------------------
+
+
+def test_fabric_up_keeps_the_data_port_and_a_user_gets_the_data_plane(tmp_path):
+    from fabric.credentials import read_credentials as creds_of
+    from tests._cli import fabric, read_state
+
+    state = tmp_path / "state"
+    try:
+        up = fabric("up", state, "-d", "--nats-port", "0")
+        assert up.returncode == 0, up.stdout + up.stderr
+        port = int((state / "data.port").read_text())
+        assert port != int((state / "gateway.port").read_text())  # never the port promised to the gateway
+        made = fabric("user add", state, "dora", "--out", str(tmp_path / "dora.creds"))
+        assert made.returncode == 0, made.stdout + made.stderr
+        url = read_state(state)["nats_url"]
+        with FabricClient(url, credentials=tmp_path / "dora.creds", local=False) as fc:
+            node = read_state(state)["node"]
+            assert fc.meminfo(node).data_addr == f"127.0.0.1:{port}"
+            buf = fc.rmalloc(100_000)
+            data = os.urandom(100_000)
+            fc.rwrite(buf, data)
+            assert fc.rread(buf) == data
+            conns = fc._dp._idle[node] if fc._dp is not None else []
+            assert conns and conns[0].addr == f"127.0.0.1:{port}", "not over the data plane"
+            ticket = fc._ticket(node)
+            assert ticket.ticket.startswith("t1.dora."), "the ticket names the user NATS admitted"
+            fc.rfree(buf)
+        assert creds_of(tmp_path / "dora.creds").user == "dora"
+        down = fabric("down", state)
+        assert down.returncode == 0, down.stdout + down.stderr
+        up = fabric("up", state, "-d", "--nats-port", "0")  # the same port again
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert int((state / "data.port").read_text()) == port
+        with FabricClient(read_state(state)["nats_url"], credentials=tmp_path / "dora.creds", local=False) as fc:
+            assert fc.meminfo(read_state(state)["node"]).data_addr == f"127.0.0.1:{port}"
+    finally:
+        fabric("down", state, "--purge")
+
+
+def test_kept_ports_are_never_promised_twice(tmp_path):
+    from fabric.kept_ports import keep_port
+    from fabric.nats_server import free_port, promised_elsewhere
+    from fabric.state import StateDir
+
+    state = StateDir(tmp_path / "s")
+    gateway = keep_port(state, "gateway", "127.0.0.1")
+    (tmp_path / "s" / "data.port").write_text(f"{gateway}\n")  # a kept file that names another's port
+    data = keep_port(state, "data", "127.0.0.1")
+    assert data != gateway and (tmp_path / "s" / "data.port").read_text().strip() == str(data)
+    assert keep_port(state, "gateway", "127.0.0.1") == gateway  # the same purpose gets its own port again
+    assert promised_elsewhere("127.0.0.1", gateway, "data") and not promised_elsewhere("127.0.0.1", gateway, "gateway")
+    assert free_port("127.0.0.1") not in (gateway, data)
+    assert free_port("127.0.0.1", avoid={gateway}) != gateway

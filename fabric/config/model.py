@@ -108,7 +108,8 @@ class MemConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only
     data_plane: bool = True
     #: the address the data plane listens on ("": the node's NATS address, which fabric up passes on)
     data_host: Annotated[str, Meta(max_length=255)] = ""
-    #: its port (0: a free one at each start; clients learn it from the ticket reply)
+    #: its port (0: a free one, chosen by fabric up at the first start and kept in <state>/data.port; clients learn it
+    #: from the ticket reply)
     data_port: Port = 0
     #: the largest frame one request or reply may be (a larger value travels in several)
     data_max_frame: Annotated[int, Meta(ge=1 << 16, le=(1 << 32) - 1)] = 64 << 20
