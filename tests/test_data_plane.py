@@ -192,6 +192,28 @@ async def test_values_larger_than_a_frame_go_in_pieces(nats_url, allocator, monk
     await asyncio.to_thread(body)
 
 
+async def test_a_forked_child_never_uses_the_parents_connections(nats_url, allocator):
+    # two processes on one TCP stream would read each other's replies: the child's pool starts empty and closed
+    def body() -> None:
+        with FabricClient(nats_url, local=False) as fc:
+            buf = fc.rmalloc(KIB)
+            fc.rwrite(buf, b"p" * KIB)
+            assert fc._dp is not None and fc._dp._idle.get(allocator.node)
+            pid = os.fork()
+            if pid == 0:  # the child: looks, and leaves without running any cleanup of the parent's objects
+                ok = fc._dp._closed and not fc._dp._idle
+                os._exit(0 if ok else 1)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0, "the child kept the parent's data plane connections"
+            for i in range(20):  # the parent's connection is intact and in step
+                fc.rwrite(buf, bytes([i]) * KIB)
+                assert fc.rread(buf) == bytes([i]) * KIB
+            assert fc._dp._idle.get(allocator.node)
+            fc.rfree(buf)
+
+    await asyncio.to_thread(body)
+
+
 async def test_the_async_client_pipelines_on_one_connection(nats_url, allocator):
     import asyncio
 

@@ -12,7 +12,8 @@ changes for the caller but the speed.
 * The sync client (:class:`SyncDataPlane`) does blocking I/O in the calling thread
   through :class:`fabric_ext.dataplane.Channel` (C, GIL released): no hop into the
   client's event-loop thread.  Connections are pooled per node; a thread takes one for
-  a request and gives it back.
+  a request and gives it back.  A forked child starts with none (it must never read
+  the parent's stream).
 * The async client (:class:`AsyncDataPlane`) keeps one pipelined connection per node:
   requests go out as they come, replies come back in order.
 * Failure: a node whose data plane cannot be reached (refused, reset, no ticket
@@ -35,6 +36,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
 
@@ -301,7 +303,7 @@ class SyncConnection:
 
 
 class SyncDataPlane:
-    """The sync client's data plane connections, pooled per node (thread-safe)."""
+    """The sync client's data plane connections, pooled per node (thread-safe; a forked child gets none)."""
 
     def __init__(self, routes: NodeRoutes, timeout: float, tls: Callable[[], ssl.SSLContext | None]) -> None:
         self.routes = routes
@@ -310,6 +312,17 @@ class SyncDataPlane:
         self._idle: dict[str, list[SyncConnection]] = {}
         self._lock = threading.Lock()
         self._closed = False
+        _PLANES.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: never touch the parent's connections (two processes on one stream would read each
+        other's replies); closing the child's copy of each descriptor leaves the parent's open."""
+        self._lock = threading.Lock()  # a parent thread may have held it at the fork
+        self._closed = True
+        pools, self._idle = self._idle, {}
+        for pool in pools.values():
+            for conn in pool:
+                conn.close()
 
     def _take(self, node: str) -> SyncConnection | None:
         with self._lock:
@@ -414,6 +427,17 @@ class SyncDataPlane:
         for pool in pools.values():
             for conn in pool:
                 conn.close()
+
+
+_PLANES: weakref.WeakSet[SyncDataPlane] = weakref.WeakSet()
+
+
+def _forget_after_fork() -> None:
+    for plane in list(_PLANES):
+        plane._after_fork()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 # -- the async client's connections ----------------------------------------------------------
