@@ -361,3 +361,43 @@ def webhook_stream() -> Stream:
 
 #: how long an undelivered webhook notice is kept (no gateway ran all that time: it is dropped)
 WEBHOOK_MAX_AGE_S = 7 * 24 * 3600.0
+
+
+async def kv_snapshot(kv: Any, *, timeout: float = 30.0) -> list[Any]:
+    """Every key's latest entry in the KV bucket *kv* (deletes and purges included), as it holds them now.
+
+    nats-py's watcher ends its initial values with a ``None`` marker, but can put that marker
+    *before* them: when its consumer-info round trip returns after the server has already sent
+    every value (pending 0) but before its callback has handled one (delivered 0), it concludes
+    the bucket is empty.  A reader that stops at the marker then sees nothing -- a scheduler
+    taking over would recover no task.  Here the end is the entry the consumer delivered with
+    nothing left pending (``delta == 0``); the marker counts only once the bucket reports no value.
+    Raises ``TimeoutError`` when the values do not all arrive within *timeout* seconds.
+    """
+    if (await kv.status()).values == 0:
+        return []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    watcher = await kv.watchall()
+    out: list[Any] = []
+    try:
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError(f"the bucket's values did not all arrive within {timeout:g} s ({len(out)} did)")
+            try:
+                entry = await watcher.updates(timeout=min(left, 1.0))
+            except nats.errors.TimeoutError:
+                entry = None
+            if entry is None:  # the marker (perhaps early), or a quiet second: empty by now?
+                if not out and (await kv.status()).values == 0:
+                    return out
+                continue
+            out.append(entry)
+            if entry.delta == 0:
+                return out
+    finally:
+        try:
+            await watcher.stop()
+        except Exception:  # noqa: BLE001 - the watcher's consumer goes with its inactivity threshold anyway
+            pass

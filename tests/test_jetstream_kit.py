@@ -168,3 +168,35 @@ async def test_without_jetstream_the_service_runs_and_is_told_so(tmp_path: Path)
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_kv_snapshot_reads_every_key_even_when_the_end_marker_comes_first(js_server: NatsServer) -> None:
+    # nats-py can put its "initial values done" marker before the values (its consumer-info answer racing its own
+    # callback): here the marker is put at the head of a real watcher's queue, the race's outcome made certain
+    from fabric.jetstream import kv_snapshot
+
+    nc = await connect(js_server.url)
+    try:
+        js = nc.jetstream()
+        kv = await js.create_key_value(KeyValueConfig(bucket=f"snap_{secrets.token_hex(3)}"))
+        assert await kv_snapshot(kv) == []  # empty: answered at once
+        for i in range(50):
+            await kv.put(f"k{i}", str(i).encode())
+        await kv.delete("k7")
+        real_watchall = kv.watchall
+
+        async def early_marker(**kw: object) -> object:
+            watcher = await real_watchall(**kw)
+            watcher._updates._queue.appendleft(None)  # what nats-py does when the race goes the other way
+            return watcher
+
+        kv.watchall = early_marker  # type: ignore[method-assign]
+        naive = await kv.watchall()
+        assert await naive.updates(timeout=5) is None  # a reader stopping here would see an empty bucket
+        await naive.stop()
+        got = await kv_snapshot(kv)
+        assert sorted(e.key for e in got) == sorted(f"k{i}" for i in range(50))
+        assert next(e for e in got if e.key == "k7").operation == "DEL"
+        assert {e.key: e.value for e in got if e.key != "k7"} == {f"k{i}": str(i).encode() for i in range(50) if i != 7}
+    finally:
+        await nc.close()

@@ -38,7 +38,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 
 from fabric.errors import BadRequest, Conflict, Infeasible, NotFound, TooLarge, Unavailable
-from fabric.jetstream import JetStreamResource, KeyValueBucket, task_results_bucket, webhook_stream
+from fabric.jetstream import JetStreamResource, KeyValueBucket, kv_snapshot, task_results_bucket, webhook_stream
 from fabric.jetstream import Stream as StreamResource
 from fabric.protocol.cores import pool_key
 from fabric.protocol.headers import MAP_HEADER
@@ -300,23 +300,15 @@ class SchedulerService(FabricService):
             return
         from nats.js.kv import KV_DEL, KV_PURGE
 
-        watcher = await self.task_kv.watchall()
         records: list[tuple[TaskRecord, int]] = []
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-                    continue
-                try:
-                    records.append((MSGPACK.decode(entry.value, TaskRecord), entry.revision or 0))
-                except Exception:
-                    self.log.warning("unreadable task record skipped", key=entry.key)
-        finally:
+        # every record, whatever nats-py's watcher says about where the initial values end (kv_snapshot)
+        for entry in await kv_snapshot(self.task_kv):
+            if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+                continue
             try:
-                await watcher.stop()
+                records.append((MSGPACK.decode(entry.value, TaskRecord), entry.revision or 0))
             except Exception:
-                pass
+                self.log.warning("unreadable task record skipped", key=entry.key)
         bodies: dict[str, bytes] = {}
         recent = now_ms() - int(RENOTIFY_S * 1000)
         for rec, rev in records:
