@@ -17,6 +17,7 @@ ERROR_FIXED: Final[int]
 MAX_TICKET: Final[int]
 MAX_KIND: Final[int]
 MAX_MESSAGE: Final[int]
+MAX_PARTS: Final[int]
 
 class Refused(FabricError):
     """The peer answered with an FDPE error frame."""

@@ -132,6 +132,8 @@ cdef enum:
 cdef Py_ssize_t _INITIAL_BUFFER = 64 * 1024
 cdef Py_ssize_t _KEEP_BUFFER = 4 * 1024 * 1024 + 64 * 1024
 cdef int _MAX_PARTS = 64
+#: the most buffers one send takes (a Channel request, a reply of the handler)
+MAX_PARTS = _MAX_PARTS
 
 
 class Refused(FabricError, register=False):

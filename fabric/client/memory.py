@@ -39,7 +39,8 @@ from ..schema import (
     TicketReply,
 )
 from .buffers import _BUFFER_TYPES, AsyncRemoteBuffer, _check_size, _token
-from .dataplane import NATS, AsyncConnection, AsyncDataPlane, NodeRoutes
+from .dataplane import NATS, NodeRoutes
+from .dataplane_async import AsyncConnection, AsyncDataPlane
 from .local import _local_length, _LocalSegments
 from .transport import Transport, _arguments_checked, _in_flight
 

@@ -25,7 +25,8 @@ from ..schema.tasks import PYTHON, Resources
 from .aio import AsyncFabricClient
 from .buffers import _BUFFER_TYPES, AsyncRemoteBuffer, BufferRef, _token
 from .cores import AsyncCore
-from .dataplane import NATS, SyncDataPlane
+from .dataplane import NATS
+from .dataplane_sync import SyncDataPlane
 from .futures import TaskFuture, TaskProgress
 from .local import _local_length
 from .processes import AsyncRemoteProcess, ProcessRef, _split_lines
