@@ -712,6 +712,13 @@ def test_a_tls_fabric_without_a_certificate_serves_no_data_plane(tmp_path):
         assert made is not None and made.tls is None and made.host == "127.0.0.1"
     finally:
         plain.arena.destroy()
+    off = msgspec.structs.replace(FabricConfig(), mem=MemConfig(data_plane=False))
+    turned_off = AllocatorService(ServiceSettings(nats_url="nats://127.0.0.1:1", node="off", state_dir=tmp_path,
+                                                  config=off), capacity=1 << 20)
+    try:
+        assert turned_off._make_data_plane() is None  # mem.data_plane = false: no port at all
+    finally:
+        turned_off.arena.destroy()
 
 
 # -- under fabric up -----------------------------------------------------------------------------
