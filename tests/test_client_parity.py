@@ -132,3 +132,10 @@ def test_fabric_all_is_pinned() -> None:
     assert fabric.__all__ == ALL
     for name in ALL:
         assert hasattr(fabric, name), name
+
+
+def test_the_constructors_take_the_same_arguments() -> None:
+    # what a FabricClient is made with reaches its AsyncFabricClient unchanged (local, data_plane, credentials...)
+    from fabric import AsyncFabricClient, FabricClient
+
+    assert str(inspect.signature(FabricClient.__init__)) == str(inspect.signature(AsyncFabricClient.__init__))
